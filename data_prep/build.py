@@ -1,0 +1,252 @@
+r"""Builds a TFDS ArrayRecord keypoint data set from COCO keypoint files, or checks them.
+
+Build (one split per file, named by the file stem or NAME=PATH):
+
+  python -m data_prep.build --annotations train.json --annotations test=val.json \
+      --image-root DIR --out OUT [--overwrite]
+
+Check (annotation-level validation only; no images needed; writes nothing):
+
+  python -m data_prep.build --check --annotations F1.json --annotations F2.json
+
+The data set is read with `tfds.builder_from_directory(OUT).as_data_source(split)`;
+one record per valid annotation with features
+
+  image          tfds.features.Image(shape=(None, None, 3)): uint8 [H, W, 3] RGB
+  bbox           float32 [4], (x, y, w, h) in pixels, inside the image
+  keypoints      float32 [K, 3], (x, y, v) in pixels, v in {0, 1, 2}
+  category_id    int64
+  image_id       int64
+  annotation_id  int64
+  file_name      text, path relative to the image root
+
+and `info.metadata` keys: categories (list of dicts sorted by id: id, name,
+supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs; indices
+0-based), max_num_keypoints, source_files (split -> file), split_sizes (split ->
+records). OUT/prep_report.json lists what was skipped and why (see report.py).
+
+The build runs in a temporary directory next to OUT and is moved into place at
+the end, so a failed run leaves no OUT and never touches an existing one
+(which is only replaced with --overwrite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow_datasets as tfds
+
+from data_prep import categories as categories_lib
+from data_prep import coco
+from data_prep import records
+from data_prep import report as report_lib
+from data_prep import tfds_builder
+
+AnnotationError = coco.AnnotationError
+
+REPORT_FILE_NAME = 'prep_report.json'
+
+
+def load_files(annotation_paths: Mapping[str, str | Path]) -> dict[str, coco.CocoKeypointFile]:
+  """Parses every annotation file: split name -> file. Raises AnnotationError."""
+  return {split: coco.load_annotation_file(path) for split, path in annotation_paths.items()}
+
+
+def new_report(files: Mapping[str, coco.CocoKeypointFile], categories, out_dir=None) -> report_lib.BuildReport:
+  """An empty report for these files, with the cross-split duplicate-id count filled in."""
+  owners: dict[Any, int] = {}
+  for f in files.values():
+    for ann_id in {coco.annotation_ids(a)[0] for a in f.annotations} - {None}:
+      owners[ann_id] = owners.get(ann_id, 0) + 1
+  return report_lib.BuildReport(
+      splits={s: report_lib.SplitReport(split=s, source_file=str(f.path)) for s, f in files.items()},
+      categories=categories,
+      out_dir=None if out_dir is None else str(out_dir),
+      annotation_ids_in_several_splits=sum(n > 1 for n in owners.values()),
+  )
+
+
+def build_dataset(
+    annotation_paths: Mapping[str, str | Path],
+    image_root: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+) -> report_lib.BuildReport:
+  """Builds the ArrayRecord data set at `out_dir` and writes `out_dir/prep_report.json`.
+
+  Args:
+    annotation_paths: split name -> COCO keypoint JSON file (one split each).
+    image_root: directory that `file_name` entries are relative to.
+    out_dir: the data set directory to create (TFDS version dir: pass it to
+      `tfds.builder_from_directory`).
+    overwrite: replace an existing `out_dir`.
+
+  Returns:
+    The report (also written to out_dir/prep_report.json).
+
+  Raises:
+    FileExistsError: out_dir exists and overwrite is False.
+    AnnotationError: a file is unreadable or schema-breaking, categories
+      conflict across files, or a split ends up with no valid record.
+    ValueError: a split name is not a valid TFDS split name.
+    Nothing is written to out_dir when anything raises.
+  """
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f'{out_dir} exists; pass --overwrite to replace it')
+  for split in annotation_paths:
+    coco.parse_split_argument(f'{split}=x')  # Validates the split name.
+  files = load_files(annotation_paths)
+  categories = categories_lib.build_category_table(list(files.values()))
+  report = new_report(files, categories, out_dir)
+  plan = tfds_builder.BuildPlan(files=files, categories=categories, image_root=Path(image_root), report=report)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp_dir = out_dir.parent / f'.{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}'
+  try:
+    builder = tfds_builder.KeypointDatasetBuilder(plan=plan, data_dir=str(tmp_dir))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    version_dir = Path(builder.data_dir)
+    report.write(version_dir / REPORT_FILE_NAME)
+    install_directory(version_dir, out_dir, overwrite)
+  finally:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+  for line in report.summary_lines():
+    logging.info('%s', line)
+  return report
+
+
+def install_directory(src: Path, dst: Path, overwrite: bool) -> None:
+  """Moves a finished directory to `dst` by rename (same filesystem).
+
+  An existing `dst` is replaced only when `overwrite`; it is restored if the
+  final rename fails.
+
+  Raises:
+    FileExistsError: dst exists and overwrite is False.
+  """
+  if not dst.exists():
+    os.rename(src, dst)
+    return
+  if not overwrite:
+    raise FileExistsError(f'{dst} exists; pass --overwrite to replace it')
+  old = dst.with_name(f'.{dst.name}.old-{uuid.uuid4().hex[:8]}')
+  os.rename(dst, old)
+  try:
+    os.rename(src, dst)
+  except OSError:
+    os.rename(old, dst)
+    raise
+  shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+  """Check-mode result.
+
+  Attributes:
+    report: per-file read/valid/skipped counts (validated against declared
+      image sizes; no image is opened).
+    annotations_per_category: category id -> distinct annotation ids over all files.
+    valid_per_category: category id -> distinct annotation ids that passed in
+      at least one file.
+    num_images: distinct image ids over all files.
+    num_annotations: distinct annotation ids over all files.
+  """
+
+  report: report_lib.BuildReport
+  annotations_per_category: dict[int, int]
+  valid_per_category: dict[int, int]
+  num_images: int
+  num_annotations: int
+
+
+def check_annotation_files(annotation_paths: Mapping[str, str | Path]) -> CheckResult:
+  """Parses and validates annotation files without images; writes nothing.
+
+  Raises:
+    AnnotationError: as for `build_dataset`.
+  """
+  files = load_files(annotation_paths)
+  categories = categories_lib.build_category_table(list(files.values()))
+  report = new_report(files, categories)
+  all_ids: dict[int, set] = {cid: set() for cid in categories}
+  valid_ids: dict[int, set] = {cid: set() for cid in categories}
+  image_ids: set = set()
+  for split, f in files.items():
+    image_ids.update(f.images)
+    for ann in f.annotations:
+      ann_id, _, cid = coco.annotation_ids(ann)
+      if cid in all_ids:
+        all_ids[cid].add(ann_id)
+    for instance, _, _ in records.iter_valid_instances(f, categories, report.splits[split], records.declared_image):
+      report.splits[split].written += 1
+      valid_ids[instance.category_id].add(instance.annotation_id)
+  return CheckResult(
+      report=report,
+      annotations_per_category={c: len(v) for c, v in all_ids.items()},
+      valid_per_category={c: len(v) for c, v in valid_ids.items()},
+      num_images=len(image_ids),
+      num_annotations=len(set().union(*all_ids.values())),
+  )
+
+
+def format_check(result: CheckResult) -> str:
+  """The check-mode table: one line per category, then per-file lines and totals."""
+  lines = [f'{"id":>4}  {"name":<24} {"supercategory":<16} {"K":>4} {"flip":>4} {"instances":>9} {"valid":>6}']
+  for c in result.report.categories.values():
+    k = f'{c.num_keypoints}{"*" if c.num_keypoints_source != categories_lib.K_FROM_NAMES else ""}'
+    lines.append(f'{c.id:>4}  {c.name:<24} {c.supercategory:<16} {k:>4} {len(c.flip_pairs):>4} '
+                 f'{result.annotations_per_category[c.id]:>9} {result.valid_per_category[c.id]:>6}')
+  lines.append('(K* = no keypoint names; K is the most common keypoint count of its annotations)')
+  lines.extend(result.report.summary_lines())
+  skipped_reasons: dict[str, int] = {}
+  for s in result.report.splits.values():
+    for reason, n in s.skipped_by_reason.items():
+      skipped_reasons[reason] = skipped_reasons.get(reason, 0) + n
+  lines.append(
+      f'TOTAL: {len(result.report.splits)} files, {len(result.report.categories)} categories, '
+      f'{result.num_images} distinct images, {result.num_annotations} distinct annotations; '
+      f'over files: read {sum(s.read for s in result.report.splits.values())}, '
+      f'valid {result.report.num_written}, skipped {result.report.num_skipped} {dict(sorted(skipped_reasons.items()))}')
+  return '\n'.join(lines)
+
+
+_ANNOTATIONS = flags.DEFINE_multi_string(
+    'annotations', [], 'COCO keypoint JSON file, one split each: PATH (split = file stem) or NAME=PATH. Repeat.')
+_IMAGE_ROOT = flags.DEFINE_string('image-root', None, 'Directory the images\' file_name entries are relative to.')
+flags.DEFINE_alias('image_root', 'image-root')
+_OUT = flags.DEFINE_string('out', None, 'Output data set directory (read with tfds.builder_from_directory).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
+_CHECK = flags.DEFINE_bool('check', False, 'Only parse and validate the annotation files; print the category table.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not _ANNOTATIONS.value:
+    raise app.UsageError('give at least one --annotations file')
+  try:
+    paths = coco.parse_split_arguments(_ANNOTATIONS.value)
+    if _CHECK.value:
+      print(format_check(check_annotation_files(paths)))
+      return
+    if not _IMAGE_ROOT.value or not _OUT.value:
+      raise app.UsageError('build mode needs --image-root and --out (or pass --check)')
+    report = build_dataset(paths, _IMAGE_ROOT.value, _OUT.value, overwrite=_OVERWRITE.value)
+  except (ValueError, FileExistsError) as e:  # AnnotationError is a ValueError.
+    sys.exit(f'data_prep.build: error: {e}')
+  print(f'wrote {report.num_written} records ({report.num_skipped} skipped) to {report.out_dir}; '
+        f'report: {Path(report.out_dir) / REPORT_FILE_NAME}')
+
+
+if __name__ == '__main__':
+  app.run(main)

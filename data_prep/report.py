@@ -1,0 +1,143 @@
+"""What a data-prep run read, wrote and skipped, and why."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from data_prep import categories as categories_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedRecord:
+  """One skipped annotation.
+
+  Attributes:
+    file: the annotation file it came from.
+    annotation_id: its id (None if unusable).
+    image_id: its image id (None if unusable).
+    field: the field at fault, e.g. 'keypoints', 'file_name'.
+    reason: snake_case reason, e.g. 'keypoint_count_mismatch'.
+    detail: human-readable explanation.
+  """
+
+  file: str
+  annotation_id: Any
+  image_id: Any
+  field: str
+  reason: str
+  detail: str = ''
+
+
+@dataclasses.dataclass
+class SplitReport:
+  """Counts for one split (= one annotation file).
+
+  Attributes:
+    split: split name.
+    source_file: annotation file.
+    read: annotations read.
+    written: records written (build) or that passed validation (check).
+    skipped: the skipped records, in file order.
+    notes: counts of non-fatal events, e.g. 'bbox_clipped',
+      'duplicate_image_entries', 'image_reencoded_png' (not a plain RGB JPEG),
+      'image_mode_converted' (e.g. grayscale -> RGB), 'exif_rotated',
+      'image_size_differs_from_entry', 'num_keypoints_field_mismatch'.
+    instances_per_category: category id -> records written / passed.
+  """
+
+  split: str
+  source_file: str
+  read: int = 0
+  written: int = 0
+  skipped: list[SkippedRecord] = dataclasses.field(default_factory=list)
+  notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  instances_per_category: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @property
+  def skipped_by_reason(self) -> dict[str, int]:
+    """reason -> number of skipped records, sorted by reason."""
+    return dict(sorted(collections.Counter(s.reason for s in self.skipped).items()))
+
+  def nonzero_notes(self) -> dict[str, int]:
+    """Non-zero note counts, sorted by name."""
+    return {k: int(v) for k, v in sorted(self.notes.items()) if v}
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        'source_file': self.source_file,
+        'read': self.read,
+        'written': self.written,
+        'skipped': len(self.skipped),
+        'skipped_by_reason': self.skipped_by_reason,
+        'notes': self.nonzero_notes(),
+        'instances_per_category': {str(k): v for k, v in sorted(self.instances_per_category.items())},
+        'skipped_records': [dataclasses.asdict(s) for s in self.skipped],
+    }
+
+
+@dataclasses.dataclass
+class BuildReport:
+  """The report of a build (or check) run.
+
+  Attributes:
+    splits: split name -> SplitReport, in the order given.
+    categories: the merged category table.
+    out_dir: the data set written (None in check mode).
+    annotation_ids_in_several_splits: annotation ids found in more than one
+      input file (expected for MP-100's overlapping benchmark splits; a leak
+      for a train/test pair).
+  """
+
+  splits: dict[str, SplitReport]
+  categories: dict[int, categories_lib.Category]
+  out_dir: str | None = None
+  annotation_ids_in_several_splits: int = 0
+
+  @property
+  def num_written(self) -> int:
+    return sum(s.written for s in self.splits.values())
+
+  @property
+  def num_skipped(self) -> int:
+    return sum(len(s.skipped) for s in self.splits.values())
+
+  def inferred_num_keypoints(self) -> dict[str, str]:
+    """Categories whose K came from their annotations, not from keypoint names."""
+    return {
+        str(c.id): (f'{c.name}: no keypoint names; K={c.num_keypoints} from its annotations'
+                    if c.num_keypoints_source == categories_lib.K_FROM_ANNOTATIONS
+                    else f'{c.name}: no keypoint names and no annotations; K=0')
+        for c in self.categories.values() if c.num_keypoints_source != categories_lib.K_FROM_NAMES
+    }
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        'out_dir': self.out_dir,
+        'splits': {name: s.to_json() for name, s in self.splits.items()},
+        'num_categories': len(self.categories),
+        'num_keypoints_inferred': self.inferred_num_keypoints(),
+        'annotation_ids_in_several_splits': self.annotation_ids_in_several_splits,
+    }
+
+  def write(self, path: str | Path) -> None:
+    """Writes the report as indented JSON."""
+    Path(path).write_text(json.dumps(self.to_json(), indent=1) + '\n', encoding='utf-8')
+
+  def summary_lines(self) -> list[str]:
+    """A few lines for the log: per split read/written/skipped and reasons."""
+    lines = []
+    kept = 'passed' if self.out_dir is None else 'written'
+    for name, s in self.splits.items():
+      lines.append(f'split {name!r} ({s.source_file}): read {s.read}, {kept} {s.written}, '
+                   f'skipped {len(s.skipped)} {s.skipped_by_reason or ""}'.rstrip())
+      if s.nonzero_notes():
+        lines.append(f'  notes: {s.nonzero_notes()}')
+    for cid, line in self.inferred_num_keypoints().items():
+      lines.append(f'  category {cid} {line}')
+    if self.annotation_ids_in_several_splits:
+      lines.append(f'  note: {self.annotation_ids_in_several_splits} annotation ids appear in more than one split')
+    return lines

@@ -1,0 +1,106 @@
+"""The TFDS builder: one ArrayRecord record per valid annotation, one split per file.
+
+Lives in its own module (not `build.py`) because TFDS looks builders up by
+their package, which fails for a class defined in `__main__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_prep import categories as categories_lib
+from data_prep import coco
+from data_prep import images as images_lib
+from data_prep import records
+from data_prep import report as report_lib
+from data_prep import validate
+
+DATASET_NAME = 'kpseq_keypoints'
+
+
+def make_example(instance: validate.Instance, entry: coco.ImageEntry, image: images_lib.EncodedImage) -> dict[str, Any]:
+  """The TFDS example dict of one validated instance (feature names as in the module docstring)."""
+  return {
+      'image': image.data,
+      'bbox': instance.bbox,
+      'keypoints': instance.keypoints,
+      'category_id': instance.category_id,
+      'image_id': instance.image_id,
+      'annotation_id': instance.annotation_id,
+      'file_name': entry.file_name,
+  }
+
+
+def features() -> tfds.features.FeaturesDict:
+  """The record features (names and dtypes are a contract with the training pipeline)."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 3)),
+      'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+      'keypoints': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
+      'category_id': tfds.features.Scalar(dtype=np.int64),
+      'image_id': tfds.features.Scalar(dtype=np.int64),
+      'annotation_id': tfds.features.Scalar(dtype=np.int64),
+      'file_name': tfds.features.Text(),
+  })
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+  """Everything the TFDS builder needs: parsed files, categories, image root, report."""
+
+  files: dict[str, coco.CocoKeypointFile]
+  categories: dict[int, categories_lib.Category]
+  image_root: Path
+  report: report_lib.BuildReport
+
+
+class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
+  """One record per valid annotation; splits = the input files. Use `build_dataset`."""
+
+  name = DATASET_NAME
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  # Nothing is downloaded. The default looks for a checksums file next to the
+  # code, which needs the `importlib_resources` backport (not installed).
+  url_infos = None
+
+  def __init__(self, *, plan: BuildPlan, **kwargs):
+    self._plan = plan
+    super().__init__(file_format='array_record', **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    categories = [c.to_metadata() for c in self._plan.categories.values()]
+    return self.dataset_info_from_configs(
+        description='Keypoint instances from COCO-style files, built by data_prep.build.',
+        features=features(),
+        metadata=tfds.core.MetadataDict(
+            categories=categories,
+            max_num_keypoints=max((c['num_keypoints'] for c in categories), default=0),
+            source_files={split: str(f.path) for split, f in self._plan.files.items()},
+            split_sizes={},
+        ),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self._plan.files}
+
+  def _generate_examples(self, split: str):
+    plan = self._plan
+    split_report = plan.report.splits[split]
+    load_image = records.FileImageLoader(plan.image_root)
+    for instance, entry, image in records.iter_valid_instances(plan.files[split], plan.categories, split_report, load_image):
+      split_report.written += 1
+      yield instance.annotation_id, make_example(instance, entry, image)
+    if split_report.written == 0:
+      raise coco.AnnotationError(f'{plan.files[split].path}: split {split!r} has no valid records '
+                            f'(skipped: {split_report.skipped_by_reason})')
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config=download_config)
+    self.info.metadata['split_sizes'] = {name: info.num_examples for name, info in self.info.splits.items()}
