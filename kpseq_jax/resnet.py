@@ -1,0 +1,172 @@
+"""ResNet-18/34/50 backbone returning strides 8, 16 and 32 (NHWC).
+
+Layout and parameter names follow torchvision ``torchvision/models/resnet.py``
+(He et al., CVPR 2016; ResNet v1.5: the stride of a bottleneck is on its 3x3
+conv), so a torchvision state dict maps onto the Flax tree by replacing the
+block dot with an underscore, e.g.
+
+    layer2.0.downsample.1.running_mean -> batch_stats/layer2_0/downsample_1/mean
+    layer2.0.conv1.weight [O, I, kh, kw] -> params/layer2_0/conv1/kernel [kh, kw, I, O]
+    bn1.weight / bn1.bias -> params/bn1/scale / params/bn1/bias
+
+Padding is explicit (torch's symmetric padding), not ``'SAME'``, whose
+stride-2 padding differs from torch on even sizes.
+
+Normalisation (``norm``):
+  * ``'batch'``: BatchNorm, batch statistics in training, running averages in
+    ``batch_stats`` (torch momentum 0.1 == Flax momentum 0.9, eps 1e-5).
+  * ``'frozen_batch'``: BatchNorm that always uses the running averages
+    (``use_running_average=True``), as DETR's ``FrozenBatchNorm2d``; the
+    ``batch_stats`` never change. Its ``scale``/``bias`` are still in
+    ``params``; DETR also keeps them fixed, which the optimizer must do (mask).
+  * ``'group'``: GroupNorm with 32 groups, no ``batch_stats``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision: depth -> (block kind, blocks per stage).
+_STAGES = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+}
+_NORMS = ('batch', 'group', 'frozen_batch')
+# torchvision initialises convs with kaiming_normal_(mode='fan_out', relu).
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _conv(features: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
+  """Bias-free conv with torch-style symmetric padding ``kernel // 2``."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 kernel_init=_conv_init, dtype=dtype, name=name)
+
+
+def _norm(kind: str, train: bool, dtype, name: str) -> nn.Module:
+  """Normalisation layer of the given kind (see module docstring)."""
+  if kind == 'batch':
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                        epsilon=1e-5, dtype=dtype, name=name)
+  if kind == 'frozen_batch':
+    return nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype,
+                        name=name)
+  if kind == 'group':
+    return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=dtype, name=name)
+  raise ValueError(f'norm must be one of {_NORMS}, got {kind!r}')
+
+
+class BasicBlock(nn.Module):
+  """torchvision ``BasicBlock``: 3x3 (stride) -> 3x3, expansion 1.
+
+  Attributes:
+    features: output channels.
+    stride: stride of the first conv and of the shortcut.
+    norm: 'batch' | 'group' | 'frozen_batch'.
+    dtype: compute dtype.
+  """
+  features: int
+  stride: int
+  norm: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """[B, H, W, C_in] -> [B, H / stride, W / stride, features]."""
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    y = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(y))
+    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = _norm(self.norm, train, self.dtype, 'bn2')(y)
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _conv(self.features, 1, self.stride, self.dtype, 'downsample_0')(x)
+      x = _norm(self.norm, train, self.dtype, 'downsample_1')(x)
+    return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+  """torchvision ``Bottleneck`` (v1.5): 1x1 -> 3x3 (stride) -> 1x1, expansion 4.
+
+  Attributes:
+    features: width of the 3x3 conv; output channels are ``4 * features``.
+    stride: stride of the 3x3 conv and of the shortcut.
+    norm: 'batch' | 'group' | 'frozen_batch'.
+    dtype: compute dtype.
+  """
+  features: int
+  stride: int
+  norm: str
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """[B, H, W, C_in] -> [B, H / stride, W / stride, 4 * features]."""
+    out_features = 4 * self.features
+    y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
+    y = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(y))
+    y = _conv(self.features, 3, self.stride, self.dtype, 'conv2')(y)
+    y = nn.relu(_norm(self.norm, train, self.dtype, 'bn2')(y))
+    y = _conv(out_features, 1, 1, self.dtype, 'conv3')(y)
+    y = _norm(self.norm, train, self.dtype, 'bn3')(y)
+    if self.stride != 1 or x.shape[-1] != out_features:
+      x = _conv(out_features, 1, self.stride, self.dtype, 'downsample_0')(x)
+      x = _norm(self.norm, train, self.dtype, 'downsample_1')(x)
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """ResNet backbone (torchvision layout) returning C3, C4, C5.
+
+  Attributes:
+    depth: 18, 34 (basic blocks) or 50 (bottleneck blocks).
+    norm: 'batch' (default), 'group' or 'frozen_batch'; see module docstring.
+    dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are float32.
+
+  Variables: ``params``; ``batch_stats`` for the two BatchNorm kinds (apply
+  with ``mutable=['batch_stats']`` when ``train=True`` and ``norm='batch'``).
+  """
+  depth: int = 50
+  norm: str = 'batch'
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> Dict[str, jax.Array]:
+    """Runs the backbone.
+
+    Args:
+      x: float32 [B, H, W, 3], already normalised (ImageNet mean/std); H and
+        W in pixels, ideally multiples of 32.
+      train: batch statistics for ``norm='batch'``.
+
+    Returns:
+      {'c3': [B, H/8, W/8, C3], 'c4': [B, H/16, W/16, C4],
+       'c5': [B, H/32, W/32, C5]} in ``dtype`` (sizes rounded up), with
+      (C3, C4, C5) = (128, 256, 512) for depth 18/34 and (512, 1024, 2048)
+      for depth 50.
+    """
+    if self.depth not in _STAGES:
+      raise ValueError(f'depth must be one of {sorted(_STAGES)}, got {self.depth}')
+    kind, blocks_per_stage = _STAGES[self.depth]
+    block_cls = BasicBlock if kind == 'basic' else Bottleneck
+
+    x = x.astype(self.dtype)
+    x = _conv(64, 7, 2, self.dtype, 'conv1')(x)  # [B, H/2, W/2, 64]
+    x = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2),
+                    padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
+    outputs = {}
+    for stage, num_blocks in enumerate(blocks_per_stage):
+      features = 64 * 2**stage
+      for block in range(num_blocks):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = block_cls(features, stride, self.norm, self.dtype,
+                      name=f'layer{stage + 1}_{block}')(x, train)
+      if stage >= 1:
+        outputs[f'c{stage + 2}'] = x  # stride 2**(stage + 2)
+    return outputs
+

@@ -1,0 +1,117 @@
+"""Token layout of the keypoint sequence: the one place that knows token ids.
+
+Ids ``0 .. num_bins - 1`` are coordinate bins; the special tokens follow:
+
+===========  ==================  ===============================================
+name         id                  meaning
+===========  ==================  ===============================================
+pad          num_bins + 0        padding after ``<eos>`` (never a target)
+bos          num_bins + 1        start of sequence (decoder input only)
+coord        num_bins + 2        a keypoint group starts: ``<coord> x y <sep>``
+sep          num_bins + 3        a keypoint group ends
+eos          num_bins + 4        end of sequence
+nocoord      num_bins + 5        input stand-in for the x or y of an unlabelled
+                                 keypoint (v = 0); never a target
+===========  ==================  ===============================================
+
+Quantisation follows pix2seq (Chen et al. 2022, ``quantize`` in
+google-research/pix2seq ``data/data_utils.py``): a normalised coordinate
+``c`` in [0, 1] maps to bin ``round(c * (num_bins - 1))`` and bin ``t`` maps
+back to ``t / (num_bins - 1)``. The round-trip error is therefore at most half
+a bin, ``0.5 / (num_bins - 1)`` in normalised units (``0.5 * S / (num_bins -
+1)`` pixels on an ``S``-pixel crop), exactly that bound at bin mid-points.
+The model's regression head and the bilinear coordinate embedding work on the
+continuous value, so this error bounds only the classifier's targets.
+"""
+
+import dataclasses
+
+import numpy as np
+
+NUM_SPECIAL_TOKENS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+  """Token ids for a vocabulary of ``num_bins`` coordinate bins.
+
+  Attributes:
+    num_bins: number of coordinate bins (>= 2); bins are token ids
+      ``0 .. num_bins - 1``.
+
+  Raises:
+    ValueError: if ``num_bins < 2``.
+  """
+
+  num_bins: int
+
+  def __post_init__(self):
+    if self.num_bins < 2:
+      raise ValueError(f'num_bins must be >= 2, got {self.num_bins}.')
+
+  @property
+  def pad(self) -> int:
+    return self.num_bins
+
+  @property
+  def bos(self) -> int:
+    return self.num_bins + 1
+
+  @property
+  def coord(self) -> int:
+    return self.num_bins + 2
+
+  @property
+  def sep(self) -> int:
+    return self.num_bins + 3
+
+  @property
+  def eos(self) -> int:
+    return self.num_bins + 4
+
+  @property
+  def nocoord(self) -> int:
+    return self.num_bins + 5
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of token ids: ``num_bins + NUM_SPECIAL_TOKENS``."""
+    return self.num_bins + NUM_SPECIAL_TOKENS
+
+  def is_coordinate(self, tokens):
+    """Boolean mask of coordinate-bin tokens; same shape as ``tokens``.
+
+    Works on numpy and jax arrays of integer token ids.
+    """
+    return tokens < self.num_bins
+
+  def quantize(self, coords: np.ndarray) -> np.ndarray:
+    """Normalised coordinates -> coordinate-bin token ids.
+
+    Args:
+      coords: float array, any shape, normalised to [0, 1]; values outside
+        are clipped to the nearest end bin.
+
+    Returns:
+      int32 array of the same shape with values in ``0 .. num_bins - 1``:
+      ``round(coords * (num_bins - 1))`` (pix2seq).
+    """
+    bins = np.rint(np.asarray(coords, np.float64) * (self.num_bins - 1))
+    return np.clip(bins, 0, self.num_bins - 1).astype(np.int32)
+
+  def dequantize(self, tokens):
+    """Coordinate-bin token ids -> normalised coordinates in [0, 1].
+
+    Args:
+      tokens: integer array (numpy or jax), any shape, values in
+        ``0 .. num_bins - 1``.
+
+    Returns:
+      float32 array of the same shape: ``tokens / (num_bins - 1)``.
+    """
+    return tokens.astype(np.float32) / np.float32(self.num_bins - 1)
+
+  @property
+  def max_roundtrip_error(self) -> float:
+    """Largest ``|dequantize(quantize(c)) - c|`` for c in [0, 1]: half a bin."""
+    return 0.5 / (self.num_bins - 1)
