@@ -1,0 +1,263 @@
+"""Grain transforms of the input pipeline, one job each.
+
+A record from the data set (see `data_prep/build.py`) holds ``image`` uint8
+[H, W, 3], ``bbox`` float32 [4] (x, y, w, h pixels), ``keypoints`` float32
+[K, 3] (x, y, v pixels), ``category_id``, ``image_id``, ``annotation_id``.
+The chain is::
+
+  CropAffine | RandomCropAffine -> [RandomFlip] -> WarpToCrop
+    -> [ColorJitter] -> Tokenize
+
+Geometry uses continuous pixel coordinates (pixel ``i`` covers ``[i, i+1)``,
+as Pillow's affine transform does). The top-down crop is the square of side
+``bbox_scale * max(w, h)`` centred on the bbox (aspect kept; MMPose's
+``TopdownAffine`` with ``padding=1.25``), mapped onto ``[0, S]^2`` for an
+``S = image_size_px`` crop. ``crop_from_image`` float32 [2, 3] maps image
+pixels to crop pixels; `image_from_crop` inverts it for predictions.
+"""
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import grain
+import numpy as np
+from PIL import Image
+
+from kpseq_jax import sequence
+from kpseq_jax import vocab as vocab_lib
+
+Example = dict[str, Any]
+
+
+def crop_matrix(bbox: np.ndarray, image_size_px: int, bbox_scale: float,
+                scale: float = 1.0, shift: tuple[float, float] = (0.0, 0.0),
+                rotation_deg: float = 0.0) -> np.ndarray:
+  """Affine map from image pixels to top-down crop pixels.
+
+  Args:
+    bbox: [4] (x, y, w, h) in pixels; w, h > 0.
+    image_size_px: S, side of the square crop in pixels.
+    bbox_scale: crop side = bbox_scale * max(w, h) * scale.
+    scale: extra multiplier of the crop side (random crop).
+    shift: crop-centre shift as a fraction of the crop side (x, y).
+    rotation_deg: rotation of the content about the crop centre, degrees,
+      counter-clockwise in the displayed image.
+
+  Returns:
+    float64 [2, 3] matrix A with ``crop_xy = A @ [x, y, 1]``.
+  """
+  x, y, w, h = (float(v) for v in bbox)
+  side = bbox_scale * max(w, h) * scale
+  cx = x + w / 2 + shift[0] * side
+  cy = y + h / 2 + shift[1] * side
+  s = image_size_px / side
+  t = math.radians(rotation_deg)
+  # Image y points down, so a counter-clockwise turn on screen is -t here.
+  cos, sin = math.cos(t) * s, math.sin(t) * s
+  rot = np.array([[cos, sin], [-sin, cos]])
+  offset = np.array([image_size_px / 2, image_size_px / 2]) - rot @ [cx, cy]
+  return np.concatenate([rot, offset[:, None]], axis=1)
+
+
+def invert_affine(matrix: np.ndarray) -> np.ndarray:
+  """Inverse of a [2, 3] affine matrix (same layout), float64."""
+  m = np.concatenate([np.asarray(matrix, np.float64), [[0, 0, 1]]], axis=0)
+  return np.linalg.inv(m)[:2]
+
+
+def apply_affine(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
+  """Applies a [2, 3] affine to points [..., 2]; returns float64 [..., 2]."""
+  xy = np.asarray(xy, np.float64)
+  return xy @ np.asarray(matrix, np.float64)[:, :2].T + matrix[:, 2]
+
+
+@dataclasses.dataclass(frozen=True)
+class CropAffine(grain.transforms.Map):
+  """Deterministic top-down crop (evaluation): adds ``crop_from_image``."""
+
+  image_size_px: int
+  bbox_scale: float = 1.25
+
+  def map(self, ex: Example) -> Example:
+    ex['crop_from_image'] = crop_matrix(ex['bbox'], self.image_size_px,
+                                        self.bbox_scale).astype(np.float32)
+    return ex
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomCropAffine(grain.transforms.RandomMap):
+  """Top-down crop with random scale, shift and rotation (training).
+
+  Draws scale ~ U(scale_range), shift ~ U(-shift_frac, shift_frac) per axis,
+  rotation ~ U(-rotation_deg, rotation_deg).
+  """
+
+  image_size_px: int
+  bbox_scale: float = 1.25
+  scale_range: tuple[float, float] = (0.75, 1.25)
+  shift_frac: float = 0.1
+  rotation_deg: float = 0.0
+
+  def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
+    scale = rng.uniform(*self.scale_range)
+    shift = tuple(rng.uniform(-self.shift_frac, self.shift_frac, size=2))
+    rot = rng.uniform(-self.rotation_deg, self.rotation_deg)
+    ex['crop_from_image'] = crop_matrix(
+        ex['bbox'], self.image_size_px, self.bbox_scale, scale, shift,
+        rot).astype(np.float32)
+    return ex
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFlip(grain.transforms.RandomMap):
+  """Horizontal flip of the crop that swaps left/right keypoints.
+
+  With probability ``prob``, composes ``x -> S - x`` into
+  ``crop_from_image`` and permutes the keypoint rows with the category's
+  flip permutation (pix2seq disabled flipping because it did not swap
+  left/right keypoints; this does). Categories without flip pairs (absent
+  from ``flip_permutations``) are never flipped.
+
+  Attributes:
+    image_size_px: S.
+    flip_permutations: category id -> int [K] permutation; row k of the
+      flipped keypoints is row ``perm[k]`` of the original.
+    prob: flip probability.
+  """
+
+  image_size_px: int
+  flip_permutations: Mapping[int, np.ndarray]
+  prob: float = 0.5
+
+  def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
+    perm = self.flip_permutations.get(int(ex['category_id']))
+    if perm is None or rng.uniform() >= self.prob:
+      return ex
+    flip = np.array([[-1.0, 0.0, self.image_size_px], [0.0, 1.0, 0.0]])
+    m = ex['crop_from_image'].astype(np.float64)
+    ex['crop_from_image'] = (flip[:, :2] @ m + np.concatenate(
+        [np.zeros([2, 2]), flip[:, 2:]], 1)).astype(np.float32)
+    ex['keypoints'] = ex['keypoints'][perm]
+    return ex
+
+
+@dataclasses.dataclass(frozen=True)
+class WarpToCrop(grain.transforms.Map):
+  """Warps image and keypoints with ``crop_from_image``.
+
+  Output ``image`` uint8 [S, S, 3] (bilinear, black outside the image);
+  ``keypoints_crop`` float32 [K, 3]: x, y normalised to [0, 1] by S, v set to
+  0 for keypoints that land outside the crop (they are then unlabelled, see
+  `sequence.py`). The original ``keypoints`` (pixels) are kept for
+  evaluation.
+  """
+
+  image_size_px: int
+
+  def map(self, ex: Example) -> Example:
+    m = ex['crop_from_image'].astype(np.float64)
+    inv = invert_affine(m)  # Pillow wants crop -> image coefficients.
+    img = Image.fromarray(ex['image']).transform(
+        (self.image_size_px, self.image_size_px), Image.Transform.AFFINE,
+        data=tuple(inv.reshape(-1)), resample=Image.Resampling.BILINEAR)
+    ex['image'] = np.asarray(img, np.uint8)
+    kps = ex['keypoints']
+    xy = apply_affine(m, kps[:, :2]) / self.image_size_px
+    inside = np.all((xy >= 0) & (xy <= 1), axis=1)
+    v = np.where(inside, kps[:, 2], 0.0)
+    ex['keypoints_crop'] = np.concatenate([xy, v[:, None]],
+                                          axis=1).astype(np.float32)
+    return ex
+
+
+@dataclasses.dataclass(frozen=True)
+class ColorJitter(grain.transforms.RandomMap):
+  """Random brightness, contrast and saturation (torchvision's ColorJitter).
+
+  Each factor is drawn from U(1 - strength, 1 + strength) and applied in
+  random order on the uint8 [S, S, 3] ``image``, as torchvision does.
+  """
+
+  strength: float = 0.2
+
+  def random_map(self, ex: Example, rng: np.random.Generator) -> Example:
+    img = ex['image'].astype(np.float32)
+    for op in rng.permutation(3):
+      f = rng.uniform(1 - self.strength, 1 + self.strength)
+      gray = img @ np.array([0.299, 0.587, 0.114], np.float32)  # [S, S]
+      if op == 0:  # Brightness.
+        img = img * f
+      elif op == 1:  # Contrast: blend with the mean grey level.
+        img = img * f + (1 - f) * gray.mean()
+      else:  # Saturation: blend with the grey image.
+        img = img * f + (1 - f) * gray[..., None]
+      img = np.clip(img, 0, 255)
+    ex['image'] = img.astype(np.uint8)
+    return ex
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenize(grain.transforms.Map):
+  """Builds the token sequence and pads per-instance arrays to Kmax.
+
+  Keeps only batchable fields: the model inputs and targets of
+  `sequence.build_sequence`, plus for evaluation ``image`` uint8 [S, S, 3],
+  ``keypoints`` float32 [Kmax, 3] (pixels, v = 0 padding), ``bbox`` [4],
+  ``crop_from_image`` [2, 3], ``num_keypoints``, ``category_id``,
+  ``image_id``, ``annotation_id`` (int32).
+
+  Raises:
+    ValueError: if the instance has more than Kmax keypoints.
+  """
+
+  vocab: vocab_lib.Vocab
+  max_num_keypoints: int
+
+  def map(self, ex: Example) -> Example:
+    k = ex['keypoints'].shape[0]
+    kmax = self.max_num_keypoints
+    if k > kmax:
+      raise ValueError(
+          f"annotation {ex['annotation_id']} (image {ex['image_id']}) has "
+          f'{k} keypoints > max_num_keypoints={kmax}; raise '
+          '--config.max_num_keypoints.')
+    out = sequence.build_sequence(
+        _pad_rows(ex['keypoints_crop'], kmax), k, self.vocab, kmax)
+    out.update(
+        image=ex['image'],
+        keypoints=_pad_rows(ex['keypoints'], kmax),
+        bbox=np.asarray(ex['bbox'], np.float32),
+        crop_from_image=ex['crop_from_image'],
+        num_keypoints=np.int32(k),
+        category_id=np.int32(ex['category_id']),
+        image_id=np.int32(ex['image_id']),
+        annotation_id=np.int32(ex['annotation_id']))
+    return out
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+  """Zero-pads float32 [K, C] to [rows, C]."""
+  out = np.zeros([rows, a.shape[1]], np.float32)
+  out[:a.shape[0]] = a
+  return out
+
+
+def flip_permutation(num_keypoints: int,
+                     flip_pairs: list[tuple[int, int]]) -> np.ndarray | None:
+  """Keypoint permutation for a horizontal flip, or None if none applies.
+
+  Args:
+    num_keypoints: K.
+    flip_pairs: 0-based (left, right) index pairs.
+
+  Returns:
+    int32 [K]: ``perm[i] = j`` and ``perm[j] = i`` for each pair, identity
+    elsewhere; None when ``flip_pairs`` is empty (never flip).
+  """
+  if not flip_pairs:
+    return None
+  perm = np.arange(num_keypoints, dtype=np.int32)
+  for i, j in flip_pairs:
+    perm[i], perm[j] = j, i
+  return perm
