@@ -1,0 +1,76 @@
+"""Paper configuration: Raster2Seq recipe on a top-down crop (MP-100 scale).
+
+ResNet-50 at 512 px (2048 x 16 x 16 features), a 6-layer deformable decoder,
+AdamW 1e-4, batch 2, 300 epochs with the learning rate x0.1 at epoch 200,
+horizontal flip, random crop (scale/shift) and colour jitter; loss 1.0 * CE +
+5.0 * L1 (Raster2Seq paper, training details).
+
+Every field can be overridden on the command line, e.g.
+``--config.num_epochs=10``; the dict is locked so a misspelt field is an
+error. Other configs derive from this one with ``default.get_config()`` and
+override a few fields.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the locked paper configuration."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # Data: a data set written by `python -m data_prep.build`.
+  c.dataset_dir = ''  # Directory holding the ArrayRecord data set.
+  c.train_split = 'train'
+  c.eval_split = 'test'
+  c.max_num_keypoints = 68  # Longest category in MP-100 -> 4 * 68 + 2 tokens.
+  c.bbox_scale = 1.25  # Top-down crop: bbox enlarged 1.25x, aspect kept.
+  c.image_size_px = 512
+  c.num_bins = 512  # One coordinate bin per pixel at 512 px.
+
+  # Training-only augmentation.
+  c.flip_prob = 0.5
+  c.scale_range = (0.75, 1.25)  # Random crop: crop-size multiplier range.
+  c.shift_frac = 0.1  # Random crop: centre shift as a fraction of crop size.
+  c.rotation_deg = 0.0  # Max |rotation|; 0 disables (not in the paper).
+  c.color_jitter = 0.2  # Brightness/contrast/saturation factor range +-.
+
+  # Model.
+  c.backbone_depth = 50
+  c.backbone_norm = 'batch'  # 'batch' | 'group' | 'frozen_batch'.
+  c.feature_levels = ('c5',)  # Paper: one 16 x 16 level at stride 32.
+  c.d_model = 256
+  c.num_heads = 8
+  c.num_layers = 6
+  c.ffn_dim = 1024
+  c.dropout = 0.1
+  c.num_points = 4  # Deformable attention sampling points per head/level.
+  c.compute_dtype = 'float32'  # 'float32' | 'bfloat16' (params stay f32).
+
+  # Loss (Raster2Seq: 1.0 * cross-entropy + 5.0 * L1).
+  c.ce_weight = 1.0
+  c.l1_weight = 5.0
+
+  # Optimisation.
+  c.batch_size = 2  # Global batch size.
+  c.learning_rate = 1e-4
+  c.weight_decay = 1e-4
+  c.grad_clip_norm = 0.1  # Deformable DETR clips at 0.1; <= 0 disables.
+  c.num_epochs = 300
+  c.decay_epochs = (200,)  # Learning rate x decay_factor at each.
+  c.decay_factor = 0.1
+  c.num_train_steps = -1  # > 0 overrides num_epochs.
+
+  # Mesh: axis sizes of ('data', 'fsdp'); -1 means all remaining devices.
+  c.mesh_shape = (-1, 1)
+
+  # Loop.
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 1000
+  c.max_checkpoints_to_keep = 3
+  c.eval_batch_size = 8
+  c.num_eval_examples = -1  # -1: the whole eval split.
+  c.worker_count = 0  # Grain worker processes (0: in the main process).
+
+  c.lock()
+  return c

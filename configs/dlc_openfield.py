@@ -1,0 +1,40 @@
+"""DeepLabCut open-field mouse (4 keypoints) sized for 2 CPU cores.
+
+A ResNet-18 at 128 px with multi-scale features (strides 8/16/32) and a
+small 3-layer decoder; batch 16. Trains to a held-out result on
+`../shared/data/dlc_openfield` in the time the README states. The mouse is
+seen from above in any orientation, so random rotation is on.
+
+Build the data set first:
+  python -m data_prep.build --image-root ../shared/data/dlc_openfield/images \
+    --annotations ../shared/data/dlc_openfield/annotations/train.json \
+    --annotations ../shared/data/dlc_openfield/annotations/test.json \
+    --out data/dlc_openfield
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = default.get_config()
+  c.dataset_dir = 'data/dlc_openfield'
+  c.max_num_keypoints = 4
+  c.image_size_px = 128
+  c.num_bins = 128
+  c.rotation_deg = 180.0
+  c.backbone_depth = 18
+  c.feature_levels = ('c3', 'c4', 'c5')
+  c.d_model = 128
+  c.num_heads = 4
+  c.num_layers = 3
+  c.ffn_dim = 512
+  c.batch_size = 16
+  c.learning_rate = 5e-4
+  c.num_train_steps = 2000
+  c.decay_epochs = (260,)  # ~ step 1500 at 93 images / batch 16.
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.eval_batch_size = 23
+  return c
