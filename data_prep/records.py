@@ -55,7 +55,7 @@ class FileImageLoader:
     if not path.is_relative_to(self._root):
       return None, validate.Problem('file_name', 'image_path_outside_root', f'{entry.file_name} leaves {self._root}')
     try:
-      return images_lib.load_rgb_image(path), None
+      return images_lib.load_rgb_image(path, (entry.width, entry.height)), None
     except FileNotFoundError:
       return None, validate.Problem('file_name', 'image_file_missing', f'{path} does not exist')
     except (images_lib.ImageDecodeError, IsADirectoryError, PermissionError) as e:
@@ -103,6 +103,10 @@ def iter_valid_instances(
       noted_images.add(entry.id)
       _note_image(entry, image, split_report)
     split_report.notes['bbox_clipped'] += instance.bbox_clipped
+    split_report.notes['keypoint_outside_image_unlabelled'] += instance.num_outside_unlabelled
+    split_report.notes['keypoint_non_finite_unlabelled'] += instance.num_non_finite_unlabelled
+    split_report.notes['records_with_keypoints_unlabelled'] += bool(
+        instance.num_outside_unlabelled or instance.num_non_finite_unlabelled)
     if ann.get('num_keypoints') != int(np.sum(instance.keypoints[:, 2] > 0)):
       split_report.notes['num_keypoints_field_mismatch'] += 1
     split_report.instances_per_category[instance.category_id] += 1
@@ -143,3 +147,4 @@ def _note_image(entry: coco.ImageEntry, image: Any, split_report: report_lib.Spl
     split_report.notes['image_reencoded_png'] += not image.kept_original
     split_report.notes['image_mode_converted'] += image.source_mode != 'RGB'
     split_report.notes['exif_rotated'] += image.exif_rotated
+    split_report.notes['exif_ignored_size_is_stored'] += image.exif_ignored

@@ -45,7 +45,12 @@ class SplitReport:
     notes: counts of non-fatal events, e.g. 'bbox_clipped',
       'duplicate_image_entries', 'image_reencoded_png' (not a plain RGB JPEG),
       'image_mode_converted' (e.g. grayscale -> RGB), 'exif_rotated',
-      'image_size_differs_from_entry', 'num_keypoints_field_mismatch'.
+      'exif_ignored_size_is_stored' (a 90-degree EXIF orientation not applied
+      because the image entry gives the stored size; see images.py),
+      'image_size_differs_from_entry', 'num_keypoints_field_mismatch',
+      'keypoint_outside_image_unlabelled' and 'keypoint_non_finite_unlabelled'
+      (keypoints set to unlabelled, record kept; see validate.py),
+      'records_with_keypoints_unlabelled' (records with any of those).
     instances_per_category: category id -> records written / passed.
   """
 

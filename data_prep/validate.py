@@ -2,19 +2,27 @@
 
 Pure functions, no I/O: the caller supplies the image size (decoded size in
 build mode, declared size in check mode). A record either passes, possibly
-with its box clipped to the image, or is rejected with one `Problem`.
+repaired, or is rejected with one `Problem`.
+
+Repairs (the record is kept; counted on `Instance`, reported as notes):
+  * a box sticking out of the image is clipped to it;
+  * a labelled keypoint with a NaN/inf x or y (DeepLabCut exports NaN for
+    "not labelled"), or lying more than `KEYPOINT_TOLERANCE_PX` outside the
+    image, is marked unlabelled: (0, 0, 0). One bad keypoint never costs the
+    record its good ones;
+  * an unlabelled keypoint's x, y are set to 0 (NaN there is harmless).
 
 Skip reasons (`Problem.reason`), in the order they are checked:
   malformed_field          a field is missing or has the wrong type
   unknown_category         category_id is not in the category table
   keypoint_count_mismatch  len(keypoints) / 3 != the category's K
-  non_finite_keypoints     a keypoint value is NaN or infinite
+  non_finite_keypoints     a visibility v is NaN or infinite, or every
+                           labelled keypoint had a NaN/inf coordinate
   non_finite_bbox          a bbox value is NaN or infinite
   invalid_visibility       a v is not 0, 1 or 2 (2.0 counts as 2)
-  bbox_empty               bbox w <= 0 or h <= 0
+  bbox_empty               bbox w <= 0 or h <= 0 (zero or negative size)
   no_labelled_keypoints    no keypoint has v > 0
-  keypoint_outside_image   a labelled keypoint lies more than
-                           `KEYPOINT_TOLERANCE_PX` outside the image
+  keypoint_outside_image   every labelled keypoint lies outside the image
   bbox_outside_image       the box clipped to the image is empty
 Reasons produced by the caller (build.py): duplicate_annotation_id,
 missing_image_entry, conflicting_image_entry, malformed_image_entry,
@@ -61,8 +69,13 @@ class Instance:
     image_id: image id.
     category_id: category id.
     bbox: float32 [4], (x, y, w, h) in pixels, inside the image.
-    keypoints: float32 [K, 3], (x, y, v) in pixels, v in {0, 1, 2}.
+    keypoints: float32 [K, 3], (x, y, v) in pixels, v in {0, 1, 2}; all
+      finite, labelled ones inside the image (within the tolerance).
     bbox_clipped: True if the box stuck out of the image and was clipped.
+    num_outside_unlabelled: labelled keypoints outside the image, set to
+      unlabelled.
+    num_non_finite_unlabelled: labelled keypoints with a NaN/inf coordinate,
+      set to unlabelled.
   """
 
   annotation_id: int
@@ -71,6 +84,8 @@ class Instance:
   bbox: np.ndarray
   keypoints: np.ndarray
   bbox_clipped: bool
+  num_outside_unlabelled: int = 0
+  num_non_finite_unlabelled: int = 0
 
 
 def _is_number(x: Any) -> bool:
@@ -130,9 +145,17 @@ def validate_instance(
   if problem:
     return None, problem
   keypoints = kps.reshape(-1, 3)  # [K, 3]
-  problem = _check_values(keypoints, bbox, image_height_px, image_width_px)
+  problem = _check_values(keypoints, bbox)
   if problem:
     return None, problem
+  keypoints, non_finite, outside = _unlabel_bad_keypoints(keypoints, image_height_px, image_width_px)
+  if not np.any(keypoints[:, 2] > 0):
+    if outside:
+      return None, Problem('keypoints', 'keypoint_outside_image',
+                           f'all {outside} labelled keypoint(s) lie outside the '
+                           f'{image_width_px}x{image_height_px} image')
+    return None, Problem('keypoints', 'non_finite_keypoints',
+                         f'all {non_finite} labelled keypoint(s) have a NaN or infinite coordinate')
   clipped_bbox, was_clipped = clip_bbox(bbox, image_height_px, image_width_px)
   if clipped_bbox[2] <= 0 or clipped_bbox[3] <= 0:
     return None, Problem('bbox', 'bbox_outside_image',
@@ -144,13 +167,15 @@ def validate_instance(
       bbox=clipped_bbox.astype(np.float32),
       keypoints=keypoints.astype(np.float32),
       bbox_clipped=was_clipped,
+      num_outside_unlabelled=outside,
+      num_non_finite_unlabelled=non_finite,
   ), None
 
 
-def _check_values(keypoints: np.ndarray, bbox: np.ndarray, height: int, width: int) -> Problem | None:
+def _check_values(keypoints: np.ndarray, bbox: np.ndarray) -> Problem | None:
   """Value checks on keypoints [K, 3] and bbox [4], in the documented order."""
-  if not np.all(np.isfinite(keypoints)):
-    return Problem('keypoints', 'non_finite_keypoints', 'a keypoint value is NaN or infinite')
+  if not np.all(np.isfinite(keypoints[:, 2])):
+    return Problem('keypoints', 'non_finite_keypoints', 'a visibility value is NaN or infinite')
   if not np.all(np.isfinite(bbox)):
     return Problem('bbox', 'non_finite_bbox', f'bbox {bbox.tolist()} has a NaN or infinite value')
   visibility = keypoints[:, 2]
@@ -159,18 +184,36 @@ def _check_values(keypoints: np.ndarray, bbox: np.ndarray, height: int, width: i
     return Problem('keypoints', 'invalid_visibility', f'visibility values {bad} not in {{0, 1, 2}}')
   if bbox[2] <= 0 or bbox[3] <= 0:
     return Problem('bbox', 'bbox_empty', f'bbox {bbox.tolist()} has w <= 0 or h <= 0')
-  labelled = keypoints[visibility > 0]  # [N, 3]
-  if labelled.shape[0] == 0:
+  if not np.any(visibility > 0):
     return Problem('keypoints', 'no_labelled_keypoints', 'no keypoint has v > 0')
-  tol = KEYPOINT_TOLERANCE_PX
-  outside = ((labelled[:, 0] < -tol) | (labelled[:, 0] > width + tol) |
-             (labelled[:, 1] < -tol) | (labelled[:, 1] > height + tol))
-  if np.any(outside):
-    x, y = labelled[outside][0, :2].tolist()
-    return Problem('keypoints', 'keypoint_outside_image',
-                   f'{int(outside.sum())} labelled keypoint(s) outside the {width}x{height} image, '
-                   f'e.g. ({x:g}, {y:g})')
   return None
+
+
+def _unlabel_bad_keypoints(keypoints: np.ndarray, height: int, width: int) -> tuple[np.ndarray, int, int]:
+  """Marks labelled keypoints with a NaN/inf coordinate or outside the image unlabelled.
+
+  Args:
+    keypoints: float64 [K, 3] (x, y, v), v finite and in {0, 1, 2}.
+    height: image height H in pixels.
+    width: image width W in pixels.
+
+  Returns:
+    (float64 [K, 3] copy with those keypoints and every unlabelled one set
+    to (0, 0, 0), number unlabelled for a NaN/inf coordinate, number
+    unlabelled for lying more than `KEYPOINT_TOLERANCE_PX` outside
+    [0, W] x [0, H]).
+  """
+  kps = keypoints.copy()
+  labelled = kps[:, 2] > 0  # [K]
+  finite = np.all(np.isfinite(kps[:, :2]), axis=1)  # [K]
+  tol = KEYPOINT_TOLERANCE_PX
+  with np.errstate(invalid='ignore'):
+    inside = ((kps[:, 0] >= -tol) & (kps[:, 0] <= width + tol) &
+              (kps[:, 1] >= -tol) & (kps[:, 1] <= height + tol))
+  non_finite = labelled & ~finite
+  outside = labelled & finite & ~inside
+  kps[~labelled | non_finite | outside] = 0.0
+  return kps, int(non_finite.sum()), int(outside.sum())
 
 
 def clip_bbox(bbox: np.ndarray, height: int, width: int) -> tuple[np.ndarray, bool]:

@@ -4,8 +4,11 @@ Checkpoints live in ``WORKDIR/checkpoints/<step>/`` with two items:
 ``state`` (the `TrainState`, restored straight into its shardings) and
 ``data_iter`` (the Grain iterator's position, one JSON file per process), so
 a resumed run sees exactly the batches an uninterrupted run would have seen.
-Orbax writes each step to a temporary directory and renames it when complete,
-so an interrupted save is never listed as a step.
+Orbax writes each step to ``<step>.orbax-checkpoint-tmp`` and renames it
+when complete, so a save interrupted by a crash is never listed as a step.
+A step directory that is listed but cannot be restored (files lost or
+damaged after the rename) is renamed to ``<step>.unrestorable`` with a
+warning and the previous step is restored instead (`Checkpointer.restore`).
 """
 
 import os
@@ -13,7 +16,11 @@ from typing import Any
 
 from absl import logging
 import grain
+import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+UNRESTORABLE_SUFFIX = '.unrestorable'
 
 
 class Checkpointer:
@@ -46,30 +53,65 @@ class Checkpointer:
   def restore(self, abstract_state: Any,
               data_iter: grain.DatasetIterator | None = None,
               step: int | None = None) -> tuple[Any, int]:
-    """Restores ``step`` (default: latest) into ``abstract_state``'s layout.
+    """Restores ``step`` (default: latest restorable) into ``abstract_state``.
+
+    With ``step`` None, a step that fails to restore (a file missing or
+    damaged) is logged as a warning, renamed to ``<step>.unrestorable``
+    (kept for inspection, no longer listed, so training can save that step
+    again) and the next older step is tried.
 
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with shardings
         (`train_state.abstract_train_state`): the restore target.
       data_iter: if given, its position is restored in place too.
-      step: checkpoint step; None for the latest.
+      step: checkpoint step; None for the latest restorable one.
 
     Returns:
       (state, step).
 
     Raises:
-      FileNotFoundError: if there is no checkpoint.
+      FileNotFoundError: if there is no (restorable) checkpoint.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    if step is not None:
+      return self._restore_step(step, abstract_state, data_iter), step
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    if not steps:
       raise FileNotFoundError(f'No checkpoint in {self.directory}; train '
                               'first (--mode train) with this --workdir.')
+    for i, s in enumerate(steps):
+      try:
+        return self._restore_step(s, abstract_state, data_iter), s
+      except Exception as e:  # Orbax/TensorStore raise many types here.
+        nxt = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) \
+            else 'no older checkpoint'
+        logging.warning('Checkpoint step %d in %s cannot be restored (%s: '
+                        '%s); %s.', s, self.directory, type(e).__name__,
+                        str(e)[:500], nxt)
+        self._set_aside(s)
+    raise FileNotFoundError(f'No restorable checkpoint in {self.directory} '
+                            f'(tried steps {steps}).')
+
+  def _restore_step(self, step: int, abstract_state: Any,
+                    data_iter: grain.DatasetIterator | None) -> Any:
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
-    return restored['state'], step
+    return restored['state']
+
+  def _set_aside(self, step: int) -> None:
+    """Renames an unrestorable step directory so it is no longer listed."""
+    if jax.process_index() == 0:
+      src = os.path.join(self.directory, str(step))
+      dst = src + UNRESTORABLE_SUFFIX
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f'{src}{UNRESTORABLE_SUFFIX}.{n}', n + 1
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'set_aside_checkpoint_{step}')
+    self._manager.reload()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

@@ -34,6 +34,12 @@ def check(config: ml_collections.ConfigDict) -> None:
                   f'num_heads={config.num_heads}.')
   if config.backbone_depth not in (18, 34, 50):
     errors.append(f'backbone_depth={config.backbone_depth} not in 18/34/50.')
+  if 'split' in config and config.split not in (1, 2, 3, 4, 5):  # mp100.py
+    errors.append(f'split={config.split} must be one of MP-100\'s splits '
+                  '1..5.')
+  if 'setting' in config and config.setting not in ('cape', 'supervised'):
+    errors.append(f'setting={config.setting!r} must be "cape" or '
+                  '"supervised".')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')
@@ -48,3 +54,40 @@ def check(config: ml_collections.ConfigDict) -> None:
                   f'but {n} are available.')
   if errors:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
+
+
+def check_dataset(config: ml_collections.ConfigDict, info) -> None:
+  """Raises ValueError if the data set does not fit ``config``.
+
+  Checked (against the category table `data_prep` stored in the data set's
+  metadata): every category's K is at most ``max_num_keypoints`` (the
+  sequence holds ``4 * max_num_keypoints + 2`` tokens), and the configured
+  train/eval splits exist.
+
+  Args:
+    config: the run's config.
+    info: `input_pipeline.DatasetInfo` of ``config.dataset_dir``.
+  """
+  errors = []
+  too_long = sorted((c.num_keypoints, c.id, c.name)
+                    for c in info.categories.values()
+                    if c.num_keypoints > config.max_num_keypoints)
+  if too_long:
+    k, cid, name = too_long[-1]
+    errors.append(
+        f'max_num_keypoints={config.max_num_keypoints} is smaller than K of '
+        f'{len(too_long)} categor{"y" if len(too_long) == 1 else "ies"} in '
+        f'{config.dataset_dir} (largest: {cid}:{name} with K={k}); set '
+        f'--config.max_num_keypoints={k} or more.')
+  for name in ('train_split', 'eval_split'):
+    if config[name] not in info.split_sizes:
+      errors.append(f'{name}={config[name]!r} is not a split of '
+                    f'{config.dataset_dir} (it has {sorted(info.split_sizes)}).')
+  n = len(info.categories)
+  if config.category_conditioning and n > config.max_num_categories:
+    errors.append(f'max_num_categories={config.max_num_categories} is smaller '
+                  f'than the data set\'s {n} categories (category '
+                  f'conditioning): pass --config.max_num_categories={n}.')
+  if errors:
+    raise ValueError('Invalid config for the data set:\n  ' +
+                     '\n  '.join(errors))

@@ -1,0 +1,144 @@
+"""Non-finite loss/gradient guards of the train step and impossible configs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import smoke
+from kpseq_jax import config_checks
+from kpseq_jax import input_pipeline
+from kpseq_jax import scalar_log
+from kpseq_jax import train
+from kpseq_jax import train_state as ts
+
+B, L, V = 2, 6, 5
+
+
+class _Tiny(nn.Module):
+  """Stands in for the sequence model: logits and coords from two params."""
+
+  @nn.compact
+  def __call__(self, image, input_tokens, input_coords, train=False):
+    w = self.param('w', nn.initializers.ones, [V])
+    c = self.param('c', nn.initializers.zeros, [2])
+    logits = jnp.broadcast_to(w, [B, L, V]) * input_coords[..., None]
+    return logits, jnp.broadcast_to(c, [B, L, 2]) + input_coords[..., None]
+
+
+def _batch(bad_value=None):
+  """A batch; ``bad_value`` (NaN/inf) in one input coordinate poisons the
+  loss and the gradients."""
+  coords = jnp.linspace(0, 1, B * L).reshape(B, L)
+  if bad_value is not None:
+    coords = coords.at[0, 0].set(bad_value)
+  return dict(image=jnp.zeros([B, 4, 4, 3], jnp.uint8),
+              input_tokens=jnp.zeros([B, L], jnp.int32),
+              input_coords=coords,
+              target_tokens=jnp.ones([B, L], jnp.int32),
+              target_coords=jnp.full([B, L, 2], 0.5, jnp.float32),
+              token_weights=jnp.ones([B, L]), coord_weights=jnp.ones([B, L]))
+
+
+def _step(skip):
+  model, tx = _Tiny(), optax.adamw(1e-2)
+  params = model.init(jax.random.PRNGKey(0), *[_batch()[k] for k in (
+      'image', 'input_tokens', 'input_coords')])['params']
+  state = ts.TrainState(step=jnp.int32(0), params=params, batch_stats={},
+                        opt_state=tx.init(params), rng=jax.random.PRNGKey(1))
+  fn = jax.jit(lambda s, b: train.train_step(
+      s, b, model=model, tx=tx, schedule=lambda _: 1e-2, ce_weight=1.0,
+      l1_weight=5.0, skip_nonfinite=skip))
+  return state, fn
+
+
+def test_nonfinite_update_is_skipped_inside_the_jitted_step():
+  state, fn = _step(skip=True)
+  before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+  bad, m = fn(state, _batch(np.nan))
+  assert int(m['update_skipped']) == 1 and not np.isfinite(m['grad_norm'])
+  assert int(bad.step) == 1  # The step (rng fold, data position) advances.
+  after = jax.tree.map(np.asarray, (bad.params, bad.opt_state))
+  jax.tree.map(np.testing.assert_array_equal, after, before)
+  good, m = fn(bad, _batch())
+  assert int(m['update_skipped']) == 0 and np.isfinite(m['loss'])
+  assert not np.array_equal(good.params['c'], before[0]['c'])
+
+
+def test_without_skipping_the_nan_reaches_the_state():
+  state, fn = _step(skip=False)
+  bad, m = fn(state, _batch(np.nan))
+  assert int(m['update_skipped']) == 0
+  assert not np.all(np.isfinite(bad.params['w']))
+
+
+def _metrics(loss, grad_norm, skipped=0):
+  return dict(loss=loss, ce=1.0, l1=1.0, grad_norm=grad_norm,
+              learning_rate=1e-3, update_skipped=skipped)
+
+
+@pytest.mark.parametrize('loss, grad_norm', [(np.nan, 1.0), (1.0, np.inf)])
+def test_nonfinite_loss_or_gradient_stops_naming_the_step(tmp_path, loss,
+                                                         grad_norm):
+  log = train._MetricsLog(10, scalar_log.JsonlWriter(str(tmp_path)))
+  log.add(1, _metrics(1.0, 1.0))
+  log.add(2, _metrics(loss, grad_norm))
+  with pytest.raises(train.NonFiniteLossError, match='at step 2 '):
+    log.flush(log=True)
+  steps = scalar_log.read_steps(str(tmp_path))  # Written before raising.
+  assert sorted(steps) == [1, 2] and steps[1]['loss'] == 1.0
+
+
+def test_skipped_updates_are_counted_not_raised(tmp_path):
+  log = train._MetricsLog(10, scalar_log.JsonlWriter(str(tmp_path)),
+                          skip_nonfinite=True)
+  log.add(1, _metrics(np.nan, np.nan, skipped=1))
+  log.add(2, _metrics(1.0, np.inf, skipped=1))
+  log.add(3, _metrics(1.0, 1.0))
+  log.flush(log=True)
+  assert log.skipped_updates == 2
+  assert [s['update_skipped'] for s in
+          scalar_log.read_steps(str(tmp_path)).values()] == [1, 1, 0]
+
+
+def _info(ks):
+  cats = {i: input_pipeline.Category.from_metadata(
+      {'id': i, 'name': f'c{i}', 'num_keypoints': k})
+          for i, k in enumerate(ks, 1)}
+  return input_pipeline.DatasetInfo(cats, {'train': 5, 'test': 2})
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('image_size_px', 100, 'image_size_px=100 must be a positive multiple of 32'),
+    ('num_bins', 1, 'num_bins=1 must be >= 2'),
+    ('mesh_shape', (3, 1), 'mesh_shape=(3, 1) has 3 devices'),
+])
+def test_impossible_config_fails_with_a_clear_message(field, value, message):
+  c = smoke.get_config()
+  c.dataset_dir = 'x'
+  c[field] = value
+  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(
+      ')', r'\)')):
+    config_checks.check(c)
+
+
+def test_category_longer_than_the_sequence_is_rejected():
+  c = smoke.get_config()  # max_num_keypoints = 4
+  config_checks.check_dataset(c, _info([4, 3]))
+  with pytest.raises(ValueError, match=r'largest: 2:c2 with K=17.*'
+                     r'max_num_keypoints=17'):
+    config_checks.check_dataset(c, _info([4, 17, 9]))
+  c.eval_split = 'val'
+  with pytest.raises(ValueError, match="eval_split='val' is not a split"):
+    config_checks.check_dataset(c, _info([4]))
+
+
+def test_eval_mode_checks_the_config_before_restoring(tmp_path, dlc_dataset):
+  from kpseq_jax import evaluate
+  c = smoke.get_config()
+  c.dataset_dir = str(dlc_dataset)
+  c.max_num_keypoints = 3  # The mouse has K = 4.
+  with pytest.raises(ValueError, match='K=4'):
+    evaluate.evaluate(c, str(tmp_path))  # No checkpoint: would be FileNotFound.
