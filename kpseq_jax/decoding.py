@@ -2,20 +2,33 @@
 
 The image is encoded once; a compiled `lax.while_loop` then runs the decoder
 position by position, stopping when every sequence has emitted ``<eos>`` (or
-at the maximum length). This version re-runs the decoder over the whole
-prefix at each position (no key/value cache): it is the reference that a
-cached decoder must reproduce token for token.
+at the maximum length). Two implementations share the grammar step
+(`_grammar_step`):
+
+* `cached_greedy_decode` (the default of `make_decode_fn`): every decoder
+  layer's deformable values are projected once per image
+  (``model.project_values``) and each step runs ``model.decode_step`` on the
+  one new position, with a preallocated self-attention key/value cache
+  ([B, L, heads, head_dim] per layer) carried through the loop. Cost per
+  token: O(1) decoder positions, O(L) attention.
+* `greedy_decode`: re-runs the decoder over the whole prefix at each position
+  (no cache, O(L) positions per token). It is the reference that the cached
+  decoder reproduces token for token (tests/test_decoding_cache.py).
 
 The sequence grammar ``<coord> x y <sep> ... <eos>`` is enforced: at a group
 start only ``<coord>`` or ``<eos>`` may be chosen (``<eos>`` is forced after
 ``max_num_keypoints`` groups), x and y positions take a coordinate, the
-fourth position is ``<sep>``. The coordinate of an x (y) step is the
+fourth position is ``<sep>``. With category conditioning
+(``model.num_categories > 0``) the step after ``<bos>`` emits the given
+category token (``<bos> <cat_k> <coord> ...``) and the groups follow one
+position later. The coordinate of an x (y) step is the
 regression head's x (y) output at that step, normalised [0, 1] and clipped;
 it is fed back through the bilinear coordinate embedding with the token
 ``quantize(value)`` (see `sequence.py`).
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,25 +37,103 @@ from kpseq_jax import sequence
 from kpseq_jax import vocab as vocab_lib
 
 
+class _Choice(NamedTuple):
+  """What the grammar makes of one step's outputs (B = batch)."""
+  token: jax.Array  # int32 [B], the token emitted at this step (<pad> if done).
+  value: jax.Array  # float32 [B], clipped regression value on this step's axis.
+  is_xy: jax.Array  # bool scalar, this step emits an x or y coordinate.
+  done: jax.Array  # bool [B], <eos> emitted at or before this step.
+  num: jax.Array  # int32 [B], groups started so far.
+  keypoints: jax.Array  # float32 [B, Kmax, 2], with this step's value written.
+
+
+def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
+                  t: jax.Array, logits: jax.Array, xy: jax.Array,
+                  done: jax.Array, num: jax.Array,
+                  keypoints: jax.Array,
+                  category_tokens: jax.Array | None = None) -> _Choice:
+  """Greedy, grammar-constrained choice at step ``t``.
+
+  Args:
+    vocab: token layout.
+    max_num_keypoints: Kmax.
+    t: int32 scalar, the step (the input position whose output is read);
+      steps ``t < vocab.num_prefix_tokens`` emit ``category_tokens``.
+    logits: float32 [B, V] next-token logits at ``t``.
+    xy: float32 [B, 2] regression output at ``t``.
+    done: bool [B], sequences that already emitted ``<eos>``.
+    num: int32 [B], groups started so far.
+    keypoints: float32 [B, Kmax, 2] normalised (x, y) so far.
+    category_tokens: int32 [B] category tokens (conditioning only).
+  """
+  b = logits.shape[0]
+  prefix = vocab.num_prefix_tokens
+  in_prefix = t < prefix  # Step emitting the category token.
+  phase = jnp.where(in_prefix, sequence.GROUP_SIZE - 1,
+                    (t - prefix) % sequence.GROUP_SIZE)
+  group = (t - prefix) // sequence.GROUP_SIZE
+  # Group start: <coord> or <eos>.
+  stop = (logits[:, vocab.eos] > logits[:, vocab.coord]) | (
+      group >= max_num_keypoints)
+  start_tok = jnp.where(stop, vocab.eos, vocab.coord)
+  # x / y step: the regression output on that axis.
+  value = jnp.clip(jnp.where(phase == sequence.X_OFFSET, xy[:, 0], xy[:, 1]),
+                   0.0, 1.0)
+  coord_tok = jnp.clip(jnp.round(value * (vocab.num_bins - 1)), 0,
+                       vocab.num_bins - 1).astype(jnp.int32)
+  is_xy = (phase == sequence.X_OFFSET) | (phase == sequence.Y_OFFSET)
+  tok = jnp.where(phase == 0, start_tok,
+                  jnp.where(is_xy, coord_tok, vocab.sep))
+  if prefix:
+    tok = jnp.where(in_prefix, category_tokens, tok)
+  tok = jnp.where(done, vocab.pad, tok)
+  new_done = done | ((phase == 0) & stop)
+  num = num + ((phase == 0) & ~new_done).astype(jnp.int32)
+  axis = jnp.where(phase == sequence.X_OFFSET, 0, 1)
+  g = jnp.minimum(group, max_num_keypoints - 1)
+  write = is_xy & ~done
+  keypoints = keypoints.at[jnp.arange(b), g, axis].set(
+      jnp.where(write, value, keypoints[jnp.arange(b), g, axis]))
+  return _Choice(token=tok, value=value, is_xy=is_xy, done=new_done, num=num,
+                 keypoints=keypoints)
+
+
+def _outputs(tokens: jax.Array, keypoints: jax.Array, num: jax.Array,
+             max_num_keypoints: int) -> dict[str, jax.Array]:
+  """The decode result dict; keypoint rows >= ``num`` become NaN."""
+  valid = jnp.arange(max_num_keypoints)[None, :] < num[:, None]
+  keypoints = jnp.where(valid[..., None], keypoints, jnp.nan)
+  return dict(keypoints=keypoints, num_keypoints=num, tokens=tokens)
+
+
 def greedy_decode(model, variables, images: jax.Array,
-                  max_num_keypoints: int) -> dict[str, jax.Array]:
-  """Generates keypoint sequences for a batch of crops.
+                  max_num_keypoints: int,
+                  category_tokens: jax.Array | None = None
+                  ) -> dict[str, jax.Array]:
+  """Generates keypoint sequences for a batch of crops (full recompute).
+
+  The reference implementation: each step re-runs ``model.decode`` over all
+  L positions and reads position t.
 
   Args:
     model: a `KeypointSequenceModel` (static).
     variables: its variables ({'params', 'batch_stats'}).
     images: uint8 [B, S, S, 3] top-down crops.
     max_num_keypoints: Kmax; at most Kmax groups are generated.
+    category_tokens: int32 [B] ``vocab.category(i)`` tokens, required when
+      ``model.num_categories > 0`` (ignored otherwise).
 
   Returns:
     dict with
       keypoints: float32 [B, Kmax, 2] normalised crop (x, y); rows at and
         after ``num_keypoints`` are NaN.
       num_keypoints: int32 [B], groups emitted before ``<eos>``.
-      tokens: int32 [B, L] decoder input tokens (``<bos>`` + generated).
+      tokens: int32 [B, L] decoder input tokens (``<bos>`` + generated,
+        ``<pad>`` after ``<eos>``), L = 4 Kmax + 1 (+ 1 with a category).
   """
-  vocab = vocab_lib.Vocab(model.num_bins)
-  length = sequence.seq_len(max_num_keypoints)
+  vocab = model.vocab
+  length = sequence.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
+  _check_categories(vocab, category_tokens)
   b = images.shape[0]
   memory = model.apply(variables, images, train=False, method=model.encode)
 
@@ -59,49 +150,128 @@ def greedy_decode(model, variables, images: jax.Array,
   def body(carry):
     t, tokens, coords, kps, done, num = carry
     logits, xy = logits_at(tokens, coords, t)  # [B, V], [B, 2]
-    phase = t % sequence.GROUP_SIZE
-    group = t // sequence.GROUP_SIZE
-    # Group start: <coord> or <eos>.
-    stop = (logits[:, vocab.eos] > logits[:, vocab.coord]) | (
-        group >= max_num_keypoints)
-    start_tok = jnp.where(stop, vocab.eos, vocab.coord)
-    # x / y step: the regression output on that axis.
-    value = jnp.clip(jnp.where(phase == sequence.X_OFFSET, xy[:, 0], xy[:, 1]),
-                     0.0, 1.0)
-    coord_tok = jnp.clip(jnp.round(value * (vocab.num_bins - 1)), 0,
-                         vocab.num_bins - 1).astype(jnp.int32)
-    is_xy = (phase == sequence.X_OFFSET) | (phase == sequence.Y_OFFSET)
-    tok = jnp.where(phase == 0, start_tok,
-                    jnp.where(is_xy, coord_tok, vocab.sep))
-    tok = jnp.where(done, vocab.pad, tok)
-    new_done = done | ((phase == 0) & stop)
-    num = num + ((phase == 0) & ~new_done).astype(jnp.int32)
-    axis = jnp.where(phase == sequence.X_OFFSET, 0, 1)
-    g = jnp.minimum(group, max_num_keypoints - 1)
-    write = is_xy & ~done
-    kps = kps.at[jnp.arange(b), g, axis].set(
-        jnp.where(write, value, kps[jnp.arange(b), g, axis]))
+    c = _grammar_step(vocab, max_num_keypoints, t, logits, xy, done, num, kps,
+                      category_tokens)
     nxt = jnp.minimum(t + 1, length - 1)
     feed = t + 1 < length
-    tokens = tokens.at[:, nxt].set(jnp.where(feed, tok, tokens[:, nxt]))
+    tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
     coords = coords.at[:, nxt].set(
-        jnp.where(feed & is_xy, value, coords[:, nxt]))
-    return t + 1, tokens, coords, kps, new_done, num
+        jnp.where(feed & c.is_xy, c.value, coords[:, nxt]))
+    return t + 1, tokens, coords, c.keypoints, c.done, c.num
 
   tokens = jnp.full([b, length], vocab.pad, jnp.int32).at[:, 0].set(vocab.bos)
   init = (jnp.int32(0), tokens, jnp.zeros([b, length], jnp.float32),
           jnp.zeros([b, max_num_keypoints, 2], jnp.float32),
           jnp.zeros([b], bool), jnp.zeros([b], jnp.int32))
   _, tokens, _, kps, _, num = jax.lax.while_loop(cond, body, init)
-  valid = jnp.arange(max_num_keypoints)[None, :] < num[:, None]
-  kps = jnp.where(valid[..., None], kps, jnp.nan)
-  return dict(keypoints=kps, num_keypoints=num, tokens=tokens)
+  return _outputs(tokens, kps, num, max_num_keypoints)
+
+
+def init_cache(step_model, variables, memory, batch_size: int, length: int):
+  """Zero self-attention caches of ``step_model`` for ``length`` positions.
+
+  Shapes come from an abstract (``jax.eval_shape``) full-length call of
+  ``decode``, the flax way of sizing a ``decode=True`` cache; nothing but
+  the zeros is computed.
+
+  Args:
+    step_model: a `KeypointSequenceModel` with ``cache_decoding=True``.
+    variables: its {'params', ...} (only shapes are read).
+    memory: ``model.encode`` output (only shapes are read).
+    batch_size: B.
+    length: L, positions the cache holds.
+
+  Returns:
+    the 'cache' collection: per layer ``cached_key``/``cached_value``
+    [B, L, heads, d_model / heads] in the compute dtype and ``cache_index``
+    int32 0.
+  """
+  def full_call():
+    _, mutated = step_model.apply(
+        variables, memory, jnp.zeros([batch_size, length], jnp.int32),
+        jnp.zeros([batch_size, length], jnp.float32), train=False,
+        method=step_model.decode, mutable=['cache'])
+    return mutated['cache']
+
+  shapes = jax.eval_shape(full_call)
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def cached_greedy_decode(model, variables, images: jax.Array,
+                         max_num_keypoints: int,
+                         category_tokens: jax.Array | None = None
+                         ) -> dict[str, jax.Array]:
+  """`greedy_decode` with a key/value cache: same tokens and coordinates.
+
+  Encodes once, projects every layer's deformable values once, then runs
+  ``model.decode_step`` on one position per iteration of a
+  `lax.while_loop` whose carry holds the [B, L, heads, head_dim] caches.
+
+  Args and returns: as `greedy_decode` (``model`` may be built with or
+  without ``cache_decoding``; a cached copy is cloned from it).
+  """
+  vocab = model.vocab
+  length = sequence.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
+  _check_categories(vocab, category_tokens)
+  b = images.shape[0]
+  step_model = model.clone(cache_decoding=True, remat_backbone=False,
+                           remat_decoder=False)
+  memory = step_model.apply(variables, images, train=False,
+                            method=step_model.encode)
+  projected = step_model.apply(variables, memory,
+                               method=step_model.project_values)
+  cache = init_cache(step_model, variables, memory, b, length)
+
+  def cond(carry):
+    t, *_, done, _ = carry
+    return (t < length) & ~jnp.all(done)
+
+  def body(carry):
+    t, cache, tok_in, coord_in, tokens, kps, done, num = carry
+    (logits, xy), mutated = step_model.apply(
+        {**variables, 'cache': cache}, projected, tok_in, coord_in, t,
+        method=step_model.decode_step, mutable=['cache'])  # [B, V], [B, 2]
+    c = _grammar_step(vocab, max_num_keypoints, t, logits, xy, done, num, kps,
+                      category_tokens)
+    nxt = jnp.minimum(t + 1, length - 1)
+    feed = t + 1 < length
+    tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
+    coord_in = jnp.where(c.is_xy, c.value, 0.0)
+    return (t + 1, mutated['cache'], c.token, coord_in, tokens, c.keypoints,
+            c.done, c.num)
+
+  tokens = jnp.full([b, length], vocab.pad, jnp.int32).at[:, 0].set(vocab.bos)
+  init = (jnp.int32(0), cache, tokens[:, 0], jnp.zeros([b], jnp.float32),
+          tokens, jnp.zeros([b, max_num_keypoints, 2], jnp.float32),
+          jnp.zeros([b], bool), jnp.zeros([b], jnp.int32))
+  carry = jax.lax.while_loop(cond, body, init)
+  tokens, kps, num = carry[4], carry[5], carry[7]
+  return _outputs(tokens, kps, num, max_num_keypoints)
 
 
 def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
-                   batch_sharding):
-  """Jitted ``fn(variables, images) -> greedy_decode(...)`` with shardings."""
-  fn = functools.partial(greedy_decode, model,
-                         max_num_keypoints=max_num_keypoints)
-  return jax.jit(fn, in_shardings=(variables_sharding, batch_sharding),
-                 out_shardings=batch_sharding)
+                   batch_sharding, cached: bool = True):
+  """Jitted ``fn(variables, images) -> decode dict`` with shardings;
+  ``fn(variables, images, category_tokens)`` when the model is category
+  conditioned (``model.num_categories > 0``).
+
+  ``cached=True`` (default): `cached_greedy_decode`; False: the
+  full-recompute reference `greedy_decode`. Both return the same values.
+  """
+  decode = cached_greedy_decode if cached else greedy_decode
+  if model.num_categories:
+    def fn(variables, images, category_tokens):
+      return decode(model, variables, images, max_num_keypoints,
+                    category_tokens)
+    shardings = (variables_sharding, batch_sharding, batch_sharding)
+  else:
+    fn = functools.partial(decode, model, max_num_keypoints=max_num_keypoints)
+    shardings = (variables_sharding, batch_sharding)
+  return jax.jit(fn, in_shardings=shardings, out_shardings=batch_sharding)
+
+
+def _check_categories(vocab: vocab_lib.Vocab,
+                      category_tokens: jax.Array | None) -> None:
+  if vocab.num_categories and category_tokens is None:
+    raise ValueError('the model is category conditioned: pass '
+                     'category_tokens [B] (vocab.category(index))')

@@ -126,6 +126,8 @@ class ResNet(nn.Module):
     depth: 18, 34 (basic blocks) or 50 (bottleneck blocks).
     norm: 'batch' (default), 'group' or 'frozen_batch'; see module docstring.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are float32.
+    remat: rematerialise each residual block's activations in the backward
+      pass (``nn.remat``); forward values and parameter names unchanged.
 
   Variables: ``params``; ``batch_stats`` for the two BatchNorm kinds (apply
   with ``mutable=['batch_stats']`` when ``train=True`` and ``norm='batch'``).
@@ -133,6 +135,7 @@ class ResNet(nn.Module):
   depth: int = 50
   norm: str = 'batch'
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -153,6 +156,8 @@ class ResNet(nn.Module):
       raise ValueError(f'depth must be one of {sorted(_STAGES)}, got {self.depth}')
     kind, blocks_per_stage = _STAGES[self.depth]
     block_cls = BasicBlock if kind == 'basic' else Bottleneck
+    if self.remat:  # Block.__call__(self, x, train): train (2) is static.
+      block_cls = nn.remat(block_cls, static_argnums=(2,))
 
     x = x.astype(self.dtype)
     x = _conv(64, 7, 2, self.dtype, 'conv1')(x)  # [B, H/2, W/2, 64]

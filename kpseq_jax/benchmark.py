@@ -1,0 +1,346 @@
+"""Speed benchmark: how close the train step, decoding and input get to the limit.
+
+  python -m kpseq_jax.benchmark --config configs/dlc_openfield.py
+  python -m kpseq_jax.benchmark --config configs/smoke.py --skip_paper \
+      --num_steps=2 --decode_ks=2 --decode_batch=2 --matmul_size=256
+
+Prints one JSON object, everything measured in the same run:
+
+* ``matmul_peak``: float32 [n, n] @ [n, n] FLOP/s (median of ``--matmul_reps``
+  timed calls); the machine's practical peak that MFU is measured against.
+* ``train_step``: per config ('paper' = configs/default.py, 'config' = the
+  ``--config``) and variant ('f32', 'remat' = ``remat_backbone`` and
+  ``remat_decoder``, 'bf16' = ``compute_dtype='bfloat16'``): median seconds
+  per step over ``--num_steps`` (after one untimed step), FLOPs per step from
+  XLA's cost analysis of the compiled step, MFU = FLOPs / seconds / peak,
+  and XLA's memory analysis of the compiled step in bytes (``peak_bytes`` =
+  arguments + outputs - donated aliases + temporaries).
+* ``decoding``: per K in ``--decode_ks`` (sequence of 4 K + 1 tokens; <eos>
+  suppressed through the classifier bias so every image decodes all K
+  groups), the whole decode function (encoder + loop) for the cached
+  decoder and the full-recompute reference: seconds per image at batch 1,
+  images/s at ``--decode_batch``, and the cached/reference speed-ups.
+* ``pipeline``: Grain training pipeline (augmentation on, ``worker_count``
+  of the config) examples/s on the config's data set, and its ratio to what
+  the train step consumes (batch_size / seconds per step); skipped with a
+  message when the data set is missing.
+
+Inputs for the train step and decoding are synthetic (random images, random
+keypoint sequences); parameters are a random initialisation.
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from configs import default as default_config
+from kpseq_jax import decoding
+from kpseq_jax import input_pipeline
+from kpseq_jax import sequence
+from kpseq_jax import sharding
+from kpseq_jax import train
+from kpseq_jax import train_state as ts
+from kpseq_jax import vocab as vocab_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'The CPU-sized config, e.g. configs/dlc_openfield.py.',
+    lock_config=True)
+flags.DEFINE_bool('skip_paper', False,
+                  'Skip the paper config (configs/default.py) train step and '
+                  'its 512 px pipeline figure (slow on CPU).')
+flags.DEFINE_list('variants', ['f32', 'remat', 'bf16'],
+                  'Train-step variants of the --config: f32, remat, bf16.')
+flags.DEFINE_list('paper_variants', ['f32', 'remat', 'bf16'],
+                  'Train-step variants of the paper config.')
+flags.DEFINE_integer('num_steps', 5, 'Timed train steps per variant.')
+flags.DEFINE_integer('matmul_size', 2048, 'n of the n x n float32 matmul.')
+flags.DEFINE_integer('matmul_reps', 10, 'Timed matmuls.')
+flags.DEFINE_enum('decode_model', 'config', ['config', 'paper'],
+                  'Model for the decoding figures: the --config one or the '
+                  'paper one (ResNet-50 512 px, 6 layers; slow on CPU).')
+flags.DEFINE_list('decode_ks', ['17', '68'], 'Keypoint counts K to decode.')
+flags.DEFINE_integer('decode_batch', 8, 'Batch of the images/s figure.')
+flags.DEFINE_integer('decode_reps', 3, 'Timed calls of the cached decoder '
+                     '(the reference is timed once: it is slow).')
+flags.DEFINE_bool('skip_decode', False, 'Skip the decoding figures.')
+flags.DEFINE_integer('pipeline_examples', 2048, 'Pipeline examples to time '
+                     '(rounded up to whole batches).')
+
+
+def _time_calls(fn: Callable[[], Any], reps: int) -> float:
+  """Median wall seconds of ``fn()`` (blocked until ready) over ``reps``."""
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def matmul_peak(n: int, reps: int) -> dict:
+  """Float32 FLOP/s of an [n, n] @ [n, n] matmul (2 n^3 FLOPs per call)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), [n, n], jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), [n, n], jnp.float32)
+  f = jax.jit(jnp.matmul).lower(a, b).compile()
+  jax.block_until_ready(f(a, b))
+  seconds = _time_calls(lambda: f(a, b), reps)
+  return dict(n=n, seconds=seconds, flops_per_s=2 * n**3 / seconds)
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+  """Random crops and tokenised random keypoints (all labelled, K = Kmax).
+
+  Returns:
+    dict of numpy arrays with the fields of `train.TRAIN_FIELDS`: image
+    uint8 [B, S, S, 3] and the `sequence.build_sequence` fields [B, L, ...].
+  """
+  rng = np.random.default_rng(seed)
+  kmax, s = config.max_num_keypoints, config.image_size_px
+  vocab = vocab_lib.Vocab(config.num_bins)
+  seqs = []
+  for _ in range(batch_size):
+    kps = np.concatenate([rng.uniform(0.05, 0.95, [kmax, 2]),
+                          np.ones([kmax, 1])], -1).astype(np.float32)
+    seqs.append(sequence.build_sequence(kps, kmax, vocab, kmax))
+  batch = {k: np.stack([q[k] for q in seqs]) for k in seqs[0]}
+  batch['image'] = rng.integers(0, 256, [batch_size, s, s, 3], np.uint8)
+  return batch
+
+
+def _variant(config: ml_collections.ConfigDict,
+             name: str) -> ml_collections.ConfigDict:
+  """``config`` with the named variant's fields set."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  if name == 'remat':
+    c.remat_backbone = c.remat_decoder = True
+  elif name == 'bf16':
+    c.compute_dtype = 'bfloat16'
+  elif name != 'f32':
+    raise ValueError(f'unknown variant {name!r}')
+  return c
+
+
+def _cost(compiled) -> float:
+  """FLOPs of a compiled computation from XLA's cost analysis."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
+    cost = cost[0]
+  return float(cost.get('flops', float('nan')))
+
+
+def _memory(compiled) -> dict:
+  """XLA memory analysis of a compiled computation, bytes."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  out = dict(argument_bytes=m.argument_size_in_bytes,
+             output_bytes=m.output_size_in_bytes,
+             alias_bytes=m.alias_size_in_bytes,
+             temp_bytes=m.temp_size_in_bytes)
+  out['peak_bytes'] = (out['argument_bytes'] + out['output_bytes']
+                       - out['alias_bytes'] + out['temp_bytes'])
+  return out
+
+
+def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
+                       peak_flops: float) -> dict:
+  """Compiles `train.train_step` for ``config`` and times it.
+
+  Returns:
+    dict: seconds_per_step (median), flops_per_step, mfu, compile_seconds,
+    memory (see `_memory`), batch_size, examples_per_s.
+  """
+  mesh = sharding.create_mesh(config.mesh_shape)
+  model = ts.create_model(config)
+  train_size = 1000  # Only shapes the (constant-here) learning-rate schedule.
+  tx = ts.create_optimizer(config, train_size)
+  schedule = ts.learning_rate_schedule(config, train_size)
+  state = ts.create_train_state(config, model, tx, mesh)
+  state_shardings = jax.tree.map(lambda a: a.sharding, state)
+  local = synthetic_batch(config, config.batch_size)
+  batch = sharding.global_batch({k: local[k] for k in train.TRAIN_FIELDS},
+                                mesh)
+  step = jax.jit(
+      lambda s, b: train.train_step(
+          s, b, model=model, tx=tx, schedule=schedule,
+          ce_weight=config.ce_weight, l1_weight=config.l1_weight),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - t0
+  flops = _cost(compiled)
+  state, metrics = compiled(state, batch)  # Untimed first step.
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(num_steps):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+  if not np.isfinite(float(metrics['loss'])):
+    raise FloatingPointError(f'benchmark step loss {metrics["loss"]}')
+  return dict(seconds_per_step=seconds, flops_per_step=flops,
+              mfu=flops / seconds / peak_flops,
+              compile_seconds=compile_seconds, memory=_memory(compiled),
+              batch_size=config.batch_size,
+              examples_per_s=config.batch_size / seconds)
+
+
+def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
+                     batch_size: int, reps: int) -> dict:
+  """Cached vs full-recompute greedy decoding of ``config``'s model.
+
+  Returns:
+    dict per K: cached/reference seconds per image at batch 1, images/s at
+    ``batch_size``, and the speed-ups (reference time / cached time).
+  """
+  kmax = max(ks)
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.max_num_keypoints = kmax
+  model = ts.create_model(c)
+  images = synthetic_batch(c, batch_size)['image']
+  variables = jax.jit(lambda r: model.init(r, *ts.dummy_inputs(c),
+                                           train=False))(jax.random.PRNGKey(0))
+  # Suppress <eos> so that every image decodes all K groups.
+  eos = vocab_lib.Vocab(c.num_bins).eos
+  head = dict(variables['params']['class_head'])
+  head['bias'] = head['bias'].at[eos].add(-1e4)
+  variables = dict(variables,
+                   params=dict(variables['params'], class_head=head))
+  out = {}
+  for k in ks:
+    fig = dict(num_tokens=sequence.seq_len(k))
+    for b in (1, batch_size):
+      ims = jnp.asarray(images[:b])
+      for name, fn in (('cached', decoding.cached_greedy_decode),
+                       ('reference', decoding.greedy_decode)):
+        compiled = jax.jit(
+            lambda v, im, fn=fn, k=k: fn(model, v, im, k)).lower(
+                variables, ims).compile()
+        result = jax.block_until_ready(compiled(variables, ims))
+        if int(np.min(result['num_keypoints'])) != k:
+          raise AssertionError(f'decoding stopped early: '
+                               f'{result["num_keypoints"]} != {k}')
+        seconds = _time_calls(lambda: compiled(variables, ims),
+                              reps if name == 'cached' else 1)
+        if b == 1:
+          fig[f'{name}_seconds_per_image_batch1'] = seconds
+        else:
+          fig[f'{name}_images_per_s_batch{b}'] = b / seconds
+    fig['speedup_batch1'] = (fig['reference_seconds_per_image_batch1'] /
+                             fig['cached_seconds_per_image_batch1'])
+    fig[f'speedup_batch{batch_size}'] = (
+        fig[f'cached_images_per_s_batch{batch_size}'] /
+        fig[f'reference_images_per_s_batch{batch_size}'])
+    out[f'K{k}'] = fig
+  return out
+
+
+def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
+                     step_examples_per_s: float | None) -> dict:
+  """Examples/s of the Grain training pipeline (augmentation on).
+
+  Timed from creating the iterator to the last of ``num_examples`` examples,
+  so start-up and work left in Grain's prefetch buffer count against it: a
+  lower bound of the steady rate.
+
+  Returns:
+    dict: examples_per_s, image_size_px, batch_size, and
+    ratio_to_train_step (pipeline examples/s / step examples/s) when
+    ``step_examples_per_s`` is given; or {'skipped': reason}.
+  """
+  if not os.path.isdir(config.dataset_dir):
+    return dict(skipped=f'no data set at {config.dataset_dir!r}; build it '
+                'with `python -m data_prep.build` (see README).')
+  info = input_pipeline.load_info(config.dataset_dir)
+  num_batches = -(-num_examples // config.batch_size)
+  t0 = time.perf_counter()
+  it = iter(input_pipeline.create_train_dataset(config, info))
+  for _ in range(num_batches):
+    next(it)
+  seconds = time.perf_counter() - t0
+  eps = num_batches * config.batch_size / seconds
+  out = dict(examples_per_s=eps, image_size_px=config.image_size_px,
+             batch_size=config.batch_size, worker_count=config.worker_count)
+  if step_examples_per_s:
+    out['ratio_to_train_step'] = eps / step_examples_per_s
+  return out
+
+
+def _describe(config: ml_collections.ConfigDict) -> dict:
+  return dict(backbone_depth=config.backbone_depth,
+              image_size_px=config.image_size_px,
+              feature_levels=list(config.feature_levels),
+              num_layers=config.num_layers, d_model=config.d_model,
+              batch_size=config.batch_size,
+              max_num_keypoints=config.max_num_keypoints)
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+  """All figures for ``config`` (and the paper config unless skipped)."""
+  report: dict[str, Any] = dict(
+      jax_version=jax.__version__, backend=jax.default_backend(),
+      devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
+      load_average_at_start=list(os.getloadavg()))
+  peak = matmul_peak(FLAGS.matmul_size, FLAGS.matmul_reps)
+  report['matmul_peak'] = peak
+  configs = {'config': config}
+  if not FLAGS.skip_paper:
+    paper = default_config.get_config()
+    paper.unlock()
+    paper.dataset_dir = config.dataset_dir  # Pipeline at 512 px on our data.
+    configs['paper'] = paper
+  report['configs'] = {n: _describe(c) for n, c in configs.items()}
+  steps, pipes = {}, {}
+  for name, c in configs.items():
+    variants = FLAGS.variants if name == 'config' else FLAGS.paper_variants
+    steps[name] = {v: train_step_figures(_variant(c, v), FLAGS.num_steps,
+                                         peak['flops_per_s'])
+                   for v in variants}
+    base = steps[name].get('f32') or next(iter(steps[name].values()), None)
+    pipes[name] = pipeline_figures(
+        c, FLAGS.pipeline_examples, base and base['examples_per_s'])
+  report['train_step'] = steps
+  report['pipeline'] = pipes
+  if not FLAGS.skip_decode:
+    dc = configs['paper'] if FLAGS.decode_model == 'paper' else config
+    if FLAGS.decode_model == 'paper' and FLAGS.skip_paper:
+      dc = default_config.get_config()
+    report['decoding'] = dict(
+        model=FLAGS.decode_model, model_config=_describe(dc),
+        includes='encoder + greedy loop; <eos> suppressed (all K groups)',
+        **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
+                           FLAGS.decode_batch, FLAGS.decode_reps))
+  report['load_average_at_end'] = list(os.getloadavg())
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.config is None:
+    raise app.UsageError('--config is required.')
+  report = run(FLAGS.config)
+  json.dump(report, sys.stdout, indent=1)
+  sys.stdout.write('\n')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,37 @@
+"""The benchmark runs in a tiny mode and reports positive figures."""
+
+import json
+import numbers
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _positive(x):
+  return isinstance(x, numbers.Real) and x > 0
+
+
+def test_benchmark_tiny_mode_json():
+  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark',
+         '--config', 'configs/smoke.py', '--skip_paper', '--num_steps=1',
+         '--variants=f32', '--decode_ks=2', '--decode_batch=2',
+         '--decode_reps=1', '--matmul_size=128', '--matmul_reps=2',
+         '--pipeline_examples=8']
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                       timeout=900, check=True).stdout
+  report = json.loads(out)
+  assert _positive(report['matmul_peak']['flops_per_s'])
+  step = report['train_step']['config']['f32']
+  for key in ('seconds_per_step', 'flops_per_step', 'mfu'):
+    assert _positive(step[key]), (key, step)
+  assert _positive(step['memory']['peak_bytes'])
+  assert 'paper' not in report['train_step']
+  k2 = report['decoding']['K2']
+  for key in ('speedup_batch1', 'speedup_batch2',
+              'cached_seconds_per_image_batch1',
+              'reference_images_per_s_batch2'):
+    assert _positive(k2[key]), (key, k2)
+  pipe = report['pipeline']['config']
+  assert 'skipped' in pipe or _positive(pipe['ratio_to_train_step'])

@@ -1,0 +1,76 @@
+"""bfloat16 compute keeps float32 params/outputs; remat keeps the values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kpseq_jax import model as model_lib
+from kpseq_jax import sequence
+
+KMAX = 2
+LENGTH = sequence.seq_len(KMAX)
+
+
+def _model(**kw):
+  return model_lib.KeypointSequenceModel(
+      num_bins=16, backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
+      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
+      max_seq_len=LENGTH, **kw)
+
+
+def _inputs():
+  images = jax.random.randint(jax.random.PRNGKey(0), [2, 64, 64, 3], 0,
+                              255).astype(jnp.uint8)
+  return images, jnp.zeros([2, LENGTH], jnp.int32), jnp.zeros([2, LENGTH])
+
+
+def _loss(model, params, batch_stats, inputs):
+  (logits, coords), _ = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, *inputs, train=True,
+      mutable=['batch_stats'])
+  return jnp.mean(logits ** 2) + jnp.mean(coords), (logits, coords)
+
+
+def test_bfloat16_computes_in_bf16_with_f32_params_and_outputs():
+  model = _model(dtype=jnp.bfloat16)
+  inputs = _inputs()
+  variables = model.init(jax.random.PRNGKey(1), *inputs, train=False)
+  assert all(x.dtype == jnp.float32
+             for x in jax.tree.leaves(variables['params']))
+  grad_fn = jax.grad(lambda p: _loss(model, p, variables['batch_stats'],
+                                     inputs), has_aux=True)
+  grads, (logits, coords) = grad_fn(variables['params'])
+  assert logits.dtype == jnp.float32 and coords.dtype == jnp.float32
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+  # Every convolution and matmul of the forward pass runs on bf16 operands.
+  jaxpr = jax.make_jaxpr(lambda p: _loss(model, p, variables['batch_stats'],
+                                         inputs))(variables['params'])
+  heavy = []
+
+  def walk(jx):  # Into pjit / custom_jvp sub-jaxprs too.
+    for e in jx.eqns:
+      if e.primitive.name in ('conv_general_dilated', 'dot_general'):
+        heavy.append(e)
+      for p in e.params.values():
+        if hasattr(p, 'jaxpr'):
+          walk(p.jaxpr if hasattr(p.jaxpr, 'eqns') else p.jaxpr.jaxpr)
+
+  walk(jaxpr.jaxpr)
+  assert len(heavy) > 20
+  dtypes = {tuple(str(v.aval.dtype) for v in e.invars) for e in heavy}
+  assert dtypes == {('bfloat16', 'bfloat16')}, dtypes
+
+
+@pytest.mark.parametrize('kw', [dict(remat_backbone=True),
+                                dict(remat_decoder=True)])
+def test_remat_same_params_values_and_grads(kw):
+  inputs = _inputs()
+  base, remat = _model(), _model(**kw)
+  variables = base.init(jax.random.PRNGKey(1), *inputs, train=False)
+  v_remat = remat.init(jax.random.PRNGKey(1), *inputs, train=False)
+  assert (jax.tree.structure(variables) == jax.tree.structure(v_remat))
+  grad = lambda m: jax.grad(lambda p: _loss(m, p, variables['batch_stats'],
+                                            inputs)[0])(variables['params'])
+  for a, b in zip(jax.tree.leaves(grad(base)), jax.tree.leaves(grad(remat))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
