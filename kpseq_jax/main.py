@@ -1,10 +1,19 @@
-"""Command line: train, or evaluate a trained workdir.
+"""Command line: train, evaluate a trained workdir, or predict on images.
 
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
       --mode eval
+  python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
+      --mode predict --images IMAGES [--boxes BOXES.json] [--category ID] \
+      --out OUT
+
+Installed with ``pip install -e .``, ``kpseq`` is the same command.
 
 Any config field can be overridden: ``--config.num_train_steps=100``.
+
+Several processes (one per host): each runs the same command; JAX is joined
+up from ``--coordinator_address/--num_processes/--process_id``, or from the
+environment on SLURM and TPU slices (see `distributed.initialize`).
 """
 
 from absl import app
@@ -13,7 +22,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from kpseq_jax import distributed
 from kpseq_jax import evaluate
+from kpseq_jax import predict
 from kpseq_jax import train
 
 FLAGS = flags.FLAGS
@@ -22,10 +33,33 @@ config_flags.DEFINE_config_file(
     'be overridden with --config.FIELD=VALUE.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'predictions; training resumes from it.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
                   'train: train (resuming) then evaluate; eval: restore the '
-                  'latest checkpoint and evaluate.')
+                  'latest checkpoint and evaluate; predict: run the latest '
+                  'checkpoint on --images, write to --out.')
+flags.DEFINE_string('images', None, 'predict: an image file or a folder '
+                    '(searched recursively).')
+flags.DEFINE_string('boxes', None, 'predict: COCO detections list or '
+                    'annotations file with the boxes; default: each whole '
+                    'image is one box.')
+flags.DEFINE_integer('category', None, 'predict: category id of whole-image '
+                     'boxes, or keep only boxes of this category; default: '
+                     'the data set\'s only category.')
+flags.DEFINE_string('out', None, 'predict: output folder (predictions.json, '
+                    'images.json, overlays/).')
+flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
+                  'jax.distributed.initialize: auto = when the flags below '
+                  'are given or the environment is multi-process (SLURM, '
+                  'TPU slice, JAX_COORDINATOR_ADDRESS); on = always '
+                  '(unset values auto-detected, e.g. on a TPU VM pod).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config', 'workdir'])
+flags.register_multi_flags_validator(
+    ['mode', 'images', 'out'],
+    lambda f: f['mode'] != 'predict' or (f['images'] and f['out']),
+    '--mode predict needs --images and --out.')
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -42,13 +76,23 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
+                         FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  else:
+  elif FLAGS.mode == 'eval':
     evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  else:
+    predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.images, FLAGS.out,
+                    FLAGS.boxes, FLAGS.category)
+
+
+def run():
+  """Console entry point ``kpseq`` (see pyproject.toml)."""
+  app.run(main)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -24,3 +24,38 @@ def dlc_dataset(shared_data, tmp_path_factory) -> Path:
   build.build_dataset({'train': ann / 'train.json', 'test': ann / 'test.json'},
                       shared_data / 'dlc_openfield' / 'images', out)
   return out
+
+
+def smoke_config(dataset_dir, **overrides):
+  """configs/smoke.py on ``dataset_dir`` with fields overridden."""
+  from configs import smoke
+  c = smoke.get_config()
+  c.dataset_dir = str(dataset_dir)
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture(scope='session')
+def trained(dlc_dataset, tmp_path_factory):
+  """(config, workdir, eval report) of the smoke config trained 2 steps on
+  dlc_openfield (once per session; tests must not modify the workdir)."""
+  from kpseq_jax import train
+  workdir = tmp_path_factory.mktemp('smoke_run')
+  config = smoke_config(dlc_dataset)
+  report = train.train_and_evaluate(config, str(workdir))
+  return config, workdir, report
+
+
+@pytest.fixture(scope='session')
+def mesh_run(dlc_dataset, tmp_path_factory):
+  """`sharding_worker.run_meshes` on 8 simulated CPU devices (a subprocess,
+  once per session): 3 steps of its tiny config on each mesh of
+  ``sharding_worker.MESHES``; mesh (4, 2) saved before step 3 and restored
+  onto (8, 1) and onto 1 device to run step 3 there."""
+  import sharding_worker
+  args = dict(mode='meshes', dataset_dir=str(dlc_dataset), steps=3,
+              meshes=sharding_worker.MESHES, save_mesh=[4, 2],
+              ckpt_dir=str(tmp_path_factory.mktemp('mesh_ckpt')),
+              restore_meshes=[[8, 1], [1, 1]])
+  return sharding_worker.result_of(sharding_worker.launch(args, 8))

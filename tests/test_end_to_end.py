@@ -4,29 +4,15 @@ import json
 
 import jax
 import numpy as np
-import pytest
 
-from configs import smoke
+import conftest
 from kpseq_jax import checkpointing
 from kpseq_jax import evaluate
 from kpseq_jax import train
 from kpseq_jax import train_state as ts
 
 
-def _config(dataset_dir, **overrides):
-  c = smoke.get_config()
-  c.dataset_dir = str(dataset_dir)
-  for k, v in overrides.items():
-    c[k] = v
-  return c
-
-
-@pytest.fixture(scope='module')
-def trained(dlc_dataset, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp('smoke_run')
-  config = _config(dlc_dataset)
-  report = train.train_and_evaluate(config, str(workdir))
-  return config, workdir, report
+# `trained` (conftest.py): the smoke config trained 2 steps, once per session.
 
 
 def test_training_saves_a_checkpoint_and_writes_the_eval(trained):
@@ -72,7 +58,7 @@ def test_running_again_resumes_from_the_checkpoint(trained, tmp_path):
   import shutil
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
-  more = _config(config.dataset_dir, num_train_steps=3)
+  more = conftest.smoke_config(config.dataset_dir, num_train_steps=3)
   train.train_and_evaluate(more, str(resumed_dir))
   ckpt = checkpointing.Checkpointer(str(resumed_dir))
   assert ckpt.latest_step() == 3

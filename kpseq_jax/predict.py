@@ -1,0 +1,408 @@
+"""Keypoints on new images with a trained workdir (``--mode predict``).
+
+  python -m kpseq_jax.main --mode predict --config configs/dlc_openfield.py \
+      --workdir DIR --images IMAGES [--boxes BOXES.json] [--category ID] \
+      --out OUT
+
+``IMAGES`` is an image file or a folder (searched recursively). Boxes:
+
+  * none: each whole image is one box of the category ``--category`` (the
+    data set's only category by default);
+  * ``--boxes`` a COCO detections list ``[{image_id, category_id, bbox,
+    score}]``: an entry names its image by ``file_name`` if it has one, else
+    by ``image_id`` equal to the number in the file's name (COCO's
+    ``000000123456.jpg``);
+  * ``--boxes`` a COCO annotations file (``images``, ``annotations``): images
+    are matched by ``file_name`` relative to ``IMAGES`` (or by base name if
+    that is unique).
+
+With ``--category``, only boxes of that category are used. Each box is
+cropped and warped exactly as in evaluation (`transforms.CropAffine`,
+`transforms.WarpToCrop`), decoded greedily and mapped back to image pixels
+(`evaluate.crop_to_image`). Images are read as `data_prep` reads them
+(`data_prep.images.load_rgb_array`: EXIF orientation applied, 8-bit RGB).
+
+Writes to ``OUT``:
+  ``predictions.json``: COCO keypoint results (``image_id``, ``category_id``,
+    ``keypoints`` [x, y, 1] * K in pixels, (0, 0, 0) where not generated,
+    ``score`` = the box score), one entry per box;
+  ``images.json``: COCO ``images`` table (id, file_name, width, height) of
+    the images read; ids are the boxes file's, else 1, 2, ... in file order;
+  ``overlays/<file name>.png``: each image with its poses drawn (one colour
+    per keypoint, names and skeleton from the category table, see
+    `visualize.py`), same size as the image;
+  ``predict_report.json``: counts, checkpoint step, and the files that could
+    not be read, boxes without an image, and boxes that were skipped.
+Unreadable images are reported and skipped; the rest are processed.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+import re
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import tqdm
+
+from data_prep import images as image_io
+from kpseq_jax import decoding
+from kpseq_jax import evaluate
+from kpseq_jax import input_pipeline
+from kpseq_jax import sharding
+from kpseq_jax import transforms
+from kpseq_jax import visualize
+
+IMAGE_SUFFIXES = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff',
+                  '.webp')
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+  """One box to predict: (x, y, w, h) pixels; bbox None = the whole image."""
+
+  category_id: int
+  bbox: tuple[float, float, float, float] | None
+  score: float = 1.0
+
+
+@dataclasses.dataclass
+class ImageEntry:
+  """An input image, its COCO id and its boxes."""
+
+  rel_path: str  # Relative to the --images root, '/'-separated.
+  path: Path
+  image_id: int
+  boxes: list[Box]
+
+
+@dataclasses.dataclass
+class Summary:
+  """What `predict` did (also written to ``predict_report.json``)."""
+
+  out_dir: str
+  checkpoint_step: int
+  num_images: int = 0  # Images read and drawn.
+  num_boxes: int = 0  # Predictions written.
+  unreadable: list[dict] = dataclasses.field(default_factory=list)
+  boxes_without_image: list[str] = dataclasses.field(default_factory=list)
+  skipped_boxes: list[dict] = dataclasses.field(default_factory=list)
+
+
+def list_images(images: str) -> tuple[Path, list[str]]:
+  """(root, sorted relative paths) of an image file or a folder's images.
+
+  Raises:
+    FileNotFoundError: if ``images`` does not exist or holds no image.
+  """
+  p = Path(images)
+  if p.is_file():
+    return p.parent, [p.name]
+  if not p.is_dir():
+    raise FileNotFoundError(f'--images {images!r}: no such file or folder.')
+  rels = sorted(f.relative_to(p).as_posix() for f in p.rglob('*')
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+  if not rels:
+    raise FileNotFoundError(f'--images {images!r}: no image files '
+                            f'({", ".join(IMAGE_SUFFIXES)}) in the folder.')
+  return p, rels
+
+
+def _matcher(rels: list[str]):
+  """file_name -> relative path: exact, else by a unique base name."""
+  exact = set(rels)
+  by_base: dict[str, list[str]] = {}
+  for r in rels:
+    by_base.setdefault(r.rsplit('/', 1)[-1], []).append(r)
+
+  def match(file_name: str) -> str | None:
+    name = file_name.replace(os.sep, '/')
+    if name in exact:
+      return name
+    same = by_base.get(name.rsplit('/', 1)[-1], [])
+    return same[0] if len(same) == 1 else None
+  return match
+
+
+def read_boxes(boxes_file: str, rels: list[str]
+               ) -> tuple[dict[str, int], dict[str, list[Box]], list[str]]:
+  """Parses a COCO detections list or annotations file.
+
+  Returns:
+    (relative path -> image id, relative path -> boxes, descriptions of
+    boxes whose image is not under --images).
+
+  Raises:
+    ValueError: unknown layout, an entry without a usable box, or a
+      detections list whose entries name no file.
+  """
+  with open(boxes_file) as f:
+    data = json.load(f)
+  match = _matcher(rels)
+  if isinstance(data, dict) and 'annotations' in data:
+    files = {int(im['id']): im['file_name'] for im in data.get('images', [])}
+    entries = [a for a in data['annotations'] if not a.get('iscrowd', 0)]
+  elif isinstance(data, list):
+    files, entries = {}, data
+    numbered = {}
+    for r in rels:  # COCO file names are the zero-padded image id.
+      m = re.fullmatch(r'0*(\d+)', Path(r).stem)
+      if m:
+        numbered.setdefault(int(m.group(1)), r)
+  else:
+    raise ValueError(f'--boxes {boxes_file}: expected a COCO detections list '
+                     'or an annotations file with "images" and '
+                     '"annotations".')
+  ids, boxes, missing = {}, {}, []
+  for i, e in enumerate(entries):
+    try:
+      image_id, cid = int(e['image_id']), int(e['category_id'])
+      x, y, w, h = (float(v) for v in e['bbox'])
+    except (KeyError, TypeError, ValueError) as err:
+      raise ValueError(f'--boxes {boxes_file}: entry {i} needs image_id, '
+                       f'category_id and bbox [x, y, w, h] ({err!r}).') from err
+    if 'file_name' in e:
+      rel = match(str(e['file_name']))
+    elif isinstance(data, dict):
+      rel = match(files[image_id]) if image_id in files else None
+    else:
+      rel = numbered.get(image_id)
+      if not numbered:
+        raise ValueError(
+            f'--boxes {boxes_file}: detections name images by image_id only, '
+            'but no file under --images is named by a number; add '
+            '"file_name" to the entries or pass an annotations file with an '
+            '"images" table.')
+    if rel is None:
+      missing.append(f'image {image_id} '
+                     f'({e.get("file_name", files.get(image_id, "?"))})')
+      continue
+    ids[rel] = image_id
+    boxes.setdefault(rel, []).append(
+        Box(cid, (x, y, w, h), float(e.get('score', 1.0))))
+  return ids, boxes, missing
+
+
+def choose_category(info: input_pipeline.DatasetInfo,
+                    category_id: int | None) -> int:
+  """The category of whole-image boxes.
+
+  Raises:
+    ValueError: unknown id, or several categories and none chosen.
+  """
+  table = ', '.join(f'{c.id} ({c.name})' for c in info.categories.values())
+  if category_id is not None:
+    if category_id not in info.categories:
+      raise ValueError(f'--category {category_id} is not in the data set\'s '
+                       f'category table: {table}.')
+    return category_id
+  if len(info.categories) != 1:
+    raise ValueError(f'The model knows several categories ({table}); pass '
+                     '--category ID or a --boxes file with category_id.')
+  return next(iter(info.categories))
+
+
+def overlay_path(out_dir: str, rel_path: str) -> Path:
+  """``OUT/overlays/<rel_path with suffix .png>``."""
+  return Path(out_dir, 'overlays', rel_path).with_suffix('.png')
+
+
+class _Predictor:
+  """Crops boxes into fixed-size batches, decodes, maps back to pixels."""
+
+  def __init__(self, config, model, variables, mesh,
+               category_index: dict[int, int] | None = None):
+    self.model = model
+    self.category_index = category_index  # Category conditioning only.
+    self.size = config.image_size_px
+    self.batch_size = config.eval_batch_size
+    self.crop = transforms.CropAffine(self.size, config.bbox_scale)
+    self.warp = transforms.WarpToCrop(self.size)
+    self.variables = variables
+    self.mesh = mesh
+    self.decode_fn = decoding.make_decode_fn(  # Variables keep their layout.
+        model, config.max_num_keypoints,
+        jax.tree.map(lambda a: a.sharding, variables),
+        sharding.batch_sharding(mesh))
+    self.pending: list[tuple[object, dict]] = []
+
+  def add(self, key, image: np.ndarray, bbox,
+          category_id: int | None = None) -> list[tuple[object, dict]]:
+    """Queues one crop; returns [(key, crop example with 'pred_px')] of a
+    batch when one is full. ``category_id`` feeds a category-conditioned
+    model."""
+    ex = dict(image=image, bbox=np.asarray(bbox, np.float32),
+              keypoints=np.zeros([0, 3], np.float32))
+    ex = self.warp.map(self.crop.map(ex))
+    if self.model.num_categories:
+      ex['category_token'] = np.int32(
+          self.model.vocab.category(self.category_index[int(category_id)]))
+    self.pending.append((key, ex))
+    return self.run() if len(self.pending) == self.batch_size else []
+
+  def run(self) -> list[tuple[object, dict]]:
+    """Decodes the queued crops (padded to the batch size)."""
+    if not self.pending:
+      return []
+    items, self.pending = self.pending, []
+    exs = [ex for _, ex in items]
+    exs += [exs[-1]] * (self.batch_size - len(exs))  # Static batch shape.
+    crops = np.stack([ex['image'] for ex in exs])  # [B, S, S, 3]
+    inputs = {'image': crops}
+    if self.model.num_categories:
+      inputs['category_token'] = np.stack([ex['category_token'] for ex in exs])
+    inputs = sharding.global_batch(inputs, self.mesh)
+    out = jax.device_get(self.decode_fn(self.variables, inputs['image'], *(
+        [inputs['category_token']] if 'category_token' in inputs else [])))
+    pred = evaluate.crop_to_image(
+        out['keypoints'][:len(items)],
+        np.stack([ex['crop_from_image'] for _, ex in items]), self.size)
+    return [(key, dict(ex, pred_px=p))
+            for (key, ex), p in zip(items, pred)]
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
+            out_dir: str, boxes_file: str | None = None,
+            category_id: int | None = None) -> Summary:
+  """Predicts keypoints for every box of every image; see module docstring.
+
+  Raises:
+    FileNotFoundError: no checkpoint, data set, or images.
+    ValueError: bad --boxes file or category choice; a boxes file none of
+      whose boxes is under --images.
+    NotImplementedError: on more than one process.
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError('--mode predict runs on one process; start it '
+                              'on a single host.')
+  info = input_pipeline.load_info(config.dataset_dir)
+  root, rels = list_images(images)
+  if category_id is not None:
+    choose_category(info, category_id)  # Raises if not in the table.
+  summary_skipped = []
+  if boxes_file:
+    ids, boxes, missing = read_boxes(boxes_file, rels)
+    if not boxes:
+      raise ValueError(f'--boxes {boxes_file}: none of its boxes is for an '
+                       f'image under --images {images} ({len(missing)} '
+                       'boxes, e.g. ' + '; '.join(missing[:3]) + ').')
+    entries = []
+    for rel in rels:
+      if rel not in boxes:
+        continue
+      keep = []
+      for b in boxes[rel]:
+        why = None
+        if category_id is not None and b.category_id != category_id:
+          why = f'category {b.category_id} is not --category {category_id}'
+        elif b.category_id not in info.categories:
+          why = f'category {b.category_id} is not in the model\'s table'
+        elif not (np.all(np.isfinite(b.bbox)) and b.bbox[2] > 0
+                  and b.bbox[3] > 0):
+          why = f'bbox {list(b.bbox)} has no area'
+        if why:
+          summary_skipped.append(dict(file=rel, bbox=list(b.bbox), reason=why))
+        else:
+          keep.append(b)
+      if keep:
+        entries.append(ImageEntry(rel, root / rel, ids[rel], keep))
+    logging.info('%d boxes on %d of %d images under %s; %d boxes skipped.',
+                 sum(len(e.boxes) for e in entries), len(entries), len(rels),
+                 images, len(summary_skipped))
+  else:
+    missing = []
+    cid = choose_category(info, category_id)
+    entries = [ImageEntry(rel, root / rel, i + 1, [Box(cid, None)])
+               for i, rel in enumerate(rels)]
+
+  mesh = sharding.create_mesh(config.mesh_shape)
+  model, state, step = evaluate.restore_state(
+      config, workdir, mesh, info.split_sizes[config.train_split])
+  predictor = _Predictor(
+      config, model, {'params': state.params,
+                      'batch_stats': state.batch_stats}, mesh,
+      info.category_index())
+  summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
+                    boxes_without_image=missing, skipped_boxes=summary_skipped)
+  os.makedirs(out_dir, exist_ok=True)
+  results, image_table = [], []
+  open_images: dict[int, dict] = {}  # Entry index -> image and predictions.
+  bar = tqdm.tqdm(total=len(entries), desc='predict', unit='img')
+
+  def finish(done: list[tuple[int, dict]]) -> None:
+    for idx, ex in done:
+      o = open_images[idx]
+      o['poses'][ex['box_index']] = ex
+      if len(o['poses']) < len(o['entry'].boxes):
+        continue
+      del open_images[idx]
+      _write_image(o['entry'], o['image'], o['poses'], info, out_dir,
+                   results)
+      summary.num_images += 1
+      bar.update(1)
+
+  for idx, entry in enumerate(entries):
+    try:
+      image = image_io.load_rgb_array(entry.path)
+    except (OSError, image_io.ImageDecodeError) as e:
+      summary.unreadable.append(dict(file=entry.rel_path, error=str(e)))
+      logging.warning('Cannot read %s: %s', entry.path, e)
+      bar.update(1)
+      continue
+    h, w = image.shape[:2]
+    image_table.append(dict(id=entry.image_id, file_name=entry.rel_path,
+                            width=w, height=h))
+    open_images[idx] = dict(entry=entry, image=image, poses={})
+    for j, box in enumerate(entry.boxes):
+      bbox = box.bbox if box.bbox is not None else (0.0, 0.0, w, h)
+      done = predictor.add((idx, j), image, bbox, box.category_id)
+      finish([(k[0], dict(ex, box_index=k[1])) for k, ex in done])
+  done = predictor.run()
+  finish([(k[0], dict(ex, box_index=k[1])) for k, ex in done])
+  bar.close()
+
+  summary.num_boxes = len(results)
+  with open(os.path.join(out_dir, 'predictions.json'), 'w') as f:
+    json.dump(results, f)
+  with open(os.path.join(out_dir, 'images.json'), 'w') as f:
+    json.dump({'images': image_table}, f, indent=1)
+  with open(os.path.join(out_dir, 'predict_report.json'), 'w') as f:
+    json.dump(dataclasses.asdict(summary), f, indent=2)
+  logging.info('Predicted %d boxes on %d images (checkpoint step %d) -> %s',
+               summary.num_boxes, summary.num_images, step, out_dir)
+  for what, items in [('unreadable image', summary.unreadable),
+                      ('box without image', summary.boxes_without_image),
+                      ('skipped box', summary.skipped_boxes)]:
+    if items:
+      logging.warning('%d %s(s):\n  %s', len(items), what,
+                      '\n  '.join(str(i) for i in items))
+  return summary
+
+
+def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
+                 info: input_pipeline.DatasetInfo, out_dir: str,
+                 results: list[dict]) -> None:
+  """Appends the image's COCO results and saves its overlay PNG."""
+  order = sorted(poses)
+  boxes = [entry.boxes[j] for j in order]
+  batch = dict(
+      num_keypoints=np.array([info.categories[b.category_id].num_keypoints
+                              for b in boxes]),
+      image_id=np.full(len(boxes), entry.image_id),
+      category_id=np.array([b.category_id for b in boxes]),
+      score=np.array([b.score for b in boxes]))
+  pred = np.stack([poses[j]['pred_px'] for j in order])  # [N, Kmax, 2]
+  entries = evaluate.coco_results(pred, batch)
+  results.extend(entries)
+  canvas = Image.fromarray(image)
+  for b, r in zip(boxes, entries):
+    canvas = visualize.draw_pose(
+        canvas, np.reshape(r['keypoints'], [-1, 3]),
+        info.categories[b.category_id])
+  path = overlay_path(out_dir, entry.rel_path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path)

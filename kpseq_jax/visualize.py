@@ -1,0 +1,77 @@
+"""Keypoint overlays: skeleton, one colour per keypoint, keypoint names.
+
+Used by ``--mode predict`` (one PNG per input image) and by evaluation (a
+few crops to TensorBoard). Drawing order is skeleton, names, then the
+keypoint discs, so the pixel at a keypoint carries that keypoint's colour
+(`keypoint_colors`) unless a later keypoint's disc covers it.
+"""
+
+import colorsys
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from kpseq_jax import input_pipeline
+
+SKELETON_RGB = (255, 255, 255)
+OUTLINE_RGB = (0, 0, 0)
+
+
+def keypoint_colors(num_keypoints: int) -> list[tuple[int, int, int]]:
+  """K saturated RGB colours, evenly spaced in hue (keypoint k -> colour k)."""
+  out = []
+  for k in range(num_keypoints):
+    r, g, b = colorsys.hsv_to_rgb(k / max(num_keypoints, 1), 0.9, 1.0)
+    out.append((round(r * 255), round(g * 255), round(b * 255)))
+  return out
+
+
+def marker_radius(width: int, height: int) -> int:
+  """Disc radius in pixels for an image of this size (4 px at 640 x 480)."""
+  return max(2, round(max(width, height) / 160))
+
+
+def draw_pose(image: Image.Image, keypoints: np.ndarray,
+              category: input_pipeline.Category | None = None,
+              radius: int | None = None) -> Image.Image:
+  """Draws one or more poses on a copy of ``image``.
+
+  Args:
+    image: the picture; converted to RGB.
+    keypoints: float [N, K, 3] or [K, 3] (x, y, score) in pixels of
+      ``image``; a keypoint with score <= 0 or a non-finite coordinate is
+      not drawn (nor its skeleton edges).
+    category: skeleton (0-based pairs) and keypoint names; None draws the
+      discs only.
+    radius: disc radius in pixels; default `marker_radius`.
+
+  Returns:
+    a new RGB image of the same size.
+  """
+  out = image.convert('RGB')  # Always a copy.
+  kps = np.asarray(keypoints, np.float64)
+  kps = kps[None] if kps.ndim == 2 else kps  # [N, K, 3]
+  radius = radius or marker_radius(*out.size)
+  colors = keypoint_colors(kps.shape[1])
+  names = category.keypoint_names if category else ()
+  skeleton = category.skeleton if category else ()
+  draw = ImageDraw.Draw(out)
+  font = ImageFont.load_default(size=max(10, 3 * radius))
+  shown = (kps[..., 2] > 0) & np.all(np.isfinite(kps[..., :2]), axis=-1)
+  for pose, ok in zip(kps, shown):
+    for i, j in skeleton:
+      if i < len(pose) and j < len(pose) and ok[i] and ok[j]:
+        draw.line([tuple(pose[i, :2]), tuple(pose[j, :2])],
+                  fill=SKELETON_RGB, width=max(1, radius // 2))
+    for k in np.flatnonzero(ok):
+      if k < len(names):
+        x, y = pose[k, :2]
+        draw.text((x + radius + 1, y - radius - 1), names[k], fill=colors[k],
+                  font=font, anchor='ls', stroke_width=1,
+                  stroke_fill=OUTLINE_RGB)
+  for pose, ok in zip(kps, shown):
+    for k in np.flatnonzero(ok):
+      x, y = pose[k, :2]
+      draw.ellipse([x - radius, y - radius, x + radius, y + radius],
+                   fill=colors[k], outline=OUTLINE_RGB)
+  return out

@@ -1,0 +1,182 @@
+"""--mode predict on the dlc_openfield test frames with the smoke model."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+from pycocotools import coco as coco_lib
+import pytest
+
+import conftest
+from kpseq_jax import input_pipeline
+from kpseq_jax import metrics
+from kpseq_jax import predict
+from kpseq_jax import transforms
+from kpseq_jax import visualize
+
+
+@pytest.fixture(scope='module')
+def predicted(trained, shared_data, tmp_path_factory):
+  """Predict with test.json's boxes on the whole image folder."""
+  config, workdir, _ = trained
+  out = tmp_path_factory.mktemp('predict')
+  boxes = shared_data / 'dlc_openfield' / 'annotations' / 'test.json'
+  summary = predict.predict(config, str(workdir),
+                            str(shared_data / 'dlc_openfield' / 'images'),
+                            str(out), boxes_file=str(boxes))
+  return out, summary, json.loads(boxes.read_text())
+
+
+def test_one_result_per_box_inside_its_crop(predicted):
+  out, summary, gt = predicted
+  results = json.loads((out / 'predictions.json').read_text())
+  anns = {a['image_id']: a for a in gt['annotations']}
+  assert summary.num_boxes == len(results) == len(gt['annotations']) == 23
+  assert summary.num_images == 23 and not summary.unreadable
+  assert sorted(r['image_id'] for r in results) == sorted(anns)
+  for r in results:
+    assert r['category_id'] == 1 and r['score'] == 1.0
+    kp = np.reshape(r['keypoints'], [4, 3])  # K * 3 numbers.
+    assert np.all(kp[:, 2] == 1)  # The smoke model emits 4 groups.
+    # Decoded crop coordinates are in [0, 1]: back in the image they lie in
+    # the top-down crop square of the box.
+    m = transforms.crop_matrix(anns[r['image_id']]['bbox'], 1, 1.25)
+    crop_xy = transforms.apply_affine(m, kp[:, :2])
+    assert np.all((crop_xy >= -1e-3) & (crop_xy <= 1 + 1e-3))
+  table = json.loads((out / 'images.json').read_text())['images']
+  assert {(i['id'], i['file_name']) for i in table} == {
+      (i['id'], i['file_name']) for i in gt['images']}
+
+
+def test_results_load_in_pycocotools_and_match_eval(predicted, trained,
+                                                    shared_data):
+  """Same crops as evaluation: same keypoints and the same PCK figure."""
+  out, _, _ = predicted
+  _, workdir, report = trained
+  gt = coco_lib.COCO(str(shared_data / 'dlc_openfield' / 'annotations' /
+                         'test.json'))
+  dt = gt.loadRes(str(out / 'predictions.json'))
+  eval_preds = json.loads((workdir / 'predictions_test.json').read_text())
+  ids = [p['image_id'] for p in eval_preds]  # The 8 instances evaluated.
+  acc = metrics.PCKAccumulator()
+  for p in eval_preds:
+    [d] = dt.loadAnns(dt.getAnnIds(imgIds=p['image_id']))
+    np.testing.assert_allclose(d['keypoints'], p['keypoints'], atol=2e-3)
+    [a] = gt.loadAnns(gt.getAnnIds(imgIds=p['image_id']))
+    acc.update(np.array([a['category_id']]),
+               np.reshape(d['keypoints'], [1, 4, 3])[..., :2],
+               np.reshape(a['keypoints'], [1, 4, 3]), np.array([a['bbox']]))
+  assert len(ids) == 8
+  assert acc.result()['pck'] == pytest.approx(report['pck'])
+  assert acc.result()['mean_error_px'] == pytest.approx(
+      report['mean_error_px'], abs=1e-3)
+
+
+def test_overlays_have_the_image_size_and_keypoint_colours(predicted,
+                                                           shared_data):
+  out, _, gt = predicted
+  results = {r['image_id']: r for r in
+             json.loads((out / 'predictions.json').read_text())}
+  colors = visualize.keypoint_colors(4)
+  assert len(set(colors)) == 4
+  checked = 0
+  for im in gt['images']:
+    src = Image.open(shared_data / 'dlc_openfield' / 'images' /
+                     im['file_name'])
+    path = predict.overlay_path(str(out), im['file_name'])
+    overlay = Image.open(path)
+    assert overlay.format == 'PNG' and overlay.mode == 'RGB'
+    assert overlay.size == src.size == (im['width'], im['height'])
+    pixels = np.asarray(overlay)
+    kp = np.reshape(results[im['id']]['keypoints'], [4, 3])
+    radius = visualize.marker_radius(*overlay.size)
+    for k in range(4):  # Discs are drawn in order; a later one may cover.
+      later = np.linalg.norm(kp[k + 1:, :2] - kp[k, :2], axis=1)
+      if np.any(later < 2 * radius + 2):
+        continue
+      x, y = np.round(kp[k, :2]).astype(int)
+      assert tuple(pixels[y, x]) == colors[k], (im['file_name'], k)
+      checked += 1
+    # Away from the drawing the overlay is the (grey) input image.
+    grey = np.asarray(src.convert('RGB'))
+    far = np.ones(pixels.shape[:2], bool)
+    yy, xx = np.mgrid[:pixels.shape[0], :pixels.shape[1]]
+    for x, y in kp[:, :2]:
+      far &= np.hypot(xx - x, yy - y) > 80
+    np.testing.assert_array_equal(pixels[far], grey[far])
+  assert checked >= 23  # At least one keypoint per image checked.
+
+
+def test_cli_whole_images_and_unreadable_files(trained, shared_data,
+                                               tmp_path):
+  """``--mode predict`` without boxes; a broken file is listed, not fatal."""
+  config, workdir, _ = trained
+  images = tmp_path / 'in'
+  (images / 'sub').mkdir(parents=True)
+  src = shared_data / 'dlc_openfield' / 'images' / 'm4s1'
+  shutil.copy(src / 'img0004.png', images / 'a.png')
+  shutil.copy(src / 'img0009.png', images / 'sub' / 'b.png')
+  (images / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not a png')
+  (images / 'notes.txt').write_text('ignored')
+  out = tmp_path / 'out'
+  # A subprocess: kpseq_jax.main and data_prep.build both define --out.
+  run = subprocess.run(
+      [sys.executable, '-m', 'kpseq_jax.main', '--mode=predict',
+       f'--config={conftest.REPO / "configs" / "smoke.py"}',
+       f'--config.dataset_dir={config.dataset_dir}', f'--workdir={workdir}',
+       f'--images={images}', f'--out={out}'],
+      cwd=conftest.REPO, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert 'broken.png' in run.stderr  # Listed at the end.
+  table = json.loads((out / 'images.json').read_text())['images']
+  assert [(i['id'], i['file_name']) for i in table] == [(1, 'a.png'),
+                                                        (3, 'sub/b.png')]
+  results = json.loads((out / 'predictions.json').read_text())
+  assert [r['image_id'] for r in results] == [1, 3]
+  for r in results:  # Whole-image box: the crop covers the image.
+    kp = np.reshape(r['keypoints'], [4, 3])
+    assert np.all((kp[:, 0] > -100) & (kp[:, 0] < 740))
+  report = json.loads((out / 'predict_report.json').read_text())
+  assert [u['file'] for u in report['unreadable']] == ['broken.png']
+  assert (out / 'overlays' / 'a.png').exists()
+  assert (out / 'overlays' / 'sub' / 'b.png').exists()
+  assert not (out / 'overlays' / 'broken.png').exists()
+
+
+def _info(*ids):
+  cats = {i: input_pipeline.Category.from_metadata(
+      dict(id=i, name=f'c{i}', num_keypoints=2, keypoint_names=['a', 'b']))
+          for i in ids}
+  return input_pipeline.DatasetInfo(cats, {'train': 1})
+
+
+def test_category_choice():
+  assert predict.choose_category(_info(3), None) == 3
+  assert predict.choose_category(_info(3, 4), 4) == 4
+  with pytest.raises(ValueError, match='several categories'):
+    predict.choose_category(_info(3, 4), None)
+  with pytest.raises(ValueError, match='not in the data set'):
+    predict.choose_category(_info(3), 7)
+
+
+def test_boxes_from_a_detections_list(tmp_path):
+  rels = ['x/000000000042.jpg', 'y/cat.png', 'y/dog.png']
+  dets = [{'image_id': 42, 'category_id': 1, 'bbox': [1, 2, 3, 4],
+           'score': 0.9},
+          {'image_id': 7, 'category_id': 2, 'bbox': [0, 0, 5, 5],
+           'file_name': 'cat.png'},
+          {'image_id': 8, 'category_id': 1, 'bbox': [0, 0, 5, 5]}]
+  f = tmp_path / 'dets.json'
+  f.write_text(json.dumps(dets))
+  ids, boxes, missing = predict.read_boxes(str(f), rels)
+  assert ids == {'x/000000000042.jpg': 42, 'y/cat.png': 7}
+  assert boxes['x/000000000042.jpg'] == [predict.Box(1, (1, 2, 3, 4), 0.9)]
+  assert boxes['y/cat.png'] == [predict.Box(2, (0, 0, 5, 5), 1.0)]
+  assert missing == ['image 8 (?)']
+  f.write_text(json.dumps([{'image_id': 1, 'category_id': 1,
+                            'bbox': [0, 0, 1, 1]}]))
+  with pytest.raises(ValueError, match='no file under --images is named'):
+    predict.read_boxes(str(f), ['y/cat.png'])

@@ -1,0 +1,106 @@
+"""TensorBoard events and the evaluation report files of a trained workdir."""
+
+import csv
+import io
+import struct
+
+import numpy as np
+from PIL import Image
+import pytest
+from tensorboardX.proto import event_pb2
+
+from kpseq_jax import metric_writer
+from kpseq_jax import report as report_lib
+
+
+def read_events(logdir) -> tuple[dict, dict]:
+  """(tag -> {step: value}, tag -> {step: PNG bytes}) of all event files.
+
+  Parses the TFRecord framing (u64 length, u32 crc, payload, u32 crc) and
+  the `Event` protos with tensorboardX's bundled proto, no TensorFlow.
+  """
+  scalars, images = {}, {}
+  files = sorted(logdir.glob('events.out.tfevents.*'))
+  assert files, f'no event files in {logdir}'
+  for path in files:
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack('<Q', data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        if v.HasField('image'):
+          images.setdefault(v.tag, {})[event.step] = (
+              v.image.encoded_image_string)
+        else:
+          scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+  return scalars, images
+
+
+def test_training_and_eval_scalars_and_overlays_are_in_the_event_files(
+    trained):
+  config, workdir, report = trained
+  scalars, images = read_events(workdir / metric_writer.SUBDIR)
+  for name in ('loss', 'ce', 'l1', 'grad_norm', 'learning_rate',
+               'steps_per_sec'):
+    # log_every_steps = 1: one point per step.
+    assert set(scalars[f'train/{name}']) == {1, 2}, name
+    assert all(np.isfinite(v) for v in scalars[f'train/{name}'].values())
+  assert scalars['train/learning_rate'][2] == pytest.approx(
+      config.learning_rate)
+  assert scalars['train/loss'][1] > 0
+  assert scalars['eval_test/pck'][2] == pytest.approx(report['pck'])
+  assert scalars['eval_test/baseline_mean_pose_pck'][2] == pytest.approx(
+      report['baseline_mean_pose_pck'])
+  assert scalars['eval_test/mean_error_px'][2] == pytest.approx(
+      report['mean_error_px'])
+  assert scalars['eval_test/pck_per_category/1_mouse_topview'][2] == (
+      pytest.approx(report['per_category_pck']['1:mouse_topview']))
+  tags = sorted(t for t in images if t.startswith('eval_test/'))
+  assert len(tags) == 4  # NUM_OVERLAYS crops of the first eval batch.
+  for t in tags:
+    img = Image.open(io.BytesIO(images[t][2]))
+    assert img.size == (2 * 192, 192) and img.mode == 'RGB'  # truth | pred
+    assert np.asarray(img).std() > 5  # A picture, not a blank.
+
+
+def test_writer_off_process_zero_writes_nothing(tmp_path):
+  with metric_writer.MetricWriter(str(tmp_path), enabled=False) as w:
+    w.write_scalars(1, {'a': 1.0})
+    w.write_images(1, {'b': np.zeros([4, 4, 3], np.uint8)})
+  assert not (tmp_path / metric_writer.SUBDIR).exists()
+
+
+def test_writer_rejects_non_rgb8_images_and_cleans_tags(tmp_path):
+  with metric_writer.MetricWriter(str(tmp_path), enabled=True) as w:
+    with pytest.raises(ValueError, match='uint8'):
+      w.write_images(0, {'x': np.zeros([4, 4, 3], np.float32)})
+    w.write_scalars(3, {'eval/pck/1:cat face': 0.5})
+  scalars, _ = read_events(tmp_path / metric_writer.SUBDIR)
+  assert scalars == {'eval/pck/1_cat_face': {3: 0.5}}
+
+
+def test_eval_report_table_and_pck_curve(trained):
+  _, workdir, report = trained
+  curve = report['pck_curve']
+  assert curve['alphas'] == list(report_lib.ALPHAS)
+  assert curve['alphas'][0] == 0.05 and curve['alphas'][-1] == 0.5
+  i = curve['alphas'].index(0.2)
+  assert curve['pck'][i] == report['pck']
+  assert curve['baseline_pck'][i] == report['baseline_mean_pose_pck']
+  assert np.all(np.diff(curve['pck']) >= 0)  # PCK grows with the threshold.
+  assert np.all(np.diff(curve['baseline_pck']) >= 0)
+  rows = list(csv.DictReader(io.StringIO(
+      (workdir / 'eval_test.csv').read_text())))
+  assert [r['category'] for r in rows] == ['1:mouse_topview', 'mean']
+  assert rows[0]['instances'] == '8' and rows[0]['labelled_keypoints'] == '32'
+  assert float(rows[-1]['pck@0.2']) == pytest.approx(report['pck'], abs=1e-4)
+  assert float(rows[-1]['baseline_pck@0.2']) == pytest.approx(
+      report['baseline_mean_pose_pck'], abs=1e-4)
+  md = (workdir / 'eval_test.md').read_text().splitlines()
+  assert md[0].startswith('| category | instances |') and len(md) == 4
+  png = Image.open(workdir / 'pck_curve_test.png')
+  assert png.size == (600, 420)
+  assert len(np.unique(np.asarray(png.convert('RGB')).reshape(-1, 3),
+                       axis=0)) > 10  # Lines and text were drawn.
