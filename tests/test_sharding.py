@@ -1,0 +1,56 @@
+"""Sharded training on 8 simulated CPU devices, and checkpoints across meshes.
+
+JAX fixes its device count when it starts, so the 8-device runs happen in
+one subprocess (`sharding_worker.py`, XLA_FLAGS set before JAX starts; the
+`mesh_run` fixture of conftest.py) and the rest of the suite keeps 1
+device.
+"""
+
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from kpseq_jax import sharding
+from sharding_worker import MESHES
+
+# `mesh_run` (conftest.py): the 8-device subprocess, once per session.
+
+
+def test_fsdp_spec_shards_the_largest_divisible_dimension():
+  assert sharding.fsdp_spec((3, 3, 64, 128), 2, 1) == P(None, None, None,
+                                                        'fsdp')
+  assert sharding.fsdp_spec((128, 64), 2, 1) == P('fsdp', None)
+  assert sharding.fsdp_spec((64, 64), 2, 1) == P(None, 'fsdp')  # Tie: later.
+  assert sharding.fsdp_spec((6, 5), 4, 1) == P()  # Nothing divisible.
+  assert sharding.fsdp_spec((128, 64), 2, 10**6) == P()  # Too small.
+  assert sharding.fsdp_spec((128, 64), 1, 1) == P()  # No fsdp axis.
+  assert sharding.fsdp_spec((), 2, 0) == P()  # Scalars (step).
+
+
+def test_every_mesh_gives_the_single_device_losses(mesh_run):
+  ref = np.asarray(mesh_run['losses']['1x1'])
+  assert ref.shape == (3,) and np.all(np.isfinite(ref))
+  for shape in MESHES[1:]:
+    got = np.asarray(mesh_run['losses'][f'{shape[0]}x{shape[1]}'])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=str(shape))
+  assert ref[2] < ref[0]  # The steps do train.
+
+
+def test_parameters_are_sharded_only_with_an_fsdp_axis(mesh_run):
+  sharded = mesh_run['fsdp_sharded']
+  params = mesh_run['fsdp_sharded_params']
+  assert sharded['1x1'] == sharded['8x1'] == 0  # Data parallel: replicated.
+  for key in ('4x2', '1x8'):
+    assert params[key] >= 25  # Every conv and dense kernel of the model.
+    # Each split parameter has its two Adam moments split the same way.
+    assert sharded[key] == 3 * params[key]
+    assert sharded[key] < mesh_run['num_arrays']  # Small ones replicated.
+
+
+def test_checkpoint_restores_onto_another_mesh_and_continues(mesh_run):
+  # Saved on (4, 2) (fsdp-sharded) after step 2; step 3 after restoring on
+  # (8, 1) (replicated) and on 1 device gives the uninterrupted step 3.
+  want = mesh_run['losses']['4x2'][2]
+  assert mesh_run['fsdp_sharded']['restored_8x1'] == 0
+  for key in ('8x1', '1x1'):
+    np.testing.assert_allclose(mesh_run['restored_losses'][key], want,
+                               rtol=1e-5, err_msg=key)
