@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train_split = 'train'
   c.eval_split = 'test'
   c.max_num_keypoints = 68  # Longest category in MP-100 -> 4 * 68 + 2 tokens.
+  # Optional: a category token after <bos> (`<bos> <cat_k> <coord> x y ...`);
+  # category k = index of its id among the data set's ids in increasing
+  # order; the vocabulary holds max_num_categories category tokens.
+  c.category_conditioning = False
+  c.max_num_categories = 100  # MP-100.
   c.bbox_scale = 1.25  # Top-down crop: bbox enlarged 1.25x, aspect kept.
   c.image_size_px = 512
   c.num_bins = 512  # One coordinate bin per pixel at 512 px.
@@ -38,6 +43,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   c.backbone_depth = 50
   c.backbone_norm = 'batch'  # 'batch' | 'group' | 'frozen_batch'.
+  # ImageNet ResNet weights (torchvision/timm state dict, .safetensors, or
+  # .pth with torch installed; see kpseq_jax/pretrained.py), loaded into the
+  # backbone at initialisation. '' = random init. Nothing is downloaded.
+  # With 'frozen_batch' (DETR's FrozenBatchNorm2d) the BatchNorm statistics
+  # and affine parameters stay at the file's values.
+  c.pretrained_backbone_path = ''
   c.feature_levels = ('c5',)  # Paper: one 16 x 16 level at stride 32.
   c.d_model = 256
   c.num_heads = 8
@@ -46,6 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.dropout = 0.1
   c.num_points = 4  # Deformable attention sampling points per head/level.
   c.compute_dtype = 'float32'  # 'float32' | 'bfloat16' (params stay f32).
+  # Rematerialisation (nn.remat): recompute activations in the backward pass
+  # per ResNet block / per decoder layer; less memory, more compute.
+  c.remat_backbone = False
+  c.remat_decoder = False
 
   # Loss (Raster2Seq: 1.0 * cross-entropy + 5.0 * L1).
   c.ce_weight = 1.0
@@ -60,9 +75,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.decay_epochs = (200,)  # Learning rate x decay_factor at each.
   c.decay_factor = 0.1
   c.num_train_steps = -1  # > 0 overrides num_epochs.
+  # A NaN/inf loss or gradient stops training naming the step; True instead
+  # skips that update (state unchanged) and counts it in the metrics.
+  c.skip_nonfinite_updates = False
 
   # Mesh: axis sizes of ('data', 'fsdp'); -1 means all remaining devices.
+  # (N, 1): data parallel, replicated state; (1, N): fully sharded (FSDP).
   c.mesh_shape = (-1, 1)
+  # 'fsdp' rule (sharding.py): parameter and optimizer arrays with at least
+  # this many elements are split along 'fsdp' on their largest divisible
+  # dimension; smaller ones are replicated.
+  c.fsdp_min_param_elements = 2**14
 
   # Loop.
   c.log_every_steps = 50

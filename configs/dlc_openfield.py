@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.ffn_dim = 512
   c.batch_size = 16
   c.learning_rate = 5e-4
-  c.num_train_steps = 2000
-  c.decay_epochs = (260,)  # ~ step 1500 at 93 images / batch 16.
+  c.num_train_steps = 1500
+  c.decay_epochs = (240,)  # Step 1200 at 5 steps per epoch (93 / 16).
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.eval_batch_size = 23

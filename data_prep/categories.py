@@ -16,14 +16,79 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from data_prep import coco
 
-# Explicit flip pairs by category id, consulted before the name rule. Each
-# entry lists 0-based (i, j) index pairs; each index may appear at most once.
-# Empty by default; a later issue fills it for nameless categories.
-EXPLICIT_FLIP_PAIRS: dict[int, list[tuple[int, int]]] = {}
+# Explicit flip pairs by category id (MP-100 ids), consulted before the name
+# rule. Each entry lists 0-based (i, j) index pairs; each index may appear at
+# most once. Each entry's pairing is also checked on the real MP-100
+# annotations (tests/test_mp100_categories.py): the two points of a pair lie
+# on opposite sides of the box centre in (nearly) every instance.
+#
+# MP-100 "face" id 40: 300W's 68 iBUG landmarks (no names in MP-100). Mirror
+# pairs of the iBUG 68-point markup (Sagonas et al., 300 Faces in-the-Wild,
+# ibug.doc.ic.ac.uk/resources/300-W; the same `swap` table as mmpose
+# configs/_base_/datasets/300w.py): jaw 0-16 about 8, brows 17-21 / 26-22,
+# nose wings 31-32 / 35-34, eyes 36-41 / 45-42 and 40-41 / 47-46, outer lip
+# 48-50 / 54-52 and 55-56 / 59-58, inner lip 60-61 / 64-63 and 65 / 67.
+_IBUG_68_PAIRS = ([(i, 16 - i) for i in range(8)]
+                  + [(17 + i, 26 - i) for i in range(5)]
+                  + [(31, 35), (32, 34), (36, 45), (37, 44), (38, 43), (39, 42),
+                     (40, 47), (41, 46), (48, 54), (49, 53), (50, 52), (55, 59),
+                     (56, 58), (60, 64), (61, 63), (65, 67)])
+# MP-100 "face" id 18: AFLW's 19 landmarks (Koestinger et al. 2011; the
+# 19-point AFLW-Full protocol, mmpose configs/_base_/datasets/aflw.py `swap`):
+# brows 0-2 / 5-3, eyes 6-8 / 11-9, nose 12 / 14, mouth corners 15 / 17;
+# 13 (nose tip), 16 (mouth centre) and 18 (chin) are central.
+_AFLW_19_PAIRS = [(0, 5), (1, 4), (2, 3), (6, 11), (7, 10), (8, 9), (12, 14),
+                  (15, 17)]
+# MP-100's 30 animal_face categories (names '0'..'8'): AnimalWeb's 9
+# landmarks (Khan et al., CVPR 2020): eye corners 0, 1 (image-left eye) and
+# 2, 3 (image-right eye), nose tip 4, mouth corners 5 / 6, upper lip 7,
+# lower lip 8; mirror pairs (0, 3), (1, 2), (5, 6) (as the `swap` entries
+# left_eye_left/right_eye_right, left_eye_right/right_eye_left,
+# left_mouth/right_mouth of the animalweb dataset_info in ViTPose-based
+# code bases).
+_ANIMALWEB_9_PAIRS = [(0, 3), (1, 2), (5, 6)]
+ANIMAL_FACE_IDS = (4, 7, 10, 12, 13, 19, 22, 23, 24, 34, 36, 37, 47, 48, 56,
+                   57, 61, 63, 65, 69, 74, 77, 79, 81, 82, 89, 93, 94, 96, 99)
+
+
+def _deepfashion2_top_pairs(k: int) -> list[tuple[int, int]]:
+  """DeepFashion2 tops and dresses (names '1'..'K'): landmarks 1-6 on the
+  collar/neckline (2/6, 3/5 mirror, 1 and 4 central), 7..K the
+  garment contour, symmetric about its middle point (7/K, 8/K-1, ...). This
+  is the `swap` table of mmpose configs/_base_/datasets/deepfashion2.py for
+  short_sleeved_shirt (sss_kpt2/6, 3/5, 7/25 ... 15/17) and
+  long_sleeved_shirt (lss 7/33 ... 19/21) (DeepFashion2: Ge et al., CVPR
+  2019, github.com/switchablenorms/DeepFashion2), the same layout for the
+  other tops and dresses."""
+  return [(1, 5), (2, 4)] + [(6 + i, k - 1 - i) for i in range((k - 6) // 2)]
+
+
+# DeepFashion2 categories of MP-100 with that layout: id -> K. Skirt (id 1,
+# K 8): waist 1/3 (2 centre), hem contour 4/8, 5/7 (6 centre). Not listed:
+# the outwear (open front: a different neckline and contour), shorts and
+# trousers (whose inner-leg landmarks do not mirror about the box centre in
+# the annotations), CarFusion vehicles and Keypoint-5 furniture (numbered
+# names whose left/right definition is not established here): never
+# flipped. The hand (id 80, 21 points: wrist and four joints per finger) has
+# no left/right pairs at all.
+DEEPFASHION2_TOPS = {8: 19, 11: 19, 17: 15, 25: 25, 60: 29, 62: 15, 64: 37,
+                     97: 33}
+EXPLICIT_FLIP_PAIRS: dict[int, list[tuple[int, int]]] = {
+    1: [(0, 2), (3, 7), (4, 6)],
+    18: _AFLW_19_PAIRS,
+    40: _IBUG_68_PAIRS,
+    **{cid: _ANIMALWEB_9_PAIRS for cid in ANIMAL_FACE_IDS},
+    **{cid: _deepfashion2_top_pairs(k) for cid, k in DEEPFASHION2_TOPS.items()},
+}
+# The K each entry above was written for. Another data set reusing one of
+# these ids with a different K is not MP-100's category: its names decide.
+EXPLICIT_FLIP_PAIRS_NUM_KEYPOINTS: dict[int, int] = {
+    1: 8, 18: 19, 40: 68, **{cid: 9 for cid in ANIMAL_FACE_IDS},
+    **DEEPFASHION2_TOPS}
 
 # Tokens: acronym before a capitalised word, capitalised/lower word, upper run,
 # digit run. 'forelegL1' -> foreleg L 1; 'LWrist' -> L Wrist; 'left_eye' -> left eye.
@@ -75,6 +140,18 @@ class Category:
         'skeleton': [list(limb) for limb in self.skeleton],
         'flip_pairs': [list(pair) for pair in self.flip_pairs],
     }
+
+  @classmethod
+  def from_metadata(cls, meta: Mapping[str, Any]) -> 'Category':
+    """Inverse of `to_metadata` (a data set's stored category table)."""
+    return cls(
+        id=int(meta['id']), name=str(meta['name']),
+        supercategory=str(meta.get('supercategory', '')),
+        num_keypoints=int(meta['num_keypoints']),
+        keypoint_names=tuple(meta.get('keypoint_names') or ()),
+        skeleton=tuple(tuple(p) for p in meta.get('skeleton') or ()),
+        flip_pairs=tuple(tuple(p) for p in meta.get('flip_pairs') or ()),
+        num_keypoints_source='metadata')
 
 
 def side_and_stem(name: str) -> tuple[str, tuple[str, ...]] | None:
@@ -152,11 +229,15 @@ def flip_pairs_from_names(names: Sequence[str]) -> list[tuple[int, int]]:
 def category_flip_pairs(category_id: int, names: Sequence[str], num_keypoints: int) -> list[tuple[int, int]]:
   """Flip pairs of one category: `EXPLICIT_FLIP_PAIRS` first, else from names.
 
+  An explicit entry applies only when K equals the K it was written for
+  (`EXPLICIT_FLIP_PAIRS_NUM_KEYPOINTS`, when recorded).
+
   Raises:
     ValueError: an explicit table entry has an index outside [0, K) or uses
       an index twice.
   """
-  if category_id not in EXPLICIT_FLIP_PAIRS:
+  expected_k = EXPLICIT_FLIP_PAIRS_NUM_KEYPOINTS.get(category_id, num_keypoints)
+  if category_id not in EXPLICIT_FLIP_PAIRS or expected_k != num_keypoints:
     return flip_pairs_from_names(names)
   pairs = sorted(tuple(sorted((int(i), int(j)))) for i, j in EXPLICIT_FLIP_PAIRS[category_id])
   flat = [i for pair in pairs for i in pair]

@@ -1,12 +1,15 @@
 """Grain input pipeline over the ArrayRecord data set written by `data_prep`.
 
-Training: ``source -> shuffle(seed) -> repeat -> shard by process -> decode
--> random crop -> flip -> warp -> colour jitter -> tokenize -> batch``.
+Training: ``source -> shuffle(seed) -> repeat -> decode -> random crop ->
+flip -> warp -> colour jitter -> tokenize -> shard by process -> batch``.
 Evaluation: ``source -> shard -> decode -> crop -> warp -> tokenize ->
 batch`` (one pass, last batch padded with ``valid = 0`` examples).
 
 Each process reads its own shard (``jax.process_index()``) and yields the
-process-local part of the global batch.
+process-local part of the global batch. In training the shard comes after
+the maps, which are lazy (a process only decodes its own examples), so
+Grain seeds each example's augmentation by its index in the global stream:
+the examples of a global batch do not depend on the number of processes.
 """
 
 import dataclasses
@@ -20,20 +23,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from data_prep.categories import Category
 from kpseq_jax import transforms
 from kpseq_jax import vocab as vocab_lib
-
-
-@dataclasses.dataclass(frozen=True)
-class Category:
-  """One category of the data set's table (written by `data_prep`)."""
-
-  id: int
-  name: str
-  num_keypoints: int
-  keypoint_names: tuple[str, ...]
-  skeleton: tuple[tuple[int, int], ...]
-  flip_pairs: tuple[tuple[int, int], ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +34,11 @@ class DatasetInfo:
 
   categories: dict[int, Category]
   split_sizes: dict[str, int]
+
+  def category_index(self) -> dict[int, int]:
+    """category id -> index (position among the ids in increasing order),
+    the ``vocab.category(index)`` of category conditioning."""
+    return {cid: i for i, cid in enumerate(sorted(self.categories))}
 
   def flip_permutations(self) -> dict[int, np.ndarray]:
     """category id -> int32 [K] flip permutation, for flippable categories."""
@@ -74,14 +71,8 @@ def load_info(dataset_dir: str) -> DatasetInfo:
   if 'categories' not in meta:
     raise KeyError(f'{dataset_dir}: metadata has no "categories" table; '
                    'rebuild it with `python -m data_prep.build`.')
-  cats = {}
-  for c in meta['categories']:
-    cats[int(c['id'])] = Category(
-        id=int(c['id']), name=str(c['name']),
-        num_keypoints=int(c['num_keypoints']),
-        keypoint_names=tuple(c.get('keypoint_names') or ()),
-        skeleton=tuple(tuple(p) for p in c.get('skeleton') or ()),
-        flip_pairs=tuple(tuple(p) for p in c.get('flip_pairs') or ()))
+  cats = {int(c['id']): Category.from_metadata(c)
+          for c in meta['categories']}
   sizes = {name: s.num_examples for name, s in b.info.splits.items()}
   return DatasetInfo(categories=cats, split_sizes=sizes)
 
@@ -125,7 +116,9 @@ def _geometry(config: ml_collections.ConfigDict, info: DatasetInfo,
               train: bool) -> list[grain.transforms.Map]:
   """The crop/augment/tokenize chain for training or evaluation."""
   s = config.image_size_px
-  vocab = vocab_lib.Vocab(config.num_bins)
+  vocab = vocab_lib.Vocab(
+      config.num_bins,
+      config.max_num_categories if config.category_conditioning else 0)
   if train:
     chain = [
         DecodeImage(),
@@ -140,7 +133,9 @@ def _geometry(config: ml_collections.ConfigDict, info: DatasetInfo,
   else:
     chain = [DecodeImage(), transforms.CropAffine(s, config.bbox_scale),
              transforms.WarpToCrop(s)]
-  chain.append(transforms.Tokenize(vocab, config.max_num_keypoints))
+  chain.append(transforms.Tokenize(
+      vocab, config.max_num_keypoints,
+      info.category_index() if config.category_conditioning else None))
   return chain
 
 
@@ -167,10 +162,12 @@ def create_train_dataset(config: ml_collections.ConfigDict,
   """
   source = data_source(config.dataset_dir, config.train_split)
   ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  ds = ds[jax.process_index()::jax.process_count()]
   for t in _geometry(config, info, train=True):
     ds = ds.random_map(t) if isinstance(
         t, grain.transforms.RandomMap) else ds.map(t)
+  # Sharded after the (lazy) maps, so an example's augmentation is seeded by
+  # its global index: any process count sees the same examples.
+  ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
   it_ds = ds.to_iter_dataset()
   if config.worker_count > 0:

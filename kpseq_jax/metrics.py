@@ -1,78 +1,213 @@
-"""PCK (percentage of correct keypoints) for top-down keypoint predictions.
+"""PCK (percentage of correct keypoints) exactly as the MP-100 benchmark computes it.
 
-A labelled keypoint (v > 0) is correct when its prediction lies within
-``alpha * max(bbox_w, bbox_h)`` pixels of the ground truth (PCK@alpha,
-bbox-normalised as in MP-100 / POMNet, Xu et al. 2022). A missing
-prediction (NaN) is wrong. Per-category PCK pools the keypoints of all that
-category's instances; the reported PCK is the mean over categories.
+The protocol is the one of MP-100's authors (POMNet, Xu et al., ECCV 2022,
+github.com/luminxu/Pose-for-Everything), shared unchanged by the CAPE
+follow-ups (CapeFormer, GraphCape, PoseAnything):
+
+* ``pomnet/datasets/datasets/mp100/fewshot_base_dataset.py``,
+  ``FewShotBaseDataset._report_metric`` (CapeFormer:
+  ``capeformer/datasets/datasets/mp100/test_base_dataset.py``,
+  ``TestBaseDataset._report_metric``) calls, once per evaluated instance,
+  ``keypoint_pck_accuracy(pred[None], gt[None], mask[None], 0.2,
+  [[s, s]])`` from mmpose 0.x ``mmpose/core/evaluation/top_down_eval.py``
+  with ``s = max(w, h)`` of the instance's ``clean_bbox``, and reports
+  ``np.mean`` of these per-instance values.
+* ``keypoint_pck_accuracy``: a keypoint counts when ``mask`` is set (the
+  query's ``joints_3d_visible = min(1, v) > 0``, i.e. v > 0; in the few-shot
+  setting also the support's, which has no counterpart here); it is correct
+  when ``||(pred - gt) / s|| < 0.2`` (strict; distances held in float32); the
+  instance's value is the fraction of its counted keypoints that are correct,
+  0 if none counts.
+* ``clean_bbox`` (``fewshot_dataset.py`` / ``transformer_dataset.py``,
+  ``_load_coco_keypoint_annotation_kernel``): ``x1 = max(0, x)``,
+  ``x2 = min(W - 1, x1 + max(0, w - 1))``, width ``x2 - x1`` (same for y);
+  instances with ``x2 <= x1`` or ``y2 <= y1``, ``area <= 0``, or no
+  labelled keypoint are not loaded. For a box inside the image (data_prep
+  clips every box to the image) the clean size is ``(w - 1, h - 1)``: the
+  threshold is ``0.2 * (max(w, h) - 1)``. (A raw box sticking out to the
+  left or top is shifted, not clipped, by ``clean_bbox``; data_prep's
+  clipped box differs from it there, see `mp100_clean_bbox`.)
+* Aggregation: the test set is ``num_episodes x num_queries`` queries per
+  category (200 x 15 in the MP-100 configs), so every category carries equal
+  weight; the reported figure's expectation is the mean over categories of
+  each category's mean per-instance PCK. That is ``pck`` here, computed over
+  every instance instead of sampled episodes. The paper tables give it per
+  split and the mean over the five splits (`mean_over_splits`).
+
+Also reported, for comparison: the plain mean over instances and the
+keypoint-pooled per-category PCK (this project's earlier definition).
 """
 
 import collections
 import dataclasses
+from typing import Iterable
 
 import numpy as np
 
 
-def correct_keypoints(pred_xy: np.ndarray, gt_keypoints: np.ndarray,
-                      bbox: np.ndarray, alpha: float = 0.2
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Per-keypoint correctness of one batch.
+def mp100_clean_bbox(bbox: np.ndarray, width: np.ndarray,
+                     height: np.ndarray) -> np.ndarray:
+  """MP-100's ``clean_bbox`` of raw COCO boxes (see the module docstring).
 
   Args:
-    pred_xy: float [N, K, 2] predicted (x, y) in image pixels (NaN = none).
-    gt_keypoints: float [N, K, 3] ground truth (x, y, v) in pixels.
-    bbox: float [N, 4] (x, y, w, h) in pixels.
-    alpha: threshold as a fraction of max(w, h).
+    bbox: float [N, 4] raw (x, y, w, h) from the annotation file.
+    width: [N] image widths W in pixels.
+    height: [N] image heights H in pixels.
 
   Returns:
-    (correct bool [N, K], labelled bool [N, K], error float [N, K] in
-    pixels, NaN where no prediction).
+    float64 [N, 4] (x1, y1, x2 - x1, y2 - y1); an instance with a size <= 0
+    is not evaluated by MP-100.
+  """
+  b = np.asarray(bbox, np.float64)
+  x1, y1 = np.maximum(0, b[:, 0]), np.maximum(0, b[:, 1])
+  x2 = np.minimum(np.asarray(width) - 1, x1 + np.maximum(0, b[:, 2] - 1))
+  y2 = np.minimum(np.asarray(height) - 1, y1 + np.maximum(0, b[:, 3] - 1))
+  return np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
+
+
+def bbox_size(bbox: np.ndarray) -> np.ndarray:
+  """PCK normaliser ``max(w, h)`` of MP-100's clean box of in-image boxes.
+
+  Args:
+    bbox: float [N, 4] (x, y, w, h) lying inside the image (as data_prep
+      writes them).
+
+  Returns:
+    float64 [N] ``max(w, h) - 1`` (<= 0: the instance is not evaluated).
+  """
+  return np.max(np.asarray(bbox, np.float64)[:, 2:4], axis=1) - 1.0
+
+
+def correct_keypoints(pred_xy: np.ndarray, gt_keypoints: np.ndarray,
+                      bbox: np.ndarray, alpha: float = 0.2,
+                      size: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per-keypoint correctness of one batch, MP-100 definition.
+
+  Args:
+    pred_xy: float [N, K, 2] predicted (x, y) in image pixels (NaN = none,
+      which is wrong).
+    gt_keypoints: float [N, K, 3] ground truth (x, y, v) in pixels.
+    bbox: float [N, 4] in-image (x, y, w, h) in pixels.
+    alpha: threshold as a fraction of the normaliser.
+    size: optional float [N] normaliser; default `bbox_size(bbox)`.
+
+  Returns:
+    (correct bool [N, K], labelled bool [N, K] (v > 0), error float [N, K]
+    in pixels, NaN where no prediction).
   """
   pred_xy = np.asarray(pred_xy, np.float64)
   gt = np.asarray(gt_keypoints, np.float64)
+  s = bbox_size(bbox) if size is None else np.asarray(size, np.float64)
   err = np.linalg.norm(pred_xy - gt[..., :2], axis=-1)  # [N, K]
-  thr = alpha * np.max(np.asarray(bbox, np.float64)[:, 2:4], axis=1)  # [N]
+  with np.errstate(divide='ignore', invalid='ignore'):
+    # mmpose: norm((pred - gt) / [s, s]) stored in float32, then `< thr`.
+    norm_err = np.linalg.norm(
+        (pred_xy - gt[..., :2]) / s[:, None, None], axis=-1).astype(np.float32)
   labelled = gt[..., 2] > 0
-  correct = labelled & np.nan_to_num(err <= thr[:, None], nan=False)
+  with np.errstate(invalid='ignore'):
+    correct = labelled & (norm_err < np.float32(alpha))  # NaN -> False.
   return correct, labelled, err
+
+
+def instance_pck(pred_xy: np.ndarray, gt_keypoints: np.ndarray,
+                 bbox: np.ndarray, alpha: float = 0.2,
+                 size: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-instance PCK as mmpose ``keypoint_pck_accuracy`` on one instance.
+
+  Args: as `correct_keypoints`.
+
+  Returns:
+    (float64 [N] fraction of labelled keypoints correct (0 with none
+    labelled), bool [N] evaluated: normaliser > 0, as MP-100 loads it).
+  """
+  correct, labelled, _ = correct_keypoints(pred_xy, gt_keypoints, bbox,
+                                           alpha, size)
+  n = labelled.sum(axis=1)
+  pck = np.where(n > 0, correct.sum(axis=1) / np.maximum(n, 1), 0.0)
+  s = bbox_size(bbox) if size is None else np.asarray(size, np.float64)
+  return pck, s > 0
+
+
+def mean_over_splits(split_pcks: Iterable[float]) -> float:
+  """The benchmark's headline figure: the mean of the per-split PCKs."""
+  values = list(split_pcks)
+  return float(np.mean(values)) if values else float('nan')
+
+
+def _counter(kind=int):
+  return dataclasses.field(
+      default_factory=lambda: collections.defaultdict(kind))
 
 
 @dataclasses.dataclass
 class PCKAccumulator:
-  """Accumulates PCK and mean pixel error per category over batches."""
+  """Accumulates MP-100 PCK and mean pixel error per category over batches."""
 
   alpha: float = 0.2
-  _correct: dict = dataclasses.field(
-      default_factory=lambda: collections.defaultdict(int))
-  _labelled: dict = dataclasses.field(
-      default_factory=lambda: collections.defaultdict(int))
-  _err_sum: dict = dataclasses.field(
-      default_factory=lambda: collections.defaultdict(float))
-  _err_count: dict = dataclasses.field(
-      default_factory=lambda: collections.defaultdict(int))
+  _pck_sum: dict = _counter(float)    # Sum of per-instance PCK.
+  _instances: dict = _counter()       # Evaluated instances.
+  _excluded: dict = _counter()        # Normaliser <= 0: not evaluated.
+  _correct: dict = _counter()         # Keypoint-pooled counts.
+  _labelled: dict = _counter()
+  _err_sum: dict = _counter(float)
+  _err_count: dict = _counter()
 
   def update(self, category_ids: np.ndarray, pred_xy: np.ndarray,
-             gt_keypoints: np.ndarray, bbox: np.ndarray) -> None:
+             gt_keypoints: np.ndarray, bbox: np.ndarray,
+             size: np.ndarray | None = None) -> None:
     """Adds a batch; arguments as in `correct_keypoints`, ids int [N]."""
     correct, labelled, err = correct_keypoints(pred_xy, gt_keypoints, bbox,
-                                               self.alpha)
+                                               self.alpha, size)
+    pck, evaluated = instance_pck(pred_xy, gt_keypoints, bbox, self.alpha,
+                                  size)
     has_err = labelled & np.isfinite(err)
     for i, cid in enumerate(np.asarray(category_ids).tolist()):
+      if not evaluated[i]:
+        self._excluded[cid] += 1
+        continue
+      self._pck_sum[cid] += float(pck[i])
+      self._instances[cid] += 1
       self._correct[cid] += int(correct[i].sum())
       self._labelled[cid] += int(labelled[i].sum())
       self._err_sum[cid] += float(err[i][has_err[i]].sum())
       self._err_count[cid] += int(has_err[i].sum())
 
   def result(self) -> dict:
-    """Returns {'pck': mean over categories, 'per_category': {id: pck},
-    'mean_error_px': mean pixel error over predicted labelled keypoints,
-    'num_keypoints': labelled keypoints counted}."""
-    per_cat = {c: self._correct[c] / self._labelled[c]
-               for c in sorted(self._labelled) if self._labelled[c]}
+    """Returns a dict with
+
+    'pck': MP-100 PCK, the mean over categories of each category's mean
+      per-instance PCK; 'per_category': {id: mean per-instance PCK};
+    'pck_instance_mean': mean per-instance PCK over all instances;
+    'pck_keypoint_pooled' / 'per_category_keypoint_pooled': labelled
+      keypoints pooled per category, mean over categories;
+    'mean_error_px': mean pixel error over predicted labelled keypoints;
+    'num_keypoints': labelled keypoints counted; 'num_excluded': instances
+      not evaluated (clean box of size <= 0);
+    and per category id 'per_category_error_px' (NaN if none predicted),
+    'per_category_keypoints' (labelled), 'per_category_instances'.
+    """
+    cats = sorted(c for c in self._instances if self._instances[c])
+    per_cat = {c: self._pck_sum[c] / self._instances[c] for c in cats}
+    pooled = {c: self._correct[c] / self._labelled[c]
+              for c in cats if self._labelled[c]}
+    n_inst = sum(self._instances.values())
     n_err = sum(self._err_count.values())
+    mean = lambda d: float(np.mean(list(d.values()))) if d else float('nan')
     return dict(
-        pck=float(np.mean(list(per_cat.values()))) if per_cat else float('nan'),
+        pck=mean(per_cat),
         per_category=per_cat,
+        pck_instance_mean=(sum(self._pck_sum.values()) / n_inst
+                           if n_inst else float('nan')),
+        pck_keypoint_pooled=mean(pooled),
+        per_category_keypoint_pooled=pooled,
         mean_error_px=(sum(self._err_sum.values()) / n_err
                        if n_err else float('nan')),
-        num_keypoints=int(sum(self._labelled.values())))
+        num_keypoints=int(sum(self._labelled.values())),
+        num_excluded=int(sum(self._excluded.values())),
+        per_category_error_px={
+            c: (self._err_sum[c] / self._err_count[c]
+                if self._err_count[c] else float('nan')) for c in cats},
+        per_category_keypoints={c: self._labelled[c] for c in cats},
+        per_category_instances={c: self._instances[c] for c in cats})

@@ -18,7 +18,13 @@ rows interpolated linearly at ``coord * (num_bins - 1)``
 (``coordinate_embedding``), plus a learned x/y axis embedding; special tokens
 use their own table; a learned absolute position embedding is added.
 
-Variables: ``params``; ``batch_stats`` when ``backbone_norm`` is 'batch' or
+Fast inference: ``project_values`` computes every decoder layer's deformable
+values once per image and ``decode_step`` advances one position with a
+self-attention key/value cache (model built with ``cache_decoding=True``;
+see ``decoding.py``). ``decode`` stays the teacher-forced reference.
+
+Variables: ``params``; ``cache`` with ``cache_decoding=True``;
+``batch_stats`` when ``backbone_norm`` is 'batch' or
 'frozen_batch' (apply with ``mutable=['batch_stats']`` in training with
 'batch'); rng ``dropout`` when ``train=True`` and ``dropout > 0``.
 """
@@ -34,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kpseq_jax import sequence as sequence_lib
+from kpseq_jax import sharding
 from kpseq_jax.decoder import Decoder
 from kpseq_jax.resnet import ResNet
 from kpseq_jax.vocab import Vocab
@@ -58,6 +65,21 @@ class Memory:
       ``jax.jit`` with the shapes static.
   """
   features: jax.Array
+  spatial_shapes: Tuple[Tuple[int, int], ...] = flax.struct.field(
+      pytree_node=False)
+
+
+@flax.struct.dataclass
+class ProjectedMemory:
+  """An image's memory as the cached decoder reads it, computed once.
+
+  Attributes:
+    values: ``num_layers`` arrays [B, S, num_heads, d_model / num_heads] in
+      the model's ``dtype``: each decoder layer's deformable-attention value
+      projection of ``Memory.features``.
+    spatial_shapes: static ((H_l, W_l), ...), as in ``Memory``.
+  """
+  values: Tuple[jax.Array, ...]
   spatial_shapes: Tuple[Tuple[int, int], ...] = flax.struct.field(
       pytree_node=False)
 
@@ -142,7 +164,16 @@ class KeypointSequenceModel(nn.Module):
     ffn_dim: FFN hidden width (1024).
     dropout: dropout rate (0.1).
     num_points: deformable sampling points per head and level (4).
-    dtype: compute dtype; parameters are float32, outputs float32.
+    remat_backbone: rematerialise each ResNet block in the backward pass
+      (``nn.remat``): less activation memory, about one more forward.
+    remat_decoder: the same for each decoder layer.
+    cache_decoding: build the self-attention with a key/value cache for
+      ``decode_step`` (inference only; parameters are the same).
+    num_categories: category tokens in the vocabulary (0: no category
+      conditioning; > 0: inputs are ``<bos> <cat> <coord> x y ...``, see
+      ``sequence.py``).
+    dtype: compute dtype (float32 or bfloat16); parameters are float32,
+      logits and coordinates float32.
   """
   num_bins: int
   max_seq_len: int
@@ -155,16 +186,20 @@ class KeypointSequenceModel(nn.Module):
   ffn_dim: int = 1024
   dropout: float = 0.1
   num_points: int = 4
+  remat_backbone: bool = False
+  remat_decoder: bool = False
+  cache_decoding: bool = False
+  num_categories: int = 0
   dtype: jnp.dtype = jnp.float32
 
   @property
   def vocab(self) -> Vocab:
-    """Token layout for ``num_bins``."""
-    return Vocab(self.num_bins)
+    """Token layout for ``num_bins`` (and ``num_categories``)."""
+    return Vocab(self.num_bins, self.num_categories)
 
   @property
   def vocab_size(self) -> int:
-    """V = num_bins + number of special tokens."""
+    """V = num_bins + number of special tokens + num_categories."""
     return self.vocab.vocab_size
 
   def setup(self):
@@ -172,7 +207,8 @@ class KeypointSequenceModel(nn.Module):
     if unknown or not self.feature_levels:
       raise ValueError(f'feature_levels must be a non-empty subset of '
                        f'{_LEVELS}, got {self.feature_levels}')
-    self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype)
+    self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
+                           remat=self.remat_backbone)
     xavier = nn.initializers.xavier_uniform()  # Deformable DETR input_proj.
     self.input_proj = [
         nn.Conv(self.d_model, (1, 1), dtype=self.dtype, kernel_init=xavier,
@@ -195,7 +231,7 @@ class KeypointSequenceModel(nn.Module):
         num_layers=self.num_layers, d_model=self.d_model,
         num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
         num_levels=len(self.feature_levels), num_points=self.num_points,
-        dtype=self.dtype)
+        decode=self.cache_decoding, remat=self.remat_decoder, dtype=self.dtype)
     self.class_head = nn.Dense(self.vocab_size, dtype=self.dtype)
     self.coord_head = [nn.Dense(self.d_model, dtype=self.dtype),
                        nn.Dense(self.d_model, dtype=self.dtype),
@@ -228,30 +264,37 @@ class KeypointSequenceModel(nn.Module):
     return Memory(features=jnp.concatenate(features, axis=1),
                   spatial_shapes=tuple(spatial_shapes))
 
-  def embed_tokens(self, input_tokens: jax.Array,
-                   input_coords: jax.Array) -> jax.Array:
+  def embed_tokens(self, input_tokens: jax.Array, input_coords: jax.Array,
+                   positions: jax.Array | None = None) -> jax.Array:
     """Decoder input embeddings (without the position embedding).
 
     Coordinate positions (``input_tokens < num_bins``) get
     ``coordinate_embedding(coord_embed, input_coords) + axis_embed[axis]``,
     where the axis comes from the grammar: input position t >= 1 carries the
-    target at t - 1, so ``(t - 1) % 4 == 1`` is x (axis 0) and ``== 2`` is y
-    (axis 1). Other positions get ``special_embed[token - num_bins]``.
+    target at t - 1, so ``(t - 1 - P) % 4 == 1`` is x (axis 0) and ``== 2``
+    is y (axis 1), P = ``vocab.num_prefix_tokens`` (the category token).
+    Other positions (special and category tokens) get
+    ``special_embed[token - num_bins]``.
 
     Args:
       input_tokens: int32 [B, L] token ids.
       input_coords: float32 [B, L] normalised [0, 1] (read at coordinate
         positions only).
+      positions: int32 [L] sequence positions of the L inputs (default
+        ``0 .. L - 1``; one step of cached decoding passes ``[t]``).
 
     Returns:
       float32 [B, L, d_model].
     """
-    length = input_tokens.shape[1]
-    target_pos = np.arange(length) - 1  # Target position carried by input t.
+    if positions is None:
+      positions = np.arange(input_tokens.shape[1])
+    # Group-relative target position carried by input t (after <bos> <cat>).
+    target_pos = positions - 1 - self.vocab.num_prefix_tokens
     is_y = (target_pos >= 0) & (
         target_pos % sequence_lib.GROUP_SIZE == sequence_lib.Y_OFFSET)  # [L]
     coord = coordinate_embedding(self.coord_embed, input_coords)  # [B, L, D]
-    coord = coord + self.axis_embed[is_y.astype(np.int32)]  # + [L, D]
+    coord = coord + jnp.take(self.axis_embed, is_y.astype(jnp.int32),
+                             axis=0)  # + [L, D]
     special_ids = jnp.clip(input_tokens - self.num_bins, 0,
                            self.vocab_size - self.num_bins - 1)
     special = jnp.take(self.special_embed, special_ids, axis=0)  # [B, L, D]
@@ -279,6 +322,11 @@ class KeypointSequenceModel(nn.Module):
     x = self.embed_tokens(input_tokens, input_coords) + self.pos_embed[:length]
     x = self.decoder(x.astype(self.dtype), memory.features,
                      memory.spatial_shapes, train)  # [B, L, D]
+    return self._heads(x)
+
+  def _heads(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+    """Decoder states [B, L, D] -> (float32 logits [B, L, V], float32
+    sigmoid (x, y) [B, L, 2])."""
     logits = self.class_head(x).astype(jnp.float32)  # [B, L, V]
     h = x
     for i, layer in enumerate(self.coord_head):
@@ -288,9 +336,50 @@ class KeypointSequenceModel(nn.Module):
     coords = nn.sigmoid(h.astype(jnp.float32))  # [B, L, 2]
     return logits, coords
 
+  def project_values(self, memory: Memory) -> ProjectedMemory:
+    """Every decoder layer's deformable values of ``memory``, once per image.
+
+    Returns:
+      ``ProjectedMemory`` with ``num_layers`` arrays [B, S, num_heads,
+      d_model / num_heads] (``dtype``).
+    """
+    return ProjectedMemory(
+        values=self.decoder.project_values(memory.features),
+        spatial_shapes=memory.spatial_shapes)
+
+  def decode_step(self, memory: ProjectedMemory, tokens: jax.Array,
+                  coords: jax.Array, position: jax.Array
+                  ) -> Tuple[jax.Array, jax.Array]:
+    """One position of cached autoregressive decoding (``cache_decoding``).
+
+    Equal to position ``position`` of ``decode`` given the same inputs at
+    positions 0 .. position - 1 earlier steps appended to the cache (apply
+    with ``mutable=['cache']``; positions must be fed in order 0, 1, ...).
+
+    Args:
+      memory: ``project_values`` output.
+      tokens: int32 [B] input token at ``position``.
+      coords: float32 [B] its normalised coordinate (coordinate tokens).
+      position: int32 scalar, 0 <= position < cache length.
+
+    Returns:
+      logits: float32 [B, vocab_size], next-token logits.
+      coords: float32 [B, 2], predicted (x, y) normalised to [0, 1].
+    """
+    positions = jnp.reshape(position, [1]).astype(jnp.int32)  # [1]
+    x = self.embed_tokens(tokens[:, None], coords[:, None], positions)
+    x = x + jnp.take(self.pos_embed, positions, axis=0)  # [B, 1, D]
+    x = self.decoder.step(x.astype(self.dtype), memory.values,
+                          memory.spatial_shapes)  # [B, 1, D]
+    logits, xy = self._heads(x)
+    return logits[:, 0], xy[:, 0]
+
   def __call__(self, images: jax.Array, input_tokens: jax.Array,
                input_coords: jax.Array, train: bool
                ) -> Tuple[jax.Array, jax.Array]:
     """``decode(encode(images), ...)``; see those methods for shapes."""
     memory = self.encode(images, train)
+    # Keep the memory split by batch under a ('data', 'fsdp') mesh.
+    memory = memory.replace(
+        features=sharding.constrain_batch(memory.features))
     return self.decode(memory, input_tokens, input_coords, train)

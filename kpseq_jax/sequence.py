@@ -1,5 +1,10 @@
 """The keypoint sequence: ``<bos> <coord> x y <sep> ... <coord> x y <sep> <eos>``.
 
+With category conditioning (``Vocab.num_categories > 0``) the category token
+follows ``<bos>``: ``<bos> <cat_k> <coord> x y <sep> ... <eos>``. It is an
+input only (its target weight is 0); every later position moves by
+``Vocab.num_prefix_tokens`` = 1 (``seq_len(..., num_prefix)``).
+
 One group of four tokens per keypoint, in the category's keypoint order, then
 ``<eos>``. A category with K keypoints has ``4 K + 1`` target tokens; the
 decoder input is the target shifted right behind ``<bos>``. Sequences are
@@ -25,14 +30,15 @@ X_OFFSET = 1  # Position of x inside a group.
 Y_OFFSET = 2  # Position of y inside a group.
 
 
-def seq_len(max_num_keypoints: int) -> int:
-  """Number of target (and input) tokens for up to ``max_num_keypoints``."""
-  return GROUP_SIZE * max_num_keypoints + 1
+def seq_len(max_num_keypoints: int, num_prefix: int = 0) -> int:
+  """Number of target (and input) tokens for up to ``max_num_keypoints``
+  (plus ``num_prefix`` category tokens)."""
+  return GROUP_SIZE * max_num_keypoints + 1 + num_prefix
 
 
 def build_sequence(keypoints: np.ndarray, num_keypoints: int,
-                   vocab: vocab_lib.Vocab,
-                   max_num_keypoints: int) -> dict[str, np.ndarray]:
+                   vocab: vocab_lib.Vocab, max_num_keypoints: int,
+                   category_token: int | None = None) -> dict[str, np.ndarray]:
   """Tokenises one instance's keypoints for teacher-forced training.
 
   Args:
@@ -41,9 +47,11 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
     num_keypoints: K, the category's keypoint count (K <= Kmax).
     vocab: token layout.
     max_num_keypoints: Kmax; fixes the padded length L = 4 Kmax + 1.
+    category_token: with category conditioning, the ``vocab.category(i)``
+      token put after ``<bos>`` (L = 4 Kmax + 2); None without.
 
   Returns:
-    dict of numpy arrays, L = seq_len(max_num_keypoints):
+    dict of numpy arrays, L = seq_len(max_num_keypoints, prefix):
       input_tokens int32 [L]: ``<bos>`` then the target shifted right, with
         ``<nocoord>`` at the x/y of unlabelled keypoints.
       input_coords float32 [L]: the normalised value fed to the coordinate
@@ -88,6 +96,16 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
     pos = group + offset + 1  # Input position that carries this target.
     input_tokens[pos] = np.where(labelled, xy_tokens[:, axis], vocab.nocoord)
     input_coords[pos] = np.where(labelled, xy[:, axis], 0.0)
+  if category_token is not None:  # <bos> <cat> <coord> ...: shift by one.
+    input_tokens = np.concatenate(
+        [[vocab.bos, category_token], input_tokens[1:]]).astype(np.int32)
+    input_coords = np.concatenate([[0.0, 0.0], input_coords[1:]]).astype(
+        np.float32)
+    target = np.concatenate([[category_token], target]).astype(np.int32)
+    target_coords = np.concatenate([np.zeros([1, 2], np.float32),
+                                    target_coords])
+    token_w = np.concatenate([[0.0], token_w]).astype(np.float32)
+    coord_w = np.concatenate([[0.0], coord_w]).astype(np.float32)
   return dict(input_tokens=input_tokens, input_coords=input_coords,
               target_tokens=target, target_coords=target_coords,
               token_weights=token_w, coord_weights=coord_w)

@@ -9,12 +9,14 @@ does not need (MaxText's pattern).
 from typing import Any
 
 import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from kpseq_jax import model as model_lib
+from kpseq_jax import pretrained
 from kpseq_jax import sequence
 from kpseq_jax import sharding
 
@@ -52,8 +54,23 @@ def create_model(config: ml_collections.ConfigDict
       ffn_dim=config.ffn_dim,
       dropout=config.dropout,
       num_points=config.num_points,
-      max_seq_len=sequence.seq_len(config.max_num_keypoints),
+      remat_backbone=config.remat_backbone,
+      remat_decoder=config.remat_decoder,
+      max_seq_len=sequence.seq_len(config.max_num_keypoints,
+                                   num_prefix_tokens(config)),
+      num_categories=num_category_tokens(config),
       dtype=jnp.dtype(config.compute_dtype))
+
+
+def num_category_tokens(config: ml_collections.ConfigDict) -> int:
+  """Category tokens in the vocabulary: ``max_num_categories`` with
+  ``category_conditioning``, else 0."""
+  return config.max_num_categories if config.category_conditioning else 0
+
+
+def num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
+  """Inputs between ``<bos>`` and the first group (the category token)."""
+  return 1 if config.category_conditioning else 0
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, train_size: int) -> int:
@@ -82,12 +99,29 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
 
 def create_optimizer(config: ml_collections.ConfigDict,
                      train_size: int) -> optax.GradientTransformation:
-  """AdamW (Loshchilov & Hutter) with optional global-norm clipping."""
+  """AdamW (Loshchilov & Hutter) with optional global-norm clipping.
+
+  With ``backbone_norm='frozen_batch'`` the backbone's BatchNorm ``scale``
+  and ``bias`` get no update (DETR's FrozenBatchNorm2d keeps them fixed; the
+  ResNet's convs have no bias, so these are exactly its norm parameters).
+  """
   adamw = optax.adamw(learning_rate_schedule(config, train_size),
                       weight_decay=config.weight_decay)
+  if config.backbone_norm == 'frozen_batch':
+    adamw = optax.multi_transform(
+        {'train': adamw, 'frozen': optax.set_to_zero()},
+        frozen_norm_labels)
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
   return adamw
+
+
+def frozen_norm_labels(params: Any) -> Any:
+  """'frozen' for the backbone's BatchNorm scale/bias leaves, else 'train'."""
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: 'frozen' if (path[0] == 'backbone' and
+                                   path[-1] in ('scale', 'bias')) else 'train',
+      params)
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
@@ -97,7 +131,8 @@ def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
     (images uint8 [B, S, S, 3], input_tokens int32 [B, L],
      input_coords float32 [B, L]).
   """
-  s, length = config.image_size_px, sequence.seq_len(config.max_num_keypoints)
+  s = config.image_size_px
+  length = sequence.seq_len(config.max_num_keypoints, num_prefix_tokens(config))
   return (jnp.zeros([batch_size, s, s, 3], jnp.uint8),
           jnp.zeros([batch_size, length], jnp.int32),
           jnp.zeros([batch_size, length], jnp.float32))
@@ -132,7 +167,8 @@ def abstract_train_state(config: ml_collections.ConfigDict,
   """
   abstract = jax.eval_shape(_init_fn(config, model, tx),
                             jax.random.PRNGKey(config.seed))
-  shardings = sharding.state_shardings(abstract, mesh)
+  shardings = sharding.state_shardings(abstract, mesh,
+                                       config.fsdp_min_param_elements)
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, shardings)
@@ -146,5 +182,14 @@ def create_train_state(config: ml_collections.ConfigDict,
   ``out_shardings`` from `abstract_train_state`)."""
   abstract = abstract_train_state(config, model, tx, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  return jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(
+  state = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(
       jax.random.PRNGKey(config.seed))
+  if config.pretrained_backbone_path:
+    # AdamW's initial moments are zeros whatever the parameters, so only
+    # params and batch_stats change; each array keeps its sharding.
+    params, batch_stats = pretrained.load_backbone(
+        config.pretrained_backbone_path, state.params, state.batch_stats)
+    state = state.replace(
+        params=jax.device_put(params, shardings.params),
+        batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
+  return state

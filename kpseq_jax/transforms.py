@@ -205,14 +205,17 @@ class Tokenize(grain.transforms.Map):
   `sequence.build_sequence`, plus for evaluation ``image`` uint8 [S, S, 3],
   ``keypoints`` float32 [Kmax, 3] (pixels, v = 0 padding), ``bbox`` [4],
   ``crop_from_image`` [2, 3], ``num_keypoints``, ``category_id``,
-  ``image_id``, ``annotation_id`` (int32).
+  ``image_id``, ``annotation_id`` (int32); with ``category_index`` (category
+  conditioning) also ``category_token`` (int32, the input after ``<bos>``).
 
   Raises:
-    ValueError: if the instance has more than Kmax keypoints.
+    ValueError: if the instance has more than Kmax keypoints, or its
+      category is not in ``category_index``.
   """
 
   vocab: vocab_lib.Vocab
   max_num_keypoints: int
+  category_index: dict[int, int] | None = None
 
   def map(self, ex: Example) -> Example:
     k = ex['keypoints'].shape[0]
@@ -222,8 +225,17 @@ class Tokenize(grain.transforms.Map):
           f"annotation {ex['annotation_id']} (image {ex['image_id']}) has "
           f'{k} keypoints > max_num_keypoints={kmax}; raise '
           '--config.max_num_keypoints.')
+    cat_token = None
+    if self.category_index is not None:
+      cid = int(ex['category_id'])
+      if cid not in self.category_index:
+        raise ValueError(f"annotation {ex['annotation_id']}: category {cid} "
+                         'is not in the data set\'s category table.')
+      cat_token = self.vocab.category(self.category_index[cid])
     out = sequence.build_sequence(
-        _pad_rows(ex['keypoints_crop'], kmax), k, self.vocab, kmax)
+        _pad_rows(ex['keypoints_crop'], kmax), k, self.vocab, kmax, cat_token)
+    if cat_token is not None:
+      out['category_token'] = np.int32(cat_token)
     out.update(
         image=ex['image'],
         keypoints=_pad_rows(ex['keypoints'], kmax),

@@ -12,6 +12,11 @@ sep          num_bins + 3        a keypoint group ends
 eos          num_bins + 4        end of sequence
 nocoord      num_bins + 5        input stand-in for the x or y of an unlabelled
                                  keypoint (v = 0); never a target
+category i   num_bins + 6 + i    optional (``num_categories > 0``): the
+                                 category, input right after ``<bos>``
+                                 (``config.category_conditioning``); i is the
+                                 category's index among the data set's ids
+                                 in increasing order; never a target
 ===========  ==================  ===============================================
 
 Quantisation follows pix2seq (Chen et al. 2022, ``quantize`` in
@@ -38,16 +43,22 @@ class Vocab:
   Attributes:
     num_bins: number of coordinate bins (>= 2); bins are token ids
       ``0 .. num_bins - 1``.
+    num_categories: category tokens after the special tokens (0: no
+      category conditioning).
 
   Raises:
-    ValueError: if ``num_bins < 2``.
+    ValueError: if ``num_bins < 2`` or ``num_categories < 0``.
   """
 
   num_bins: int
+  num_categories: int = 0
 
   def __post_init__(self):
     if self.num_bins < 2:
       raise ValueError(f'num_bins must be >= 2, got {self.num_bins}.')
+    if self.num_categories < 0:
+      raise ValueError(f'num_categories must be >= 0, got '
+                       f'{self.num_categories}.')
 
   @property
   def pad(self) -> int:
@@ -73,10 +84,21 @@ class Vocab:
   def nocoord(self) -> int:
     return self.num_bins + 5
 
+  def category(self, index):
+    """Token id of the category with index ``index`` (int or array)."""
+    return self.num_bins + NUM_SPECIAL_TOKENS + index
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Input tokens between ``<bos>`` and the first group: 1 with category
+    tokens (``<bos> <cat> <coord> ...``), else 0."""
+    return 1 if self.num_categories else 0
+
   @property
   def vocab_size(self) -> int:
-    """Number of token ids: ``num_bins + NUM_SPECIAL_TOKENS``."""
-    return self.num_bins + NUM_SPECIAL_TOKENS
+    """Number of token ids: ``num_bins + NUM_SPECIAL_TOKENS +
+    num_categories``."""
+    return self.num_bins + NUM_SPECIAL_TOKENS + self.num_categories
 
   def is_coordinate(self, tokens):
     """Boolean mask of coordinate-bin tokens; same shape as ``tokens``.

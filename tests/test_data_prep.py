@@ -58,15 +58,19 @@ def test_flip_pairs_unmatched_and_ambiguous_names_stay_unpaired():
 
 
 def test_explicit_flip_pairs_take_precedence(monkeypatch):
-  monkeypatch.setitem(categories.EXPLICIT_FLIP_PAIRS, 7, [(3, 0)])
-  assert categories.category_flip_pairs(7, ['left_a', 'right_a', 'b', 'c'], 4) == [(0, 3)]
-  monkeypatch.setitem(categories.EXPLICIT_FLIP_PAIRS, 7, [(0, 9)])
+  monkeypatch.setitem(categories.EXPLICIT_FLIP_PAIRS, 1007, [(3, 0)])
+  assert categories.category_flip_pairs(1007, ['left_a', 'right_a', 'b', 'c'], 4) == [(0, 3)]
+  monkeypatch.setitem(categories.EXPLICIT_FLIP_PAIRS, 1007, [(0, 9)])
   with pytest.raises(ValueError, match='EXPLICIT_FLIP_PAIRS'):
-    categories.category_flip_pairs(7, [], 4)
+    categories.category_flip_pairs(1007, [], 4)
 
 
-def test_explicit_flip_pairs_empty_by_default():
-  assert categories.EXPLICIT_FLIP_PAIRS == {}
+def test_explicit_flip_pairs_only_for_the_k_they_were_written_for():
+  # MP-100's id 40 is the 68-point 300W face; a 4-point category reusing id
+  # 40 elsewhere gets its pairs from its names.
+  assert len(categories.category_flip_pairs(40, [], 68)) == 29
+  assert categories.category_flip_pairs(
+      40, ['snout', 'leftear', 'rightear', 'tailbase'], 4) == [(1, 2)]
 
 
 # ----------------------------------------------------------------------------- synthetic build
@@ -110,11 +114,11 @@ def _write_broken_dataset(root: Path) -> tuple[Path, Path]:
           _ann(11, 5),  # corrupt bytes
           _ann(12, 1, category_id=99),  # unknown category
           _ann(13, 1, k=4),  # K mismatch
-          _ann(14, 1, keypoints=[float('nan'), 6.0, 2, 7.0, 8.0, 2, 9.0, 10.0, 2]),  # NaN
+          _ann(14, 1, keypoints=[float('nan'), 6.0, 2, 7.0, 8.0, 2, 9.0, 10.0, 2]),  # NaN x: unlabelled, kept
           _ann(15, 1, bbox=[2.0, 3.0, 0.0, 15.0]),  # zero-size bbox
           _ann(1, 2),  # duplicate annotation id
           _ann(16, 1, keypoints=[5.0, 6.0, 0, 7.0, 8.0, 0, 9.0, 10.0, 0]),  # nothing labelled
-          _ann(17, 1, keypoints=[5.0, 6.0, 2, 70.0, 8.0, 2, 9.0, 10.0, 2]),  # keypoint outside
+          _ann(17, 1, keypoints=[5.0, 6.0, 2, 70.0, 8.0, 2, 9.0, 10.0, 2]),  # outside: unlabelled, kept
           _ann(18, 1, keypoints=[5.0, 6.0, 3, 7.0, 8.0, 2, 9.0, 10.0, 2]),  # visibility 3
           _ann(19, 77),  # no image entry
       ],
@@ -135,28 +139,32 @@ def test_broken_records_build(tmp_path):
   report = build.build_dataset({'train': ann_path}, images, out)
 
   split = report.splits['train']
-  assert (split.read, split.written, len(split.skipped)) == (15, 4, 11)
+  assert (split.read, split.written, len(split.skipped)) == (15, 6, 9)
   assert split.skipped_by_reason == {
       'bbox_empty': 1, 'duplicate_annotation_id': 1, 'image_file_missing': 1, 'image_undecodable': 1,
-      'invalid_visibility': 1, 'keypoint_count_mismatch': 1, 'keypoint_outside_image': 1,
-      'missing_image_entry': 1, 'no_labelled_keypoints': 1, 'non_finite_keypoints': 1,
-      'unknown_category': 1}
+      'invalid_visibility': 1, 'keypoint_count_mismatch': 1,
+      'missing_image_entry': 1, 'no_labelled_keypoints': 1, 'unknown_category': 1}
   assert split.nonzero_notes() == {
-      'bbox_clipped': 1, 'duplicate_image_entries': 1, 'image_mode_converted': 1, 'image_reencoded_png': 3}
-  nan = next(s for s in split.skipped if s.reason == 'non_finite_keypoints')
-  assert (nan.file, nan.annotation_id, nan.image_id, nan.field) == (str(ann_path), 14, 1, 'keypoints')
+      'bbox_clipped': 1, 'duplicate_image_entries': 1, 'image_mode_converted': 1, 'image_reencoded_png': 3,
+      'keypoint_non_finite_unlabelled': 1, 'keypoint_outside_image_unlabelled': 1,
+      'num_keypoints_field_mismatch': 2, 'records_with_keypoints_unlabelled': 2}
+  missing = next(s for s in split.skipped if s.reason == 'image_file_missing')
+  assert (missing.file, missing.annotation_id, missing.image_id, missing.field) == (
+      str(ann_path), 10, 4, 'file_name')
   dup = next(s for s in split.skipped if s.reason == 'duplicate_annotation_id')
   assert (dup.annotation_id, dup.image_id, dup.field) == (1, 2, 'id')
 
   on_disk = json.loads((out / 'prep_report.json').read_text())
   assert on_disk['splits']['train']['skipped_by_reason'] == split.skipped_by_reason
-  assert len(on_disk['splits']['train']['skipped_records']) == 11
+  assert len(on_disk['splits']['train']['skipped_records']) == 9
   assert on_disk['num_keypoints_inferred'] == {'2': 'thing: no keypoint names; K=2 from its annotations'}
 
   builder = tfds.builder_from_directory(out)
   source = builder.as_data_source(split='train')
   records = {int(source[i]['annotation_id']): source[i] for i in range(len(source))}
-  assert sorted(records) == [1, 2, 3, 4]
+  assert sorted(records) == [1, 2, 3, 4, 14, 17]
+  np.testing.assert_array_equal(records[14]['keypoints'], [[0, 0, 0], [7, 8, 2], [9, 10, 2]])
+  np.testing.assert_array_equal(records[17]['keypoints'], [[5, 6, 2], [0, 0, 0], [9, 10, 2]])
   for ann_id, image_id, shape in [(1, 1, (30, 40, 3)), (2, 2, (40, 50, 3)), (3, 3, (30, 40, 3))]:
     rec = records[ann_id]
     assert rec['image'].dtype == np.uint8 and rec['image'].shape == shape
@@ -177,14 +185,14 @@ def test_broken_records_build(tmp_path):
       {'id': 2, 'name': 'thing', 'supercategory': 's', 'num_keypoints': 2,
        'keypoint_names': [], 'skeleton': [], 'flip_pairs': []}]
   assert meta['max_num_keypoints'] == 3
-  assert meta['split_sizes'] == {'train': 4}
+  assert meta['split_sizes'] == {'train': 6}
   assert meta['source_files'] == {'train': str(ann_path)}
 
   # An existing OUT is kept unless overwrite=True.
   with pytest.raises(FileExistsError):
     build.build_dataset({'train': ann_path}, images, out)
   build.build_dataset({'train': ann_path}, images, out, overwrite=True)
-  assert len(tfds.builder_from_directory(out).as_data_source(split='train')) == 4
+  assert len(tfds.builder_from_directory(out).as_data_source(split='train')) == 6
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ds', 'images', 'train.json']
 
 
@@ -295,7 +303,9 @@ def test_build_mp100_sample(tmp_path):
   assert ks == {40: 68, 44: 35, 58: 17, 64: 37, 66: 32, 72: 17, 80: 21, 92: 17}
   assert meta['max_num_keypoints'] == 68
   flips = {c['id']: len(c['flip_pairs']) for c in meta['categories']}
-  assert flips == {40: 0, 44: 15, 58: 7, 64: 0, 66: 14, 72: 8, 80: 0, 92: 8}
+  # From EXPLICIT_FLIP_PAIRS: 40 (300W face) the 29 iBUG pairs, 64
+  # (DeepFashion2 long-sleeved dress) 17; 80 (hand): none.
+  assert flips == {40: 29, 44: 15, 58: 7, 64: 17, 66: 14, 72: 8, 80: 0, 92: 8}
   source = builder.as_data_source(split='train')
   by_id = {a['id']: a for a in raw['annotations']}
   for i in range(len(source)):
@@ -326,7 +336,13 @@ def test_check_mode_over_the_ten_mp100_files():
   assert table[72].skeleton[0] == (15, 13)
   assert len(table[72].flip_pairs) == 8 and table[14].flip_pairs == ((6, 10), (7, 11), (8, 12))
   split4_val = result.report.splits['mp100_split4_val']
-  assert split4_val.skipped_by_reason == {'bbox_empty': 6, 'keypoint_outside_image': 22}
+  assert split4_val.skipped_by_reason == {'bbox_empty': 6}
+  # 22 records with 40 labelled keypoints outside their image are kept with
+  # those keypoints unlabelled (51 records over the ten files).
+  assert (split4_val.notes['records_with_keypoints_unlabelled'],
+          split4_val.notes['keypoint_outside_image_unlabelled']) == (22, 40)
+  assert sum(s.notes['records_with_keypoints_unlabelled'] for s in result.report.splits.values()) == 51
+  assert result.report.num_skipped == 8
   text = build.format_check(result)
   assert '100 categories' in text and '13412 distinct images' in text
   assert len([line for line in text.splitlines() if re.match(r'^ *\d+  \S', line)]) == 100
