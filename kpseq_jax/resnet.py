@@ -62,12 +62,13 @@ def _norm(kind: str, train: bool, dtype, name: str) -> nn.Module:
   raise ValueError(f'norm must be one of {_NORMS}, got {kind!r}')
 
 
-class BasicBlock(nn.Module):
-  """torchvision ``BasicBlock``: 3x3 (stride) -> 3x3, expansion 1.
+class _ResidualBlock(nn.Module):
+  """Fields and shortcut shared by the two torchvision block kinds.
 
   Attributes:
-    features: output channels.
-    stride: stride of the first conv and of the shortcut.
+    features: BasicBlock: output channels; Bottleneck: width of the 3x3
+      conv (output channels ``4 * features``).
+    stride: stride of the strided conv and of the shortcut.
     norm: 'batch' | 'group' | 'frozen_batch'.
     dtype: compute dtype.
   """
@@ -75,6 +76,20 @@ class BasicBlock(nn.Module):
   stride: int
   norm: str
   dtype: jnp.dtype = jnp.float32
+
+  def _add_shortcut(self, x: jax.Array, y: jax.Array,
+                    train: bool) -> jax.Array:
+    """relu(shortcut(x) + y); the shortcut is torchvision's ``downsample``
+    (1x1 conv + norm) when the stride or channel count changes."""
+    out_features = y.shape[-1]
+    if self.stride != 1 or x.shape[-1] != out_features:
+      x = _conv(out_features, 1, self.stride, self.dtype, 'downsample_0')(x)
+      x = _norm(self.norm, train, self.dtype, 'downsample_1')(x)
+    return nn.relu(x + y)
+
+
+class BasicBlock(_ResidualBlock):
+  """torchvision ``BasicBlock``: 3x3 (stride) -> 3x3, expansion 1."""
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -83,40 +98,22 @@ class BasicBlock(nn.Module):
     y = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(y))
     y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
     y = _norm(self.norm, train, self.dtype, 'bn2')(y)
-    if self.stride != 1 or x.shape[-1] != self.features:
-      x = _conv(self.features, 1, self.stride, self.dtype, 'downsample_0')(x)
-      x = _norm(self.norm, train, self.dtype, 'downsample_1')(x)
-    return nn.relu(x + y)
+    return self._add_shortcut(x, y, train)
 
 
-class Bottleneck(nn.Module):
-  """torchvision ``Bottleneck`` (v1.5): 1x1 -> 3x3 (stride) -> 1x1, expansion 4.
-
-  Attributes:
-    features: width of the 3x3 conv; output channels are ``4 * features``.
-    stride: stride of the 3x3 conv and of the shortcut.
-    norm: 'batch' | 'group' | 'frozen_batch'.
-    dtype: compute dtype.
-  """
-  features: int
-  stride: int
-  norm: str
-  dtype: jnp.dtype = jnp.float32
+class Bottleneck(_ResidualBlock):
+  """torchvision ``Bottleneck`` (v1.5): 1x1 -> 3x3 (stride) -> 1x1, expansion 4."""
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """[B, H, W, C_in] -> [B, H / stride, W / stride, 4 * features]."""
-    out_features = 4 * self.features
     y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
     y = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(y))
     y = _conv(self.features, 3, self.stride, self.dtype, 'conv2')(y)
     y = nn.relu(_norm(self.norm, train, self.dtype, 'bn2')(y))
-    y = _conv(out_features, 1, 1, self.dtype, 'conv3')(y)
+    y = _conv(4 * self.features, 1, 1, self.dtype, 'conv3')(y)
     y = _norm(self.norm, train, self.dtype, 'bn3')(y)
-    if self.stride != 1 or x.shape[-1] != out_features:
-      x = _conv(out_features, 1, self.stride, self.dtype, 'downsample_0')(x)
-      x = _norm(self.norm, train, self.dtype, 'downsample_1')(x)
-    return nn.relu(x + y)
+    return self._add_shortcut(x, y, train)
 
 
 class ResNet(nn.Module):
