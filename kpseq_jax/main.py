@@ -1,4 +1,4 @@
-"""Command line: train, evaluate a trained workdir, or predict on images.
+r"""Command line: train, evaluate a trained workdir, or predict on images.
 
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
