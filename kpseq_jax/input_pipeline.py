@@ -180,8 +180,9 @@ def create_eval_batches(config: ml_collections.ConfigDict, info: DatasetInfo,
                         split: str | None = None) -> Iterator[dict]:
   """One pass over an eval split in process-local batches.
 
-  The last batch is padded to the full batch size by repeating its final
-  example with ``valid = 0``, so every batch has one static shape.
+  Every process yields the same number of batches (collectives need it):
+  ``ceil(ceil(N / processes) / b)`` for N examples and local batch b. Short
+  batches are padded by repeating an example with ``valid = 0``.
 
   Yields:
     dicts of numpy arrays with leading dim ``eval_batch_size / processes``
@@ -191,20 +192,24 @@ def create_eval_batches(config: ml_collections.ConfigDict, info: DatasetInfo,
   ds = grain.MapDataset.source(source)
   if config.num_eval_examples > 0:
     ds = ds[:config.num_eval_examples]
-  ds = ds[jax.process_index()::jax.process_count()]
   for t in _geometry(config, info, train=False):
     ds = ds.map(t)
+  n, procs = len(ds), jax.process_count()
   b = local_batch_size(config.eval_batch_size)
-  buf = []
-  for ex in ds.to_iter_dataset():
-    ex['valid'] = np.float32(1.0)
-    buf.append(ex)
-    if len(buf) == b:
-      yield _stack(buf)
-      buf = []
-  if buf:
-    pad = dict(buf[-1], valid=np.float32(0.0))
-    yield _stack(buf + [pad] * (b - len(buf)))
+  num_batches = -(-(-(-n // procs)) // b)  # ceil(ceil(n / procs) / b)
+  local = ds[jax.process_index()::procs]
+  filler = None
+  examples = iter(local.to_iter_dataset())
+  for _ in range(num_batches):
+    buf = []
+    for ex in examples:
+      ex['valid'] = np.float32(1.0)
+      buf.append(ex)
+      if len(buf) == b:
+        break
+    if filler is None:  # Any example serves as padding (shapes only).
+      filler = dict(buf[0] if buf else ds[0], valid=np.float32(0.0))
+    yield _stack(buf + [filler] * (b - len(buf)))
 
 
 def _stack(examples: list[dict]) -> dict[str, np.ndarray]:

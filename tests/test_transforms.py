@@ -117,3 +117,31 @@ def test_tokenize_pads_to_kmax_and_keeps_eval_fields():
   assert out['target_tokens'][12] == v.eos
   with pytest.raises(ValueError, match='max_num_keypoints'):
     transforms.Tokenize(v, max_num_keypoints=2).map(ex)
+
+
+# (processes, local batch): 23 frames split 12/11 and 8/8/7, so without
+# padding whole batches the last process would have one batch fewer.
+@pytest.mark.parametrize('num_processes,local_batch', [(1, 6), (2, 11),
+                                                        (3, 7)])
+def test_eval_batches_have_the_same_count_on_every_process(
+    dlc_dataset, monkeypatch, num_processes, local_batch):
+  from configs import smoke
+  from kpseq_jax import input_pipeline
+  config = smoke.get_config()
+  config.dataset_dir = str(dlc_dataset)
+  config.num_eval_examples = -1  # All 23 test frames.
+  config.eval_batch_size = local_batch * num_processes
+  info = input_pipeline.load_info(config.dataset_dir)
+  monkeypatch.setattr(input_pipeline.jax, 'process_count',
+                      lambda: num_processes)
+  counts, ids = [], []
+  for p in range(num_processes):
+    monkeypatch.setattr(input_pipeline.jax, 'process_index', lambda p=p: p)
+    batches = list(input_pipeline.create_eval_batches(config, info))
+    counts.append(len(batches))
+    for batch in batches:
+      assert batch['image'].shape[0] == local_batch
+      ids.extend(batch['annotation_id'][batch['valid'] > 0].tolist())
+  expected = -(-(-(-23 // num_processes)) // local_batch)
+  assert counts == [expected] * num_processes
+  assert sorted(ids) == sorted(set(ids)) and len(ids) == 23
