@@ -19,6 +19,7 @@ from kpseq_jax import model as model_lib
 from kpseq_jax import pretrained
 from kpseq_jax import sequence
 from kpseq_jax import sharding
+from kpseq_jax import vocab as vocab_lib
 
 
 @flax.struct.dataclass
@@ -69,8 +70,10 @@ def num_category_tokens(config: ml_collections.ConfigDict) -> int:
 
 
 def num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
-  """Inputs between ``<bos>`` and the first group (the category token)."""
-  return 1 if config.category_conditioning else 0
+  """Inputs between ``<bos>`` and the first group (the category token), as
+  the vocabulary defines them (`vocab.Vocab.num_prefix_tokens`)."""
+  return vocab_lib.Vocab(config.num_bins,
+                         num_category_tokens(config)).num_prefix_tokens
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, train_size: int) -> int:
