@@ -43,6 +43,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Model.
   c.backbone_depth = 50
   c.backbone_norm = 'batch'  # 'batch' | 'group' | 'frozen_batch'.
+  # Convolutions: 'xla' (lax.conv), 'gemm' (1x1 convs and weight gradients as
+  # matmuls; XLA:CPU's backward-filter conv is slow) or 'auto' ('gemm' on
+  # CPU, 'xla' on GPU/TPU). Same parameters and values; see kpseq_jax/conv.py.
+  c.backbone_conv_impl = 'auto'
   # ImageNet ResNet weights (torchvision/timm state dict, .safetensors, or
   # .pth with torch installed; see kpseq_jax/pretrained.py), loaded into the
   # backbone at initialisation. '' = random init. Nothing is downloaded.

@@ -9,8 +9,11 @@ Prints one JSON object, everything measured in the same run:
 * ``matmul_peak``: float32 [n, n] @ [n, n] FLOP/s (median of ``--matmul_reps``
   timed calls); the machine's practical peak that MFU is measured against.
 * ``train_step``: per config ('paper' = configs/default.py, 'config' = the
-  ``--config``) and variant ('f32', 'remat' = ``remat_backbone`` and
-  ``remat_decoder``, 'bf16' = ``compute_dtype='bfloat16'``): median seconds
+  ``--config``) and variant ('f32' = the config as it is, 'remat' =
+  ``remat_backbone`` and ``remat_decoder``, 'bf16' =
+  ``compute_dtype='bfloat16'``, 'xla_conv' = ``backbone_conv_impl='xla'``,
+  plain ``lax.conv`` gradients instead of the CPU default 'gemm', see
+  kpseq_jax/conv.py): median seconds
   per step over ``--num_steps`` (after one untimed step), FLOPs per step from
   XLA's cost analysis of the compiled step, MFU = FLOPs / seconds / peak,
   and XLA's memory analysis of the compiled step in bytes (``peak_bytes`` =
@@ -47,6 +50,7 @@ import numpy as np
 
 from configs import default as default_config
 from kpseq_jax import decoding
+from kpseq_jax import host_memory
 from kpseq_jax import input_pipeline
 from kpseq_jax import sequence
 from kpseq_jax import sharding
@@ -61,9 +65,10 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_bool('skip_paper', False,
                   'Skip the paper config (configs/default.py) train step and '
                   'its 512 px pipeline figure (slow on CPU).')
-flags.DEFINE_list('variants', ['f32', 'remat', 'bf16'],
-                  'Train-step variants of the --config: f32, remat, bf16.')
-flags.DEFINE_list('paper_variants', ['f32', 'remat', 'bf16'],
+flags.DEFINE_list('variants', ['f32', 'remat', 'bf16', 'xla_conv'],
+                  'Train-step variants of the --config: f32, remat, bf16, '
+                  'xla_conv.')
+flags.DEFINE_list('paper_variants', ['f32', 'remat', 'bf16', 'xla_conv'],
                   'Train-step variants of the paper config.')
 flags.DEFINE_integer('num_steps', 5, 'Timed train steps per variant.')
 flags.DEFINE_integer('matmul_size', 2048, 'n of the n x n float32 matmul.')
@@ -129,6 +134,8 @@ def _variant(config: ml_collections.ConfigDict,
     c.remat_backbone = c.remat_decoder = True
   elif name == 'bf16':
     c.compute_dtype = 'bfloat16'
+  elif name == 'xla_conv':
+    c.backbone_conv_impl = 'xla'
   elif name != 'f32':
     raise ValueError(f'unknown variant {name!r}')
   return c
@@ -317,6 +324,10 @@ def run(config: ml_collections.ConfigDict) -> dict:
     base = steps[name].get('f32') or next(iter(steps[name].values()), None)
     pipes[name] = pipeline_figures(
         c, FLAGS.pipeline_examples, base and base['examples_per_s'])
+  for figures in steps.values():  # Speed-up of the conv implementation.
+    if 'f32' in figures and 'xla_conv' in figures:
+      figures['gemm_conv_speedup'] = (figures['xla_conv']['seconds_per_step'] /
+                                      figures['f32']['seconds_per_step'])
   report['train_step'] = steps
   report['pipeline'] = pipes
   if not FLAGS.skip_decode:
@@ -337,7 +348,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if FLAGS.config is None:
     raise app.UsageError('--config is required.')
+  memory_setting = host_memory.keep_freed_memory()  # Before JAX threads.
   report = run(FLAGS.config)
+  report['host_memory'] = memory_setting
   json.dump(report, sys.stdout, indent=1)
   sys.stdout.write('\n')
 

@@ -4,6 +4,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from kpseq_jax import conv as conv_lib
+
 _LEVELS = ('c3', 'c4', 'c5')
 
 
@@ -14,7 +16,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   (the backbone's stride); ``num_bins >= 2``; ``feature_levels`` a
   non-empty subset of c3/c4/c5; ``d_model`` divisible by ``num_heads``;
   batch sizes divisible by the device count; ``mesh_shape`` matching the
-  devices; ``backbone_depth`` in 18/34/50.
+  devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known.
   """
   errors = []
   if not config.dataset_dir:
@@ -32,6 +34,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.d_model % config.num_heads:
     errors.append(f'd_model={config.d_model} is not divisible by '
                   f'num_heads={config.num_heads}.')
+  if config.backbone_conv_impl not in conv_lib.IMPLS:
+    errors.append(f'backbone_conv_impl={config.backbone_conv_impl!r} not in '
+                  f'{conv_lib.IMPLS}.')
   if config.backbone_depth not in (18, 34, 50):
     errors.append(f'backbone_depth={config.backbone_depth} not in 18/34/50.')
   if 'split' in config and config.split not in (1, 2, 3, 4, 5):  # mp100.py

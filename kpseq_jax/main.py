@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from kpseq_jax import distributed
 from kpseq_jax import evaluate
+from kpseq_jax import host_memory
 from kpseq_jax import predict
 from kpseq_jax import train
 
@@ -76,6 +77,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Before JAX starts its threads (see host_memory.py).
+  logging.info('Host memory: %s', host_memory.keep_freed_memory())
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,

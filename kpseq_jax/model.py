@@ -156,6 +156,8 @@ class KeypointSequenceModel(nn.Module):
     max_seq_len: length of the learned position table (>= input length L).
     backbone_depth: ResNet depth, 18 / 34 / 50.
     backbone_norm: 'batch', 'group' or 'frozen_batch' (see ``resnet.py``).
+    backbone_conv_impl: 'auto', 'xla' or 'gemm': how the backbone computes
+      convolutions (see ``conv.py``; same parameters and values).
     feature_levels: subset of ('c3', 'c4', 'c5') used as memory levels;
       several levels give Deformable DETR multi-scale attention.
     d_model: transformer width (Deformable DETR: 256).
@@ -179,6 +181,7 @@ class KeypointSequenceModel(nn.Module):
   max_seq_len: int
   backbone_depth: int = 50
   backbone_norm: str = 'batch'
+  backbone_conv_impl: str = 'auto'
   feature_levels: Tuple[str, ...] = ('c5',)
   d_model: int = 256
   num_heads: int = 8
@@ -208,7 +211,8 @@ class KeypointSequenceModel(nn.Module):
       raise ValueError(f'feature_levels must be a non-empty subset of '
                        f'{_LEVELS}, got {self.feature_levels}')
     self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
-                           remat=self.remat_backbone)
+                           remat=self.remat_backbone,
+                           conv_impl=self.backbone_conv_impl)
     xavier = nn.initializers.xavier_uniform()  # Deformable DETR input_proj.
     self.input_proj = [
         nn.Conv(self.d_model, (1, 1), dtype=self.dtype, kernel_init=xavier,

@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kpseq_jax.conv import Conv
+
 # torchvision: depth -> (block kind, blocks per stage).
 _STAGES = {
     18: ('basic', (2, 2, 2, 2)),
@@ -41,12 +43,11 @@ _NORMS = ('batch', 'group', 'frozen_batch')
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(features: int, kernel: int, stride: int, dtype, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, dtype, impl: str,
+          name: str) -> Conv:
   """Bias-free conv with torch-style symmetric padding ``kernel // 2``."""
-  pad = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=_conv_init, dtype=dtype, name=name)
+  return Conv(features, kernel, stride, impl=impl, kernel_init=_conv_init,
+              dtype=dtype, name=name)
 
 
 def _norm(kind: str, train: bool, dtype, name: str) -> nn.Module:
@@ -71,11 +72,13 @@ class _ResidualBlock(nn.Module):
     stride: stride of the strided conv and of the shortcut.
     norm: 'batch' | 'group' | 'frozen_batch'.
     dtype: compute dtype.
+    conv_impl: 'xla' | 'gemm' | 'auto' (see ``conv.py``).
   """
   features: int
   stride: int
   norm: str
   dtype: jnp.dtype = jnp.float32
+  conv_impl: str = 'auto'
 
   def _add_shortcut(self, x: jax.Array, y: jax.Array,
                     train: bool) -> jax.Array:
@@ -83,7 +86,8 @@ class _ResidualBlock(nn.Module):
     (1x1 conv + norm) when the stride or channel count changes."""
     out_features = y.shape[-1]
     if self.stride != 1 or x.shape[-1] != out_features:
-      x = _conv(out_features, 1, self.stride, self.dtype, 'downsample_0')(x)
+      x = _conv(out_features, 1, self.stride, self.dtype, self.conv_impl,
+                'downsample_0')(x)
       x = _norm(self.norm, train, self.dtype, 'downsample_1')(x)
     return nn.relu(x + y)
 
@@ -94,9 +98,11 @@ class BasicBlock(_ResidualBlock):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """[B, H, W, C_in] -> [B, H / stride, W / stride, features]."""
-    y = _conv(self.features, 3, self.stride, self.dtype, 'conv1')(x)
+    y = _conv(self.features, 3, self.stride, self.dtype,
+              self.conv_impl, 'conv1')(x)
     y = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(y))
-    y = _conv(self.features, 3, 1, self.dtype, 'conv2')(y)
+    y = _conv(self.features, 3, 1, self.dtype,
+              self.conv_impl, 'conv2')(y)
     y = _norm(self.norm, train, self.dtype, 'bn2')(y)
     return self._add_shortcut(x, y, train)
 
@@ -107,11 +113,14 @@ class Bottleneck(_ResidualBlock):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """[B, H, W, C_in] -> [B, H / stride, W / stride, 4 * features]."""
-    y = _conv(self.features, 1, 1, self.dtype, 'conv1')(x)
+    y = _conv(self.features, 1, 1, self.dtype,
+              self.conv_impl, 'conv1')(x)
     y = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(y))
-    y = _conv(self.features, 3, self.stride, self.dtype, 'conv2')(y)
+    y = _conv(self.features, 3, self.stride, self.dtype,
+              self.conv_impl, 'conv2')(y)
     y = nn.relu(_norm(self.norm, train, self.dtype, 'bn2')(y))
-    y = _conv(4 * self.features, 1, 1, self.dtype, 'conv3')(y)
+    y = _conv(4 * self.features, 1, 1, self.dtype,
+              self.conv_impl, 'conv3')(y)
     y = _norm(self.norm, train, self.dtype, 'bn3')(y)
     return self._add_shortcut(x, y, train)
 
@@ -125,6 +134,9 @@ class ResNet(nn.Module):
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are float32.
     remat: rematerialise each residual block's activations in the backward
       pass (``nn.remat``); forward values and parameter names unchanged.
+    conv_impl: how convolutions are computed, 'xla', 'gemm' or 'auto' (see
+      ``conv.py``); the same parameters and, up to float32 summation order,
+      the same values.
 
   Variables: ``params``; ``batch_stats`` for the two BatchNorm kinds (apply
   with ``mutable=['batch_stats']`` when ``train=True`` and ``norm='batch'``).
@@ -133,6 +145,7 @@ class ResNet(nn.Module):
   norm: str = 'batch'
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -157,7 +170,8 @@ class ResNet(nn.Module):
       block_cls = nn.remat(block_cls, static_argnums=(2,))
 
     x = x.astype(self.dtype)
-    x = _conv(64, 7, 2, self.dtype, 'conv1')(x)  # [B, H/2, W/2, 64]
+    x = _conv(64, 7, 2, self.dtype, self.conv_impl,
+              'conv1')(x)  # [B, H/2, W/2, 64]
     x = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2),
                     padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
@@ -167,6 +181,7 @@ class ResNet(nn.Module):
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         x = block_cls(features, stride, self.norm, self.dtype,
+                      self.conv_impl,
                       name=f'layer{stage + 1}_{block}')(x, train)
       if stage >= 1:
         outputs[f'c{stage + 2}'] = x  # stride 2**(stage + 2)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from kpseq_jax import conv as conv_lib
 from kpseq_jax import model as model_lib
 from kpseq_jax import pretrained
 from kpseq_jax import sequence
@@ -48,6 +49,7 @@ def create_model(config: ml_collections.ConfigDict
       num_bins=config.num_bins,
       backbone_depth=config.backbone_depth,
       backbone_norm=config.backbone_norm,
+      backbone_conv_impl=conv_lib.resolve_impl(config.backbone_conv_impl),
       feature_levels=tuple(config.feature_levels),
       d_model=config.d_model,
       num_heads=config.num_heads,

@@ -16,7 +16,7 @@ def _positive(x):
 def test_benchmark_tiny_mode_json():
   cmd = [sys.executable, '-m', 'kpseq_jax.benchmark',
          '--config', 'configs/smoke.py', '--skip_paper', '--num_steps=1',
-         '--variants=f32', '--decode_ks=2', '--decode_batch=2',
+         '--variants=f32,xla_conv', '--decode_ks=2', '--decode_batch=2',
          '--decode_reps=1', '--matmul_size=128', '--matmul_reps=2',
          '--pipeline_examples=8']
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
@@ -27,6 +27,12 @@ def test_benchmark_tiny_mode_json():
   for key in ('seconds_per_step', 'flops_per_step', 'mfu'):
     assert _positive(step[key]), (key, step)
   assert _positive(step['memory']['peak_bytes'])
+  # The matmul conv (CPU default) does the same arithmetic as lax.conv: MFU
+  # must not come from counting extra FLOPs.
+  xla_conv = report['train_step']['config']['xla_conv']
+  assert abs(step['flops_per_step'] / xla_conv['flops_per_step'] - 1) < 0.05
+  assert _positive(report['train_step']['config']['gemm_conv_speedup'])
+  assert report['host_memory']
   assert 'paper' not in report['train_step']
   k2 = report['decoding']['K2']
   for key in ('speedup_batch1', 'speedup_batch2',
