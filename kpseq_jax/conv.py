@@ -170,9 +170,10 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int,
 
 
 class Conv(nn.Module):
-  """``nn.Conv`` replacement: bias-free, padding ``k // 2``, a ``kernel``
-  parameter [k, k, C_in, features] (the same name and shape as ``nn.Conv``,
-  so checkpoints and the torchvision mapping are unchanged).
+  """``nn.Conv`` replacement with padding ``k // 2``: a ``kernel`` parameter
+  [k, k, C_in, features] and, with ``use_bias``, a zero-initialised ``bias``
+  [features] (the names and shapes of ``nn.Conv``, so checkpoints and the
+  torchvision mapping are unchanged).
 
   Attributes:
     features: output channels D.
@@ -180,13 +181,15 @@ class Conv(nn.Module):
     stride: s.
     impl: 'xla', 'gemm' or 'auto' (module docstring).
     kernel_init: initialiser of the float32 kernel.
-    dtype: compute dtype; the kernel is cast to it.
+    use_bias: add a learned bias.
+    dtype: compute dtype; the parameters are cast to it.
   """
   features: int
   kernel_size: int
   stride: int = 1
   impl: str = 'auto'
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -196,5 +199,10 @@ class Conv(nn.Module):
         'kernel', self.kernel_init,
         (self.kernel_size, self.kernel_size, x.shape[-1], self.features),
         jnp.float32)
-    return conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                  self.stride, self.impl)
+    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
+               self.impl)
+    if self.use_bias:
+      bias = self.param('bias', nn.initializers.zeros_init(),
+                        (self.features,), jnp.float32)
+      y = y + bias.astype(self.dtype)
+    return y

@@ -41,6 +41,7 @@ import numpy as np
 
 from kpseq_jax import sequence as sequence_lib
 from kpseq_jax import sharding
+from kpseq_jax.conv import Conv
 from kpseq_jax.decoder import Decoder
 from kpseq_jax.resnet import ResNet
 from kpseq_jax.vocab import Vocab
@@ -156,8 +157,9 @@ class KeypointSequenceModel(nn.Module):
     max_seq_len: length of the learned position table (>= input length L).
     backbone_depth: ResNet depth, 18 / 34 / 50.
     backbone_norm: 'batch', 'group' or 'frozen_batch' (see ``resnet.py``).
-    backbone_conv_impl: 'auto', 'xla' or 'gemm': how the backbone computes
-      convolutions (see ``conv.py``; same parameters and values).
+    backbone_conv_impl: 'auto', 'xla' or 'gemm': how the backbone and
+      ``input_proj`` compute convolutions (see ``conv.py``; same parameters
+      and values).
     feature_levels: subset of ('c3', 'c4', 'c5') used as memory levels;
       several levels give Deformable DETR multi-scale attention.
     d_model: transformer width (Deformable DETR: 256).
@@ -215,8 +217,9 @@ class KeypointSequenceModel(nn.Module):
                            conv_impl=self.backbone_conv_impl)
     xavier = nn.initializers.xavier_uniform()  # Deformable DETR input_proj.
     self.input_proj = [
-        nn.Conv(self.d_model, (1, 1), dtype=self.dtype, kernel_init=xavier,
-                name=f'input_proj_{level}') for level in self.feature_levels]
+        Conv(self.d_model, 1, impl=self.backbone_conv_impl,
+             kernel_init=xavier, use_bias=True, dtype=self.dtype,
+             name=f'input_proj_{level}') for level in self.feature_levels]
     self.input_norm = [
         nn.GroupNorm(num_groups=32, dtype=self.dtype,
                      name=f'input_norm_{level}') for level in self.feature_levels]

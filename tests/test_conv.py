@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
 from kpseq_jax import conv
@@ -105,3 +106,12 @@ def test_resnet_gemm_and_xla_share_parameters_and_outputs(depth):
     np.testing.assert_allclose(
         g, w, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(w))) + 1e-7,
         err_msg=jax.tree_util.keystr(path))
+
+
+def test_conv_module_bias_has_nn_conv_names():
+  x = jnp.ones((1, 4, 4, 3))
+  variables = conv.Conv(5, 1, use_bias=True).init(jax.random.PRNGKey(0), x)
+  reference = jax.eval_shape(
+      lambda: nn.Conv(5, (1, 1)).init(jax.random.PRNGKey(0), x))
+  assert (jax.tree.map(jnp.shape, variables) ==
+          jax.tree.map(jnp.shape, reference))
