@@ -15,7 +15,8 @@ Prints one JSON object, everything measured in the same run:
   plain ``lax.conv`` gradients instead of the CPU default 'gemm', see
   kpseq_jax/conv.py): median seconds
   per step over ``--num_steps`` (after one untimed step), FLOPs per step from
-  XLA's cost analysis of the compiled step, MFU = FLOPs / seconds / peak,
+  XLA's cost analysis of the compiled step (with ``lax.conv`` convolutions,
+  see `model_flops`), MFU = FLOPs / seconds / peak,
   and XLA's memory analysis of the compiled step in bytes (``peak_bytes`` =
   arguments + outputs - donated aliases + temporaries).
 * ``decoding``: per K in ``--decode_ks`` (sequence of 4 K + 1 tokens; <eos>
@@ -49,6 +50,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from configs import default as default_config
+from kpseq_jax import conv as conv_lib
 from kpseq_jax import decoding
 from kpseq_jax import host_memory
 from kpseq_jax import input_pipeline
@@ -163,13 +165,11 @@ def _memory(compiled) -> dict:
   return out
 
 
-def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
-                       peak_flops: float) -> dict:
-  """Compiles `train.train_step` for ``config`` and times it.
+def _compile_step(config: ml_collections.ConfigDict):
+  """`train.train_step` for ``config`` compiled on its mesh.
 
   Returns:
-    dict: seconds_per_step (median), flops_per_step, mfu, compile_seconds,
-    memory (see `_memory`), batch_size, examples_per_s.
+    (compiled step, seconds to compile, train state, global batch).
   """
   mesh = sharding.create_mesh(config.mesh_shape)
   model = ts.create_model(config)
@@ -190,8 +190,35 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
       donate_argnums=(0,))
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - t0
-  flops = _cost(compiled)
+  return compiled, time.perf_counter() - t0, state, batch
+
+
+def model_flops(config: ml_collections.ConfigDict) -> float:
+  """FLOPs per train step of ``config`` with ``lax.conv`` convolutions.
+
+  XLA counts a convolution's taps into its zero padding out, but counts the
+  im2col matmul of ``backbone_conv_impl='gemm'`` in full (0.5% more at the
+  paper config, 10% at 64 px). MFU divides this count, the same for every
+  conv implementation, so a faster implementation cannot gain by counting
+  more.
+  """
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.backbone_conv_impl = 'xla'
+  return _cost(_compile_step(c)[0])
+
+
+def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
+                       peak_flops: float) -> dict:
+  """Compiles `train.train_step` for ``config`` and times it.
+
+  Returns:
+    dict: seconds_per_step (median), flops_per_step (`model_flops`),
+    compiled_flops_per_step (XLA's count for this variant), mfu =
+    flops_per_step / seconds_per_step / peak_flops, compile_seconds, memory
+    (see `_memory`), batch_size, examples_per_s.
+  """
+  compiled, compile_seconds, state, batch = _compile_step(config)
+  compiled_flops = _cost(compiled)
   state, metrics = compiled(state, batch)  # Untimed first step.
   jax.block_until_ready(metrics)
   times = []
@@ -203,9 +230,16 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
   seconds = statistics.median(times)
   if not np.isfinite(float(metrics['loss'])):
     raise FloatingPointError(f'benchmark step loss {metrics["loss"]}')
+  memory = _memory(compiled)
+  del compiled, state, batch, metrics
+  if conv_lib.resolve_impl(config.backbone_conv_impl) == 'xla':
+    flops = compiled_flops
+  else:
+    flops = model_flops(config)
   return dict(seconds_per_step=seconds, flops_per_step=flops,
+              compiled_flops_per_step=compiled_flops,
               mfu=flops / seconds / peak_flops,
-              compile_seconds=compile_seconds, memory=_memory(compiled),
+              compile_seconds=compile_seconds, memory=memory,
               batch_size=config.batch_size,
               examples_per_s=config.batch_size / seconds)
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,10 +29,14 @@ def test_benchmark_tiny_mode_json():
   for key in ('seconds_per_step', 'flops_per_step', 'mfu'):
     assert _positive(step[key]), (key, step)
   assert _positive(step['memory']['peak_bytes'])
-  # The matmul conv (CPU default) does the same arithmetic as lax.conv: MFU
-  # must not come from counting extra FLOPs.
+  # MFU counts the same model FLOPs for the matmul conv (CPU default, which
+  # XLA counts with its zero-padding taps) as for lax.conv.
   xla_conv = report['train_step']['config']['xla_conv']
-  assert abs(step['flops_per_step'] / xla_conv['flops_per_step'] - 1) < 0.05
+  assert step['flops_per_step'] == xla_conv['flops_per_step']
+  assert step['compiled_flops_per_step'] >= step['flops_per_step']
+  assert step['mfu'] == pytest.approx(
+      step['flops_per_step'] / step['seconds_per_step']
+      / report['matmul_peak']['flops_per_s'])
   assert _positive(report['train_step']['config']['gemm_conv_speedup'])
   assert report['host_memory']
   assert 'paper' not in report['train_step']
