@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
   # A NaN/inf loss or gradient stops training naming the step; True instead
   # skips that update (state unchanged) and counts it in the metrics.
   c.skip_nonfinite_updates = False
+  # With skipping on, this many skipped updates in a row stop training (the
+  # model is not learning any more); <= 0 never stops.
+  c.max_consecutive_skipped_updates = 100
 
   # Mesh: axis sizes of ('data', 'fsdp'); -1 means all remaining devices.
   # (N, 1): data parallel, replicated state; (1, N): fully sharded (FSDP).

@@ -106,12 +106,15 @@ class _MetricsLog:
 
   def __init__(self, total_steps: int, jsonl: scalar_log.JsonlWriter,
                skip_nonfinite: bool = False,
-               writer: metric_writer.MetricWriter | None = None):
+               writer: metric_writer.MetricWriter | None = None,
+               max_consecutive_skipped: int = 0):
     self.total_steps = total_steps
     self.jsonl = jsonl
     self.writer = writer  # TensorBoard: means over the log interval.
     self.skip_nonfinite = skip_nonfinite
+    self.max_consecutive_skipped = max_consecutive_skipped  # <= 0: no cap.
     self.skipped_updates = 0
+    self.consecutive_skipped = 0
     self.pending: list[tuple[int, dict]] = []
     self.t0, self.step0 = None, None  # Time and step of the last log.
 
@@ -128,7 +131,16 @@ class _MetricsLog:
       self.jsonl.write_scalars(step, m)
     self.jsonl.flush()
     for step, m in fetched:
-      self.skipped_updates += int(m['update_skipped'])
+      skipped = int(m['update_skipped'])
+      self.skipped_updates += skipped
+      self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0
+      if 0 < self.max_consecutive_skipped <= self.consecutive_skipped:
+        raise NonFiniteLossError(
+            f'{self.consecutive_skipped} consecutive updates up to step '
+            f'{step} had a non-finite loss or gradient and were skipped '
+            f'(loss={m["loss"]}, grad_norm={m["grad_norm"]}); training is '
+            'not progressing, stopping. The last checkpoint is intact; see '
+            'config.max_consecutive_skipped_updates.')
       if not self.skip_nonfinite and not (np.isfinite(m['loss']) and
                                           np.isfinite(m['grad_norm'])):
         raise NonFiniteLossError(
@@ -205,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   Raises:
     NonFiniteLossError: on a NaN/inf loss or gradient, naming the step
-      (unless ``config.skip_nonfinite_updates``).
+      (unless ``config.skip_nonfinite_updates``; then after
+      ``config.max_consecutive_skipped_updates`` skipped updates in a row).
     ValueError: for an impossible config (see `config_checks`).
   """
   config_checks.check(config)
@@ -241,7 +254,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   writer = metric_writer.MetricWriter(workdir)
   log = _MetricsLog(total_steps, scalar_log.JsonlWriter(workdir),
-                    config.skip_nonfinite_updates, writer)
+                    config.skip_nonfinite_updates, writer,
+                    config.max_consecutive_skipped_updates)
   preempted = False
   with _Preemption() as preemption, jax.set_mesh(mesh):
     for step in range(start + 1, total_steps + 1):

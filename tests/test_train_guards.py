@@ -103,6 +103,18 @@ def test_skipped_updates_are_counted_not_raised(tmp_path):
           scalar_log.read_steps(str(tmp_path)).values()] == [1, 1, 0]
 
 
+def test_too_many_consecutive_skipped_updates_stop_training(tmp_path):
+  log = train._MetricsLog(20, scalar_log.JsonlWriter(str(tmp_path)),
+                          skip_nonfinite=True, max_consecutive_skipped=3)
+  # Two skipped, one good (resets the run), then three skipped in a row.
+  for step, skipped in enumerate([1, 1, 0, 1, 1, 1, 0], 1):
+    log.add(step, _metrics(np.nan if skipped else 1.0, 1.0, skipped=skipped))
+  with pytest.raises(train.NonFiniteLossError,
+                     match='3 consecutive updates up to step 6 '):
+    log.flush(log=True)
+  assert log.skipped_updates == 5
+
+
 def _info(ks):
   cats = {i: input_pipeline.Category.from_metadata(
       {'id': i, 'name': f'c{i}', 'num_keypoints': k})
