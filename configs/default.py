@@ -99,6 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.max_checkpoints_to_keep = 3
   c.eval_batch_size = 8
+  # Evaluate eval_split every this many steps during training (0: only after
+  # the last step); each evaluation logs PCK, updates TensorBoard and
+  # overwrites eval_<split>.json.
+  c.eval_every_steps = 0
   c.num_eval_examples = -1  # -1: the whole eval split.
   c.worker_count = 0  # Grain worker processes (0: in the main process).
 

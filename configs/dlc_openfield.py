@@ -37,4 +37,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
   c.eval_batch_size = 23
+  c.eval_every_steps = 500  # 23 frames: a second or two after the first.
   return c

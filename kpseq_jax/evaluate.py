@@ -90,16 +90,32 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
   return model, state, step
 
 
+def make_eval_decode_fn(config: ml_collections.ConfigDict, model,
+                        state, mesh: jax.sharding.Mesh):
+  """The compiled greedy decoder `evaluate` uses, for ``state``'s layout.
+
+  Training builds it once and passes it to every periodic `evaluate`, so
+  the decoder compiles once per run.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return decoding.make_decode_fn(  # Variables keep their (fsdp) layout.
+      model, config.max_num_keypoints,
+      jax.tree.map(lambda a: a.sharding, variables),
+      sharding.batch_sharding(mesh))
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              model=None, state=None, step: int | None = None,
              split: str | None = None,
-             writer: metric_writer_lib.MetricWriter | None = None) -> dict:
+             writer: metric_writer_lib.MetricWriter | None = None,
+             decode_fn=None) -> dict:
   """Decodes an eval split and reports PCK beside the mean-pose baseline.
 
   With ``model``/``state`` None, restores the latest checkpoint in
-  ``workdir`` (``--mode eval``). Only process 0 writes files. Scalars and
-  overlays go to ``writer`` (default: one opened on ``workdir`` for this
-  call).
+  ``workdir`` (``--mode eval``). Only process 0 writes files (each call
+  overwrites ``eval_<split>.json``). Scalars and overlays go to ``writer``
+  (default: one opened on ``workdir`` for this call). ``decode_fn``: from
+  `make_eval_decode_fn` (default: built here).
 
   Returns:
     dict as written to ``eval_<split>.json``.
@@ -118,10 +134,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
     model, state, step = restore_state(
         config, workdir, mesh, info.split_sizes[config.train_split])
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  decode_fn = decoding.make_decode_fn(  # Variables keep their (fsdp) layout.
-      model, config.max_num_keypoints,
-      jax.tree.map(lambda a: a.sharding, variables),
-      sharding.batch_sharding(mesh))
+  if decode_fn is None:
+    decode_fn = make_eval_decode_fn(config, model, state, mesh)
   baseline = input_pipeline.mean_pose(config, info)
   s = config.image_size_px
   acc, base_acc = metrics.PCKAccumulator(), metrics.PCKAccumulator()

@@ -256,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   log = _MetricsLog(total_steps, scalar_log.JsonlWriter(workdir),
                     config.skip_nonfinite_updates, writer,
                     config.max_consecutive_skipped_updates)
+  decode_fn = evaluate.make_eval_decode_fn(config, model, state, mesh)
   preempted = False
   with _Preemption() as preemption, jax.set_mesh(mesh):
     for step in range(start + 1, total_steps + 1):
@@ -275,6 +276,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         logging.warning('Preempted: saved step %d/%d in %s; run again to '
                         'resume.', step, total_steps, workdir)
         break
+      if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
+          and not is_last):  # The last step is evaluated below.
+        log.flush(log=False)  # Never evaluate a state that follows a NaN.
+        evaluate.evaluate(config, workdir, model=model, state=state,
+                          step=step, writer=writer, decode_fn=decode_fn)
     ckpt.wait()
   ckpt.close()
   log.jsonl.close()
@@ -285,6 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info('Already trained %d/%d steps in %s.', start, total_steps,
                  workdir)
   report = evaluate.evaluate(config, workdir, model=model, state=state,
-                             step=max(start, total_steps), writer=writer)
+                             step=max(start, total_steps), writer=writer,
+                             decode_fn=decode_fn)
   writer.close()
   return report

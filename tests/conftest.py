@@ -39,10 +39,11 @@ def smoke_config(dataset_dir, **overrides):
 @pytest.fixture(scope='session')
 def trained(dlc_dataset, tmp_path_factory):
   """(config, workdir, eval report) of the smoke config trained 2 steps on
-  dlc_openfield (once per session; tests must not modify the workdir)."""
+  dlc_openfield, evaluated after step 1 (periodic) and step 2 (final) (once
+  per session; tests must not modify the workdir)."""
   from kpseq_jax import train
   workdir = tmp_path_factory.mktemp('smoke_run')
-  config = smoke_config(dlc_dataset)
+  config = smoke_config(dlc_dataset, eval_every_steps=1)
   report = train.train_and_evaluate(config, str(workdir))
   return config, workdir, report
 

@@ -51,6 +51,9 @@ def test_training_and_eval_scalars_and_overlays_are_in_the_event_files(
       config.learning_rate)
   assert scalars['train/loss'][1] > 0
   assert scalars['eval_test/pck'][2] == pytest.approx(report['pck'])
+  # eval_every_steps = 1: a periodic evaluation after step 1 too.
+  assert set(scalars['eval_test/pck']) == {1, 2}
+  assert set(scalars['eval_test/mean_error_px']) == {1, 2}
   assert scalars['eval_test/baseline_mean_pose_pck'][2] == pytest.approx(
       report['baseline_mean_pose_pck'])
   assert scalars['eval_test/mean_error_px'][2] == pytest.approx(
