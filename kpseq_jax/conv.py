@@ -8,23 +8,28 @@ that convolution has 2 output features: on this project's benchmark machine
 matmul peak and, with the transposes, took about 60% of the paper-config
 train step (``XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true`` profile; see
 README "Benchmark"). 1x1 convolutions with large spatial extent fared no
-better forward. The same arithmetic written as matmuls runs near peak.
+better forward. The same arithmetic written as matmuls runs much closer to
+the peak.
 
 ``conv2d(..., impl='gemm')`` therefore computes, with identical results up to
-float32 summation order:
+float32 summation order (a custom VJP in both cases):
 
-* 1x1 convolutions: a matmul over channels (``[B, H, W, C] @ [C, D]``) of the
-  (strided) input; autodiff gives matmuls for both gradients.
-* k x k convolutions: XLA's convolution forward and input gradient (which run
-  near peak), and a custom VJP whose weight gradient is the im2col matmul
-  ``cols^T @ dy``: ``cols`` [B*Ho*Wo, k*k*C] stacks the k*k shifted, strided
-  views of the padded input (Chellapilla et al. 2006, "High performance
-  convolutional neural networks for document processing"; Caffe's im2col).
+* 1x1 convolutions: forward a matmul over channels (``[B, H, W, C] @
+  [C, D]``) of the (strided) input; input gradient ``dy @ W^T``.
+* k x k convolutions: XLA's convolution forward and input gradient (near
+  peak when timed alone).
+* every weight gradient: the matmul ``cols^T @ dy``, where ``cols`` is the
+  input for 1x1 and the im2col patches [B*Ho*Wo, k*k*C] (the k*k shifted,
+  strided views of the padded input) for k x k (Chellapilla et al. 2006,
+  "High performance convolutional neural networks for document
+  processing"; Caffe's im2col). The narrower operand is transposed as a
+  plain copy behind an optimization barrier (`_weight_grad`).
 
 ``impl='xla'`` is the plain ``lax.conv_general_dilated`` (what ``nn.Conv``
-does); ``'auto'`` picks ``'gemm'`` on the CPU and ``'xla'`` on GPU/TPU, where
-cuDNN and the TPU compiler have fast backward-filter convolutions. Both are
-ordinary JAX ops (dot_general, slices, lax.conv) and run on every backend.
+does); ``'auto'`` picks ``'gemm'`` on the CPU and ``'xla'`` on GPU/TPU, whose
+compilers have their own backward-filter convolution kernels (cuDNN, the TPU
+convolution emitter); 'gemm' has not been timed there. Both are ordinary JAX
+ops (dot_general, slices, lax.conv) and run correctly on every backend.
 
 Padding is torch's symmetric ``kernel // 2`` (see ``resnet.py``).
 """
