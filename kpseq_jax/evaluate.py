@@ -96,6 +96,11 @@ def make_eval_decode_fn(config: ml_collections.ConfigDict, model,
 
   Training builds it once and passes it to every periodic `evaluate`, so
   the decoder compiles once per run.
+
+  Returns:
+    the jitted cached greedy decoder of `decoding.make_decode_fn`,
+    ``fn(variables, images[, category_tokens])`` (shapes and outputs: see
+    `decoding.cached_greedy_decode`), sharded like ``state`` and the batch.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   return decoding.make_decode_fn(  # Variables keep their (fsdp) layout.
