@@ -42,7 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Model.
   c.backbone_depth = 50
-  c.backbone_norm = 'batch'  # 'batch' | 'group' | 'frozen_batch'.
+  # Backbone as in Raster2Seq's models/backbone.py (from Deformable DETR): an
+  # ImageNet ResNet-50 with frozen BatchNorm (DETR's FrozenBatchNorm2d), of
+  # which only layer2..layer4 train (stem and layer1 frozen:
+  # backbone_frozen_stages=1, mmdetection's frozen_stages). Both expect
+  # pretrained_backbone_path; training from scratch wants
+  # --config.backbone_norm=batch --config.backbone_frozen_stages=-1 (what
+  # configs/dlc_openfield.py does).
+  c.backbone_norm = 'frozen_batch'  # 'batch' | 'group' | 'frozen_batch'.
+  c.backbone_frozen_stages = 1  # -1: none; 0: stem; n: stem + layer1..n.
   # Convolutions: 'xla' (lax.conv), 'gemm' (1x1 convs and weight gradients as
   # matmuls; XLA:CPU's backward-filter conv is slow) or 'auto' ('gemm' on
   # CPU, 'xla' on GPU/TPU). Same parameters and values; see kpseq_jax/conv.py.
@@ -50,8 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   # ImageNet ResNet weights (torchvision/timm state dict, .safetensors, or
   # .pth with torch installed; see kpseq_jax/pretrained.py), loaded into the
   # backbone at initialisation. '' = random init. Nothing is downloaded.
-  # With 'frozen_batch' (DETR's FrozenBatchNorm2d) the BatchNorm statistics
-  # and affine parameters stay at the file's values.
+  # With 'frozen_batch' the BatchNorm statistics and affine parameters stay
+  # at the file's values, and frozen stages keep all of theirs.
   c.pretrained_backbone_path = ''
   c.feature_levels = ('c5',)  # Paper: one 16 x 16 level at stride 32.
   c.d_model = 256

@@ -25,6 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_bins = 128
   c.rotation_deg = 180.0
   c.backbone_depth = 18
+  # No ImageNet weights here: train the whole backbone from scratch, with
+  # batch statistics (batch 16).
+  c.backbone_norm = 'batch'
+  c.backbone_frozen_stages = -1
   c.feature_levels = ('c3', 'c4', 'c5')
   c.d_model = 128
   c.num_heads = 4

@@ -13,7 +13,10 @@ Prints one JSON object, everything measured in the same run:
   ``remat_backbone`` and ``remat_decoder``, 'bf16' =
   ``compute_dtype='bfloat16'``, 'xla_conv' = ``backbone_conv_impl='xla'``,
   plain ``lax.conv`` gradients instead of the CPU default 'gemm', see
-  kpseq_jax/conv.py): median seconds
+  kpseq_jax/conv.py; 'trainable_backbone' = ``backbone_norm='batch'``,
+  ``backbone_frozen_stages=-1``: the whole ResNet trained with batch
+  statistics, where the paper config, as Raster2Seq, freezes BatchNorm, the
+  stem and layer1): median seconds
   per step over ``--num_steps`` (after one untimed step), FLOPs per step from
   XLA's cost analysis of the compiled step (with ``lax.conv`` convolutions,
   see `model_flops`), MFU = FLOPs / seconds / peak,
@@ -68,8 +71,9 @@ flags.DEFINE_bool('skip_paper', False,
                   'its 512 px pipeline figure (slow on CPU).')
 flags.DEFINE_list('variants', ['f32', 'remat', 'bf16', 'xla_conv'],
                   'Train-step variants of the --config: f32, remat, bf16, '
-                  'xla_conv.')
-flags.DEFINE_list('paper_variants', ['f32', 'remat', 'bf16', 'xla_conv'],
+                  'xla_conv, trainable_backbone (see the module docstring).')
+flags.DEFINE_list('paper_variants',
+                  ['f32', 'remat', 'bf16', 'xla_conv', 'trainable_backbone'],
                   'Train-step variants of the paper config.')
 flags.DEFINE_integer('num_steps', 5, 'Timed train steps per variant.')
 flags.DEFINE_integer('matmul_size', 2048, 'n of the n x n float32 matmul.')
@@ -137,6 +141,9 @@ def _variant(config: ml_collections.ConfigDict,
     c.compute_dtype = 'bfloat16'
   elif name == 'xla_conv':
     c.backbone_conv_impl = 'xla'
+  elif name == 'trainable_backbone':
+    c.backbone_norm = 'batch'
+    c.backbone_frozen_stages = -1
   elif name != 'f32':
     raise ValueError(f'unknown variant {name!r}')
   return c
@@ -334,6 +341,8 @@ def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
 
 def _describe(config: ml_collections.ConfigDict) -> dict:
   return dict(backbone_depth=config.backbone_depth,
+              backbone_norm=config.backbone_norm,
+              backbone_frozen_stages=config.backbone_frozen_stages,
               image_size_px=config.image_size_px,
               feature_levels=list(config.feature_levels),
               num_layers=config.num_layers, d_model=config.d_model,

@@ -16,7 +16,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   (the backbone's stride); ``num_bins >= 2``; ``feature_levels`` a
   non-empty subset of c3/c4/c5; ``d_model`` divisible by ``num_heads``;
   batch sizes divisible by the device count; ``mesh_shape`` matching the
-  devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known.
+  devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known;
+  ``backbone_frozen_stages`` in -1..4.
   """
   errors = []
   if not config.dataset_dir:
@@ -39,6 +40,9 @@ def check(config: ml_collections.ConfigDict) -> None:
                   f'{conv_lib.IMPLS}.')
   if config.backbone_depth not in (18, 34, 50):
     errors.append(f'backbone_depth={config.backbone_depth} not in 18/34/50.')
+  if not -1 <= config.backbone_frozen_stages <= 4:
+    errors.append(f'backbone_frozen_stages={config.backbone_frozen_stages} '
+                  'not in -1 (none), 0 (stem), 1..4 (stem + layer1..n).')
   if 'split' in config and config.split not in (1, 2, 3, 4, 5):  # mp100.py
     errors.append(f'split={config.split} must be one of MP-100\'s splits '
                   '1..5.')
@@ -59,6 +63,33 @@ def check(config: ml_collections.ConfigDict) -> None:
                   f'but {n} are available.')
   if errors:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
+
+
+def frozen_without_weights(config: ml_collections.ConfigDict) -> str:
+  """A warning if the backbone is partly frozen at a random initialisation.
+
+  Frozen BatchNorm with random-init statistics (mean 0, var 1) is the
+  identity, and frozen stages keep their random weights: that is the
+  paper's fine-tuning recipe without the ImageNet weights it assumes.
+
+  Returns:
+    The message, or '' when nothing is frozen or weights are loaded.
+  """
+  if config.pretrained_backbone_path:
+    return ''
+  frozen = []
+  if config.backbone_norm == 'frozen_batch':
+    frozen.append('backbone_norm=frozen_batch')
+  if config.backbone_frozen_stages >= 0:
+    frozen.append(f'backbone_frozen_stages={config.backbone_frozen_stages}')
+  if not frozen:
+    return ''
+  return (f'{" and ".join(frozen)} with no pretrained_backbone_path: the '
+          'frozen parts keep their random initialisation (frozen BatchNorm '
+          'is then the identity). Pass --config.pretrained_backbone_path='
+          'resnet50.safetensors (ImageNet weights, as the paper), or train '
+          'from scratch with --config.backbone_norm=batch '
+          '--config.backbone_frozen_stages=-1.')
 
 
 def check_dataset(config: ml_collections.ConfigDict, info) -> None:

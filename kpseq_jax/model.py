@@ -157,6 +157,8 @@ class KeypointSequenceModel(nn.Module):
     max_seq_len: length of the learned position table (>= input length L).
     backbone_depth: ResNet depth, 18 / 34 / 50.
     backbone_norm: 'batch', 'group' or 'frozen_batch' (see ``resnet.py``).
+    backbone_frozen_stages: -1 (train the whole backbone), 0 (freeze the
+      stem) or n (also layer1..layer n); see ``resnet.py``.
     backbone_conv_impl: 'auto', 'xla' or 'gemm': how the backbone and
       ``input_proj`` compute convolutions (see ``conv.py``; same parameters
       and values).
@@ -183,6 +185,7 @@ class KeypointSequenceModel(nn.Module):
   max_seq_len: int
   backbone_depth: int = 50
   backbone_norm: str = 'batch'
+  backbone_frozen_stages: int = -1
   backbone_conv_impl: str = 'auto'
   feature_levels: Tuple[str, ...] = ('c5',)
   d_model: int = 256
@@ -214,7 +217,8 @@ class KeypointSequenceModel(nn.Module):
                        f'{_LEVELS}, got {self.feature_levels}')
     self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
                            remat=self.remat_backbone,
-                           conv_impl=self.backbone_conv_impl)
+                           conv_impl=self.backbone_conv_impl,
+                           frozen_stages=self.backbone_frozen_stages)
     xavier = nn.initializers.xavier_uniform()  # Deformable DETR input_proj.
     self.input_proj = [
         Conv(self.d_model, 1, impl=self.backbone_conv_impl,

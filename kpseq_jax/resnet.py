@@ -15,11 +15,21 @@ stride-2 padding differs from torch on even sizes.
 Normalisation (``norm``):
   * ``'batch'``: BatchNorm, batch statistics in training, running averages in
     ``batch_stats`` (torch momentum 0.1 == Flax momentum 0.9, eps 1e-5).
-  * ``'frozen_batch'``: BatchNorm that always uses the running averages
-    (``use_running_average=True``), as DETR's ``FrozenBatchNorm2d``; the
-    ``batch_stats`` never change. Its ``scale``/``bias`` are still in
-    ``params``; DETR also keeps them fixed, which the optimizer must do (mask).
+  * ``'frozen_batch'``: `FrozenBatchNorm`, DETR's ``FrozenBatchNorm2d``: the
+    running averages always, as a fixed per-channel affine map; the
+    ``batch_stats`` never change and no gradient reaches ``scale``/``bias``
+    (still in ``params``, under BatchNorm's names, so ImageNet weights load
+    the same way; the optimizer leaves them as they are, see
+    ``train_state.frozen_labels``).
   * ``'group'``: GroupNorm with 32 groups, no ``batch_stats``.
+
+Frozen stages (``frozen_stages``, mmdetection's name and meaning): -1 trains
+everything; 0 freezes the stem (conv1, bn1); n >= 1 also layer1..layer n.
+A frozen stage gets no gradient (``stop_gradient`` on its output, so XLA
+computes no backward pass through it) and runs its BatchNorm on the running
+averages. Deformable DETR, and Raster2Seq after it (``models/backbone.py``),
+train only layer2..layer4 of an ImageNet ResNet with frozen BatchNorm:
+``frozen_stages=1``, ``norm='frozen_batch'``.
 """
 
 from __future__ import annotations
@@ -50,14 +60,62 @@ def _conv(features: int, kernel: int, stride: int, dtype, impl: str,
               dtype=dtype, name=name)
 
 
+def in_frozen_stage(module_name: str, frozen_stages: int) -> bool:
+  """Whether a top-level ResNet submodule belongs to a frozen stage.
+
+  Args:
+    module_name: name of a direct child of `ResNet`: 'conv1', 'bn1' (the
+      stem) or 'layer{stage}_{block}', e.g. 'layer1_2'.
+    frozen_stages: as `ResNet.frozen_stages`.
+
+  Raises:
+    ValueError: a name that is neither the stem nor 'layer{n}_{m}'.
+  """
+  if module_name in ('conv1', 'bn1'):
+    return frozen_stages >= 0
+  if not module_name.startswith('layer') or '_' not in module_name:
+    raise ValueError(f'not a ResNet submodule name: {module_name!r}')
+  return int(module_name[len('layer'):].split('_')[0]) <= frozen_stages
+
+
+class FrozenBatchNorm(nn.Module):
+  """BatchNorm with fixed statistics and affine parameters (DETR's
+  ``FrozenBatchNorm2d``, ``models/backbone.py`` of DETR / Deformable DETR).
+
+  ``y = x * s + (bias - mean * s)`` with ``s = scale / sqrt(var + epsilon)``,
+  the same values as ``nn.BatchNorm(use_running_average=True)`` and the same
+  variables (``params``: scale, bias; ``batch_stats``: mean, var; shape [C],
+  float32), but the four are behind ``stop_gradient``: the backward pass
+  computes no reductions for their gradients, and the gradient clip sees
+  zeros for them, as torch sees no ``.grad``.
+
+  Attributes:
+    epsilon: added to ``var`` (torchvision/DETR: 1e-5).
+    dtype: compute dtype of ``y``.
+  """
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., C] -> [..., C] in ``dtype``."""
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, (c,), jnp.float32)
+    var = self.variable('batch_stats', 'var', jnp.ones, (c,), jnp.float32)
+    s = jax.lax.stop_gradient(scale * jax.lax.rsqrt(var.value + self.epsilon))
+    b = jax.lax.stop_gradient(bias) - jax.lax.stop_gradient(mean.value) * s
+    return x.astype(self.dtype) * s.astype(self.dtype) + b.astype(self.dtype)
+
+
 def _norm(kind: str, train: bool, dtype, name: str) -> nn.Module:
   """Normalisation layer of the given kind (see module docstring)."""
   if kind == 'batch':
     return nn.BatchNorm(use_running_average=not train, momentum=0.9,
                         epsilon=1e-5, dtype=dtype, name=name)
   if kind == 'frozen_batch':
-    return nn.BatchNorm(use_running_average=True, epsilon=1e-5, dtype=dtype,
-                        name=name)
+    return FrozenBatchNorm(epsilon=1e-5, dtype=dtype, name=name)
   if kind == 'group':
     return nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=dtype, name=name)
   raise ValueError(f'norm must be one of {_NORMS}, got {kind!r}')
@@ -134,18 +192,25 @@ class ResNet(nn.Module):
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters are float32.
     remat: rematerialise each residual block's activations in the backward
       pass (``nn.remat``); forward values and parameter names unchanged.
+    frozen_stages: -1 (train all), 0 (freeze the stem) or n in 1..4 (the
+      stem and layer1..layer n); see the module docstring.
     conv_impl: how convolutions are computed, 'xla', 'gemm' or 'auto' (see
       ``conv.py``); the same parameters and, up to float32 summation order,
       the same values.
 
   Variables: ``params``; ``batch_stats`` for the two BatchNorm kinds (apply
   with ``mutable=['batch_stats']`` when ``train=True`` and ``norm='batch'``).
+
+  Raises:
+    ValueError: unknown ``depth`` or ``norm``; ``frozen_stages`` outside
+      -1..4.
   """
   depth: int = 50
   norm: str = 'batch'
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   conv_impl: str = 'auto'
+  frozen_stages: int = -1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -169,20 +234,29 @@ class ResNet(nn.Module):
     if self.remat:  # Block.__call__(self, x, train): train (2) is static.
       block_cls = nn.remat(block_cls, static_argnums=(2,))
 
+    if not -1 <= self.frozen_stages <= len(blocks_per_stage):
+      raise ValueError(f'frozen_stages must be in -1..{len(blocks_per_stage)}'
+                       f', got {self.frozen_stages}')
     x = x.astype(self.dtype)
+    stem_train = train and self.frozen_stages < 0
     x = _conv(64, 7, 2, self.dtype, self.conv_impl,
               'conv1')(x)  # [B, H/2, W/2, 64]
-    x = nn.relu(_norm(self.norm, train, self.dtype, 'bn1')(x))
+    x = nn.relu(_norm(self.norm, stem_train, self.dtype, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2),
                     padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
+    if self.frozen_stages >= 0:
+      x = jax.lax.stop_gradient(x)
     outputs = {}
     for stage, num_blocks in enumerate(blocks_per_stage):
       features = 64 * 2**stage
+      frozen = stage + 1 <= self.frozen_stages
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         x = block_cls(features, stride, self.norm, self.dtype,
                       self.conv_impl,
-                      name=f'layer{stage + 1}_{block}')(x, train)
+                      name=f'layer{stage + 1}_{block}')(x, train and not frozen)
+      if frozen:
+        x = jax.lax.stop_gradient(x)
       if stage >= 1:
         outputs[f'c{stage + 2}'] = x  # stride 2**(stage + 2)
     return outputs

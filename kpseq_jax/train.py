@@ -222,6 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     ValueError: for an impossible config (see `config_checks`).
   """
   config_checks.check(config)
+  if warning := config_checks.frozen_without_weights(config):
+    logging.warning('%s', warning)
   info = input_pipeline.load_info(config.dataset_dir)
   config_checks.check_dataset(config, info)
   train_size = info.split_sizes[config.train_split]

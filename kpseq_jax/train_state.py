@@ -6,6 +6,7 @@ shardings derived from the mesh, and then materialised by
 does not need (MaxText's pattern).
 """
 
+import functools
 from typing import Any
 
 import flax
@@ -18,6 +19,7 @@ import optax
 from kpseq_jax import conv as conv_lib
 from kpseq_jax import model as model_lib
 from kpseq_jax import pretrained
+from kpseq_jax import resnet
 from kpseq_jax import sequence
 from kpseq_jax import sharding
 from kpseq_jax import vocab as vocab_lib
@@ -49,6 +51,7 @@ def create_model(config: ml_collections.ConfigDict
       num_bins=config.num_bins,
       backbone_depth=config.backbone_depth,
       backbone_norm=config.backbone_norm,
+      backbone_frozen_stages=config.backbone_frozen_stages,
       backbone_conv_impl=conv_lib.resolve_impl(config.backbone_conv_impl),
       feature_levels=tuple(config.feature_levels),
       d_model=config.d_model,
@@ -106,27 +109,43 @@ def create_optimizer(config: ml_collections.ConfigDict,
                      train_size: int) -> optax.GradientTransformation:
   """AdamW (Loshchilov & Hutter) with optional global-norm clipping.
 
-  With ``backbone_norm='frozen_batch'`` the backbone's BatchNorm ``scale``
-  and ``bias`` get no update (DETR's FrozenBatchNorm2d keeps them fixed; the
-  ResNet's convs have no bias, so these are exactly its norm parameters).
+  Frozen parameters (`frozen_labels`: the backbone's BatchNorm ``scale`` and
+  ``bias`` with ``backbone_norm='frozen_batch'``, every parameter of a stage
+  frozen by ``backbone_frozen_stages``) get no update, weight decay
+  included, as parameters with ``requires_grad=False`` in DETR's
+  ``models/backbone.py``. Their gradients are zero (``stop_gradient`` in
+  ``resnet.py``), so they add nothing to the clipped global norm.
   """
   adamw = optax.adamw(learning_rate_schedule(config, train_size),
                       weight_decay=config.weight_decay)
-  if config.backbone_norm == 'frozen_batch':
+  if (config.backbone_norm == 'frozen_batch' or
+      config.backbone_frozen_stages >= 0):
     adamw = optax.multi_transform(
         {'train': adamw, 'frozen': optax.set_to_zero()},
-        frozen_norm_labels)
+        functools.partial(frozen_labels, norm=config.backbone_norm,
+                          frozen_stages=config.backbone_frozen_stages))
   if config.grad_clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
   return adamw
 
 
-def frozen_norm_labels(params: Any) -> Any:
-  """'frozen' for the backbone's BatchNorm scale/bias leaves, else 'train'."""
-  return flax.traverse_util.path_aware_map(
-      lambda path, _: 'frozen' if (path[0] == 'backbone' and
-                                   path[-1] in ('scale', 'bias')) else 'train',
-      params)
+def frozen_labels(params: Any, norm: str = 'frozen_batch',
+                  frozen_stages: int = -1) -> Any:
+  """'frozen' or 'train' per leaf of ``params`` (the model's tree).
+
+  'frozen': under ``backbone``, a BatchNorm ``scale``/``bias`` when ``norm``
+  is 'frozen_batch' (the ResNet's convs have no bias, so these are exactly
+  its norm parameters), and every leaf of a frozen stage
+  (`resnet.in_frozen_stage`).
+  """
+  def label(path, _):
+    if path[0] != 'backbone':
+      return 'train'
+    if norm == 'frozen_batch' and path[-1] in ('scale', 'bias'):
+      return 'frozen'
+    return ('frozen' if resnet.in_frozen_stage(path[1], frozen_stages)
+            else 'train')
+  return flax.traverse_util.path_aware_map(label, params)
 
 
 def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
