@@ -9,6 +9,9 @@ when complete, so a save interrupted by a crash is never listed as a step.
 A step directory that is listed but cannot be restored (files lost or
 damaged after the rename) is renamed to ``<step>.unrestorable`` with a
 warning and the previous step is restored instead (`Checkpointer.restore`).
+A checkpoint whose train-state tree differs from the config's (another model
+size, or a frozen backbone that changes the optimizer state) is not damaged:
+restoring raises `CheckpointMismatchError` and leaves it in place.
 """
 
 import os
@@ -21,6 +24,41 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 UNRESTORABLE_SUFFIX = '.unrestorable'
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoint's train state has other arrays than the config's."""
+
+
+def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{path: shape} of a pytree's leaves, with dict keys, attribute names
+  and sequence indices all as strings (Orbax stores dataclasses and named
+  tuples as dicts, tuples as lists)."""
+  def name(k):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return {tuple(name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _describe_mismatch(saved: dict, wanted: dict, limit: int = 5) -> str:
+  """Which leaf paths one side lacks or has with another shape; '' if none."""
+  show = lambda ps: ', '.join('/'.join(p) for p in sorted(ps)[:limit]) + (
+      f' (+{len(ps) - limit} more)' if len(ps) > limit else '')
+  parts = []
+  if missing := set(wanted) - set(saved):
+    parts.append(f'{len(missing)} arrays of this config are not in the '
+                 f'checkpoint: {show(missing)}')
+  if extra := set(saved) - set(wanted):
+    parts.append(f'{len(extra)} arrays of the checkpoint are not in this '
+                 f'config: {show(extra)}')
+  if shape := {p for p in set(saved) & set(wanted) if saved[p] != wanted[p]}:
+    p = sorted(shape)[0]
+    parts.append(f'{len(shape)} arrays differ in shape, e.g. {"/".join(p)}: '
+                 f'{saved[p]} in the checkpoint, {wanted[p]} in this config')
+  return '; '.join(parts)
 
 
 class Checkpointer:
@@ -71,6 +109,9 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: if there is no (restorable) checkpoint.
+      CheckpointMismatchError: the checkpoint's state is readable but has
+        other arrays (paths or shapes) than ``abstract_state``: it was
+        written with another config. Nothing is renamed.
     """
     if step is not None:
       return self._restore_step(step, abstract_state, data_iter), step
@@ -82,6 +123,7 @@ class Checkpointer:
       try:
         return self._restore_step(s, abstract_state, data_iter), s
       except Exception as e:  # Orbax/TensorStore raise many types here.
+        self._raise_if_mismatch(s, abstract_state)
         nxt = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) \
             else 'no older checkpoint'
         logging.warning('Checkpoint step %d in %s cannot be restored (%s: '
@@ -99,6 +141,27 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
     return restored['state']
+
+  def _raise_if_mismatch(self, step: int, abstract_state: Any) -> None:
+    """Raises `CheckpointMismatchError` if step's saved state tree is
+    readable and differs from ``abstract_state``; returns if it matches or
+    cannot be read (then the step is damaged, not mismatched)."""
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path)
+      saved = _leaf_shapes(getattr(saved, 'item_metadata', saved))
+    except Exception:  # pylint: disable=broad-except
+      return
+    if not saved:  # Orbax reads a missing or emptied item as empty.
+      return
+    if mismatch := _describe_mismatch(saved, _leaf_shapes(abstract_state)):
+      raise CheckpointMismatchError(
+          f'Checkpoint step {step} in {self.directory} was written with '
+          f'another config: {mismatch}. Run with the config it was trained '
+          'with (model size, backbone_norm and backbone_frozen_stages change '
+          'the arrays; a frozen backbone also changes the optimizer state), '
+          'or use another --workdir.')
 
   def _set_aside(self, step: int) -> None:
     """Renames an unrestorable step directory so it is no longer listed."""

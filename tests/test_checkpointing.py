@@ -73,3 +73,23 @@ def test_no_restorable_checkpoint_raises(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path))
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     ckpt.restore(_abstract())
+
+
+@pytest.mark.parametrize('change', ['shape', 'extra_array'])
+def test_checkpoint_of_another_config_raises_and_is_kept(three_steps, change):
+  workdir, d = three_steps
+  wanted = _abstract()
+  if change == 'shape':
+    wanted['w'] = jax.ShapeDtypeStruct([5], jnp.float32,
+                                       sharding=wanted['w'].sharding)
+  else:
+    wanted['b'] = wanted['w']
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match='another config') as e:
+    ckpt.restore(wanted)
+  assert ('(4,) in the checkpoint, (5,) in this config' in str(e.value)
+          if change == 'shape' else 'not in the checkpoint: b' in str(e.value))
+  # Not mistaken for damage: every step is still listed and restorable.
+  assert sorted(os.listdir(d)) == ['1', '2', '3']
+  assert ckpt.restore(_abstract())[1] == 3
