@@ -17,7 +17,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   non-empty subset of c3/c4/c5; ``d_model`` divisible by ``num_heads``;
   batch sizes divisible by the device count; ``mesh_shape`` matching the
   devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known;
-  ``backbone_frozen_stages`` in -1..4.
+  ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4.
   """
   errors = []
   if not config.dataset_dir:
@@ -40,6 +40,9 @@ def check(config: ml_collections.ConfigDict) -> None:
                   f'{conv_lib.IMPLS}.')
   if config.backbone_depth not in (18, 34, 50):
     errors.append(f'backbone_depth={config.backbone_depth} not in 18/34/50.')
+  if config.backbone_norm not in ('batch', 'group', 'frozen_batch'):
+    errors.append(f'backbone_norm={config.backbone_norm!r} not in batch, '
+                  'group, frozen_batch.')
   if not -1 <= config.backbone_frozen_stages <= 4:
     errors.append(f'backbone_frozen_stages={config.backbone_frozen_stages} '
                   'not in -1 (none), 0 (stem), 1..4 (stem + layer1..n).')

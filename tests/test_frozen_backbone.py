@@ -117,6 +117,8 @@ def test_in_frozen_stage_and_bad_values():
     _backbone_grads(frozen_stages=5)
   with pytest.raises(ValueError, match='backbone_frozen_stages=5'):
     config_checks.check(smoke_config('d', backbone_frozen_stages=5))
+  with pytest.raises(ValueError, match="backbone_norm='frozen'"):
+    config_checks.check(smoke_config('d', backbone_norm='frozen'))
 
 
 def test_train_step_leaves_frozen_parameters_exactly_unchanged():
