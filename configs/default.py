@@ -97,9 +97,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Mesh: axis sizes of ('data', 'fsdp'); -1 means all remaining devices.
   # (N, 1): data parallel, replicated state; (1, N): fully sharded (FSDP).
   c.mesh_shape = (-1, 1)
-  # 'fsdp' rule (sharding.py): parameter and optimizer arrays with at least
-  # this many elements are split along 'fsdp' on their largest divisible
-  # dimension; smaller ones are replicated.
+  # How the train state is sharded (sharding.py; big_vision's
+  # sharding_strategy): (regex, strategy) pairs, the first regex matching a
+  # leaf's whole path ('params/decoder/...', 'opt_state/.../mu/decoder/...')
+  # wins; strategy 'fsdp' or 'replicate'; unmatched leaves are replicated.
+  # E.g. --config.sharding_rules="(('.*coord_embed', 'replicate'), ('.*', 'fsdp'))"
+  c.sharding_rules = (('.*', 'fsdp'),)
+  # 'fsdp' strategy: arrays with at least this many elements are split along
+  # 'fsdp' on their largest divisible dimension; smaller ones are replicated.
   c.fsdp_min_param_elements = 2**14
 
   # Loop.

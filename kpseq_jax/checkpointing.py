@@ -23,6 +23,8 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from kpseq_jax import sharding
+
 UNRESTORABLE_SUFFIX = '.unrestorable'
 
 
@@ -30,22 +32,17 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint's train state has other arrays than the config's."""
 
 
-def _leaf_shapes(tree: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """{path: shape} of a pytree's leaves, with dict keys, attribute names
-  and sequence indices all as strings (Orbax stores dataclasses and named
-  tuples as dicts, tuples as lists)."""
-  def name(k):
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        return str(getattr(k, attr))
-    return str(k)
-  return {tuple(name(k) for k in path): tuple(leaf.shape)
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{`sharding.leaf_path`: shape} of a pytree's leaves (Orbax stores
+  dataclasses and named tuples as dicts, tuples as lists; the path names
+  are the same)."""
+  return {sharding.leaf_path(path): tuple(leaf.shape)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _describe_mismatch(saved: dict, wanted: dict, limit: int = 5) -> str:
   """Which leaf paths one side lacks or has with another shape; '' if none."""
-  show = lambda ps: ', '.join('/'.join(p) for p in sorted(ps)[:limit]) + (
+  show = lambda ps: ', '.join(sorted(ps)[:limit]) + (
       f' (+{len(ps) - limit} more)' if len(ps) > limit else '')
   parts = []
   if missing := set(wanted) - set(saved):
@@ -56,7 +53,7 @@ def _describe_mismatch(saved: dict, wanted: dict, limit: int = 5) -> str:
                  f'config: {show(extra)}')
   if shape := {p for p in set(saved) & set(wanted) if saved[p] != wanted[p]}:
     p = sorted(shape)[0]
-    parts.append(f'{len(shape)} arrays differ in shape, e.g. {"/".join(p)}: '
+    parts.append(f'{len(shape)} arrays differ in shape, e.g. {p}: '
                  f'{saved[p]} in the checkpoint, {wanted[p]} in this config')
   return '; '.join(parts)
 

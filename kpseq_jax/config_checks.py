@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 
 from kpseq_jax import conv as conv_lib
+from kpseq_jax import sharding
 
 _LEVELS = ('c3', 'c4', 'c5')
 
@@ -17,7 +18,8 @@ def check(config: ml_collections.ConfigDict) -> None:
   non-empty subset of c3/c4/c5; ``d_model`` divisible by ``num_heads``;
   batch sizes divisible by the device count; ``mesh_shape`` matching the
   devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known;
-  ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4.
+  ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4;
+  ``sharding_rules`` well formed.
   """
   errors = []
   if not config.dataset_dir:
@@ -40,6 +42,10 @@ def check(config: ml_collections.ConfigDict) -> None:
                   f'{conv_lib.IMPLS}.')
   if config.backbone_depth not in (18, 34, 50):
     errors.append(f'backbone_depth={config.backbone_depth} not in 18/34/50.')
+  try:
+    sharding.check_rules(config.sharding_rules)
+  except ValueError as e:
+    errors.append(str(e))
   if config.backbone_norm not in ('batch', 'group', 'frozen_batch'):
     errors.append(f'backbone_norm={config.backbone_norm!r} not in batch, '
                   'group, frozen_batch.')

@@ -2,16 +2,26 @@
 
 The mesh has axes ``('data', 'fsdp')`` (``config.mesh_shape``). Batches are
 split over both axes, so every device sees a distinct slice of the global
-batch. Parameters and optimizer state follow the 'fsdp' rule of big_vision
-(``big_vision/sharding.py``, ``fsdp``) and MaxText's ZeRO-3 layout: each
-array of at least ``config.fsdp_min_param_elements`` elements is split along
-'fsdp' on its largest dimension that the 'fsdp' size divides (ties: the
-later dimension), everything else is replicated; all of it is replicated
-over 'data'. A mesh ``(N, 1)`` is plain data parallelism with replicated
-state; ``(1, N)`` is fully sharded data parallelism. The layout is a rule
-over shapes rather than per-parameter logical-axis names because the
-model's modules carry no axis annotations; Adam's moments have their
-parameter's shape and therefore its sharding.
+batch. Parameters and optimizer state follow ``config.sharding_rules``,
+rules kept as config data as big_vision's ``sharding_strategy``
+(``big_vision/sharding.py``): ``(regex, strategy)`` pairs, the first regex
+that matches a leaf's whole path (`leaf_path`, e.g.
+``params/decoder/layer_0/ffn_1/kernel`` or
+``opt_state/1/0/mu/decoder/layer_0/ffn_1/kernel``; start a pattern with
+``.*`` to catch a parameter and its Adam moments) chooses the strategy:
+
+* ``'fsdp'``: big_vision's ``fsdp`` and MaxText's ZeRO-3 layout: an array of
+  at least ``config.fsdp_min_param_elements`` elements is split along 'fsdp'
+  on its largest dimension that the 'fsdp' size divides (ties: the later
+  dimension), a smaller one is replicated (`fsdp_spec`);
+* ``'replicate'``: replicated.
+
+A leaf no rule matches is replicated. Everything is replicated over 'data'.
+The default ``(('.*', 'fsdp'),)`` with a mesh ``(N, 1)`` is plain data
+parallelism with replicated state; with ``(1, N)`` fully sharded data
+parallelism. Rules match names and strategies read shapes because the
+model's modules carry no logical-axis annotations; Adam's moments have
+their parameter's shape and therefore, under a ``.*`` pattern, its sharding.
 
 Activations: `constrain_batch` pins the image memory (the backbone output
 that every decoder layer reads) to the batch split, so XLA never chooses to
@@ -19,6 +29,7 @@ shard it like the neighbouring sharded weights; it applies inside
 ``jax.set_mesh(mesh)`` (the train loop) and is a no-op without a mesh.
 """
 
+import re
 from typing import Any
 
 import jax
@@ -94,23 +105,78 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int,
   return P(*spec)
 
 
+STRATEGIES = ('fsdp', 'replicate')
+
+
+def leaf_path(path: tuple[Any, ...]) -> str:
+  """'/'-joined names of a `jax.tree_util` key path: dict keys, attribute
+  names and sequence indices, e.g. ``params/backbone/conv1/kernel``."""
+  def name(k):
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        return str(getattr(k, attr))
+    return str(k)
+  return '/'.join(name(k) for k in path)
+
+
+def check_rules(rules: Any) -> tuple[tuple[str, str], ...]:
+  """``rules`` as a tuple of (compiled-checked regex, strategy) pairs.
+
+  Raises:
+    ValueError: a rule that is not a (regex, strategy) pair, a regex that
+      does not compile, or a strategy not in `STRATEGIES`; the message
+      names the rule.
+  """
+  out = []
+  for i, rule in enumerate(rules):
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and
+            all(isinstance(r, str) for r in rule)):
+      raise ValueError(f'sharding_rules[{i}] = {rule!r} is not a '
+                       '(regex, strategy) pair of strings.')
+    pattern, strategy = rule
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'sharding_rules[{i}]: bad regex {pattern!r}: {e}'
+                       ) from None
+    if strategy not in STRATEGIES:
+      raise ValueError(f'sharding_rules[{i}]: strategy {strategy!r} not in '
+                       f'{STRATEGIES}.')
+    out.append((pattern, strategy))
+  return tuple(out)
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh,
-                    min_elements: int = 2**14) -> Any:
-  """Shardings for every leaf of the (abstract) train state (`fsdp_spec`).
+                    min_elements: int = 2**14,
+                    rules: Any = (('.*', 'fsdp'),)) -> Any:
+  """Shardings for every leaf of the (abstract) train state.
 
   Args:
     abstract_state: pytree of arrays or `jax.ShapeDtypeStruct`.
     mesh: the ('data', 'fsdp') mesh.
-    min_elements: arrays smaller than this are replicated
+    min_elements: under 'fsdp', arrays smaller than this are replicated
       (``config.fsdp_min_param_elements``).
+    rules: ``(regex, strategy)`` pairs (``config.sharding_rules``; see the
+      module docstring): the first regex that fully matches the leaf's
+      `leaf_path` decides; no match: replicated.
 
   Returns:
     the same pytree of `NamedSharding`.
+
+  Raises:
+    ValueError: bad ``rules`` (`check_rules`).
   """
+  rules = check_rules(rules)
   fsdp = mesh.shape[FSDP_AXIS]
-  return jax.tree.map(
-      lambda a: NamedSharding(mesh, fsdp_spec(a.shape, fsdp, min_elements)),
-      abstract_state)
+
+  def shard(path, a):
+    strategy = next((st for pattern, st in rules
+                     if re.fullmatch(pattern, leaf_path(path))), 'replicate')
+    spec = (fsdp_spec(a.shape, fsdp, min_elements) if strategy == 'fsdp'
+            else P())
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(shard, abstract_state)
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

@@ -192,7 +192,8 @@ def abstract_train_state(config: ml_collections.ConfigDict,
   abstract = jax.eval_shape(_init_fn(config, model, tx),
                             jax.random.PRNGKey(config.seed))
   shardings = sharding.state_shardings(abstract, mesh,
-                                       config.fsdp_min_param_elements)
+                                       config.fsdp_min_param_elements,
+                                       config.sharding_rules)
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, shardings)

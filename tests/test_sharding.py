@@ -6,13 +6,61 @@ one subprocess (`sharding_worker.py`, XLA_FLAGS set before JAX starts; the
 device.
 """
 
+import jax
+import jax.numpy as jnp
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
-from jax.sharding import PartitionSpec as P
+import pytest
 
 from kpseq_jax import sharding
 from sharding_worker import MESHES
 
 # `mesh_run` (conftest.py): the 8-device subprocess, once per session.
+
+
+def _specs(rules, min_elements=1):
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  tree = {'params': {'coord_embed': f32(512, 256),
+                     'decoder': {'ffn': {'kernel': f32(256, 1024)}}},
+          'opt_state': ({'mu': {'coord_embed': f32(512, 256),
+                                'decoder': {'ffn': {'kernel': f32(256, 1024)}}}},),
+          'step': jax.ShapeDtypeStruct((), jnp.int32)}
+  shardings = sharding.state_shardings(
+      tree, AbstractMesh((1, 2), sharding.MESH_AXES), min_elements, rules)
+  return {sharding.leaf_path(p): s.spec for p, s in
+          jax.tree_util.tree_leaves_with_path(
+              shardings, is_leaf=lambda x: hasattr(x, 'spec'))}
+
+
+def test_sharding_rules_first_full_match_wins_and_unmatched_replicate():
+  default = _specs((('.*', 'fsdp'),))
+  assert default['params/coord_embed'] == P('fsdp', None)
+  assert default['opt_state/0/mu/decoder/ffn/kernel'] == P(None, 'fsdp')
+  assert default['step'] == P()  # Scalar: nothing divisible.
+  # A '.*' pattern catches the parameter and its Adam moment.
+  specs = _specs((('.*coord_embed', 'replicate'), ('.*', 'fsdp')))
+  assert specs['params/coord_embed'] == specs['opt_state/0/mu/coord_embed'] == P()
+  assert specs['params/decoder/ffn/kernel'] == P(None, 'fsdp')
+  # Full match, not search: 'params/decoder.*' leaves the moments alone,
+  # and what no rule matches is replicated.
+  specs = _specs((('params/decoder.*', 'fsdp'),))
+  assert specs['params/decoder/ffn/kernel'] == P(None, 'fsdp')
+  assert specs['opt_state/0/mu/decoder/ffn/kernel'] == P()
+  assert specs['params/coord_embed'] == P()
+  # The size floor still applies under 'fsdp'.
+  assert _specs((('.*', 'fsdp'),), 10**6)['params/coord_embed'] == P()
+
+
+@pytest.mark.parametrize('rules, message', [
+    ((('.*', 'shard'),), "strategy 'shard'"),
+    ((('(', 'fsdp'),), 'bad regex'),
+    ((('.*',),), 'not a \\(regex, strategy\\) pair'),
+])
+def test_bad_sharding_rules_name_the_rule(rules, message):
+  with pytest.raises(ValueError, match=r'sharding_rules\[0\]'):
+    sharding.check_rules(rules)
+  with pytest.raises(ValueError, match=message):
+    sharding.check_rules(rules)
 
 
 def test_fsdp_spec_shards_the_largest_divisible_dimension():
