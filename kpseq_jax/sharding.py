@@ -120,7 +120,11 @@ def leaf_path(path: tuple[Any, ...]) -> str:
 
 
 def check_rules(rules: Any) -> tuple[tuple[str, str], ...]:
-  """``rules`` as a tuple of (compiled-checked regex, strategy) pairs.
+  """``rules`` validated, as a tuple of ``(regex, strategy)`` string pairs.
+
+  Args:
+    rules: sequence of ``(regex, strategy)`` pairs (``config.sharding_rules``;
+      a config override gives tuples, a JSON config lists).
 
   Raises:
     ValueError: a rule that is not a (regex, strategy) pair, a regex that
