@@ -23,7 +23,10 @@ one record per valid annotation with features
 and `info.metadata` keys: categories (list of dicts sorted by id: id, name,
 supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs; indices
 0-based), max_num_keypoints, source_files (split -> file), split_sizes (split ->
-records). OUT/prep_report.json lists what was skipped and why (see report.py).
+records), episode_pools (split -> `episodes.EpisodePool.to_json()`, the instances
+MP-100's CAPE episodes are drawn from) and episode_pool_errors (split -> why its
+file has no pool). OUT/prep_report.json lists what was skipped and why (see
+report.py).
 
 The build runs in a temporary directory next to OUT and is moved into place at
 the end, so a failed run leaves no OUT and never touches an existing one
@@ -47,6 +50,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import categories as categories_lib
 from data_prep import coco
+from data_prep import episodes
 from data_prep import records
 from data_prep import report as report_lib
 from data_prep import tfds_builder
@@ -108,7 +112,9 @@ def build_dataset(
   files = load_files(annotation_paths)
   categories = categories_lib.build_category_table(list(files.values()))
   report = new_report(files, categories, out_dir)
-  plan = tfds_builder.BuildPlan(files=files, categories=categories, image_root=Path(image_root), report=report)
+  pools, pool_errors = episodes.split_pools(annotation_paths)
+  plan = tfds_builder.BuildPlan(files=files, categories=categories, image_root=Path(image_root), report=report,
+                                episode_pools=pools, episode_pool_errors=pool_errors)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp_dir = out_dir.parent / f'.{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}'
   try:

@@ -57,6 +57,9 @@ class BuildPlan:
   categories: dict[int, categories_lib.Category]
   image_root: Path
   report: report_lib.BuildReport
+  # Split -> `episodes.EpisodePool.to_json()` of its file / why it has none.
+  episode_pools: dict[str, dict] = dataclasses.field(default_factory=dict)
+  episode_pool_errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
@@ -83,6 +86,8 @@ class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             max_num_keypoints=max((c['num_keypoints'] for c in categories), default=0),
             source_files={split: str(f.path) for split, f in self._plan.files.items()},
             split_sizes={},
+            episode_pools=self._plan.episode_pools,
+            episode_pool_errors=self._plan.episode_pool_errors,
         ),
     )
 
