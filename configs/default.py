@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data: a data set written by `python -m data_prep.build`.
   c.dataset_dir = ''  # Directory holding the ArrayRecord data set.
+  # 'supervised': the test categories are trained on. ('cape', category-
+  # agnostic pose on categories never seen in training, is configs/mp100.py's
+  # split of the data.)
+  c.setting = 'supervised'
   c.train_split = 'train'
   c.eval_split = 'test'
   c.max_num_keypoints = 68  # Longest category in MP-100 -> 4 * 68 + 2 tokens.
@@ -53,10 +57,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.backbone_frozen_stages = 1  # -1: none; 0: stem; n: stem + layer1..n.
   # Convolutions: 'xla' (lax.conv), 'gemm' (1x1 convs and weight gradients as
   # matmuls; XLA:CPU's backward-filter conv is slow) or 'auto' ('gemm' on
-  # CPU, 'xla' on GPU/TPU). Same parameters and values; see kpseq_jax/conv.py.
+  # CPU, 'xla' on GPU/TPU). Same parameters and values; see kpseq_jax/models/conv.py.
   c.backbone_conv_impl = 'auto'
   # ImageNet ResNet weights (torchvision/timm state dict, .safetensors, or
-  # .pth with torch installed; see kpseq_jax/pretrained.py), loaded into the
+  # .pth with torch installed; see kpseq_jax/models/pretrained.py), loaded into the
   # backbone at initialisation. '' = random init. Nothing is downloaded.
   # With 'frozen_batch' the BatchNorm statistics and affine parameters stay
   # at the file's values, and frozen stages keep all of theirs.
@@ -118,6 +122,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0
   c.num_eval_examples = -1  # -1: the whole eval split.
   c.worker_count = 0  # Grain worker processes (0: in the main process).
+
+  # Allowed values of enumerated fields, checked before anything compiles
+  # (kpseq_jax/training/config_checks.py); configs add their own fields.
+  c.field_choices = ml_collections.ConfigDict(
+      dict(setting=('supervised', 'cape')))
 
   c.lock()
   return c

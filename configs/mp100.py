@@ -24,7 +24,7 @@ MP-100"):
   python -m kpseq_jax.main --config configs/mp100.py --config.split=1 \
     --workdir runs/mp100_cape_split1
 
-The test set is evaluated by MP-100's protocol (`kpseq_jax/metrics.py`);
+The test set is evaluated by MP-100's protocol (`kpseq_jax/evaluation/metrics.py`);
 the paper figure is the mean over the five splits.
 """
 
@@ -32,14 +32,13 @@ import ml_collections
 
 from configs import default
 
-SETTINGS = ('cape', 'supervised')
-
 
 def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
   with c.unlocked():
     c.split = 1
-    c.setting = 'cape'
+    c.field_choices.split = (1, 2, 3, 4, 5)
+  c.setting = 'cape'
   # Lazy: 'data/mp100_cape_split1', 'data/mp100_supervised_split3', ...
   c.dataset_dir = ('data/mp100_' + c.get_ref('setting') + '_split' +
                    c.get_ref('split').to_str())

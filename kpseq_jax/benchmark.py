@@ -52,15 +52,16 @@ from ml_collections import config_flags
 import numpy as np
 
 from configs import default as default_config
-from kpseq_jax import conv as conv_lib
-from kpseq_jax import decoding
-from kpseq_jax import host_memory
-from kpseq_jax import input_pipeline
-from kpseq_jax import sequence
-from kpseq_jax import sharding
-from kpseq_jax import train
-from kpseq_jax import train_state as ts
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.models import conv as conv_lib
+from kpseq_jax.inference import decoding
+from kpseq_jax.runtime import host_memory
+from kpseq_jax.data import dataset
+from kpseq_jax.data import pipeline
+from kpseq_jax.sequence import grammar
+from kpseq_jax.runtime import sharding
+from kpseq_jax.training import step as step_lib
+from kpseq_jax.training import train_state as ts
+from kpseq_jax.sequence import vocab as vocab_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -115,17 +116,20 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int,
   """Random crops and tokenised random keypoints (all labelled, K = Kmax).
 
   Returns:
-    dict of numpy arrays with the fields of `train.TRAIN_FIELDS`: image
-    uint8 [B, S, S, 3] and the `sequence.build_sequence` fields [B, L, ...].
+    dict of numpy arrays with the fields of `step.TRAIN_FIELDS`: image
+    uint8 [B, S, S, 3] and the `grammar.build_sequence` fields [B, L, ...].
   """
   rng = np.random.default_rng(seed)
   kmax, s = config.max_num_keypoints, config.image_size_px
-  vocab = vocab_lib.Vocab(config.num_bins)
+  vocab = vocab_lib.from_config(config)
+  if vocab.num_prefix_tokens:
+    raise ValueError('the benchmark has no category tokens: pass '
+                     '--config.category_conditioning=False')
   seqs = []
   for _ in range(batch_size):
     kps = np.concatenate([rng.uniform(0.05, 0.95, [kmax, 2]),
                           np.ones([kmax, 1])], -1).astype(np.float32)
-    seqs.append(sequence.build_sequence(kps, kmax, vocab, kmax))
+    seqs.append(grammar.build_sequence(kps, kmax, vocab, kmax))
   batch = {k: np.stack([q[k] for q in seqs]) for k in seqs[0]}
   batch['image'] = rng.integers(0, 256, [batch_size, s, s, 3], np.uint8)
   return batch
@@ -172,7 +176,7 @@ def _memory(compiled) -> dict:
 
 
 def _compile_step(config: ml_collections.ConfigDict):
-  """`train.train_step` for ``config`` compiled on its mesh.
+  """The train step (`step.make_train_step`) for ``config``, compiled.
 
   Returns:
     (compiled step, seconds to compile, train state, global batch).
@@ -181,19 +185,13 @@ def _compile_step(config: ml_collections.ConfigDict):
   model = ts.create_model(config)
   train_size = 1000  # Only shapes the (constant-here) learning-rate schedule.
   tx = ts.create_optimizer(config, train_size)
-  schedule = ts.learning_rate_schedule(config, train_size)
   state = ts.create_train_state(config, model, tx, mesh)
-  state_shardings = jax.tree.map(lambda a: a.sharding, state)
   local = synthetic_batch(config, config.batch_size)
-  batch = sharding.global_batch({k: local[k] for k in train.TRAIN_FIELDS},
-                                mesh)
-  step = jax.jit(
-      lambda s, b: train.train_step(
-          s, b, model=model, tx=tx, schedule=schedule,
-          ce_weight=config.ce_weight, l1_weight=config.l1_weight),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
+  batch = sharding.global_batch(
+      {k: local[k] for k in step_lib.TRAIN_FIELDS}, mesh)
+  step = step_lib.make_train_step(
+      config, model, tx, ts.learning_rate_schedule(config, train_size),
+      jax.tree.map(lambda a: a.sharding, state), mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
   return compiled, time.perf_counter() - t0, state, batch
@@ -221,7 +219,7 @@ _MODEL_FLOPS: dict[str, float] = {}  # Config JSON -> `model_flops`.
 
 def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
                        peak_flops: float) -> dict:
-  """Compiles `train.train_step` for ``config`` and times it.
+  """Compiles the train step for ``config`` and times it.
 
   Returns:
     dict: seconds_per_step (median), flops_per_step (`model_flops`),
@@ -274,16 +272,16 @@ def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
   variables = jax.jit(lambda r: model.init(r, *ts.dummy_inputs(c),
                                            train=False))(jax.random.PRNGKey(0))
   # Suppress <eos> so that every image decodes all K groups.
-  eos = vocab_lib.Vocab(c.num_bins).eos
+  eos = model.vocab.eos
   head = dict(variables['params']['class_head'])
   head['bias'] = head['bias'].at[eos].add(-1e4)
   variables = dict(variables,
                    params=dict(variables['params'], class_head=head))
   out = {}
   for k in ks:
-    fig = dict(num_tokens=sequence.seq_len(k))
-    for b in (1, batch_size):
-      ims = jnp.asarray(images[:b])
+    fig = dict(num_tokens=grammar.seq_len(k))
+    for b in sorted({1, batch_size}):  # Batch 1 once if batch_size is 1.
+      ims = {'image': jnp.asarray(images[:b])}
       for name, fn in (('cached', decoding.cached_greedy_decode),
                        ('reference', decoding.greedy_decode)):
         compiled = jax.jit(
@@ -297,8 +295,7 @@ def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
                               reps if name == 'cached' else 1)
         if b == 1:
           fig[f'{name}_seconds_per_image_batch1'] = seconds
-        else:
-          fig[f'{name}_images_per_s_batch{b}'] = b / seconds
+        fig[f'{name}_images_per_s_batch{b}'] = b / seconds
     fig['speedup_batch1'] = (fig['reference_seconds_per_image_batch1'] /
                              fig['cached_seconds_per_image_batch1'])
     fig[f'speedup_batch{batch_size}'] = (
@@ -324,10 +321,10 @@ def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
   if not os.path.isdir(config.dataset_dir):
     return dict(skipped=f'no data set at {config.dataset_dir!r}; build it '
                 'with `python -m data_prep.build` (see README).')
-  info = input_pipeline.load_info(config.dataset_dir)
+  info = dataset.load_info(config.dataset_dir)
   num_batches = -(-num_examples // config.batch_size)
   t0 = time.perf_counter()
-  it = iter(input_pipeline.create_train_dataset(config, info))
+  it = iter(pipeline.create_train_dataset(config, info))
   for _ in range(num_batches):
     next(it)
   seconds = time.perf_counter() - t0

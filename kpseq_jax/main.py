@@ -22,10 +22,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from kpseq_jax import distributed
-from kpseq_jax import evaluate
-from kpseq_jax import host_memory
-from kpseq_jax import predict
+from kpseq_jax.runtime import distributed
+from kpseq_jax.evaluation import evaluate
+from kpseq_jax.runtime import host_memory
+from kpseq_jax.inference import predict
 from kpseq_jax import train
 
 FLAGS = flags.FLAGS

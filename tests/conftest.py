@@ -1,11 +1,24 @@
-"""Shared fixtures: the real data in ../shared/data and data sets built from it."""
+"""Shared fixtures: the real data in ../shared/data and data sets built from it.
 
+JAX's persistent compilation cache is on for the whole session (and the
+subprocesses tests start, through the environment): many tests compile the
+same smoke-config train step or decoder, and reading it back takes seconds
+where compiling takes tens of seconds. The cache lives in
+``.pytest_cache/jax_compilation`` (git-ignored; its keys include the JAX
+version, the computation and the backend, so a stale entry is never used).
+"""
+
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      str(REPO / '.pytest_cache' / 'jax_compilation'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 
 @pytest.fixture(scope='session')

@@ -18,7 +18,6 @@ Modes (``args['mode']``):
     ``ckpt_dir``, reports the losses.
 """
 
-import functools
 import json
 import os
 import subprocess
@@ -32,12 +31,13 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 import conftest
-from kpseq_jax import checkpointing
-from kpseq_jax import distributed
-from kpseq_jax import input_pipeline
-from kpseq_jax import sharding
-from kpseq_jax import train
-from kpseq_jax import train_state as ts
+from kpseq_jax.training import checkpointing
+from kpseq_jax.runtime import distributed
+from kpseq_jax.data import dataset
+from kpseq_jax.data import pipeline
+from kpseq_jax.runtime import sharding
+from kpseq_jax.training import step as step_lib
+from kpseq_jax.training import train_state as ts
 
 
 MESHES = [[1, 1], [8, 1], [4, 2], [1, 8]]  # (data, fsdp) on 8 devices.
@@ -61,7 +61,7 @@ def mesh_for(shape):
 
 
 class Trainer:
-  """The train step of `train.train_and_evaluate` on one mesh."""
+  """The production train step (`step.make_train_step`) on one mesh."""
 
   def __init__(self, config, train_size, mesh):
     self.config, self.mesh = config, mesh
@@ -69,13 +69,10 @@ class Trainer:
     self.tx = ts.create_optimizer(config, train_size)
     self.abstract = ts.abstract_train_state(config, self.model, self.tx, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
-    self.step_fn = jax.jit(
-        functools.partial(
-            train.train_step, model=self.model, tx=self.tx,
-            schedule=ts.learning_rate_schedule(config, train_size),
-            ce_weight=config.ce_weight, l1_weight=config.l1_weight),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)))
+    self.step_fn = step_lib.make_train_step(
+        config, self.model, self.tx,
+        ts.learning_rate_schedule(config, train_size), shardings, mesh,
+        donate=False)
 
   def init(self):
     return ts.create_train_state(self.config, self.model, self.tx, self.mesh)
@@ -87,7 +84,7 @@ class Trainer:
 
   def step(self, state, local_batch):
     batch = sharding.global_batch(
-        {k: local_batch[k] for k in train.TRAIN_FIELDS}, self.mesh)
+        {k: local_batch[k] for k in step_lib.TRAIN_FIELDS}, self.mesh)
     with jax.set_mesh(self.mesh):
       state, metrics = self.step_fn(state, batch)
     return state, float(metrics['loss'])
@@ -101,9 +98,9 @@ def num_fsdp_sharded(tree) -> int:
 
 def run_meshes(args):
   config = tiny_config(args['dataset_dir'])
-  info = input_pipeline.load_info(config.dataset_dir)
+  info = dataset.load_info(config.dataset_dir)
   train_size = info.split_sizes[config.train_split]
-  it = iter(input_pipeline.create_train_dataset(config, info))
+  it = iter(pipeline.create_train_dataset(config, info))
   batches = [next(it) for _ in range(args['steps'])]
   out = {'losses': {}, 'fsdp_sharded': {}, 'fsdp_sharded_params': {},
          'num_arrays': None,
@@ -149,10 +146,10 @@ def run_process(args):
                          args['process_id'])
   config = tiny_config(args['dataset_dir'])
   config.mesh_shape = tuple(args.get('mesh', (-1, 1)))
-  info = input_pipeline.load_info(config.dataset_dir)
+  info = dataset.load_info(config.dataset_dir)
   train_size = info.split_sizes[config.train_split]
   trainer = Trainer(config, train_size, sharding.create_mesh(config.mesh_shape))
-  it = iter(input_pipeline.create_train_dataset(config, info))
+  it = iter(pipeline.create_train_dataset(config, info))
   state, losses = trainer.init(), []
   for _ in range(args['steps']):
     state, loss = trainer.step(state, next(it))

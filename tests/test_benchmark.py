@@ -38,7 +38,7 @@ def test_benchmark_tiny_mode_json():
       step['flops_per_step'] / step['seconds_per_step']
       / report['matmul_peak']['flops_per_s'])
   assert _positive(report['train_step']['config']['gemm_conv_speedup'])
-  assert report['host_memory']
+  assert report['host_memory'].startswith(('glibc:', 'skipped:'))
   assert 'paper' not in report['train_step']
   k2 = report['decoding']['K2']
   for key in ('speedup_batch1', 'speedup_batch2',

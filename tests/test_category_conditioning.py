@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kpseq_jax import decoding
-from kpseq_jax import model as model_lib
-from kpseq_jax import sequence
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.inference import decoding
+from kpseq_jax.models import model as model_lib
+from kpseq_jax.sequence import grammar
+from kpseq_jax.sequence import vocab as vocab_lib
 
 KMAX = 3
 NUM_CATEGORIES = 5
@@ -23,9 +23,9 @@ def test_vocab_puts_categories_after_the_special_tokens():
 def test_sequence_is_the_plain_one_shifted_behind_the_category():
   v = vocab_lib.Vocab(10, NUM_CATEGORIES)
   kps = np.array([[0.1, 0.2, 2], [0.5, 0.5, 0], [0.9, 0.3, 1]], np.float32)
-  plain = sequence.build_sequence(kps, 3, v, KMAX)
-  cat = sequence.build_sequence(kps, 3, v, KMAX, v.category(2))
-  assert len(cat['input_tokens']) == sequence.seq_len(KMAX, 1) == 14
+  plain = grammar.build_sequence(kps, 3, vocab_lib.Vocab(10), KMAX)
+  cat = grammar.build_sequence(kps, 3, v, KMAX, v.category(2))
+  assert len(cat['input_tokens']) == grammar.seq_len(KMAX, 1) == 14
   np.testing.assert_array_equal(
       cat['input_tokens'][:4], [v.bos, v.category(2), v.coord, 1])
   np.testing.assert_array_equal(cat['input_tokens'][2:],
@@ -41,13 +41,13 @@ def test_sequence_is_the_plain_one_shifted_behind_the_category():
 
 def _model(num_categories, length):
   return model_lib.KeypointSequenceModel(
-      num_bins=16, backbone_depth=18, feature_levels=('c5',), d_model=32,
-      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0, max_seq_len=length,
-      num_categories=num_categories)
+      vocab=vocab_lib.Vocab(16, num_categories), backbone_depth=18,
+      feature_levels=('c5',), d_model=32, num_heads=2, num_layers=2,
+      ffn_dim=64, dropout=0.0, max_seq_len=length)
 
 
 def test_embedding_axes_follow_the_shifted_grammar():
-  length = sequence.seq_len(KMAX, 1)
+  length = grammar.seq_len(KMAX, 1)
   m = _model(NUM_CATEGORIES, length)
   v = m.vocab
   images = jnp.zeros([1, 32, 32, 3], jnp.uint8)
@@ -69,7 +69,7 @@ def test_embedding_axes_follow_the_shifted_grammar():
 
 
 def test_cached_decoder_matches_reference_and_emits_the_category():
-  length = sequence.seq_len(KMAX, 1)
+  length = grammar.seq_len(KMAX, 1)
   m = _model(NUM_CATEGORIES, length)
   v = m.vocab
   images = jax.random.randint(jax.random.PRNGKey(1), [3, 32, 32, 3], 0,
@@ -77,16 +77,23 @@ def test_cached_decoder_matches_reference_and_emits_the_category():
   variables = m.init(jax.random.PRNGKey(2), images,
                      jnp.zeros([3, length], jnp.int32),
                      jnp.zeros([3, length]), train=False)
+  # <eos> suppressed: every group is decoded and checked below.
+  head = dict(variables['params']['class_head'])
+  head['bias'] = head['bias'].at[v.eos].add(-1e4)
+  variables = dict(variables, params=dict(variables['params'],
+                                          class_head=head))
   cats = jnp.array([v.category(0), v.category(3), v.category(4)], jnp.int32)
-  ref = jax.jit(lambda var, im, c: decoding.greedy_decode(
-      m, var, im, KMAX, c))(variables, images, cats)
-  cached = jax.jit(lambda var, im, c: decoding.cached_greedy_decode(
-      m, var, im, KMAX, c))(variables, images, cats)
+  inputs = {'image': images, 'category_token': cats}
+  ref = jax.jit(lambda var, x: decoding.greedy_decode(m, var, x, KMAX))(
+      variables, inputs)
+  cached = jax.jit(lambda var, x: decoding.cached_greedy_decode(
+      m, var, x, KMAX))(variables, inputs)
   np.testing.assert_array_equal(cached['tokens'], ref['tokens'])
   np.testing.assert_allclose(cached['keypoints'], ref['keypoints'],
                              atol=1e-6)
   tokens = np.asarray(ref['tokens'])
   assert tokens.shape == (3, length)
+  np.testing.assert_array_equal(ref['num_keypoints'], KMAX)
   np.testing.assert_array_equal(tokens[:, 0], v.bos)
   np.testing.assert_array_equal(tokens[:, 1], cats)
   # Then the plain grammar: <coord> or <eos> at each group start.

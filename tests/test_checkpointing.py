@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpseq_jax import checkpointing
+from kpseq_jax.training import checkpointing
 
 
 def _state(v):

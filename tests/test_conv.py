@@ -6,8 +6,8 @@ import numpy as np
 import flax.linen as nn
 import pytest
 
-from kpseq_jax import conv
-from kpseq_jax.resnet import ResNet
+from kpseq_jax.models import conv
+from kpseq_jax.models.resnet import ResNet
 
 
 def _xla_reference(x, kernel, stride):

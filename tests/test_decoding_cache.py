@@ -5,28 +5,30 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpseq_jax import decoding
-from kpseq_jax import model as model_lib
-from kpseq_jax import sequence
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.inference import decoding
+from kpseq_jax.inference import predictor
+from kpseq_jax.models import model as model_lib
+from kpseq_jax.sequence import grammar
+from kpseq_jax.sequence import vocab as vocab_lib
 
 KMAX = 4
-LENGTH = sequence.seq_len(KMAX)
+LENGTH = grammar.seq_len(KMAX)
 BATCH = 3
 
 
 @pytest.fixture(scope='module')
 def model():
   return model_lib.KeypointSequenceModel(
-      num_bins=16, backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
+      vocab=vocab_lib.Vocab(16), backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
       num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0, max_seq_len=LENGTH)
 
 
 @pytest.fixture(scope='module')
 def decoders(model):
-  ref = jax.jit(lambda v, im: decoding.greedy_decode(model, v, im, KMAX))
-  cached = jax.jit(
-      lambda v, im: decoding.cached_greedy_decode(model, v, im, KMAX))
+  ref = jax.jit(lambda v, im: decoding.greedy_decode(
+      model, v, {'image': im}, KMAX))
+  cached = jax.jit(lambda v, im: decoding.cached_greedy_decode(
+      model, v, {'image': im}, KMAX))
   return ref, cached
 
 
@@ -95,7 +97,7 @@ def test_decode_step_matches_teacher_forcing(model):
   rng = np.random.default_rng(0)
   kps = np.concatenate([rng.uniform(size=[BATCH, KMAX, 2]),
                         np.ones([BATCH, KMAX, 1])], -1).astype(np.float32)
-  seqs = [sequence.build_sequence(k, KMAX, vocab, KMAX) for k in kps]
+  seqs = [grammar.build_sequence(k, KMAX, vocab, KMAX) for k in kps]
   tokens = jnp.asarray(np.stack([s['input_tokens'] for s in seqs]))
   coords = jnp.asarray(np.stack([s['input_coords'] for s in seqs]))
   memory = model.apply(variables, images, train=False, method=model.encode)
@@ -118,6 +120,7 @@ def test_make_decode_fn_defaults_to_cached(model):
   variables, images = _init(model, 0)
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  fast = decoding.make_decode_fn(model, KMAX, rep, rep)
-  slow = decoding.make_decode_fn(model, KMAX, rep, rep, cached=False)
-  _assert_same(slow(variables, images), fast(variables, images))
+  fast = predictor.make_decode_fn(model, KMAX, rep, rep)
+  slow = predictor.make_decode_fn(model, KMAX, rep, rep, cached=False)
+  _assert_same(slow(variables, {'image': images}),
+               fast(variables, {'image': images}))

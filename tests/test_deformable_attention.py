@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpseq_jax import deformable_attention as da
+from kpseq_jax.models import deformable_attention as da
 
 # 1 level, H=2, W=3, one head of dim 1: value[i, j] = 3 i + j + 1.
 _MAP = np.array([[1., 2., 3.], [4., 5., 6.]], np.float32)
@@ -171,6 +171,6 @@ def test_module_offsets_are_in_pixels_of_each_level():
 
 def test_rejects_mismatched_shapes():
   value = jnp.zeros((1, 7, 1, 1))
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='S=7 positions.*sum to 6'):
     da.ms_deform_attn_sample(value, _SHAPES, jnp.zeros((1, 1, 1, 1, 1, 2)),
                              jnp.zeros((1, 1, 1, 1, 1)))

@@ -6,29 +6,48 @@ import jax
 import numpy as np
 
 import conftest
-from kpseq_jax import checkpointing
-from kpseq_jax import evaluate
 from kpseq_jax import train
-from kpseq_jax import train_state as ts
+from kpseq_jax.data import dataset
+from kpseq_jax.data import pipeline
+from kpseq_jax.evaluation import evaluate
+from kpseq_jax.evaluation import metrics
+from kpseq_jax.evaluation import report as report_lib
+from kpseq_jax.inference import predictor
+from kpseq_jax.runtime import scalar_log
+from kpseq_jax.runtime import sharding
+from kpseq_jax.training import checkpointing
+from kpseq_jax.training import step as step_lib
+from kpseq_jax.training import train_state as ts
 
 
 # `trained` (conftest.py): the smoke config trained 2 steps, once per session.
 
 
-def test_training_saves_a_checkpoint_and_writes_the_eval(trained):
+def test_training_saves_a_checkpoint_and_writes_the_eval(trained,
+                                                        shared_data):
   config, workdir, report = trained
   assert checkpointing.Checkpointer(str(workdir)).latest_step() == 2
   saved = json.loads((workdir / 'eval_test.json').read_text())
-  assert saved == report
-  assert report['num_instances'] == config.num_eval_examples == 8
-  assert report['checkpoint_step'] == 2
-  assert 0.0 <= report['pck'] <= 1.0
+  assert report_lib.EvalReport.from_dict(saved) == report
+  assert report.num_instances == config.num_eval_examples == 8
+  assert report.checkpoint_step == 2
   # The mean-pose floor is a real figure on these frames, not a placeholder.
-  assert 0.0 < report['baseline_mean_pose_pck'] < 1.0
+  assert 0.0 < report.baseline_pck < 1.0
   preds = json.loads((workdir / 'predictions_test.json').read_text())
   assert len(preds) == 8
-  assert all(len(p['keypoints']) == 4 * 3 for p in preds)
   assert {p['category_id'] for p in preds} == {1}
+  # The reported PCK is the PCK of the written predictions against the
+  # annotation file's ground truth.
+  gt = json.loads((shared_data / 'dlc_openfield' / 'annotations' /
+                   'test.json').read_text())
+  anns = {a['image_id']: a for a in gt['annotations']}
+  acc = metrics.PCKAccumulator()
+  for p in preds:
+    a = anns[p['image_id']]
+    acc.update(np.array([1]), np.reshape(p['keypoints'], [1, 4, 3])[..., :2],
+               np.reshape(a['keypoints'], [1, 4, 3]), np.array([a['bbox']]))
+  assert acc.result().pck == report.pck
+  assert abs(acc.result().mean_error_px - report.mean_error_px) < 1e-3
 
 
 def test_eval_mode_restores_and_reproduces_the_figures(trained):
@@ -37,30 +56,45 @@ def test_eval_mode_restores_and_reproduces_the_figures(trained):
   assert again == report  # Same checkpoint, same decoding: same figures.
 
 
-def test_restored_state_equals_the_trained_one(trained, dlc_dataset):
+def test_restored_state_equals_the_trained_one(trained):
+  """The checkpoint holds exactly the state two train steps produce: the
+  same two steps, run here from a fresh initialisation on the same
+  batches, give the restored parameters and statistics bit for bit."""
   config, workdir, _ = trained
-  from kpseq_jax import input_pipeline, sharding
-  info = input_pipeline.load_info(config.dataset_dir)
+  info = dataset.load_info(config.dataset_dir)
+  train_size = info.split_sizes['train']
   mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, step = evaluate.restore_state(config, str(workdir), mesh,
-                                              info.split_sizes['train'])
-  assert step == 2 and int(state.step) == 2
-  fresh = ts.create_train_state(config, model, ts.create_optimizer(
-      config, info.split_sizes['train']), mesh)
-  diffs = jax.tree.leaves(jax.tree.map(
-      lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
-      state.params, fresh.params))
-  assert max(diffs) > 0  # Two AdamW steps moved the parameters.
+  model, restored, step = predictor.restore_state(config, str(workdir), mesh,
+                                                  train_size)
+  assert step == 2 and int(restored.step) == 2
+  tx = ts.create_optimizer(config, train_size)
+  state = ts.create_train_state(config, model, tx, mesh)
+  step_fn = step_lib.make_train_step(
+      config, model, tx, ts.learning_rate_schedule(config, train_size),
+      jax.tree.map(lambda a: a.sharding, state), mesh)
+  batches = iter(pipeline.create_train_dataset(config, info))
+  with jax.set_mesh(mesh):
+    for _ in range(2):
+      local = next(batches)
+      state, _ = step_fn(state, sharding.global_batch(
+          {k: local[k] for k in step_lib.TRAIN_FIELDS}, mesh))
+  for name in ('params', 'batch_stats', 'opt_state'):
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.device_get(getattr(restored, name)),
+                 jax.device_get(getattr(state, name)))
 
 
 def test_running_again_resumes_from_the_checkpoint(trained, tmp_path):
+  """A longer run in the same workdir trains only the new step: one new
+  line in metrics.jsonl (step 3), and a checkpoint at 3 beside 1 and 2."""
   config, workdir, _ = trained
   import shutil
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
+  before = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
   more = conftest.smoke_config(config.dataset_dir, num_train_steps=3)
   train.train_and_evaluate(more, str(resumed_dir))
-  ckpt = checkpointing.Checkpointer(str(resumed_dir))
-  assert ckpt.latest_step() == 3
-  # Step 3 started from step 2's state: both checkpoints exist.
-  assert sorted(ckpt._manager.all_steps()) == [1, 2, 3]
+  after = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
+  assert after[:len(before)] == before
+  assert [json.loads(l)['step'] for l in after[len(before):]] == [3]
+  assert checkpointing.Checkpointer(str(resumed_dir)).all_steps() == [1, 2, 3]

@@ -12,9 +12,9 @@ import pytest
 
 from configs import default as default_config
 from kpseq_jax import benchmark
-from kpseq_jax import config_checks
-from kpseq_jax import resnet
-from kpseq_jax import train_state as ts
+from kpseq_jax.training import config_checks
+from kpseq_jax.models import resnet
+from kpseq_jax.training import train_state as ts
 from tests.conftest import smoke_config
 
 

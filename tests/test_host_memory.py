@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from kpseq_jax import host_memory
+from kpseq_jax.runtime import host_memory
 
 # Allocates and frees 256 MB three times; prints the minor page faults of the
 # last allocation (pages touched for the first time).
 _PROBE = r'''
 import resource, sys
 import numpy as np
-from kpseq_jax import host_memory
+from kpseq_jax.runtime import host_memory
 print(host_memory.keep_freed_memory(), file=sys.stderr)
 for _ in range(3):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpseq_jax import decoding
-from kpseq_jax import losses
-from kpseq_jax import model as model_lib
-from kpseq_jax import sequence
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.inference import decoding
+from kpseq_jax.training import losses
+from kpseq_jax.models import model as model_lib
+from kpseq_jax.sequence import grammar
+from kpseq_jax.sequence import vocab as vocab_lib
 
 
 def test_sequence_loss_hand_values():
@@ -29,27 +29,40 @@ def test_sequence_loss_hand_values():
 @pytest.fixture(scope='module')
 def tiny():
   model = model_lib.KeypointSequenceModel(
-      num_bins=16, backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
+      vocab=vocab_lib.Vocab(16), backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
       num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
-      max_seq_len=sequence.seq_len(3))
+      max_seq_len=grammar.seq_len(3))
   images = jax.random.randint(jax.random.PRNGKey(0), [2, 64, 64, 3], 0, 255
                               ).astype(jnp.uint8)
-  length = sequence.seq_len(3)
+  length = grammar.seq_len(3)
   variables = model.init(jax.random.PRNGKey(1), images,
                          jnp.zeros([2, length], jnp.int32),
                          jnp.zeros([2, length]), train=False)
   return model, variables, images
 
 
-def test_greedy_decoding_follows_the_grammar_and_the_model(tiny):
+@pytest.mark.parametrize('eos_bias,expected_num', [(-1e4, 3), (0.0, None),
+                                                   (1e4, 0)])
+def test_greedy_decoding_follows_the_grammar_and_the_model(
+    tiny, eos_bias, expected_num):
+  """<eos> pushed down (all 3 groups), left as initialised, or pushed up
+  (no group): the grammar holds and each decision is the model's."""
   model, variables, images = tiny
   v = vocab_lib.Vocab(16)
-  out = jax.jit(lambda var, im: decoding.greedy_decode(model, var, im, 3))(
+  params = dict(variables['params'])
+  params['class_head'] = dict(params['class_head'])
+  params['class_head']['bias'] = params['class_head']['bias'].at[v.eos].add(
+      eos_bias)
+  variables = dict(variables, params=params)
+  out = jax.jit(lambda var, im: decoding.greedy_decode(
+      model, var, {'image': im}, 3))(
       variables, images)
   tokens = np.asarray(out['tokens'])
   num = np.asarray(out['num_keypoints'])
   kps = np.asarray(out['keypoints'])
   assert tokens.shape == (2, 13) and kps.shape == (2, 3, 2)
+  if expected_num is not None:
+    np.testing.assert_array_equal(num, expected_num)
   for i in range(2):
     k = num[i]
     assert tokens[i, 0] == v.bos

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from kpseq_jax import metrics
+from kpseq_jax.evaluation import metrics
 
 SPLIT_FILES = [f'mp100_split{s}_{part}.json' for s in range(1, 6)
                for part in ('test', 'val')]
@@ -52,13 +52,13 @@ def test_pck_is_a_mean_over_categories_of_instance_means():
   pred[3] = [[0, 0], [9, 9]]  # cat 2: 1/1 (keypoint 1 unlabelled)
   acc.update(np.array([1, 2, 2, 2]), pred, gt, bbox)
   r = acc.result()
-  assert r['per_category'] == pytest.approx({1: 0.5, 2: 2 / 3})
-  assert r['pck'] == pytest.approx((0.5 + 2 / 3) / 2)
-  assert r['pck_instance_mean'] == pytest.approx((0.5 + 1 + 0 + 1) / 4)
+  assert r.per_category == pytest.approx({1: 0.5, 2: 2 / 3})
+  assert r.pck == pytest.approx((0.5 + 2 / 3) / 2)
+  assert r.pck_instance_mean == pytest.approx((0.5 + 1 + 0 + 1) / 4)
   # Pooled keypoints: cat 2 has 3 correct of 5.
-  assert r['pck_keypoint_pooled'] == pytest.approx((0.5 + 3 / 5) / 2)
-  assert r['mean_error_px'] == pytest.approx((5 + 1 + np.sqrt(2) + 6) / 7)
-  assert r['num_keypoints'] == 7 and r['num_excluded'] == 0
+  assert r.pck_keypoint_pooled == pytest.approx((0.5 + 3 / 5) / 2)
+  assert r.mean_error_px == pytest.approx((5 + 1 + np.sqrt(2) + 6) / 7)
+  assert r.num_keypoints == 7 and r.num_excluded == 0
 
 
 def _load(shared_data, name):
@@ -90,14 +90,14 @@ def test_ground_truth_against_itself_is_one(shared_data, name):
     size = np.max(clean[:, 2:], axis=1)
     acc.update(np.full(len(anns), cid), kps[..., :2], kps, clean, size=size)
   r = acc.result()
-  assert r['pck'] == 1.0 and r['pck_instance_mean'] == 1.0
-  assert len(r['per_category']) == len(by_cat)
+  assert r.pck == 1.0 and r.pck_instance_mean == 1.0
+  assert len(r.per_category) == len(by_cat)
   # Real quirk: some "face" (id 18) boxes have negative w and h; MP-100's
   # clean_bbox makes them empty and does not evaluate them.
   negative = sum(a['bbox'][2] <= 0 or a['bbox'][3] <= 0
                  for anns in by_cat.values() for a in anns)
-  assert r['num_excluded'] == negative
-  assert sum(r['per_category_instances'].values()) + negative == sum(
+  assert r.num_excluded == negative
+  assert sum(r.per_category_instances.values()) + negative == sum(
       len(a) for a in by_cat.values())
 
 
@@ -119,8 +119,8 @@ def test_known_perturbation_on_split1_test(shared_data):
     expected[cid] = sum(a['id'] % 3 != 0 for a in anns) / len(anns)
   r = acc.result()
   assert len(expected) == 20  # split 1 test: 20 categories.
-  assert r['per_category'] == pytest.approx(expected)
-  assert r['pck'] == pytest.approx(sum(expected.values()) / len(expected))
+  assert r.per_category == pytest.approx(expected)
+  assert r.pck == pytest.approx(sum(expected.values()) / len(expected))
 
 
 def test_one_real_instance_by_hand(shared_data):

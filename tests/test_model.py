@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpseq_jax import model as model_lib
-from kpseq_jax.vocab import Vocab
+from kpseq_jax.models import model as model_lib
+from kpseq_jax.sequence.vocab import Vocab
 
 NUM_BINS = 16
 VOCAB = Vocab(NUM_BINS)
@@ -14,7 +14,7 @@ BATCH, LENGTH = 2, 9  # Two keypoint groups + <eos>.
 
 
 def _tiny_model(**overrides):
-  kwargs = dict(num_bins=NUM_BINS, max_seq_len=13, backbone_depth=18,
+  kwargs = dict(vocab=VOCAB, max_seq_len=13, backbone_depth=18,
                 feature_levels=('c3', 'c4', 'c5'), d_model=32, num_heads=4,
                 num_layers=2, ffn_dim=64, num_points=2)
   kwargs.update(overrides)
@@ -131,7 +131,12 @@ def test_decoder_is_causal(tiny):
 
 
 def test_paper_config_shapes():
-  model = model_lib.KeypointSequenceModel(num_bins=200, max_seq_len=401)
+  """configs/default.py as training builds it: 512 bins, Kmax = 68."""
+  from configs import default
+  from kpseq_jax.training import train_state as ts
+  config = default.get_config()
+  model = ts.create_model(config)
+  assert (model.vocab.num_bins, model.max_seq_len) == (512, 4 * 68 + 1)
   length = 4 * 68 + 1
   images = jax.ShapeDtypeStruct((2, 512, 512, 3), jnp.uint8)
   tokens = jax.ShapeDtypeStruct((2, length), jnp.int32)
@@ -143,7 +148,7 @@ def test_paper_config_shapes():
   logits, pred = jax.eval_shape(
       lambda v, *a: model.apply(v, *a, train=False), variables, images,
       tokens, coords)
-  assert logits.shape == (2, length, 206) and logits.dtype == jnp.float32
+  assert logits.shape == (2, length, 512 + 6) and logits.dtype == jnp.float32
   assert pred.shape == (2, length, 2) and pred.dtype == jnp.float32
   memory = jax.eval_shape(
       lambda v, x: model.apply(v, x, False, method='encode'), variables, images)

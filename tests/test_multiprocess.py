@@ -10,9 +10,9 @@ import socket
 
 import numpy as np
 
-from kpseq_jax import checkpointing
-from kpseq_jax import distributed
-from kpseq_jax import input_pipeline
+from kpseq_jax.training import checkpointing
+from kpseq_jax.runtime import distributed
+from kpseq_jax.data import dataset
 import sharding_worker
 from sharding_worker import launch, result_of
 
@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 def _single_device_trainer(dataset_dir) -> sharding_worker.Trainer:
   config = sharding_worker.tiny_config(dataset_dir)
-  info = input_pipeline.load_info(config.dataset_dir)
+  info = dataset.load_info(config.dataset_dir)
   return sharding_worker.Trainer(config, info.split_sizes[config.train_split],
                                  sharding_worker.mesh_for([1, 1]))
 

@@ -5,16 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpseq_jax import model as model_lib
-from kpseq_jax import sequence
+from kpseq_jax.models import model as model_lib
+from kpseq_jax.sequence import grammar
+from kpseq_jax.sequence import vocab as vocab_lib
 
 KMAX = 2
-LENGTH = sequence.seq_len(KMAX)
+LENGTH = grammar.seq_len(KMAX)
 
 
 def _model(**kw):
   return model_lib.KeypointSequenceModel(
-      num_bins=16, backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
+      vocab=vocab_lib.Vocab(16), backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
       num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
       max_seq_len=LENGTH, **kw)
 

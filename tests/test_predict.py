@@ -11,11 +11,12 @@ from pycocotools import coco as coco_lib
 import pytest
 
 import conftest
-from kpseq_jax import input_pipeline
-from kpseq_jax import metrics
-from kpseq_jax import predict
-from kpseq_jax import transforms
-from kpseq_jax import visualize
+from data_prep.categories import Category
+from kpseq_jax.data import dataset
+from kpseq_jax.evaluation import metrics
+from kpseq_jax.inference import predict
+from kpseq_jax.data import transforms
+from kpseq_jax.data import visualize
 
 
 @pytest.fixture(scope='module')
@@ -70,9 +71,9 @@ def test_results_load_in_pycocotools_and_match_eval(predicted, trained,
                np.reshape(d['keypoints'], [1, 4, 3])[..., :2],
                np.reshape(a['keypoints'], [1, 4, 3]), np.array([a['bbox']]))
   assert len(ids) == 8
-  assert acc.result()['pck'] == pytest.approx(report['pck'])
-  assert acc.result()['mean_error_px'] == pytest.approx(
-      report['mean_error_px'], abs=1e-3)
+  assert acc.result().pck == pytest.approx(report.pck)
+  assert acc.result().mean_error_px == pytest.approx(
+      report.mean_error_px, abs=1e-3)
 
 
 def test_overlays_have_the_image_size_and_keypoint_colours(predicted,
@@ -147,10 +148,10 @@ def test_cli_whole_images_and_unreadable_files(trained, shared_data,
 
 
 def _info(*ids):
-  cats = {i: input_pipeline.Category.from_metadata(
+  cats = {i: Category.from_metadata(
       dict(id=i, name=f'c{i}', num_keypoints=2, keypoint_names=['a', 'b']))
           for i in ids}
-  return input_pipeline.DatasetInfo(cats, {'train': 1})
+  return dataset.DatasetInfo(cats, {'train': 1})
 
 
 def test_category_choice():

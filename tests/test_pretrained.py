@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from kpseq_jax import pretrained
-from kpseq_jax import train_state as ts
-from kpseq_jax.resnet import ResNet
+from kpseq_jax.models import pretrained
+from kpseq_jax.training import train_state as ts
+from kpseq_jax.models.resnet import ResNet
 from tests.conftest import smoke_config
 
 

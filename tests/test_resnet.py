@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kpseq_jax.resnet import ResNet
+from kpseq_jax.models.resnet import ResNet
 
 
 def _feature_shapes(model, batch, size):
@@ -106,7 +106,7 @@ def test_bfloat16_compute_float32_params():
 
 
 def test_rejects_unknown_depth_and_norm():
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='depth must be one of .*got 101'):
     _feature_shapes(ResNet(depth=101), 1, 32)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="norm must be one of .*got 'layer'"):
     _feature_shapes(ResNet(depth=18, norm='layer'), 1, 32)

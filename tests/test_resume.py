@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from kpseq_jax import checkpointing
-from kpseq_jax import scalar_log
+from kpseq_jax.data import dataset
+from kpseq_jax.training import checkpointing
+from kpseq_jax.runtime import scalar_log
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_STEPS = 12
@@ -109,11 +110,12 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs):
   assert 'eval_test.json' not in runs['term_files']  # No eval when preempted.
   # A restart resumes from it (what `train_and_evaluate` restores).
   from configs import smoke
-  from kpseq_jax import evaluate, input_pipeline, sharding
+  from kpseq_jax.inference import predictor
+  from kpseq_jax.runtime import sharding
   config = smoke.get_config()
   config.dataset_dir = str(runs['dataset_dir'])
-  info = input_pipeline.load_info(config.dataset_dir)
-  _, state, step = evaluate.restore_state(
+  info = dataset.load_info(config.dataset_dir)
+  _, state, step = predictor.restore_state(
       config, str(runs['interrupted']), sharding.create_mesh((-1, 1)),
       info.split_sizes['train'])
   assert step == int(state.step) == stopped

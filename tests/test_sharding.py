@@ -12,7 +12,7 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import pytest
 
-from kpseq_jax import sharding
+from kpseq_jax.runtime import sharding
 from sharding_worker import MESHES
 
 # `mesh_run` (conftest.py): the 8-device subprocess, once per session.

@@ -9,8 +9,9 @@ from PIL import Image
 import pytest
 from tensorboardX.proto import event_pb2
 
-from kpseq_jax import metric_writer
-from kpseq_jax import report as report_lib
+from kpseq_jax.runtime import metric_writer
+from kpseq_jax.runtime import scalar_log
+from kpseq_jax.evaluation import report as report_lib
 
 
 def read_events(logdir) -> tuple[dict, dict]:
@@ -49,17 +50,20 @@ def test_training_and_eval_scalars_and_overlays_are_in_the_event_files(
     assert all(np.isfinite(v) for v in scalars[f'train/{name}'].values())
   assert scalars['train/learning_rate'][2] == pytest.approx(
       config.learning_rate)
-  assert scalars['train/loss'][1] > 0
-  assert scalars['eval_test/pck'][2] == pytest.approx(report['pck'])
+  # The TensorBoard points are the steps' logged losses (one step per log).
+  steps = scalar_log.read_steps(str(workdir))
+  for step in (1, 2):
+    assert scalars['train/loss'][step] == pytest.approx(steps[step]['loss'])
+  assert scalars['eval_test/pck'][2] == pytest.approx(report.pck)
   # eval_every_steps = 1: a periodic evaluation after step 1 too.
   assert set(scalars['eval_test/pck']) == {1, 2}
   assert set(scalars['eval_test/mean_error_px']) == {1, 2}
-  assert scalars['eval_test/baseline_mean_pose_pck'][2] == pytest.approx(
-      report['baseline_mean_pose_pck'])
+  assert scalars['eval_test/baseline_pck'][2] == pytest.approx(
+      report.baseline_pck)
   assert scalars['eval_test/mean_error_px'][2] == pytest.approx(
-      report['mean_error_px'])
+      report.mean_error_px)
   assert scalars['eval_test/pck_per_category/1_mouse_topview'][2] == (
-      pytest.approx(report['per_category_pck']['1:mouse_topview']))
+      pytest.approx(report.per_category_pck['1:mouse_topview']))
   tags = sorted(t for t in images if t.startswith('eval_test/'))
   assert len(tags) == 4  # NUM_OVERLAYS crops of the first eval batch.
   for t in tags:
@@ -86,21 +90,21 @@ def test_writer_rejects_non_rgb8_images_and_cleans_tags(tmp_path):
 
 def test_eval_report_table_and_pck_curve(trained):
   _, workdir, report = trained
-  curve = report['pck_curve']
-  assert curve['alphas'] == list(report_lib.ALPHAS)
-  assert curve['alphas'][0] == 0.05 and curve['alphas'][-1] == 0.5
-  i = curve['alphas'].index(0.2)
-  assert curve['pck'][i] == report['pck']
-  assert curve['baseline_pck'][i] == report['baseline_mean_pose_pck']
-  assert np.all(np.diff(curve['pck']) >= 0)  # PCK grows with the threshold.
-  assert np.all(np.diff(curve['baseline_pck']) >= 0)
+  curve = report.pck_curve
+  assert curve.alphas == list(report_lib.ALPHAS)
+  assert curve.alphas[0] == 0.05 and curve.alphas[-1] == 0.5
+  i = curve.alphas.index(0.2)
+  assert curve.pck[i] == report.pck
+  assert curve.baseline_pck[i] == report.baseline_pck
+  assert np.all(np.diff(curve.pck) >= 0)  # PCK grows with the threshold.
+  assert np.all(np.diff(curve.baseline_pck) >= 0)
   rows = list(csv.DictReader(io.StringIO(
       (workdir / 'eval_test.csv').read_text())))
   assert [r['category'] for r in rows] == ['1:mouse_topview', 'mean']
   assert rows[0]['instances'] == '8' and rows[0]['labelled_keypoints'] == '32'
-  assert float(rows[-1]['pck@0.2']) == pytest.approx(report['pck'], abs=1e-4)
+  assert float(rows[-1]['pck@0.2']) == pytest.approx(report.pck, abs=1e-4)
   assert float(rows[-1]['baseline_pck@0.2']) == pytest.approx(
-      report['baseline_mean_pose_pck'], abs=1e-4)
+      report.baseline_pck, abs=1e-4)
   md = (workdir / 'eval_test.md').read_text().splitlines()
   assert md[0].startswith('| category | instances |') and len(md) == 4
   png = Image.open(workdir / 'pck_curve_test.png')

@@ -8,11 +8,13 @@ import optax
 import pytest
 
 from configs import smoke
-from kpseq_jax import config_checks
-from kpseq_jax import input_pipeline
-from kpseq_jax import scalar_log
-from kpseq_jax import train
-from kpseq_jax import train_state as ts
+from kpseq_jax.training import config_checks
+from data_prep.categories import Category
+from kpseq_jax.data import dataset
+from kpseq_jax.runtime import scalar_log
+from kpseq_jax.training import metrics_log
+from kpseq_jax.training import step as step_lib
+from kpseq_jax.training import train_state as ts
 
 B, L, V = 2, 6, 5
 
@@ -48,7 +50,7 @@ def _step(skip):
       'image', 'input_tokens', 'input_coords')])['params']
   state = ts.TrainState(step=jnp.int32(0), params=params, batch_stats={},
                         opt_state=tx.init(params), rng=jax.random.PRNGKey(1))
-  fn = jax.jit(lambda s, b: train.train_step(
+  fn = jax.jit(lambda s, b: step_lib.train_step(
       s, b, model=model, tx=tx, schedule=lambda _: 1e-2, ce_weight=1.0,
       l1_weight=5.0, skip_nonfinite=skip))
   return state, fn
@@ -82,17 +84,17 @@ def _metrics(loss, grad_norm, skipped=0):
 @pytest.mark.parametrize('loss, grad_norm', [(np.nan, 1.0), (1.0, np.inf)])
 def test_nonfinite_loss_or_gradient_stops_naming_the_step(tmp_path, loss,
                                                          grad_norm):
-  log = train._MetricsLog(10, scalar_log.JsonlWriter(str(tmp_path)))
+  log = metrics_log.MetricsLog(10, scalar_log.JsonlWriter(str(tmp_path)))
   log.add(1, _metrics(1.0, 1.0))
   log.add(2, _metrics(loss, grad_norm))
-  with pytest.raises(train.NonFiniteLossError, match='at step 2 '):
+  with pytest.raises(metrics_log.NonFiniteLossError, match='at step 2 '):
     log.flush(log=True)
   steps = scalar_log.read_steps(str(tmp_path))  # Written before raising.
   assert sorted(steps) == [1, 2] and steps[1]['loss'] == 1.0
 
 
 def test_skipped_updates_are_counted_not_raised(tmp_path):
-  log = train._MetricsLog(10, scalar_log.JsonlWriter(str(tmp_path)),
+  log = metrics_log.MetricsLog(10, scalar_log.JsonlWriter(str(tmp_path)),
                           skip_nonfinite=True)
   log.add(1, _metrics(np.nan, np.nan, skipped=1))
   log.add(2, _metrics(1.0, np.inf, skipped=1))
@@ -104,22 +106,22 @@ def test_skipped_updates_are_counted_not_raised(tmp_path):
 
 
 def test_too_many_consecutive_skipped_updates_stop_training(tmp_path):
-  log = train._MetricsLog(20, scalar_log.JsonlWriter(str(tmp_path)),
+  log = metrics_log.MetricsLog(20, scalar_log.JsonlWriter(str(tmp_path)),
                           skip_nonfinite=True, max_consecutive_skipped=3)
   # Two skipped, one good (resets the run), then three skipped in a row.
   for step, skipped in enumerate([1, 1, 0, 1, 1, 1, 0], 1):
     log.add(step, _metrics(np.nan if skipped else 1.0, 1.0, skipped=skipped))
-  with pytest.raises(train.NonFiniteLossError,
+  with pytest.raises(metrics_log.NonFiniteLossError,
                      match='3 consecutive updates up to step 6 '):
     log.flush(log=True)
   assert log.skipped_updates == 5
 
 
 def _info(ks):
-  cats = {i: input_pipeline.Category.from_metadata(
+  cats = {i: Category.from_metadata(
       {'id': i, 'name': f'c{i}', 'num_keypoints': k})
           for i, k in enumerate(ks, 1)}
-  return input_pipeline.DatasetInfo(cats, {'train': 5, 'test': 2})
+  return dataset.DatasetInfo(cats, {'train': 5, 'test': 2})
 
 
 @pytest.mark.parametrize('field, value, message', [
@@ -148,7 +150,7 @@ def test_category_longer_than_the_sequence_is_rejected():
 
 
 def test_eval_mode_checks_the_config_before_restoring(tmp_path, dlc_dataset):
-  from kpseq_jax import evaluate
+  from kpseq_jax.evaluation import evaluate
   c = smoke.get_config()
   c.dataset_dir = str(dlc_dataset)
   c.max_num_keypoints = 3  # The mouse has K = 4.

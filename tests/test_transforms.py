@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from kpseq_jax import transforms
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.data import transforms
+from kpseq_jax.sequence import vocab as vocab_lib
 
 
 def _example(image=None):
@@ -119,29 +119,31 @@ def test_tokenize_pads_to_kmax_and_keeps_eval_fields():
     transforms.Tokenize(v, max_num_keypoints=2).map(ex)
 
 
-# (processes, local batch): 23 frames split 12/11 and 8/8/7, so without
-# padding whole batches the last process would have one batch fewer.
-@pytest.mark.parametrize('num_processes,local_batch', [(1, 6), (2, 11),
-                                                        (3, 7)])
+# (processes, local batch, batches): 23 frames in batches of 6 are 4
+# batches; split 12/11 over 2 processes in batches of 11, 2 each (the second
+# process's second batch holds 0 frames, padding only); split 8/8/7 over 3
+# in batches of 7, 2 each (without padding whole batches the last process
+# would have one batch fewer).
+@pytest.mark.parametrize('num_processes,local_batch,expected', [
+    (1, 6, 4), (2, 11, 2), (3, 7, 2)])
 def test_eval_batches_have_the_same_count_on_every_process(
-    dlc_dataset, monkeypatch, num_processes, local_batch):
+    dlc_dataset, monkeypatch, num_processes, local_batch, expected):
   from configs import smoke
-  from kpseq_jax import input_pipeline
+  from kpseq_jax.data import dataset, pipeline
   config = smoke.get_config()
   config.dataset_dir = str(dlc_dataset)
   config.num_eval_examples = -1  # All 23 test frames.
   config.eval_batch_size = local_batch * num_processes
-  info = input_pipeline.load_info(config.dataset_dir)
-  monkeypatch.setattr(input_pipeline.jax, 'process_count',
+  info = dataset.load_info(config.dataset_dir)
+  monkeypatch.setattr(pipeline.jax, 'process_count',
                       lambda: num_processes)
   counts, ids = [], []
   for p in range(num_processes):
-    monkeypatch.setattr(input_pipeline.jax, 'process_index', lambda p=p: p)
-    batches = list(input_pipeline.create_eval_batches(config, info))
+    monkeypatch.setattr(pipeline.jax, 'process_index', lambda p=p: p)
+    batches = list(pipeline.create_eval_batches(config, info))
     counts.append(len(batches))
     for batch in batches:
       assert batch['image'].shape[0] == local_batch
       ids.extend(batch['annotation_id'][batch['valid'] > 0].tolist())
-  expected = -(-(-(-23 // num_processes)) // local_batch)
   assert counts == [expected] * num_processes
   assert sorted(ids) == sorted(set(ids)) and len(ids) == 23

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from kpseq_jax import sequence
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.sequence import grammar
+from kpseq_jax.sequence import vocab as vocab_lib
 
 
 def test_special_token_ids_follow_the_bins():
@@ -48,8 +48,8 @@ def test_tokens_of_a_known_instance():
   c, s, e, p, b, n = v.coord, v.sep, v.eos, v.pad, v.bos, v.nocoord
   # 2 keypoints, the second unlabelled, padded to Kmax = 3.
   kps = np.array([[0.2, 0.7, 2], [0.9, 0.1, 0], [0, 0, 0]], np.float32)
-  out = sequence.build_sequence(kps, 2, v, max_num_keypoints=3)
-  assert sequence.seq_len(3) == 13
+  out = grammar.build_sequence(kps, 2, v, max_num_keypoints=3)
+  assert grammar.seq_len(3) == 13
   np.testing.assert_array_equal(
       out['target_tokens'], [c, 2, 7, s, c, p, p, s, e, p, p, p, p])
   np.testing.assert_array_equal(
@@ -68,4 +68,4 @@ def test_tokens_of_a_known_instance():
 def test_more_keypoints_than_kmax_is_an_error():
   v = vocab_lib.Vocab(num_bins=11)
   with pytest.raises(ValueError, match='max_num_keypoints'):
-    sequence.build_sequence(np.zeros([3, 3]), 3, v, max_num_keypoints=2)
+    grammar.build_sequence(np.zeros([3, 3]), 3, v, max_num_keypoints=2)

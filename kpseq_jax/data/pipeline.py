@@ -12,116 +12,26 @@ Grain seeds each example's augmentation by its index in the global stream:
 the examples of a global batch do not depend on the number of processes.
 """
 
-import dataclasses
-import io
-from typing import Any, Iterator
+from typing import Iterator
 
 import grain
 import jax
 import ml_collections
 import numpy as np
-from PIL import Image
-import tensorflow_datasets as tfds
 
-from data_prep.categories import Category
-from kpseq_jax import transforms
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.data import dataset
+from kpseq_jax.data import transforms
+from kpseq_jax.sequence import vocab as vocab_lib
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the pipeline and evaluation need to know about a data set."""
-
-  categories: dict[int, Category]
-  split_sizes: dict[str, int]
-
-  def category_index(self) -> dict[int, int]:
-    """category id -> index (position among the ids in increasing order),
-    the ``vocab.category(index)`` of category conditioning."""
-    return {cid: i for i, cid in enumerate(sorted(self.categories))}
-
-  def flip_permutations(self) -> dict[int, np.ndarray]:
-    """category id -> int32 [K] flip permutation, for flippable categories."""
-    perms = {}
-    for c in self.categories.values():
-      perm = transforms.flip_permutation(c.num_keypoints, list(c.flip_pairs))
-      if perm is not None:
-        perms[c.id] = perm
-    return perms
-
-
-def _builder(dataset_dir: str) -> tfds.core.DatasetBuilder:
-  try:
-    return tfds.builder_from_directory(dataset_dir)
-  except Exception as e:  # tfds raises several types for a missing dir.
-    raise FileNotFoundError(
-        f'No data set at --config.dataset_dir={dataset_dir!r} ({e}). Build it '
-        'with `python -m data_prep.build` (see README).') from e
-
-
-def load_info(dataset_dir: str) -> DatasetInfo:
-  """Reads the category table and split sizes of a data set.
-
-  Raises:
-    FileNotFoundError: if ``dataset_dir`` holds no data set.
-    KeyError: if its metadata has no ``categories`` table.
-  """
-  b = _builder(dataset_dir)
-  meta = b.info.metadata or {}
-  if 'categories' not in meta:
-    raise KeyError(f'{dataset_dir}: metadata has no "categories" table; '
-                   'rebuild it with `python -m data_prep.build`.')
-  cats = {int(c['id']): Category.from_metadata(c)
-          for c in meta['categories']}
-  sizes = {name: s.num_examples for name, s in b.info.splits.items()}
-  return DatasetInfo(categories=cats, split_sizes=sizes)
-
-
-def data_source(dataset_dir: str, split: str):
-  """Random-access source of records; images stay encoded bytes.
-
-  Raises:
-    FileNotFoundError: if the data set is missing.
-    KeyError: if ``split`` is not one of its splits.
-  """
-  b = _builder(dataset_dir)
-  if split not in b.info.splits:
-    raise KeyError(f'{dataset_dir} has no split {split!r}; it has '
-                   f'{sorted(b.info.splits)}.')
-  return b.as_data_source(
-      split=split, decoders={'image': tfds.decode.SkipDecoding()})
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeImage(grain.transforms.Map):
-  """Decodes ``image`` bytes with Pillow to uint8 [H, W, 3] RGB.
-
-  Raises:
-    ValueError: naming the annotation and file if the bytes do not decode
-      (data_prep validated them, so this means a damaged data set).
-  """
-
-  def map(self, ex: dict[str, Any]) -> dict[str, Any]:
-    try:
-      img = Image.open(io.BytesIO(ex['image'])).convert('RGB')
-      ex['image'] = np.asarray(img, np.uint8)
-    except Exception as e:
-      raise ValueError(f"annotation {ex.get('annotation_id')} "
-                       f"({ex.get('file_name')!r}): image does not decode: "
-                       f'{e}') from e
-    return ex
-
-
-def _geometry(config: ml_collections.ConfigDict, info: DatasetInfo,
+def _geometry(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
               train: bool) -> list[grain.transforms.Map]:
   """The crop/augment/tokenize chain for training or evaluation."""
   s = config.image_size_px
-  vocab = vocab_lib.Vocab(
-      config.num_bins,
-      config.max_num_categories if config.category_conditioning else 0)
+  vocab = vocab_lib.from_config(config)
   if train:
     chain = [
-        DecodeImage(),
+        transforms.DecodeImage(),
         transforms.RandomCropAffine(
             s, config.bbox_scale, tuple(config.scale_range),
             config.shift_frac, config.rotation_deg),
@@ -131,7 +41,7 @@ def _geometry(config: ml_collections.ConfigDict, info: DatasetInfo,
     if config.color_jitter > 0:
       chain.append(transforms.ColorJitter(config.color_jitter))
   else:
-    chain = [DecodeImage(), transforms.CropAffine(s, config.bbox_scale),
+    chain = [transforms.DecodeImage(), transforms.CropAffine(s, config.bbox_scale),
              transforms.WarpToCrop(s)]
   chain.append(transforms.Tokenize(
       vocab, config.max_num_keypoints,
@@ -153,14 +63,14 @@ def local_batch_size(global_batch_size: int) -> int:
 
 
 def create_train_dataset(config: ml_collections.ConfigDict,
-                         info: DatasetInfo) -> grain.IterDataset:
+                         info: dataset.DatasetInfo) -> grain.IterDataset:
   """Infinite, shuffled, augmented, batched training data (process-local).
 
   Elements are dicts of numpy arrays with a leading local batch dimension,
   see `transforms.Tokenize` for the fields. Iterators of the result are
   checkpointable (``get_state``/``set_state``) for exact resume.
   """
-  source = data_source(config.dataset_dir, config.train_split)
+  source = dataset.data_source(config.dataset_dir, config.train_split)
   ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
   for t in _geometry(config, info, train=True):
     ds = ds.random_map(t) if isinstance(
@@ -176,7 +86,7 @@ def create_train_dataset(config: ml_collections.ConfigDict,
   return it_ds
 
 
-def create_eval_batches(config: ml_collections.ConfigDict, info: DatasetInfo,
+def create_eval_batches(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
                         split: str | None = None) -> Iterator[dict]:
   """One pass over an eval split in process-local batches.
 
@@ -188,7 +98,7 @@ def create_eval_batches(config: ml_collections.ConfigDict, info: DatasetInfo,
     dicts of numpy arrays with leading dim ``eval_batch_size / processes``
     and a float32 ``valid`` [b] mask.
   """
-  source = data_source(config.dataset_dir, split or config.eval_split)
+  source = dataset.data_source(config.dataset_dir, split or config.eval_split)
   ds = grain.MapDataset.source(source)
   if config.num_eval_examples > 0:
     ds = ds[:config.num_eval_examples]
@@ -214,31 +124,3 @@ def create_eval_batches(config: ml_collections.ConfigDict, info: DatasetInfo,
 
 def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-
-
-def mean_pose(config: ml_collections.ConfigDict,
-              info: DatasetInfo) -> dict[int, np.ndarray]:
-  """Mean normalised keypoint positions per category in the training crops.
-
-  Each training instance is cropped deterministically (no augmentation) and
-  its labelled keypoints averaged per (category, keypoint). This is the
-  floor every reported PCK is compared with.
-
-  Returns:
-    category id -> float32 [K, 2], normalised [0, 1] crop coordinates (the
-    crop centre 0.5 where a keypoint is never labelled).
-  """
-  source = data_source(config.dataset_dir, config.train_split)
-  sums: dict[int, np.ndarray] = {}
-  counts: dict[int, np.ndarray] = {}
-  for i in range(len(source)):
-    r = source[i]
-    cid = int(r['category_id'])
-    kps = np.asarray(r['keypoints'], np.float64)
-    m = transforms.crop_matrix(r['bbox'], 1, config.bbox_scale)
-    xy = transforms.apply_affine(m, kps[:, :2])
-    lab = (kps[:, 2] > 0)[:, None]
-    sums[cid] = sums.get(cid, 0) + np.where(lab, xy, 0)
-    counts[cid] = counts.get(cid, 0) + lab
-  return {c: np.where(counts[c] > 0, sums[c] / np.maximum(counts[c], 1),
-                      0.5).astype(np.float32) for c in sums}

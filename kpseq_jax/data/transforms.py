@@ -5,7 +5,7 @@ A record from the data set (see `data_prep/build.py`) holds ``image`` uint8
 [K, 3] (x, y, v pixels), ``category_id``, ``image_id``, ``annotation_id``.
 The chain is::
 
-  CropAffine | RandomCropAffine -> [RandomFlip] -> WarpToCrop
+  DecodeImage -> CropAffine | RandomCropAffine -> [RandomFlip] -> WarpToCrop
     -> [ColorJitter] -> Tokenize
 
 Geometry uses continuous pixel coordinates (pixel ``i`` covers ``[i, i+1)``,
@@ -13,10 +13,12 @@ as Pillow's affine transform does). The top-down crop is the square of side
 ``bbox_scale * max(w, h)`` centred on the bbox (aspect kept; MMPose's
 ``TopdownAffine`` with ``padding=1.25``), mapped onto ``[0, S]^2`` for an
 ``S = image_size_px`` crop. ``crop_from_image`` float32 [2, 3] maps image
-pixels to crop pixels; `image_from_crop` inverts it for predictions.
+pixels to crop pixels; `invert_affine` inverts it (predictions are mapped
+back to the image by `kpseq_jax.inference.predictor.crop_to_image`).
 """
 
 import dataclasses
+import io
 import math
 from typing import Any, Mapping
 
@@ -24,8 +26,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from kpseq_jax import sequence
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.sequence import grammar as sequence
+from kpseq_jax.sequence import vocab as vocab_lib
 
 Example = dict[str, Any]
 
@@ -70,6 +72,27 @@ def apply_affine(matrix: np.ndarray, xy: np.ndarray) -> np.ndarray:
   """Applies a [2, 3] affine to points [..., 2]; returns float64 [..., 2]."""
   xy = np.asarray(xy, np.float64)
   return xy @ np.asarray(matrix, np.float64)[:, :2].T + matrix[:, 2]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeImage(grain.transforms.Map):
+  """Decodes ``image`` bytes with Pillow to uint8 [H, W, 3] RGB.
+
+  Raises:
+    ValueError: naming the annotation and file if the bytes do not decode
+      (data_prep validated them, so this means a damaged data set).
+  """
+
+  def map(self, ex: dict[str, Any]) -> dict[str, Any]:
+    try:
+      img = Image.open(io.BytesIO(ex['image'])).convert('RGB')
+      ex['image'] = np.asarray(img, np.uint8)
+    except Exception as e:
+      raise ValueError(f"annotation {ex.get('annotation_id')} "
+                       f"({ex.get('file_name')!r}): image does not decode: "
+                       f'{e}') from e
+    return ex
+
 
 
 @dataclasses.dataclass(frozen=True)

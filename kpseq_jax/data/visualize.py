@@ -11,7 +11,7 @@ import colorsys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from kpseq_jax import input_pipeline
+from data_prep.categories import Category
 
 SKELETON_RGB = (255, 255, 255)
 OUTLINE_RGB = (0, 0, 0)
@@ -32,7 +32,7 @@ def marker_radius(width: int, height: int) -> int:
 
 
 def draw_pose(image: Image.Image, keypoints: np.ndarray,
-              category: input_pipeline.Category | None = None,
+              category: Category | None = None,
               radius: int | None = None) -> Image.Image:
   """Draws one or more poses on a copy of ``image``.
 

@@ -174,20 +174,8 @@ class PCKAccumulator:
       self._err_sum[cid] += float(err[i][has_err[i]].sum())
       self._err_count[cid] += int(has_err[i].sum())
 
-  def result(self) -> dict:
-    """Returns a dict with
-
-    'pck': MP-100 PCK, the mean over categories of each category's mean
-      per-instance PCK; 'per_category': {id: mean per-instance PCK};
-    'pck_instance_mean': mean per-instance PCK over all instances;
-    'pck_keypoint_pooled' / 'per_category_keypoint_pooled': labelled
-      keypoints pooled per category, mean over categories;
-    'mean_error_px': mean pixel error over predicted labelled keypoints;
-    'num_keypoints': labelled keypoints counted; 'num_excluded': instances
-      not evaluated (clean box of size <= 0);
-    and per category id 'per_category_error_px' (NaN if none predicted),
-    'per_category_keypoints' (labelled), 'per_category_instances'.
-    """
+  def result(self) -> 'PCKResult':
+    """The figures over every batch added so far (see `PCKResult`)."""
     cats = sorted(c for c in self._instances if self._instances[c])
     per_cat = {c: self._pck_sum[c] / self._instances[c] for c in cats}
     pooled = {c: self._correct[c] / self._labelled[c]
@@ -195,7 +183,7 @@ class PCKAccumulator:
     n_inst = sum(self._instances.values())
     n_err = sum(self._err_count.values())
     mean = lambda d: float(np.mean(list(d.values()))) if d else float('nan')
-    return dict(
+    return PCKResult(
         pck=mean(per_cat),
         per_category=per_cat,
         pck_instance_mean=(sum(self._pck_sum.values()) / n_inst
@@ -211,3 +199,33 @@ class PCKAccumulator:
                 if self._err_count[c] else float('nan')) for c in cats},
         per_category_keypoints={c: self._labelled[c] for c in cats},
         per_category_instances={c: self._instances[c] for c in cats})
+
+
+@dataclasses.dataclass(frozen=True)
+class PCKResult:
+  """What a `PCKAccumulator` measured (dicts keyed by category id).
+
+  Attributes:
+    pck: MP-100 PCK: the mean over categories of each category's mean
+      per-instance PCK.
+    per_category: category id -> mean per-instance PCK.
+    pck_instance_mean: mean per-instance PCK over all instances.
+    pck_keypoint_pooled: labelled keypoints pooled per category, then the
+      mean over categories; ``per_category_keypoint_pooled`` per category.
+    mean_error_px: mean pixel error over predicted labelled keypoints (NaN
+      if none); ``per_category_error_px`` per category.
+    num_keypoints: labelled keypoints counted; ``per_category_keypoints``.
+    num_excluded: instances not evaluated (clean box of size <= 0).
+    per_category_instances: evaluated instances per category.
+  """
+  pck: float
+  per_category: dict[int, float]
+  pck_instance_mean: float
+  pck_keypoint_pooled: float
+  per_category_keypoint_pooled: dict[int, float]
+  mean_error_px: float
+  num_keypoints: int
+  num_excluded: int
+  per_category_error_px: dict[int, float]
+  per_category_keypoints: dict[int, int]
+  per_category_instances: dict[int, int]

@@ -1,17 +1,22 @@
-"""Evaluation report files: per-category table and PCK-threshold curve.
+"""The evaluation report (`EvalReport`) and the files written from it.
 
-From the dict `evaluate.evaluate` returns, writes to the workdir:
+`kpseq_jax.evaluation.evaluate` fills an `EvalReport`; `write` saves to the
+workdir:
+  ``eval_<split>.json``: the report (`EvalReport.to_dict`);
   ``eval_<split>.md`` and ``eval_<split>.csv``: one row per category (PCK@0.2,
-    mean pixel error, instances, labelled keypoints, mean-pose baseline),
-    then the mean over categories;
-  ``pck_curve_<split>.png``: PCK against the threshold alpha (0.05 to 0.5)
-    for the model and the baseline (mean over categories, and each category
-    when there are few).
+    mean pixel error, instances, labelled keypoints, the baseline), then the
+    mean over categories;
+  ``pck_curve_<split>.png``: PCK against the threshold alpha for the model
+    and the baseline (mean over categories, and each category when there
+    are few).
 """
 
 import csv
+import dataclasses
 import io
+import json
 import os
+from typing import Any
 
 from matplotlib import figure
 import numpy as np
@@ -25,25 +30,110 @@ COLUMNS = ('category', 'instances', 'labelled_keypoints', 'pck@0.2',
            'mean_error_px', 'baseline_pck@0.2', 'baseline_mean_error_px')
 
 
-def category_rows(report: dict) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class PCKCurve:
+  """PCK at several thresholds (fractions of max(bbox w, h)).
+
+  Attributes:
+    alphas: the thresholds, increasing.
+    pck: the model's PCK at each (mean over categories).
+    baseline_pck: the baseline's PCK at each.
+    per_category_pck: category name -> the model's PCK at each (None where
+      the category had no evaluated instance).
+  """
+  alphas: list[float]
+  pck: list[float]
+  baseline_pck: list[float]
+  per_category_pck: dict[str, list[float | None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalReport:
+  """One evaluation of one split (also ``eval_<split>.json``).
+
+  Categories are named ``"<id>:<name>"``. PCK figures are fractions in
+  [0, 1]; errors are in image pixels.
+
+  Attributes:
+    split: the data set split evaluated.
+    checkpoint_step: the train step of the evaluated state (None if
+      unknown).
+    num_instances: instances (query samples) predicted.
+    pck: PCK@0.2 by ``pck_protocol``.
+    pck_protocol: how ``pck`` is computed, in words.
+    pck_instance_mean: mean per-instance PCK over all instances.
+    pck_keypoint_pooled: labelled keypoints pooled per category, mean over
+      categories.
+    num_excluded_instances: instances not evaluated (empty clean box).
+    mean_error_px: mean distance of predicted labelled keypoints.
+    num_labelled_keypoints: labelled keypoints evaluated.
+    per_category_pck, per_category_instances,
+    per_category_labelled_keypoints, per_category_error_px: per category.
+    baseline: what the baseline is (e.g. the mean pose of the training
+      crops).
+    baseline_pck, baseline_error_px, baseline_per_category_pck,
+    baseline_per_category_error_px: the baseline's figures.
+    pck_curve: PCK against the threshold.
+  """
+  split: str
+  checkpoint_step: int | None
+  num_instances: int
+  pck: float
+  pck_protocol: str
+  pck_instance_mean: float
+  pck_keypoint_pooled: float
+  num_excluded_instances: int
+  mean_error_px: float
+  num_labelled_keypoints: int
+  per_category_pck: dict[str, float]
+  per_category_instances: dict[str, int]
+  per_category_labelled_keypoints: dict[str, int]
+  per_category_error_px: dict[str, float]
+  baseline: str
+  baseline_pck: float
+  baseline_error_px: float
+  baseline_per_category_pck: dict[str, float]
+  baseline_per_category_error_px: dict[str, float]
+  pck_curve: PCKCurve
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready dict (NaN stays a float NaN, as `json` writes it)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'EvalReport':
+    """Inverse of `to_dict` (e.g. of a loaded ``eval_<split>.json``)."""
+    return cls(**{**d, 'pck_curve': PCKCurve(**d['pck_curve'])})
+
+  def scalars(self) -> dict[str, float]:
+    """TensorBoard scalars under ``eval_<split>/``."""
+    p = f'eval_{self.split}'
+    out = {f'{p}/pck': self.pck, f'{p}/mean_error_px': self.mean_error_px,
+           f'{p}/baseline_pck': self.baseline_pck}
+    for name, v in self.per_category_pck.items():
+      out[f'{p}/pck_per_category/{name}'] = v
+    return out
+
+
+def category_rows(report: EvalReport) -> list[dict]:
   """Table rows: one per category, then ``mean`` (PCK averaged over them)."""
   rows = []
-  for name, pck in report['per_category_pck'].items():
+  for name, pck in report.per_category_pck.items():
     rows.append({
         'category': name,
-        'instances': report['per_category_instances'][name],
-        'labelled_keypoints': report['per_category_labelled_keypoints'][name],
+        'instances': report.per_category_instances[name],
+        'labelled_keypoints': report.per_category_labelled_keypoints[name],
         'pck@0.2': pck,
-        'mean_error_px': report['per_category_error_px'][name],
-        'baseline_pck@0.2': report['baseline_per_category_pck'].get(name),
+        'mean_error_px': report.per_category_error_px[name],
+        'baseline_pck@0.2': report.baseline_per_category_pck.get(name),
         'baseline_mean_error_px':
-            report['baseline_per_category_error_px'].get(name)})
+            report.baseline_per_category_error_px.get(name)})
   rows.append({
-      'category': 'mean', 'instances': report['num_instances'],
-      'labelled_keypoints': report['num_labelled_keypoints'],
-      'pck@0.2': report['pck'], 'mean_error_px': report['mean_error_px'],
-      'baseline_pck@0.2': report['baseline_mean_pose_pck'],
-      'baseline_mean_error_px': report['baseline_mean_pose_error_px']})
+      'category': 'mean', 'instances': report.num_instances,
+      'labelled_keypoints': report.num_labelled_keypoints,
+      'pck@0.2': report.pck, 'mean_error_px': report.mean_error_px,
+      'baseline_pck@0.2': report.baseline_pck,
+      'baseline_mean_error_px': report.baseline_error_px})
   return rows
 
 
@@ -56,6 +146,7 @@ def _fmt(v) -> str:
 
 
 def to_markdown(rows: list[dict]) -> str:
+  """A Markdown table of `category_rows` (4 decimals)."""
   lines = ['| ' + ' | '.join(COLUMNS) + ' |',
            '|' + '|'.join(['---'] + ['---:'] * (len(COLUMNS) - 1)) + '|']
   lines += ['| ' + ' | '.join(_fmt(r[c]) for c in COLUMNS) + ' |'
@@ -64,6 +155,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def to_csv(rows: list[dict]) -> str:
+  """CSV text of `category_rows` (header `COLUMNS`, 4 decimals)."""
   buf = io.StringIO()
   w = csv.DictWriter(buf, COLUMNS, lineterminator='\n')
   w.writeheader()
@@ -71,39 +163,43 @@ def to_csv(rows: list[dict]) -> str:
   return buf.getvalue()
 
 
-def plot_pck_curve(report: dict, path: str) -> None:
-  """PNG of PCK against alpha from ``report['pck_curve']``."""
-  curve = report['pck_curve']
-  alphas = curve['alphas']
+def plot_pck_curve(report: EvalReport, path: str) -> None:
+  """PNG of PCK against alpha from ``report.pck_curve``."""
+  curve = report.pck_curve
+  alphas = curve.alphas
   fig = figure.Figure(figsize=(6, 4.2), dpi=100)  # No pyplot: no global state.
   ax = fig.add_subplot()
-  ax.plot(alphas, curve['pck'], 'o-', color='tab:blue', lw=2,
-          label=f'model (mean over categories), PCK@0.2 {report["pck"]:.3f}')
-  ax.plot(alphas, curve['baseline_pck'], 's--', color='tab:gray', lw=1.5,
-          label='mean-pose baseline, PCK@0.2 '
-          f'{report["baseline_mean_pose_pck"]:.3f}')
-  per_cat = curve['per_category_pck']
+  ax.plot(alphas, curve.pck, 'o-', color='tab:blue', lw=2,
+          label=f'model (mean over categories), PCK@0.2 {report.pck:.3f}')
+  ax.plot(alphas, curve.baseline_pck, 's--', color='tab:gray', lw=1.5,
+          label=f'{report.baseline}, PCK@0.2 {report.baseline_pck:.3f}')
+  per_cat = curve.per_category_pck
   if 1 < len(per_cat) <= MAX_CURVES:
     for name, values in per_cat.items():
       ax.plot(alphas, values, lw=0.8, alpha=0.7, label=name)
   ax.axvline(0.2, color='k', lw=0.5, ls=':')
   ax.set(xlim=(0, max(alphas) + 0.02), ylim=(0, 1.02),
          xlabel='threshold alpha (fraction of max(bbox w, h))', ylabel='PCK',
-         title=f'PCK vs threshold: {report["split"]} split, step '
-         f'{report["checkpoint_step"]}, {report["num_instances"]} instances')
+         title=f'PCK vs threshold: {report.split} split, step '
+         f'{report.checkpoint_step}, {report.num_instances} instances')
   ax.grid(alpha=0.3)
   ax.legend(loc='best', fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
 
 
-def write(workdir: str, report: dict) -> dict[str, str]:
-  """Writes the table (Markdown, CSV) and curve PNG; returns their paths."""
-  split = report['split']
+def write(workdir: str, report: EvalReport) -> dict[str, str]:
+  """Writes ``eval_<split>.json``, the table (Markdown, CSV) and the curve
+  PNG into ``workdir``; returns their paths by kind."""
+  split = report.split
   rows = category_rows(report)
-  paths = {'markdown': os.path.join(workdir, f'eval_{split}.md'),
+  paths = {'json': os.path.join(workdir, f'eval_{split}.json'),
+           'markdown': os.path.join(workdir, f'eval_{split}.md'),
            'csv': os.path.join(workdir, f'eval_{split}.csv'),
            'curve': os.path.join(workdir, f'pck_curve_{split}.png')}
+  os.makedirs(workdir, exist_ok=True)
+  with open(paths['json'], 'w') as f:
+    json.dump(report.to_dict(), f, indent=2)
   with open(paths['markdown'], 'w') as f:
     f.write(to_markdown(rows))
   with open(paths['csv'], 'w') as f:

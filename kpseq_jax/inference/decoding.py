@@ -5,7 +5,8 @@ position by position, stopping when every sequence has emitted ``<eos>`` (or
 at the maximum length). Two implementations share the grammar step
 (`_grammar_step`):
 
-* `cached_greedy_decode` (the default of `make_decode_fn`): every decoder
+* `cached_greedy_decode` (what `kpseq_jax.inference.predictor` compiles):
+  every decoder
   layer's deformable values are projected once per image
   (``model.project_values``) and each step runs ``model.decode_step`` on the
   one new position, with a preallocated self-attention key/value cache
@@ -18,23 +19,26 @@ at the maximum length). Two implementations share the grammar step
 The sequence grammar ``<coord> x y <sep> ... <eos>`` is enforced: at a group
 start only ``<coord>`` or ``<eos>`` may be chosen (``<eos>`` is forced after
 ``max_num_keypoints`` groups), x and y positions take a coordinate, the
-fourth position is ``<sep>``. With category conditioning
-(``model.num_categories > 0``) the step after ``<bos>`` emits the given
-category token (``<bos> <cat_k> <coord> ...``) and the groups follow one
-position later. The coordinate of an x (y) step is the
-regression head's x (y) output at that step, normalised [0, 1] and clipped;
-it is fed back through the bilinear coordinate embedding with the token
-``quantize(value)`` (see `sequence.py`).
+fourth position is ``<sep>`` (`grammar.target_role` says which position
+is which). With category conditioning (``vocab.num_categories > 0``) the
+step after ``<bos>`` emits the given category token (``<bos> <cat_k>
+<coord> ...``) and the groups follow one position later. The coordinate of
+an x (y) step is the regression head's x (y) output at that step,
+normalised [0, 1] and clipped; it is fed back through the bilinear
+coordinate embedding with the token ``vocab.quantize(value)``.
+
+Inputs are a dict of batched arrays (`input_fields` names them): ``image``
+uint8 [B, S, S, 3] top-down crops, and ``category_token`` int32 [B]
+(``vocab.category(i)``) when the model is category conditioned.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from kpseq_jax import sequence
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.sequence import grammar
+from kpseq_jax.sequence import vocab as vocab_lib
 
 
 class _Choice(NamedTuple):
@@ -52,45 +56,43 @@ def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
                   done: jax.Array, num: jax.Array,
                   keypoints: jax.Array,
                   category_tokens: jax.Array | None = None) -> _Choice:
-  """Greedy, grammar-constrained choice at step ``t``.
+  """Greedy, grammar-constrained choice of the target at position ``t``.
+
+  What the position may hold comes from `grammar.target_role`: the prefix
+  emits ``category_tokens``; a group start emits ``<coord>`` or ``<eos>``
+  (``<eos>`` forced after ``max_num_keypoints`` groups); x and y emit the
+  regression output on their axis, quantised by the vocabulary; the fourth
+  position emits ``<sep>``.
 
   Args:
     vocab: token layout.
     max_num_keypoints: Kmax.
-    t: int32 scalar, the step (the input position whose output is read);
-      steps ``t < vocab.num_prefix_tokens`` emit ``category_tokens``.
+    t: int32 scalar, the target position (the input position whose output
+      is read).
     logits: float32 [B, V] next-token logits at ``t``.
-    xy: float32 [B, 2] regression output at ``t``.
+    xy: float32 [B, 2] regression output at ``t``, normalised.
     done: bool [B], sequences that already emitted ``<eos>``.
     num: int32 [B], groups started so far.
     keypoints: float32 [B, Kmax, 2] normalised (x, y) so far.
     category_tokens: int32 [B] category tokens (conditioning only).
   """
   b = logits.shape[0]
-  prefix = vocab.num_prefix_tokens
-  in_prefix = t < prefix  # Step emitting the category token.
-  phase = jnp.where(in_prefix, sequence.GROUP_SIZE - 1,
-                    (t - prefix) % sequence.GROUP_SIZE)
-  group = (t - prefix) // sequence.GROUP_SIZE
-  # Group start: <coord> or <eos>.
+  role = grammar.target_role(t, vocab.num_prefix_tokens)
+  is_start = role.phase == grammar.COORD
   stop = (logits[:, vocab.eos] > logits[:, vocab.coord]) | (
-      group >= max_num_keypoints)
+      role.group >= max_num_keypoints)
   start_tok = jnp.where(stop, vocab.eos, vocab.coord)
-  # x / y step: the regression output on that axis.
-  value = jnp.clip(jnp.where(phase == sequence.X_OFFSET, xy[:, 0], xy[:, 1]),
-                   0.0, 1.0)
-  coord_tok = jnp.clip(jnp.round(value * (vocab.num_bins - 1)), 0,
-                       vocab.num_bins - 1).astype(jnp.int32)
-  is_xy = (phase == sequence.X_OFFSET) | (phase == sequence.Y_OFFSET)
-  tok = jnp.where(phase == 0, start_tok,
-                  jnp.where(is_xy, coord_tok, vocab.sep))
-  if prefix:
-    tok = jnp.where(in_prefix, category_tokens, tok)
+  is_xy = (role.phase == grammar.X) | (role.phase == grammar.Y)
+  axis = jnp.where(role.phase == grammar.X, 0, 1)
+  value = jnp.clip(jnp.where(axis == 0, xy[:, 0], xy[:, 1]), 0.0, 1.0)
+  tok = jnp.where(is_start, start_tok,
+                  jnp.where(is_xy, vocab.quantize(value), vocab.sep))
+  if vocab.num_prefix_tokens:
+    tok = jnp.where(role.phase == grammar.PREFIX, category_tokens, tok)
   tok = jnp.where(done, vocab.pad, tok)
-  new_done = done | ((phase == 0) & stop)
-  num = num + ((phase == 0) & ~new_done).astype(jnp.int32)
-  axis = jnp.where(phase == sequence.X_OFFSET, 0, 1)
-  g = jnp.minimum(group, max_num_keypoints - 1)
+  new_done = done | (is_start & stop)
+  num = num + (is_start & ~new_done).astype(jnp.int32)
+  g = jnp.clip(role.group, 0, max_num_keypoints - 1)
   write = is_xy & ~done
   keypoints = keypoints.at[jnp.arange(b), g, axis].set(
       jnp.where(write, value, keypoints[jnp.arange(b), g, axis]))
@@ -106,10 +108,14 @@ def _outputs(tokens: jax.Array, keypoints: jax.Array, num: jax.Array,
   return dict(keypoints=keypoints, num_keypoints=num, tokens=tokens)
 
 
-def greedy_decode(model, variables, images: jax.Array,
-                  max_num_keypoints: int,
-                  category_tokens: jax.Array | None = None
-                  ) -> dict[str, jax.Array]:
+def input_fields(vocab: vocab_lib.Vocab) -> tuple[str, ...]:
+  """Names of the batch fields the decoders read (see module docstring)."""
+  return ('image', 'category_token') if vocab.num_prefix_tokens else (
+      'image',)
+
+
+def greedy_decode(model, variables, inputs: dict[str, jax.Array],
+                  max_num_keypoints: int) -> dict[str, jax.Array]:
   """Generates keypoint sequences for a batch of crops (full recompute).
 
   The reference implementation: each step re-runs ``model.decode`` over all
@@ -118,10 +124,8 @@ def greedy_decode(model, variables, images: jax.Array,
   Args:
     model: a `KeypointSequenceModel` (static).
     variables: its variables ({'params', 'batch_stats'}).
-    images: uint8 [B, S, S, 3] top-down crops.
+    inputs: the `input_fields` of a batch (module docstring).
     max_num_keypoints: Kmax; at most Kmax groups are generated.
-    category_tokens: int32 [B] ``vocab.category(i)`` tokens, required when
-      ``model.num_categories > 0`` (ignored otherwise).
 
   Returns:
     dict with
@@ -130,10 +134,13 @@ def greedy_decode(model, variables, images: jax.Array,
       num_keypoints: int32 [B], groups emitted before ``<eos>``.
       tokens: int32 [B, L] decoder input tokens (``<bos>`` + generated,
         ``<pad>`` after ``<eos>``), L = 4 Kmax + 1 (+ 1 with a category).
+
+  Raises:
+    KeyError: if ``inputs`` lacks one of `input_fields`.
   """
   vocab = model.vocab
-  length = sequence.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
-  _check_categories(vocab, category_tokens)
+  length = grammar.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
+  images, category_tokens = _unpack(vocab, inputs)
   b = images.shape[0]
   memory = model.apply(variables, images, train=False, method=model.encode)
 
@@ -197,10 +204,8 @@ def init_cache(step_model, variables, memory, batch_size: int, length: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def cached_greedy_decode(model, variables, images: jax.Array,
-                         max_num_keypoints: int,
-                         category_tokens: jax.Array | None = None
-                         ) -> dict[str, jax.Array]:
+def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
+                         max_num_keypoints: int) -> dict[str, jax.Array]:
   """`greedy_decode` with a key/value cache: same tokens and coordinates.
 
   Encodes once, projects every layer's deformable values once, then runs
@@ -211,8 +216,8 @@ def cached_greedy_decode(model, variables, images: jax.Array,
   without ``cache_decoding``; a cached copy is cloned from it).
   """
   vocab = model.vocab
-  length = sequence.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
-  _check_categories(vocab, category_tokens)
+  length = grammar.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
+  images, category_tokens = _unpack(vocab, inputs)
   b = images.shape[0]
   step_model = model.clone(cache_decoding=True, remat_backbone=False,
                            remat_decoder=False)
@@ -249,29 +254,11 @@ def cached_greedy_decode(model, variables, images: jax.Array,
   return _outputs(tokens, kps, num, max_num_keypoints)
 
 
-def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
-                   batch_sharding, cached: bool = True):
-  """Jitted ``fn(variables, images) -> decode dict`` with shardings;
-  ``fn(variables, images, category_tokens)`` when the model is category
-  conditioned (``model.num_categories > 0``).
-
-  ``cached=True`` (default): `cached_greedy_decode`; False: the
-  full-recompute reference `greedy_decode`. Both return the same values.
-  """
-  decode = cached_greedy_decode if cached else greedy_decode
-  if model.num_categories:
-    def fn(variables, images, category_tokens):
-      return decode(model, variables, images, max_num_keypoints,
-                    category_tokens)
-    shardings = (variables_sharding, batch_sharding, batch_sharding)
-  else:
-    fn = functools.partial(decode, model, max_num_keypoints=max_num_keypoints)
-    shardings = (variables_sharding, batch_sharding)
-  return jax.jit(fn, in_shardings=shardings, out_shardings=batch_sharding)
-
-
-def _check_categories(vocab: vocab_lib.Vocab,
-                      category_tokens: jax.Array | None) -> None:
-  if vocab.num_categories and category_tokens is None:
-    raise ValueError('the model is category conditioned: pass '
-                     'category_tokens [B] (vocab.category(index))')
+def _unpack(vocab: vocab_lib.Vocab, inputs: dict[str, jax.Array]
+            ) -> tuple[jax.Array, jax.Array | None]:
+  """(images, category tokens or None) from a decode input dict."""
+  missing = [f for f in input_fields(vocab) if f not in inputs]
+  if missing:
+    raise KeyError(f'decoding needs the batch fields {missing} (the model\'s '
+                   f'vocabulary has {vocab.num_categories} category tokens).')
+  return inputs['image'], inputs.get('category_token')

@@ -19,7 +19,7 @@
 With ``--category``, only boxes of that category are used. Each box is
 cropped and warped exactly as in evaluation (`transforms.CropAffine`,
 `transforms.WarpToCrop`), decoded greedily and mapped back to image pixels
-(`evaluate.crop_to_image`). Images are read as `data_prep` reads them
+by `predictor.Predictor`. Images are read as `data_prep` reads them
 (`data_prep.images.load_rgb_array`: EXIF orientation applied, 8-bit RGB).
 
 Writes to ``OUT``:
@@ -50,12 +50,12 @@ from PIL import Image
 import tqdm
 
 from data_prep import images as image_io
-from kpseq_jax import decoding
-from kpseq_jax import evaluate
-from kpseq_jax import input_pipeline
-from kpseq_jax import sharding
-from kpseq_jax import transforms
-from kpseq_jax import visualize
+from kpseq_jax.data import dataset
+from kpseq_jax.data import transforms
+from kpseq_jax.data import visualize
+from kpseq_jax.inference import predictor as predictor_lib
+from kpseq_jax.inference import results as results_lib
+from kpseq_jax.runtime import sharding
 
 IMAGE_SUFFIXES = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff',
                   '.webp')
@@ -187,7 +187,7 @@ def read_boxes(boxes_file: str, rels: list[str]
   return ids, boxes, missing
 
 
-def choose_category(info: input_pipeline.DatasetInfo,
+def choose_category(info: dataset.DatasetInfo,
                     category_id: int | None) -> int:
   """The category of whole-image boxes.
 
@@ -211,36 +211,31 @@ def overlay_path(out_dir: str, rel_path: str) -> Path:
   return Path(out_dir, 'overlays', rel_path).with_suffix('.png')
 
 
-class _Predictor:
-  """Crops boxes into fixed-size batches, decodes, maps back to pixels."""
+class _CropBatcher:
+  """Crops boxes into fixed-size batches for a `predictor.Predictor`."""
 
-  def __init__(self, config, model, variables, mesh,
-               category_index: dict[int, int] | None = None):
-    self.model = model
+  def __init__(self, config: ml_collections.ConfigDict,
+               predictor: predictor_lib.Predictor,
+               category_index: dict[int, int]):
+    self.predictor = predictor
+    self.vocab = predictor.model.vocab
     self.category_index = category_index  # Category conditioning only.
-    self.size = config.image_size_px
     self.batch_size = config.eval_batch_size
-    self.crop = transforms.CropAffine(self.size, config.bbox_scale)
-    self.warp = transforms.WarpToCrop(self.size)
-    self.variables = variables
-    self.mesh = mesh
-    self.decode_fn = decoding.make_decode_fn(  # Variables keep their layout.
-        model, config.max_num_keypoints,
-        jax.tree.map(lambda a: a.sharding, variables),
-        sharding.batch_sharding(mesh))
+    self.crop = transforms.CropAffine(config.image_size_px, config.bbox_scale)
+    self.warp = transforms.WarpToCrop(config.image_size_px)
     self.pending: list[tuple[object, dict]] = []
 
   def add(self, key, image: np.ndarray, bbox,
-          category_id: int | None = None) -> list[tuple[object, dict]]:
+          category_id: int) -> list[tuple[object, dict]]:
     """Queues one crop; returns [(key, crop example with 'pred_px')] of a
     batch when one is full. ``category_id`` feeds a category-conditioned
     model."""
     ex = dict(image=image, bbox=np.asarray(bbox, np.float32),
               keypoints=np.zeros([0, 3], np.float32))
     ex = self.warp.map(self.crop.map(ex))
-    if self.model.num_categories:
+    if self.vocab.num_prefix_tokens:
       ex['category_token'] = np.int32(
-          self.model.vocab.category(self.category_index[int(category_id)]))
+          self.vocab.category(self.category_index[int(category_id)]))
     self.pending.append((key, ex))
     return self.run() if len(self.pending) == self.batch_size else []
 
@@ -251,18 +246,11 @@ class _Predictor:
     items, self.pending = self.pending, []
     exs = [ex for _, ex in items]
     exs += [exs[-1]] * (self.batch_size - len(exs))  # Static batch shape.
-    crops = np.stack([ex['image'] for ex in exs])  # [B, S, S, 3]
-    inputs = {'image': crops}
-    if self.model.num_categories:
-      inputs['category_token'] = np.stack([ex['category_token'] for ex in exs])
-    inputs = sharding.global_batch(inputs, self.mesh)
-    out = jax.device_get(self.decode_fn(self.variables, inputs['image'], *(
-        [inputs['category_token']] if 'category_token' in inputs else [])))
-    pred = evaluate.crop_to_image(
-        out['keypoints'][:len(items)],
-        np.stack([ex['crop_from_image'] for _, ex in items]), self.size)
+    fields = self.predictor.input_fields + ('crop_from_image',)
+    pred = self.predictor.predict(
+        {k: np.stack([ex[k] for ex in exs]) for k in fields})
     return [(key, dict(ex, pred_px=p))
-            for (key, ex), p in zip(items, pred)]
+            for (key, ex), p in zip(items, pred.keypoints_px)]
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
@@ -279,7 +267,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   if jax.process_count() > 1:
     raise NotImplementedError('--mode predict runs on one process; start it '
                               'on a single host.')
-  info = input_pipeline.load_info(config.dataset_dir)
+  info = dataset.load_info(config.dataset_dir)
   root, rels = list_images(images)
   if category_id is not None:
     choose_category(info, category_id)  # Raises if not in the table.
@@ -320,11 +308,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
                for i, rel in enumerate(rels)]
 
   mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, step = evaluate.restore_state(
+  model, state, step = predictor_lib.restore_state(
       config, workdir, mesh, info.split_sizes[config.train_split])
-  predictor = _Predictor(
-      config, model, {'params': state.params,
-                      'batch_stats': state.batch_stats}, mesh,
+  batcher = _CropBatcher(
+      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
       info.category_index())
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=missing, skipped_boxes=summary_skipped)
@@ -359,9 +346,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
     open_images[idx] = dict(entry=entry, image=image, poses={})
     for j, box in enumerate(entry.boxes):
       bbox = box.bbox if box.bbox is not None else (0.0, 0.0, w, h)
-      done = predictor.add((idx, j), image, bbox, box.category_id)
+      done = batcher.add((idx, j), image, bbox, box.category_id)
       finish([(k[0], dict(ex, box_index=k[1])) for k, ex in done])
-  done = predictor.run()
+  done = batcher.run()
   finish([(k[0], dict(ex, box_index=k[1])) for k, ex in done])
   bar.close()
 
@@ -384,19 +371,16 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
 
 
 def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
-                 info: input_pipeline.DatasetInfo, out_dir: str,
+                 info: dataset.DatasetInfo, out_dir: str,
                  results: list[dict]) -> None:
   """Appends the image's COCO results and saves its overlay PNG."""
   order = sorted(poses)
   boxes = [entry.boxes[j] for j in order]
-  batch = dict(
-      num_keypoints=np.array([info.categories[b.category_id].num_keypoints
-                              for b in boxes]),
-      image_id=np.full(len(boxes), entry.image_id),
-      category_id=np.array([b.category_id for b in boxes]),
-      score=np.array([b.score for b in boxes]))
   pred = np.stack([poses[j]['pred_px'] for j in order])  # [N, Kmax, 2]
-  entries = evaluate.coco_results(pred, batch)
+  entries = results_lib.coco_results(
+      pred, [info.categories[b.category_id].num_keypoints for b in boxes],
+      [entry.image_id] * len(boxes), [b.category_id for b in boxes],
+      [b.score for b in boxes])
   results.extend(entries)
   canvas = Image.fromarray(image)
   for b, r in zip(boxes, entries):

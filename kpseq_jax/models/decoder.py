@@ -33,8 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kpseq_jax.deformable_attention import MultiScaleDeformableAttention
-from kpseq_jax.deformable_attention import SpatialShapes
+from kpseq_jax.models.deformable_attention import MultiScaleDeformableAttention
+from kpseq_jax.models.deformable_attention import SpatialShapes
 
 
 class DecoderLayer(nn.Module):

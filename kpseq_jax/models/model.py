@@ -9,7 +9,7 @@ input stage does (``fundamentalvision/Deformable-DETR``
 ``PositionEmbeddingSine``, normalize=True, temperature 10000, scale 2 pi)
 added to the features (there is no encoder, so position is folded into the
 memory once). ``decode`` embeds the teacher-forced token sequence
-``<bos> <coord> x y <sep> ... <eos>`` (see ``sequence.py``) and predicts the
+``<bos> <coord> x y <sep> ... <eos>`` (see ``sequence/grammar.py``) and predicts the
 next token (classifier) and the keypoint's continuous (x, y) (regressor, DETR
 ``MLP`` box head with 3 layers).
 
@@ -39,12 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kpseq_jax import sequence as sequence_lib
-from kpseq_jax import sharding
-from kpseq_jax.conv import Conv
-from kpseq_jax.decoder import Decoder
-from kpseq_jax.resnet import ResNet
-from kpseq_jax.vocab import Vocab
+from kpseq_jax.sequence import grammar
+from kpseq_jax.runtime import sharding
+from kpseq_jax.models.conv import Conv
+from kpseq_jax.models.decoder import Decoder
+from kpseq_jax.models.resnet import ResNet
+from kpseq_jax.sequence import vocab as vocab_lib
 
 # ImageNet statistics in 0..255 pixel units (torchvision normalisation).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -153,7 +153,8 @@ class KeypointSequenceModel(nn.Module):
   """Image crop -> next-token logits and continuous keypoint coordinates.
 
   Attributes:
-    num_bins: coordinate bins; token ids follow ``vocab.Vocab(num_bins)``.
+    vocab: the token layout (`kpseq_jax.sequence.vocab.Vocab`: coordinate
+      bins, special tokens, optional category tokens).
     max_seq_len: length of the learned position table (>= input length L).
     backbone_depth: ResNet depth, 18 / 34 / 50.
     backbone_norm: 'batch', 'group' or 'frozen_batch' (see ``resnet.py``).
@@ -175,13 +176,10 @@ class KeypointSequenceModel(nn.Module):
     remat_decoder: the same for each decoder layer.
     cache_decoding: build the self-attention with a key/value cache for
       ``decode_step`` (inference only; parameters are the same).
-    num_categories: category tokens in the vocabulary (0: no category
-      conditioning; > 0: inputs are ``<bos> <cat> <coord> x y ...``, see
-      ``sequence.py``).
     dtype: compute dtype (float32 or bfloat16); parameters are float32,
       logits and coordinates float32.
   """
-  num_bins: int
+  vocab: vocab_lib.Vocab
   max_seq_len: int
   backbone_depth: int = 50
   backbone_norm: str = 'batch'
@@ -197,18 +195,7 @@ class KeypointSequenceModel(nn.Module):
   remat_backbone: bool = False
   remat_decoder: bool = False
   cache_decoding: bool = False
-  num_categories: int = 0
   dtype: jnp.dtype = jnp.float32
-
-  @property
-  def vocab(self) -> Vocab:
-    """Token layout for ``num_bins`` (and ``num_categories``)."""
-    return Vocab(self.num_bins, self.num_categories)
-
-  @property
-  def vocab_size(self) -> int:
-    """V = num_bins + number of special tokens + num_categories."""
-    return self.vocab.vocab_size
 
   def setup(self):
     unknown = set(self.feature_levels) - set(_LEVELS)
@@ -231,11 +218,11 @@ class KeypointSequenceModel(nn.Module):
         'level_embed', nn.initializers.normal(stddev=1.0),
         (len(self.feature_levels), self.d_model))  # Deformable DETR normal_.
     self.coord_embed = self.param(
-        'coord_embed', _EMBED_INIT, (self.num_bins, self.d_model))
+        'coord_embed', _EMBED_INIT, (self.vocab.num_bins, self.d_model))
     self.axis_embed = self.param('axis_embed', _EMBED_INIT, (2, self.d_model))
     self.special_embed = self.param(
         'special_embed', _EMBED_INIT,
-        (self.vocab_size - self.num_bins, self.d_model))
+        (self.vocab.num_non_coordinate_tokens, self.d_model))
     self.pos_embed = self.param(
         'pos_embed', _EMBED_INIT, (self.max_seq_len, self.d_model))
     self.decoder = Decoder(
@@ -243,7 +230,7 @@ class KeypointSequenceModel(nn.Module):
         num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
         num_levels=len(self.feature_levels), num_points=self.num_points,
         decode=self.cache_decoding, remat=self.remat_decoder, dtype=self.dtype)
-    self.class_head = nn.Dense(self.vocab_size, dtype=self.dtype)
+    self.class_head = nn.Dense(self.vocab.vocab_size, dtype=self.dtype)
     self.coord_head = [nn.Dense(self.d_model, dtype=self.dtype),
                        nn.Dense(self.d_model, dtype=self.dtype),
                        nn.Dense(2, dtype=self.dtype)]
@@ -279,13 +266,11 @@ class KeypointSequenceModel(nn.Module):
                    positions: jax.Array | None = None) -> jax.Array:
     """Decoder input embeddings (without the position embedding).
 
-    Coordinate positions (``input_tokens < num_bins``) get
+    Coordinate inputs (`Vocab.is_coordinate`) get
     ``coordinate_embedding(coord_embed, input_coords) + axis_embed[axis]``,
-    where the axis comes from the grammar: input position t >= 1 carries the
-    target at t - 1, so ``(t - 1 - P) % 4 == 1`` is x (axis 0) and ``== 2``
-    is y (axis 1), P = ``vocab.num_prefix_tokens`` (the category token).
-    Other positions (special and category tokens) get
-    ``special_embed[token - num_bins]``.
+    the axis (x = 0, y = 1) of what the position carries
+    (`grammar.input_role`); special and category tokens get
+    ``special_embed[vocab.non_coordinate_index(token)]``.
 
     Args:
       input_tokens: int32 [B, L] token ids.
@@ -299,16 +284,13 @@ class KeypointSequenceModel(nn.Module):
     """
     if positions is None:
       positions = np.arange(input_tokens.shape[1])
-    # Group-relative target position carried by input t (after <bos> <cat>).
-    target_pos = positions - 1 - self.vocab.num_prefix_tokens
-    is_y = (target_pos >= 0) & (
-        target_pos % sequence_lib.GROUP_SIZE == sequence_lib.Y_OFFSET)  # [L]
+    role = grammar.input_role(positions, self.vocab.num_prefix_tokens)
+    is_y = (role.phase == grammar.Y).astype(jnp.int32)  # [L]
     coord = coordinate_embedding(self.coord_embed, input_coords)  # [B, L, D]
-    coord = coord + jnp.take(self.axis_embed, is_y.astype(jnp.int32),
-                             axis=0)  # + [L, D]
-    special_ids = jnp.clip(input_tokens - self.num_bins, 0,
-                           self.vocab_size - self.num_bins - 1)
-    special = jnp.take(self.special_embed, special_ids, axis=0)  # [B, L, D]
+    coord = coord + jnp.take(self.axis_embed, is_y, axis=0)  # + [L, D]
+    special = jnp.take(self.special_embed,
+                       self.vocab.non_coordinate_index(input_tokens),
+                       axis=0)  # [B, L, D]
     is_coord = self.vocab.is_coordinate(input_tokens)[..., None]  # [B, L, 1]
     return jnp.where(is_coord, coord, special)
 
@@ -323,7 +305,7 @@ class KeypointSequenceModel(nn.Module):
       train: enables dropout.
 
     Returns:
-      logits: float32 [B, L, vocab_size], next-token logits.
+      logits: float32 [B, L, V], next-token logits (V = vocab.vocab_size).
       coords: float32 [B, L, 2], predicted (x, y) normalised to [0, 1].
     """
     length = input_tokens.shape[1]
@@ -374,7 +356,7 @@ class KeypointSequenceModel(nn.Module):
       position: int32 scalar, 0 <= position < cache length.
 
     Returns:
-      logits: float32 [B, vocab_size], next-token logits.
+      logits: float32 [B, V], next-token logits.
       coords: float32 [B, 2], predicted (x, y) normalised to [0, 1].
     """
     positions = jnp.reshape(position, [1]).astype(jnp.int32)  # [1]

@@ -40,7 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kpseq_jax.conv import Conv
+from kpseq_jax.models.conv import Conv
 
 # torchvision: depth -> (block kind, blocks per stage).
 _STAGES = {

@@ -3,7 +3,7 @@
 One process per host (TPU VM pod worker, SLURM task, or a local process in
 tests). Every process runs the same program; `jax.devices()` then spans all
 hosts, each process reads its own shard of the data
-(`input_pipeline`), builds global batches with
+(`kpseq_jax.data.pipeline`), builds global batches with
 `jax.make_array_from_process_local_data` (`sharding.global_batch`), only
 process 0 writes logs and reports, and Orbax writes checkpoints collectively.
 """

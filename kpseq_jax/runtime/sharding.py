@@ -33,6 +33,7 @@ import re
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
@@ -209,3 +210,15 @@ def global_batch(local_batch: dict[str, np.ndarray],
   s = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(s, np.asarray(v))
           for k, v in local_batch.items()}
+
+
+def gather(tree: Any) -> Any:
+  """Global numpy values of a pytree of (possibly multi-process) arrays.
+
+  One process: ``np.asarray`` of every leaf. Several: every process gets
+  the whole global arrays (`multihost_utils.process_allgather`, tiled), so
+  all must call it.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)

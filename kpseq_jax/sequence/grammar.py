@@ -1,39 +1,105 @@
 """The keypoint sequence: ``<bos> <coord> x y <sep> ... <coord> x y <sep> <eos>``.
 
-With category conditioning (``Vocab.num_categories > 0``) the category token
-follows ``<bos>``: ``<bos> <cat_k> <coord> x y <sep> ... <eos>``. It is an
-input only (its target weight is 0); every later position moves by
-``Vocab.num_prefix_tokens`` = 1 (``seq_len(..., num_prefix)``).
+The one place that knows which position holds what (`vocab.py` knows the
+token ids). Positions index the *targets*: target ``t`` is predicted from
+the decoder output at input position ``t``, and input ``t`` is ``<bos>`` for
+``t = 0`` and target ``t - 1`` after (teacher forcing).
 
-One group of four tokens per keypoint, in the category's keypoint order, then
-``<eos>``. A category with K keypoints has ``4 K + 1`` target tokens; the
-decoder input is the target shifted right behind ``<bos>``. Sequences are
-padded to ``seq_len(max_num_keypoints) = 4 * max_num_keypoints + 1``.
+Layout of the targets for K keypoints, with P prefix positions in front
+(P = ``Vocab.num_prefix_tokens``: 1 with a category token, else 0)::
 
-Unlabelled keypoints (v = 0) keep their group so that group ``k`` is always
-keypoint ``k``: their x and y *targets* get weight 0 (no cross-entropy, no L1)
-and their x and y *inputs* are the ``<nocoord>`` token instead of a coordinate
-(the model never sees a made-up position). ``<coord>``, ``<sep>`` and
-``<eos>`` are always targets, so the model learns where the sequence ends.
+  t:       0 .. P-1     P + 4g + 0   P + 4g + 1   P + 4g + 2   P + 4g + 3   P + 4K
+  target:  <cat_k>      <coord>      x_g          y_g          <sep>        <eos>
+  role:    PREFIX       COORD        X            Y            SEP          COORD (group K)
+
+so group ``g`` (keypoint ``g`` in the category's order) always sits at the
+same positions, and the position after the last group is where the model
+chooses ``<eos>`` instead of another ``<coord>``. A category with K
+keypoints has ``4 K + 1 + P`` targets; sequences are padded to
+``seq_len(max_num_keypoints, P)``.
+
+Unlabelled keypoints (v = 0) keep their group so that group ``g`` is always
+keypoint ``g``: their x and y *targets* get weight 0 (no cross-entropy, no
+L1) and their x and y *inputs* are the ``<nocoord>`` token instead of a
+coordinate (the model never sees a made-up position). ``<coord>``, ``<sep>``
+and ``<eos>`` are always targets, so the model learns where the sequence
+ends. The prefix (category) token is an input only (weight 0).
 
 Regression targets: the outputs that predict a keypoint's x token and its y
 token both regress that keypoint's (x, y); at decoding time x is read at the
-x step and y at the y step (see `decoding.py`).
+x step and y at the y step (see `kpseq_jax/inference/decoding.py`).
+
+The role helpers take Python ints, numpy arrays or jax arrays (also traced
+ones, for the compiled decoder) and return the same kind.
 """
 
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.sequence import vocab as vocab_lib
 
 GROUP_SIZE = 4  # <coord> x y <sep>
-X_OFFSET = 1  # Position of x inside a group.
-Y_OFFSET = 2  # Position of y inside a group.
+# Roles: a position's offset inside its group, or PREFIX before the groups.
+PREFIX = -1
+COORD = 0
+X = 1
+Y = 2
+SEP = 3
+X_OFFSET, Y_OFFSET = X, Y  # Positions of x and y inside a group.
 
 
 def seq_len(max_num_keypoints: int, num_prefix: int = 0) -> int:
-  """Number of target (and input) tokens for up to ``max_num_keypoints``
-  (plus ``num_prefix`` category tokens)."""
+  """Number of target (and input) positions for up to ``max_num_keypoints``
+  groups behind ``num_prefix`` prefix tokens: ``4 Kmax + 1 + P``."""
   return GROUP_SIZE * max_num_keypoints + 1 + num_prefix
+
+
+class Role(NamedTuple):
+  """What a target position holds (int or int arrays, same shape)."""
+  group: Any  # Keypoint index g (0-based); -1 in the prefix.
+  phase: Any  # PREFIX, COORD, X, Y or SEP.
+
+
+def _xp(x):
+  return jnp if isinstance(x, jax.Array) else np
+
+
+def target_role(positions, num_prefix: int) -> Role:
+  """Group and phase of target positions ``positions`` (see module table).
+
+  Args:
+    positions: int or int array of target positions t >= 0.
+    num_prefix: P.
+
+  Returns:
+    `Role` with group ``(t - P) // 4`` and phase ``(t - P) % 4`` behind the
+    prefix, (-1, PREFIX) in it.
+  """
+  xp = _xp(positions)
+  rel = positions - num_prefix
+  in_prefix = rel < 0
+  return Role(group=xp.where(in_prefix, -1, rel // GROUP_SIZE),
+              phase=xp.where(in_prefix, PREFIX, rel % GROUP_SIZE))
+
+
+def input_role(positions, num_prefix: int) -> Role:
+  """Group and phase of what *input* positions carry: input t carries
+  target t - 1, so input 0 (``<bos>``) is (-1, PREFIX) like the prefix."""
+  xp = _xp(positions)
+  role = target_role(xp.maximum(positions - 1, 0), num_prefix)
+  first = positions == 0
+  return Role(group=xp.where(first, -1, role.group),
+              phase=xp.where(first, PREFIX, role.phase))
+
+
+def position(group, phase: int, num_prefix: int):
+  """Target position of ``phase`` in keypoint group ``group``:
+  ``P + 4 g + phase`` (``group = K, phase = COORD`` is the ``<eos>``
+  position of a K-keypoint sequence)."""
+  return num_prefix + GROUP_SIZE * group + phase
 
 
 def build_sequence(keypoints: np.ndarray, num_keypoints: int,
@@ -45,15 +111,16 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
     keypoints: float32 [Kmax, 3] (x, y, v), x and y normalised to [0, 1] in
       the crop, v > 0 for labelled keypoints; rows >= num_keypoints ignored.
     num_keypoints: K, the category's keypoint count (K <= Kmax).
-    vocab: token layout.
-    max_num_keypoints: Kmax; fixes the padded length L = 4 Kmax + 1.
-    category_token: with category conditioning, the ``vocab.category(i)``
-      token put after ``<bos>`` (L = 4 Kmax + 2); None without.
+    vocab: token layout; with ``vocab.num_prefix_tokens`` = 1 (category
+      conditioning) ``category_token`` is required.
+    max_num_keypoints: Kmax; fixes the padded length L = `seq_len`.
+    category_token: the ``vocab.category(i)`` token input after ``<bos>``
+      (category conditioning only).
 
   Returns:
-    dict of numpy arrays, L = seq_len(max_num_keypoints, prefix):
-      input_tokens int32 [L]: ``<bos>`` then the target shifted right, with
-        ``<nocoord>`` at the x/y of unlabelled keypoints.
+    dict of numpy arrays, L = seq_len(max_num_keypoints, P):
+      input_tokens int32 [L]: ``<bos>`` then the targets shifted right,
+        with ``<nocoord>`` at the x/y of unlabelled keypoints.
       input_coords float32 [L]: the normalised value fed to the coordinate
         embedding at x/y inputs (0 elsewhere).
       target_tokens int32 [L]: target token ids, ``<pad>`` after ``<eos>``.
@@ -64,48 +131,45 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
         targets of labelled keypoints).
 
   Raises:
-    ValueError: if num_keypoints > max_num_keypoints.
+    ValueError: if num_keypoints > max_num_keypoints, or the category token
+      is missing (or given) against ``vocab.num_prefix_tokens``.
   """
   if num_keypoints > max_num_keypoints:
     raise ValueError(f'num_keypoints={num_keypoints} exceeds '
                      f'max_num_keypoints={max_num_keypoints}.')
-  length = seq_len(max_num_keypoints)
+  p = vocab.num_prefix_tokens
+  if (category_token is None) != (p == 0):
+    raise ValueError(f'category_token={category_token} does not fit the '
+                     f'vocabulary ({vocab.num_categories} category tokens).')
+  length = seq_len(max_num_keypoints, p)
   kps = np.asarray(keypoints, np.float32)[:num_keypoints]
   labelled = kps[:, 2] > 0  # [K]
   xy = np.clip(kps[:, :2], 0.0, 1.0)  # [K, 2]
   xy_tokens = vocab.quantize(xy)  # [K, 2]
+  groups = np.arange(num_keypoints)
+  end = position(num_keypoints, COORD, p)  # The <eos> position.
 
   target = np.full([length], vocab.pad, np.int32)
   token_w = np.zeros([length], np.float32)
   coord_w = np.zeros([length], np.float32)
   target_coords = np.zeros([length, 2], np.float32)
-  group = np.arange(num_keypoints) * GROUP_SIZE  # Group start per keypoint.
-  target[group] = vocab.coord
-  target[group + 3] = vocab.sep
-  target[GROUP_SIZE * num_keypoints] = vocab.eos
-  token_w[:GROUP_SIZE * num_keypoints + 1] = 1.0
-  for offset, axis in ((X_OFFSET, 0), (Y_OFFSET, 1)):
-    target[group + offset] = np.where(labelled, xy_tokens[:, axis], vocab.pad)
-    token_w[group + offset] = labelled
-    coord_w[group + offset] = labelled
-    target_coords[group + offset] = xy
-
+  if p:
+    target[0] = category_token  # An input only: weight 0.
+  target[position(groups, COORD, p)] = vocab.coord
+  target[position(groups, SEP, p)] = vocab.sep
+  target[end] = vocab.eos
+  token_w[p:end + 1] = 1.0
   input_tokens = np.concatenate([[vocab.bos], target[:-1]]).astype(np.int32)
   input_coords = np.zeros([length], np.float32)
-  for offset, axis in ((X_OFFSET, 0), (Y_OFFSET, 1)):
-    pos = group + offset + 1  # Input position that carries this target.
-    input_tokens[pos] = np.where(labelled, xy_tokens[:, axis], vocab.nocoord)
-    input_coords[pos] = np.where(labelled, xy[:, axis], 0.0)
-  if category_token is not None:  # <bos> <cat> <coord> ...: shift by one.
-    input_tokens = np.concatenate(
-        [[vocab.bos, category_token], input_tokens[1:]]).astype(np.int32)
-    input_coords = np.concatenate([[0.0, 0.0], input_coords[1:]]).astype(
-        np.float32)
-    target = np.concatenate([[category_token], target]).astype(np.int32)
-    target_coords = np.concatenate([np.zeros([1, 2], np.float32),
-                                    target_coords])
-    token_w = np.concatenate([[0.0], token_w]).astype(np.float32)
-    coord_w = np.concatenate([[0.0], coord_w]).astype(np.float32)
+  for phase, axis in ((X, 0), (Y, 1)):
+    pos = position(groups, phase, p)
+    target[pos] = np.where(labelled, xy_tokens[:, axis], vocab.pad)
+    token_w[pos] = labelled
+    coord_w[pos] = labelled
+    target_coords[pos] = xy
+    input_tokens[pos + 1] = np.where(labelled, xy_tokens[:, axis],
+                                     vocab.nocoord)
+    input_coords[pos + 1] = np.where(labelled, xy[:, axis], 0.0)
   return dict(input_tokens=input_tokens, input_coords=input_coords,
               target_tokens=target, target_coords=target_coords,
               token_weights=token_w, coord_weights=coord_w)

@@ -31,6 +31,9 @@ continuous value, so this error bounds only the classifier's targets.
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 NUM_SPECIAL_TOKENS = 6
@@ -100,6 +103,12 @@ class Vocab:
     num_categories``."""
     return self.num_bins + NUM_SPECIAL_TOKENS + self.num_categories
 
+  @property
+  def num_non_coordinate_tokens(self) -> int:
+    """Special and category tokens: the rows of the model's token table
+    indexed by `non_coordinate_index`."""
+    return self.vocab_size - self.num_bins
+
   def is_coordinate(self, tokens):
     """Boolean mask of coordinate-bin tokens; same shape as ``tokens``.
 
@@ -107,17 +116,31 @@ class Vocab:
     """
     return tokens < self.num_bins
 
-  def quantize(self, coords: np.ndarray) -> np.ndarray:
+  def non_coordinate_index(self, tokens):
+    """Row of a special or category token in a table of
+    `num_non_coordinate_tokens` rows: ``token - num_bins``, clipped into
+    the table (coordinate tokens map to row 0; mask them with
+    `is_coordinate`). numpy or jax int arrays, same shape."""
+    xp = jnp if isinstance(tokens, jax.Array) else np
+    return xp.clip(tokens - self.num_bins, 0,
+                   self.num_non_coordinate_tokens - 1)
+
+  def quantize(self, coords):
     """Normalised coordinates -> coordinate-bin token ids.
 
     Args:
       coords: float array, any shape, normalised to [0, 1]; values outside
-        are clipped to the nearest end bin.
+        are clipped to the nearest end bin. A numpy array is quantised in
+        float64; a jax array (e.g. inside the compiled decoder) in its own
+        float32, with the same round-half-to-even rule.
 
     Returns:
-      int32 array of the same shape with values in ``0 .. num_bins - 1``:
-      ``round(coords * (num_bins - 1))`` (pix2seq).
+      int32 array of the same shape and kind with values in
+      ``0 .. num_bins - 1``: ``round(coords * (num_bins - 1))`` (pix2seq).
     """
+    if isinstance(coords, jax.Array):
+      bins = jnp.round(coords * (self.num_bins - 1))
+      return jnp.clip(bins, 0, self.num_bins - 1).astype(jnp.int32)
     bins = np.rint(np.asarray(coords, np.float64) * (self.num_bins - 1))
     return np.clip(bins, 0, self.num_bins - 1).astype(np.int32)
 
@@ -137,3 +160,10 @@ class Vocab:
   def max_roundtrip_error(self) -> float:
     """Largest ``|dequantize(quantize(c)) - c|`` for c in [0, 1]: half a bin."""
     return 0.5 / (self.num_bins - 1)
+
+
+def from_config(config: ml_collections.ConfigDict) -> Vocab:
+  """The vocabulary of a run: ``num_bins`` bins, and ``max_num_categories``
+  category tokens when ``category_conditioning`` is on."""
+  return Vocab(config.num_bins, config.max_num_categories
+               if config.category_conditioning else 0)

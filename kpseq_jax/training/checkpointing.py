@@ -23,7 +23,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from kpseq_jax import sharding
+from kpseq_jax.runtime import sharding
 
 UNRESTORABLE_SUFFIX = '.unrestorable'
 
@@ -75,7 +75,12 @@ class Checkpointer:
         item_names=('state', 'data_iter'))
 
   def latest_step(self) -> int | None:
+    """The newest saved step, None if there is none."""
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Every saved step (those kept by ``max_to_keep``), increasing."""
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any,
            data_iter: grain.DatasetIterator | None = None) -> None:

@@ -4,8 +4,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from kpseq_jax import conv as conv_lib
-from kpseq_jax import sharding
+from kpseq_jax.data import dataset
+from kpseq_jax.models import conv as conv_lib
+from kpseq_jax.runtime import sharding
 
 _LEVELS = ('c3', 'c4', 'c5')
 
@@ -19,7 +20,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   batch sizes divisible by the device count; ``mesh_shape`` matching the
   devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known;
   ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4;
-  ``sharding_rules`` well formed.
+  ``sharding_rules`` well formed; every field named in
+  ``config.field_choices`` (a config's own enumerations, e.g.
+  ``configs/mp100.py``'s ``split``) set to one of its choices.
   """
   errors = []
   if not config.dataset_dir:
@@ -52,12 +55,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if not -1 <= config.backbone_frozen_stages <= 4:
     errors.append(f'backbone_frozen_stages={config.backbone_frozen_stages} '
                   'not in -1 (none), 0 (stem), 1..4 (stem + layer1..n).')
-  if 'split' in config and config.split not in (1, 2, 3, 4, 5):  # mp100.py
-    errors.append(f'split={config.split} must be one of MP-100\'s splits '
-                  '1..5.')
-  if 'setting' in config and config.setting not in ('cape', 'supervised'):
-    errors.append(f'setting={config.setting!r} must be "cape" or '
-                  '"supervised".')
+  for name, choices in config.field_choices.items():
+    if config[name] not in choices:
+      errors.append(f'{name}={config[name]!r} is not one of {tuple(choices)}.')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')
@@ -101,17 +101,20 @@ def frozen_without_weights(config: ml_collections.ConfigDict) -> str:
           '--config.backbone_frozen_stages=-1.')
 
 
-def check_dataset(config: ml_collections.ConfigDict, info) -> None:
+def check_dataset(config: ml_collections.ConfigDict,
+                  info: dataset.DatasetInfo) -> None:
   """Raises ValueError if the data set does not fit ``config``.
 
   Checked (against the category table `data_prep` stored in the data set's
   metadata): every category's K is at most ``max_num_keypoints`` (the
-  sequence holds ``4 * max_num_keypoints + 2`` tokens), and the configured
-  train/eval splits exist.
+  sequence holds `grammar.seq_len` = ``4 * max_num_keypoints + 1`` targets,
+  plus the category token with category conditioning), the configured
+  train/eval splits exist, and with category conditioning the vocabulary
+  has a token for every category.
 
   Args:
     config: the run's config.
-    info: `input_pipeline.DatasetInfo` of ``config.dataset_dir``.
+    info: `dataset.DatasetInfo` of ``config.dataset_dir``.
   """
   errors = []
   too_long = sorted((c.num_keypoints, c.id, c.name)

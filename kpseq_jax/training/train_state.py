@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kpseq_jax import conv as conv_lib
-from kpseq_jax import model as model_lib
-from kpseq_jax import pretrained
-from kpseq_jax import resnet
-from kpseq_jax import sequence
-from kpseq_jax import sharding
-from kpseq_jax import vocab as vocab_lib
+from kpseq_jax.models import conv as conv_lib
+from kpseq_jax.models import model as model_lib
+from kpseq_jax.models import pretrained
+from kpseq_jax.models import resnet
+from kpseq_jax.sequence import grammar
+from kpseq_jax.runtime import sharding
+from kpseq_jax.sequence import vocab as vocab_lib
 
 
 @flax.struct.dataclass
@@ -48,7 +48,7 @@ def create_model(config: ml_collections.ConfigDict
                  ) -> model_lib.KeypointSequenceModel:
   """The Flax model described by ``config`` (see configs/default.py)."""
   return model_lib.KeypointSequenceModel(
-      num_bins=config.num_bins,
+      vocab=vocab_lib.from_config(config),
       backbone_depth=config.backbone_depth,
       backbone_norm=config.backbone_norm,
       backbone_frozen_stages=config.backbone_frozen_stages,
@@ -62,23 +62,16 @@ def create_model(config: ml_collections.ConfigDict
       num_points=config.num_points,
       remat_backbone=config.remat_backbone,
       remat_decoder=config.remat_decoder,
-      max_seq_len=sequence.seq_len(config.max_num_keypoints,
-                                   num_prefix_tokens(config)),
-      num_categories=num_category_tokens(config),
+      max_seq_len=sequence_length(config),
       dtype=jnp.dtype(config.compute_dtype))
 
 
-def num_category_tokens(config: ml_collections.ConfigDict) -> int:
-  """Category tokens in the vocabulary: ``max_num_categories`` with
-  ``category_conditioning``, else 0."""
-  return config.max_num_categories if config.category_conditioning else 0
-
-
-def num_prefix_tokens(config: ml_collections.ConfigDict) -> int:
-  """Inputs between ``<bos>`` and the first group (the category token), as
-  the vocabulary defines them (`vocab.Vocab.num_prefix_tokens`)."""
-  return vocab_lib.Vocab(config.num_bins,
-                         num_category_tokens(config)).num_prefix_tokens
+def sequence_length(config: ml_collections.ConfigDict) -> int:
+  """L, input (and target) positions of a run's sequences:
+  `grammar.seq_len` of ``max_num_keypoints`` behind the vocabulary's
+  prefix tokens."""
+  return grammar.seq_len(config.max_num_keypoints,
+                         vocab_lib.from_config(config).num_prefix_tokens)
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, train_size: int) -> int:
@@ -156,7 +149,7 @@ def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
      input_coords float32 [B, L]).
   """
   s = config.image_size_px
-  length = sequence.seq_len(config.max_num_keypoints, num_prefix_tokens(config))
+  length = sequence_length(config)
   return (jnp.zeros([batch_size, s, s, 3], jnp.uint8),
           jnp.zeros([batch_size, length], jnp.int32),
           jnp.zeros([batch_size, length], jnp.float32))

@@ -1,0 +1,94 @@
+"""A data set written by `data_prep`: its category table, splits and records.
+
+`load_info` reads what training and evaluation need to know from the data
+set's metadata (`data_prep/build.py` writes it); `data_source` opens a split
+for random access with the images left as encoded bytes (the pipeline's
+`transforms.DecodeImage` decodes them).
+"""
+
+import dataclasses
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_prep.categories import Category
+from kpseq_jax.data import transforms
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the pipeline and evaluation need to know about a data set.
+
+  Attributes:
+    categories: category id -> `data_prep.categories.Category` (K, keypoint
+      names, skeleton, flip pairs).
+    split_sizes: split name -> number of records.
+  """
+
+  categories: dict[int, Category]
+  split_sizes: dict[str, int]
+
+  def category_index(self) -> dict[int, int]:
+    """category id -> index (position among the ids in increasing order),
+    the ``vocab.category(index)`` of category conditioning."""
+    return {cid: i for i, cid in enumerate(sorted(self.categories))}
+
+  def flip_permutations(self) -> dict[int, np.ndarray]:
+    """category id -> int32 [K] flip permutation, for flippable categories.
+
+    Row k of a flipped instance's keypoints is row ``perm[k]`` of the
+    original (`transforms.flip_permutation`).
+    """
+    perms = {}
+    for c in self.categories.values():
+      perm = transforms.flip_permutation(c.num_keypoints, list(c.flip_pairs))
+      if perm is not None:
+        perms[c.id] = perm
+    return perms
+
+
+def _builder(dataset_dir: str) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder_from_directory(dataset_dir)
+  except Exception as e:  # tfds raises several types for a missing dir.
+    raise FileNotFoundError(
+        f'No data set at --config.dataset_dir={dataset_dir!r} ({e}). Build it '
+        'with `python -m data_prep.build` (see README).') from e
+
+
+def load_info(dataset_dir: str) -> DatasetInfo:
+  """Reads the category table and split sizes of a data set.
+
+  Raises:
+    FileNotFoundError: if ``dataset_dir`` holds no data set.
+    KeyError: if its metadata has no ``categories`` table.
+  """
+  b = _builder(dataset_dir)
+  meta = b.info.metadata or {}
+  if 'categories' not in meta:
+    raise KeyError(f'{dataset_dir}: metadata has no "categories" table; '
+                   'rebuild it with `python -m data_prep.build`.')
+  cats = {int(c['id']): Category.from_metadata(c)
+          for c in meta['categories']}
+  sizes = {name: s.num_examples for name, s in b.info.splits.items()}
+  return DatasetInfo(categories=cats, split_sizes=sizes)
+
+
+def data_source(dataset_dir: str, split: str):
+  """Random-access source of a split's records; images stay encoded bytes.
+
+  Records hold ``image`` (bytes), ``bbox`` float32 [4] (x, y, w, h pixels),
+  ``keypoints`` float32 [K, 3] (x, y, v pixels), ``category_id``,
+  ``image_id``, ``annotation_id`` and ``file_name`` (see
+  `data_prep/build.py`).
+
+  Raises:
+    FileNotFoundError: if the data set is missing.
+    KeyError: if ``split`` is not one of its splits.
+  """
+  b = _builder(dataset_dir)
+  if split not in b.info.splits:
+    raise KeyError(f'{dataset_dir} has no split {split!r}; it has '
+                   f'{sorted(b.info.splits)}.')
+  return b.as_data_source(
+      split=split, decoders={'image': tfds.decode.SkipDecoding()})

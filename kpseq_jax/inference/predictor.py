@@ -1,0 +1,184 @@
+"""Keypoints for batches of top-down crops from a trained model.
+
+The one inference path that evaluation, ``--mode predict`` and the coming
+video and CAPE paths share:
+
+* `restore_state`: the latest checkpoint of a workdir onto a mesh;
+* `make_decode_fn`: the compiled greedy decoder (`decoding.py`) with the
+  variables' shardings and the batch split over the mesh;
+* `Predictor`: holds model, variables and the compiled decoder; turns a
+  process-local batch (the `decoding.input_fields` plus
+  ``crop_from_image``) into keypoints in crop and image coordinates;
+* `crop_to_image`: normalised crop coordinates -> image pixels.
+"""
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+
+from kpseq_jax.data import transforms
+from kpseq_jax.inference import decoding
+from kpseq_jax.runtime import sharding
+from kpseq_jax.training import checkpointing
+from kpseq_jax.training import train_state as ts
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str,
+                  mesh: jax.sharding.Mesh, train_size: int):
+  """Restores the latest checkpoint of ``workdir`` onto ``mesh``.
+
+  Args:
+    config: the run's config (fixes the model and the state's tree).
+    workdir: the run's directory.
+    mesh: the device mesh the state is placed on (its shardings follow
+      ``config.sharding_rules``).
+    train_size: training instances (shapes the optimizer's schedule, which
+      is part of the restored tree).
+
+  Returns:
+    (model, state, step).
+
+  Raises:
+    FileNotFoundError: if ``workdir`` has no checkpoint.
+    checkpointing.CheckpointMismatchError: if the checkpoint was written
+      with another config.
+  """
+  model = ts.create_model(config)
+  tx = ts.create_optimizer(config, train_size)
+  abstract = ts.abstract_train_state(config, model, tx, mesh)
+  ckpt = checkpointing.Checkpointer(workdir)
+  state, step = ckpt.restore(abstract)
+  ckpt.close()
+  return model, state, step
+
+
+def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
+                   batch_sharding, cached: bool = True):
+  """Jitted ``fn(variables, inputs) -> decode dict`` with shardings.
+
+  Args:
+    model: a `KeypointSequenceModel`.
+    max_num_keypoints: Kmax.
+    variables_sharding: pytree of shardings of {'params', 'batch_stats'}
+      (the train state's layout, e.g. fsdp-split).
+    batch_sharding: sharding of every input and output array (split on the
+      batch dimension).
+    cached: True (default): `decoding.cached_greedy_decode`; False: the
+      full-recompute reference `decoding.greedy_decode` (same values).
+
+  Returns:
+    ``fn(variables, inputs)`` with ``inputs`` the `decoding.input_fields`
+    of a global batch; outputs as `decoding.greedy_decode`.
+  """
+  decode = (decoding.cached_greedy_decode if cached
+            else decoding.greedy_decode)
+
+  def fn(variables, inputs):
+    return decode(model, variables, inputs, max_num_keypoints)
+
+  return jax.jit(fn, in_shardings=(variables_sharding, batch_sharding),
+                 out_shardings=batch_sharding)
+
+
+def crop_to_image(keypoints_norm: np.ndarray, crop_from_image: np.ndarray,
+                  image_size_px: int) -> np.ndarray:
+  """Maps normalised crop keypoints back to image pixels.
+
+  Args:
+    keypoints_norm: float [N, K, 2] normalised [0, 1] crop (x, y); NaN
+      rows stay NaN.
+    crop_from_image: float [N, 2, 3] image -> crop-pixel affines
+      (`transforms.crop_matrix`).
+    image_size_px: S, the crop side in pixels.
+
+  Returns:
+    float64 [N, K, 2] image pixels.
+  """
+  out = np.empty(keypoints_norm.shape, np.float64)
+  for i, m in enumerate(crop_from_image):
+    out[i] = transforms.apply_affine(transforms.invert_affine(m),
+                                     keypoints_norm[i] * image_size_px)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """Decoded keypoints of a global batch (numpy, every process has all).
+
+  Attributes:
+    keypoints: float32 [B, Kmax, 2] normalised crop (x, y); NaN after
+      ``num_keypoints``.
+    num_keypoints: int32 [B], keypoint groups generated.
+    keypoints_px: float64 [B, Kmax, 2] image pixels (NaN likewise), or None
+      when the batch had no ``crop_from_image``.
+  """
+  keypoints: np.ndarray
+  num_keypoints: np.ndarray
+  keypoints_px: np.ndarray | None
+
+
+class Predictor:
+  """A model's compiled greedy decoder with its variables on a mesh.
+
+  Build one per run (it compiles once per batch shape) and call `predict`
+  on process-local batches.
+
+  Args:
+    config: ``max_num_keypoints`` and ``image_size_px``.
+    model: the `KeypointSequenceModel`.
+    variables: {'params', 'batch_stats'}, already on ``mesh`` (their
+      shardings are kept).
+    mesh: the device mesh; batches are split over it.
+    cached: use the KV-cached decoder (default) or the reference.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, model, variables,
+               mesh: jax.sharding.Mesh, cached: bool = True):
+    self.model = model
+    self.variables = variables
+    self.mesh = mesh
+    self.image_size_px = config.image_size_px
+    self.input_fields = decoding.input_fields(model.vocab)
+    self._decode = make_decode_fn(
+        model, config.max_num_keypoints,
+        jax.tree.map(lambda a: a.sharding, variables),
+        sharding.batch_sharding(mesh), cached)
+
+  @classmethod
+  def from_state(cls, config: ml_collections.ConfigDict, model, state,
+                 mesh: jax.sharding.Mesh) -> 'Predictor':
+    """A predictor of a `TrainState`'s params and batch statistics."""
+    return cls(config, model, {'params': state.params,
+                               'batch_stats': state.batch_stats}, mesh)
+
+  def predict(self, local_batch: dict[str, np.ndarray],
+              variables=None) -> Prediction:
+    """Decodes a process-local batch; every process gets the global result.
+
+    Args:
+      local_batch: this process's [b, ...] numpy arrays: the
+        `decoding.input_fields` (``image`` uint8 [b, S, S, 3], ...) and,
+        for pixel coordinates, ``crop_from_image`` float [b, 2, 3]. Other
+        fields are ignored.
+      variables: decode with these instead of the predictor's own (same
+        tree and shardings, e.g. a later state of the same run).
+
+    Returns:
+      `Prediction` of the global batch [B = b x processes].
+
+    Raises:
+      KeyError: if an input field is missing.
+    """
+    inputs = sharding.global_batch(
+        {k: local_batch[k] for k in self.input_fields}, self.mesh)
+    out = sharding.gather(self._decode(
+        self.variables if variables is None else variables, inputs))
+    px = None
+    if 'crop_from_image' in local_batch:
+      crops = sharding.gather(sharding.global_batch(
+          {'m': local_batch['crop_from_image']}, self.mesh))['m']
+      px = crop_to_image(out['keypoints'], crops, self.image_size_px)
+    return Prediction(keypoints=out['keypoints'],
+                      num_keypoints=out['num_keypoints'], keypoints_px=px)

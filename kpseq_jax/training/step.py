@@ -1,0 +1,100 @@
+"""The train step: one AdamW update of the `TrainState` on a global batch.
+
+`make_train_step` is the only place that compiles it: training, the
+benchmark and the multi-device tests all call the same jitted function,
+with the state's shardings in and out, the batch split over the mesh and
+the state donated.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from kpseq_jax.runtime import sharding
+from kpseq_jax.training import losses
+from kpseq_jax.training import train_state as ts
+
+# Batch fields the train step reads (the pipeline also yields eval fields).
+TRAIN_FIELDS = ('image', 'input_tokens', 'input_coords', 'target_tokens',
+                'target_coords', 'token_weights', 'coord_weights')
+
+
+def train_step(state: ts.TrainState, batch: dict, *, model,
+               tx: optax.GradientTransformation, schedule: optax.Schedule,
+               ce_weight: float, l1_weight: float,
+               skip_nonfinite: bool = False
+               ) -> tuple[ts.TrainState, dict]:
+  """One AdamW update on a global batch (see `TRAIN_FIELDS`).
+
+  With ``skip_nonfinite``, an update whose loss or gradient norm is not
+  finite is not applied: params, batch_stats and opt_state stay as they
+  were (``jnp.where`` on the finite flag); only ``step`` advances.
+
+  Returns:
+    (new state, metrics): scalars ``loss``, ``ce``, ``l1``, ``grad_norm``,
+    ``learning_rate`` (of this update) and ``update_skipped`` (1 if the
+    update was skipped, else 0).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    (logits, coords), updates = model.apply(
+        variables, batch['image'], batch['input_tokens'],
+        batch['input_coords'], train=True, rngs={'dropout': rng},
+        mutable=['batch_stats'])
+    loss, parts = losses.sequence_loss(logits, coords, batch, ce_weight,
+                                       l1_weight)
+    return loss, (parts, updates.get('batch_stats', state.batch_stats))
+
+  (loss, (parts, batch_stats)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  skipped = jnp.zeros([], jnp.int32)
+  if skip_nonfinite:
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params, batch_stats, opt_state = jax.tree.map(
+        keep, (params, batch_stats, opt_state),
+        (state.params, state.batch_stats, state.opt_state))
+    skipped = 1 - finite.astype(jnp.int32)
+  new_state = state.replace(step=state.step + 1, params=params,
+                            batch_stats=batch_stats, opt_state=opt_state)
+  metrics = dict(loss=loss, grad_norm=grad_norm,
+                 learning_rate=schedule(state.step), update_skipped=skipped,
+                 **parts)
+  return new_state, metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, model, tx,
+                    schedule: optax.Schedule, state_shardings,
+                    mesh: jax.sharding.Mesh, donate: bool = True):
+  """`train_step` for ``config`` compiled with shardings.
+
+  Args:
+    config: ``ce_weight``, ``l1_weight``, ``skip_nonfinite_updates``.
+    model: the `KeypointSequenceModel`.
+    tx: the optimizer (`train_state.create_optimizer`).
+    schedule: its learning-rate schedule (for the logged rate).
+    state_shardings: pytree of the state's shardings (in and out).
+    mesh: the device mesh; the batch is split over it, metrics replicated.
+    donate: donate the input state's buffers (training; False keeps them,
+      e.g. to run one state on several steps in a test).
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)`` with ``batch`` a dict of
+    global arrays holding `TRAIN_FIELDS`.
+  """
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        ce_weight=config.ce_weight,
+                        l1_weight=config.l1_weight,
+                        skip_nonfinite=config.skip_nonfinite_updates),
+      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,) if donate else ())
