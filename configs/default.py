@@ -21,10 +21,40 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Data: a data set written by `python -m data_prep.build`.
   c.dataset_dir = ''  # Directory holding the ArrayRecord data set.
-  # 'supervised': the test categories are trained on. ('cape', category-
-  # agnostic pose on categories never seen in training, is configs/mp100.py's
-  # split of the data.)
+  # 'supervised': one instance in, its category's keypoints out (the test
+  # categories are trained on). 'cape': category-agnostic pose: episodes of
+  # num_shots support instances (with keypoints) and a query of one
+  # category; the model finds the support's keypoints in the query, for
+  # categories never seen in training (kpseq_jax/data/episodes.py).
   c.setting = 'supervised'
+  c.num_shots = 1  # CAPE: supports per episode (MP-100: 1 or 5).
+  # CAPE training: every episode asks for its keypoints in a random order
+  # (the same in supports and query), and for a random subset of at least
+  # cape_min_keep_frac * K of them (1.0: all); CapeFormer's
+  # support_order_dropout is the precedent.
+  c.cape_permute_keypoints = True
+  c.cape_min_keep_frac = 0.5
+  # CAPE: match each support keypoint's feature against the query memory
+  # and lay the decoder's reference points at the match (CapeFormer's
+  # proposals), trained with an L1 loss of this weight (normalised crop
+  # coordinates, as the l1 term).
+  c.cape_proposals = True
+  c.cape_proposal_l1_weight = 5.0
+  # CAPE evaluation episodes (data_prep/episodes.py): with
+  # cape_support_split '' the supports come from the evaluated split,
+  # drawn by MP-100's protocol (per category cape_num_episodes episodes of
+  # num_shots supports and cape_num_queries queries; MP-100 test: 200, val:
+  # 100, 15 queries); with a split name (e.g. 'train') every evaluated
+  # instance is a query once, with supports drawn from that split.
+  c.cape_support_split = ''
+  c.cape_num_episodes = 200
+  c.cape_num_queries = 15
+  # Skip (and report) categories with too few instances for an episode
+  # instead of stopping with an error before training.
+  c.cape_skip_small_categories = False
+  # Evaluate with each episode's keypoints in a random order (the same in
+  # supports and query): the model must follow the support.
+  c.cape_eval_permuted = False
   c.train_split = 'train'
   c.eval_split = 'test'
   c.max_num_keypoints = 68  # Longest category in MP-100 -> 4 * 68 + 2 tokens.

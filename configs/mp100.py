@@ -5,9 +5,13 @@ layers, batch 2, AdamW 1e-4, 300 epochs, x0.1 at epoch 200, flip, random
 crop, colour jitter). Fields added here:
 
   split    1..5, MP-100's category split.
-  setting  'cape': train and test categories disjoint, as MP-100's split
-           files define them (train on mp100_split{N}_train.json, select on
-           _val, test on _test); the data set is ``data/mp100_cape_split{N}``.
+  setting  'cape' (default): category-agnostic pose, the benchmark's task:
+           train and test categories disjoint, as MP-100's split files
+           define them (train on mp100_split{N}_train.json, select on
+           _val, test on _test); the model is support-conditioned and
+           evaluated on MP-100's episodes (``--config.num_shots=1|5``, 200
+           episodes x 15 queries per test category); the data set is
+           ``data/mp100_cape_split{N}``.
            'supervised': one model over every category, split by image
            (`data_prep/mp100_supervised.py`); ``data/mp100_supervised_split{N}``.
 

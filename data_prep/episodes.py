@@ -274,6 +274,46 @@ def make_paired_samples(pool: EpisodePool, num_shots: int, num_episodes: int, nu
   return PairedSamples(samples=samples, skipped=small)
 
 
+def supports_for_each_query(query_pool: EpisodePool, support_pool: EpisodePool, num_shots: int,
+                             seed: int = 0, skip_small_categories: bool = False) -> PairedSamples:
+  """Episodes whose supports come from another split: every query once.
+
+  For held-out frames of a lab data set, the supports are labelled training
+  frames (the user's labels) and each test frame is a query: per category
+  of ``query_pool`` (file order), per query instance (pool order), draw
+  ``num_shots`` distinct supports of the same category from ``support_pool``
+  with ``random.Random(seed).sample``. Not MP-100's protocol (that draws
+  supports and queries from one file, `make_paired_samples`).
+
+  Args:
+    query_pool: the evaluated split's pool.
+    support_pool: the split the supports come from.
+    num_shots: supports per query.
+    seed: seed of the draws.
+    skip_small_categories: skip query categories with fewer than
+      ``num_shots`` support instances instead of raising.
+
+  Raises:
+    InsufficientInstancesError: such categories exist (all named) and
+      skip_small_categories is False.
+    ValueError: num_shots < 1.
+  """
+  if num_shots < 1:
+    raise ValueError(f'num_shots must be >= 1, got {num_shots}')
+  small = {c: len(support_pool.annotation_ids.get(c, ())) for c in query_pool.category_ids
+           if query_pool.annotation_ids[c] and len(support_pool.annotation_ids.get(c, ())) < num_shots}
+  if small and not skip_small_categories:
+    raise InsufficientInstancesError(small, num_shots)
+  rng = random.Random(seed)
+  samples: list[tuple[int, ...]] = []
+  for c in query_pool.category_ids:
+    if c in small:
+      continue
+    for query in query_pool.annotation_ids[c]:
+      samples.append(tuple(rng.sample(support_pool.annotation_ids[c], num_shots)) + (query,))
+  return PairedSamples(samples=samples, skipped=small)
+
+
 def split_pools(annotation_paths: Mapping[str, str | Path]) -> tuple[dict[str, dict], dict[str, str]]:
   """Data-set metadata: (split -> `EpisodePool.to_json()`, split -> why it has none).
 

@@ -22,7 +22,9 @@ Prints one JSON object, everything measured in the same run:
   see `model_flops`), MFU = FLOPs / seconds / peak,
   and XLA's memory analysis of the compiled step in bytes (``peak_bytes`` =
   arguments + outputs - donated aliases + temporaries).
-* ``decoding``: per K in ``--decode_ks`` (sequence of 4 K + 1 tokens; <eos>
+* ``decoding`` (and ``decoding_cape``: the same model support-conditioned,
+  decoding 1-shot episodes; ``--nodecode_cape`` skips it): per K in
+  ``--decode_ks`` (sequence of 4 K + 1 tokens; <eos>
   suppressed through the classifier bias so every image decodes all K
   groups), the whole decode function (encoder + loop) for the cached
   decoder and the full-recompute reference: seconds per image at batch 1,
@@ -87,6 +89,8 @@ flags.DEFINE_integer('decode_batch', 8, 'Batch of the images/s figure.')
 flags.DEFINE_integer('decode_reps', 3, 'Timed calls of the cached decoder '
                      '(the reference is timed once: it is slow).')
 flags.DEFINE_bool('skip_decode', False, 'Skip the decoding figures.')
+flags.DEFINE_bool('decode_cape', True, 'Also time the support-conditioned '
+                  '(CAPE, 1-shot) decoder of the same model ("decoding_cape").')
 flags.DEFINE_integer('pipeline_examples', 2048, 'Pipeline examples to time '
                      '(rounded up to whole batches).')
 
@@ -257,8 +261,14 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
 
 
 def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
-                     batch_size: int, reps: int) -> dict:
+                     batch_size: int, reps: int,
+                     setting: str = 'supervised') -> dict:
   """Cached vs full-recompute greedy decoding of ``config``'s model.
+
+  With ``setting='cape'`` the model is support-conditioned and decodes 1-shot
+  episodes (random support crops and keypoints, K from the support): the
+  support prefix is part of every reference step and written to the cache
+  once by the cached decoder.
 
   Returns:
     dict per K: cached/reference seconds per image at batch 1, images/s at
@@ -267,9 +277,20 @@ def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
   kmax = max(ks)
   c = ml_collections.ConfigDict(config.to_dict())
   c.max_num_keypoints = kmax
+  c.setting = setting
+  c.num_shots = 1
   model = ts.create_model(c)
-  images = synthetic_batch(c, batch_size)['image']
-  variables = jax.jit(lambda r: model.init(r, *ts.dummy_inputs(c),
+  rng = np.random.default_rng(1)
+  s = c.image_size_px
+  inputs = dict(image=synthetic_batch(c, batch_size)['image'])
+  if setting == 'cape':
+    inputs.update(
+        support_image=rng.integers(0, 256, [batch_size, 1, s, s, 3],
+                                   np.uint8),
+        support_keypoints=rng.uniform(0.05, 0.95, [batch_size, 1, kmax, 2]
+                                      ).astype(np.float32),
+        support_visible=np.ones([batch_size, 1, kmax], np.float32))
+  variables = jax.jit(lambda r: model.init(r, **ts.dummy_inputs(c),
                                            train=False))(jax.random.PRNGKey(0))
   # Suppress <eos> so that every image decodes all K groups.
   eos = model.vocab.eos
@@ -281,7 +302,9 @@ def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
   for k in ks:
     fig = dict(num_tokens=grammar.seq_len(k))
     for b in sorted({1, batch_size}):  # Batch 1 once if batch_size is 1.
-      ims = {'image': jnp.asarray(images[:b])}
+      ims = {f: jnp.asarray(v[:b]) for f, v in inputs.items()}
+      if setting == 'cape':
+        ims['num_keypoints'] = jnp.full([b], k, jnp.int32)
       for name, fn in (('cached', decoding.cached_greedy_decode),
                        ('reference', decoding.greedy_decode)):
         compiled = jax.jit(
@@ -386,6 +409,13 @@ def run(config: ml_collections.ConfigDict) -> dict:
         includes='encoder + greedy loop; <eos> suppressed (all K groups)',
         **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
                            FLAGS.decode_batch, FLAGS.decode_reps))
+    if FLAGS.decode_cape:
+      report['decoding_cape'] = dict(
+          model=FLAGS.decode_model, model_config=_describe(dc),
+          includes='encoder of query and 1 support crop + support prefix + '
+          'greedy loop; K groups forced by the support',
+          **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
+                             FLAGS.decode_batch, FLAGS.decode_reps, 'cape'))
   report['load_average_at_end'] = list(os.getloadavg())
   return report
 

@@ -64,6 +64,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                ts.steps_per_epoch(config, train_size), total_steps,
                dict(mesh.shape))
 
+  # The baseline or the CAPE episodes, before anything compiles: a problem
+  # with them (a category too small for an episode) stops the run here.
+  evaluator = evaluate.Evaluator(config, info)
   state = ts.create_train_state(config, model, tx, mesh)
   train_iter = iter(pipeline.create_train_dataset(config, info))
   ckpt = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
@@ -80,16 +83,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       total_steps, scalar_log.JsonlWriter(workdir),
       config.skip_nonfinite_updates, writer,
       config.max_consecutive_skipped_updates)
-  evaluator = evaluate.Evaluator(
-      config, info, predictor_lib.Predictor.from_state(config, model, state,
-                                                       mesh))
+  predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
   variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
   preempted = False
   with preemption_lib.Preemption() as preemption, jax.set_mesh(mesh):
     for step in range(start + 1, total_steps + 1):
       local = next(train_iter)
       batch = sharding.global_batch(
-          {k: local[k] for k in step_lib.TRAIN_FIELDS}, mesh)
+          {k: local[k] for k in step_lib.train_fields(model)}, mesh)
       state, metrics = step_fn(state, batch)
       log.add(step, metrics)
       is_last = step == total_steps
@@ -106,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
           and not is_last):  # The last step is evaluated below.
         log.flush(log=False)  # Never evaluate a state that follows a NaN.
-        evaluator.evaluate(workdir, variables(state), step, writer)
+        evaluator.evaluate(workdir, predictor, variables(state), step, writer)
     ckpt.wait()
   ckpt.close()
   log.jsonl.close()
@@ -116,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if start >= total_steps:
     logging.info('Already trained %d/%d steps in %s.', start, total_steps,
                  workdir)
-  report = evaluator.evaluate(workdir, variables(state),
+  report = evaluator.evaluate(workdir, predictor, variables(state),
                               max(start, total_steps), writer)
   writer.close()
   return report

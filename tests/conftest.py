@@ -39,6 +39,18 @@ def dlc_dataset(shared_data, tmp_path_factory) -> Path:
   return out
 
 
+@pytest.fixture(scope='session')
+def mp100_sample_dataset(shared_data, tmp_path_factory) -> Path:
+  """The real MP-100 sample images as a data set, its one annotation file
+  as both the train and the test split (once)."""
+  from data_prep import build
+  root = shared_data / 'mp100_sample'
+  ann = root / 'annotations' / 'mp100_sample.json'
+  out = tmp_path_factory.mktemp('data') / 'mp100_sample'
+  build.build_dataset({'train': ann, 'test': ann}, root / 'images', out)
+  return out
+
+
 def smoke_config(dataset_dir, **overrides):
   """configs/smoke.py on ``dataset_dir`` with fields overridden."""
   from configs import smoke

@@ -110,7 +110,8 @@ def test_decode_step_matches_teacher_forcing(model):
   for t in range(LENGTH):
     (lt, xyt), mutated = step_model.apply(
         {**variables, 'cache': cache}, projected, tokens[:, t], coords[:, t],
-        jnp.int32(t), method=step_model.decode_step, mutable=['cache'])
+        jnp.int32(t), LENGTH, method=step_model.decode_step,
+        mutable=['cache'])
     cache = mutated['cache']
     np.testing.assert_allclose(lt, logits[:, t], rtol=0, atol=1e-5)
     np.testing.assert_allclose(xyt, xy[:, t], rtol=0, atol=1e-6)

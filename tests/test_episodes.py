@@ -316,13 +316,11 @@ def test_bad_input_names_file_annotation_and_field(change, message):
 # ----------------------------------------------------------------------------- data set metadata
 
 
-def test_built_dataset_metadata_carries_the_pool(shared_data, tmp_path):
+def test_built_dataset_metadata_carries_the_pool(shared_data,
+                                                mp100_sample_dataset):
   import tensorflow_datasets as tfds
-  from data_prep import build
-  root = shared_data / 'mp100_sample'
-  ann = root / 'annotations' / 'mp100_sample.json'
-  build.build_dataset({'test': ann}, root / 'images', tmp_path / 'sample')
-  meta = tfds.builder_from_directory(tmp_path / 'sample').info.metadata
+  ann = shared_data / 'mp100_sample' / 'annotations' / 'mp100_sample.json'
+  meta = tfds.builder_from_directory(mp100_sample_dataset).info.metadata
   pool = episodes.EpisodePool.from_json(meta['episode_pools']['test'])
   assert pool == episodes.load_episode_pool(ann)
   assert sum(map(len, pool.annotation_ids.values())) == 27 and meta['episode_pool_errors'] == {}
@@ -340,3 +338,20 @@ def test_build_of_a_file_the_protocol_rejects_has_no_pool(tmp_path):
   meta = tfds.builder_from_directory(tmp_path / 'ds').info.metadata
   assert meta['episode_pools'] == {}
   assert 'annotation id 2: field "image_id": no image with id 77' in meta['episode_pool_errors']['train']
+
+
+def test_clean_bbox_hand_values():
+  """MP-100's clean box: inside the image (w - 1, h - 1); sticking out
+  right/bottom: clipped at W - 1 / H - 1 (box 0: y2 = min(49, 20 + 39) ->
+  h 29); sticking out left: shifted to x = 0 keeping w - 1 (the kernel's
+  quirk); w - 1 = 0: dropped."""
+  boxes = [[10, 20, 30, 40], [90, 0, 30, 10], [-5, 0, 30, 10], [3, 3, 1, 9]]
+  coco = {'images': [{'id': 1, 'width': 100, 'height': 50}],
+          'categories': [{'id': 1}],
+          'annotations': [{'id': i + 1, 'image_id': 1, 'category_id': 1,
+                           'iscrowd': 0, 'bbox': b, 'keypoints': [5, 5, 2]}
+                          for i, b in enumerate(boxes)]}
+  pool = episodes.episode_pool(coco)
+  assert pool.clean_bbox == {1: (10, 20, 29, 29), 2: (90, 0, 9, 9),
+                             3: (0, 0, 29, 9)}
+  assert pool.annotation_ids == {1: (1, 2, 3)}

@@ -158,7 +158,7 @@ def test_frozen_labels():
   model = ts.create_model(config)
   params = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0),
-                         *ts.dummy_inputs(config), train=False))['params']
+                         **ts.dummy_inputs(config), train=False))['params']
   labels = ts.frozen_labels(params, 'frozen_batch', 1)
   bb = labels['backbone']
   assert set(jax.tree.leaves(bb['layer1_2'])) == {'frozen'}
@@ -186,7 +186,7 @@ def test_optimizer_freezes_stages_with_trainable_batch_norm():
                         backbone_frozen_stages=0)
   model = ts.create_model(config)
   params = jax.device_get(model.init(
-      jax.random.PRNGKey(0), *ts.dummy_inputs(config), train=False)['params'])
+      jax.random.PRNGKey(0), **ts.dummy_inputs(config), train=False)['params'])
   tx = ts.create_optimizer(config, train_size=100)
   updates, _ = tx.update(jax.tree.map(np.ones_like, params), tx.init(params),
                          params)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from data_prep import episodes
 from kpseq_jax.evaluation import metrics
 
 SPLIT_FILES = [f'mp100_split{s}_{part}.json' for s in range(1, 6)
@@ -26,17 +27,6 @@ def test_pck_hand_values():
   pck, evaluated = metrics.instance_pck(pred, gt, bbox)
   np.testing.assert_allclose(pck, [1 / 3])  # 1 of 3 labelled.
   assert evaluated.tolist() == [True]
-
-
-def test_clean_bbox_matches_mp100_kernel():
-  # Inside: (w - 1, h - 1). Sticking out right/bottom: clipped at W-1/H-1
-  # (box 0: y2 = min(49, 20 + 39) -> h 29).
-  # Sticking out left: shifted to x = 0 keeping w - 1 (MP-100's quirk).
-  got = metrics.mp100_clean_bbox(
-      np.array([[10, 20, 30, 40], [90, 0, 30, 10], [-5, 0, 30, 10],
-                [3, 3, 1, 9]]), np.array([100] * 4), np.array([50] * 4))
-  np.testing.assert_allclose(got, [[10, 20, 29, 29], [90, 0, 9, 9],
-                                   [0, 0, 29, 9], [3, 3, 0, 8]])
 
 
 def test_pck_is_a_mean_over_categories_of_instance_means():
@@ -62,31 +52,31 @@ def test_pck_is_a_mean_over_categories_of_instance_means():
 
 
 def _load(shared_data, name):
+  """(annotation id -> MP-100 clean box, category id -> annotations)."""
   path = shared_data / 'mp100' / 'annotations' / name
   data = json.loads(path.read_text())
-  images = {i['id']: i for i in data['images']}
+  clean = episodes.episode_pool(data, str(path)).clean_bbox
   by_cat = collections.defaultdict(list)
   for a in data['annotations']:
     by_cat[a['category_id']].append(a)
-  return images, by_cat
+  return clean, by_cat
 
 
-def _arrays(anns, images):
-  """[N, K, 3] keypoints, [N] MP-100 clean size, [N] annotation ids."""
+def _arrays(anns, clean):
+  """[N, K, 3] keypoints, [N, 4] MP-100 clean boxes (size 0 for the
+  instances MP-100 drops), [N] annotation ids."""
   kps = np.array([a['keypoints'] for a in anns], np.float64).reshape(
       len(anns), -1, 3)
-  w = np.array([images[a['image_id']]['width'] for a in anns])
-  h = np.array([images[a['image_id']]['height'] for a in anns])
-  clean = metrics.mp100_clean_bbox(np.array([a['bbox'] for a in anns]), w, h)
-  return kps, clean, np.array([a['id'] for a in anns])
+  boxes = np.array([clean.get(a['id'], (0, 0, 0, 0)) for a in anns])
+  return kps, boxes, np.array([a['id'] for a in anns])
 
 
 @pytest.mark.parametrize('name', SPLIT_FILES)
 def test_ground_truth_against_itself_is_one(shared_data, name):
-  images, by_cat = _load(shared_data, name)
+  clean_boxes, by_cat = _load(shared_data, name)
   acc = metrics.PCKAccumulator()
   for cid, anns in by_cat.items():
-    kps, clean, _ = _arrays(anns, images)
+    kps, clean, _ = _arrays(anns, clean_boxes)
     size = np.max(clean[:, 2:], axis=1)
     acc.update(np.full(len(anns), cid), kps[..., :2], kps, clean, size=size)
   r = acc.result()
@@ -106,11 +96,11 @@ def test_known_perturbation_on_split1_test(shared_data):
   wrong); the rest moved (0.1 s, 0.1 s), 0.141 s (all right). Per category
   the PCK is the share of instances not moved far; the split figure is the
   mean of those shares over categories."""
-  images, by_cat = _load(shared_data, 'mp100_split1_test.json')
+  clean_boxes, by_cat = _load(shared_data, 'mp100_split1_test.json')
   acc = metrics.PCKAccumulator()
   expected = {}
   for cid, anns in by_cat.items():
-    kps, clean, ids = _arrays(anns, images)
+    kps, clean, ids = _arrays(anns, clean_boxes)
     size = np.max(clean[:, 2:], axis=1)
     far = ids % 3 == 0
     shift = np.where(far[:, None], [0.25, 0.0], [0.1, 0.1]) * size[:, None]
@@ -128,10 +118,10 @@ def test_one_real_instance_by_hand(shared_data):
   labelled, bbox w 935.009 in a 1723 px wide image -> clean size 934.009):
   keypoints 0-2 moved exactly 0.2 s (wrong, the comparison is strict),
   3-4 moved 0.199 s (right): PCK 6/9."""
-  images, by_cat = _load(shared_data, 'mp100_split1_test.json')
+  clean_boxes, by_cat = _load(shared_data, 'mp100_split1_test.json')
   ann = by_cat[10][0]
   assert ann['bbox'][2] == pytest.approx(935.0092315673828)
-  kps, clean, _ = _arrays([ann], images)
+  kps, clean, _ = _arrays([ann], clean_boxes)
   size = np.max(clean[:, 2:], axis=1)
   assert size[0] == pytest.approx(934.0092315673828)
   assert np.all(kps[0, :, 2] > 0) and kps.shape[1] == 9
@@ -146,6 +136,14 @@ def test_one_real_instance_by_hand(shared_data):
   assert metrics.instance_pck(pred, kps, bbox)[0][0] == pytest.approx(6 / 9)
 
 
-def test_mean_over_splits():
-  assert metrics.mean_over_splits([0.5, 0.7, 0.6, 0.8, 0.9]) == pytest.approx(
-      0.7)
+def test_a_sample_without_keypoints_scores_zero_and_is_counted():
+  """A CAPE query whose keypoints no support sees (all masked): PCK 0, as
+  mmpose's keypoint_pck_accuracy gives it, counted in the result."""
+  gt = np.zeros([2, 2, 3])
+  gt[0, :, 2] = 2  # Sample 0: both keypoints count.
+  pred = np.zeros([2, 2, 2])  # Exactly right.
+  acc = metrics.PCKAccumulator()
+  acc.update(np.array([1, 1]), pred, gt, np.array([[0, 0, 11, 11]] * 2))
+  r = acc.result()
+  assert r.pck_instance_mean == 0.5  # (1 + 0) / 2.
+  assert r.num_without_keypoints == 1 and r.num_keypoints == 2

@@ -48,19 +48,9 @@ def test_supervised_split_is_by_image(shared_data):
   assert len(train_cats) == 30
 
 
-@pytest.fixture(scope='module')
-def sample_dataset(shared_data, tmp_path_factory):
-  from data_prep import build
-  root = shared_data / 'mp100_sample'
-  ann = root / 'annotations' / 'mp100_sample.json'
-  out = tmp_path_factory.mktemp('data') / 'mp100_sample'
-  build.build_dataset({'train': ann, 'test': ann}, root / 'images', out)
-  return out
-
-
 @pytest.mark.parametrize('conditioning', [False, True])
 def test_short_supervised_training_and_mp100_evaluation(
-    sample_dataset, shared_data, tmp_path, conditioning):
+    mp100_sample_dataset, shared_data, tmp_path, conditioning):
   """The supervised setting end to end on real MP-100 images of 8
   categories with different K (the CAPE setting has its own test)."""
   from kpseq_jax import train
@@ -69,7 +59,7 @@ def test_short_supervised_training_and_mp100_evaluation(
   c.setting = 'supervised'
   c.category_conditioning = conditioning
   # The tiny override of the docs/mp100.md check command.
-  c.dataset_dir = str(sample_dataset)
+  c.dataset_dir = str(mp100_sample_dataset)
   c.num_train_steps = 2
   c.image_size_px = 64
   c.num_bins = 64

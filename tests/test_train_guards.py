@@ -21,9 +21,12 @@ B, L, V = 2, 6, 5
 
 class _Tiny(nn.Module):
   """Stands in for the sequence model: logits and coords from two params."""
+  support_conditioning: bool = False
+  support_proposals: bool = False
 
   @nn.compact
-  def __call__(self, image, input_tokens, input_coords, train=False):
+  def __call__(self, image, input_tokens, input_coords, train=False,
+               support=None):
     w = self.param('w', nn.initializers.ones, [V])
     c = self.param('c', nn.initializers.zeros, [2])
     logits = jnp.broadcast_to(w, [B, L, V]) * input_coords[..., None]

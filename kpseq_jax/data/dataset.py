@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep.categories import Category
+from data_prep.episodes import EpisodePool
 from kpseq_jax.data import transforms
 
 
@@ -23,10 +24,18 @@ class DatasetInfo:
     categories: category id -> `data_prep.categories.Category` (K, keypoint
       names, skeleton, flip pairs).
     split_sizes: split name -> number of records.
+    episode_pools: split name -> the instances CAPE episodes are drawn
+      from (`data_prep.episodes.EpisodePool`); a split whose annotation file
+      the episode protocol refused has none.
+    episode_pool_errors: split name -> why it has no pool.
   """
 
   categories: dict[int, Category]
   split_sizes: dict[str, int]
+  episode_pools: dict[str, EpisodePool] = dataclasses.field(
+      default_factory=dict)
+  episode_pool_errors: dict[str, str] = dataclasses.field(
+      default_factory=dict)
 
   def category_index(self) -> dict[int, int]:
     """category id -> index (position among the ids in increasing order),
@@ -71,7 +80,11 @@ def load_info(dataset_dir: str) -> DatasetInfo:
   cats = {int(c['id']): Category.from_metadata(c)
           for c in meta['categories']}
   sizes = {name: s.num_examples for name, s in b.info.splits.items()}
-  return DatasetInfo(categories=cats, split_sizes=sizes)
+  pools = {split: EpisodePool.from_json(pool)
+           for split, pool in (meta.get('episode_pools') or {}).items()}
+  return DatasetInfo(categories=cats, split_sizes=sizes, episode_pools=pools,
+                     episode_pool_errors=dict(
+                         meta.get('episode_pool_errors') or {}))
 
 
 def data_source(dataset_dir: str, split: str):
@@ -92,3 +105,21 @@ def data_source(dataset_dir: str, split: str):
                    f'{sorted(b.info.splits)}.')
   return b.as_data_source(
       split=split, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def annotation_index(source) -> dict[int, int]:
+  """annotation id -> record index of a `data_source` (one pass over it:
+  records are stored in no useful order; images are not decoded).
+
+  Raises:
+    ValueError: if an annotation id occurs twice (data_prep writes each
+      annotation once per split).
+  """
+  index = {}
+  for i in range(len(source)):
+    ann_id = int(source[i]['annotation_id'])
+    if ann_id in index:
+      raise ValueError(f'annotation {ann_id} is stored twice (records '
+                       f'{index[ann_id]} and {i}); rebuild the data set.')
+    index[ann_id] = i
+  return index

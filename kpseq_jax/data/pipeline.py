@@ -4,6 +4,11 @@ Training: ``source -> shuffle(seed) -> repeat -> decode -> random crop ->
 flip -> warp -> colour jitter -> tokenize -> shard by process -> batch``.
 Evaluation: ``source -> shard -> decode -> crop -> warp -> tokenize ->
 batch`` (one pass, last batch padded with ``valid = 0`` examples).
+Category-agnostic pose (``setting='cape'``, `episodes.py`): the elements
+are episodes (S supports and a query of one category), drawn class-balanced
+in training and from a fixed list in evaluation; every instance of an
+episode goes through the same per-instance chain, then
+`episodes.TokenizeEpisode`.
 
 Each process reads its own shard (``jax.process_index()``) and yields the
 process-local part of the global batch. In training the shard comes after
@@ -12,6 +17,7 @@ Grain seeds each example's augmentation by its index in the global stream:
 the examples of a global batch do not depend on the number of processes.
 """
 
+import dataclasses
 from typing import Iterator
 
 import grain
@@ -20,33 +26,46 @@ import ml_collections
 import numpy as np
 
 from kpseq_jax.data import dataset
+from kpseq_jax.data import episodes as episodes_lib
 from kpseq_jax.data import transforms
 from kpseq_jax.sequence import vocab as vocab_lib
 
 
-def _geometry(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
-              train: bool) -> list[grain.transforms.Map]:
-  """The crop/augment/tokenize chain for training or evaluation."""
+def _instance_chain(config: ml_collections.ConfigDict,
+                    info: dataset.DatasetInfo,
+                    train: bool) -> list[grain.transforms.Map]:
+  """Decode, top-down crop (random in training), flip, warp, jitter: the
+  per-instance transforms before tokenisation."""
   s = config.image_size_px
-  vocab = vocab_lib.from_config(config)
-  if train:
-    chain = [
-        transforms.DecodeImage(),
-        transforms.RandomCropAffine(
-            s, config.bbox_scale, tuple(config.scale_range),
-            config.shift_frac, config.rotation_deg),
-        transforms.RandomFlip(s, info.flip_permutations(), config.flip_prob),
-        transforms.WarpToCrop(s),
-    ]
-    if config.color_jitter > 0:
-      chain.append(transforms.ColorJitter(config.color_jitter))
-  else:
-    chain = [transforms.DecodeImage(), transforms.CropAffine(s, config.bbox_scale),
-             transforms.WarpToCrop(s)]
-  chain.append(transforms.Tokenize(
-      vocab, config.max_num_keypoints,
-      info.category_index() if config.category_conditioning else None))
+  if not train:
+    return [transforms.DecodeImage(),
+            transforms.CropAffine(s, config.bbox_scale),
+            transforms.WarpToCrop(s)]
+  chain = [
+      transforms.DecodeImage(),
+      transforms.RandomCropAffine(
+          s, config.bbox_scale, tuple(config.scale_range),
+          config.shift_frac, config.rotation_deg),
+      transforms.RandomFlip(s, info.flip_permutations(), config.flip_prob),
+      transforms.WarpToCrop(s),
+  ]
+  if config.color_jitter > 0:
+    chain.append(transforms.ColorJitter(config.color_jitter))
   return chain
+
+
+def _apply(ds: grain.MapDataset, chain) -> grain.MapDataset:
+  for t in chain:
+    ds = ds.random_map(t) if isinstance(
+        t, grain.transforms.RandomMap) else ds.map(t)
+  return ds
+
+
+def _tokenize(config: ml_collections.ConfigDict,
+              info: dataset.DatasetInfo) -> transforms.Tokenize:
+  return transforms.Tokenize(
+      vocab_lib.from_config(config), config.max_num_keypoints,
+      info.category_index() if config.category_conditioning else None)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -66,15 +85,18 @@ def create_train_dataset(config: ml_collections.ConfigDict,
                          info: dataset.DatasetInfo) -> grain.IterDataset:
   """Infinite, shuffled, augmented, batched training data (process-local).
 
-  Elements are dicts of numpy arrays with a leading local batch dimension,
-  see `transforms.Tokenize` for the fields. Iterators of the result are
-  checkpointable (``get_state``/``set_state``) for exact resume.
+  Elements are dicts of numpy arrays with a leading local batch dimension:
+  instances (`transforms.Tokenize` fields) or, with ``setting='cape'``,
+  episodes (`episodes.TokenizeEpisode` fields). Iterators of the result
+  are checkpointable (``get_state``/``set_state``) for exact resume.
   """
   source = dataset.data_source(config.dataset_dir, config.train_split)
-  ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-  for t in _geometry(config, info, train=True):
-    ds = ds.random_map(t) if isinstance(
-        t, grain.transforms.RandomMap) else ds.map(t)
+  if config.setting == 'cape':
+    ds = _train_episodes(config, info, source)
+  else:
+    ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+    ds = _apply(ds, _instance_chain(config, info, train=True) +
+                [_tokenize(config, info)])
   # Sharded after the (lazy) maps, so an example's augmentation is seeded by
   # its global index: any process count sees the same examples.
   ds = ds[jax.process_index()::jax.process_count()]
@@ -86,26 +108,100 @@ def create_train_dataset(config: ml_collections.ConfigDict,
   return it_ds
 
 
-def create_eval_batches(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
+def _train_episodes(config: ml_collections.ConfigDict,
+                    info: dataset.DatasetInfo, source) -> grain.MapDataset:
+  """Endless class-balanced training episodes (`episodes.TrainEpisodes`),
+  shuffled per epoch, augmented per instance, tokenised."""
+  eps = episodes_lib.TrainEpisodes.from_pool(
+      info.episode_pools[config.train_split],
+      dataset.annotation_index(source), config.num_shots)
+  ds = grain.MapDataset.range(len(eps)).seed(config.seed).shuffle().repeat()
+  return _apply(ds, [
+      episodes_lib.DrawEpisode(eps),
+      episodes_lib.LoadEpisode(source, source),
+      episodes_lib.EachInstance(
+          tuple(_instance_chain(config, info, train=True))),
+      episodes_lib.TokenizeEpisode(
+          vocab_lib.from_config(config), config.max_num_keypoints,
+          permute=config.cape_permute_keypoints,
+          min_keep_frac=config.cape_min_keep_frac)])
+
+
+def create_eval_batches(config: ml_collections.ConfigDict,
+                        info: dataset.DatasetInfo,
                         split: str | None = None) -> Iterator[dict]:
-  """One pass over an eval split in process-local batches.
+  """One pass over an eval split's instances in process-local batches.
+
+  Yields:
+    see `_batches`; `transforms.Tokenize` fields.
+  """
+  source = dataset.data_source(config.dataset_dir, split or config.eval_split)
+  ds = grain.MapDataset.source(source)
+  if config.num_eval_examples > 0:
+    ds = ds[:config.num_eval_examples]
+  ds = _apply(ds, _instance_chain(config, info, train=False) +
+              [_tokenize(config, info)])
+  yield from _batches(ds, config.eval_batch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AsEpisode(grain.transforms.Map):
+  """(support records..., query record) -> `episodes.LoadEpisode` input."""
+
+  def map(self, records):
+    return {'supports': list(records[:-1]), 'query': records[-1]}
+
+
+def create_episode_eval_batches(config: ml_collections.ConfigDict,
+                                info: dataset.DatasetInfo,
+                                samples: list[tuple[int, ...]],
+                                split: str,
+                                support_split: str) -> Iterator[dict]:
+  """One pass over evaluation episodes in process-local batches.
+
+  Args:
+    config: the run's config (crop, ``cape_eval_permuted``: the keypoints
+      of each episode in a random order, the same in supports and query,
+      seeded by ``seed`` and the episode's position).
+    info: the data set's info.
+    samples: (support records..., query record) record indices
+      (`episodes.check_samples`).
+    split: the queries' split.
+    support_split: the supports' split.
+
+  Yields:
+    see `_batches`; `episodes.TokenizeEpisode` fields.
+  """
+  query_source = dataset.data_source(config.dataset_dir, split)
+  support_source = (query_source if support_split == split else
+                    dataset.data_source(config.dataset_dir, support_split))
+  ds = grain.MapDataset.source(list(samples)).seed(config.seed)
+  if config.num_eval_examples > 0:
+    ds = ds[:config.num_eval_examples]
+  ds = _apply(ds, [
+      _AsEpisode(),
+      episodes_lib.LoadEpisode(query_source, support_source),
+      episodes_lib.EachInstance(
+          tuple(_instance_chain(config, info, train=False))),
+      episodes_lib.TokenizeEpisode(
+          vocab_lib.from_config(config), config.max_num_keypoints,
+          permute=config.cape_eval_permuted)])
+  yield from _batches(ds, config.eval_batch_size)
+
+
+def _batches(ds: grain.MapDataset, global_batch_size: int) -> Iterator[dict]:
+  """This process's share of ``ds`` in fixed-size batches, one pass.
 
   Every process yields the same number of batches (collectives need it):
   ``ceil(ceil(N / processes) / b)`` for N examples and local batch b. Short
   batches are padded by repeating an example with ``valid = 0``.
 
   Yields:
-    dicts of numpy arrays with leading dim ``eval_batch_size / processes``
-    and a float32 ``valid`` [b] mask.
+    dicts of numpy arrays with leading dim ``global_batch_size /
+    processes`` and a float32 ``valid`` [b] mask.
   """
-  source = dataset.data_source(config.dataset_dir, split or config.eval_split)
-  ds = grain.MapDataset.source(source)
-  if config.num_eval_examples > 0:
-    ds = ds[:config.num_eval_examples]
-  for t in _geometry(config, info, train=False):
-    ds = ds.map(t)
   n, procs = len(ds), jax.process_count()
-  b = local_batch_size(config.eval_batch_size)
+  b = local_batch_size(global_batch_size)
   num_batches = -(-(-(-n // procs)) // b)  # ceil(ceil(n / procs) / b)
   local = ds[jax.process_index()::procs]
   filler = None

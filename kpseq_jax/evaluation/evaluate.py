@@ -1,18 +1,22 @@
 """Evaluation: greedy decoding on an eval split, MP-100 PCK, and a floor.
 
-`Evaluator` is built once per run (it compiles the decoder and computes the
-mean-pose baseline once) and `Evaluator.evaluate` runs on any state of the
-run: training calls it every ``eval_every_steps`` and at the end;
+`Evaluator` is built once per run, before training (its protocol computes
+the baseline or draws the CAPE episodes once, `protocols.py`), and
+`Evaluator.evaluate` runs on any state of the run with the run's compiled
+`Predictor`: training calls it every ``eval_every_steps`` and at the end;
 `evaluate` restores a workdir and calls it once (``--mode eval``).
 
-Writes to the workdir (only process 0):
-  ``eval_<split>.json``, ``.md``, ``.csv``, ``pck_curve_<split>.png``: the
-    `report.EvalReport` (PCK by MP-100's protocol, `metrics.py`: per-instance
-    PCK@0.2 against 0.2 x max(clean bbox w, h), averaged per category, then
-    over categories; mean pixel error; the same for the mean-pose baseline;
-    PCK at alpha 0.05 ... 0.5);
-  ``predictions_<split>.json``: COCO keypoint results
-    (`kpseq_jax.inference.results`) in image pixels;
+Writes to the workdir (only process 0), ``<name>`` being the split
+(``test``) or, for CAPE episodes asked in a random keypoint order
+(``cape_eval_permuted``), ``<split>_permuted``:
+  ``eval_<name>.json``, ``.md``, ``.csv``, ``pck_curve_<name>.png``: the
+    `report.EvalReport` (PCK@0.2 by the protocol's definition, mean pixel
+    error, the same for its baseline, PCK at alpha 0.05 ... 0.5, mPCK);
+  ``predictions_<name>.json``: COCO keypoint results
+    (`kpseq_jax.inference.results`) in image pixels, one per sample, in
+    the category's keypoint order;
+  ``episodes_<name>.jsonl`` (CAPE): the episodes evaluated, one line
+    ``[support annotation ids..., query annotation id]`` per query sample;
   ``tensorboard/``: PCK scalars and a few crops with ground truth |
     prediction drawn.
 Each evaluation overwrites the files of the one before.
@@ -28,12 +32,12 @@ import numpy as np
 from PIL import Image
 import tqdm
 
+from data_prep import episodes as episodes_lib
 from kpseq_jax.data import dataset
-from kpseq_jax.data import pipeline
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
-from kpseq_jax.evaluation import baseline as baseline_lib
 from kpseq_jax.evaluation import metrics
+from kpseq_jax.evaluation import protocols
 from kpseq_jax.evaluation import report as report_lib
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results as results_lib
@@ -44,40 +48,41 @@ from kpseq_jax.training import config_checks
 # Eval crops drawn to TensorBoard (ground truth | prediction), from batch 1.
 NUM_OVERLAYS = 4
 OVERLAY_SIZE_PX = 192
-PCK_PROTOCOL = ('MP-100 (POMNet _report_metric): per-instance PCK@0.2, '
-                'threshold 0.2 x max(clean bbox w, h), mean per category, '
-                'then over categories; see evaluation/metrics.py')
-MEAN_POSE = 'mean pose of the training crops'
+# CAPE papers' mPCK: the mean of PCK at these thresholds.
+MPCK_ALPHAS = (0.05, 0.1, 0.15, 0.2, 0.25)
 
 
 class Evaluator:
   """Evaluates states of one run on one split.
 
+  Built once per run, before training: the protocol (`protocols.create`)
+  computes its baseline or draws its episodes here, so a problem with them
+  stops the run before anything is trained.
+
   Args:
     config: the run's config.
     info: the data set's `DatasetInfo`.
-    predictor: the run's `Predictor` (evaluated with each state's
-      variables).
     split: the split to evaluate (default ``config.eval_split``).
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
-               info: dataset.DatasetInfo,
-               predictor: predictor_lib.Predictor,
-               split: str | None = None):
+               info: dataset.DatasetInfo, split: str | None = None):
     self.config = config
     self.info = info
-    self.predictor = predictor
     self.split = split or config.eval_split
-    self.mean_pose = baseline_lib.mean_pose(config)  # Once per run.
+    self.protocol = protocols.create(config, info, self.split)
+    permuted = config.setting == 'cape' and config.cape_eval_permuted
+    self.name = self.split + ('_permuted' if permuted else '')
 
-  def evaluate(self, workdir: str, variables, step: int | None,
+  def evaluate(self, workdir: str, predictor: predictor_lib.Predictor,
+               variables, step: int | None,
                writer: metric_writer_lib.MetricWriter
                ) -> report_lib.EvalReport:
     """Decodes the split with ``variables`` and writes the report.
 
     Args:
       workdir: where the files go (process 0 writes).
+      predictor: the run's compiled decoder.
       variables: {'params', 'batch_stats'} on the predictor's mesh.
       step: the state's train step (for the report and TensorBoard).
       writer: TensorBoard writer for the scalars and overlays.
@@ -85,53 +90,49 @@ class Evaluator:
     Returns:
       the `report.EvalReport`, the same on every process.
     """
-    config, info, split = self.config, self.info, self.split
-    kmax = config.max_num_keypoints
-    acc, base_acc = metrics.PCKAccumulator(), metrics.PCKAccumulator()
-    curve = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
-    base_curve = {a: metrics.PCKAccumulator(alpha=a)
-                  for a in report_lib.ALPHAS}
+    config, info, split, name = self.config, self.info, self.split, self.name
+    protocol = self.protocol
+    acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
+    base_acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
     results, overlays = [], {}
-    total = (info.split_sizes[split] if config.num_eval_examples <= 0 else
-             min(config.num_eval_examples, info.split_sizes[split]))
-    bar = tqdm.tqdm(total=total, desc=f'eval {split}', unit='inst',
-                    disable=jax.process_index() != 0)
-    for local in pipeline.create_eval_batches(config, info, split):
-      pred = self.predictor.predict(local, variables)
+    bar = tqdm.tqdm(total=protocol.num_samples, desc=f'eval {split}',
+                    unit='sample', disable=jax.process_index() != 0)
+    for local in protocol.batches():
+      pred = predictor.predict(local, variables)
       if not overlays:
-        overlays = _overlays(local, pred.keypoints, info, split)
+        overlays = _overlays(local, pred.keypoints, info, name)
       batch = sharding.gather(sharding.global_batch(
-          {k: v for k, v in local.items() if k != 'image'},
-          self.predictor.mesh))
+          {k: v for k, v in local.items()
+           if k not in ('image', 'support_image')}, predictor.mesh))
       keep = batch['valid'] > 0
       batch = {k: v[keep] for k, v in batch.items()}
       pred_px = pred.keypoints_px[keep]
-      mean = np.stack([baseline_lib.padded(self.mean_pose.get(int(c)), kmax)
-                       for c in batch['category_id']])
-      base = predictor_lib.crop_to_image(mean, batch['crop_from_image'],
-                                         config.image_size_px)
-      for a, p in [(acc, pred_px), (base_acc, base)] + [
-          (curve[a], pred_px) for a in curve] + [
-              (base_curve[a], base) for a in base_curve]:
-        a.update(batch['category_id'], p, batch['keypoints'], batch['bbox'])
-      results.extend(results_lib.coco_results(
-          pred_px, batch['num_keypoints'], batch['image_id'],
-          batch['category_id']))
+      base_px = predictor_lib.crop_to_image(
+          protocol.baseline(batch), batch['crop_from_image'],
+          config.image_size_px)
+      size = protocol.normaliser(batch)
+      for a in report_lib.ALPHAS:
+        for accumulator, p in ((acc[a], pred_px), (base_acc[a], base_px)):
+          accumulator.update(batch['category_id'], p, batch['keypoints'],
+                             batch['bbox'], size=size)
+      results.extend(_coco_results(pred_px, batch, info))
       bar.update(int(keep.sum()))
     bar.close()
-    report = _report(info, split, step, len(results), acc.result(),
-                     base_acc.result(),
-                     [curve[a].result() for a in report_lib.ALPHAS],
-                     [base_curve[a].result() for a in report_lib.ALPHAS])
+    report = _report(info, name, split, step, len(results), protocol,
+                     [acc[a].result() for a in report_lib.ALPHAS],
+                     [base_acc[a].result() for a in report_lib.ALPHAS])
     logging.info(
-        'Eval %s (step %s, %d instances): PCK@0.2 %.4f, mean error %.2f px '
+        'Eval %s (step %s, %d samples): PCK@0.2 %.4f, mean error %.2f px '
         '| %s: PCK@0.2 %.4f, mean error %.2f px', split, step,
         report.num_instances, report.pck, report.mean_error_px,
         report.baseline, report.baseline_pck, report.baseline_error_px)
     if jax.process_index() == 0:
       paths = report_lib.write(workdir, report)
-      with open(os.path.join(workdir, f'predictions_{split}.json'), 'w') as f:
+      with open(os.path.join(workdir, f'predictions_{name}.json'), 'w') as f:
         json.dump(results, f)
+      if isinstance(protocol, protocols.Episodes):
+        episodes_lib.write_jsonl_atomically(
+            protocol.samples, os.path.join(workdir, f'episodes_{name}.jsonl'))
       logging.info('Eval %s per category (also in %s, %s; PCK curve %s):\n%s',
                    split, paths['markdown'], paths['csv'], paths['curve'],
                    report_lib.to_markdown(report_lib.category_rows(report)))
@@ -153,24 +154,53 @@ def evaluate(config: ml_collections.ConfigDict,
   config_checks.check(config)
   info = dataset.load_info(config.dataset_dir)
   config_checks.check_dataset(config, info)
+  evaluator = Evaluator(config, info)
   mesh = sharding.create_mesh(config.mesh_shape)
   model, state, step = predictor_lib.restore_state(
       config, workdir, mesh, info.split_sizes[config.train_split])
   predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
   with metric_writer_lib.MetricWriter(workdir) as writer:
-    return Evaluator(config, info, predictor).evaluate(
-        workdir, predictor.variables, step, writer)
+    return evaluator.evaluate(workdir, predictor, predictor.variables, step,
+                              writer)
 
 
-def _report(info: dataset.DatasetInfo, split: str, step: int | None,
-            num_instances: int, res: metrics.PCKResult,
-            base: metrics.PCKResult, curve: list[metrics.PCKResult],
+def _coco_results(pred_px: np.ndarray, batch: dict,
+                  info: dataset.DatasetInfo) -> list[dict]:
+  """COCO results of a batch in each category's keypoint order.
+
+  An episode's groups are in its ``keypoint_order`` (a permuted or
+  subsampled episode asks for the category's keypoints in another order);
+  they are put back at their category index, keypoints not asked for are
+  (0, 0, 0).
+  """
+  ks = np.array([info.categories[int(c)].num_keypoints
+                 for c in batch['category_id']])
+  if 'keypoint_order' in batch:
+    ordered = np.full([len(pred_px), max(ks, default=0), 2], np.nan)
+    for i, order in enumerate(batch['keypoint_order']):
+      n = int(batch['num_keypoints'][i])
+      ordered[i, order[:n]] = pred_px[i, :n]
+    pred_px = ordered
+  return results_lib.coco_results(pred_px, ks, batch['image_id'],
+                                  batch['category_id'])
+
+
+def _report(info: dataset.DatasetInfo, name: str, split: str,
+            step: int | None,
+            num_samples: int, protocol, curve: list[metrics.PCKResult],
             base_curve: list[metrics.PCKResult]) -> report_lib.EvalReport:
   """The `EvalReport` of the accumulated results (categories by name)."""
   named = lambda d: {_name(info, c): v for c, v in d.items()}
+  if protocol.mean_over_samples:
+    figure = lambda r: r.pck_instance_mean
+  else:
+    figure = lambda r: r.pck
+  at = lambda alpha: report_lib.ALPHAS.index(alpha)
+  res, base = curve[at(0.2)], base_curve[at(0.2)]
   return report_lib.EvalReport(
-      split=split, checkpoint_step=None if step is None else int(step),
-      num_instances=num_instances, pck=res.pck, pck_protocol=PCK_PROTOCOL,
+      name=name, split=split, checkpoint_step=None if step is None else int(step),
+      num_instances=num_samples, pck=figure(res),
+      pck_protocol=protocol.description,
       pck_instance_mean=res.pck_instance_mean,
       pck_keypoint_pooled=res.pck_keypoint_pooled,
       num_excluded_instances=res.num_excluded,
@@ -180,16 +210,19 @@ def _report(info: dataset.DatasetInfo, split: str, step: int | None,
       per_category_instances=named(res.per_category_instances),
       per_category_labelled_keypoints=named(res.per_category_keypoints),
       per_category_error_px=named(res.per_category_error_px),
-      baseline=MEAN_POSE, baseline_pck=base.pck,
+      baseline=protocol.baseline_name, baseline_pck=figure(base),
       baseline_error_px=base.mean_error_px,
       baseline_per_category_pck=named(base.per_category),
       baseline_per_category_error_px=named(base.per_category_error_px),
       pck_curve=report_lib.PCKCurve(
-          alphas=list(report_lib.ALPHAS), pck=[r.pck for r in curve],
-          baseline_pck=[r.pck for r in base_curve],
+          alphas=list(report_lib.ALPHAS), pck=[figure(r) for r in curve],
+          baseline_pck=[figure(r) for r in base_curve],
           per_category_pck={
               _name(info, c): [r.per_category.get(c) for r in curve]
-              for c in res.per_category}))
+              for c in res.per_category}),
+      mpck=float(np.mean([figure(curve[at(a)]) for a in MPCK_ALPHAS])),
+      num_samples_without_keypoints=res.num_without_keypoints,
+      notes=list(protocol.notes))
 
 
 def _overlays(local: dict, keypoints_norm: np.ndarray,
@@ -202,7 +235,7 @@ def _overlays(local: dict, keypoints_norm: np.ndarray,
     keypoints_norm: float [B, Kmax, 2] predictions of the global batch;
       process 0's local rows are its first rows (only process 0 writes).
     info: category table.
-    split: for the tags.
+    split: the evaluation's name, for the tags.
   """
   out = {}
   size = OVERLAY_SIZE_PX
@@ -211,6 +244,8 @@ def _overlays(local: dict, keypoints_norm: np.ndarray,
       continue
     k = int(local['num_keypoints'][i])
     cat = info.categories.get(int(local['category_id'][i]))
+    if 'keypoint_order' in local:  # An episode's order: no names, skeleton.
+      cat = None
     crop = Image.fromarray(local['image'][i]).resize(
         (size, size), Image.Resampling.BILINEAR)
     scale = size / local['image'].shape[1]

@@ -26,13 +26,15 @@ follow-ups (CapeFormer, GraphCape, PoseAnything):
   clips every box to the image) the clean size is ``(w - 1, h - 1)``: the
   threshold is ``0.2 * (max(w, h) - 1)``. (A raw box sticking out to the
   left or top is shifted, not clipped, by ``clean_bbox``; data_prep's
-  clipped box differs from it there, see `mp100_clean_bbox`.)
+  clipped box differs from it there. The CAPE episode protocol passes the
+  exact clean size, `data_prep.episodes.EpisodePool.clean_bbox`, as
+  ``size``.)
 * Aggregation: the test set is ``num_episodes x num_queries`` queries per
   category (200 x 15 in the MP-100 configs), so every category carries equal
   weight; the reported figure's expectation is the mean over categories of
   each category's mean per-instance PCK. That is ``pck`` here, computed over
   every instance instead of sampled episodes. The paper tables give it per
-  split and the mean over the five splits (`mean_over_splits`).
+  split and the mean over the five splits.
 
 Also reported, for comparison: the plain mean over instances and the
 keypoint-pooled per-category PCK (this project's earlier definition).
@@ -40,29 +42,8 @@ keypoint-pooled per-category PCK (this project's earlier definition).
 
 import collections
 import dataclasses
-from typing import Iterable
 
 import numpy as np
-
-
-def mp100_clean_bbox(bbox: np.ndarray, width: np.ndarray,
-                     height: np.ndarray) -> np.ndarray:
-  """MP-100's ``clean_bbox`` of raw COCO boxes (see the module docstring).
-
-  Args:
-    bbox: float [N, 4] raw (x, y, w, h) from the annotation file.
-    width: [N] image widths W in pixels.
-    height: [N] image heights H in pixels.
-
-  Returns:
-    float64 [N, 4] (x1, y1, x2 - x1, y2 - y1); an instance with a size <= 0
-    is not evaluated by MP-100.
-  """
-  b = np.asarray(bbox, np.float64)
-  x1, y1 = np.maximum(0, b[:, 0]), np.maximum(0, b[:, 1])
-  x2 = np.minimum(np.asarray(width) - 1, x1 + np.maximum(0, b[:, 2] - 1))
-  y2 = np.minimum(np.asarray(height) - 1, y1 + np.maximum(0, b[:, 3] - 1))
-  return np.stack([x1, y1, x2 - x1, y2 - y1], axis=1)
 
 
 def bbox_size(bbox: np.ndarray) -> np.ndarray:
@@ -130,12 +111,6 @@ def instance_pck(pred_xy: np.ndarray, gt_keypoints: np.ndarray,
   return pck, s > 0
 
 
-def mean_over_splits(split_pcks: Iterable[float]) -> float:
-  """The benchmark's headline figure: the mean of the per-split PCKs."""
-  values = list(split_pcks)
-  return float(np.mean(values)) if values else float('nan')
-
-
 def _counter(kind=int):
   return dataclasses.field(
       default_factory=lambda: collections.defaultdict(kind))
@@ -153,6 +128,7 @@ class PCKAccumulator:
   _labelled: dict = _counter()
   _err_sum: dict = _counter(float)
   _err_count: dict = _counter()
+  _without_keypoints: dict = _counter()  # Evaluated, nothing labelled: 0.
 
   def update(self, category_ids: np.ndarray, pred_xy: np.ndarray,
              gt_keypoints: np.ndarray, bbox: np.ndarray,
@@ -173,6 +149,7 @@ class PCKAccumulator:
       self._labelled[cid] += int(labelled[i].sum())
       self._err_sum[cid] += float(err[i][has_err[i]].sum())
       self._err_count[cid] += int(has_err[i].sum())
+      self._without_keypoints[cid] += int(not labelled[i].any())
 
   def result(self) -> 'PCKResult':
     """The figures over every batch added so far (see `PCKResult`)."""
@@ -198,7 +175,8 @@ class PCKAccumulator:
             c: (self._err_sum[c] / self._err_count[c]
                 if self._err_count[c] else float('nan')) for c in cats},
         per_category_keypoints={c: self._labelled[c] for c in cats},
-        per_category_instances={c: self._instances[c] for c in cats})
+        per_category_instances={c: self._instances[c] for c in cats},
+        num_without_keypoints=int(sum(self._without_keypoints.values())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +195,8 @@ class PCKResult:
     num_keypoints: labelled keypoints counted; ``per_category_keypoints``.
     num_excluded: instances not evaluated (clean box of size <= 0).
     per_category_instances: evaluated instances per category.
+    num_without_keypoints: evaluated instances with no labelled keypoint
+      (their PCK is 0, as mmpose's).
   """
   pck: float
   per_category: dict[int, float]
@@ -229,3 +209,4 @@ class PCKResult:
   per_category_error_px: dict[int, float]
   per_category_keypoints: dict[int, int]
   per_category_instances: dict[int, int]
+  num_without_keypoints: int

@@ -1,12 +1,13 @@
 """The evaluation report (`EvalReport`) and the files written from it.
 
 `kpseq_jax.evaluation.evaluate` fills an `EvalReport`; `write` saves to the
-workdir:
-  ``eval_<split>.json``: the report (`EvalReport.to_dict`);
-  ``eval_<split>.md`` and ``eval_<split>.csv``: one row per category (PCK@0.2,
+workdir, ``<name>`` being the report's name (the split, e.g. ``test``, or
+``test_permuted`` for CAPE episodes asked in a random keypoint order):
+  ``eval_<name>.json``: the report (`EvalReport.to_dict`);
+  ``eval_<name>.md`` and ``eval_<name>.csv``: one row per category (PCK@0.2,
     mean pixel error, instances, labelled keypoints, the baseline), then the
     mean over categories;
-  ``pck_curve_<split>.png``: PCK against the threshold alpha for the model
+  ``pck_curve_<name>.png``: PCK against the threshold alpha for the model
     and the baseline (mean over categories, and each category when there
     are few).
 """
@@ -55,6 +56,8 @@ class EvalReport:
   [0, 1]; errors are in image pixels.
 
   Attributes:
+    name: the evaluation's name in file names and TensorBoard tags: the
+      split, with ``_permuted`` for CAPE episodes in a random order.
     split: the data set split evaluated.
     checkpoint_step: the train step of the evaluated state (None if
       unknown).
@@ -74,7 +77,13 @@ class EvalReport:
     baseline_pck, baseline_error_px, baseline_per_category_pck,
     baseline_per_category_error_px: the baseline's figures.
     pck_curve: PCK against the threshold.
+    mpck: mean PCK at alpha 0.05, 0.1, 0.15, 0.2 and 0.25 (the CAPE
+      papers' mPCK).
+    num_samples_without_keypoints: samples with no keypoint to evaluate
+      (scored 0; in CAPE, none labelled in the query and every support).
+    notes: what the evaluation skipped and why (categories, episodes).
   """
+  name: str
   split: str
   checkpoint_step: int | None
   num_instances: int
@@ -95,6 +104,9 @@ class EvalReport:
   baseline_per_category_pck: dict[str, float]
   baseline_per_category_error_px: dict[str, float]
   pck_curve: PCKCurve
+  mpck: float
+  num_samples_without_keypoints: int
+  notes: list[str]
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready dict (NaN stays a float NaN, as `json` writes it)."""
@@ -106,8 +118,8 @@ class EvalReport:
     return cls(**{**d, 'pck_curve': PCKCurve(**d['pck_curve'])})
 
   def scalars(self) -> dict[str, float]:
-    """TensorBoard scalars under ``eval_<split>/``."""
-    p = f'eval_{self.split}'
+    """TensorBoard scalars under ``eval_<name>/``."""
+    p = f'eval_{self.name}'
     out = {f'{p}/pck': self.pck, f'{p}/mean_error_px': self.mean_error_px,
            f'{p}/baseline_pck': self.baseline_pck}
     for name, v in self.per_category_pck.items():
@@ -189,9 +201,9 @@ def plot_pck_curve(report: EvalReport, path: str) -> None:
 
 
 def write(workdir: str, report: EvalReport) -> dict[str, str]:
-  """Writes ``eval_<split>.json``, the table (Markdown, CSV) and the curve
+  """Writes ``eval_<name>.json``, the table (Markdown, CSV) and the curve
   PNG into ``workdir``; returns their paths by kind."""
-  split = report.split
+  split = report.name
   rows = category_rows(report)
   paths = {'json': os.path.join(workdir, f'eval_{split}.json'),
            'markdown': os.path.join(workdir, f'eval_{split}.md'),

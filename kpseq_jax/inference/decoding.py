@@ -6,30 +6,36 @@ at the maximum length). Two implementations share the grammar step
 (`_grammar_step`):
 
 * `cached_greedy_decode` (what `kpseq_jax.inference.predictor` compiles):
-  every decoder
-  layer's deformable values are projected once per image
-  (``model.project_values``) and each step runs ``model.decode_step`` on the
-  one new position, with a preallocated self-attention key/value cache
-  ([B, L, heads, head_dim] per layer) carried through the loop. Cost per
-  token: O(1) decoder positions, O(L) attention.
-* `greedy_decode`: re-runs the decoder over the whole prefix at each position
-  (no cache, O(L) positions per token). It is the reference that the cached
-  decoder reproduces token for token (tests/test_decoding_cache.py).
+  every decoder layer's deformable values are projected once per image
+  (``model.project_values``), a support prefix is written to the
+  self-attention key/value cache once (``model.prefill``), and each step
+  runs ``model.decode_step`` on the one new position, with the preallocated
+  cache ([B, Lc, heads, head_dim] per layer) carried through the loop. Cost
+  per token: O(1) decoder positions, O(Lc) attention.
+* `greedy_decode`: re-runs the decoder over the whole prefix and sequence
+  at each position (no cache, O(L) positions per token). It is the
+  reference that the cached decoder reproduces token for token
+  (tests/test_decoding_cache.py, tests/test_cape.py).
 
 The sequence grammar ``<coord> x y <sep> ... <eos>`` is enforced: at a group
 start only ``<coord>`` or ``<eos>`` may be chosen (``<eos>`` is forced after
-``max_num_keypoints`` groups), x and y positions take a coordinate, the
-fourth position is ``<sep>`` (`grammar.target_role` says which position
-is which). With category conditioning (``vocab.num_categories > 0``) the
-step after ``<bos>`` emits the given category token (``<bos> <cat_k>
-<coord> ...``) and the groups follow one position later. The coordinate of
-an x (y) step is the regression head's x (y) output at that step,
-normalised [0, 1] and clipped; it is fed back through the bilinear
-coordinate embedding with the token ``vocab.quantize(value)``.
+``max_num_keypoints`` groups, and with a support set after exactly K
+groups, K from the support), x and y positions take a coordinate, the
+fourth position is ``<sep>`` (`grammar.target_role` says which position is
+which). With category conditioning (``vocab.num_categories > 0``) the step
+after ``<bos>`` emits the given category token (``<bos> <cat_k> <coord>
+...``) and the groups follow one position later. The coordinate of an x (y)
+step is the regression head's x (y) output at that step, normalised [0, 1]
+and clipped; it is fed back through the bilinear coordinate embedding with
+the token ``vocab.quantize(value)``.
 
 Inputs are a dict of batched arrays (`input_fields` names them): ``image``
-uint8 [B, S, S, 3] top-down crops, and ``category_token`` int32 [B]
-(``vocab.category(i)``) when the model is category conditioned.
+uint8 [B, S, S, 3] top-down crops; ``category_token`` int32 [B]
+(``vocab.category(i)``) when the model is category conditioned; with
+support conditioning ``model.SUPPORT_FIELDS``: ``support_image`` uint8
+[B, shots, S, S, 3], ``support_keypoints`` float32 [B, shots, Kmax, 2]
+normalised crop (x, y), ``support_visible`` [B, shots, Kmax] and
+``num_keypoints`` int32 [B] (K, from the support).
 """
 
 from typing import NamedTuple
@@ -37,6 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 
@@ -51,18 +58,29 @@ class _Choice(NamedTuple):
   keypoints: jax.Array  # float32 [B, Kmax, 2], with this step's value written.
 
 
+def input_fields(model) -> tuple[str, ...]:
+  """Names of the batch fields the decoders read (see module docstring)."""
+  fields = ('image',)
+  if model.vocab.num_prefix_tokens:
+    fields += ('category_token',)
+  if model.support_conditioning:
+    fields += model_lib.SUPPORT_FIELDS
+  return fields
+
+
 def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
                   t: jax.Array, logits: jax.Array, xy: jax.Array,
                   done: jax.Array, num: jax.Array,
                   keypoints: jax.Array,
-                  category_tokens: jax.Array | None = None) -> _Choice:
+                  category_tokens: jax.Array | None = None,
+                  num_groups: jax.Array | None = None) -> _Choice:
   """Greedy, grammar-constrained choice of the target at position ``t``.
 
   What the position may hold comes from `grammar.target_role`: the prefix
   emits ``category_tokens``; a group start emits ``<coord>`` or ``<eos>``
-  (``<eos>`` forced after ``max_num_keypoints`` groups); x and y emit the
-  regression output on their axis, quantised by the vocabulary; the fourth
-  position emits ``<sep>``.
+  (``<eos>`` forced after ``max_num_keypoints`` groups, or exactly after
+  ``num_groups`` when given); x and y emit the regression output on their
+  axis, quantised by the vocabulary; the fourth position emits ``<sep>``.
 
   Args:
     vocab: token layout.
@@ -75,12 +93,17 @@ def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
     num: int32 [B], groups started so far.
     keypoints: float32 [B, Kmax, 2] normalised (x, y) so far.
     category_tokens: int32 [B] category tokens (conditioning only).
+    num_groups: int32 [B], the number of groups to generate (K from a
+      support set); None: the model chooses ``<eos>``.
   """
   b = logits.shape[0]
   role = grammar.target_role(t, vocab.num_prefix_tokens)
   is_start = role.phase == grammar.COORD
-  stop = (logits[:, vocab.eos] > logits[:, vocab.coord]) | (
-      role.group >= max_num_keypoints)
+  if num_groups is None:
+    stop = (logits[:, vocab.eos] > logits[:, vocab.coord]) | (
+        role.group >= max_num_keypoints)
+  else:
+    stop = role.group >= num_groups
   start_tok = jnp.where(stop, vocab.eos, vocab.coord)
   is_xy = (role.phase == grammar.X) | (role.phase == grammar.Y)
   axis = jnp.where(role.phase == grammar.X, 0, 1)
@@ -108,10 +131,40 @@ def _outputs(tokens: jax.Array, keypoints: jax.Array, num: jax.Array,
   return dict(keypoints=keypoints, num_keypoints=num, tokens=tokens)
 
 
-def input_fields(vocab: vocab_lib.Vocab) -> tuple[str, ...]:
-  """Names of the batch fields the decoders read (see module docstring)."""
-  return ('image', 'category_token') if vocab.num_prefix_tokens else (
-      'image',)
+class _Encoded(NamedTuple):
+  """An input batch encoded once for the whole decoding loop."""
+  memory: model_lib.Memory
+  prefix: model_lib.SupportPrefix | None
+  category_tokens: jax.Array | None
+  num_groups: jax.Array | None
+  batch_size: int
+
+
+def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
+  """Encodes the query (and support) crops of ``inputs``.
+
+  Raises:
+    KeyError: if ``inputs`` lacks one of `input_fields`.
+  """
+  missing = [f for f in input_fields(model) if f not in inputs]
+  if missing:
+    raise KeyError(f'decoding needs the batch fields {missing} (inputs of '
+                   f'this model: {input_fields(model)}).')
+  images = inputs['image']
+  prefix = num_groups = None
+  if model.support_conditioning:
+    support = model_lib.SupportSet.from_batch(inputs)
+    memory, support_memory = model.apply(
+        variables, images, support.images, train=False,
+        method=model.encode_with_support)
+    num_groups = support.num_keypoints.astype(jnp.int32)
+    prefix = model.apply(variables, memory, support_memory, support,
+                         method=model.episode_prefix)
+  else:
+    memory = model.apply(variables, images, train=False, method=model.encode)
+  return _Encoded(memory=memory, prefix=prefix,
+                  category_tokens=inputs.get('category_token'),
+                  num_groups=num_groups, batch_size=images.shape[0])
 
 
 def greedy_decode(model, variables, inputs: dict[str, jax.Array],
@@ -119,7 +172,7 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
   """Generates keypoint sequences for a batch of crops (full recompute).
 
   The reference implementation: each step re-runs ``model.decode`` over all
-  L positions and reads position t.
+  positions (support prefix included) and reads position t.
 
   Args:
     model: a `KeypointSequenceModel` (static).
@@ -140,12 +193,12 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
   """
   vocab = model.vocab
   length = grammar.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
-  images, category_tokens = _unpack(vocab, inputs)
-  b = images.shape[0]
-  memory = model.apply(variables, images, train=False, method=model.encode)
+  enc = _encode(model, variables, inputs)
+  b = enc.batch_size
 
   def logits_at(tokens, coords, t):
-    logits, xy = model.apply(variables, memory, tokens, coords, train=False,
+    logits, xy = model.apply(variables, enc.memory, tokens, coords,
+                             train=False, prefix=enc.prefix,
                              method=model.decode)  # [B, L, V], [B, L, 2]
     return (jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False),
             jax.lax.dynamic_index_in_dim(xy, t, 1, keepdims=False))
@@ -158,7 +211,7 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
     t, tokens, coords, kps, done, num = carry
     logits, xy = logits_at(tokens, coords, t)  # [B, V], [B, 2]
     c = _grammar_step(vocab, max_num_keypoints, t, logits, xy, done, num, kps,
-                      category_tokens)
+                      enc.category_tokens, enc.num_groups)
     nxt = jnp.minimum(t + 1, length - 1)
     feed = t + 1 < length
     tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
@@ -174,8 +227,10 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
   return _outputs(tokens, kps, num, max_num_keypoints)
 
 
-def init_cache(step_model, variables, memory, batch_size: int, length: int):
-  """Zero self-attention caches of ``step_model`` for ``length`` positions.
+def init_cache(step_model, variables, memory, batch_size: int, length: int,
+               prefix: model_lib.SupportPrefix | None = None):
+  """Zero self-attention caches of ``step_model`` for a prefix and
+  ``length`` sequence positions.
 
   Shapes come from an abstract (``jax.eval_shape``) full-length call of
   ``decode``, the flax way of sizing a ``decode=True`` cache; nothing but
@@ -186,18 +241,19 @@ def init_cache(step_model, variables, memory, batch_size: int, length: int):
     variables: its {'params', ...} (only shapes are read).
     memory: ``model.encode`` output (only shapes are read).
     batch_size: B.
-    length: L, positions the cache holds.
+    length: L, sequence positions.
+    prefix: the support prefix (P positions; only shapes are read).
 
   Returns:
     the 'cache' collection: per layer ``cached_key``/``cached_value``
-    [B, L, heads, d_model / heads] in the compute dtype and ``cache_index``
-    int32 0.
+    [B, P + L, heads, d_model / heads] in the compute dtype and
+    ``cache_index`` int32 0.
   """
   def full_call():
     _, mutated = step_model.apply(
         variables, memory, jnp.zeros([batch_size, length], jnp.int32),
         jnp.zeros([batch_size, length], jnp.float32), train=False,
-        method=step_model.decode, mutable=['cache'])
+        prefix=prefix, method=step_model.decode, mutable=['cache'])
     return mutated['cache']
 
   shapes = jax.eval_shape(full_call)
@@ -208,24 +264,29 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
                          max_num_keypoints: int) -> dict[str, jax.Array]:
   """`greedy_decode` with a key/value cache: same tokens and coordinates.
 
-  Encodes once, projects every layer's deformable values once, then runs
+  Encodes once, projects every layer's deformable values once, writes the
+  support prefix to the cache once (``model.prefill``), then runs
   ``model.decode_step`` on one position per iteration of a
-  `lax.while_loop` whose carry holds the [B, L, heads, head_dim] caches.
+  `lax.while_loop` whose carry holds the [B, Lc, heads, head_dim] caches.
 
   Args and returns: as `greedy_decode` (``model`` may be built with or
   without ``cache_decoding``; a cached copy is cloned from it).
   """
   vocab = model.vocab
   length = grammar.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
-  images, category_tokens = _unpack(vocab, inputs)
-  b = images.shape[0]
   step_model = model.clone(cache_decoding=True, remat_backbone=False,
                            remat_decoder=False)
-  memory = step_model.apply(variables, images, train=False,
-                            method=step_model.encode)
-  projected = step_model.apply(variables, memory,
+  enc = _encode(step_model, variables, inputs)
+  b, prefix = enc.batch_size, enc.prefix
+  projected = step_model.apply(variables, enc.memory,
                                method=step_model.project_values)
-  cache = init_cache(step_model, variables, memory, b, length)
+  cache = init_cache(step_model, variables, enc.memory, b, length, prefix)
+  cache_length = length + (0 if prefix is None else prefix.valid.shape[1])
+  if prefix is not None:
+    _, mutated = step_model.apply(
+        {**variables, 'cache': cache}, projected, prefix, cache_length,
+        method=step_model.prefill, mutable=['cache'])
+    cache = mutated['cache']
 
   def cond(carry):
     t, *_, done, _ = carry
@@ -235,9 +296,10 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
     t, cache, tok_in, coord_in, tokens, kps, done, num = carry
     (logits, xy), mutated = step_model.apply(
         {**variables, 'cache': cache}, projected, tok_in, coord_in, t,
-        method=step_model.decode_step, mutable=['cache'])  # [B, V], [B, 2]
+        cache_length, prefix, method=step_model.decode_step,
+        mutable=['cache'])  # [B, V], [B, 2]
     c = _grammar_step(vocab, max_num_keypoints, t, logits, xy, done, num, kps,
-                      category_tokens)
+                      enc.category_tokens, enc.num_groups)
     nxt = jnp.minimum(t + 1, length - 1)
     feed = t + 1 < length
     tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
@@ -252,13 +314,3 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
   carry = jax.lax.while_loop(cond, body, init)
   tokens, kps, num = carry[4], carry[5], carry[7]
   return _outputs(tokens, kps, num, max_num_keypoints)
-
-
-def _unpack(vocab: vocab_lib.Vocab, inputs: dict[str, jax.Array]
-            ) -> tuple[jax.Array, jax.Array | None]:
-  """(images, category tokens or None) from a decode input dict."""
-  missing = [f for f in input_fields(vocab) if f not in inputs]
-  if missing:
-    raise KeyError(f'decoding needs the batch fields {missing} (the model\'s '
-                   f'vocabulary has {vocab.num_categories} category tokens).')
-  return inputs['image'], inputs.get('category_token')

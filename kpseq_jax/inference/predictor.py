@@ -140,7 +140,7 @@ class Predictor:
     self.variables = variables
     self.mesh = mesh
     self.image_size_px = config.image_size_px
-    self.input_fields = decoding.input_fields(model.vocab)
+    self.input_fields = decoding.input_fields(model)
     self._decode = make_decode_fn(
         model, config.max_num_keypoints,
         jax.tree.map(lambda a: a.sharding, variables),

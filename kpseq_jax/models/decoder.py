@@ -3,26 +3,30 @@
 Layer structure follows Deformable DETR's ``DeformableTransformerDecoderLayer``
 (``fundamentalvision/Deformable-DETR`` ``models/deformable_transformer.py``):
 post-LayerNorm after each of self-attention, deformable cross-attention and a
-ReLU FFN, each with dropout on the residual branch. Self-attention is causal
-(the decoder generates a token sequence) and uses
-``flax.linen.MultiHeadDotProductAttention`` so that ``decode=True`` key/value
-caching can be switched on for autoregressive inference.
+ReLU FFN, each with dropout on the residual branch. Self-attention
+(`attention.SelfAttention`, flax's ``MultiHeadDotProductAttention`` with a
+chunked key/value cache) takes its mask from the caller: causal over the
+token sequence, and with a support prefix (category-agnostic pose, see
+`self_attention_mask`) bidirectional among the prefix's valid positions,
+which every sequence position also sees.
 
 Autoregressive inference (``decode=True``): the self-attention keeps a
-preallocated key/value cache (flax ``MultiHeadDotProductAttention`` 'cache'
-collection, [B, L_max, heads, head_dim] per layer) and each layer's
-deformable value projection is computed once per image
-(``Decoder.project_values``); ``Decoder.step`` then advances one position.
-The cache is created by one abstract full-length call (see
-``decoding.init_cache``).
+preallocated key/value cache ('cache' collection, [B, Lc, heads, head_dim]
+per layer) and each layer's deformable value projection is computed once per
+image (``Decoder.project_values``); ``Decoder.step`` then writes a chunk of
+positions (the prefix at once, then one token per step). The cache is
+created by one abstract full-length call (see ``decoding.init_cache``).
 
 Reference points: as in the single-stage Deformable DETR decoder
 (``DeformableTransformer.reference_points = nn.Linear(d_model, 2)``, then
 sigmoid, applied to the query embedding), each position's reference point is
-``sigmoid(Dense(2)(x_t))`` of its decoder input embedding ``x_t`` (token +
-coordinate + position embedding), computed once before the first layer and
-shared by all layers and levels. It depends only on position t, so causality
-is preserved.
+``sigmoid(Dense(2)(x_t) + prior_t)`` of its decoder input embedding ``x_t``
+(token + coordinate + position embedding), computed once before the first
+layer and shared by all layers and levels. ``prior_t`` is 0, or, for a CAPE
+model with support proposals, the logit of where the support keypoint that
+position t works on was proposed in the query (two-stage Deformable DETR's
+proposals as reference points; CapeFormer's proposal generator). It depends
+only on position t, so causality is preserved.
 """
 
 from __future__ import annotations
@@ -33,8 +37,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kpseq_jax.models.attention import SelfAttention
 from kpseq_jax.models.deformable_attention import MultiScaleDeformableAttention
 from kpseq_jax.models.deformable_attention import SpatialShapes
+
+
+def self_attention_mask(query_positions: jax.Array,
+                        prefix_valid: jax.Array | None,
+                        num_keys: int) -> jax.Array:
+  """Who may attend to whom, for a prefix of P positions then a sequence.
+
+  Positions ``0 .. P - 1`` are the (support) prefix, ``P ..`` the token
+  sequence. A query position attends to every valid prefix position
+  (bidirectional inside the prefix), and a sequence position also to the
+  sequence positions up to itself (causal); prefix positions never see the
+  sequence. With no prefix (P = 0) this is the plain causal mask.
+
+  Args:
+    query_positions: int [T] positions of the queries (0 .. num_keys - 1).
+    prefix_valid: bool [B, P] valid prefix positions, or None (P = 0).
+    num_keys: Lk, key positions (the sequence or cache length).
+
+  Returns:
+    bool [B, 1, T, Lk] (B = 1 without a prefix), True = may attend.
+  """
+  p = 0 if prefix_valid is None else prefix_valid.shape[1]
+  k = jnp.arange(num_keys)[None, :]  # [1, Lk]
+  q = jnp.asarray(query_positions)[:, None]  # [T, 1]
+  mask = (q >= p) & (k >= p) & (k <= q)  # [T, Lk] causal in the sequence.
+  if prefix_valid is None:
+    return mask[None, None]
+  valid = jnp.pad(prefix_valid, ((0, 0), (0, num_keys - p)))  # [B, Lk]
+  return (mask[None] | valid[:, None, :])[:, None]
 
 
 class DecoderLayer(nn.Module):
@@ -62,9 +96,9 @@ class DecoderLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.self_attn = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
-        dropout_rate=self.dropout, decode=self.decode)
+    self.self_attn = SelfAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout,
+        decode=self.decode, dtype=self.dtype)
     self.norm2 = nn.LayerNorm(dtype=self.dtype)
     self.cross_attn = MultiScaleDeformableAttention(
         self.d_model, self.num_heads, self.num_levels, self.num_points,
@@ -78,7 +112,7 @@ class DecoderLayer(nn.Module):
   def _layer(self, x, reference_points, value, spatial_shapes, mask, train):
     """The layer on projected values; x [B, Lq, D] -> [B, Lq, D]."""
     deterministic = not train
-    y = self.self_attn(x, x, mask=mask, deterministic=deterministic)
+    y = self.self_attn(x, mask, deterministic)
     x = self.norm2(x + self.drop(y, deterministic=deterministic))
     y = self.cross_attn.attend(x, reference_points, value, spatial_shapes)
     x = self.norm1(x + self.drop(y, deterministic=deterministic))
@@ -103,7 +137,7 @@ class DecoderLayer(nn.Module):
       memory: [B, S, D] image memory, S = sum_l H_l * W_l.
       spatial_shapes: static ((H_l, W_l), ...) of the memory levels.
       mask: boolean self-attention mask broadcastable to [B, heads, L, L]
-        (True = may attend), e.g. ``nn.make_causal_mask``; None for none.
+        (True = may attend), e.g. `self_attention_mask`; None for none.
       train: enables dropout (needs the 'dropout' rng).
 
     Returns:
@@ -118,20 +152,23 @@ class DecoderLayer(nn.Module):
     return self.cross_attn.project_value(memory)
 
   def step(self, x: jax.Array, reference_points: jax.Array, value: jax.Array,
-           spatial_shapes: SpatialShapes) -> jax.Array:
-    """One autoregressive position (``decode=True``, inference).
+           spatial_shapes: SpatialShapes, mask: jax.Array) -> jax.Array:
+    """T positions of cached inference (``decode=True``).
 
     Args:
-      x: [B, 1, D] the current position's states.
-      reference_points: [B, 1, 2] its reference point.
+      x: [B, T, D] the positions' states (T = 1 for a token, P for the
+        prefix).
+      reference_points: [B, T, 2] their reference points.
       value: [B, S, M, Dh] from ``project_value``.
       spatial_shapes: static ((H_l, W_l), ...).
+      mask: bool [B, 1, T, Lc] over the cache positions
+        (`self_attention_mask`).
 
     Returns:
-      [B, 1, D] in ``dtype``; the 'cache' collection (mutable) gains this
-      position's key and value.
+      [B, T, D] in ``dtype``; the 'cache' collection (mutable) gains these
+      positions' keys and values.
     """
-    return self._layer(x, reference_points, value, spatial_shapes, None,
+    return self._layer(x, reference_points, value, spatial_shapes, mask,
                        train=False)
 
 
@@ -171,9 +208,14 @@ class Decoder(nn.Module):
                   dtype=self.dtype, name=f'layers_{i}')
         for i in range(self.num_layers)]
 
-  def _reference_points(self, x: jax.Array) -> jax.Array:
-    """[B, L, D] -> float32 [B, L, 2] in [0, 1], from each position alone."""
-    return nn.sigmoid(self.reference_points(x).astype(jnp.float32))
+  def _reference_points(self, x: jax.Array,
+                        prior: Optional[jax.Array]) -> jax.Array:
+    """[B, L, D] (+ float32 [B, L, 2] logit prior) -> float32 [B, L, 2] in
+    [0, 1], from each position alone."""
+    logits = self.reference_points(x).astype(jnp.float32)
+    if prior is not None:
+      logits = logits + prior
+    return nn.sigmoid(logits)
 
   def __call__(
       self,
@@ -181,23 +223,29 @@ class Decoder(nn.Module):
       memory: jax.Array,
       spatial_shapes: SpatialShapes,
       train: bool,
+      mask: Optional[jax.Array] = None,
+      reference_prior: Optional[jax.Array] = None,
   ) -> jax.Array:
-    """Causal decoding of the whole sequence (teacher forcing).
+    """Decoding of the whole sequence (teacher forcing).
 
     With ``decode=True`` this call only serves to create the 'cache'
     collection (shapes [B, L, heads, head_dim]); see ``step``.
 
     Args:
-      x: [B, L, D] input embeddings (token + position).
+      x: [B, L, D] input embeddings (token + position; a prefix first).
       memory: [B, S, D] image memory.
       spatial_shapes: static ((H_l, W_l), ...) of the memory levels.
       train: enables dropout.
+      mask: bool [B, 1, L, L] (`self_attention_mask`); None: causal.
+      reference_prior: float32 [B, L, 2] logits added to the reference
+        points' (module docstring); None: none.
 
     Returns:
       [B, L, D] in ``dtype``.
     """
-    reference_points = self._reference_points(x)  # [B, L, 2] in [0, 1]
-    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))  # [B, 1, L, L]
+    reference_points = self._reference_points(x, reference_prior)  # [B, L, 2]
+    if mask is None:
+      mask = self_attention_mask(jnp.arange(x.shape[1]), None, x.shape[1])
     for layer in self.layers:
       x = layer(x, reference_points, memory, spatial_shapes, mask, train)
     return x
@@ -214,18 +262,22 @@ class Decoder(nn.Module):
     return tuple(layer.project_value(memory) for layer in self.layers)
 
   def step(self, x: jax.Array, values: Tuple[jax.Array, ...],
-           spatial_shapes: SpatialShapes) -> jax.Array:
-    """One autoregressive position through all layers (``decode=True``).
+           spatial_shapes: SpatialShapes, mask: jax.Array,
+           reference_prior: Optional[jax.Array] = None) -> jax.Array:
+    """T positions through all layers with the cache (``decode=True``).
 
     Args:
-      x: [B, 1, D] input embedding of the current position.
+      x: [B, T, D] input embeddings of the positions (a token, or the
+        whole prefix).
       values: ``project_values(memory)``.
       spatial_shapes: static ((H_l, W_l), ...).
+      mask: bool [B, 1, T, Lc] over the cache (`self_attention_mask`).
+      reference_prior: float32 [B, T, 2] as in ``__call__``.
 
     Returns:
-      [B, 1, D] in ``dtype``; appends to each layer's 'cache'.
+      [B, T, D] in ``dtype``; writes each layer's cache at the positions.
     """
-    reference_points = self._reference_points(x)  # [B, 1, 2]
+    reference_points = self._reference_points(x, reference_prior)  # [B, T, 2]
     for layer, value in zip(self.layers, values):
-      x = layer.step(x, reference_points, value, spatial_shapes)
+      x = layer.step(x, reference_points, value, spatial_shapes, mask)
     return x

@@ -18,10 +18,33 @@ rows interpolated linearly at ``coord * (num_bins - 1)``
 (``coordinate_embedding``), plus a learned x/y axis embedding; special tokens
 use their own table; a learned absolute position embedding is added.
 
+Category-agnostic pose (``support_conditioning=True``): the model is told
+what to find by S support crops of the same category with their keypoints
+(`SupportSet`). The support crops go through the same encoder as the query
+(one batch, `encode_with_support`); feature k is the support memory
+bilinearly sampled at support keypoint k on every level (the cheaper
+alternative to CapeFormer's Gaussian pooling,
+``capeformer/models/keypoint_heads/two_stage_head.py``), averaged over
+levels and over the shots that see the keypoint, projected, and zero where
+no shot sees it (`support_prefix`). The decoder reads these K features
+twice: as a prefix of K positions in front of the token sequence
+(bidirectional among themselves, seen by every sequence position, no
+position embedding, so the prefix is a set), and added to group k's
+``<coord>`` input, so group k means "find support keypoint k". Nothing in
+this path knows a category: K, the order and the meaning of the keypoints
+come from the support. With ``support_proposals`` (two-stage Deformable
+DETR, CapeFormer's proposal generator), each support feature is also
+matched against the query memory (scaled dot product, softmax over all
+cells of all levels) and the expected cell centre is its proposal in the
+query crop (`propose`, supervised in training); the decoder positions that
+work on keypoint k take their reference points around proposal k.
+
 Fast inference: ``project_values`` computes every decoder layer's deformable
-values once per image and ``decode_step`` advances one position with a
-self-attention key/value cache (model built with ``cache_decoding=True``;
-see ``decoding.py``). ``decode`` stays the teacher-forced reference.
+values once per image, ``prefill`` writes the support prefix to the
+self-attention key/value cache once, and ``decode_step`` advances one
+position (model built with ``cache_decoding=True``; see
+``kpseq_jax/inference/decoding.py``). ``decode`` stays the teacher-forced
+reference.
 
 Variables: ``params``; ``cache`` with ``cache_decoding=True``;
 ``batch_stats`` when ``backbone_norm`` is 'batch' or
@@ -41,8 +64,10 @@ import numpy as np
 
 from kpseq_jax.sequence import grammar
 from kpseq_jax.runtime import sharding
+from kpseq_jax.models import deformable_attention
 from kpseq_jax.models.conv import Conv
 from kpseq_jax.models.decoder import Decoder
+from kpseq_jax.models.decoder import self_attention_mask
 from kpseq_jax.models.resnet import ResNet
 from kpseq_jax.sequence import vocab as vocab_lib
 
@@ -83,6 +108,55 @@ class ProjectedMemory:
   values: Tuple[jax.Array, ...]
   spatial_shapes: Tuple[Tuple[int, int], ...] = flax.struct.field(
       pytree_node=False)
+
+
+# Batch fields of a `SupportSet` (pipeline: `episodes.TokenizeEpisode`).
+SUPPORT_FIELDS = ('support_image', 'support_keypoints', 'support_visible',
+                  'num_keypoints')
+
+
+@flax.struct.dataclass
+class SupportSet:
+  """The support instances of a batch of episodes (category-agnostic pose).
+
+  Attributes:
+    images: uint8 [B, S, H, W, 3] support crops (S shots, same size as the
+      query crops).
+    keypoints: float32 [B, S, Kmax, 2] normalised [0, 1] crop (x, y) of the
+      support keypoints, in the order the query's keypoints are wanted.
+    visible: bool or float [B, S, Kmax], keypoint labelled and inside the
+      support crop.
+    num_keypoints: int32 [B], K: keypoints (groups) to find; k >= K is
+      padding.
+  """
+  images: jax.Array
+  keypoints: jax.Array
+  visible: jax.Array
+  num_keypoints: jax.Array
+
+  @classmethod
+  def from_batch(cls, batch) -> 'SupportSet':
+    """The support set of a batch dict holding `SUPPORT_FIELDS`."""
+    return cls(images=batch['support_image'],
+               keypoints=batch['support_keypoints'],
+               visible=batch['support_visible'],
+               num_keypoints=batch['num_keypoints'])
+
+
+@flax.struct.dataclass
+class SupportPrefix:
+  """The support keypoint features as the decoder reads them.
+
+  Attributes:
+    features: [B, Kmax, d_model] in the model's ``dtype``; zero for a
+      keypoint no shot sees.
+    valid: bool [B, Kmax], ``k < K``.
+    proposals: float32 [B, Kmax, 2] normalised query-crop (x, y) where each
+      support keypoint was found (`propose`), or None.
+  """
+  features: jax.Array
+  valid: jax.Array
+  proposals: jax.Array | None = None
 
 
 def sine_position_encoding(height: int, width: int, d_model: int) -> np.ndarray:
@@ -149,6 +223,12 @@ def coordinate_embedding(table: jax.Array, coords: jax.Array) -> jax.Array:
   return (1 - frac) * lo_row + frac * hi_row
 
 
+def _logit(p: jax.Array) -> jax.Array:
+  """Inverse sigmoid, float32, with p clipped into [1e-4, 1 - 1e-4]."""
+  p = jnp.clip(p.astype(jnp.float32), 1e-4, 1 - 1e-4)
+  return jnp.log(p / (1 - p))
+
+
 class KeypointSequenceModel(nn.Module):
   """Image crop -> next-token logits and continuous keypoint coordinates.
 
@@ -175,7 +255,13 @@ class KeypointSequenceModel(nn.Module):
       (``nn.remat``): less activation memory, about one more forward.
     remat_decoder: the same for each decoder layer.
     cache_decoding: build the self-attention with a key/value cache for
-      ``decode_step`` (inference only; parameters are the same).
+      ``prefill`` / ``decode_step`` (inference only; same parameters).
+    support_conditioning: category-agnostic pose: decode in the order of a
+      `SupportSet` (module docstring); adds ``support_proj`` and
+      ``prefix_embed``.
+    support_proposals: with ``support_conditioning``, propose where each
+      support keypoint is in the query and lay the reference points there
+      (module docstring); adds ``proposal_query`` and ``proposal_key``.
     dtype: compute dtype (float32 or bfloat16); parameters are float32,
       logits and coordinates float32.
   """
@@ -195,6 +281,8 @@ class KeypointSequenceModel(nn.Module):
   remat_backbone: bool = False
   remat_decoder: bool = False
   cache_decoding: bool = False
+  support_conditioning: bool = False
+  support_proposals: bool = False
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -234,6 +322,14 @@ class KeypointSequenceModel(nn.Module):
     self.coord_head = [nn.Dense(self.d_model, dtype=self.dtype),
                        nn.Dense(self.d_model, dtype=self.dtype),
                        nn.Dense(2, dtype=self.dtype)]
+    if self.support_conditioning:
+      self.support_proj = nn.Dense(self.d_model, dtype=self.dtype)
+      # Marks prefix positions (they have no position embedding).
+      self.prefix_embed = self.param('prefix_embed', _EMBED_INIT,
+                                     (self.d_model,))
+      if self.support_proposals:
+        self.proposal_query = nn.Dense(self.d_model, dtype=self.dtype)
+        self.proposal_key = nn.Dense(self.d_model, dtype=self.dtype)
 
   def encode(self, images: jax.Array, train: bool) -> Memory:
     """Encodes image crops into the decoder memory.
@@ -262,15 +358,123 @@ class KeypointSequenceModel(nn.Module):
     return Memory(features=jnp.concatenate(features, axis=1),
                   spatial_shapes=tuple(spatial_shapes))
 
+  def encode_with_support(self, images: jax.Array,
+                          support_images: jax.Array,
+                          train: bool) -> Tuple[Memory, Memory]:
+    """Encodes query and support crops in one batch (shared BatchNorm
+    statistics in training).
+
+    Args:
+      images: [B, H, W, 3] query crops.
+      support_images: [B, S, H, W, 3] support crops.
+      train: as `encode`.
+
+    Returns:
+      (query memory [B, ...], support memory [B * S, ...], shot-major
+      within an episode).
+    """
+    b, s = support_images.shape[:2]
+    both = jnp.concatenate([
+        images, support_images.reshape((b * s,) + support_images.shape[2:])
+        .astype(images.dtype)])
+    memory = self.encode(both, train)
+    return (memory.replace(features=memory.features[:b]),
+            memory.replace(features=memory.features[b:]))
+
+  def support_prefix(self, support_memory: Memory, keypoints: jax.Array,
+                     visible: jax.Array,
+                     num_keypoints: jax.Array) -> SupportPrefix:
+    """Support keypoint features (module docstring).
+
+    Args:
+      support_memory: `encode_with_support`'s support memory [B * S, ...].
+      keypoints: float [B, S, Kmax, 2] normalised crop (x, y).
+      visible: [B, S, Kmax] (bool or 0/1).
+      num_keypoints: int [B], K.
+
+    Returns:
+      `SupportPrefix` with features [B, Kmax, D] and valid [B, Kmax].
+    """
+    b, s, kmax = visible.shape
+    shapes = support_memory.spatial_shapes
+    levels = len(shapes)
+    value = support_memory.features[:, :, None, :]  # [B*S, Smem, 1, D]
+    loc = keypoints.reshape(b * s, kmax, 1, 1, 1, 2).astype(value.dtype)
+    loc = jnp.broadcast_to(loc, (b * s, kmax, 1, levels, 1, 2))
+    weights = jnp.full((b * s, kmax, 1, levels, 1), 1.0 / levels,
+                       value.dtype)  # Mean over levels.
+    feats = deformable_attention.ms_deform_attn_sample(
+        value, shapes, loc, weights).reshape(b, s, kmax, self.d_model)
+    seen = visible.astype(feats.dtype)[..., None]  # [B, S, Kmax, 1]
+    count = seen.sum(axis=1)  # [B, Kmax, 1]
+    pooled = (feats * seen).sum(axis=1) / jnp.maximum(count, 1)
+    features = self.support_proj(pooled) * (count > 0).astype(feats.dtype)
+    valid = jnp.arange(kmax)[None, :] < num_keypoints[:, None]
+    return SupportPrefix(features=features, valid=valid)
+
+  def propose(self, memory: Memory, prefix: SupportPrefix) -> jax.Array:
+    """Where each support keypoint is in the query: the softmax-weighted
+    mean of the cell centres of every level, weights from the scaled dot
+    product of the projected support feature and query memory cell
+    (CapeFormer's similarity proposals, soft-argmax instead of arg-max so
+    the proposal is differentiable). Sown as intermediate
+    ``support_proposals`` for the training loss.
+
+    Args:
+      memory: the query's `encode` output [B, S, D].
+      prefix: `support_prefix` output.
+
+    Returns:
+      float32 [B, Kmax, 2] normalised query-crop (x, y) in (0, 1).
+    """
+    q = self.proposal_query(prefix.features).astype(jnp.float32)  # [B, K, D]
+    k = self.proposal_key(memory.features).astype(jnp.float32)  # [B, S, D]
+    logits = jnp.einsum('bkd,bsd->bks', q, k) / np.sqrt(self.d_model)
+    centres = np.concatenate([
+        np.stack(np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h),
+                 axis=-1).reshape(h * w, 2)
+        for h, w in memory.spatial_shapes]).astype(np.float32)  # [S, 2]
+    proposals = jax.nn.softmax(logits, axis=-1) @ centres  # [B, K, 2]
+    self.sow('intermediates', 'support_proposals', proposals)
+    return proposals
+
+  def episode_prefix(self, memory: Memory, support_memory: Memory,
+                     support: SupportSet) -> SupportPrefix:
+    """`support_prefix` of ``support``, with its `propose` proposals in the
+    query ``memory`` when ``support_proposals``."""
+    prefix = self.support_prefix(support_memory, support.keypoints,
+                                 support.visible, support.num_keypoints)
+    if self.support_proposals:
+      prefix = prefix.replace(proposals=self.propose(memory, prefix))
+    return prefix
+
+  def _reference_prior(self, prefix: SupportPrefix | None,
+                       positions: jax.Array) -> jax.Array | None:
+    """float32 [B, T, 2] reference-point logits of sequence ``positions``
+    [T]: the proposal of the keypoint group each position predicts a token
+    of (`grammar.target_role`), 0 outside a group; None without
+    proposals."""
+    if prefix is None or prefix.proposals is None:
+      return None
+    kmax = prefix.proposals.shape[1]
+    group = grammar.target_role(positions, self.vocab.num_prefix_tokens).group
+    prior = jnp.take(_logit(prefix.proposals), jnp.clip(group, 0, kmax - 1),
+                     axis=1)  # [B, T, 2]
+    inside = ((group >= 0) & (group < kmax))[None, :, None]
+    return jnp.where(inside, prior, 0.0)
+
   def embed_tokens(self, input_tokens: jax.Array, input_coords: jax.Array,
-                   positions: jax.Array | None = None) -> jax.Array:
+                   positions: jax.Array | None = None,
+                   support_features: jax.Array | None = None) -> jax.Array:
     """Decoder input embeddings (without the position embedding).
 
     Coordinate inputs (`Vocab.is_coordinate`) get
     ``coordinate_embedding(coord_embed, input_coords) + axis_embed[axis]``,
     the axis (x = 0, y = 1) of what the position carries
     (`grammar.input_role`); special and category tokens get
-    ``special_embed[vocab.non_coordinate_index(token)]``.
+    ``special_embed[vocab.non_coordinate_index(token)]``. With
+    ``support_features``, a ``<coord>`` input of group g also gets support
+    feature g.
 
     Args:
       input_tokens: int32 [B, L] token ids.
@@ -278,6 +482,7 @@ class KeypointSequenceModel(nn.Module):
         positions only).
       positions: int32 [L] sequence positions of the L inputs (default
         ``0 .. L - 1``; one step of cached decoding passes ``[t]``).
+      support_features: [B, Kmax, d_model] (`SupportPrefix.features`).
 
     Returns:
       float32 [B, L, d_model].
@@ -292,17 +497,27 @@ class KeypointSequenceModel(nn.Module):
                        self.vocab.non_coordinate_index(input_tokens),
                        axis=0)  # [B, L, D]
     is_coord = self.vocab.is_coordinate(input_tokens)[..., None]  # [B, L, 1]
-    return jnp.where(is_coord, coord, special)
+    x = jnp.where(is_coord, coord, special)
+    if support_features is not None:
+      group = jnp.clip(role.group, 0, support_features.shape[1] - 1)  # [L]
+      feature = jnp.take(support_features, group, axis=1)  # [B, L, D]
+      starts = (input_tokens == self.vocab.coord)[..., None]  # [B, L, 1]
+      x = x + jnp.where(starts, feature, 0).astype(x.dtype)
+    return x
 
   def decode(self, memory: Memory, input_tokens: jax.Array,
-             input_coords: jax.Array, train: bool) -> Tuple[jax.Array, jax.Array]:
-    """Teacher-forced causal decoding of a whole sequence.
+             input_coords: jax.Array, train: bool,
+             prefix: SupportPrefix | None = None
+             ) -> Tuple[jax.Array, jax.Array]:
+    """Teacher-forced decoding of a whole sequence (causal; behind the
+    support prefix with ``prefix``).
 
     Args:
       memory: ``encode`` output.
       input_tokens: int32 [B, L], L <= max_seq_len.
       input_coords: float32 [B, L] normalised [0, 1].
       train: enables dropout.
+      prefix: `support_prefix` output (support conditioning only).
 
     Returns:
       logits: float32 [B, L, V], next-token logits (V = vocab.vocab_size).
@@ -312,10 +527,24 @@ class KeypointSequenceModel(nn.Module):
     if length > self.max_seq_len:
       raise ValueError(f'sequence length {length} > max_seq_len '
                        f'{self.max_seq_len}')
-    x = self.embed_tokens(input_tokens, input_coords) + self.pos_embed[:length]
-    x = self.decoder(x.astype(self.dtype), memory.features,
-                     memory.spatial_shapes, train)  # [B, L, D]
-    return self._heads(x)
+    x = self.embed_tokens(input_tokens, input_coords, None,
+                          None if prefix is None else prefix.features)
+    x = (x + self.pos_embed[:length]).astype(self.dtype)
+    mask = prior = None
+    if prefix is not None:
+      x = jnp.concatenate([self._prefix_inputs(prefix), x], axis=1)
+      total = x.shape[1]
+      mask = self_attention_mask(jnp.arange(total), prefix.valid, total)
+      prior = self._reference_prior(prefix, jnp.arange(length))
+      if prior is not None:
+        prior = jnp.concatenate([_logit(prefix.proposals), prior], axis=1)
+    x = self.decoder(x, memory.features, memory.spatial_shapes, train,
+                     mask, prior)  # [B, P + L, D]
+    return self._heads(x[:, x.shape[1] - length:])
+
+  def _prefix_inputs(self, prefix: SupportPrefix) -> jax.Array:
+    """[B, P, D] decoder inputs of the prefix positions."""
+    return (prefix.features + self.prefix_embed).astype(self.dtype)
 
   def _heads(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Decoder states [B, L, D] -> (float32 logits [B, L, V], float32
@@ -340,39 +569,84 @@ class KeypointSequenceModel(nn.Module):
         values=self.decoder.project_values(memory.features),
         spatial_shapes=memory.spatial_shapes)
 
+  def prefill(self, memory: ProjectedMemory, prefix: SupportPrefix,
+              cache_length: int) -> None:
+    """Writes the support prefix to cache positions ``0 .. P - 1``
+    (``cache_decoding``; apply with ``mutable=['cache']``), once per
+    episode, before the first `decode_step`.
+
+    Args:
+      memory: ``project_values`` output.
+      prefix: `support_prefix` output, P = Kmax positions.
+      cache_length: Lc, the cache's positions (P + L).
+    """
+    p = prefix.features.shape[1]
+    mask = self_attention_mask(jnp.arange(p), prefix.valid, cache_length)
+    prior = None if prefix.proposals is None else _logit(prefix.proposals)
+    self.decoder.step(self._prefix_inputs(prefix), memory.values,
+                      memory.spatial_shapes, mask, prior)
+
   def decode_step(self, memory: ProjectedMemory, tokens: jax.Array,
-                  coords: jax.Array, position: jax.Array
+                  coords: jax.Array, position: jax.Array, cache_length: int,
+                  prefix: SupportPrefix | None = None
                   ) -> Tuple[jax.Array, jax.Array]:
     """One position of cached autoregressive decoding (``cache_decoding``).
 
     Equal to position ``position`` of ``decode`` given the same inputs at
     positions 0 .. position - 1 earlier steps appended to the cache (apply
-    with ``mutable=['cache']``; positions must be fed in order 0, 1, ...).
+    with ``mutable=['cache']``; positions must be fed in order 0, 1, ...,
+    after `prefill` with a prefix).
 
     Args:
       memory: ``project_values`` output.
       tokens: int32 [B] input token at ``position``.
       coords: float32 [B] its normalised coordinate (coordinate tokens).
-      position: int32 scalar, 0 <= position < cache length.
+      position: int32 scalar, 0 <= position < L (the sequence position;
+        the cache position is P + position).
+      cache_length: Lc, the cache's positions.
+      prefix: the prefilled `SupportPrefix` (support conditioning).
 
     Returns:
       logits: float32 [B, V], next-token logits.
       coords: float32 [B, 2], predicted (x, y) normalised to [0, 1].
     """
     positions = jnp.reshape(position, [1]).astype(jnp.int32)  # [1]
-    x = self.embed_tokens(tokens[:, None], coords[:, None], positions)
+    x = self.embed_tokens(tokens[:, None], coords[:, None], positions,
+                          None if prefix is None else prefix.features)
     x = x + jnp.take(self.pos_embed, positions, axis=0)  # [B, 1, D]
+    p = 0 if prefix is None else prefix.features.shape[1]
+    mask = self_attention_mask(positions + p,
+                               None if prefix is None else prefix.valid,
+                               cache_length)
     x = self.decoder.step(x.astype(self.dtype), memory.values,
-                          memory.spatial_shapes)  # [B, 1, D]
+                          memory.spatial_shapes, mask,
+                          self._reference_prior(prefix, positions))  # [B, 1, D]
     logits, xy = self._heads(x)
     return logits[:, 0], xy[:, 0]
 
   def __call__(self, images: jax.Array, input_tokens: jax.Array,
-               input_coords: jax.Array, train: bool
+               input_coords: jax.Array, train: bool,
+               support: SupportSet | None = None
                ) -> Tuple[jax.Array, jax.Array]:
-    """``decode(encode(images), ...)``; see those methods for shapes."""
-    memory = self.encode(images, train)
+    """``decode(encode(images), ...)``, with the support prefix when
+    ``support`` is given; see those methods for shapes.
+
+    Raises:
+      ValueError: if ``support`` is given without ``support_conditioning``
+        or missing with it.
+    """
+    if (support is not None) != self.support_conditioning:
+      raise ValueError(
+          f'support_conditioning={self.support_conditioning} but the support '
+          f'set is {"given" if support is not None else "missing"}.')
+    prefix = None
+    if support is None:
+      memory = self.encode(images, train)
+    else:
+      memory, support_memory = self.encode_with_support(
+          images, support.images, train)
+      prefix = self.episode_prefix(memory, support_memory, support)
     # Keep the memory split by batch under a ('data', 'fsdp') mesh.
     memory = memory.replace(
         features=sharding.constrain_batch(memory.features))
-    return self.decode(memory, input_tokens, input_coords, train)
+    return self.decode(memory, input_tokens, input_coords, train, prefix)

@@ -22,7 +22,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4;
   ``sharding_rules`` well formed; every field named in
   ``config.field_choices`` (a config's own enumerations, e.g.
-  ``configs/mp100.py``'s ``split``) set to one of its choices.
+  ``configs/mp100.py``'s ``split``) set to one of its choices; with
+  ``setting='cape'``: ``num_shots >= 1``, no category conditioning,
+  ``cape_min_keep_frac`` in (0, 1], episode counts >= 1.
   """
   errors = []
   if not config.dataset_dir:
@@ -58,6 +60,19 @@ def check(config: ml_collections.ConfigDict) -> None:
   for name, choices in config.field_choices.items():
     if config[name] not in choices:
       errors.append(f'{name}={config[name]!r} is not one of {tuple(choices)}.')
+  if config.setting == 'cape':
+    if config.num_shots < 1:
+      errors.append(f'num_shots={config.num_shots} must be >= 1 (CAPE).')
+    if config.category_conditioning:
+      errors.append('category_conditioning=True with setting=cape: a CAPE '
+                    'model is told what to find by its supports, never by a '
+                    'category token.')
+    if not 0 < config.cape_min_keep_frac <= 1:
+      errors.append(f'cape_min_keep_frac={config.cape_min_keep_frac} must '
+                    'be in (0, 1].')
+    for name in ('cape_num_episodes', 'cape_num_queries'):
+      if config[name] < 1:
+        errors.append(f'{name}={config[name]} must be >= 1.')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')
@@ -109,8 +124,9 @@ def check_dataset(config: ml_collections.ConfigDict,
   metadata): every category's K is at most ``max_num_keypoints`` (the
   sequence holds `grammar.seq_len` = ``4 * max_num_keypoints + 1`` targets,
   plus the category token with category conditioning), the configured
-  train/eval splits exist, and with category conditioning the vocabulary
-  has a token for every category.
+  train/eval splits exist, with category conditioning the vocabulary
+  has a token for every category, and with ``setting='cape'`` the train,
+  eval and support splits have episode pools (`data_prep.episodes`).
 
   Args:
     config: the run's config.
@@ -131,6 +147,22 @@ def check_dataset(config: ml_collections.ConfigDict,
     if config[name] not in info.split_sizes:
       errors.append(f'{name}={config[name]!r} is not a split of '
                     f'{config.dataset_dir} (it has {sorted(info.split_sizes)}).')
+  if config.setting == 'cape':
+    for name in ('train_split', 'eval_split', 'cape_support_split'):
+      split = config[name]
+      if not split or split not in info.split_sizes:
+        continue  # '' = the eval split; a missing split is reported above.
+      if split not in info.episode_pools:
+        why = info.episode_pool_errors.get(
+            split, 'the data set was built without episode pools; rebuild '
+            'it with `python -m data_prep.build`')
+        errors.append(f'{name}={split!r} has no CAPE episode pool in '
+                      f'{config.dataset_dir}: {why}')
+    if (config.cape_support_split and
+        config.cape_support_split not in info.split_sizes):
+      errors.append(f'cape_support_split={config.cape_support_split!r} is '
+                    f'not a split of {config.dataset_dir} (it has '
+                    f'{sorted(info.split_sizes)}).')
   n = len(info.categories)
   if config.category_conditioning and n > config.max_num_categories:
     errors.append(f'max_num_categories={config.max_num_categories} is smaller '

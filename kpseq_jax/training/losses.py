@@ -36,3 +36,21 @@ def sequence_loss(logits: jax.Array, coords: jax.Array, batch: dict,
   cw = batch['coord_weights']
   l1 = jnp.sum(err.mean(-1) * cw) / jnp.maximum(jnp.sum(cw), 1.0)
   return ce_weight * ce + l1_weight * l1, {'ce': ce, 'l1': l1}
+
+
+def proposal_loss(proposals: jax.Array, keypoints: jax.Array,
+                  weights: jax.Array) -> jax.Array:
+  """L1 between CAPE support proposals and the query's keypoints.
+
+  Args:
+    proposals: float32 [B, Kmax, 2] normalised (x, y) (`model.propose`).
+    keypoints: float32 [B, Kmax, 2] the query keypoints in the same order.
+    weights: float32 [B, Kmax], 1 where the keypoint counts (visible in the
+      query and every support).
+
+  Returns:
+    scalar: the weighted mean over keypoints of the mean |dx|, |dy|; 0 with
+    no weighted keypoint.
+  """
+  err = jnp.abs(proposals.astype(jnp.float32) - keypoints).mean(-1)
+  return jnp.sum(err * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -83,11 +83,13 @@ class MetricsLog:
     self.t0, self.step0 = now, step
     eta = (self.total_steps - step) / max(rate, 1e-9)
     mean = {k: float(np.mean([f[1][k] for f in fetched])) for k in m}
+    proposal = (f', proposal_l1 {mean["proposal_l1"]:.4f}'
+                if 'proposal_l1' in mean else '')
     logging.info(
-        'step %d/%d  loss %.4f (ce %.4f, l1 %.4f)  grad_norm %.3f  lr %.2e  '
-        '%.2f steps/s  ETA %s%s', step, self.total_steps, mean['loss'],
-        mean['ce'], mean['l1'], mean['grad_norm'], m['learning_rate'], rate,
-        time.strftime('%H:%M:%S', time.gmtime(eta)),
+        'step %d/%d  loss %.4f (ce %.4f, l1 %.4f%s)  grad_norm %.3f  '
+        'lr %.2e  %.2f steps/s  ETA %s%s', step, self.total_steps,
+        mean['loss'], mean['ce'], mean['l1'], proposal, mean['grad_norm'],
+        m['learning_rate'], rate, time.strftime('%H:%M:%S', time.gmtime(eta)),
         f'  skipped updates {self.skipped_updates}'
         if self.skipped_updates else '')
     if self.writer is not None:

@@ -13,28 +13,44 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from kpseq_jax.models import model as model_lib
 from kpseq_jax.runtime import sharding
 from kpseq_jax.training import losses
 from kpseq_jax.training import train_state as ts
 
-# Batch fields the train step reads (the pipeline also yields eval fields).
+# Batch fields the train step reads (the pipeline also yields eval fields);
+# a support-conditioned model also reads `model.SUPPORT_FIELDS`, and the
+# targets of its support proposals, `PROPOSAL_FIELDS`.
 TRAIN_FIELDS = ('image', 'input_tokens', 'input_coords', 'target_tokens',
                 'target_coords', 'token_weights', 'coord_weights')
+PROPOSAL_FIELDS = ('query_keypoints', 'query_keypoint_weights')
+
+
+def train_fields(model) -> tuple[str, ...]:
+  """The batch fields `train_step` reads for ``model``."""
+  return TRAIN_FIELDS + (
+      model_lib.SUPPORT_FIELDS if model.support_conditioning else ()) + (
+          PROPOSAL_FIELDS if model.support_proposals else ())
 
 
 def train_step(state: ts.TrainState, batch: dict, *, model,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                ce_weight: float, l1_weight: float,
+               proposal_l1_weight: float = 0.0,
                skip_nonfinite: bool = False
                ) -> tuple[ts.TrainState, dict]:
-  """One AdamW update on a global batch (see `TRAIN_FIELDS`).
+  """One AdamW update on a global batch (see `train_fields`).
 
   With ``skip_nonfinite``, an update whose loss or gradient norm is not
   finite is not applied: params, batch_stats and opt_state stay as they
   were (``jnp.where`` on the finite flag); only ``step`` advances.
 
+  The loss is `losses.sequence_loss`, plus ``proposal_l1_weight`` x
+  `losses.proposal_loss` for a model with support proposals.
+
   Returns:
-    (new state, metrics): scalars ``loss``, ``ce``, ``l1``, ``grad_norm``,
+    (new state, metrics): scalars ``loss``, ``ce``, ``l1`` (and
+    ``proposal_l1`` with support proposals), ``grad_norm``,
     ``learning_rate`` (of this update) and ``update_skipped`` (1 if the
     update was skipped, else 0).
   """
@@ -42,12 +58,20 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
+    support = (model_lib.SupportSet.from_batch(batch)
+               if model.support_conditioning else None)
     (logits, coords), updates = model.apply(
         variables, batch['image'], batch['input_tokens'],
-        batch['input_coords'], train=True, rngs={'dropout': rng},
-        mutable=['batch_stats'])
+        batch['input_coords'], train=True, support=support,
+        rngs={'dropout': rng}, mutable=['batch_stats', 'intermediates'])
     loss, parts = losses.sequence_loss(logits, coords, batch, ce_weight,
                                        l1_weight)
+    if model.support_proposals:
+      [proposals] = updates['intermediates']['support_proposals']
+      parts['proposal_l1'] = losses.proposal_loss(
+          proposals, batch['query_keypoints'],
+          batch['query_keypoint_weights'])
+      loss = loss + proposal_l1_weight * parts['proposal_l1']
     return loss, (parts, updates.get('batch_stats', state.batch_stats))
 
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(
@@ -77,7 +101,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
   """`train_step` for ``config`` compiled with shardings.
 
   Args:
-    config: ``ce_weight``, ``l1_weight``, ``skip_nonfinite_updates``.
+    config: ``ce_weight``, ``l1_weight``, ``cape_proposal_l1_weight``,
+      ``skip_nonfinite_updates``.
     model: the `KeypointSequenceModel`.
     tx: the optimizer (`train_state.create_optimizer`).
     schedule: its learning-rate schedule (for the logged rate).
@@ -88,12 +113,13 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with ``batch`` a dict of
-    global arrays holding `TRAIN_FIELDS`.
+    global arrays holding `train_fields`.
   """
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                         ce_weight=config.ce_weight,
                         l1_weight=config.l1_weight,
+                        proposal_l1_weight=config.cape_proposal_l1_weight,
                         skip_nonfinite=config.skip_nonfinite_updates),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),

@@ -63,6 +63,8 @@ def create_model(config: ml_collections.ConfigDict
       remat_backbone=config.remat_backbone,
       remat_decoder=config.remat_decoder,
       max_seq_len=sequence_length(config),
+      support_conditioning=config.setting == 'cape',
+      support_proposals=config.setting == 'cape' and config.cape_proposals,
       dtype=jnp.dtype(config.compute_dtype))
 
 
@@ -141,18 +143,29 @@ def frozen_labels(params: Any, norm: str = 'frozen_batch',
   return flax.traverse_util.path_aware_map(label, params)
 
 
-def dummy_inputs(config: ml_collections.ConfigDict, batch_size: int = 1):
+def dummy_inputs(config: ml_collections.ConfigDict,
+                 batch_size: int = 1) -> dict:
   """Zero model inputs of the configured shapes, for init and eval_shape.
 
   Returns:
-    (images uint8 [B, S, S, 3], input_tokens int32 [B, L],
-     input_coords float32 [B, L]).
+    keyword arguments of the model's ``__call__``: images uint8
+    [B, S, S, 3], input_tokens int32 [B, L], input_coords float32 [B, L],
+    and with ``setting='cape'`` a `model.SupportSet` of ``num_shots``
+    shots.
   """
-  s = config.image_size_px
+  s, kmax = config.image_size_px, config.max_num_keypoints
   length = sequence_length(config)
-  return (jnp.zeros([batch_size, s, s, 3], jnp.uint8),
-          jnp.zeros([batch_size, length], jnp.int32),
-          jnp.zeros([batch_size, length], jnp.float32))
+  out = dict(images=jnp.zeros([batch_size, s, s, 3], jnp.uint8),
+             input_tokens=jnp.zeros([batch_size, length], jnp.int32),
+             input_coords=jnp.zeros([batch_size, length], jnp.float32))
+  if config.setting == 'cape':
+    shots = config.num_shots
+    out['support'] = model_lib.SupportSet(
+        images=jnp.zeros([batch_size, shots, s, s, 3], jnp.uint8),
+        keypoints=jnp.zeros([batch_size, shots, kmax, 2], jnp.float32),
+        visible=jnp.zeros([batch_size, shots, kmax], jnp.float32),
+        num_keypoints=jnp.full([batch_size], kmax, jnp.int32))
+  return out
 
 
 def _init_fn(config: ml_collections.ConfigDict,
@@ -163,7 +176,7 @@ def _init_fn(config: ml_collections.ConfigDict,
   def init(rng):
     params_rng, dropout_rng = jax.random.split(rng)
     variables = model.init({'params': params_rng, 'dropout': dropout_rng},
-                           *dummy_inputs(config), train=False)
+                           **dummy_inputs(config), train=False)
     params = variables['params']
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
