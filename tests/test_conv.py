@@ -85,7 +85,8 @@ def test_resnet_gemm_and_xla_share_parameters_and_outputs(depth):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
   xla_model = ResNet(depth=depth, conv_impl='xla')
   gemm_model = ResNet(depth=depth, conv_impl='gemm')
-  variables = xla_model.init(jax.random.PRNGKey(1), x, train=False)
+  variables = jax.jit(lambda: xla_model.init(jax.random.PRNGKey(1), x,
+                                             train=False))()
   gemm_shapes = jax.eval_shape(
       lambda: gemm_model.init(jax.random.PRNGKey(1), x, train=False))
   assert (jax.tree.map(lambda a: a.shape, variables) ==
@@ -96,8 +97,8 @@ def test_resnet_gemm_and_xla_share_parameters_and_outputs(depth):
                          mutable=['batch_stats'])
     return sum(jnp.mean(v ** 2) for v in out.values())
 
-  want, want_grad = jax.value_and_grad(lambda p: loss(xla_model, p))(
-      variables['params'])
+  want, want_grad = jax.jit(jax.value_and_grad(
+      lambda p: loss(xla_model, p)))(variables['params'])
   got, got_grad = jax.jit(jax.value_and_grad(lambda p: loss(gemm_model, p)))(
       variables['params'])
   np.testing.assert_allclose(got, want, rtol=1e-4)

@@ -26,6 +26,12 @@ def _inputs():
   return images, jnp.zeros([2, LENGTH], jnp.int32), jnp.zeros([2, LENGTH])
 
 
+def _init(model, inputs):
+  # Jitted: one compilation instead of hundreds of eagerly dispatched ops.
+  return jax.jit(lambda: model.init(jax.random.PRNGKey(1), *inputs,
+                                    train=False))()
+
+
 def _loss(model, params, batch_stats, inputs):
   (logits, coords), _ = model.apply(
       {'params': params, 'batch_stats': batch_stats}, *inputs, train=True,
@@ -36,12 +42,12 @@ def _loss(model, params, batch_stats, inputs):
 def test_bfloat16_computes_in_bf16_with_f32_params_and_outputs():
   model = _model(dtype=jnp.bfloat16)
   inputs = _inputs()
-  variables = model.init(jax.random.PRNGKey(1), *inputs, train=False)
+  variables = _init(model, inputs)
   assert all(x.dtype == jnp.float32
              for x in jax.tree.leaves(variables['params']))
   grad_fn = jax.grad(lambda p: _loss(model, p, variables['batch_stats'],
                                      inputs), has_aux=True)
-  grads, (logits, coords) = grad_fn(variables['params'])
+  grads, (logits, coords) = jax.jit(grad_fn)(variables['params'])
   assert logits.dtype == jnp.float32 and coords.dtype == jnp.float32
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
   # Every convolution and matmul of the forward pass runs on bf16 operands.
@@ -68,10 +74,10 @@ def test_bfloat16_computes_in_bf16_with_f32_params_and_outputs():
 def test_remat_same_params_values_and_grads(kw):
   inputs = _inputs()
   base, remat = _model(), _model(**kw)
-  variables = base.init(jax.random.PRNGKey(1), *inputs, train=False)
-  v_remat = remat.init(jax.random.PRNGKey(1), *inputs, train=False)
+  variables = _init(base, inputs)
+  v_remat = _init(remat, inputs)
   assert (jax.tree.structure(variables) == jax.tree.structure(v_remat))
-  grad = lambda m: jax.grad(lambda p: _loss(m, p, variables['batch_stats'],
-                                            inputs)[0])(variables['params'])
+  grad = lambda m: jax.jit(jax.grad(lambda p: _loss(
+      m, p, variables['batch_stats'], inputs)[0]))(variables['params'])
   for a, b in zip(jax.tree.leaves(grad(base)), jax.tree.leaves(grad(remat))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
