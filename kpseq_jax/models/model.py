@@ -441,7 +441,19 @@ class KeypointSequenceModel(nn.Module):
   def episode_prefix(self, memory: Memory, support_memory: Memory,
                      support: SupportSet) -> SupportPrefix:
     """`support_prefix` of ``support``, with its `propose` proposals in the
-    query ``memory`` when ``support_proposals``."""
+    query ``memory`` when ``support_proposals``.
+
+    Args:
+      memory: the query's ``encode`` output (B episodes).
+      support_memory: the support crops' ``encode`` output (B x S crops).
+      support: the episodes' `SupportSet` (keypoints normalised [0, 1] in
+        the support crops, visibility, K per episode).
+
+    Returns:
+      `SupportPrefix`: features [B, Kmax, d_model] in ``dtype``, valid bool
+      [B, Kmax], proposals float32 [B, Kmax, 2] (normalised query-crop
+      (x, y)) or None.
+    """
     prefix = self.support_prefix(support_memory, support.keypoints,
                                  support.visible, support.num_keypoints)
     if self.support_proposals:
