@@ -21,8 +21,9 @@ one record per valid annotation with features
   file_name      text, path relative to the image root
 
 and `info.metadata` keys: categories (list of dicts sorted by id: id, name,
-supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs; indices
-0-based), max_num_keypoints, source_files (split -> file), split_sizes (split ->
+supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs,
+oks_sigmas; indices 0-based), unlabelled_means (what v = 0 means in this
+data set, `UNLABELLED_MEANS`), max_num_keypoints, source_files (split -> file), split_sizes (split ->
 records), episode_pools (split -> `episodes.EpisodePool.to_json()`, the instances
 MP-100's CAPE episodes are drawn from) and episode_pool_errors (split -> why its
 file has no pool). OUT/prep_report.json lists what was skipped and why (see
@@ -36,6 +37,7 @@ the end, so a failed run leaves no OUT and never touches an existing one
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -56,6 +58,13 @@ from data_prep import report as report_lib
 from data_prep import tfds_builder
 
 AnnotationError = coco.AnnotationError
+
+# What a keypoint with v = 0 means, a property of the data set recorded here
+# (never guessed later): 'unknown' = not labelled, position unknown (COCO,
+# MP-100: the default); 'absent' = not visible in the image (DeepLabCut,
+# where an empty cell means the body part is out of sight). Training with
+# config.presence_token learns <absent> from the second kind only.
+UNLABELLED_MEANS = ('unknown', 'absent')
 
 REPORT_FILE_NAME = 'prep_report.json'
 
@@ -84,6 +93,9 @@ def build_dataset(
     image_root: str | Path,
     out_dir: str | Path,
     overwrite: bool = False,
+    unlabelled_means: str = 'unknown',
+    oks_sigmas: Mapping[str, Any] | None = None,
+    oks_sigmas_source: str = 'oks_sigmas',
 ) -> report_lib.BuildReport:
   """Builds the ArrayRecord data set at `out_dir` and writes `out_dir/prep_report.json`.
 
@@ -93,6 +105,11 @@ def build_dataset(
     out_dir: the data set directory to create (TFDS version dir: pass it to
       `tfds.builder_from_directory`).
     overwrite: replace an existing `out_dir`.
+    unlabelled_means: what v = 0 means (`UNLABELLED_MEANS`), stored in
+      the metadata.
+    oks_sigmas: category id or name -> K OKS sigmas
+      (`categories.with_oks_sigmas`); others use evaluation's default.
+    oks_sigmas_source: where ``oks_sigmas`` came from, for messages.
 
   Returns:
     The report (also written to out_dir/prep_report.json).
@@ -101,7 +118,9 @@ def build_dataset(
     FileExistsError: out_dir exists and overwrite is False.
     AnnotationError: a file is unreadable or schema-breaking, categories
       conflict across files, or a split ends up with no valid record.
-    ValueError: a split name is not a valid TFDS split name.
+    ValueError: a split name is not a valid TFDS split name,
+      ``unlabelled_means`` is unknown, or ``oks_sigmas`` does not fit the
+      categories (message names the category and field).
     Nothing is written to out_dir when anything raises.
   """
   out_dir = Path(out_dir).absolute()
@@ -110,11 +129,16 @@ def build_dataset(
   for split in annotation_paths:
     coco.parse_split_argument(f'{split}=x')  # Validates the split name.
   files = load_files(annotation_paths)
+  if unlabelled_means not in UNLABELLED_MEANS:
+    raise ValueError(f'unlabelled_means={unlabelled_means!r} is not one of {UNLABELLED_MEANS}.')
   categories = categories_lib.build_category_table(list(files.values()))
+  if oks_sigmas:
+    categories = categories_lib.with_oks_sigmas(categories, oks_sigmas, oks_sigmas_source)
   report = new_report(files, categories, out_dir)
   pools, pool_errors = episodes.split_pools(annotation_paths)
   plan = tfds_builder.BuildPlan(files=files, categories=categories, image_root=Path(image_root), report=report,
-                                episode_pools=pools, episode_pool_errors=pool_errors)
+                                episode_pools=pools, episode_pool_errors=pool_errors,
+                                unlabelled_means=unlabelled_means)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp_dir = out_dir.parent / f'.{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}'
   try:
@@ -182,7 +206,11 @@ def check_annotation_files(annotation_paths: Mapping[str, str | Path]) -> CheckR
     AnnotationError: as for `build_dataset`.
   """
   files = load_files(annotation_paths)
+  if unlabelled_means not in UNLABELLED_MEANS:
+    raise ValueError(f'unlabelled_means={unlabelled_means!r} is not one of {UNLABELLED_MEANS}.')
   categories = categories_lib.build_category_table(list(files.values()))
+  if oks_sigmas:
+    categories = categories_lib.with_oks_sigmas(categories, oks_sigmas, oks_sigmas_source)
   report = new_report(files, categories)
   all_ids: dict[int, set] = {cid: set() for cid in categories}
   valid_ids: dict[int, set] = {cid: set() for cid in categories}
@@ -232,7 +260,27 @@ _IMAGE_ROOT = flags.DEFINE_string('image-root', None, 'Directory the images\' fi
 flags.DEFINE_alias('image_root', 'image-root')
 _OUT = flags.DEFINE_string('out', None, 'Output data set directory (read with tfds.builder_from_directory).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
+_UNLABELLED_MEANS = flags.DEFINE_enum(
+    'unlabelled_means', 'unknown', UNLABELLED_MEANS,
+    'What a keypoint with v = 0 means in these files: unknown = not labelled (COCO, MP-100); absent = not '
+    'visible (DeepLabCut: an empty cell). Stored in the data set; presence training needs "absent".')
+_OKS_SIGMAS = flags.DEFINE_string(
+    'oks_sigmas', None, 'JSON file {category id or name: [K sigmas]} for OKS AP; categories not in it use '
+    'COCO\'s 17 sigmas (COCO person layout) or --config.oks_default_sigma at evaluation.')
 _CHECK = flags.DEFINE_bool('check', False, 'Only parse and validate the annotation files; print the category table.')
+
+
+def _read_sigma_file(path: str) -> dict[str, Any]:
+  """The {category: [sigmas]} object of an --oks_sigmas file; ValueError names the file."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f'--oks_sigmas {path}: cannot read it as JSON: {e}') from e
+  if not isinstance(data, dict):
+    raise ValueError(f'--oks_sigmas {path}: expected an object {{category id or name: [sigmas]}}, '
+                     f'got {type(data).__name__}.')
+  return data
 
 
 def main(argv: list[str]) -> None:
@@ -247,7 +295,12 @@ def main(argv: list[str]) -> None:
       return
     if not _IMAGE_ROOT.value or not _OUT.value:
       raise app.UsageError('build mode needs --image-root and --out (or pass --check)')
-    report = build_dataset(paths, _IMAGE_ROOT.value, _OUT.value, overwrite=_OVERWRITE.value)
+    sigmas = None
+    if _OKS_SIGMAS.value:
+      sigmas = _read_sigma_file(_OKS_SIGMAS.value)
+    report = build_dataset(paths, _IMAGE_ROOT.value, _OUT.value, overwrite=_OVERWRITE.value,
+                           unlabelled_means=_UNLABELLED_MEANS.value, oks_sigmas=sigmas,
+                           oks_sigmas_source=_OKS_SIGMAS.value or 'oks_sigmas')
   except (ValueError, FileExistsError) as e:  # AnnotationError is a ValueError.
     sys.exit(f'data_prep.build: error: {e}')
   print(f'wrote {report.num_written} records ({report.num_skipped} skipped) to {report.out_dir}; '

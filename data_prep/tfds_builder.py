@@ -60,6 +60,7 @@ class BuildPlan:
   # Split -> `episodes.EpisodePool.to_json()` of its file / why it has none.
   episode_pools: dict[str, dict] = dataclasses.field(default_factory=dict)
   episode_pool_errors: dict[str, str] = dataclasses.field(default_factory=dict)
+  unlabelled_means: str = 'unknown'  # build.UNLABELLED_MEANS.
 
 
 class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
@@ -88,6 +89,7 @@ class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             split_sizes={},
             episode_pools=self._plan.episode_pools,
             episode_pool_errors=self._plan.episode_pool_errors,
+            unlabelled_means=self._plan.unlabelled_means,
         ),
     )
 
