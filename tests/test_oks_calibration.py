@@ -172,6 +172,9 @@ def test_sigma_length_error_names_category_and_field():
   with pytest.raises(ValueError,
                      match=r'category 9.*"sigmas" has 2 values.*3 keypoints'):
     oks.evaluate_oks(gts, preds, sigmas={9: [0.1, 0.1]})
+  # A table may hold categories not evaluated (one table for every split).
+  r = oks.evaluate_oks(gts, preds, sigmas={9: [0.2] * 3, 99: [0.1]})
+  assert r.per_category[9].sigmas == (0.2,) * 3 and 99 not in r.per_category
 
 
 def test_malformed_inputs_are_errors():

@@ -32,8 +32,8 @@ Conventions (each with its source):
 * Area: the ground truth's ``area`` when given, else ``0.53 * w * h`` of its
   box (xtcocotools ``cocoeval.py``, ``COCOeval.computeOks`` and
   ``evaluateImg`` with ``use_area=False`` or no ``area``: ``gt['bbox'][3] *
-  gt['bbox'][2] * 0.53``, the ratio of mean segment area to box area of COCO
-  persons; the convention mmpose's ``CocoMetric`` inherits).
+  gt['bbox'][2] * 0.53``; mmpose's ``CocoMetric`` evaluates with xtcocotools
+  and exposes the switch as its ``use_area`` argument).
 * A predicted keypoint that is NaN (not generated) is placed at +inf, so its
   OKS term is exp(-inf) = 0: it counts as a miss (DeepLabCut does the same,
   ``pred[np.isnan(pred)] = np.inf``). The prediction's area (used by
@@ -347,7 +347,9 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
     categories: optional category id -> object with ``name`` and
       ``keypoint_names`` attributes (e.g. `data_prep.categories.Category`);
       used for names and to recognise COCO's person layout.
-    sigmas: optional category id -> K OKS sigmas, overriding the defaults.
+    sigmas: optional category id -> K OKS sigmas, overriding the defaults
+      (entries of categories without instances are unused, so one table can
+      serve every split).
     default_sigma: the uniform sigma of other categories (`DEFAULT_SIGMA`);
       None makes a category without an override or COCO's layout an error.
 
@@ -379,9 +381,6 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
         raise ValueError(
             f'{field}[{i}]: field "keypoints" has {len(x.keypoints)} '
             f'keypoints, but category {x.category_id} has {k}')
-  for cid in sigmas:
-    if cid not in num_kp:
-      raise ValueError(f'sigmas: category {cid} has no instance')
 
   gt_coco, dt_coco = _coco_objects(gts, dts, num_kp)
   gt_by_cat = collections.defaultdict(list)
