@@ -318,7 +318,8 @@ def test_auroc_perfect_chance_and_undefined():
   assert calibration.auroc(np.array([0.1, 0.6, 0.5, 0.9]), y) == 0.75
   assert calibration.auroc(np.array([0.2, 0.7]), np.array([True, True])) is None
   assert calibration.auroc(np.array([0.2, 0.7]), np.zeros(2, bool)) is None
-  assert calibration.calibration(np.array([0.5]), np.array([True])).auroc is None
+  one = calibration.calibration(np.array([0.5]), np.array([True]))
+  assert one.auroc is None and one.ece == pytest.approx(0.5)
 
 
 def test_presence_always_present_model():

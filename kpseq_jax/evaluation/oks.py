@@ -262,7 +262,8 @@ def resolve_sigmas(category_id: int, num_keypoints: int,
       raise ValueError(f'{label}: field "sigmas" must be finite and > 0, got '
                        f'{sigmas.tolist()}')
     return sigmas, SIGMA_OVERRIDE
-  if tuple(keypoint_names) == COCO_PERSON_KEYPOINTS:
+  if (tuple(keypoint_names) == COCO_PERSON_KEYPOINTS
+      and num_keypoints == len(COCO_PERSON_KEYPOINTS)):
     return np.array(COCO_PERSON_SIGMAS), SIGMA_COCO_PERSON
   if default_sigma is None:
     raise ValueError(
