@@ -16,6 +16,7 @@ from data_prep import categories as categories_lib
 from data_prep import coco as data_coco
 from kpseq_jax.evaluation import calibration
 from kpseq_jax.evaluation import oks
+from kpseq_jax.inference import results
 
 BOX = (10.0, 20.0, 100.0, 50.0)  # w * h = 5000 px^2.
 # xtcocotools' area of a ground truth without one: 0.53 w h (a literal
@@ -222,9 +223,9 @@ def test_no_prediction_scores_zero():
 
 def test_bbox_keypoint_score_is_mmpose_rescoring():
   # Mean over keypoint scores > 0.2: (0.5 + 0.9) / 2 = 0.7; x box 0.8.
-  assert oks.bbox_keypoint_score(0.8, [0.1, 0.5, 0.9]) == pytest.approx(0.56)
-  assert oks.bbox_keypoint_score(0.8, [0.1, 0.2]) == 0.0
-  assert oks.bbox_keypoint_score(1.0, [0.1, 0.3], threshold=0.0) == (
+  assert results.bbox_keypoint_score(0.8, [0.1, 0.5, 0.9]) == pytest.approx(0.56)
+  assert results.bbox_keypoint_score(0.8, [0.1, 0.2]) == 0.0
+  assert results.bbox_keypoint_score(1.0, [0.1, 0.3], threshold=0.0) == (
       pytest.approx(0.2))
 
 

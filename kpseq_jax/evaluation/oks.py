@@ -40,7 +40,7 @@ Conventions (each with its source):
   pycocotools only to ignore unmatched predictions outside an area range)
   is that of its finite keypoints' extent, as ``COCO.loadRes`` computes it
   from all keypoints.
-* Instance score: the caller's; `bbox_keypoint_score` gives mmpose's
+* Instance score: the caller's; `kpseq_jax.inference.results.bbox_keypoint_score` gives mmpose's
   ``score_mode='bbox_keypoint'`` rescoring.
 * A category whose ground truth has no labelled keypoint at all (every
   instance is then ignored by ``COCOeval``, whose AP is -1), or that has
@@ -76,8 +76,6 @@ COCO_PERSON_SIGMAS = tuple(
 DEFAULT_SIGMA = 0.1
 # xtcocotools cocoeval.py: GT area = 0.53 * box area when not given.
 AREA_FROM_BBOX = 0.53
-# mmpose CocoMetric: keypoint_score_thr=0.2 for score_mode='bbox_keypoint'.
-KEYPOINT_SCORE_THRESHOLD = 0.2
 
 # Where the sigmas of a category came from (`CategoryOKS.sigma_source`).
 SIGMA_OVERRIDE = 'override'
@@ -122,7 +120,7 @@ class Prediction:
     score: the instance's confidence, which ranks predictions for AP.
     keypoint_scores: optional float [K] per-keypoint confidences (written
       into the results' v slot, which pycocotools ignores; use
-      `bbox_keypoint_score` to fold them into ``score``).
+      `kpseq_jax.inference.results.bbox_keypoint_score` to fold them into ``score``).
   """
   image_id: int
   category_id: int
@@ -199,28 +197,6 @@ class OKSResult:
                          for c, v in d['per_category'].items()}
     d['skipped'] = {str(c): v for c, v in d['skipped'].items()}
     return d
-
-
-def bbox_keypoint_score(box_score: float, keypoint_scores: np.ndarray,
-                        threshold: float = KEYPOINT_SCORE_THRESHOLD) -> float:
-  """Instance score = box score x mean keypoint score (mmpose's rescoring).
-
-  mmpose ``CocoMetric`` with ``score_mode='bbox_keypoint'``
-  (``mmpose/evaluation/metrics/coco_metric.py``): the mean is over the
-  keypoints whose score is > ``threshold`` (``keypoint_score_thr``, 0.2
-  there); with none above it the mean is 0.
-
-  Args:
-    box_score: the detection's score.
-    keypoint_scores: float [K] per-keypoint scores.
-    threshold: keypoint scores at or below it are left out of the mean.
-
-  Returns:
-    the rescored instance score (float).
-  """
-  s = np.asarray(keypoint_scores, np.float64).reshape(-1)
-  above = s[s > threshold]
-  return float(box_score) * (float(above.mean()) if above.size else 0.0)
 
 
 def resolve_sigmas(category_id: int, num_keypoints: int,

@@ -11,6 +11,31 @@ model's best guess) or not generated.
 
 import numpy as np
 
+# mmpose CocoMetric: keypoint_score_thr=0.2 for score_mode='bbox_keypoint'.
+KEYPOINT_SCORE_THRESHOLD = 0.2
+
+def bbox_keypoint_score(box_score: float, keypoint_scores: np.ndarray,
+                        threshold: float = KEYPOINT_SCORE_THRESHOLD) -> float:
+  """Instance score = box score x mean keypoint score (mmpose's rescoring).
+
+  mmpose ``CocoMetric`` with ``score_mode='bbox_keypoint'``
+  (``mmpose/evaluation/metrics/coco_metric.py``): the mean is over the
+  keypoints whose score is > ``threshold`` (``keypoint_score_thr``, 0.2
+  there); with none above it the mean is 0.
+
+  Args:
+    box_score: the detection's score.
+    keypoint_scores: float [K] per-keypoint scores.
+    threshold: keypoint scores at or below it are left out of the mean.
+
+  Returns:
+    the rescored instance score (float).
+  """
+  s = np.asarray(keypoint_scores, np.float64).reshape(-1)
+  above = s[s > threshold]
+  return float(box_score) * (float(above.mean()) if above.size else 0.0)
+
+
 
 def coco_results(pred_px: np.ndarray, num_keypoints: np.ndarray,
                  image_ids: np.ndarray, category_ids: np.ndarray,
@@ -31,9 +56,9 @@ def coco_results(pred_px: np.ndarray, num_keypoints: np.ndarray,
 
   Returns:
     N dicts ``image_id, category_id, keypoints`` ([x, y, v] * K, rounded
-    to 3 decimals; (0, 0, 0) for a keypoint not generated), ``score`` (the
-    box score times the mean keypoint score of the visible keypoints with
-    ``keypoint_scores``: mmpose's ``bbox_keypoint`` rescoring), and the
+    to 3 decimals; (0, 0, 0) for a keypoint not generated), ``score`` (with
+    ``keypoint_scores``, `bbox_keypoint_score` of the box score and the
+    visible keypoints' scores), and the
     optional per-keypoint lists.
   """
   out = []
@@ -52,7 +77,7 @@ def coco_results(pred_px: np.ndarray, num_keypoints: np.ndarray,
     if keypoint_scores is not None:
       ks = np.nan_to_num(keypoint_scores[i, :k].astype(np.float64), nan=0.0)
       entry['keypoint_scores'] = [round(float(v), 4) for v in ks]
-      score *= float(ks[visible].mean()) if visible.any() else 0.0
+      score = bbox_keypoint_score(score, ks[visible])
     if presence is not None:
       entry['keypoint_presence'] = [
           round(float(v), 4) for v in np.nan_to_num(presence[i, :k], nan=0.0)]
