@@ -100,13 +100,15 @@ def smoke_config(dataset_dir, **overrides):
 
 @pytest.fixture(scope='session')
 def trained(dlc_dataset, tmp_path_factory):
-  """(config, workdir, eval report) of the smoke config trained 2 steps on
-  dlc_openfield, evaluated after step 1 (periodic) and step 2 (final) (once
-  per session; tests must not modify the workdir)."""
+  """(config, workdir, eval report) of the smoke config with keypoint
+  presence (``<absent>``) trained 2 steps on dlc_openfield, evaluated after
+  step 1 (periodic) and step 2 (final) (once per session; tests must not
+  modify the workdir)."""
   from kpseq_jax import train
 
   def make(workdir):
-    config = smoke_config(dlc_dataset, eval_every_steps=1)
+    config = smoke_config(dlc_dataset, eval_every_steps=1,
+                          presence_token=True)
     report = train.train_and_evaluate(config, str(workdir))
     return config, workdir, report
   return once_per_run(tmp_path_factory, 'smoke_run', make)

@@ -92,7 +92,8 @@ def test_running_again_resumes_from_the_checkpoint(trained, tmp_path):
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
   before = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
-  more = conftest.smoke_config(config.dataset_dir, num_train_steps=3)
+  more = conftest.smoke_config(config.dataset_dir, num_train_steps=3,
+                               presence_token=config.presence_token)
   train.train_and_evaluate(more, str(resumed_dir))
   after = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
   assert after[:len(before)] == before

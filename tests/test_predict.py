@@ -46,9 +46,11 @@ def test_one_result_per_box_inside_its_crop(predicted):
     assert all(0 <= s <= 1 for s in r['keypoint_scores'])
     assert r['score'] == pytest.approx(
         results_lib.bbox_keypoint_score(1.0, r['keypoint_scores']), abs=1e-3)
-    assert 'keypoint_presence' not in r  # The smoke model has no <absent>.
     kp = np.reshape(r['keypoints'], [4, 3])  # K * 3 numbers.
-    assert np.all(kp[:, 2] == 1)  # The smoke model emits 4 groups.
+    # The smoke model has <absent>: v = 0 exactly where it says absent.
+    presence = np.array(r['keypoint_presence'])
+    assert presence.shape == (4,) and np.all((presence >= 0) & (presence <= 1))
+    np.testing.assert_array_equal(kp[:, 2], presence >= 0.5)
     # Decoded crop coordinates are in [0, 1]: back in the image they lie in
     # the top-down crop square of the box.
     m = transforms.crop_matrix(anns[r['image_id']]['bbox'], 1, 1.25)
@@ -135,6 +137,7 @@ def test_cli_whole_images_and_unreadable_files(trained, shared_data,
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=predict',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
        f'--config.dataset_dir={config.dataset_dir}', f'--workdir={workdir}',
+       f'--config.presence_token={config.presence_token}',
        f'--images={images}', f'--out={out}'],
       cwd=conftest.REPO, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -273,3 +273,25 @@ def test_sigma_errors_name_the_category_and_field(dlc_dataset, tmp_path):
     evaluate.Evaluator(
         conftest.smoke_config(dlc_dataset, oks_default_sigma=0.0),
         dataset.load_info(str(dlc_dataset)))
+
+
+def test_absent_keypoints_are_v0_in_results_and_hollow_in_overlays():
+  from PIL import Image
+  from kpseq_jax.data import visualize
+  from kpseq_jax.inference import results
+  pred = np.array([[[10.0, 10.0], [30.0, 30.0]]])
+  out = results.coco_results(pred, [2], [5], [1],
+                             keypoint_scores=np.array([[0.9, 0.3]]),
+                             presence=np.array([[0.8, 0.1]]))[0]
+  assert out['keypoints'] == [10.0, 10.0, 1.0, 30.0, 30.0, 0.0]
+  assert out['keypoint_presence'] == [0.8, 0.1]
+  # mmpose bbox_keypoint: mean of the visible keypoints' scores above 0.2.
+  assert out['score'] == pytest.approx(0.9)
+  canvas = Image.new('RGB', (40, 40))
+  kps = np.array([[10.0, 10.0, 1.0], [30.0, 30.0, 1.0]])
+  drawn = np.asarray(visualize.draw_pose(canvas, kps, radius=4,
+                                         absent=np.array([False, True])))
+  colors = visualize.keypoint_colors(2)
+  assert tuple(drawn[10, 10]) == colors[0]  # Present: a filled disc.
+  assert tuple(drawn[30, 30]) == (0, 0, 0)  # Absent: hollow ...
+  assert tuple(drawn[30, 34]) == colors[1] or tuple(drawn[30, 33]) == colors[1]

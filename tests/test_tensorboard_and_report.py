@@ -107,10 +107,13 @@ def test_eval_report_table_and_pck_curve(trained):
       report.baseline_pck, abs=1e-4)
   md = (workdir / 'eval_test.md').read_text().splitlines()
   assert md[0].startswith('| category | instances |') and md[4] == ''
-  # Then OKS AP and the confidence's calibration (no presence model).
+  # Then OKS AP, the confidence's calibration and presence.
   sections = [line for line in md if line.startswith('## ')]
   assert sections == ['## OKS (pycocotools COCOeval, keypoints)',
-                      '## Confidence calibration']
+                      '## Confidence calibration', '## Presence']
+  # dlc_openfield's test frames label every keypoint: 32 known present.
+  assert report.presence['overall']['present']['support'] == 32
+  assert report.presence['overall']['absent']['support'] == 0
   ap_row = md[md.index(sections[0]) + 4]
   assert ap_row.startswith('| all | ') and float(ap_row.split('|')[2]) == (
       pytest.approx(report.oks['ap'], abs=1e-4))
