@@ -15,6 +15,8 @@ Writes to the workdir (only process 0), ``<name>`` being the split
   ``predictions_<name>.json``: COCO keypoint results
     (`kpseq_jax.inference.results`) in image pixels, one per sample, in
     the category's keypoint order;
+  the report's ``pixel_accuracy``: accuracy within 1, 5, 25 px and mean
+    absolute error, overall and per keypoint (`metrics.pixel_accuracy`);
   ``episodes_<name>.jsonl`` (CAPE): the episodes evaluated, one line
     ``[support annotation ids..., query annotation id]`` per query sample;
   ``tensorboard/``: PCK scalars and a few crops with ground truth |
@@ -22,6 +24,7 @@ Writes to the workdir (only process 0), ``<name>`` being the split
 Each evaluation overwrites the files of the one before.
 """
 
+import dataclasses
 import json
 import os
 
@@ -95,6 +98,7 @@ class Evaluator:
     acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
     base_acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
     results, overlays = [], {}
+    pixels = metrics.PixelAccuracyAccumulator()  # Captioning papers' figures.
     bar = tqdm.tqdm(total=protocol.num_samples, desc=f'eval {split}',
                     unit='sample', disable=jax.process_index() != 0)
     for local in protocol.batches():
@@ -115,12 +119,16 @@ class Evaluator:
         for accumulator, p in ((acc[a], pred_px), (base_acc[a], base_px)):
           accumulator.update(batch['category_id'], p, batch['keypoints'],
                              batch['bbox'], size=size)
+      pixels.update(batch['category_id'], pred_px, batch['keypoints'],
+                    ordered='keypoint_order' not in batch)
       results.extend(_coco_results(pred_px, batch, info))
       bar.update(int(keep.sum()))
     bar.close()
     report = _report(info, name, split, step, len(results), protocol,
                      [acc[a].result() for a in report_lib.ALPHAS],
                      [base_acc[a].result() for a in report_lib.ALPHAS])
+    report = dataclasses.replace(report, pixel_accuracy=pixels.result(
+        {c.id: list(c.keypoint_names) for c in info.categories.values()}))
     logging.info(
         'Eval %s (step %s, %d samples): PCK@0.2 %.4f, mean error %.2f px '
         '| %s: PCK@0.2 %.4f, mean error %.2f px', split, step,

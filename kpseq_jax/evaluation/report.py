@@ -82,6 +82,9 @@ class EvalReport:
     num_samples_without_keypoints: samples with no keypoint to evaluate
       (scored 0; in CAPE, none labelled in the query and every support).
     notes: what the evaluation skipped and why (categories, episodes).
+    pixel_accuracy: the pose-captioning figures, accuracy within 1, 5 and
+      25 px and mean absolute error in px, overall and per keypoint
+      (`metrics.PixelAccuracyAccumulator.result`; {} in older reports).
   """
   name: str
   split: str
@@ -107,6 +110,7 @@ class EvalReport:
   mpck: float
   num_samples_without_keypoints: int
   notes: list[str]
+  pixel_accuracy: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready dict (NaN stays a float NaN, as `json` writes it)."""
