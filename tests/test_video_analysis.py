@@ -87,6 +87,13 @@ def test_the_h5_table_is_deeplabcuts_and_holds_the_predictions(analysed, trained
   table_xy = df.xs('x', axis=1, level='coords').to_numpy(), df.xs('y', axis=1, level='coords').to_numpy()
   images = {im['id']: im['file_name'] for im in
             json.loads((tmp_path / 'out' / 'images.json').read_text())['images']}
+  lines = (tmp_path / 'out' / 'captions.txt').read_text().splitlines()
+  assert len(lines) == len(results) == 8
+  for r, line in zip(results, lines):
+    name, text = line.split('\t')
+    assert name == images[r['image_id']]
+    np.testing.assert_allclose(captions.parse_caption(text, NAMES),
+                               np.reshape(r['keypoints'], [4, 3])[:, :2], atol=0.051)
   for r in results:
     frame = int(images[r['image_id']].split('.')[0])
     kp = np.reshape(r['keypoints'], [4, 3])

@@ -28,6 +28,9 @@ Writes to ``OUT``:
     ``score`` = the box score), one entry per box;
   ``images.json``: COCO ``images`` table (id, file_name, width, height) of
     the images read; ids are the boxes file's, else 1, 2, ... in file order;
+  ``captions.txt``: each pose as text, one line per box: the file name, a
+    tab, the caption (`captions.caption`: ``snout (312.4, 188.0); ...``),
+    in the order of ``predictions.json``;
   ``overlays/<file name>.png``: each image with its poses drawn (one colour
     per keypoint, names and skeleton from the category table, see
     `visualize.py`), same size as the image;
@@ -53,6 +56,7 @@ from data_prep import images as image_io
 from kpseq_jax.data import dataset
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
+from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results as results_lib
 from kpseq_jax.inference import video
@@ -351,7 +355,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=missing, skipped_boxes=summary_skipped)
   os.makedirs(out_dir, exist_ok=True)
-  results, image_table = [], []
+  results, image_table, caption_lines = [], [], []
   open_images: dict[int, dict] = {}  # Entry index -> image and predictions.
   bar = tqdm.tqdm(total=len(entries), desc='predict', unit='img')
 
@@ -363,7 +367,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
         continue
       del open_images[idx]
       _write_image(o['entry'], o['image'], o['poses'], info, out_dir,
-                   results)
+                   results, caption_lines)
       summary.num_images += 1
       bar.update(1)
 
@@ -392,6 +396,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
     json.dump(results, f)
   with open(os.path.join(out_dir, 'images.json'), 'w') as f:
     json.dump({'images': image_table}, f, indent=1)
+  with open(os.path.join(out_dir, 'captions.txt'), 'w') as f:
+    f.writelines(line + '\n' for line in caption_lines)
   with open(os.path.join(out_dir, 'predict_report.json'), 'w') as f:
     json.dump(dataclasses.asdict(summary), f, indent=2)
   logging.info('Predicted %d boxes on %d images (checkpoint step %d) -> %s',
@@ -407,8 +413,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
 
 def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
                  info: dataset.DatasetInfo, out_dir: str,
-                 results: list[dict]) -> None:
-  """Appends the image's COCO results and saves its overlay PNG."""
+                 results: list[dict], captions: list[str]) -> None:
+  """Appends the image's COCO results and caption lines, saves its overlay
+  PNG."""
   order = sorted(poses)
   boxes = [entry.boxes[j] for j in order]
   pred = np.stack([poses[j]['pred_px'] for j in order])  # [N, Kmax, 2]
@@ -417,6 +424,11 @@ def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
       [entry.image_id] * len(boxes), [b.category_id for b in boxes],
       [b.score for b in boxes])
   results.extend(entries)
+  for b, p in zip(boxes, pred):
+    cat = info.categories[b.category_id]
+    captions.append(f'{entry.rel_path}\t'
+                    + captions_lib.caption(p[:cat.num_keypoints],
+                                           cat.keypoint_names))
   canvas = Image.fromarray(image)
   for b, r in zip(boxes, entries):
     canvas = visualize.draw_pose(
