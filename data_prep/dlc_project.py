@@ -57,7 +57,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from absl import logging
 import numpy as np
 import pandas as pd
 from PIL import Image

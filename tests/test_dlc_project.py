@@ -80,11 +80,11 @@ def test_boxes_and_missing_labels_follow_the_shared_files(shared_data, project, 
     np.testing.assert_allclose(m['bbox'], a['bbox'], rtol=0, atol=1e-9)
     np.testing.assert_allclose(m['keypoints'], a['keypoints'], rtol=0, atol=1e-9)
   if project == REACHING:
-    assert report.missing_labels == 42  # 29 + 11 test/train Tongue, + 2 others.
+    assert report.missing_labels == 42  # Tongue in 40 frames, Hand and Finger1 in 1 each.
     assert config.skeleton == ((0, 1), (3, 4))
 
 
-def test_split_is_deepLabCuts_rule_seeded_and_disjoint(shared_data):
+def test_split_is_deeplabcuts_rule_seeded_and_disjoint(shared_data):
   project = shared_data / 'dlc_projects' / OPENFIELD
   a, _, _ = dlc_project.to_coco(project, seed=0)
   b, _, _ = dlc_project.to_coco(project, seed=0)

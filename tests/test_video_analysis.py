@@ -180,6 +180,17 @@ def test_track_boxes_follow_confident_keypoints_and_fall_back():
   assert t.box(6, 640, 480) == (0, 0, 640, 480) and t.lost == 1
   t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)  # No confidence: all count.
   np.testing.assert_allclose(t.box(7, 640, 480), (84, 0, 556, 336))  # Clipped.
+  # A stray keypoint cannot blow the box up beyond max_size_px: cut to
+  # 100 px around the keypoints' median.
+  t = video.Track(max_size_px=100, reacquire_every_batches=2)
+  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)
+  np.testing.assert_allclose(t.box(0, 640, 480), (190, 150, 100, 100))
+  # Without confidence it restarts from the whole frame every 2 batches.
+  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)
+  assert t.box(1, 640, 480) == (0, 0, 640, 480) and t.reacquired == 1
+  t.update(kp[1:], np.full([1, 3], 0.9), 640, 480)
+  t.update(kp[1:], np.full([1, 3], 0.9), 640, 480)  # With confidence: no restart.
+  assert t.box(2, 640, 480) != (0, 0, 640, 480) and t.reacquired == 1
 
 
 def test_box_file_takes_the_best_box_per_frame(tmp_path):

@@ -13,7 +13,8 @@ a background thread decodes and crops the next batches
 (`video.FramePipeline`). Boxes (``--boxes``): none = the whole frame; a
 COCO detections list with ``image_id`` = 0-based frame index
 (`video.BoxFile`); ``track`` = around the previous batch's confident
-keypoints (`video.Track`).
+keypoints (`video.Track`), a side at most twice the median training box
+side.
 
 Writes to ``OUT``, per video (``<stem>`` the video's file stem, ``<scorer>``
 ``KPSEQ_resnet<depth>_<category>_step<checkpoint step>``, as DeepLabCut
@@ -28,7 +29,8 @@ names its files ``<stem>DLC_resnet50_...``):
     data set's ``pcutoff`` (DeepLabCut's config; 0.6 otherwise) are not
     drawn, NaN likelihood ones are;
   ``<stem><scorer>_trajectories.png``: `trajectory_plot`;
-  ``<stem><scorer>_captions.txt``: one `captions.caption` line per frame;
+  ``<stem><scorer>_captions.txt``: one `captions.caption` line per frame
+    (filtered table when there is one);
   ``<stem><scorer>_meta.json``: the `VideoSummary` (frames in the header vs
     decoded, where decoding stopped and why, frames/s, boxes used).
 A video that cannot be opened is reported (error naming the file) and the
@@ -51,6 +53,7 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
 import tqdm
 
 from kpseq_jax.data import dataset
@@ -85,6 +88,8 @@ class VideoSummary:
     frames_without_box: box file: frames cropped whole for want of a box.
     track_lost: track: batches after which the track fell back to the whole
       frame.
+    track_reacquired: track without confidence: batches cropped whole to
+      find the animal again (`video.Track`).
     likelihood: 'confidence' (the model's) or 'nan' (none available).
     seconds: wall time of decode + model (first batch included).
     frames_per_s: frames_decoded / seconds.
@@ -92,6 +97,7 @@ class VideoSummary:
       (compilation), i.e. the steady rate.
     model_wait_s: time the model loop waited for decoded batches (near 0
       when decoding keeps up).
+    labeled_video_s: time to re-decode, draw and encode the labelled video.
     files: output kind -> path.
   """
 
@@ -107,11 +113,13 @@ class VideoSummary:
   boxes: str = 'whole frame'
   frames_without_box: int = 0
   track_lost: int = 0
+  track_reacquired: int = 0
   likelihood: str = 'nan'
   seconds: float = 0.0
   frames_per_s: float = 0.0
   frames_per_s_after_first_batch: float = 0.0
   model_wait_s: float = 0.0
+  labeled_video_s: float = 0.0
   files: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
@@ -141,13 +149,25 @@ def scorer_name(config: ml_collections.ConfigDict, category_name: str,
   return f'KPSEQ_resnet{config.backbone_depth}_{cat}_step{int(step)}'
 
 
-def make_boxes(boxes: str | None, min_confidence: float):
+def make_boxes(boxes: str | None, min_confidence: float,
+               max_size_px: float | None = None):
   """``--boxes`` -> a box policy of `video` (None, 'track' or a file)."""
   if not boxes:
     return video_lib.WholeFrame()
   if boxes == 'track':
-    return video_lib.Track(min_confidence=min_confidence)
+    return video_lib.Track(min_confidence=min_confidence,
+                           max_size_px=max_size_px)
   return video_lib.BoxFile(boxes)
+
+
+def typical_box_px(dataset_dir: str, split: str,
+                   max_records: int = 1000) -> float | None:
+  """Median of max(w, h) over the split's boxes (pixels; the first
+  ``max_records``), None when the split is empty."""
+  src = dataset.data_source(dataset_dir, split)
+  sides = [float(np.max(src[i]['bbox'][2:4]))
+           for i in range(min(len(src), max_records))]
+  return float(np.median(sides)) if sides else None
 
 
 def likelihood_of(pred: predictor_lib.Prediction, k: int) -> np.ndarray:
@@ -162,7 +182,6 @@ def likelihood_of(pred: predictor_lib.Prediction, k: int) -> np.ndarray:
 
 def _pcutoff(dataset_dir: str) -> float:
   """The DeepLabCut project's pcutoff stored by data_prep, else 0.6."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   meta = tfds.builder_from_directory(dataset_dir).info.metadata or {}
   return float((meta.get('source') or {}).get('pcutoff', DEFAULT_PCUTOFF))
 
@@ -223,12 +242,15 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
       info.category_index(), batch_size)
   scorer = scorer_name(config, category.name, step)
   os.makedirs(out_dir, exist_ok=True)
+  # Track: a box side is at most twice the training boxes' typical side.
+  typical = (typical_box_px(config.dataset_dir, config.train_split)
+             if boxes == 'track' else None)
   summaries = []
   for vinfo in probed:
     try:
       summaries.append(analyze_video(
-          vinfo, batcher, make_boxes(boxes, pcutoff), category, scorer,
-          out_dir, filter_window, labeled_video, pcutoff))
+          vinfo, batcher, make_boxes(boxes, pcutoff, typical and 2 * typical),
+          category, scorer, out_dir, filter_window, labeled_video, pcutoff))
     except video_lib.VideoDecodeError as e:  # Opens, but no frame decodes.
       logging.error('%s', e)
       failed.append(e)
@@ -261,24 +283,26 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   bar = tqdm.tqdm(total=vinfo.num_frames or None, desc=stem, unit='frame')
   t0 = time.perf_counter()
   t_first = None
-  for batch in pipeline:
-    if batch.crops is None:  # Boxes from the previous batch's poses.
-      batch.boxes = [policy.box(batch.start + j, w, h)
-                     for j in range(len(batch.frames))]
-      batch.crops = [batcher.crop(f, b, category.id)
-                     for f, b in zip(batch.frames, batch.boxes)]
-    pred = batcher.predict_crops(batch.crops)
-    kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [b, K, 2]
-    lk = likelihood_of(pred, k)  # [b, K]
-    policy.update(kp, lk, w, h)
-    keypoints.append(kp)
-    likelihood.append(lk)
-    if t_first is None:
-      t_first = time.perf_counter()
-      summary.likelihood = ('nan' if getattr(pred, 'confidence', None) is None
-                            else 'confidence')
-    bar.update(len(batch.frames))
-  bar.close()
+  try:
+    for batch in pipeline:
+      if batch.crops is None:  # Boxes from the previous batch's poses.
+        batch.boxes = [policy.box(batch.start + j, w, h)
+                       for j in range(len(batch.frames))]
+        batch.crops = [batcher.crop(f, b, category.id)
+                       for f, b in zip(batch.frames, batch.boxes)]
+      pred = batcher.predict_crops(batch.crops)
+      kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [b, K, 2]
+      lk = likelihood_of(pred, k)  # [b, K]
+      policy.update(kp, lk, w, h)
+      keypoints.append(kp)
+      likelihood.append(lk)
+      if t_first is None:
+        t_first = time.perf_counter()
+        summary.likelihood = ('nan' if getattr(pred, 'confidence', None) is None
+                              else 'confidence')
+      bar.update(len(batch.frames))
+  finally:
+    bar.close()
   t1 = time.perf_counter()
   status = pipeline.status
   n = status.frames_decoded
@@ -293,6 +317,7 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   summary.model_wait_s = pipeline.wait_s
   summary.frames_without_box = getattr(policy, 'frames_without_box', 0)
   summary.track_lost = getattr(policy, 'lost', 0)
+  summary.track_reacquired = getattr(policy, 'reacquired', 0)
   logging.info('%s: %d frames in %.1f s, %.1f frames/s (%.1f after the first '
                'batch; model waited %.1f s for frames)', vinfo.path, n,
                summary.seconds, summary.frames_per_s,
@@ -303,9 +328,27 @@ def analyze_video(vinfo: video_lib.VideoInfo,
                     vinfo.path, n, vinfo.num_frames,
                     f' ({status.error})' if status.error else '', n)
 
-  xy = np.concatenate(keypoints)
-  lk = np.concatenate(likelihood)
-  names = captions_lib.keypoint_names(category.keypoint_names, k)
+  write_outputs(vinfo, np.concatenate(keypoints), np.concatenate(likelihood),
+                category, summary, out_dir, filter_window, labeled_video,
+                pcutoff)
+  return summary
+
+
+def write_outputs(vinfo: video_lib.VideoInfo, xy: np.ndarray,
+                  lk: np.ndarray, category, summary: VideoSummary,
+                  out_dir: str, filter_window: int, labeled_video: bool,
+                  pcutoff: float) -> None:
+  """Writes a video's files (module docstring) and lists them in
+  ``summary.files``; the summary itself last, as ``_meta.json``.
+
+  Args:
+    xy: float [N, K, 2] pixels per decoded frame; lk: float [N, K]
+      likelihood (confidence or NaN).
+  """
+  names = captions_lib.keypoint_names(category.keypoint_names,
+                                      category.num_keypoints)
+  scorer, w, h = summary.scorer, vinfo.width, vinfo.height
+  stem = Path(vinfo.path).stem
   base = Path(out_dir) / f'{stem}{scorer}'
   table = dlc_output.pose_table(xy, lk, names, scorer)
   h5, csv = dlc_output.write_table(table, base.with_suffix('.h5'))
@@ -328,13 +371,13 @@ def analyze_video(vinfo: video_lib.VideoInfo,
     out = base.with_name(base.name + '_labeled.mp4')
     t = time.perf_counter()
     write_labeled_video(vinfo, xy, lk, category, out, pcutoff)
+    summary.labeled_video_s = time.perf_counter() - t
     logging.info('%s: labelled video in %.1f s -> %s', vinfo.path,
-                 time.perf_counter() - t, out)
+                 summary.labeled_video_s, out)
     summary.files['labeled_video'] = str(out)
   meta = base.with_name(base.name + '_meta.json')
   summary.files['meta'] = str(meta)
   meta.write_text(json.dumps(dataclasses.asdict(summary), indent=1) + '\n')
-  return summary
 
 
 def drawable(xy: np.ndarray, likelihood: np.ndarray,

@@ -22,6 +22,7 @@ import fractions
 import json
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -214,22 +215,35 @@ class Track:
   ``min_keypoints`` confident keypoints (confidence >= ``min_confidence``;
   with no confidence from the model, NaN, every generated keypoint inside
   the frame counts) and boxes them by data_prep's rule for DeepLabCut
-  labels (extent padded by ``pad_fraction`` + ``pad_px`` on each side,
-  clipped); the next batch's frames are all cropped by that box. So the box
-  lags by up to one batch: a smaller ``--video_batch_size`` follows fast
-  motion more closely. A batch with no such frame switches back to the
-  whole frame (counted in `lost`).
+  labels (extent padded by ``pad_fraction`` + ``pad_px`` on each side). A
+  side longer than ``max_size_px`` (e.g. twice the training boxes' typical
+  size, so that one stray keypoint cannot blow the crop up) is cut to it,
+  centred on the keypoints' median. The box is clipped to the frame; the
+  next batch's frames are all cropped by it, so it lags by up to one batch:
+  a smaller ``--video_batch_size`` follows fast motion more closely. A
+  batch with no such frame switches back to the whole frame (counted in
+  `lost`). Without a confidence (all NaN) the track cannot tell that it
+  lost the animal (it then follows the background, e.g. a corner the animal
+  left); so it then starts again from the whole frame every
+  ``reacquire_every_batches`` batches (counted in `reacquired`), which
+  costs those frames the whole-frame accuracy.
   """
 
   name = 'track'
   depends_on_predictions = True
 
   def __init__(self, min_confidence: float = 0.4, min_keypoints: int = 2,
-               pad_fraction: float = 0.25, pad_px: float = 16.0):
+               pad_fraction: float = 0.25, pad_px: float = 16.0,
+               max_size_px: float | None = None,
+               reacquire_every_batches: int = 30):
     self.min_confidence = min_confidence
+    self.reacquire_every_batches = reacquire_every_batches
+    self.batches = 0
+    self.reacquired = 0  # Batches cropped whole for want of a confidence.
     self.min_keypoints = min_keypoints
     self.pad_fraction = pad_fraction
     self.pad_px = pad_px
+    self.max_size_px = max_size_px
     self.current: tuple[float, float, float, float] | None = None
     self.lost = 0  # Batches after which the track fell back to whole frame.
 
@@ -250,15 +264,31 @@ class Track:
   def update(self, keypoints_px, confidence, width, height):
     """Args: keypoints_px float [b, K, 2] pixels, confidence float [b, K]
     in [0, 1] or NaN, of the batch just decoded (frames in order)."""
+    self.batches += 1
+    if (self.reacquire_every_batches and np.all(np.isnan(confidence))
+        and self.batches % self.reacquire_every_batches == 0):
+      self.current = None
+      self.reacquired += 1
+      return
     ok = self.confident(keypoints_px, confidence, width, height)
     for xy, good in zip(keypoints_px[::-1], ok[::-1]):
       if good.sum() >= self.min_keypoints:
-        lo, hi = xy[good].min(axis=0), xy[good].max(axis=0)
+        pts = xy[good]
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
         pad = self.pad_fraction * (hi - lo) + self.pad_px
-        x0, y0 = np.maximum(lo - pad, 0.0)
-        x1, y1 = np.minimum(hi + pad, [width, height])
-        self.current = (float(x0), float(y0), float(x1 - x0), float(y1 - y0))
-        return
+        lo, hi = lo - pad, hi + pad
+        if self.max_size_px:
+          centre = np.median(pts, axis=0)
+          half = self.max_size_px / 2
+          big = hi - lo > self.max_size_px
+          lo = np.where(big, centre - half, lo)
+          hi = np.where(big, centre + half, hi)
+        x0, y0 = np.maximum(lo, 0.0)
+        x1, y1 = np.minimum(hi, [width, height])
+        if x1 > x0 and y1 > y0:
+          self.current = (float(x0), float(y0), float(x1 - x0),
+                          float(y1 - y0))
+          return
     if self.current is not None:
       self.lost += 1
     self.current = None
@@ -355,7 +385,6 @@ class FramePipeline:
     return batch
 
   def __iter__(self) -> Iterator[FrameBatch]:
-    import time  # Wait time is measured here, not in the thread.
     self._thread.start()
     try:
       while True:
