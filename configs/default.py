@@ -63,6 +63,22 @@ def get_config() -> ml_collections.ConfigDict:
   # order; the vocabulary holds max_num_categories category tokens.
   c.category_conditioning = False
   c.max_num_categories = 100  # MP-100.
+  # Keypoint presence (issue 16): an <absent> token that the classifier may
+  # emit at a keypoint's x (and then y) position, trained by the same
+  # cross-entropy from the keypoints the data set says are not visible
+  # (data sets built with `data_prep.build --unlabelled_means=absent`,
+  # e.g. DeepLabCut's missing labels); pix2seq's INVISIBLE token. Off in
+  # the paper config (its vocabulary has no <absent>).
+  c.presence_token = False
+  # Per-keypoint confidence = the classifier's probability mass within
+  # +-confidence_radius_bins coordinate bins of the decoded x bin times the
+  # same for y (kpseq_jax/inference/decoding.py). Bins are crop pixels when
+  # num_bins = image_size_px.
+  c.confidence_radius_bins = 2
+  # OKS: per-keypoint sigma when the data set gives none for a category
+  # and its layout is not COCO's 17 person keypoints (whose sigmas are
+  # used); 0.1 is DeepLabCut's default for OKS-based evaluation.
+  c.oks_default_sigma = 0.1
   c.bbox_scale = 1.25  # Top-down crop: bbox enlarged 1.25x, aspect kept.
   c.image_size_px = 512
   c.num_bins = 512  # One coordinate bin per pixel at 512 px.

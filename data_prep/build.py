@@ -27,8 +27,9 @@ one record per valid annotation with features
   file_name      text, path relative to the image root
 
 and `info.metadata` keys: categories (list of dicts sorted by id: id, name,
-supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs; indices
-0-based), max_num_keypoints, source_files (split -> file), split_sizes (split ->
+supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs,
+oks_sigmas; indices 0-based), unlabelled_means (what v = 0 means in this
+data set, `UNLABELLED_MEANS`), max_num_keypoints, source_files (split -> file), split_sizes (split ->
 records), episode_pools (split -> `episodes.EpisodePool.to_json()`, the instances
 MP-100's CAPE episodes are drawn from) and episode_pool_errors (split -> why its
 file has no pool). OUT/prep_report.json lists what was skipped and why (see
@@ -42,6 +43,7 @@ the end, so a failed run leaves no OUT and never touches an existing one
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -63,6 +65,13 @@ from data_prep import report as report_lib
 from data_prep import tfds_builder
 
 AnnotationError = coco.AnnotationError
+
+# What a keypoint with v = 0 means, a property of the data set recorded here
+# (never guessed later): 'unknown' = not labelled, position unknown (COCO,
+# MP-100: the default); 'absent' = not visible in the image (DeepLabCut,
+# where an empty cell means the body part is out of sight). Training with
+# config.presence_token learns <absent> from the second kind only.
+UNLABELLED_MEANS = ('unknown', 'absent')
 
 REPORT_FILE_NAME = 'prep_report.json'
 
@@ -91,6 +100,9 @@ def build_dataset(
     image_root: str | Path,
     out_dir: str | Path,
     overwrite: bool = False,
+    unlabelled_means: str = 'unknown',
+    oks_sigmas: Mapping[str, Any] | None = None,
+    oks_sigmas_source: str = 'oks_sigmas',
 ) -> report_lib.BuildReport:
   """Builds the ArrayRecord data set at `out_dir` and writes `out_dir/prep_report.json`.
 
@@ -100,6 +112,11 @@ def build_dataset(
     out_dir: the data set directory to create (TFDS version dir: pass it to
       `tfds.builder_from_directory`).
     overwrite: replace an existing `out_dir`.
+    unlabelled_means: what v = 0 means (`UNLABELLED_MEANS`), stored in
+      the metadata.
+    oks_sigmas: category id or name -> K OKS sigmas
+      (`categories.with_oks_sigmas`); others use evaluation's default.
+    oks_sigmas_source: where ``oks_sigmas`` came from, for messages.
 
   Returns:
     The report (also written to out_dir/prep_report.json).
@@ -108,7 +125,9 @@ def build_dataset(
     FileExistsError: out_dir exists and overwrite is False.
     AnnotationError: a file is unreadable or schema-breaking, categories
       conflict across files, or a split ends up with no valid record.
-    ValueError: a split name is not a valid TFDS split name.
+    ValueError: a split name is not a valid TFDS split name,
+      ``unlabelled_means`` is unknown, or ``oks_sigmas`` does not fit the
+      categories (message names the category and field).
     Nothing is written to out_dir when anything raises.
   """
   out_dir = Path(out_dir).absolute()
@@ -118,7 +137,9 @@ def build_dataset(
     coco.parse_split_argument(f'{split}=x')  # Validates the split name.
   files = load_files(annotation_paths)
   pools, pool_errors = episodes.split_pools(annotation_paths)
-  return build_from_files(files, image_root, out_dir, overwrite, pools, pool_errors)
+  return build_from_files(files, image_root, out_dir, overwrite, pools, pool_errors,
+                          unlabelled_means=unlabelled_means, oks_sigmas=oks_sigmas,
+                          oks_sigmas_source=oks_sigmas_source)
 
 
 def build_from_coco_data(
@@ -126,8 +147,11 @@ def build_from_coco_data(
     image_root: str | Path,
     out_dir: str | Path,
     overwrite: bool = False,
+    unlabelled_means: str = 'unknown',
     extra_metadata: Mapping[str, Any] | None = None,
     source_report: Mapping[str, Any] | None = None,
+    oks_sigmas: Mapping[str, Any] | None = None,
+    oks_sigmas_source: str = 'oks_sigmas',
 ) -> report_lib.BuildReport:
   """`build_dataset` from COCO keypoint data in memory (same checks, same records).
 
@@ -137,9 +161,10 @@ def build_from_coco_data(
   Args:
     coco_data: split name -> (COCO dict with images/annotations/categories,
       the file it stands for, named in the report).
-    image_root, out_dir, overwrite: as `build_dataset`.
+    image_root, out_dir, overwrite, unlabelled_means, oks_sigmas,
+      oks_sigmas_source: as `build_dataset`.
     extra_metadata: more `info.metadata` keys (JSON-serialisable), e.g.
-      where the data came from and what a missing label means there.
+      where the data came from.
     source_report: what the conversion read and repaired, stored in
       prep_report.json under "source".
 
@@ -160,18 +185,22 @@ def build_from_coco_data(
       pool_errors[split] = str(e)
       logging.warning('split %r has no episode pool: %s', split, e)
   return build_from_files(files, image_root, out_dir, overwrite, pools, pool_errors,
-                          extra_metadata, source_report)
+                          unlabelled_means, extra_metadata, source_report, oks_sigmas,
+                          oks_sigmas_source)
 
 
 def build_from_dlc_project(project_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
-                           train_fraction: float | None = None, seed: int = 0) -> report_lib.BuildReport:
+                           train_fraction: float | None = None, seed: int = 0,
+                           oks_sigmas: Mapping[str, Any] | None = None,
+                           oks_sigmas_source: str = 'oks_sigmas') -> report_lib.BuildReport:
   """Imports a single-animal DeepLabCut project (`dlc_project.to_coco`) and builds it.
 
   Splits 'train' and 'test' by the project's TrainingFraction (or
   ``train_fraction``) and ``seed``; images are read from
-  ``<project>/labeled-data``. The metadata gets `dlc_project.dataset_metadata`
-  (``missing_label_means: 'not_visible'``, ``source``); prep_report.json gets
-  the `dlc_project.ImportReport` under ``source``.
+  ``<project>/labeled-data``. In DeepLabCut an empty cell means the body part
+  is not visible: the data set's ``unlabelled_means`` is 'absent'. The
+  metadata also gets `dlc_project.dataset_metadata` (``source``);
+  prep_report.json gets the `dlc_project.ImportReport` under ``source``.
 
   Raises:
     dlc_project.DlcProjectError: see `dlc_project.to_coco`.
@@ -184,7 +213,9 @@ def build_from_dlc_project(project_dir: str | Path, out_dir: str | Path, overwri
   return build_from_coco_data(
       {split: (coco_dict, f'{config_file} ({split})') for split, coco_dict in data.items()},
       config.project_dir / dlc_project.LABELED_DATA, out_dir, overwrite,
-      extra_metadata=dlc_project.dataset_metadata(config, report), source_report=report.to_json())
+      unlabelled_means=dlc_project.UNLABELLED_MEANS,
+      extra_metadata=dlc_project.dataset_metadata(config, report), source_report=report.to_json(),
+      oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source)
 
 
 def build_from_files(
@@ -194,20 +225,27 @@ def build_from_files(
     overwrite: bool,
     pools: Mapping[str, dict],
     pool_errors: Mapping[str, str],
+    unlabelled_means: str = 'unknown',
     extra_metadata: Mapping[str, Any] | None = None,
     source_report: Mapping[str, Any] | None = None,
+    oks_sigmas: Mapping[str, Any] | None = None,
+    oks_sigmas_source: str = 'oks_sigmas',
 ) -> report_lib.BuildReport:
   """The one builder behind `build_dataset` and `build_from_coco_data`: parsed files -> data set.
 
   Raises:
     As `build_dataset`.
   """
+  if unlabelled_means not in UNLABELLED_MEANS:
+    raise ValueError(f'unlabelled_means={unlabelled_means!r} is not one of {UNLABELLED_MEANS}.')
   categories = categories_lib.build_category_table(list(files.values()))
+  if oks_sigmas:
+    categories = categories_lib.with_oks_sigmas(categories, oks_sigmas, oks_sigmas_source)
   report = new_report(files, categories, out_dir)
   report.source = None if source_report is None else dict(source_report)
   plan = tfds_builder.BuildPlan(files=dict(files), categories=categories, image_root=Path(image_root), report=report,
                                 episode_pools=dict(pools), episode_pool_errors=dict(pool_errors),
-                                extra_metadata=dict(extra_metadata or {}))
+                                unlabelled_means=unlabelled_means, extra_metadata=dict(extra_metadata or {}))
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp_dir = out_dir.parent / f'.{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}'
   try:
@@ -275,7 +313,11 @@ def check_annotation_files(annotation_paths: Mapping[str, str | Path]) -> CheckR
     AnnotationError: as for `build_dataset`.
   """
   files = load_files(annotation_paths)
+  if unlabelled_means not in UNLABELLED_MEANS:
+    raise ValueError(f'unlabelled_means={unlabelled_means!r} is not one of {UNLABELLED_MEANS}.')
   categories = categories_lib.build_category_table(list(files.values()))
+  if oks_sigmas:
+    categories = categories_lib.with_oks_sigmas(categories, oks_sigmas, oks_sigmas_source)
   report = new_report(files, categories)
   all_ids: dict[int, set] = {cid: set() for cid in categories}
   valid_ids: dict[int, set] = {cid: set() for cid in categories}
@@ -325,16 +367,37 @@ _IMAGE_ROOT = flags.DEFINE_string('image-root', None, 'Directory the images\' fi
 flags.DEFINE_alias('image_root', 'image-root')
 _OUT = flags.DEFINE_string('out', None, 'Output data set directory (read with tfds.builder_from_directory).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing --out directory.')
+_UNLABELLED_MEANS = flags.DEFINE_enum(
+    'unlabelled_means', 'unknown', UNLABELLED_MEANS,
+    'What a keypoint with v = 0 means in these files: unknown = not labelled (COCO, MP-100); absent = not '
+    'visible (DeepLabCut: an empty cell). Stored in the data set; presence training needs "absent".')
+_OKS_SIGMAS = flags.DEFINE_string(
+    'oks_sigmas', None, 'JSON file {category id or name: [K sigmas]} for OKS AP; categories not in it use '
+    'COCO\'s 17 sigmas (COCO person layout) or --config.oks_default_sigma at evaluation.')
 _CHECK = flags.DEFINE_bool('check', False, 'Only parse and validate the annotation files; print the category table.')
 _DLC_PROJECT = flags.DEFINE_string(
     'dlc_project', None, 'A single-animal DeepLabCut project folder (config.yaml, labeled-data/*/'
     'CollectedData_<scorer>.h5 or .csv) to build from instead of --annotations; splits train/test by its '
-    'TrainingFraction. Missing labels become unlabelled keypoints (in DeepLabCut: not visible).')
+    'TrainingFraction. Missing labels become unlabelled keypoints with --unlabelled_means=absent (in '
+    'DeepLabCut an empty cell means not visible).')
 _DLC_TRAIN_FRACTION = flags.DEFINE_float(
     'dlc_train_fraction', None, 'With --dlc_project: fraction of labelled frames for train '
     '(default: config.yaml TrainingFraction[0]); the rest is the test split.')
 _DLC_SPLIT_SEED = flags.DEFINE_integer(
     'dlc_split_seed', 0, 'With --dlc_project: seed of the train/test shuffle (DeepLabCut\'s SplitTrials rule).')
+
+
+def _read_sigma_file(path: str) -> dict[str, Any]:
+  """The {category: [sigmas]} object of an --oks_sigmas file; ValueError names the file."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f'--oks_sigmas {path}: cannot read it as JSON: {e}') from e
+  if not isinstance(data, dict):
+    raise ValueError(f'--oks_sigmas {path}: expected an object {{category id or name: [sigmas]}}, '
+                     f'got {type(data).__name__}.')
+  return data
 
 
 def main(argv: list[str]) -> None:
@@ -352,7 +415,12 @@ def main(argv: list[str]) -> None:
       return
     if not _IMAGE_ROOT.value or not _OUT.value:
       raise app.UsageError('build mode needs --image-root and --out (or pass --check)')
-    report = build_dataset(paths, _IMAGE_ROOT.value, _OUT.value, overwrite=_OVERWRITE.value)
+    sigmas = None
+    if _OKS_SIGMAS.value:
+      sigmas = _read_sigma_file(_OKS_SIGMAS.value)
+    report = build_dataset(paths, _IMAGE_ROOT.value, _OUT.value, overwrite=_OVERWRITE.value,
+                           unlabelled_means=_UNLABELLED_MEANS.value, oks_sigmas=sigmas,
+                           oks_sigmas_source=_OKS_SIGMAS.value or 'oks_sigmas')
   except (ValueError, FileExistsError) as e:  # AnnotationError is a ValueError.
     sys.exit(f'data_prep.build: error: {e}')
   print(f'wrote {report.num_written} records ({report.num_skipped} skipped) to {report.out_dir}; '
@@ -362,11 +430,15 @@ def main(argv: list[str]) -> None:
 def _main_dlc_project() -> None:
   if _ANNOTATIONS.value or _CHECK.value or _IMAGE_ROOT.value:
     raise app.UsageError('--dlc_project replaces --annotations, --image-root and --check')
+  if _UNLABELLED_MEANS.present:
+    raise app.UsageError('--dlc_project sets --unlabelled_means=absent (DeepLabCut\'s empty cell = not visible)')
   if not _OUT.value:
     raise app.UsageError('--dlc_project needs --out')
   try:
+    sigmas = _read_sigma_file(_OKS_SIGMAS.value) if _OKS_SIGMAS.value else None
     report = build_from_dlc_project(_DLC_PROJECT.value, _OUT.value, _OVERWRITE.value,
-                                            _DLC_TRAIN_FRACTION.value, _DLC_SPLIT_SEED.value)
+                                    _DLC_TRAIN_FRACTION.value, _DLC_SPLIT_SEED.value, sigmas,
+                                    _OKS_SIGMAS.value or 'oks_sigmas')
   except (ValueError, FileExistsError) as e:  # DlcProjectError is a ValueError.
     sys.exit(f'data_prep.build: error: {e}')
   source = report.source or {}

@@ -117,6 +117,9 @@ class Category:
     num_keypoints_source: where K came from: 'keypoint_names', 'annotations'
       (most common keypoint count among its annotations, used when the name
       list is empty) or 'none' (no names and no annotations: K = 0).
+    oks_sigmas: K per-keypoint OKS sigmas given at data_prep time
+      (`data_prep.build --oks_sigmas`), or () = evaluation's default
+      (`kpseq_jax.evaluation.oks`).
   """
 
   id: int
@@ -127,10 +130,12 @@ class Category:
   skeleton: tuple[tuple[int, int], ...]
   flip_pairs: tuple[tuple[int, int], ...]
   num_keypoints_source: str
+  oks_sigmas: tuple[float, ...] = ()
 
   def to_metadata(self) -> dict[str, Any]:
     """JSON-ready dict with keys id, name, supercategory, num_keypoints,
-    keypoint_names, skeleton ([[i, j]], 0-based) and flip_pairs ([[i, j]])."""
+    keypoint_names, skeleton ([[i, j]], 0-based), flip_pairs ([[i, j]]) and
+    oks_sigmas ([] = none given)."""
     return {
         'id': self.id,
         'name': self.name,
@@ -139,6 +144,7 @@ class Category:
         'keypoint_names': list(self.keypoint_names),
         'skeleton': [list(limb) for limb in self.skeleton],
         'flip_pairs': [list(pair) for pair in self.flip_pairs],
+        'oks_sigmas': list(self.oks_sigmas),
     }
 
   @classmethod
@@ -151,7 +157,8 @@ class Category:
         keypoint_names=tuple(meta.get('keypoint_names') or ()),
         skeleton=tuple(tuple(p) for p in meta.get('skeleton') or ()),
         flip_pairs=tuple(tuple(p) for p in meta.get('flip_pairs') or ()),
-        num_keypoints_source='metadata')
+        num_keypoints_source='metadata',
+        oks_sigmas=tuple(float(x) for x in meta.get('oks_sigmas') or ()))
 
 
 def side_and_stem(name: str) -> tuple[str, tuple[str, ...]] | None:
@@ -330,3 +337,51 @@ def _num_keypoints(spec: coco.CategorySpec, counts: collections.Counter) -> tupl
     return 0, K_UNKNOWN
   k = min(counts, key=lambda n: (-counts[n], n))
   return k, K_FROM_ANNOTATIONS
+
+
+def with_oks_sigmas(categories: Mapping[int, Category], sigmas: Mapping[str, Any],
+                    source: str) -> dict[int, Category]:
+  """The category table with per-keypoint OKS sigmas attached.
+
+  Args:
+    categories: category id -> `Category`.
+    sigmas: JSON-style mapping, key = a category id (as text or int) or a
+      category name that is unique in the table, value = K positive floats.
+      Categories not named keep ``oks_sigmas = ()``.
+    source: where ``sigmas`` came from (a file path), for messages.
+
+  Returns:
+    a new id -> `Category` dict.
+
+  Raises:
+    ValueError: naming ``source``, the category and the field, if a key
+      matches no category (or an ambiguous name), or a value is not a list
+      of K finite positive numbers.
+  """
+  by_name = collections.defaultdict(list)
+  for c in categories.values():
+    by_name[c.name].append(c.id)
+  out = dict(categories)
+  for key, values in sigmas.items():
+    text = str(key)
+    if text.lstrip('-').isdigit() and int(text) in categories:
+      cid = int(text)
+    elif len(by_name.get(text, ())) == 1:
+      cid = by_name[text][0]
+    elif text in by_name:
+      raise ValueError(f'{source}: category name {text!r} is not unique '
+                       f'(ids {by_name[text]}); key oks_sigmas by id.')
+    else:
+      raise ValueError(f'{source}: oks_sigmas key {text!r} is no category id '
+                       f'or name of the data set (ids {sorted(categories)}).')
+    cat = categories[cid]
+    ok = isinstance(values, (list, tuple)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not ok or len(values) != cat.num_keypoints or not all(
+        0 < float(v) < float('inf') for v in values):
+      n = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+      raise ValueError(f'{source}: category {cid}:{cat.name} field oks_sigmas '
+                       f'must be {cat.num_keypoints} positive numbers (one per '
+                       f'keypoint), got {n}.')
+    out[cid] = dataclasses.replace(cat, oks_sigmas=tuple(float(v) for v in values))
+  return out

@@ -30,7 +30,8 @@ Conversion (one category, id 1, named after ``Task``):
 * keypoints (x, y, 2) where labelled, (0, 0, 0) where the cell is empty.
   In DeepLabCut a missing label means the body part is not visible in that
   frame (DeepLabCut's own training drops those joints); the data set's
-  metadata says so: ``missing_label_means: 'not_visible'``;
+  metadata says so: ``unlabelled_means: 'absent'`` (`build.UNLABELLED_MEANS`,
+  which presence training learns ``<absent>`` from);
 * the box: DeepLabCut has none. The extent of the labelled points, padded
   on each side by 25% of its width (height) + 16 px, clipped to the image:
   the rule of the shared ``dlc_openfield``/``dlc_reaching`` COCO files
@@ -68,7 +69,9 @@ BOX_PAD_FRACTION = 0.25
 BOX_PAD_PX = 16.0
 CATEGORY_ID = 1
 LABELED_DATA = 'labeled-data'
-MISSING_LABEL_MEANS = 'not_visible'
+# `build.UNLABELLED_MEANS` of an imported project: an empty cell means the
+# body part is not visible in the frame.
+UNLABELLED_MEANS = 'absent'
 
 
 class DlcProjectError(ValueError):
@@ -425,10 +428,9 @@ def to_coco(project_dir: str | Path, train_fraction: float | None = None, seed: 
 
 def dataset_metadata(config: DlcConfig, report: ImportReport) -> dict[str, Any]:
   """The data set's extra ``info.metadata`` for an imported project:
-  ``missing_label_means: 'not_visible'`` and ``source`` (format, project,
-  scorer, task, body parts, pcutoff, split parameters, labels files)."""
-  return dict(missing_label_means=MISSING_LABEL_MEANS,
-              source=dict(format='deeplabcut', project=str(config.project_dir), scorer=config.scorer,
+  ``source`` (format, project, scorer, task, body parts, pcutoff, split
+  parameters, labels files)."""
+  return dict(source=dict(format='deeplabcut', project=str(config.project_dir), scorer=config.scorer,
                           task=config.task, bodyparts=list(config.bodyparts), pcutoff=config.pcutoff,
                           train_fraction=report.train_fraction, split_seed=report.split_seed,
                           labels_files=report.labels_files))

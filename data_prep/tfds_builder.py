@@ -60,8 +60,9 @@ class BuildPlan:
   # Split -> `episodes.EpisodePool.to_json()` of its file / why it has none.
   episode_pools: dict[str, dict] = dataclasses.field(default_factory=dict)
   episode_pool_errors: dict[str, str] = dataclasses.field(default_factory=dict)
-  # More `info.metadata` keys, e.g. a DeepLabCut project's source and
-  # `missing_label_means` (see `dlc_project.py`).
+  unlabelled_means: str = 'unknown'  # build.UNLABELLED_MEANS.
+  # More `info.metadata` keys, e.g. a DeepLabCut project's source (see
+  # `dlc_project.py`).
   extra_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -91,6 +92,7 @@ class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             split_sizes={},
             episode_pools=self._plan.episode_pools,
             episode_pool_errors=self._plan.episode_pool_errors,
+            unlabelled_means=self._plan.unlabelled_means,
             **self._plan.extra_metadata,
         ),
     )

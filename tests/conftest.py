@@ -1,5 +1,11 @@
 """Shared fixtures: the real data in ../shared/data and data sets built from it.
 
+The costly session fixtures (`dlc_dataset`, `trained`, `mesh_run`, ...) run
+once per test run even with several pytest-xdist workers: `once_per_run`
+computes the value in the first worker that asks, under a file lock in the
+run's shared temporary directory, and the others read it back (pytest-xdist's
+recipe, "Making session-scoped fixtures execute only once").
+
 JAX's persistent compilation cache is on for the whole session (and the
 subprocesses tests start, through the environment): many tests compile the
 same smoke-config train step or decoder, and reading it back takes seconds
@@ -10,7 +16,9 @@ version, the computation and the backend, so a stale entry is never used).
 
 import os
 from pathlib import Path
+import pickle
 
+import filelock
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,6 +27,27 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       str(REPO / '.pytest_cache' / 'jax_compilation'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+
+def once_per_run(tmp_path_factory, name: str, make):
+  """``make(directory)`` once per test run, its (picklable) value for all.
+
+  Without xdist, a plain call in a fresh temporary directory. With xdist,
+  the directory and the pickled value live in the run's base temporary
+  directory shared by its workers; a failed ``make`` leaves no value, so
+  the next worker that asks tries again (and fails the same way).
+  """
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    return make(tmp_path_factory.mktemp(name))
+  root = tmp_path_factory.getbasetemp().parent  # Shared by the workers.
+  directory, done = root / name, root / f'{name}.pickle'
+  with filelock.FileLock(str(root / f'{name}.lock')):
+    if done.exists():
+      return pickle.loads(done.read_bytes())
+    directory.mkdir(exist_ok=True)
+    value = make(directory)
+    done.write_bytes(pickle.dumps(value))
+    return value
 
 
 @pytest.fixture(scope='session')
@@ -33,10 +62,15 @@ def dlc_dataset(shared_data, tmp_path_factory) -> Path:
   """The dlc_openfield train/test data set built by data_prep (once)."""
   from data_prep import build
   ann = shared_data / 'dlc_openfield' / 'annotations'
-  out = tmp_path_factory.mktemp('data') / 'dlc_openfield'
-  build.build_dataset({'train': ann / 'train.json', 'test': ann / 'test.json'},
-                      shared_data / 'dlc_openfield' / 'images', out)
-  return out
+
+  def make(directory):
+    out = directory / 'dlc_openfield'
+    build.build_dataset(
+        {'train': ann / 'train.json', 'test': ann / 'test.json'},
+        shared_data / 'dlc_openfield' / 'images', out,
+        unlabelled_means='absent')
+    return out
+  return once_per_run(tmp_path_factory, 'dlc_dataset', make)
 
 
 @pytest.fixture(scope='session')
@@ -46,9 +80,12 @@ def mp100_sample_dataset(shared_data, tmp_path_factory) -> Path:
   from data_prep import build
   root = shared_data / 'mp100_sample'
   ann = root / 'annotations' / 'mp100_sample.json'
-  out = tmp_path_factory.mktemp('data') / 'mp100_sample'
-  build.build_dataset({'train': ann, 'test': ann}, root / 'images', out)
-  return out
+
+  def make(directory):
+    out = directory / 'mp100_sample'
+    build.build_dataset({'train': ann, 'test': ann}, root / 'images', out)
+    return out
+  return once_per_run(tmp_path_factory, 'mp100_sample_dataset', make)
 
 
 def smoke_config(dataset_dir, **overrides):
@@ -67,10 +104,12 @@ def trained(dlc_dataset, tmp_path_factory):
   dlc_openfield, evaluated after step 1 (periodic) and step 2 (final) (once
   per session; tests must not modify the workdir)."""
   from kpseq_jax import train
-  workdir = tmp_path_factory.mktemp('smoke_run')
-  config = smoke_config(dlc_dataset, eval_every_steps=1)
-  report = train.train_and_evaluate(config, str(workdir))
-  return config, workdir, report
+
+  def make(workdir):
+    config = smoke_config(dlc_dataset, eval_every_steps=1)
+    report = train.train_and_evaluate(config, str(workdir))
+    return config, workdir, report
+  return once_per_run(tmp_path_factory, 'smoke_run', make)
 
 
 @pytest.fixture(scope='session')
@@ -80,8 +119,10 @@ def mesh_run(dlc_dataset, tmp_path_factory):
   ``sharding_worker.MESHES``; mesh (4, 2) saved before step 3 and restored
   onto (8, 1) and onto 1 device to run step 3 there."""
   import sharding_worker
-  args = dict(mode='meshes', dataset_dir=str(dlc_dataset), steps=3,
-              meshes=sharding_worker.MESHES, save_mesh=[4, 2],
-              ckpt_dir=str(tmp_path_factory.mktemp('mesh_ckpt')),
-              restore_meshes=[[8, 1], [1, 1]])
-  return sharding_worker.result_of(sharding_worker.launch(args, 8))
+
+  def make(directory):
+    args = dict(mode='meshes', dataset_dir=str(dlc_dataset), steps=3,
+                meshes=sharding_worker.MESHES, save_mesh=[4, 2],
+                ckpt_dir=str(directory), restore_meshes=[[8, 1], [1, 1]])
+    return sharding_worker.result_of(sharding_worker.launch(args, 8))
+  return once_per_run(tmp_path_factory, 'mesh_run', make)

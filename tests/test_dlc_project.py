@@ -59,7 +59,7 @@ def test_imported_openfield_equals_the_shared_coco_data_set(shared_data, dlc_dat
   assert cat.keypoint_names == ('snout', 'leftear', 'rightear', 'tailbase')
   assert cat.flip_pairs == dataset.load_info(str(dlc_dataset)).categories[1].flip_pairs
   meta = tfds.builder_from_directory(str(tmp_path / 'ds')).info.metadata
-  assert meta['missing_label_means'] == 'not_visible'
+  assert meta['unlabelled_means'] == 'absent'  # DeepLabCut: empty cell = not visible.
   assert meta['source']['scorer'] == 'Pranav' and meta['source']['train_fraction'] == 0.95
   assert json.loads((tmp_path / 'ds' / 'prep_report.json').read_text())['source']['format'] == 'deeplabcut'
 

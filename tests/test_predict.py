@@ -15,6 +15,7 @@ from data_prep.categories import Category
 from kpseq_jax.data import dataset
 from kpseq_jax.evaluation import metrics
 from kpseq_jax.inference import predict
+from kpseq_jax.inference import results as results_lib
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
 
@@ -39,7 +40,13 @@ def test_one_result_per_box_inside_its_crop(predicted):
   assert summary.num_images == 23 and not summary.unreadable
   assert sorted(r['image_id'] for r in results) == sorted(anns)
   for r in results:
-    assert r['category_id'] == 1 and r['score'] == 1.0
+    # Instance score: mmpose's bbox_keypoint rescoring of the per-keypoint
+    # confidences (box score 1 for given boxes).
+    assert r['category_id'] == 1 and len(r['keypoint_scores']) == 4
+    assert all(0 <= s <= 1 for s in r['keypoint_scores'])
+    assert r['score'] == pytest.approx(
+        results_lib.bbox_keypoint_score(1.0, r['keypoint_scores']), abs=1e-3)
+    assert 'keypoint_presence' not in r  # The smoke model has no <absent>.
     kp = np.reshape(r['keypoints'], [4, 3])  # K * 3 numbers.
     assert np.all(kp[:, 2] == 1)  # The smoke model emits 4 groups.
     # Decoded crop coordinates are in [0, 1]: back in the image they lie in

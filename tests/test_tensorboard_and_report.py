@@ -106,7 +106,14 @@ def test_eval_report_table_and_pck_curve(trained):
   assert float(rows[-1]['baseline_pck@0.2']) == pytest.approx(
       report.baseline_pck, abs=1e-4)
   md = (workdir / 'eval_test.md').read_text().splitlines()
-  assert md[0].startswith('| category | instances |') and len(md) == 4
+  assert md[0].startswith('| category | instances |') and md[4] == ''
+  # Then OKS AP and the confidence's calibration (no presence model).
+  sections = [line for line in md if line.startswith('## ')]
+  assert sections == ['## OKS (pycocotools COCOeval, keypoints)',
+                      '## Confidence calibration']
+  ap_row = md[md.index(sections[0]) + 4]
+  assert ap_row.startswith('| all | ') and float(ap_row.split('|')[2]) == (
+      pytest.approx(report.oks['ap'], abs=1e-4))
   png = Image.open(workdir / 'pck_curve_test.png')
   assert png.size == (600, 420)
   assert len(np.unique(np.asarray(png.convert('RGB')).reshape(-1, 3),

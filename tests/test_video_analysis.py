@@ -76,7 +76,7 @@ def test_the_h5_table_is_deeplabcuts_and_holds_the_predictions(analysed, trained
   csv = pd.read_csv(s.files['csv'], header=[0, 1, 2], index_col=0)
   np.testing.assert_allclose(csv.to_numpy(), df.to_numpy(), rtol=1e-12, equal_nan=True)
   lk = df.xs('likelihood', axis=1, level='coords').to_numpy()
-  assert np.all(np.isnan(lk)) or np.all((lk >= 0) & (lk <= 1)) and not np.all(lk == 1)
+  assert np.all((lk >= 0) & (lk <= 1)) and not np.all(lk == 1)  # The model's confidence.
   # The same frames as PNG images through --mode predict (whole images).
   config, workdir, _ = trained
   with av.open(str(clips / 'clip.mp4')) as c:
@@ -109,7 +109,7 @@ def test_filtered_table_captions_labelled_video_and_plot(analysed):
   for col in raw.columns:
     expected = raw[col] if col[-1] == 'likelihood' else signal.medfilt(raw[col].to_numpy(), 3)
     np.testing.assert_allclose(filtered[col].to_numpy(), expected, equal_nan=True)
-  xy, _ = dlc_output.table_arrays(filtered)
+  xy, lk = dlc_output.table_arrays(filtered)
   lines = open(s.files['captions']).read().splitlines()
   assert len(lines) == 8 and lines[0].startswith('snout (')
   for line, pose in zip(lines, xy):
@@ -117,17 +117,22 @@ def test_filtered_table_captions_labelled_video_and_plot(analysed):
   with av.open(s.files['labeled_video']) as c:
     frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]
   assert len(frames) == 8 and frames[0].shape == (480, 640, 3)
-  # The overlay colours: a keypoint's disc centre has (about, after
-  # H.264) its colour unless another keypoint is near.
+  # The overlay colours: a drawn keypoint's disc centre has (about, after
+  # H.264) its colour unless another keypoint is near; one whose likelihood
+  # is below pcutoff (0.6 here) is not drawn: the grey frame shows.
   colors = visualize.keypoint_colors(4)
+  drawn = analyze.drawable(xy, lk, analyze.DEFAULT_PCUTOFF)[..., 2] > 0
   checked = 0
-  for frame, pose in zip(frames, xy):
+  for frame, pose, shown in zip(frames, xy, drawn):
     for k, (x, y) in enumerate(pose):
       others = np.delete(pose, k, axis=0)
       if not (8 < x < 632 and 8 < y < 472) or np.min(np.hypot(*(others - [x, y]).T)) < 12:
         continue
       got = frame[int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2].reshape(-1, 3).mean(0)
-      assert np.abs(got - colors[k]).max() < 60, (k, got, colors[k])
+      if shown[k]:
+        assert np.abs(got - colors[k]).max() < 60, (k, got, colors[k])
+      else:
+        assert np.ptp(got) < 40, (k, got)  # Grey.
       checked += 1
   assert checked >= 8
   with open(s.files['trajectories'], 'rb') as f:

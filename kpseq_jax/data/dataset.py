@@ -28,6 +28,10 @@ class DatasetInfo:
       from (`data_prep.episodes.EpisodePool`); a split whose annotation file
       the episode protocol refused has none.
     episode_pool_errors: split name -> why it has no pool.
+    unlabelled_means: what a keypoint with v = 0 means, recorded by
+      `data_prep.build` (``--unlabelled_means``): 'unknown' (not labelled;
+      COCO, MP-100; also data sets built before it was recorded) or
+      'absent' (not visible; DeepLabCut).
   """
 
   categories: dict[int, Category]
@@ -36,6 +40,7 @@ class DatasetInfo:
       default_factory=dict)
   episode_pool_errors: dict[str, str] = dataclasses.field(
       default_factory=dict)
+  unlabelled_means: str = 'unknown'
 
   def category_index(self) -> dict[int, int]:
     """category id -> index (position among the ids in increasing order),
@@ -84,7 +89,9 @@ def load_info(dataset_dir: str) -> DatasetInfo:
            for split, pool in (meta.get('episode_pools') or {}).items()}
   return DatasetInfo(categories=cats, split_sizes=sizes, episode_pools=pools,
                      episode_pool_errors=dict(
-                         meta.get('episode_pool_errors') or {}))
+                         meta.get('episode_pool_errors') or {}),
+                     unlabelled_means=str(
+                         meta.get('unlabelled_means') or 'unknown'))
 
 
 def data_source(dataset_dir: str, split: str):

@@ -65,7 +65,8 @@ def _tokenize(config: ml_collections.ConfigDict,
               info: dataset.DatasetInfo) -> transforms.Tokenize:
   return transforms.Tokenize(
       vocab_lib.from_config(config), config.max_num_keypoints,
-      info.category_index() if config.category_conditioning else None)
+      info.category_index() if config.category_conditioning else None,
+      unlabelled_absent=info.unlabelled_means == 'absent')
 
 
 def local_batch_size(global_batch_size: int) -> int:

@@ -239,6 +239,7 @@ class Tokenize(grain.transforms.Map):
   vocab: vocab_lib.Vocab
   max_num_keypoints: int
   category_index: dict[int, int] | None = None
+  unlabelled_absent: bool = False  # DatasetInfo.unlabelled_means == 'absent'.
 
   def map(self, ex: Example) -> Example:
     k = ex['keypoints'].shape[0]
@@ -255,8 +256,12 @@ class Tokenize(grain.transforms.Map):
         raise ValueError(f"annotation {ex['annotation_id']}: category {cid} "
                          'is not in the data set\'s category table.')
       cat_token = self.vocab.category(self.category_index[cid])
+    absent = np.zeros([kmax], np.float32)
+    if self.unlabelled_absent:
+      absent[:k] = ex['keypoints'][:, 2] == 0
     out = sequence.build_sequence(
-        _pad_rows(ex['keypoints_crop'], kmax), k, self.vocab, kmax, cat_token)
+        _pad_rows(ex['keypoints_crop'], kmax), k, self.vocab, kmax, cat_token,
+        absent > 0 if self.vocab.presence else None)
     if cat_token is not None:
       out['category_token'] = np.int32(cat_token)
     out.update(
@@ -267,7 +272,8 @@ class Tokenize(grain.transforms.Map):
         num_keypoints=np.int32(k),
         category_id=np.int32(ex['category_id']),
         image_id=np.int32(ex['image_id']),
-        annotation_id=np.int32(ex['annotation_id']))
+        annotation_id=np.int32(ex['annotation_id']),
+        keypoint_absent=absent)
     return out
 
 

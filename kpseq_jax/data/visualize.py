@@ -33,7 +33,8 @@ def marker_radius(width: int, height: int) -> int:
 
 def draw_pose(image: Image.Image, keypoints: np.ndarray,
               category: Category | None = None,
-              radius: int | None = None) -> Image.Image:
+              radius: int | None = None,
+              absent: np.ndarray | None = None) -> Image.Image:
   """Draws one or more poses on a copy of ``image``.
 
   Args:
@@ -44,6 +45,9 @@ def draw_pose(image: Image.Image, keypoints: np.ndarray,
     category: skeleton (0-based pairs) and keypoint names; None draws the
       discs only.
     radius: disc radius in pixels; default `marker_radius`.
+    absent: bool [N, K] or [K], keypoints predicted not visible: drawn as
+      hollow circles in their colour, without name or skeleton edges (their
+      coordinate is the model's best guess, not a sighting).
 
   Returns:
     a new RGB image of the same size.
@@ -58,6 +62,16 @@ def draw_pose(image: Image.Image, keypoints: np.ndarray,
   draw = ImageDraw.Draw(out)
   font = ImageFont.load_default(size=max(10, 3 * radius))
   shown = (kps[..., 2] > 0) & np.all(np.isfinite(kps[..., :2]), axis=-1)
+  hollow = np.zeros(shown.shape, bool)
+  if absent is not None:
+    hollow = np.broadcast_to(np.asarray(absent, bool).reshape(
+        shown.shape), shown.shape) & np.all(np.isfinite(kps[..., :2]), -1)
+    shown = shown & ~hollow
+  for pose, ok, empty in zip(kps, shown, hollow):
+    for k in np.flatnonzero(empty):
+      x, y = pose[k, :2]
+      draw.ellipse([x - radius, y - radius, x + radius, y + radius],
+                   outline=colors[k], width=max(1, radius // 2))
   for pose, ok in zip(kps, shown):
     for i, j in skeleton:
       if i < len(pose) and j < len(pose) and ok[i] and ok[j]:

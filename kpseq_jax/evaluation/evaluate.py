@@ -14,9 +14,12 @@ Writes to the workdir (only process 0), ``<name>`` being the split
     error, the same for its baseline, PCK at alpha 0.05 ... 0.5, mPCK);
   ``predictions_<name>.json``: COCO keypoint results
     (`kpseq_jax.inference.results`) in image pixels, one per sample, in
-    the category's keypoint order;
-  the report's ``pixel_accuracy``: accuracy within 1, 5, 25 px and mean
-    absolute error, overall and per keypoint (`metrics.pixel_accuracy`);
+    the category's keypoint order, with per-keypoint confidence (and
+    presence);
+  the report also holds OKS AP, the confidence's calibration and presence
+    precision/recall (`uncertainty.py`), and ``pixel_accuracy``: accuracy
+    within 1, 5, 25 px and mean absolute error, overall and per keypoint
+    (`metrics.pixel_accuracy`);
   ``episodes_<name>.jsonl`` (CAPE): the episodes evaluated, one line
     ``[support annotation ids..., query annotation id]`` per query sample;
   ``tensorboard/``: PCK scalars and a few crops with ground truth |
@@ -40,8 +43,10 @@ from kpseq_jax.data import dataset
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
 from kpseq_jax.evaluation import metrics
+from kpseq_jax.evaluation import oks
 from kpseq_jax.evaluation import protocols
 from kpseq_jax.evaluation import report as report_lib
+from kpseq_jax.evaluation import uncertainty
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results as results_lib
 from kpseq_jax.runtime import metric_writer as metric_writer_lib
@@ -74,6 +79,13 @@ class Evaluator:
     self.info = info
     self.split = split or config.eval_split
     self.protocol = protocols.create(config, info, self.split)
+    if isinstance(self.protocol, protocols.Instances):
+      # OKS sigmas of every category, or a ValueError naming the category
+      # and field before anything is trained.
+      for c in info.categories.values():
+        oks.resolve_sigmas(c.id, c.num_keypoints, c.keypoint_names, c.name,
+                           c.oks_sigmas or None,
+                           config.oks_default_sigma or None)
     permuted = config.setting == 'cape' and config.cape_eval_permuted
     self.name = self.split + ('_permuted' if permuted else '')
 
@@ -97,6 +109,9 @@ class Evaluator:
     protocol = self.protocol
     acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
     base_acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
+    unc = uncertainty.UncertaintyAccumulator(
+        info, config.confidence_radius_bins, config.oks_default_sigma,
+        with_oks=isinstance(protocol, protocols.Instances))
     results, overlays = [], {}
     pixels = metrics.PixelAccuracyAccumulator()  # Captioning papers' figures.
     bar = tqdm.tqdm(total=protocol.num_samples, desc=f'eval {split}',
@@ -104,13 +119,15 @@ class Evaluator:
     for local in protocol.batches():
       pred = predictor.predict(local, variables)
       if not overlays:
-        overlays = _overlays(local, pred.keypoints, info, name)
+        overlays = _overlays(local, pred.keypoints, info, name,
+                             pred.absent)
       batch = sharding.gather(sharding.global_batch(
           {k: v for k, v in local.items()
            if k not in ('image', 'support_image')}, predictor.mesh))
       keep = batch['valid'] > 0
       batch = {k: v[keep] for k, v in batch.items()}
       pred_px = pred.keypoints_px[keep]
+      presence = None if pred.presence is None else pred.presence[keep]
       base_px = predictor_lib.crop_to_image(
           protocol.baseline(batch), batch['crop_from_image'],
           config.image_size_px)
@@ -121,12 +138,16 @@ class Evaluator:
                              batch['bbox'], size=size)
       pixels.update(batch['category_id'], pred_px, batch['keypoints'],
                     ordered='keypoint_order' not in batch)
-      results.extend(_coco_results(pred_px, batch, info))
+      unc.update(batch, pred_px, pred.confidence_by_radius[keep], presence,
+                 size)
+      results.extend(_coco_results(pred_px, batch, info,
+                                   pred.confidence[keep], presence))
       bar.update(int(keep.sum()))
     bar.close()
     report = _report(info, name, split, step, len(results), protocol,
                      [acc[a].result() for a in report_lib.ALPHAS],
-                     [base_acc[a].result() for a in report_lib.ALPHAS])
+                     [base_acc[a].result() for a in report_lib.ALPHAS],
+                     unc.result())
     report = dataclasses.replace(report, pixel_accuracy=pixels.result(
         {c.id: list(c.keypoint_names) for c in info.categories.values()}))
     logging.info(
@@ -134,6 +155,8 @@ class Evaluator:
         '| %s: PCK@0.2 %.4f, mean error %.2f px', split, step,
         report.num_instances, report.pck, report.mean_error_px,
         report.baseline, report.baseline_pck, report.baseline_error_px)
+    for line in report_lib.uncertainty_lines(report):
+      logging.info('Eval %s: %s', split, line)
     if jax.process_index() == 0:
       paths = report_lib.write(workdir, report)
       with open(os.path.join(workdir, f'predictions_{name}.json'), 'w') as f:
@@ -173,8 +196,17 @@ def evaluate(config: ml_collections.ConfigDict,
 
 
 def _coco_results(pred_px: np.ndarray, batch: dict,
-                  info: dataset.DatasetInfo) -> list[dict]:
+                  info: dataset.DatasetInfo, confidence: np.ndarray,
+                  presence: np.ndarray | None) -> list[dict]:
   """COCO results of a batch in each category's keypoint order.
+
+  Args:
+    pred_px: float [N, Kmax, 2] image pixels, in the batch's keypoint order.
+    batch: the evaluated samples (``category_id``, ``image_id``, and for
+      episodes ``keypoint_order``, ``num_keypoints``).
+    info: the category table.
+    confidence: float [N, Kmax] per-keypoint confidence.
+    presence: float [N, Kmax] or None.
 
   An episode's groups are in its ``keypoint_order`` (a permuted or
   subsampled episode asks for the category's keypoints in another order);
@@ -184,19 +216,27 @@ def _coco_results(pred_px: np.ndarray, batch: dict,
   ks = np.array([info.categories[int(c)].num_keypoints
                  for c in batch['category_id']])
   if 'keypoint_order' in batch:
-    ordered = np.full([len(pred_px), max(ks, default=0), 2], np.nan)
-    for i, order in enumerate(batch['keypoint_order']):
-      n = int(batch['num_keypoints'][i])
-      ordered[i, order[:n]] = pred_px[i, :n]
-    pred_px = ordered
+    def reorder(a):
+      if a is None:
+        return None
+      out = np.full((len(a), max(ks, default=0)) + a.shape[2:], np.nan)
+      for i, order in enumerate(batch['keypoint_order']):
+        n = int(batch['num_keypoints'][i])
+        out[i, order[:n]] = a[i, :n]
+      return out
+    pred_px, confidence, presence = (reorder(pred_px), reorder(confidence),
+                                     reorder(presence))
   return results_lib.coco_results(pred_px, ks, batch['image_id'],
-                                  batch['category_id'])
+                                  batch['category_id'],
+                                  keypoint_scores=confidence,
+                                  presence=presence)
 
 
 def _report(info: dataset.DatasetInfo, name: str, split: str,
             step: int | None,
             num_samples: int, protocol, curve: list[metrics.PCKResult],
-            base_curve: list[metrics.PCKResult]) -> report_lib.EvalReport:
+            base_curve: list[metrics.PCKResult],
+            unc: uncertainty.UncertaintyResult) -> report_lib.EvalReport:
   """The `EvalReport` of the accumulated results (categories by name)."""
   named = lambda d: {_name(info, c): v for c, v in d.items()}
   if protocol.mean_over_samples:
@@ -230,12 +270,13 @@ def _report(info: dataset.DatasetInfo, name: str, split: str,
               for c in res.per_category}),
       mpck=float(np.mean([figure(curve[at(a)]) for a in MPCK_ALPHAS])),
       num_samples_without_keypoints=res.num_without_keypoints,
-      notes=list(protocol.notes))
+      notes=list(protocol.notes),
+      oks=unc.oks, calibration=unc.calibration, presence=unc.presence)
 
 
 def _overlays(local: dict, keypoints_norm: np.ndarray,
-              info: dataset.DatasetInfo,
-              split: str) -> dict[str, np.ndarray]:
+              info: dataset.DatasetInfo, split: str,
+              absent: np.ndarray) -> dict[str, np.ndarray]:
   """Up to NUM_OVERLAYS crops as uint8 [S', 2 S', 3]: truth | prediction.
 
   Args:
@@ -244,6 +285,7 @@ def _overlays(local: dict, keypoints_norm: np.ndarray,
       process 0's local rows are its first rows (only process 0 writes).
     info: category table.
     split: the evaluation's name, for the tags.
+    absent: bool [B, Kmax] predicted not visible (drawn hollow).
   """
   out = {}
   size = OVERLAY_SIZE_PX
@@ -264,7 +306,8 @@ def _overlays(local: dict, keypoints_norm: np.ndarray,
     pred = np.concatenate([xy, np.isfinite(xy[:, :1]).astype(float)], axis=1)
     out[f'eval_{split}/truth_vs_prediction/{i}'] = np.concatenate(
         [np.asarray(visualize.draw_pose(crop, truth, cat)),
-         np.asarray(visualize.draw_pose(crop, pred, cat))], axis=1)
+         np.asarray(visualize.draw_pose(crop, pred, cat,
+                                        absent=absent[i, :k]))], axis=1)
   return out
 
 

@@ -6,7 +6,8 @@ workdir, ``<name>`` being the report's name (the split, e.g. ``test``, or
   ``eval_<name>.json``: the report (`EvalReport.to_dict`);
   ``eval_<name>.md`` and ``eval_<name>.csv``: one row per category (PCK@0.2,
     mean pixel error, instances, labelled keypoints, the baseline), then the
-    mean over categories;
+    mean over categories; the Markdown also has the OKS AP, confidence
+    calibration and presence sections (`uncertainty_markdown`);
   ``pck_curve_<name>.png``: PCK against the threshold alpha for the model
     and the baseline (mean over categories, and each category when there
     are few).
@@ -82,6 +83,13 @@ class EvalReport:
     num_samples_without_keypoints: samples with no keypoint to evaluate
       (scored 0; in CAPE, none labelled in the query and every support).
     notes: what the evaluation skipped and why (categories, episodes).
+    oks: OKS AP/AR (`oks.OKSResult.to_dict`), or None (CAPE episodes, or
+      a report written before it existed).
+    calibration: the per-keypoint confidence against hits
+      (`uncertainty.py`), or None.
+    presence: presence precision/recall/F1 per keypoint
+      (`calibration.PresenceMetrics.to_dict`), or None without a presence
+      model.
     pixel_accuracy: the pose-captioning figures, accuracy within 1, 5 and
       25 px and mean absolute error in px, overall and per keypoint
       (`metrics.PixelAccuracyAccumulator.result`; {} in older reports).
@@ -110,6 +118,9 @@ class EvalReport:
   mpck: float
   num_samples_without_keypoints: int
   notes: list[str]
+  oks: dict[str, Any] | None = None
+  calibration: dict[str, Any] | None = None
+  presence: dict[str, Any] | None = None
   pixel_accuracy: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
@@ -128,6 +139,22 @@ class EvalReport:
            f'{p}/baseline_pck': self.baseline_pck}
     for name, v in self.per_category_pck.items():
       out[f'{p}/pck_per_category/{name}'] = v
+    if self.oks:
+      for key in ('ap', 'ap50', 'ap75', 'ar'):
+        if self.oks.get(key) is not None:
+          out[f'{p}/oks_{key}'] = self.oks[key]
+    if self.calibration:
+      c = self.calibration['alpha_0.2']
+      for key in ('ece', 'auroc'):
+        if c.get(key) is not None:
+          out[f'{p}/confidence_{key}'] = c[key]
+    if self.presence:
+      o = self.presence['overall']
+      for cls in ('present', 'absent'):
+        if o[cls]['f1'] is not None:
+          out[f'{p}/presence_f1_{cls}'] = o[cls]['f1']
+      if o['accuracy'] is not None:
+        out[f'{p}/presence_accuracy'] = o['accuracy']
     return out
 
 
@@ -151,6 +178,93 @@ def category_rows(report: EvalReport) -> list[dict]:
       'baseline_pck@0.2': report.baseline_pck,
       'baseline_mean_error_px': report.baseline_error_px})
   return rows
+
+
+def uncertainty_lines(report: EvalReport) -> list[str]:
+  """One-line summaries of the OKS, calibration and presence sections
+  ('n/a' for an undefined figure, e.g. AUROC with no miss)."""
+  lines = []
+  if report.oks:
+    o = report.oks
+    lines.append('OKS ' + ', '.join(
+        f'{k.upper()} {_na(o.get(k))}' for k in
+        ('ap', 'ap50', 'ap75', 'ar')) + f' ({o.get("num_categories")} '
+        'categories)')
+  if report.calibration:
+    c = report.calibration
+    for alpha in c['hit_alphas']:
+      a = c[f'alpha_{alpha}']
+      lines.append(
+          f'confidence (radius {c["radius_bins"]} bins) vs hit within '
+          f'{alpha} x size: ECE {_na(a["ece"])}, AUROC {_na(a["auroc"])} '
+          f'({a["num"]} keypoints, accuracy {_na(a["accuracy"])}, mean '
+          f'confidence {_na(a["mean_confidence"])})')
+  if report.presence:
+    o = report.presence['overall']
+    lines.append(
+        f'presence ({o["num"]} keypoints with known truth): accuracy '
+        f'{_na(o["accuracy"])}; F1 present {_na(o["present"]["f1"])}, '
+        f'absent {_na(o["absent"]["f1"])} (support '
+        f'{o["present"]["support"]} / {o["absent"]["support"]})')
+  return lines
+
+
+def uncertainty_markdown(report: EvalReport) -> str:
+  """Markdown sections for OKS AP, calibration and presence ('' if none)."""
+  parts = []
+  if report.oks:
+    rows = [('all', report.oks)] + [
+        (f'{cid}', v) for cid, v in report.oks['per_category'].items()]
+    lines = ['## OKS (pycocotools COCOeval, keypoints)', '',
+             '| category | AP | AP50 | AP75 | AR | sigmas |',
+             '|---|---:|---:|---:|---:|---|']
+    for name, v in rows:
+      lines.append(f'| {name} | {_fmt(v.get("ap"))} | {_fmt(v.get("ap50"))} '
+                   f'| {_fmt(v.get("ap75"))} | {_fmt(v.get("ar"))} | '
+                   f'{v.get("sigma_source", "")} |')
+    parts.append('\n'.join(lines))
+  if report.calibration:
+    c = report.calibration
+    lines = ['## Confidence calibration', '',
+             f'Confidence = probability mass within {c["radius_bins"]} bins '
+             'of the decoded x and y bins (product). Hit = within alpha x '
+             'the PCK normaliser.', '',
+             '| hit alpha | radius (bins) | ECE | AUROC |',
+             '|---:|---:|---:|---:|']
+    for alpha in c['hit_alphas']:
+      for r, v in c[f'alpha_{alpha}']['by_radius'].items():
+        lines.append(f'| {alpha} | {r} | {_fmt(v["ece"])} | '
+                     f'{_fmt(v["auroc"])} |')
+    t = c['alpha_0.2']['table']
+    lines += ['', 'Reliability (hit alpha 0.2):', '',
+              '| confidence bin | keypoints | mean confidence | accuracy |',
+              '|---|---:|---:|---:|']
+    for m, n in enumerate(t['count']):
+      if n:
+        lines.append(f'| ({t["edges"][m]:.1f}, {t["edges"][m + 1]:.1f}] | '
+                     f'{n} | {_fmt(t["mean_confidence"][m])} | '
+                     f'{_fmt(t["accuracy"][m])} |')
+    parts.append('\n'.join(lines))
+  if report.presence:
+    p = report.presence
+    lines = ['## Presence', '', p.get('truth', ''), '',
+             '| keypoint | known | accuracy | present P | present R | '
+             'present F1 | absent P | absent R | absent F1 |',
+             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+    for name, v in list(p['per_keypoint'].items()) + [('all', p['overall'])]:
+      pr, ab = v['present'], v['absent']
+      lines.append(
+          f'| {name} | {v["num"]} | {_fmt(v["accuracy"])} | '
+          f'{_fmt(pr["precision"])} | {_fmt(pr["recall"])} | '
+          f'{_fmt(pr["f1"])} | {_fmt(ab["precision"])} | '
+          f'{_fmt(ab["recall"])} | {_fmt(ab["f1"])} |')
+    parts.append('\n'.join(lines))
+  return '\n\n'.join(parts) + ('\n' if parts else '')
+
+
+def _na(v) -> str:
+  """`_fmt`, with 'n/a' for an undefined (None) figure."""
+  return 'n/a' if v is None else _fmt(v)
 
 
 def _fmt(v) -> str:
@@ -218,6 +332,9 @@ def write(workdir: str, report: EvalReport) -> dict[str, str]:
     json.dump(report.to_dict(), f, indent=2)
   with open(paths['markdown'], 'w') as f:
     f.write(to_markdown(rows))
+    extra = uncertainty_markdown(report)
+    if extra:
+      f.write('\n' + extra)
   with open(paths['csv'], 'w') as f:
     f.write(to_csv(rows))
   plot_pck_curve(report, paths['curve'])

@@ -171,13 +171,19 @@ def typical_box_px(dataset_dir: str, split: str,
 
 
 def likelihood_of(pred: predictor_lib.Prediction, k: int) -> np.ndarray:
-  """float [b, k]: ``pred.confidence`` when the model gives one, else NaN
-  (see `dlc_output`)."""
+  """float [b, k] in [0, 1]: ``pred.confidence`` (the probability mass
+  around the decoded coordinates), times ``pred.presence`` (the probability
+  that the body part is visible) when the model has an ``<absent>`` token;
+  NaN when the model gives no confidence (see `dlc_output`)."""
   conf = getattr(pred, 'confidence', None)
   b = len(pred.num_keypoints)
   if conf is None:
     return np.full([b, k], np.nan)
-  return np.asarray(conf, np.float64)[:, :k]
+  out = np.asarray(conf, np.float64)[:, :k]
+  presence = getattr(pred, 'presence', None)
+  if presence is not None:
+    out = out * np.asarray(presence, np.float64)[:, :k]
+  return out
 
 
 def _pcutoff(dataset_dir: str) -> float:

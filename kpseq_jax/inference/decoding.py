@@ -48,6 +48,31 @@ from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 
 
+CONFIDENCE_RADII_BINS = vocab_lib.CONFIDENCE_RADII_BINS
+
+
+class KeypointState(NamedTuple):
+  """What the decoder knows of each keypoint group so far (B = batch).
+
+  xy: float32 [B, Kmax, 2] normalised crop (x, y).
+  mass: float32 [B, Kmax, 2, R] per axis, the classifier's probability
+    (softmax over the coordinate bins) within ``CONFIDENCE_RADII_BINS[r]``
+    bins of the decoded bin.
+  absent: float32 [B, Kmax] the probability of ``<absent>`` against the
+    coordinate bins at the group's x step (0 without ``<absent>``).
+  """
+  xy: jax.Array
+  mass: jax.Array
+  absent: jax.Array
+
+  @classmethod
+  def zeros(cls, batch_size: int, max_num_keypoints: int) -> 'KeypointState':
+    b, k, r = batch_size, max_num_keypoints, len(CONFIDENCE_RADII_BINS)
+    return cls(xy=jnp.zeros([b, k, 2], jnp.float32),
+               mass=jnp.zeros([b, k, 2, r], jnp.float32),
+               absent=jnp.zeros([b, k], jnp.float32))
+
+
 class _Choice(NamedTuple):
   """What the grammar makes of one step's outputs (B = batch)."""
   token: jax.Array  # int32 [B], the token emitted at this step (<pad> if done).
@@ -55,7 +80,49 @@ class _Choice(NamedTuple):
   is_xy: jax.Array  # bool scalar, this step emits an x or y coordinate.
   done: jax.Array  # bool [B], <eos> emitted at or before this step.
   num: jax.Array  # int32 [B], groups started so far.
-  keypoints: jax.Array  # float32 [B, Kmax, 2], with this step's value written.
+  state: KeypointState  # With this step's value, mass and presence written.
+
+
+def coordinate_mass(logits: jax.Array, bins: jax.Array, num_bins: int,
+                    radii: tuple[int, ...] = CONFIDENCE_RADII_BINS
+                    ) -> jax.Array:
+  """The classifier's probability mass around a coordinate bin.
+
+  The softmax is taken over the coordinate bins only (what the step may
+  emit), so the mass is the model's own probability that the coordinate
+  lies within ``r`` bins of ``bins``: the "probability mass around the
+  decoded bin" confidence of issue 16, free because the bins already have a
+  softmax (pix2seq's classifier; the score of a heatmap peak in
+  DeepLabCut plays the same role).
+
+  Args:
+    logits: float [B, V] next-token logits; the first ``num_bins`` are the
+      coordinate bins.
+    bins: int32 [B] the decoded bin.
+    num_bins: coordinate bins.
+    radii: R radii in bins.
+
+  Returns:
+    float32 [B, R], in [0, 1].
+  """
+  p = jax.nn.softmax(logits[:, :num_bins].astype(jnp.float32), axis=-1)
+  cdf = jnp.concatenate([jnp.zeros_like(p[:, :1]), jnp.cumsum(p, axis=-1)],
+                        axis=-1)  # [B, nb + 1], cdf[:, i] = P(bin < i).
+  r = jnp.asarray(radii, jnp.int32)[None, :]  # [1, R]
+  hi = jnp.clip(bins[:, None] + r + 1, 0, num_bins)
+  lo = jnp.clip(bins[:, None] - r, 0, num_bins)
+  mass = (jnp.take_along_axis(cdf, hi, axis=1) -
+          jnp.take_along_axis(cdf, lo, axis=1))
+  return jnp.clip(mass, 0.0, 1.0)
+
+
+def absent_probability(logits: jax.Array, vocab: vocab_lib.Vocab
+                       ) -> jax.Array:
+  """float32 [B]: P(``<absent>``) against the coordinate bins at an x step
+  (softmax over the bins and ``<absent>``, what the step may emit)."""
+  logits = logits.astype(jnp.float32)
+  coord = jax.nn.logsumexp(logits[:, :vocab.num_bins], axis=-1)
+  return jax.nn.sigmoid(logits[:, vocab.absent] - coord)
 
 
 def input_fields(model) -> tuple[str, ...]:
@@ -71,7 +138,7 @@ def input_fields(model) -> tuple[str, ...]:
 def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
                   t: jax.Array, logits: jax.Array, xy: jax.Array,
                   done: jax.Array, num: jax.Array,
-                  keypoints: jax.Array,
+                  state: KeypointState,
                   category_tokens: jax.Array | None = None,
                   num_groups: jax.Array | None = None) -> _Choice:
   """Greedy, grammar-constrained choice of the target at position ``t``.
@@ -81,6 +148,10 @@ def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
   (``<eos>`` forced after ``max_num_keypoints`` groups, or exactly after
   ``num_groups`` when given); x and y emit the regression output on their
   axis, quantised by the vocabulary; the fourth position emits ``<sep>``.
+  With ``<absent>`` in the vocabulary, the x step emits ``<absent>`` when
+  its probability (`absent_probability`) exceeds 1/2, and the y step of
+  such a group emits ``<absent>`` too; the keypoint's (x, y) is the
+  regression output either way (its best coordinate).
 
   Args:
     vocab: token layout.
@@ -91,7 +162,7 @@ def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
     xy: float32 [B, 2] regression output at ``t``, normalised.
     done: bool [B], sequences that already emitted ``<eos>``.
     num: int32 [B], groups started so far.
-    keypoints: float32 [B, Kmax, 2] normalised (x, y) so far.
+    state: the `KeypointState` so far.
     category_tokens: int32 [B] category tokens (conditioning only).
     num_groups: int32 [B], the number of groups to generate (K from a
       support set); None: the model chooses ``<eos>``.
@@ -108,27 +179,47 @@ def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
   is_xy = (role.phase == grammar.X) | (role.phase == grammar.Y)
   axis = jnp.where(role.phase == grammar.X, 0, 1)
   value = jnp.clip(jnp.where(axis == 0, xy[:, 0], xy[:, 1]), 0.0, 1.0)
+  bins = vocab.quantize(value)
+  g = jnp.clip(role.group, 0, max_num_keypoints - 1)
+  rows = jnp.arange(b)
+  xy_tok = bins
+  p_absent = state.absent[rows, g]
+  if vocab.presence:
+    p_absent = jnp.where(role.phase == grammar.X,
+                         absent_probability(logits, vocab), p_absent)
+    xy_tok = jnp.where(p_absent > 0.5, vocab.absent, bins)
   tok = jnp.where(is_start, start_tok,
-                  jnp.where(is_xy, vocab.quantize(value), vocab.sep))
+                  jnp.where(is_xy, xy_tok, vocab.sep))
   if vocab.num_prefix_tokens:
     tok = jnp.where(role.phase == grammar.PREFIX, category_tokens, tok)
   tok = jnp.where(done, vocab.pad, tok)
   new_done = done | (is_start & stop)
   num = num + (is_start & ~new_done).astype(jnp.int32)
-  g = jnp.clip(role.group, 0, max_num_keypoints - 1)
   write = is_xy & ~done
-  keypoints = keypoints.at[jnp.arange(b), g, axis].set(
-      jnp.where(write, value, keypoints[jnp.arange(b), g, axis]))
+  mass = coordinate_mass(logits, bins, vocab.num_bins)  # [B, R]
+  state = KeypointState(
+      xy=state.xy.at[rows, g, axis].set(
+          jnp.where(write, value, state.xy[rows, g, axis])),
+      mass=state.mass.at[rows, g, axis].set(
+          jnp.where(write[:, None], mass, state.mass[rows, g, axis])),
+      absent=state.absent.at[rows, g].set(
+          jnp.where(write, p_absent, state.absent[rows, g])))
   return _Choice(token=tok, value=value, is_xy=is_xy, done=new_done, num=num,
-                 keypoints=keypoints)
+                 state=state)
 
 
-def _outputs(tokens: jax.Array, keypoints: jax.Array, num: jax.Array,
-             max_num_keypoints: int) -> dict[str, jax.Array]:
+def _outputs(vocab: vocab_lib.Vocab, tokens: jax.Array, state: KeypointState,
+             num: jax.Array, max_num_keypoints: int) -> dict[str, jax.Array]:
   """The decode result dict; keypoint rows >= ``num`` become NaN."""
   valid = jnp.arange(max_num_keypoints)[None, :] < num[:, None]
-  keypoints = jnp.where(valid[..., None], keypoints, jnp.nan)
-  return dict(keypoints=keypoints, num_keypoints=num, tokens=tokens)
+  out = dict(keypoints=jnp.where(valid[..., None], state.xy, jnp.nan),
+             num_keypoints=num, tokens=tokens,
+             confidence=jnp.where(valid[..., None],
+                                  state.mass[:, :, 0] * state.mass[:, :, 1],
+                                  jnp.nan))
+  if vocab.presence:
+    out['presence'] = jnp.where(valid, 1.0 - state.absent, jnp.nan)
+  return out
 
 
 class _Encoded(NamedTuple):
@@ -184,6 +275,11 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
     dict with
       keypoints: float32 [B, Kmax, 2] normalised crop (x, y); rows at and
         after ``num_keypoints`` are NaN.
+      confidence: float32 [B, Kmax, R] per keypoint, `coordinate_mass` of
+        x times that of y, for the R radii ``CONFIDENCE_RADII_BINS`` (NaN
+        rows likewise).
+      presence: float32 [B, Kmax], 1 - P(``<absent>``) at the x step (only
+        with ``<absent>`` in the vocabulary; NaN rows likewise).
       num_keypoints: int32 [B], groups emitted before ``<eos>``.
       tokens: int32 [B, L] decoder input tokens (``<bos>`` + generated,
         ``<pad>`` after ``<eos>``), L = 4 Kmax + 1 (+ 1 with a category).
@@ -217,14 +313,14 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
     tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
     coords = coords.at[:, nxt].set(
         jnp.where(feed & c.is_xy, c.value, coords[:, nxt]))
-    return t + 1, tokens, coords, c.keypoints, c.done, c.num
+    return t + 1, tokens, coords, c.state, c.done, c.num
 
   tokens = jnp.full([b, length], vocab.pad, jnp.int32).at[:, 0].set(vocab.bos)
   init = (jnp.int32(0), tokens, jnp.zeros([b, length], jnp.float32),
-          jnp.zeros([b, max_num_keypoints, 2], jnp.float32),
+          KeypointState.zeros(b, max_num_keypoints),
           jnp.zeros([b], bool), jnp.zeros([b], jnp.int32))
   _, tokens, _, kps, _, num = jax.lax.while_loop(cond, body, init)
-  return _outputs(tokens, kps, num, max_num_keypoints)
+  return _outputs(vocab, tokens, kps, num, max_num_keypoints)
 
 
 def init_cache(step_model, variables, memory, batch_size: int, length: int,
@@ -304,13 +400,13 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
     feed = t + 1 < length
     tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
     coord_in = jnp.where(c.is_xy, c.value, 0.0)
-    return (t + 1, mutated['cache'], c.token, coord_in, tokens, c.keypoints,
+    return (t + 1, mutated['cache'], c.token, coord_in, tokens, c.state,
             c.done, c.num)
 
   tokens = jnp.full([b, length], vocab.pad, jnp.int32).at[:, 0].set(vocab.bos)
   init = (jnp.int32(0), cache, tokens[:, 0], jnp.zeros([b], jnp.float32),
-          tokens, jnp.zeros([b, max_num_keypoints, 2], jnp.float32),
+          tokens, KeypointState.zeros(b, max_num_keypoints),
           jnp.zeros([b], bool), jnp.zeros([b], jnp.int32))
   carry = jax.lax.while_loop(cond, body, init)
   tokens, kps, num = carry[4], carry[5], carry[7]
-  return _outputs(tokens, kps, num, max_num_keypoints)
+  return _outputs(vocab, tokens, kps, num, max_num_keypoints)

@@ -8,10 +8,10 @@ MultiIndex with levels ``scorer / bodyparts / coords`` and coords
 (deeplabcut/pose_estimation_tensorflow/predict_videos.py, ``save_data``).
 Tools built on DeepLabCut (its own plotting, SimBA, ...) read exactly that.
 
-``likelihood``: the model's per-keypoint confidence in [0, 1] when the
-`Prediction` has one (``confidence``); otherwise NaN: this model version
-gives no confidence, and a constant 1.0 would claim a certainty nobody
-measured. (DeepLabCut's tools treat a likelihood below ``pcutoff`` as not
+``likelihood``: the model's per-keypoint confidence in [0, 1]
+(`Prediction.confidence`, times `Prediction.presence` for a model with an
+``<absent>`` token; `analyze.likelihood_of`); NaN when a model gives no
+confidence: a constant 1.0 would claim a certainty nobody measured. (DeepLabCut's tools treat a likelihood below ``pcutoff`` as not
 detected; NaN compares as below.) A keypoint the model did not generate
 has x = y = NaN.
 

@@ -288,8 +288,11 @@ class CropBatcher:
       return []
     items, self.pending = self.pending, []
     pred = self.predict_crops([ex for _, ex in items])
-    return [(key, dict(ex, pred_px=p))
-            for (key, ex), p in zip(items, pred.keypoints_px)]
+    presence = (pred.presence if pred.presence is not None else
+                [None] * len(items))
+    return [(key, dict(ex, pred_px=p, confidence=c, presence=v))
+            for (key, ex), p, c, v in zip(items, pred.keypoints_px,
+                                          pred.confidence, presence)]
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
@@ -419,10 +422,15 @@ def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
   order = sorted(poses)
   boxes = [entry.boxes[j] for j in order]
   pred = np.stack([poses[j]['pred_px'] for j in order])  # [N, Kmax, 2]
+  confidence = np.stack([poses[j]['confidence'] for j in order])  # [N, Kmax]
+  presence = None
+  if poses[order[0]]['presence'] is not None:
+    presence = np.stack([poses[j]['presence'] for j in order])  # [N, Kmax]
   entries = results_lib.coco_results(
       pred, [info.categories[b.category_id].num_keypoints for b in boxes],
       [entry.image_id] * len(boxes), [b.category_id for b in boxes],
-      [b.score for b in boxes])
+      [b.score for b in boxes], keypoint_scores=confidence,
+      presence=presence)
   results.extend(entries)
   for b, p in zip(boxes, pred):
     cat = info.categories[b.category_id]
@@ -430,10 +438,14 @@ def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
                     + captions_lib.caption(p[:cat.num_keypoints],
                                            cat.keypoint_names))
   canvas = Image.fromarray(image)
-  for b, r in zip(boxes, entries):
-    canvas = visualize.draw_pose(
-        canvas, np.reshape(r['keypoints'], [-1, 3]),
-        info.categories[b.category_id])
+  for i, (b, r) in enumerate(zip(boxes, entries)):
+    kps = np.reshape(r['keypoints'], [-1, 3])
+    absent = None
+    if presence is not None:
+      absent = presence[i, :len(kps)] < 0.5
+      kps[:, 2] = np.isfinite(pred[i, :len(kps), 0])  # Absent: hollow.
+    canvas = visualize.draw_pose(canvas, kps, info.categories[b.category_id],
+                                 absent=absent)
   path = overlay_path(out_dir, entry.rel_path)
   path.parent.mkdir(parents=True, exist_ok=True)
   canvas.save(path)

@@ -113,10 +113,31 @@ class Prediction:
     num_keypoints: int32 [B], keypoint groups generated.
     keypoints_px: float64 [B, Kmax, 2] image pixels (NaN likewise), or None
       when the batch had no ``crop_from_image``.
+    confidence: float32 [B, Kmax] in [0, 1], per keypoint: the
+      classifier's probability mass within ``config.confidence_radius_bins``
+      bins of the decoded x bin times that of y
+      (`decoding.coordinate_mass`); NaN after ``num_keypoints``.
+    confidence_by_radius: float32 [B, Kmax, R] the same at every radius of
+      `decoding.CONFIDENCE_RADII_BINS` (for calibration comparisons).
+    presence: float32 [B, Kmax] probability that the keypoint is visible,
+      1 - P(``<absent>``); None when the model has no ``<absent>`` token.
+      A keypoint is predicted absent when presence < 0.5; it still has its
+      best coordinate in ``keypoints``.
   """
   keypoints: np.ndarray
   num_keypoints: np.ndarray
   keypoints_px: np.ndarray | None
+  confidence: np.ndarray
+  confidence_by_radius: np.ndarray
+  presence: np.ndarray | None = None
+
+  @property
+  def absent(self) -> np.ndarray:
+    """bool [B, Kmax]: predicted not visible (presence < 0.5); all False
+    without a presence model."""
+    if self.presence is None:
+      return np.zeros(self.confidence.shape, bool)
+    return self.presence < 0.5
 
 
 class Predictor:
@@ -126,7 +147,8 @@ class Predictor:
   on process-local batches.
 
   Args:
-    config: ``max_num_keypoints`` and ``image_size_px``.
+    config: ``max_num_keypoints``, ``image_size_px`` and
+      ``confidence_radius_bins``.
     model: the `KeypointSequenceModel`.
     variables: {'params', 'batch_stats'}, already on ``mesh`` (their
       shardings are kept).
@@ -140,6 +162,12 @@ class Predictor:
     self.variables = variables
     self.mesh = mesh
     self.image_size_px = config.image_size_px
+    if config.confidence_radius_bins not in decoding.CONFIDENCE_RADII_BINS:
+      raise ValueError(
+          f'confidence_radius_bins={config.confidence_radius_bins} is not '
+          f'one of {decoding.CONFIDENCE_RADII_BINS}.')
+    self._radius = decoding.CONFIDENCE_RADII_BINS.index(
+        config.confidence_radius_bins)
     self.input_fields = decoding.input_fields(model)
     self._decode = make_decode_fn(
         model, config.max_num_keypoints,
@@ -181,4 +209,7 @@ class Predictor:
           {'m': local_batch['crop_from_image']}, self.mesh))['m']
       px = crop_to_image(out['keypoints'], crops, self.image_size_px)
     return Prediction(keypoints=out['keypoints'],
-                      num_keypoints=out['num_keypoints'], keypoints_px=px)
+                      num_keypoints=out['num_keypoints'], keypoints_px=px,
+                      confidence=out['confidence'][..., self._radius],
+                      confidence_by_radius=out['confidence'],
+                      presence=out.get('presence'))

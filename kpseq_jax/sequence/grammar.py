@@ -25,6 +25,12 @@ coordinate (the model never sees a made-up position). ``<coord>``, ``<sep>``
 and ``<eos>`` are always targets, so the model learns where the sequence
 ends. The prefix (category) token is an input only (weight 0).
 
+Absent keypoints (with a vocabulary that has ``<absent>``, and only those the
+data set says are not visible): the group is ``<coord> <absent> <absent>
+<sep>``; both ``<absent>`` are targets (cross-entropy, no L1) and inputs, so
+the group keeps its four positions and the model learns presence from the
+same cross-entropy (pix2seq's INVISIBLE token).
+
 Regression targets: the outputs that predict a keypoint's x token and its y
 token both regress that keypoint's (x, y); at decoding time x is read at the
 x step and y at the y step (see `kpseq_jax/inference/decoding.py`).
@@ -104,7 +110,8 @@ def position(group, phase: int, num_prefix: int):
 
 def build_sequence(keypoints: np.ndarray, num_keypoints: int,
                    vocab: vocab_lib.Vocab, max_num_keypoints: int,
-                   category_token: int | None = None) -> dict[str, np.ndarray]:
+                   category_token: int | None = None,
+                   absent: np.ndarray | None = None) -> dict[str, np.ndarray]:
   """Tokenises one instance's keypoints for teacher-forced training.
 
   Args:
@@ -116,6 +123,8 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
     max_num_keypoints: Kmax; fixes the padded length L = `seq_len`.
     category_token: the ``vocab.category(i)`` token input after ``<bos>``
       (category conditioning only).
+    absent: bool [>= num_keypoints] keypoints known not to be visible (need
+      ``vocab.presence``; a labelled keypoint is never absent); None = none.
 
   Returns:
     dict of numpy arrays, L = seq_len(max_num_keypoints, P):
@@ -131,8 +140,9 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
         targets of labelled keypoints).
 
   Raises:
-    ValueError: if num_keypoints > max_num_keypoints, or the category token
-      is missing (or given) against ``vocab.num_prefix_tokens``.
+    ValueError: if num_keypoints > max_num_keypoints, the category token
+      is missing (or given) against ``vocab.num_prefix_tokens``, or
+      ``absent`` marks a keypoint with a vocabulary without ``<absent>``.
   """
   if num_keypoints > max_num_keypoints:
     raise ValueError(f'num_keypoints={num_keypoints} exceeds '
@@ -144,6 +154,13 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
   length = seq_len(max_num_keypoints, p)
   kps = np.asarray(keypoints, np.float32)[:num_keypoints]
   labelled = kps[:, 2] > 0  # [K]
+  if absent is None:
+    absent = np.zeros([num_keypoints], bool)
+  absent = np.asarray(absent, bool)[:num_keypoints] & ~labelled  # [K]
+  if absent.any() and not vocab.presence:
+    raise ValueError('absent keypoints given to a vocabulary without '
+                     '<absent> (config.presence_token=False).')
+  absent_tok = vocab.absent if vocab.presence else vocab.pad
   xy = np.clip(kps[:, :2], 0.0, 1.0)  # [K, 2]
   xy_tokens = vocab.quantize(xy)  # [K, 2]
   groups = np.arange(num_keypoints)
@@ -163,12 +180,14 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
   input_coords = np.zeros([length], np.float32)
   for phase, axis in ((X, 0), (Y, 1)):
     pos = position(groups, phase, p)
-    target[pos] = np.where(labelled, xy_tokens[:, axis], vocab.pad)
-    token_w[pos] = labelled
+    target[pos] = np.where(labelled, xy_tokens[:, axis],
+                           np.where(absent, absent_tok, vocab.pad))
+    token_w[pos] = labelled | absent
     coord_w[pos] = labelled
     target_coords[pos] = xy
-    input_tokens[pos + 1] = np.where(labelled, xy_tokens[:, axis],
-                                     vocab.nocoord)
+    input_tokens[pos + 1] = np.where(
+        labelled, xy_tokens[:, axis],
+        np.where(absent, absent_tok, vocab.nocoord))
     input_coords[pos + 1] = np.where(labelled, xy[:, axis], 0.0)
   return dict(input_tokens=input_tokens, input_coords=input_coords,
               target_tokens=target, target_coords=target_coords,

@@ -12,12 +12,26 @@ sep          num_bins + 3        a keypoint group ends
 eos          num_bins + 4        end of sequence
 nocoord      num_bins + 5        input stand-in for the x or y of an unlabelled
                                  keypoint (v = 0); never a target
-category i   num_bins + 6 + i    optional (``num_categories > 0``): the
+absent       num_bins + 6        optional (``presence=True``): the keypoint is
+                                 not visible; target and input at the x and y
+                                 of an absent keypoint (``<coord> <absent>
+                                 <absent> <sep>``)
+category i   num_bins + S + i    optional (``num_categories > 0``): the
                                  category, input right after ``<bos>``
                                  (``config.category_conditioning``); i is the
                                  category's index among the data set's ids
-                                 in increasing order; never a target
+                                 in increasing order; never a target.
+                                 S = `num_special_tokens` (6, or 7 with
+                                 ``<absent>``)
 ===========  ==================  ===============================================
+
+``<absent>`` follows pix2seq's keypoint task, whose ``INVISIBLE`` token marks
+a keypoint that is not visible (google-research/pix2seq
+``tasks/keypoint_detection.py``). It is not the same as ``<nocoord>``: a
+keypoint the data set does not label (COCO's v = 0) is unknown and is never
+a target; one the data set says is not visible (DeepLabCut's missing label)
+is a target, ``<absent>``. Which of the two v = 0 means is a property of the
+data set (`kpseq_jax.data.dataset.DatasetInfo.unlabelled_means`).
 
 Quantisation follows pix2seq (Chen et al. 2022, ``quantize`` in
 google-research/pix2seq ``data/data_utils.py``): a normalised coordinate
@@ -36,7 +50,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-NUM_SPECIAL_TOKENS = 6
+NUM_SPECIAL_TOKENS = 6  # Without the optional <absent>.
+# Radii (coordinate bins) at which the decoders measure a keypoint's
+# confidence, the classifier's probability mass within r bins of the decoded
+# bin (`kpseq_jax.inference.decoding.coordinate_mass`);
+# ``config.confidence_radius_bins`` picks the reported one, the others feed
+# the calibration comparison.
+CONFIDENCE_RADII_BINS = (0, 1, 2, 4, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +68,8 @@ class Vocab:
       ``0 .. num_bins - 1``.
     num_categories: category tokens after the special tokens (0: no
       category conditioning).
+    presence: the vocabulary has the ``<absent>`` token (keypoint presence,
+      ``config.presence_token``).
 
   Raises:
     ValueError: if ``num_bins < 2`` or ``num_categories < 0``.
@@ -55,6 +77,7 @@ class Vocab:
 
   num_bins: int
   num_categories: int = 0
+  presence: bool = False
 
   def __post_init__(self):
     if self.num_bins < 2:
@@ -87,9 +110,26 @@ class Vocab:
   def nocoord(self) -> int:
     return self.num_bins + 5
 
+  @property
+  def absent(self) -> int:
+    """The ``<absent>`` token.
+
+    Raises:
+      ValueError: if the vocabulary has no ``<absent>`` (``presence=False``).
+    """
+    if not self.presence:
+      raise ValueError('this vocabulary has no <absent> token (presence is '
+                       'off: config.presence_token=False).')
+    return self.num_bins + NUM_SPECIAL_TOKENS
+
+  @property
+  def num_special_tokens(self) -> int:
+    """Special tokens after the bins: 6, or 7 with ``<absent>``."""
+    return NUM_SPECIAL_TOKENS + int(self.presence)
+
   def category(self, index):
     """Token id of the category with index ``index`` (int or array)."""
-    return self.num_bins + NUM_SPECIAL_TOKENS + index
+    return self.num_bins + self.num_special_tokens + index
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -99,9 +139,9 @@ class Vocab:
 
   @property
   def vocab_size(self) -> int:
-    """Number of token ids: ``num_bins + NUM_SPECIAL_TOKENS +
+    """Number of token ids: ``num_bins + num_special_tokens +
     num_categories``."""
-    return self.num_bins + NUM_SPECIAL_TOKENS + self.num_categories
+    return self.num_bins + self.num_special_tokens + self.num_categories
 
   @property
   def num_non_coordinate_tokens(self) -> int:
@@ -163,7 +203,9 @@ class Vocab:
 
 
 def from_config(config: ml_collections.ConfigDict) -> Vocab:
-  """The vocabulary of a run: ``num_bins`` bins, and ``max_num_categories``
-  category tokens when ``category_conditioning`` is on."""
+  """The vocabulary of a run: ``num_bins`` bins, ``max_num_categories``
+  category tokens when ``category_conditioning`` is on, ``<absent>`` when
+  ``presence_token`` is on."""
   return Vocab(config.num_bins, config.max_num_categories
-               if config.category_conditioning else 0)
+               if config.category_conditioning else 0,
+               presence=config.presence_token)

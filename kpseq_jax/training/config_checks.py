@@ -7,6 +7,7 @@ import numpy as np
 from kpseq_jax.data import dataset
 from kpseq_jax.models import conv as conv_lib
 from kpseq_jax.runtime import sharding
+from kpseq_jax.sequence import vocab as vocab_lib
 
 _LEVELS = ('c3', 'c4', 'c5')
 
@@ -73,6 +74,15 @@ def check(config: ml_collections.ConfigDict) -> None:
     for name in ('cape_num_episodes', 'cape_num_queries'):
       if config[name] < 1:
         errors.append(f'{name}={config[name]} must be >= 1.')
+  if config.presence_token and config.setting == 'cape':
+    errors.append('presence_token=True with setting=cape: keypoint presence '
+                  'is not implemented for support-conditioned episodes yet.')
+  if config.confidence_radius_bins not in vocab_lib.CONFIDENCE_RADII_BINS:
+    errors.append(f'confidence_radius_bins={config.confidence_radius_bins} '
+                  f'is not one of {vocab_lib.CONFIDENCE_RADII_BINS}.')
+  if not config.oks_default_sigma >= 0:
+    errors.append(f'oks_default_sigma={config.oks_default_sigma} must be >= '
+                  '0 (0: every category needs its own sigmas).')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')
@@ -163,6 +173,14 @@ def check_dataset(config: ml_collections.ConfigDict,
       errors.append(f'cape_support_split={config.cape_support_split!r} is '
                     f'not a split of {config.dataset_dir} (it has '
                     f'{sorted(info.split_sizes)}).')
+  if config.presence_token and info.unlabelled_means != 'absent':
+    errors.append(
+        f'presence_token=True, but {config.dataset_dir} records '
+        f'unlabelled_means={info.unlabelled_means!r}: no keypoint is known '
+        'to be absent, so <absent> would never be a target. If a missing '
+        'label means "not visible" in this data (DeepLabCut), rebuild it '
+        'with `python -m data_prep.build --unlabelled_means=absent`; '
+        'otherwise set --config.presence_token=False.')
   n = len(info.categories)
   if config.category_conditioning and n > config.max_num_categories:
     errors.append(f'max_num_categories={config.max_num_categories} is smaller '

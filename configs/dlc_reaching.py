@@ -1,0 +1,38 @@
+"""DeepLabCut reaching mouse (5 keypoints, the tongue mostly out of sight).
+
+`configs/dlc_openfield.py`'s model and schedule on
+`../shared/data/dlc_reaching` (42 train / 13 test frames of 832x747 and
+640x470), with keypoint presence on: a missing DeepLabCut label means the
+body part is not visible, so the data set is built with
+``--unlabelled_means=absent`` and the tongue's 29 unlabelled train frames
+are ``<absent>`` targets (pix2seq's INVISIBLE token). The camera is fixed
+and sees the mouse from the side, so rotations stay small (+-15 degrees
+against the open field's 180).
+
+Build the data set first:
+  python -m data_prep.build --unlabelled_means=absent \
+    --image-root ../shared/data/dlc_reaching/images \
+    --annotations ../shared/data/dlc_reaching/annotations/train.json \
+    --annotations ../shared/data/dlc_reaching/annotations/test.json \
+    --out data/dlc_reaching
+
+The same model without presence: --config.presence_token=False.
+"""
+
+import ml_collections
+
+from configs import dlc_openfield
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = dlc_openfield.get_config()
+  c.dataset_dir = 'data/dlc_reaching'
+  c.max_num_keypoints = 5
+  c.presence_token = True
+  c.rotation_deg = 15.0  # Side view from a fixed camera: up stays up.
+  # As dlc_openfield: 1500 steps, learning rate x0.1 at step 1200 (42 frames
+  # / batch 16 = 2 steps per epoch; steps_per_epoch rounds down).
+  c.decay_epochs = (600,)
+  c.eval_batch_size = 13
+  c.eval_every_steps = 500
+  return c
