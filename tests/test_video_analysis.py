@@ -117,11 +117,12 @@ def test_filtered_table_captions_labelled_video_and_plot(analysed):
   with av.open(s.files['labeled_video']) as c:
     frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]
   assert len(frames) == 8 and frames[0].shape == (480, 640, 3)
-  # The overlay colours: a drawn keypoint's disc centre has (about, after
-  # H.264) its colour unless another keypoint is near; one whose likelihood
-  # is below pcutoff (0.6 here) is not drawn: the grey frame shows.
+  # The overlay colours: a keypoint's disc centre has (about, after H.264)
+  # its colour unless another keypoint is near; one whose likelihood is
+  # below pcutoff (0.6 here) is a hollow circle: the grey frame shows.
   colors = visualize.keypoint_colors(4)
-  drawn = analyze.drawable(xy, lk, analyze.DEFAULT_PCUTOFF)[..., 2] > 0
+  _, hollow = analyze.drawable(xy, lk, analyze.DEFAULT_PCUTOFF)
+  drawn = ~hollow
   checked = 0
   for frame, pose, shown in zip(frames, xy, drawn):
     for k, (x, y) in enumerate(pose):

@@ -13,8 +13,8 @@ a background thread decodes and crops the next batches
 (`video.FramePipeline`). Boxes (``--boxes``): none = the whole frame; a
 COCO detections list with ``image_id`` = 0-based frame index
 (`video.BoxFile`); ``track`` = around the previous batch's confident
-keypoints (`video.Track`), a side at most twice the median training box
-side.
+keypoints (confidence >= `TRACK_MIN_CONFIDENCE`; `video.Track`), a side at
+most twice the median training box side.
 
 Writes to ``OUT``, per video (``<stem>`` the video's file stem, ``<scorer>``
 ``KPSEQ_resnet<depth>_<category>_step<checkpoint step>``, as DeepLabCut
@@ -25,9 +25,9 @@ names its files ``<stem>DLC_resnet50_...``):
     median-filtered table (DeepLabCut's ``filterpredictions``);
   ``<stem><scorer>_labeled.mp4``: the video with the poses drawn as the
     image overlays draw them (`visualize.draw_pose`), from the filtered
-    table when there is one; keypoints whose likelihood is below the
-    data set's ``pcutoff`` (DeepLabCut's config; 0.6 otherwise) are not
-    drawn, NaN likelihood ones are;
+    table when there is one; a keypoint whose likelihood is below the
+    data set's ``pcutoff`` (DeepLabCut's config; 0.6 otherwise) is a
+    hollow circle without its name;
   ``<stem><scorer>_trajectories.png``: `trajectory_plot`;
   ``<stem><scorer>_captions.txt``: one `captions.caption` line per frame
     (filtered table when there is one);
@@ -67,6 +67,13 @@ from kpseq_jax.inference import video as video_lib
 from kpseq_jax.runtime import sharding
 
 DEFAULT_PCUTOFF = 0.6  # DeepLabCut's default config.yaml pcutoff.
+# `video.Track` follows keypoints with at least this confidence. Measured on
+# the open-field video with the 1,500-step dlc_openfield model (2026-11-29):
+# on tracked crops the four body parts have median confidences 0.45-0.57
+# (quartiles 0.33-0.62); with the track's threshold at DeepLabCut's pcutoff
+# of 0.6 it fell back to the (much worse) whole frame most of the time, where
+# the head scores 0.3-0.5 and the tail base ~0.01.
+TRACK_MIN_CONFIDENCE = 0.2
 
 
 @dataclasses.dataclass
@@ -249,13 +256,16 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   scorer = scorer_name(config, category.name, step)
   os.makedirs(out_dir, exist_ok=True)
   # Track: a box side is at most twice the training boxes' typical side.
+  # Its confidence threshold is its own (`TRACK_MIN_CONFIDENCE`), not the
+  # project's pcutoff, which is on DeepLabCut's likelihood scale.
   typical = (typical_box_px(config.dataset_dir, config.train_split)
              if boxes == 'track' else None)
   summaries = []
   for vinfo in probed:
     try:
       summaries.append(analyze_video(
-          vinfo, batcher, make_boxes(boxes, pcutoff, typical and 2 * typical),
+          vinfo, batcher,
+          make_boxes(boxes, TRACK_MIN_CONFIDENCE, typical and 2 * typical),
           category, scorer, out_dir, filter_window, labeled_video, pcutoff))
     except video_lib.VideoDecodeError as e:  # Opens, but no frame decodes.
       logging.error('%s', e)
@@ -387,14 +397,20 @@ def write_outputs(vinfo: video_lib.VideoInfo, xy: np.ndarray,
 
 
 def drawable(xy: np.ndarray, likelihood: np.ndarray,
-             pcutoff: float) -> np.ndarray:
-  """float [N, K, 3] (x, y, score) for `visualize.draw_pose`: score 1 where
-  the keypoint is drawn (generated, and likelihood >= pcutoff or NaN),
-  else 0."""
+             pcutoff: float) -> tuple[np.ndarray, np.ndarray]:
+  """What `visualize.draw_pose` draws for a table.
+
+  Returns:
+    (float [N, K, 3] (x, y, score): score 1 where the keypoint was
+    generated, else 0; bool [N, K] ``hollow``: likelihood below
+    ``pcutoff``, drawn as a hollow circle without name, as the overlays
+    draw a keypoint predicted absent). NaN likelihood counts as above.
+  """
   with np.errstate(invalid='ignore'):
-    show = np.isnan(likelihood) | (likelihood >= pcutoff)
-  show &= np.all(np.isfinite(xy), axis=-1)
-  return np.concatenate([xy, show[..., None].astype(np.float64)], axis=-1)
+    hollow = ~np.isnan(likelihood) & (likelihood < pcutoff)
+  made = np.all(np.isfinite(xy), axis=-1)
+  return (np.concatenate([xy, made[..., None].astype(np.float64)], axis=-1),
+          hollow)
 
 
 def write_labeled_video(vinfo: video_lib.VideoInfo, xy: np.ndarray,
@@ -412,7 +428,7 @@ def write_labeled_video(vinfo: video_lib.VideoInfo, xy: np.ndarray,
   Returns:
     Frames written (min(N, frames decodable)).
   """
-  poses = drawable(xy, likelihood, pcutoff)
+  poses, hollow = drawable(xy, likelihood, pcutoff)
   status = video_lib.DecodeStatus()
   written = 0
   with video_lib.VideoWriter(out, vinfo.width, vinfo.height, vinfo.fps) as w:
@@ -420,6 +436,6 @@ def write_labeled_video(vinfo: video_lib.VideoInfo, xy: np.ndarray,
       if i >= len(poses):
         break
       w.write(np.asarray(visualize.draw_pose(Image.fromarray(frame), poses[i],
-                                             category)))
+                                             category, absent=hollow[i])))
       written += 1
   return written

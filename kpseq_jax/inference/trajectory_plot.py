@@ -3,9 +3,10 @@
 One column per body part: on top its path in the image (x, y pixels, y
 down as in the frame, the frame's extent), below x and y against the frame
 number. Colours are the overlays' (`visualize.keypoint_colors`), so a body
-part has the same colour here and in the labelled video. Keypoints with a
-likelihood below ``pcutoff`` (DeepLabCut's ``plot_trajectories`` rule) or
-not generated are left out; NaN likelihood (no confidence) keeps them.
+part has the same colour here and in the labelled video. The line joins
+every generated keypoint; dots mark those with a likelihood of at least
+``pcutoff`` (the points DeepLabCut's ``plot_trajectories`` keeps) or NaN
+(no confidence).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def plot_trajectories(keypoints_px: np.ndarray, likelihood: np.ndarray,
   xy = np.array(keypoints_px, np.float64)
   with np.errstate(invalid='ignore'):
     hide = ~np.isnan(likelihood) & (likelihood < pcutoff)
-  xy[hide] = np.nan
+  sure = xy.copy()
+  sure[hide] = np.nan
   colors = [tuple(c / 255 for c in rgb) for rgb in visualize.keypoint_colors(k)]
   frames = np.arange(n)
   fig = figure.Figure(figsize=(3.2 * k, 6.0))
@@ -46,8 +48,8 @@ def plot_trajectories(keypoints_px: np.ndarray, likelihood: np.ndarray,
                       gridspec_kw=dict(height_ratios=[1.3, 1]))
   for j in range(k):
     top, bottom = axes[0, j], axes[1, j]
-    top.plot(xy[:, j, 0], xy[:, j, 1], '-', color=colors[j], lw=0.6, alpha=0.8)
-    top.plot(xy[:, j, 0], xy[:, j, 1], '.', color=colors[j], ms=1.5)
+    top.plot(xy[:, j, 0], xy[:, j, 1], '-', color=colors[j], lw=0.6, alpha=0.6)
+    top.plot(sure[:, j, 0], sure[:, j, 1], '.', color=colors[j], ms=2)
     top.set(xlim=(0, width), ylim=(height, 0), aspect='equal', title=names[j],
             xlabel='x (px)')
     if j == 0:
