@@ -306,11 +306,17 @@ class CheckResult:
   num_annotations: int
 
 
-def check_annotation_files(annotation_paths: Mapping[str, str | Path]) -> CheckResult:
+def check_annotation_files(annotation_paths: Mapping[str, str | Path], unlabelled_means: str = 'unknown',
+                           oks_sigmas: Mapping[str, Any] | None = None,
+                           oks_sigmas_source: str = 'oks_sigmas') -> CheckResult:
   """Parses and validates annotation files without images; writes nothing.
+
+  ``unlabelled_means`` and ``oks_sigmas`` are checked as `build_dataset`
+  checks them.
 
   Raises:
     AnnotationError: as for `build_dataset`.
+    ValueError: a bad ``unlabelled_means`` or ``oks_sigmas``.
   """
   files = load_files(annotation_paths)
   if unlabelled_means not in UNLABELLED_MEANS:
