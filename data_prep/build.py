@@ -5,6 +5,12 @@ Build (one split per file, named by the file stem or NAME=PATH):
   python -m data_prep.build --annotations train.json --annotations test=val.json \
       --image-root DIR --out OUT [--overwrite]
 
+Build from a single-animal DeepLabCut project folder (config.yaml + labeled-data/;
+splits train/test by its TrainingFraction; see dlc_project.py):
+
+  python -m data_prep.build --dlc_project PROJECT_DIR --out OUT \
+      [--dlc_train_fraction 0.95] [--dlc_split_seed 0] [--overwrite]
+
 Check (annotation-level validation only; no images needed; writes nothing):
 
   python -m data_prep.build --check --annotations F1.json --annotations F2.json
@@ -52,6 +58,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import categories as categories_lib
 from data_prep import coco
+from data_prep import dlc_project
 from data_prep import episodes
 from data_prep import records
 from data_prep import report as report_lib
@@ -129,16 +136,116 @@ def build_dataset(
   for split in annotation_paths:
     coco.parse_split_argument(f'{split}=x')  # Validates the split name.
   files = load_files(annotation_paths)
+  pools, pool_errors = episodes.split_pools(annotation_paths)
+  return build_from_files(files, image_root, out_dir, overwrite, pools, pool_errors,
+                          unlabelled_means=unlabelled_means, oks_sigmas=oks_sigmas,
+                          oks_sigmas_source=oks_sigmas_source)
+
+
+def build_from_coco_data(
+    coco_data: Mapping[str, tuple[dict[str, Any], str | Path]],
+    image_root: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    unlabelled_means: str = 'unknown',
+    extra_metadata: Mapping[str, Any] | None = None,
+    source_report: Mapping[str, Any] | None = None,
+    oks_sigmas: Mapping[str, Any] | None = None,
+    oks_sigmas_source: str = 'oks_sigmas',
+) -> report_lib.BuildReport:
+  """`build_dataset` from COCO keypoint data in memory (same checks, same records).
+
+  The path for conversions such as `dlc_project.py`: the source becomes
+  COCO dicts once and everything after that is the COCO path.
+
+  Args:
+    coco_data: split name -> (COCO dict with images/annotations/categories,
+      the file it stands for, named in the report).
+    image_root, out_dir, overwrite, unlabelled_means, oks_sigmas,
+      oks_sigmas_source: as `build_dataset`.
+    extra_metadata: more `info.metadata` keys (JSON-serialisable), e.g.
+      where the data came from.
+    source_report: what the conversion read and repaired, stored in
+      prep_report.json under "source".
+
+  Returns / Raises:
+    As `build_dataset`.
+  """
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f'{out_dir} exists; pass --overwrite to replace it')
+  for split in coco_data:
+    coco.parse_split_argument(f'{split}=x')  # Validates the split name.
+  files = {split: coco.parse_annotation_data(data, path) for split, (data, path) in coco_data.items()}
+  pools, pool_errors = {}, {}
+  for split, (data, path) in coco_data.items():
+    try:
+      pools[split] = episodes.episode_pool(data, str(path)).to_json()
+    except ValueError as e:
+      pool_errors[split] = str(e)
+      logging.warning('split %r has no episode pool: %s', split, e)
+  return build_from_files(files, image_root, out_dir, overwrite, pools, pool_errors,
+                          unlabelled_means, extra_metadata, source_report, oks_sigmas,
+                          oks_sigmas_source)
+
+
+def build_from_dlc_project(project_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
+                           train_fraction: float | None = None, seed: int = 0,
+                           oks_sigmas: Mapping[str, Any] | None = None,
+                           oks_sigmas_source: str = 'oks_sigmas') -> report_lib.BuildReport:
+  """Imports a single-animal DeepLabCut project (`dlc_project.to_coco`) and builds it.
+
+  Splits 'train' and 'test' by the project's TrainingFraction (or
+  ``train_fraction``) and ``seed``; images are read from
+  ``<project>/labeled-data``. In DeepLabCut an empty cell means the body part
+  is not visible: the data set's ``unlabelled_means`` is 'absent'. The
+  metadata also gets `dlc_project.dataset_metadata` (``source``);
+  prep_report.json gets the `dlc_project.ImportReport` under ``source``.
+
+  Raises:
+    dlc_project.DlcProjectError: see `dlc_project.to_coco`.
+    FileExistsError, AnnotationError: as `build_dataset`.
+  """
+  data, report, config = dlc_project.to_coco(project_dir, train_fraction, seed)
+  for line in report.warnings():
+    logging.warning('DeepLabCut import: %s', line)
+  config_file = config.project_dir / 'config.yaml'
+  return build_from_coco_data(
+      {split: (coco_dict, f'{config_file} ({split})') for split, coco_dict in data.items()},
+      config.project_dir / dlc_project.LABELED_DATA, out_dir, overwrite,
+      unlabelled_means=dlc_project.UNLABELLED_MEANS,
+      extra_metadata=dlc_project.dataset_metadata(config, report), source_report=report.to_json(),
+      oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source)
+
+
+def build_from_files(
+    files: Mapping[str, coco.CocoKeypointFile],
+    image_root: str | Path,
+    out_dir: Path,
+    overwrite: bool,
+    pools: Mapping[str, dict],
+    pool_errors: Mapping[str, str],
+    unlabelled_means: str = 'unknown',
+    extra_metadata: Mapping[str, Any] | None = None,
+    source_report: Mapping[str, Any] | None = None,
+    oks_sigmas: Mapping[str, Any] | None = None,
+    oks_sigmas_source: str = 'oks_sigmas',
+) -> report_lib.BuildReport:
+  """The one builder behind `build_dataset` and `build_from_coco_data`: parsed files -> data set.
+
+  Raises:
+    As `build_dataset`.
+  """
   if unlabelled_means not in UNLABELLED_MEANS:
     raise ValueError(f'unlabelled_means={unlabelled_means!r} is not one of {UNLABELLED_MEANS}.')
   categories = categories_lib.build_category_table(list(files.values()))
   if oks_sigmas:
     categories = categories_lib.with_oks_sigmas(categories, oks_sigmas, oks_sigmas_source)
   report = new_report(files, categories, out_dir)
-  pools, pool_errors = episodes.split_pools(annotation_paths)
-  plan = tfds_builder.BuildPlan(files=files, categories=categories, image_root=Path(image_root), report=report,
-                                episode_pools=pools, episode_pool_errors=pool_errors,
-                                unlabelled_means=unlabelled_means)
+  report.source = None if source_report is None else dict(source_report)
+  plan = tfds_builder.BuildPlan(files=dict(files), categories=categories, image_root=Path(image_root), report=report,
+                                episode_pools=dict(pools), episode_pool_errors=dict(pool_errors),
+                                unlabelled_means=unlabelled_means, extra_metadata=dict(extra_metadata or {}))
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp_dir = out_dir.parent / f'.{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}'
   try:
@@ -199,11 +306,17 @@ class CheckResult:
   num_annotations: int
 
 
-def check_annotation_files(annotation_paths: Mapping[str, str | Path]) -> CheckResult:
+def check_annotation_files(annotation_paths: Mapping[str, str | Path], unlabelled_means: str = 'unknown',
+                           oks_sigmas: Mapping[str, Any] | None = None,
+                           oks_sigmas_source: str = 'oks_sigmas') -> CheckResult:
   """Parses and validates annotation files without images; writes nothing.
+
+  ``unlabelled_means`` and ``oks_sigmas`` are checked as `build_dataset`
+  checks them.
 
   Raises:
     AnnotationError: as for `build_dataset`.
+    ValueError: a bad ``unlabelled_means`` or ``oks_sigmas``.
   """
   files = load_files(annotation_paths)
   if unlabelled_means not in UNLABELLED_MEANS:
@@ -268,6 +381,16 @@ _OKS_SIGMAS = flags.DEFINE_string(
     'oks_sigmas', None, 'JSON file {category id or name: [K sigmas]} for OKS AP; categories not in it use '
     'COCO\'s 17 sigmas (COCO person layout) or --config.oks_default_sigma at evaluation.')
 _CHECK = flags.DEFINE_bool('check', False, 'Only parse and validate the annotation files; print the category table.')
+_DLC_PROJECT = flags.DEFINE_string(
+    'dlc_project', None, 'A single-animal DeepLabCut project folder (config.yaml, labeled-data/*/'
+    'CollectedData_<scorer>.h5 or .csv) to build from instead of --annotations; splits train/test by its '
+    'TrainingFraction. Missing labels become unlabelled keypoints with --unlabelled_means=absent (in '
+    'DeepLabCut an empty cell means not visible).')
+_DLC_TRAIN_FRACTION = flags.DEFINE_float(
+    'dlc_train_fraction', None, 'With --dlc_project: fraction of labelled frames for train '
+    '(default: config.yaml TrainingFraction[0]); the rest is the test split.')
+_DLC_SPLIT_SEED = flags.DEFINE_integer(
+    'dlc_split_seed', 0, 'With --dlc_project: seed of the train/test shuffle (DeepLabCut\'s SplitTrials rule).')
 
 
 def _read_sigma_file(path: str) -> dict[str, Any]:
@@ -286,6 +409,9 @@ def _read_sigma_file(path: str) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _DLC_PROJECT.value:
+    _main_dlc_project()
+    return
   if not _ANNOTATIONS.value:
     raise app.UsageError('give at least one --annotations file')
   try:
@@ -304,6 +430,26 @@ def main(argv: list[str]) -> None:
   except (ValueError, FileExistsError) as e:  # AnnotationError is a ValueError.
     sys.exit(f'data_prep.build: error: {e}')
   print(f'wrote {report.num_written} records ({report.num_skipped} skipped) to {report.out_dir}; '
+        f'report: {Path(report.out_dir) / REPORT_FILE_NAME}')
+
+
+def _main_dlc_project() -> None:
+  if _ANNOTATIONS.value or _CHECK.value or _IMAGE_ROOT.value:
+    raise app.UsageError('--dlc_project replaces --annotations, --image-root and --check')
+  if _UNLABELLED_MEANS.present:
+    raise app.UsageError('--dlc_project sets --unlabelled_means=absent (DeepLabCut\'s empty cell = not visible)')
+  if not _OUT.value:
+    raise app.UsageError('--dlc_project needs --out')
+  try:
+    sigmas = _read_sigma_file(_OKS_SIGMAS.value) if _OKS_SIGMAS.value else None
+    report = build_from_dlc_project(_DLC_PROJECT.value, _OUT.value, _OVERWRITE.value,
+                                    _DLC_TRAIN_FRACTION.value, _DLC_SPLIT_SEED.value, sigmas,
+                                    _OKS_SIGMAS.value or 'oks_sigmas')
+  except (ValueError, FileExistsError) as e:  # DlcProjectError is a ValueError.
+    sys.exit(f'data_prep.build: error: {e}')
+  source = report.source or {}
+  print(f'wrote {report.num_written} records ({report.num_skipped} skipped) from '
+        f'{len(source.get("labels_files", []))} DeepLabCut labels file(s) to {report.out_dir}; '
         f'report: {Path(report.out_dir) / REPORT_FILE_NAME}')
 
 

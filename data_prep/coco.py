@@ -124,7 +124,25 @@ def load_annotation_file(path: str | Path) -> CocoKeypointFile:
       missing or not a list; a category entry is malformed.
   """
   path = Path(path)
-  data = _read_json(path)
+  return parse_annotation_data(_read_json(path), path)
+
+
+def parse_annotation_data(data: Any, path: str | Path) -> CocoKeypointFile:
+  """Schema-checks COCO keypoint data already in memory (e.g. converted
+  from a DeepLabCut project by `dlc_project.py`).
+
+  Args:
+    data: the decoded JSON object (``images``, ``annotations``,
+      ``categories``).
+    path: the file it stands for, named in messages and reports.
+
+  Returns:
+    As `load_annotation_file`.
+
+  Raises:
+    AnnotationError: as `load_annotation_file`, except for reading.
+  """
+  path = Path(path)
   if not isinstance(data, dict):
     raise AnnotationError(f'{path}: top level must be a JSON object, got {type(data).__name__}')
   for key in _TOP_LEVEL_KEYS:

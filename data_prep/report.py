@@ -95,12 +95,15 @@ class BuildReport:
     annotation_ids_in_several_splits: annotation ids found in more than one
       input file (expected for MP-100's overlapping benchmark splits; a leak
       for a train/test pair).
+    source: what a conversion into COCO data read and repaired before the
+      build (e.g. `dlc_project.ImportReport.to_json()`); None for COCO files.
   """
 
   splits: dict[str, SplitReport]
   categories: dict[int, categories_lib.Category]
   out_dir: str | None = None
   annotation_ids_in_several_splits: int = 0
+  source: dict[str, Any] | None = None
 
   @property
   def num_written(self) -> int:
@@ -120,13 +123,16 @@ class BuildReport:
     }
 
   def to_json(self) -> dict[str, Any]:
-    return {
+    out = {
         'out_dir': self.out_dir,
         'splits': {name: s.to_json() for name, s in self.splits.items()},
         'num_categories': len(self.categories),
         'num_keypoints_inferred': self.inferred_num_keypoints(),
         'annotation_ids_in_several_splits': self.annotation_ids_in_several_splits,
     }
+    if self.source is not None:
+      out['source'] = self.source
+    return out
 
   def write(self, path: str | Path) -> None:
     """Writes the report as indented JSON."""

@@ -61,6 +61,9 @@ class BuildPlan:
   episode_pools: dict[str, dict] = dataclasses.field(default_factory=dict)
   episode_pool_errors: dict[str, str] = dataclasses.field(default_factory=dict)
   unlabelled_means: str = 'unknown'  # build.UNLABELLED_MEANS.
+  # More `info.metadata` keys, e.g. a DeepLabCut project's source (see
+  # `dlc_project.py`).
+  extra_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
@@ -90,6 +93,7 @@ class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
             episode_pools=self._plan.episode_pools,
             episode_pool_errors=self._plan.episode_pool_errors,
             unlabelled_means=self._plan.unlabelled_means,
+            **self._plan.extra_metadata,
         ),
     )
 

@@ -1,4 +1,4 @@
-r"""Command line: train, evaluate a trained workdir, or predict on images.
+r"""Command line: train, evaluate a trained workdir, predict on images, analyse videos.
 
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
@@ -6,6 +6,9 @@ r"""Command line: train, evaluate a trained workdir, or predict on images.
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
       --mode predict --images IMAGES [--boxes BOXES.json] [--category ID] \
       --out OUT
+  python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
+      --mode analyze --videos VIDEOS [--boxes track|BOXES.json] \
+      [--filter_window 5] --out OUT
 
 Installed with ``pip install -e .``, ``kpseq`` is the same command.
 
@@ -25,6 +28,7 @@ from ml_collections import config_flags
 from kpseq_jax.runtime import distributed
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.runtime import host_memory
+from kpseq_jax.inference import analyze
 from kpseq_jax.inference import predict
 from kpseq_jax import train
 
@@ -34,20 +38,36 @@ config_flags.DEFINE_config_file(
     'be overridden with --config.FIELD=VALUE.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'predictions; training resumes from it.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict'],
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'analyze'],
                   'train: train (resuming) then evaluate; eval: restore the '
                   'latest checkpoint and evaluate; predict: run the latest '
-                  'checkpoint on --images, write to --out.')
+                  'checkpoint on --images, write to --out; analyze: run it '
+                  'on every frame of --videos, write DeepLabCut-format '
+                  'tables, labelled videos and plots to --out.')
 flags.DEFINE_string('images', None, 'predict: an image file or a folder '
                     '(searched recursively).')
+flags.DEFINE_string('videos', None, 'analyze: a video file (mp4, avi, ...) '
+                    'or a folder of them.')
 flags.DEFINE_string('boxes', None, 'predict: COCO detections list or '
                     'annotations file with the boxes; default: each whole '
-                    'image is one box.')
+                    'image is one box. analyze: "track" (around the '
+                    'previous batch\'s confident keypoints, else the whole '
+                    'frame) or a COCO detections list with image_id = '
+                    '0-based frame index; default: the whole frame.')
+flags.DEFINE_integer('video_batch_size', None, 'analyze: frames per model '
+                     'call; default config.eval_batch_size. With --boxes '
+                     'track the box lags by up to one batch.')
+flags.DEFINE_integer('filter_window', 0, 'analyze: also write a median-'
+                     'filtered table (DeepLabCut\'s filterpredictions) with '
+                     'this odd window in frames, and draw from it; 0 = off.')
+flags.DEFINE_bool('labeled_video', True, 'analyze: write '
+                  '<video><scorer>_labeled.mp4.')
 flags.DEFINE_integer('category', None, 'predict: category id of whole-image '
                      'boxes, or keep only boxes of this category; default: '
                      'the data set\'s only category.')
 flags.DEFINE_string('out', None, 'predict: output folder (predictions.json, '
-                    'images.json, overlays/).')
+                    'images.json, captions.txt, overlays/); analyze: output '
+                    'folder of the tables, videos and plots.')
 flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
                   'jax.distributed.initialize: auto = when the flags below '
                   'are given or the environment is multi-process (SLURM, '
@@ -61,6 +81,10 @@ flags.register_multi_flags_validator(
     ['mode', 'images', 'out'],
     lambda f: f['mode'] != 'predict' or (f['images'] and f['out']),
     '--mode predict needs --images and --out.')
+flags.register_multi_flags_validator(
+    ['mode', 'videos', 'out'],
+    lambda f: f['mode'] != 'analyze' or (f['videos'] and f['out']),
+    '--mode analyze needs --videos and --out.')
 
 
 class _QuietLibraries(logging.logging.Filter):
@@ -87,6 +111,10 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
     evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+  elif FLAGS.mode == 'analyze':
+    analyze.analyze(FLAGS.config, FLAGS.workdir, FLAGS.videos, FLAGS.out,
+                    FLAGS.boxes, FLAGS.category, FLAGS.video_batch_size,
+                    FLAGS.filter_window, FLAGS.labeled_video)
   else:
     predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.images, FLAGS.out,
                     FLAGS.boxes, FLAGS.category)

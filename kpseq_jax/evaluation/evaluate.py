@@ -17,7 +17,9 @@ Writes to the workdir (only process 0), ``<name>`` being the split
     the category's keypoint order, with per-keypoint confidence (and
     presence);
   the report also holds OKS AP, the confidence's calibration and presence
-    precision/recall (`uncertainty.py`);
+    precision/recall (`uncertainty.py`), and ``pixel_accuracy``: accuracy
+    within 1, 5, 25 px and mean absolute error, overall and per keypoint
+    (`metrics.pixel_accuracy`);
   ``episodes_<name>.jsonl`` (CAPE): the episodes evaluated, one line
     ``[support annotation ids..., query annotation id]`` per query sample;
   ``tensorboard/``: PCK scalars and a few crops with ground truth |
@@ -25,6 +27,7 @@ Writes to the workdir (only process 0), ``<name>`` being the split
 Each evaluation overwrites the files of the one before.
 """
 
+import dataclasses
 import json
 import os
 
@@ -110,6 +113,7 @@ class Evaluator:
         info, config.confidence_radius_bins, config.oks_default_sigma,
         with_oks=isinstance(protocol, protocols.Instances))
     results, overlays = [], {}
+    pixels = metrics.PixelAccuracyAccumulator()  # Captioning papers' figures.
     bar = tqdm.tqdm(total=protocol.num_samples, desc=f'eval {split}',
                     unit='sample', disable=jax.process_index() != 0)
     for local in protocol.batches():
@@ -132,6 +136,8 @@ class Evaluator:
         for accumulator, p in ((acc[a], pred_px), (base_acc[a], base_px)):
           accumulator.update(batch['category_id'], p, batch['keypoints'],
                              batch['bbox'], size=size)
+      pixels.update(batch['category_id'], pred_px, batch['keypoints'],
+                    ordered='keypoint_order' not in batch)
       unc.update(batch, pred_px, pred.confidence_by_radius[keep], presence,
                  size)
       results.extend(_coco_results(pred_px, batch, info,
@@ -142,6 +148,8 @@ class Evaluator:
                      [acc[a].result() for a in report_lib.ALPHAS],
                      [base_acc[a].result() for a in report_lib.ALPHAS],
                      unc.result())
+    report = dataclasses.replace(report, pixel_accuracy=pixels.result(
+        {c.id: list(c.keypoint_names) for c in info.categories.values()}))
     logging.info(
         'Eval %s (step %s, %d samples): PCK@0.2 %.4f, mean error %.2f px '
         '| %s: PCK@0.2 %.4f, mean error %.2f px', split, step,

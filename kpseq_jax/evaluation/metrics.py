@@ -210,3 +210,110 @@ class PCKResult:
   per_category_keypoints: dict[int, int]
   per_category_instances: dict[int, int]
   num_without_keypoints: int
+
+
+# -- Pixel accuracy: the pose-captioning papers' figures ----------------------
+
+PIXEL_THRESHOLDS_PX = (1.0, 5.0, 25.0)
+
+
+def pixel_accuracy(pred_px: np.ndarray, gt: np.ndarray,
+                   names: list[str] | None = None,
+                   thresholds_px=PIXEL_THRESHOLDS_PX) -> dict:
+  """Accuracy within 1, 5 and 25 px and mean absolute error, in pixels.
+
+  The figures keypoint-captioning work reports for poses written as text
+  (`kpseq_jax.inference.captions`): a keypoint is right within ``t`` px
+  when its Euclidean error ``||pred - gt||`` is ``<= t``; the mean absolute
+  error is the mean of ``|x_pred - x_gt|`` and ``|y_pred - y_gt|`` over both
+  coordinates (not the Euclidean ``mean_error_px`` of the PCK report).
+  Only labelled keypoints (v > 0) count; one the model did not generate
+  (NaN) is wrong at every threshold and left out of the MAE (counted in
+  ``not_generated``).
+
+  Args:
+    pred_px: float [N, K, 2] predicted image pixels (NaN = not generated).
+    gt: float [N, K, 3] ground truth (x, y, v) pixels.
+    names: K keypoint names for ``per_keypoint`` (default ``'0'``, ``'1'``...).
+    thresholds_px: the thresholds in pixels.
+
+  Returns:
+    ``{'overall': figures, 'per_keypoint': {name: figures}}``, figures a
+    dict ``{'acc@1px': .., 'acc@5px': .., 'acc@25px': .., 'mae_px': ..,
+    'num_labelled': n, 'not_generated': m}`` (fractions in [0, 1]; NaN
+    when nothing is labelled).
+  """
+  pred = np.asarray(pred_px, np.float64)
+  gt = np.asarray(gt, np.float64)
+  k = gt.shape[1]
+  names = names or [str(i) for i in range(k)]
+  labelled = gt[..., 2] > 0  # [N, K]
+  err = np.abs(pred - gt[..., :2])  # [N, K, 2]
+  dist = np.sqrt(np.sum(err ** 2, axis=-1))  # [N, K], NaN if not generated.
+
+  def figures(mask: np.ndarray) -> dict:
+    n = int(mask.sum())
+    d = dist[mask]
+    made = np.isfinite(d)
+    out = {}
+    for t in thresholds_px:
+      with np.errstate(invalid='ignore'):
+        out[f'acc@{t:g}px'] = float(np.mean(made & (d <= t))) if n else float('nan')
+    out['mae_px'] = float(np.mean(err[mask][made])) if made.any() else float('nan')
+    out['num_labelled'] = n
+    out['not_generated'] = int(n - made.sum())
+    return out
+
+  return {'overall': figures(labelled),
+          'per_keypoint': {names[j]: figures(labelled & (np.arange(k) == j))
+                           for j in range(k)}}
+
+
+class PixelAccuracyAccumulator:
+  """`pixel_accuracy` over batches, keypoints named per category.
+
+  ``update`` with a batch's category ids [N], predictions [N, K, 2] and
+  ground truth [N, K, 3] (K may be padded: only labelled keypoints count);
+  ``result(keypoint_names)`` with category id -> names gives the figures,
+  per keypoint named ``name`` (one category) or ``category:name``.
+  Batches whose keypoints are in another order than the category's (CAPE
+  episodes) count overall only (``ordered=False``).
+  """
+
+  def __init__(self):
+    self._rows: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    self._unordered: list[tuple[np.ndarray, np.ndarray]] = []
+
+  def update(self, category_ids: np.ndarray, pred_px: np.ndarray,
+             gt: np.ndarray, ordered: bool = True) -> None:
+    for c, p, g in zip(np.asarray(category_ids), np.asarray(pred_px),
+                       np.asarray(gt)):
+      (self._rows.setdefault(int(c), []) if ordered
+       else self._unordered).append((p, g))
+
+  def result(self, keypoint_names: dict[int, list[str]]) -> dict:
+    """See class docstring; {} when nothing was added."""
+    pooled_pred, pooled_gt, per_keypoint = [], [], {}
+    k_max = max([len(p) for rows in [*self._rows.values(), self._unordered]
+                 for p, _ in rows], default=0)
+    for cid, rows in sorted(self._rows.items()):
+      pred = np.stack([p for p, _ in rows])
+      gt = np.stack([g for _, g in rows])
+      names = list(keypoint_names.get(cid, []))
+      k = len(names) or gt.shape[1]
+      names = [names[j] if j < len(names) else str(j) for j in range(k)]
+      if len(self._rows) > 1:
+        names = [f'{cid}:{n}' for n in names]
+      per_keypoint.update(pixel_accuracy(pred[:, :k], gt[:, :k],
+                                         names)['per_keypoint'])
+    for rows in [*self._rows.values(), self._unordered]:
+      for p, g in rows:
+        pad = k_max - len(p)
+        pooled_pred.append(np.pad(p, [(0, pad), (0, 0)],
+                                  constant_values=np.nan))
+        pooled_gt.append(np.pad(g, [(0, pad), (0, 0)]))
+    if not pooled_gt:
+      return {}
+    overall = pixel_accuracy(np.stack(pooled_pred), np.stack(pooled_gt))
+    return {'thresholds_px': list(PIXEL_THRESHOLDS_PX),
+            'overall': overall['overall'], 'per_keypoint': per_keypoint}

@@ -90,6 +90,9 @@ class EvalReport:
     presence: presence precision/recall/F1 per keypoint
       (`calibration.PresenceMetrics.to_dict`), or None without a presence
       model.
+    pixel_accuracy: the pose-captioning figures, accuracy within 1, 5 and
+      25 px and mean absolute error in px, overall and per keypoint
+      (`metrics.PixelAccuracyAccumulator.result`; {} in older reports).
   """
   name: str
   split: str
@@ -118,6 +121,7 @@ class EvalReport:
   oks: dict[str, Any] | None = None
   calibration: dict[str, Any] | None = None
   presence: dict[str, Any] | None = None
+  pixel_accuracy: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   def to_dict(self) -> dict[str, Any]:
     """JSON-ready dict (NaN stays a float NaN, as `json` writes it)."""

@@ -28,6 +28,9 @@ Writes to ``OUT``:
     ``score`` = the box score), one entry per box;
   ``images.json``: COCO ``images`` table (id, file_name, width, height) of
     the images read; ids are the boxes file's, else 1, 2, ... in file order;
+  ``captions.txt``: each pose as text, one line per box: the file name, a
+    tab, the caption (`captions.caption`: ``snout (312.4, 188.0); ...``),
+    in the order of ``predictions.json``;
   ``overlays/<file name>.png``: each image with its poses drawn (one colour
     per keypoint, names and skeleton from the category table, see
     `visualize.py`), same size as the image;
@@ -53,8 +56,10 @@ from data_prep import images as image_io
 from kpseq_jax.data import dataset
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
+from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results as results_lib
+from kpseq_jax.inference import video
 from kpseq_jax.runtime import sharding
 
 IMAGE_SUFFIXES = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.tif', '.tiff',
@@ -98,8 +103,12 @@ def list_images(images: str) -> tuple[Path, list[str]]:
 
   Raises:
     FileNotFoundError: if ``images`` does not exist or holds no image.
+    ValueError: if ``images`` is a video file.
   """
   p = Path(images)
+  if p.is_file() and p.suffix.lower() in video.VIDEO_SUFFIXES:
+    raise ValueError(f'--images {images}: a video; analyse videos with '
+                     '--mode analyze --videos (DeepLabCut-format output).')
   if p.is_file():
     return p.parent, [p.name]
   if not p.is_dir():
@@ -211,32 +220,66 @@ def overlay_path(out_dir: str, rel_path: str) -> Path:
   return Path(out_dir, 'overlays', rel_path).with_suffix('.png')
 
 
-class _CropBatcher:
-  """Crops boxes into fixed-size batches for a `predictor.Predictor`."""
+class CropBatcher:
+  """Crops boxes into fixed-size batches for a `predictor.Predictor`.
+
+  `crop` is pure (thread-safe: video analysis crops in a background
+  thread); `predict_crops` runs the model; `add`/`run` queue crops and
+  decode a batch when it is full.
+  """
 
   def __init__(self, config: ml_collections.ConfigDict,
                predictor: predictor_lib.Predictor,
-               category_index: dict[int, int]):
+               category_index: dict[int, int],
+               batch_size: int | None = None):
     self.predictor = predictor
     self.vocab = predictor.model.vocab
     self.category_index = category_index  # Category conditioning only.
-    self.batch_size = config.eval_batch_size
-    self.crop = transforms.CropAffine(config.image_size_px, config.bbox_scale)
+    self.batch_size = batch_size or config.eval_batch_size
+    self.crop_affine = transforms.CropAffine(config.image_size_px,
+                                             config.bbox_scale)
     self.warp = transforms.WarpToCrop(config.image_size_px)
     self.pending: list[tuple[object, dict]] = []
+
+  def crop(self, image: np.ndarray, bbox, category_id: int) -> dict:
+    """One top-down crop example as in evaluation.
+
+    Args:
+      image: uint8 [H, W, 3] RGB.
+      bbox: (x, y, w, h) pixels.
+      category_id: feeds a category-conditioned model.
+
+    Returns:
+      dict with ``image`` uint8 [S, S, 3], ``crop_from_image`` float32
+      [2, 3] and (conditioned models) ``category_token``.
+    """
+    ex = dict(image=image, bbox=np.asarray(bbox, np.float32),
+              keypoints=np.zeros([0, 3], np.float32))
+    ex = self.warp.map(self.crop_affine.map(ex))
+    if self.vocab.num_prefix_tokens:
+      ex['category_token'] = np.int32(
+          self.vocab.category(self.category_index[int(category_id)]))
+    return ex
+
+  def predict_crops(self, exs: list[dict]) -> predictor_lib.Prediction:
+    """Decodes at most ``batch_size`` crops (padded to the static batch
+    shape); the returned `Prediction` has ``len(exs)`` rows."""
+    n = len(exs)
+    exs = exs + [exs[-1]] * (self.batch_size - n)  # Static batch shape.
+    fields = self.predictor.input_fields + ('crop_from_image',)
+    pred = self.predictor.predict(
+        {k: np.stack([ex[k] for ex in exs]) for k in fields})
+    return dataclasses.replace(pred, **{
+        f.name: (None if getattr(pred, f.name) is None
+                 else getattr(pred, f.name)[:n])
+        for f in dataclasses.fields(pred)})
 
   def add(self, key, image: np.ndarray, bbox,
           category_id: int) -> list[tuple[object, dict]]:
     """Queues one crop; returns [(key, crop example with 'pred_px')] of a
     batch when one is full. ``category_id`` feeds a category-conditioned
     model."""
-    ex = dict(image=image, bbox=np.asarray(bbox, np.float32),
-              keypoints=np.zeros([0, 3], np.float32))
-    ex = self.warp.map(self.crop.map(ex))
-    if self.vocab.num_prefix_tokens:
-      ex['category_token'] = np.int32(
-          self.vocab.category(self.category_index[int(category_id)]))
-    self.pending.append((key, ex))
+    self.pending.append((key, self.crop(image, bbox, category_id)))
     return self.run() if len(self.pending) == self.batch_size else []
 
   def run(self) -> list[tuple[object, dict]]:
@@ -244,11 +287,7 @@ class _CropBatcher:
     if not self.pending:
       return []
     items, self.pending = self.pending, []
-    exs = [ex for _, ex in items]
-    exs += [exs[-1]] * (self.batch_size - len(exs))  # Static batch shape.
-    fields = self.predictor.input_fields + ('crop_from_image',)
-    pred = self.predictor.predict(
-        {k: np.stack([ex[k] for ex in exs]) for k in fields})
+    pred = self.predict_crops([ex for _, ex in items])
     presence = (pred.presence if pred.presence is not None else
                 [None] * len(items))
     return [(key, dict(ex, pred_px=p, confidence=c, presence=v))
@@ -313,13 +352,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   mesh = sharding.create_mesh(config.mesh_shape)
   model, state, step = predictor_lib.restore_state(
       config, workdir, mesh, info.split_sizes[config.train_split])
-  batcher = _CropBatcher(
+  batcher = CropBatcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
       info.category_index())
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=missing, skipped_boxes=summary_skipped)
   os.makedirs(out_dir, exist_ok=True)
-  results, image_table = [], []
+  results, image_table, caption_lines = [], [], []
   open_images: dict[int, dict] = {}  # Entry index -> image and predictions.
   bar = tqdm.tqdm(total=len(entries), desc='predict', unit='img')
 
@@ -331,7 +370,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
         continue
       del open_images[idx]
       _write_image(o['entry'], o['image'], o['poses'], info, out_dir,
-                   results)
+                   results, caption_lines)
       summary.num_images += 1
       bar.update(1)
 
@@ -360,6 +399,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
     json.dump(results, f)
   with open(os.path.join(out_dir, 'images.json'), 'w') as f:
     json.dump({'images': image_table}, f, indent=1)
+  with open(os.path.join(out_dir, 'captions.txt'), 'w') as f:
+    f.writelines(line + '\n' for line in caption_lines)
   with open(os.path.join(out_dir, 'predict_report.json'), 'w') as f:
     json.dump(dataclasses.asdict(summary), f, indent=2)
   logging.info('Predicted %d boxes on %d images (checkpoint step %d) -> %s',
@@ -375,8 +416,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
 
 def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
                  info: dataset.DatasetInfo, out_dir: str,
-                 results: list[dict]) -> None:
-  """Appends the image's COCO results and saves its overlay PNG."""
+                 results: list[dict], captions: list[str]) -> None:
+  """Appends the image's COCO results and caption lines, saves its overlay
+  PNG."""
   order = sorted(poses)
   boxes = [entry.boxes[j] for j in order]
   pred = np.stack([poses[j]['pred_px'] for j in order])  # [N, Kmax, 2]
@@ -390,6 +432,11 @@ def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],
       [b.score for b in boxes], keypoint_scores=confidence,
       presence=presence)
   results.extend(entries)
+  for b, p in zip(boxes, pred):
+    cat = info.categories[b.category_id]
+    captions.append(f'{entry.rel_path}\t'
+                    + captions_lib.caption(p[:cat.num_keypoints],
+                                           cat.keypoint_names))
   canvas = Image.fromarray(image)
   for i, (b, r) in enumerate(zip(boxes, entries)):
     kps = np.reshape(r['keypoints'], [-1, 3])

@@ -1,0 +1,228 @@
+"""--mode analyze: video -> DeepLabCut tables, labelled video, plots, captions."""
+
+import json
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import signal
+
+import conftest
+from kpseq_jax.data import visualize
+from kpseq_jax.inference import analyze
+from kpseq_jax.inference import captions
+from kpseq_jax.inference import dlc_output
+from kpseq_jax.inference import predict
+from kpseq_jax.inference import video
+
+VIDEO = ('dlc_projects', 'openfield-Pranav-2018-10-30', 'videos', 'm3v1mp4.mp4')
+NAMES = ['snout', 'leftear', 'rightear', 'tailbase']
+
+
+def _write_clip(path, frames, codec='libx264'):
+  """Encodes RGB frames with PyAV (the container follows the suffix)."""
+  with av.open(str(path), 'w') as out:
+    s = out.add_stream(codec, rate=30)
+    s.width, s.height, s.pix_fmt = 640, 480, 'yuv420p'
+    for f in frames:
+      out.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
+    out.mux(s.encode())
+
+
+@pytest.fixture(scope='module')
+def clips(shared_data, tmp_path_factory):
+  """The real video's first 8 frames as an mp4, the same truncated (an
+  mkv cut at 70% of its bytes) and a file that is not a video."""
+  root = tmp_path_factory.mktemp('clips')
+  with av.open(str(shared_data.joinpath(*VIDEO))) as c:
+    frames = []
+    for f in c.decode(video=0):
+      frames.append(f.to_ndarray(format='rgb24'))
+      if len(frames) == 8:
+        break
+  _write_clip(root / 'clip.mp4', frames)
+  _write_clip(root / 'whole.mkv', frames)
+  data = (root / 'whole.mkv').read_bytes()
+  (root / 'cut.mkv').write_bytes(data[:int(len(data) * 0.7)])
+  (root / 'whole.mkv').unlink()
+  (root / 'broken.avi').write_bytes(b'RIFF\x00\x00\x00\x00AVI not really')
+  return root
+
+
+@pytest.fixture(scope='module')
+def analysed(trained, clips, tmp_path_factory):
+  """One analysis of the clip folder (good, truncated, undecodable)."""
+  config, workdir, _ = trained
+  out = tmp_path_factory.mktemp('analysis')
+  summaries = analyze.analyze(config, str(workdir), str(clips), str(out),
+                              filter_window=3)
+  return {summary.video.rsplit('/', 1)[-1]: summary for summary in summaries}, out
+
+
+def test_the_h5_table_is_deeplabcuts_and_holds_the_predictions(analysed, trained, clips, tmp_path):
+  """Read back with pandas: scorer/bodyparts/coords columns, one row per
+  frame; x, y equal the image path's predictions on the same frames."""
+  summaries, _ = analysed
+  s = summaries['clip.mp4']
+  assert s.frames_decoded == 8 and s.frames_in_header == 8 and not s.stopped_early
+  df = pd.read_hdf(s.files['h5'], key='df_with_missing')
+  assert list(df.columns.names) == ['scorer', 'bodyparts', 'coords']
+  assert list(df.columns) == [(s.scorer, b, c) for b in NAMES for c in ('x', 'y', 'likelihood')]
+  assert list(df.index) == list(range(8))
+  assert s.scorer.startswith('KPSEQ_resnet18_') and s.files['h5'].endswith(f'clip{s.scorer}.h5')
+  csv = pd.read_csv(s.files['csv'], header=[0, 1, 2], index_col=0)
+  np.testing.assert_allclose(csv.to_numpy(), df.to_numpy(), rtol=1e-12, equal_nan=True)
+  lk = df.xs('likelihood', axis=1, level='coords').to_numpy()
+  assert np.all((lk >= 0) & (lk <= 1)) and not np.all(lk == 1)  # The model's confidence.
+  # The same frames as PNG images through --mode predict (whole images).
+  config, workdir, _ = trained
+  with av.open(str(clips / 'clip.mp4')) as c:
+    for i, f in enumerate(c.decode(video=0)):
+      f.to_image().save(tmp_path / f'{i}.png')
+  predict.predict(config, str(workdir), str(tmp_path), str(tmp_path / 'out'))
+  results = json.loads((tmp_path / 'out' / 'predictions.json').read_text())
+  table_xy = df.xs('x', axis=1, level='coords').to_numpy(), df.xs('y', axis=1, level='coords').to_numpy()
+  images = {im['id']: im['file_name'] for im in
+            json.loads((tmp_path / 'out' / 'images.json').read_text())['images']}
+  lines = (tmp_path / 'out' / 'captions.txt').read_text().splitlines()
+  assert len(lines) == len(results) == 8
+  for r, line in zip(results, lines):
+    name, text = line.split('\t')
+    assert name == images[r['image_id']]
+    np.testing.assert_allclose(captions.parse_caption(text, NAMES),
+                               np.reshape(r['keypoints'], [4, 3])[:, :2], atol=0.051)
+  for r in results:
+    frame = int(images[r['image_id']].split('.')[0])
+    kp = np.reshape(r['keypoints'], [4, 3])
+    np.testing.assert_allclose(kp[:, 0], table_xy[0][frame], atol=1e-3)
+    np.testing.assert_allclose(kp[:, 1], table_xy[1][frame], atol=1e-3)
+
+
+def test_filtered_table_captions_labelled_video_and_plot(analysed):
+  summaries, _ = analysed
+  s = summaries['clip.mp4']
+  raw = pd.read_hdf(s.files['h5'])
+  filtered = pd.read_hdf(s.files['filtered_h5'], key='df_with_missing')
+  for col in raw.columns:
+    expected = raw[col] if col[-1] == 'likelihood' else signal.medfilt(raw[col].to_numpy(), 3)
+    np.testing.assert_allclose(filtered[col].to_numpy(), expected, equal_nan=True)
+  xy, lk = dlc_output.table_arrays(filtered)
+  lines = open(s.files['captions']).read().splitlines()
+  assert len(lines) == 8 and lines[0].startswith('snout (')
+  for line, pose in zip(lines, xy):
+    np.testing.assert_allclose(captions.parse_caption(line, NAMES), pose, atol=0.051)
+  with av.open(s.files['labeled_video']) as c:
+    frames = [f.to_ndarray(format='rgb24') for f in c.decode(video=0)]
+  assert len(frames) == 8 and frames[0].shape == (480, 640, 3)
+  # The overlay colours: a keypoint's disc centre has (about, after H.264)
+  # its colour unless another keypoint is near; one whose likelihood is
+  # below pcutoff (0.6 here) is a hollow circle: the frame shows inside.
+  colors = visualize.keypoint_colors(4)
+  _, hollow = analyze.drawable(xy, lk, analyze.DEFAULT_PCUTOFF)
+  drawn = ~hollow
+  checked = 0
+  for frame, pose, shown in zip(frames, xy, drawn):
+    for k, (x, y) in enumerate(pose):
+      others = np.delete(pose, k, axis=0)
+      if not (8 < x < 632 and 8 < y < 472) or np.min(np.hypot(*(others - [x, y]).T)) < 12:
+        continue
+      got = frame[int(y) - 1:int(y) + 2, int(x) - 1:int(x) + 2].reshape(-1, 3).mean(0)
+      if shown[k]:
+        assert np.abs(got - colors[k]).max() < 60, (k, got, colors[k])
+      else:  # Hollow: the centre is the frame, far from the colour.
+        assert np.abs(got - colors[k]).max() > 100, (k, got, colors[k])
+      checked += 1
+  assert checked >= 8
+  with open(s.files['trajectories'], 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_truncated_and_undecodable_videos(analysed, clips, trained):
+  """A cut file keeps the rows of the frames it has and says where it
+  stopped; a non-video is reported by name; the good one is analysed."""
+  summaries, out = analysed
+  assert set(summaries) == {'clip.mp4', 'cut.mkv'}  # broken.avi: not analysed.
+  cut = summaries['cut.mkv']
+  assert 0 < cut.frames_decoded < 8 and cut.frames_in_header == 8 and cut.stopped_early
+  df = pd.read_hdf(cut.files['h5'])
+  assert len(df) == cut.frames_decoded
+  assert np.isfinite(df.xs('x', axis=1, level='coords').to_numpy()).all()
+  meta = json.loads(open(cut.files['meta']).read())
+  assert meta['frames_decoded'] == cut.frames_decoded and meta['stopped_early']
+  with pytest.raises(video.VideoDecodeError, match='broken.avi'):
+    video.probe(clips / 'broken.avi')
+  # The command line with only the broken file: the error names it.
+  config, workdir, _ = trained
+  run = subprocess.run(
+      [sys.executable, '-m', 'kpseq_jax.main', '--mode=analyze',
+       f'--config={conftest.REPO / "configs" / "smoke.py"}',
+       f'--config.dataset_dir={config.dataset_dir}', f'--workdir={workdir}',
+       f'--videos={clips / "broken.avi"}', f'--out={out / "cli"}'],
+      cwd=conftest.REPO, capture_output=True, text=True)
+  assert run.returncode != 0
+  last = run.stderr.strip().splitlines()[-1]
+  assert 'VideoDecodeError' in last and f'{clips / "broken.avi"}: ' in last
+
+
+def test_predict_mode_points_videos_to_analyze(clips):
+  with pytest.raises(ValueError, match='--mode analyze'):
+    predict.list_images(str(clips / 'clip.mp4'))
+
+
+def test_track_boxes_follow_confident_keypoints_and_fall_back():
+  t = video.Track(min_confidence=0.5, min_keypoints=2)
+  assert t.box(0, 640, 480) == (0, 0, 640, 480)
+  kp = np.array([[[100., 100.], [140., 120.], [np.nan, np.nan]],
+                 [[200., 200.], [240., 260.], [600., 20.]]])
+  conf = np.array([[1., 1., 1.], [0.9, 0.8, 0.1]])
+  t.update(kp, conf, 640, 480)
+  # Last frame; the 0.1 keypoint is left out: extent 40 x 60, padded by
+  # 25% + 16 px on each side.
+  np.testing.assert_allclose(t.box(5, 640, 480), (174, 169, 92, 122))
+  t.update(kp[:1], np.array([[0.9, 0.2, 0.2]]), 640, 480)  # One confident: lost.
+  assert t.box(6, 640, 480) == (0, 0, 640, 480) and t.lost == 1
+  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)  # No confidence: all count.
+  np.testing.assert_allclose(t.box(7, 640, 480), (84, 0, 556, 336))  # Clipped.
+  # A stray keypoint cannot blow the box up beyond max_size_px: cut to
+  # 100 px around the keypoints' median.
+  t = video.Track(max_size_px=100, reacquire_every_batches=2)
+  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)
+  np.testing.assert_allclose(t.box(0, 640, 480), (190, 150, 100, 100))
+  # Without confidence it restarts from the whole frame every 2 batches.
+  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)
+  assert t.box(1, 640, 480) == (0, 0, 640, 480) and t.reacquired == 1
+  t.update(kp[1:], np.full([1, 3], 0.9), 640, 480)
+  t.update(kp[1:], np.full([1, 3], 0.9), 640, 480)  # With confidence: no restart.
+  assert t.box(2, 640, 480) != (0, 0, 640, 480) and t.reacquired == 1
+
+
+def test_box_file_takes_the_best_box_per_frame(tmp_path):
+  f = tmp_path / 'boxes.json'
+  f.write_text(json.dumps([{'image_id': 0, 'bbox': [1, 2, 30, 40], 'score': 0.5},
+                           {'image_id': 0, 'bbox': [5, 6, 70, 80], 'score': 0.9},
+                           {'image_id': 2, 'bbox': [0, 0, 10, 10]}]))
+  b = video.BoxFile(f)
+  assert b.box(0, 640, 480) == (5, 6, 70, 80)
+  assert b.box(1, 640, 480) == (0, 0, 640, 480) and b.frames_without_box == 1
+  f.write_text(json.dumps([{'image_id': 0, 'bbox': [0, 0, 0, 5]}]))
+  with pytest.raises(ValueError, match='no area'):
+    video.BoxFile(f)
+
+
+def test_median_filter_keeps_gaps_and_likelihood():
+  xy = np.stack([np.arange(10.), np.arange(10.) * 2], -1)[:, None].repeat(2, 1)  # [10, 2, 2]
+  xy[3, 0, 0] = 100.0  # A spike.
+  xy[6, 1] = np.nan  # A frame where keypoint 1 was not generated.
+  lk = np.linspace(0, 1, 20).reshape(10, 2)
+  df = dlc_output.pose_table(xy, lk, ['a', 'b'], 'me')
+  out = dlc_output.median_filter(df, 3)
+  a_x = out[('me', 'a', 'x')].to_numpy()
+  assert a_x[3] == 4.0  # The spike is gone: median(2, 100, 4).
+  np.testing.assert_array_equal(out[('me', 'a', 'likelihood')], lk[:, 0])
+  b_x = out[('me', 'b', 'x')].to_numpy()
+  assert np.isnan(b_x[6]) and b_x[5] == 5.0 and b_x[7] == 7.0
+  with pytest.raises(ValueError, match='odd'):
+    dlc_output.median_filter(df, 4)
