@@ -181,9 +181,10 @@ def test_broken_records_build(tmp_path):
   meta = builder.info.metadata
   assert meta['categories'] == [
       {'id': 1, 'name': 'thing', 'supercategory': 's', 'num_keypoints': 3,
-       'keypoint_names': ['left_x', 'mid', 'right_x'], 'skeleton': [[0, 1], [1, 2]], 'flip_pairs': [[0, 2]]},
+       'keypoint_names': ['left_x', 'mid', 'right_x'], 'skeleton': [[0, 1], [1, 2]], 'flip_pairs': [[0, 2]],
+       'oks_sigmas': []},
       {'id': 2, 'name': 'thing', 'supercategory': 's', 'num_keypoints': 2,
-       'keypoint_names': [], 'skeleton': [], 'flip_pairs': []}]
+       'keypoint_names': [], 'skeleton': [], 'flip_pairs': [], 'oks_sigmas': []}]
   assert meta['max_num_keypoints'] == 3
   assert meta['split_sizes'] == {'train': 6}
   assert meta['source_files'] == {'train': str(ann_path)}
@@ -272,7 +273,9 @@ def test_build_dlc_openfield(tmp_path):
   builder = tfds.builder_from_directory(out)
   assert builder.info.metadata['categories'] == [{
       'id': 1, 'name': 'mouse_topview', 'supercategory': 'animal', 'num_keypoints': 4,
-      'keypoint_names': ['snout', 'leftear', 'rightear', 'tailbase'], 'skeleton': [], 'flip_pairs': [[1, 2]]}]
+      'keypoint_names': ['snout', 'leftear', 'rightear', 'tailbase'], 'skeleton': [], 'flip_pairs': [[1, 2]],
+      'oks_sigmas': []}]
+  assert builder.info.metadata['unlabelled_means'] == 'unknown'  # COCO's default.
   assert builder.info.metadata['split_sizes'] == {'train': 93, 'test': 23}
   test = builder.as_data_source(split='test')
   assert len(test) == 23

@@ -233,17 +233,19 @@ def uncertainty_markdown(report: EvalReport) -> str:
              '|---:|---:|---:|---:|']
     for alpha in c['hit_alphas']:
       for r, v in c[f'alpha_{alpha}']['by_radius'].items():
-        lines.append(f'| {alpha} | {r} | {_fmt(v["ece"])} | '
-                     f'{_fmt(v["auroc"])} |')
-    t = c['alpha_0.2']['table']
-    lines += ['', 'Reliability (hit alpha 0.2):', '',
-              '| confidence bin | keypoints | mean confidence | accuracy |',
-              '|---|---:|---:|---:|']
-    for m, n in enumerate(t['count']):
-      if n:
-        lines.append(f'| ({t["edges"][m]:.1f}, {t["edges"][m + 1]:.1f}] | '
-                     f'{n} | {_fmt(t["mean_confidence"][m])} | '
-                     f'{_fmt(t["accuracy"][m])} |')
+        lines.append(f'| {alpha} | {r} | {_na(v["ece"])} | '
+                     f'{_na(v["auroc"])} |')
+    for alpha in c['hit_alphas']:
+      t = c[f'alpha_{alpha}']['table']
+      lines += ['', f'Reliability at radius {c["radius_bins"]} (hit alpha '
+                f'{alpha}):', '',
+                '| confidence bin | keypoints | mean confidence | accuracy |',
+                '|---|---:|---:|---:|']
+      for m, n in enumerate(t['count']):
+        if n:
+          lines.append(f'| ({t["edges"][m]:.1f}, {t["edges"][m + 1]:.1f}] '
+                       f'| {n} | {_fmt(t["mean_confidence"][m])} | '
+                       f'{_fmt(t["accuracy"][m])} |')
     parts.append('\n'.join(lines))
   if report.presence:
     p = report.presence
