@@ -295,3 +295,26 @@ def test_absent_keypoints_are_v0_in_results_and_hollow_in_overlays():
   assert tuple(drawn[10, 10]) == colors[0]  # Present: a filled disc.
   assert tuple(drawn[30, 30]) == (0, 0, 0)  # Absent: hollow ...
   assert tuple(drawn[30, 34]) == colors[1] or tuple(drawn[30, 33]) == colors[1]
+
+
+def test_a_keypoint_not_generated_is_a_miss_with_confidence_zero():
+  """<eos> before the category's K: the labelled keypoints left out count
+  in the calibration as misses with confidence 0 (not NaN, not skipped)."""
+  from data_prep.categories import Category
+  from kpseq_jax.data import dataset
+  from kpseq_jax.evaluation import uncertainty
+  cat = Category(1, 'thing', '', 2, ('a', 'b'), (), (), 'metadata')
+  info = dataset.DatasetInfo(categories={1: cat}, split_sizes={})
+  acc = uncertainty.UncertaintyAccumulator(info, 2, 0.1)
+  gt = np.array([[[10.0, 10.0, 2], [20.0, 20.0, 2]]])
+  batch = dict(keypoints=gt, bbox=np.array([[0.0, 0.0, 40.0, 40.0]]),
+               category_id=np.array([1]), image_id=np.array([1]),
+               num_keypoints=np.array([2]))
+  pred = np.array([[[10.0, 10.0], [np.nan, np.nan]]])  # b not generated.
+  conf = np.full([1, 2, len(decoding.CONFIDENCE_RADII_BINS)], 0.9)
+  conf[0, 1] = np.nan
+  acc.update(batch, pred, conf, None, None)
+  c = acc.result().calibration['alpha_0.2']
+  assert c['num'] == 2 and c['accuracy'] == 0.5
+  assert c['mean_confidence'] == pytest.approx(0.45)
+  assert c['auroc'] == 1.0

@@ -141,14 +141,16 @@ class UncertaintyAccumulator:
   def _calibration(self, d) -> dict[str, Any]:
     out = {'radius_bins': vocab_lib.CONFIDENCE_RADII_BINS[self.radius],
            'hit_alphas': list(HIT_ALPHAS)}
+    # A labelled keypoint the model did not generate (it emitted <eos>
+    # early) is a miss with confidence 0, not a NaN to skip.
+    conf = np.nan_to_num(d['conf'], nan=0.0)
     for alpha in HIT_ALPHAS:
       hit, labelled, _ = metrics.correct_keypoints(
           d['pred_px'], d['keypoints'], d['bbox'], alpha, d['size'])
-      chosen = calibration.calibration(d['conf'][..., self.radius], hit,
-                                       labelled)
+      chosen = calibration.calibration(conf[..., self.radius], hit, labelled)
       by_radius = {}
       for j, r in enumerate(vocab_lib.CONFIDENCE_RADII_BINS):
-        c = calibration.calibration(d['conf'][..., j], hit, labelled)
+        c = calibration.calibration(conf[..., j], hit, labelled)
         by_radius[str(r)] = dict(ece=c.ece, auroc=c.auroc,
                                  mean_confidence=c.mean_confidence)
       out[f'alpha_{alpha}'] = dict(chosen.to_dict(), by_radius=by_radius)
