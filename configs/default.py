@@ -123,6 +123,20 @@ def get_config() -> ml_collections.ConfigDict:
   # per ResNet block / per decoder layer; less memory, more compute.
   c.remat_backbone = False
   c.remat_decoder = False
+  # Coarse to fine across decoder layers (issue 19; kpseq_jax/models/decoder.py).
+  # Iterative reference-point refinement (Deformable DETR's with_box_refine,
+  # the official Raster2Seq's poly_refine): each layer predicts its own
+  # (x, y) around where it sampled and the next layer samples there; the
+  # intermediate points are trained by L1. Off in the paper config.
+  c.decoder_refine_points = False
+  # Auxiliary losses: CE + L1 on every decoder layer's output through the
+  # shared heads, summed with the last layer's (the official Raster2Seq's
+  # SetCriterion on all layers; DETR's aux_loss). Off in the paper config.
+  c.decoder_aux_loss = False
+  # Poseur's noisy reference points: std of Gaussian noise added to the
+  # first layer's reference points in training, as a fraction of the crop
+  # (normalised [0, 1] units); 0 disables.
+  c.reference_point_noise_frac = 0.0
 
   # Loss (Raster2Seq: 1.0 * cross-entropy + 5.0 * L1).
   c.ce_weight = 1.0

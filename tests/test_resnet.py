@@ -17,7 +17,7 @@ def _feature_shapes(model, batch, size):
   return {k: v.shape for k, v in features.items()}, variables
 
 
-def test_resnet18_runs_with_strides_8_16_32():
+def test_resnet18_runs_with_strides_4_8_16_32():
   model = ResNet(depth=18)
   images = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
   variables = jax.jit(lambda x: model.init(jax.random.PRNGKey(1), x,
@@ -25,14 +25,15 @@ def test_resnet18_runs_with_strides_8_16_32():
   features = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, images)
   assert {k: v.shape for k, v in features.items()} == {
-      'c3': (2, 8, 8, 128), 'c4': (2, 4, 4, 256), 'c5': (2, 2, 2, 512)}
+      'c2': (2, 16, 16, 64), 'c3': (2, 8, 8, 128), 'c4': (2, 4, 4, 256),
+      'c5': (2, 2, 2, 512)}
   assert all(bool(jnp.all(jnp.isfinite(v))) for v in features.values())
 
 
 def test_resnet50_channels_and_torchvision_names():
   shapes, variables = _feature_shapes(ResNet(depth=50), 2, 64)
-  assert shapes == {'c3': (2, 8, 8, 512), 'c4': (2, 4, 4, 1024),
-                    'c5': (2, 2, 2, 2048)}
+  assert shapes == {'c2': (2, 16, 16, 256), 'c3': (2, 8, 8, 512),
+                    'c4': (2, 4, 4, 1024), 'c5': (2, 2, 2, 2048)}
   params = variables['params']
   assert set(params) == {'conv1', 'bn1'} | {
       f'layer{s}_{b}' for s, n in zip(range(1, 5), (3, 4, 6, 3))

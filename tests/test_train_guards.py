@@ -1,5 +1,7 @@
 """Non-finite loss/gradient guards of the train step and impossible configs."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ class _Tiny(nn.Module):
   """Stands in for the sequence model: logits and coords from two params."""
   support_conditioning: bool = False
   support_proposals: bool = False
+  intermediate_outputs: bool = False
 
   @nn.compact
   def __call__(self, image, input_tokens, input_coords, train=False,
@@ -131,13 +134,15 @@ def _info(ks):
     ('image_size_px', 100, 'image_size_px=100 must be a positive multiple of 32'),
     ('num_bins', 1, 'num_bins=1 must be >= 2'),
     ('mesh_shape', (3, 1), 'mesh_shape=(3, 1) has 3 devices'),
+    ('reference_point_noise_frac', 0.7,
+     'reference_point_noise_frac=0.7 must be in [0, 0.5)'),
+    ('feature_levels', ('c1',), "feature_levels=('c1',) must be"),
 ])
 def test_impossible_config_fails_with_a_clear_message(field, value, message):
   c = smoke.get_config()
   c.dataset_dir = 'x'
   c[field] = value
-  with pytest.raises(ValueError, match=message.replace('(', r'\(').replace(
-      ')', r'\)')):
+  with pytest.raises(ValueError, match=re.escape(message)):
     config_checks.check(c)
 
 

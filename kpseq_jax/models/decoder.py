@@ -27,6 +27,23 @@ model with support proposals, the logit of where the support keypoint that
 position t works on was proposed in the query (two-stage Deformable DETR's
 proposals as reference points; CapeFormer's proposal generator). It depends
 only on position t, so causality is preserved.
+
+Iterative refinement (``refine_points``; Deformable DETR's
+``with_box_refine``, the official Raster2Seq's ``poly_refine``): layer l's
+output at position t predicts a keypoint point ``p_l = sigmoid(head_l(x_l) +
+logit(r_l))`` with its own 3-layer MLP ``point_heads_l`` (Deformable DETR's
+``bbox_embed`` per layer) around the reference point ``r_l`` it sampled at,
+and the next layer samples around it: ``r_{l+1} = stop_gradient(p_l)``
+(Deformable DETR detaches between layers). The last layer's point is the
+model's (x, y) output. Each position refines only its own point, so
+causality and the cached decoder (``step``: one position through all
+layers) are unchanged.
+
+Noisy reference points (``reference_noise``, training only; the "noisy
+reference points sampling" of Poseur, Mao et al., ECCV 2022): the first layer's reference points get
+Gaussian noise of that standard deviation (normalised [0, 1] image units),
+clipped to the image, so the refinement learns to correct a point it did
+not choose.
 """
 
 from __future__ import annotations
@@ -69,6 +86,26 @@ def self_attention_mask(query_positions: jax.Array,
     return mask[None, None]
   valid = jnp.pad(prefix_valid, ((0, 0), (0, num_keys - p)))  # [B, Lk]
   return (mask[None] | valid[:, None, :])[:, None]
+
+
+def inverse_sigmoid(p: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """logit(p), float32, with p clipped to [eps, 1 - eps] (Deformable DETR's
+  ``inverse_sigmoid``, which clamps with eps = 1e-5)."""
+  p = jnp.clip(p.astype(jnp.float32), eps, 1.0 - eps)
+  return jnp.log(p) - jnp.log1p(-p)
+
+
+class PointHead(nn.Module):
+  """3-layer ReLU MLP D -> D -> D -> 2 (Deformable DETR's ``MLP(d, d, 4,
+  3)`` box head, here for an (x, y) point); float32 output [..., 2]."""
+  d_model: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Dense(self.d_model, dtype=self.dtype)(x))
+    x = nn.relu(nn.Dense(self.d_model, dtype=self.dtype)(x))
+    return nn.Dense(2, dtype=self.dtype)(x).astype(jnp.float32)
 
 
 class DecoderLayer(nn.Module):
@@ -179,9 +216,13 @@ class Decoder(nn.Module):
   DETR (``norm2`` after self-attention, ``norm1`` after cross-attention,
   ``norm3`` after the FFN); layers are ``layers_0`` ... ``layers_{n-1}``.
 
-  Attributes: as ``DecoderLayer`` plus ``num_layers`` (Deformable DETR: 6)
-  and ``remat`` (rematerialise each layer's activations in the backward
-  pass, ``nn.remat``; forward values are unchanged).
+  Attributes: as ``DecoderLayer`` plus ``num_layers`` (Deformable DETR: 6),
+  ``remat`` (rematerialise each layer's activations in the backward pass,
+  ``nn.remat``; forward values are unchanged), ``refine_points`` (iterative
+  reference-point refinement with ``point_heads_0 ..
+  point_heads_{n-1}``, module docstring) and ``reference_noise`` (std of
+  the training noise on the first reference points, normalised units; 0
+  disables; needs the 'dropout' rng).
   """
   num_layers: int = 6
   d_model: int = 256
@@ -192,6 +233,8 @@ class Decoder(nn.Module):
   num_points: int = 4
   decode: bool = False
   remat: bool = False
+  refine_points: bool = False
+  reference_noise: float = 0.0
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -207,15 +250,40 @@ class Decoder(nn.Module):
                   self.num_levels, self.num_points, decode=self.decode,
                   dtype=self.dtype, name=f'layers_{i}')
         for i in range(self.num_layers)]
+    if self.refine_points:
+      self.point_heads = [PointHead(self.d_model, self.dtype,
+                                    name=f'point_heads_{i}')
+                          for i in range(self.num_layers)]
 
-  def _reference_points(self, x: jax.Array,
-                        prior: Optional[jax.Array]) -> jax.Array:
+  def _reference_points(self, x: jax.Array, prior: Optional[jax.Array],
+                        train: bool = False) -> jax.Array:
     """[B, L, D] (+ float32 [B, L, 2] logit prior) -> float32 [B, L, 2] in
-    [0, 1], from each position alone."""
+    [0, 1], from each position alone (plus the training noise)."""
     logits = self.reference_points(x).astype(jnp.float32)
     if prior is not None:
       logits = logits + prior
-    return nn.sigmoid(logits)
+    points = nn.sigmoid(logits)
+    if train and self.reference_noise > 0:
+      noise = jax.random.normal(self.make_rng('dropout'), points.shape)
+      points = jnp.clip(points + self.reference_noise * noise, 0.0, 1.0)
+    return points
+
+  def _refine(self, i: int, x: jax.Array, reference_points: jax.Array
+              ) -> Tuple[jax.Array, jax.Array]:
+    """Layer i's point and the next layer's reference points.
+
+    Args:
+      i: layer index.
+      x: [B, L, D] layer i's output.
+      reference_points: float32 [B, L, 2] where layer i sampled.
+
+    Returns:
+      (point float32 [B, L, 2] in [0, 1], with gradients; the next
+      reference points, the same values with gradients stopped).
+    """
+    point = nn.sigmoid(self.point_heads[i](x) +
+                       inverse_sigmoid(reference_points))
+    return point, jax.lax.stop_gradient(point)
 
   def __call__(
       self,
@@ -225,7 +293,7 @@ class Decoder(nn.Module):
       train: bool,
       mask: Optional[jax.Array] = None,
       reference_prior: Optional[jax.Array] = None,
-  ) -> jax.Array:
+  ) -> Tuple[Tuple[jax.Array, ...], Optional[Tuple[jax.Array, ...]]]:
     """Decoding of the whole sequence (teacher forcing).
 
     With ``decode=True`` this call only serves to create the 'cache'
@@ -241,14 +309,23 @@ class Decoder(nn.Module):
         points' (module docstring); None: none.
 
     Returns:
-      [B, L, D] in ``dtype``.
+      (states, points): every layer's output [B, L, D] in ``dtype``
+      (``num_layers`` of them, the last is the decoder's output) and, with
+      ``refine_points``, every layer's point float32 [B, L, 2] in [0, 1],
+      else None.
     """
-    reference_points = self._reference_points(x, reference_prior)  # [B, L, 2]
+    reference_points = self._reference_points(
+        x, reference_prior, train)  # [B, L, 2]
     if mask is None:
       mask = self_attention_mask(jnp.arange(x.shape[1]), None, x.shape[1])
-    for layer in self.layers:
+    states, points = [], []
+    for i, layer in enumerate(self.layers):
       x = layer(x, reference_points, memory, spatial_shapes, mask, train)
-    return x
+      states.append(x)
+      if self.refine_points:
+        point, reference_points = self._refine(i, x, reference_points)
+        points.append(point)
+    return tuple(states), (tuple(points) if self.refine_points else None)
 
   def project_values(self, memory: jax.Array) -> Tuple[jax.Array, ...]:
     """Every layer's deformable values, once per image.
@@ -275,9 +352,14 @@ class Decoder(nn.Module):
       reference_prior: float32 [B, T, 2] as in ``__call__``.
 
     Returns:
-      [B, T, D] in ``dtype``; writes each layer's cache at the positions.
+      (x, point): the last layer's output [B, T, D] in ``dtype`` and, with
+      ``refine_points``, its point float32 [B, T, 2] (else None); writes
+      each layer's cache at the positions.
     """
     reference_points = self._reference_points(x, reference_prior)  # [B, T, 2]
-    for layer, value in zip(self.layers, values):
+    point = None
+    for i, (layer, value) in enumerate(zip(self.layers, values)):
       x = layer.step(x, reference_points, value, spatial_shapes, mask)
-    return x
+      if self.refine_points:
+        point, reference_points = self._refine(i, x, reference_points)
+    return x, point

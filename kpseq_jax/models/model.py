@@ -74,7 +74,7 @@ from kpseq_jax.sequence import vocab as vocab_lib
 # ImageNet statistics in 0..255 pixel units (torchvision normalisation).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-_LEVELS = ('c3', 'c4', 'c5')  # ResNet strides 8, 16, 32.
+FEATURE_LEVELS = ('c2', 'c3', 'c4', 'c5')  # ResNet strides 4, 8, 16, 32.
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)  # BERT/GPT-style tables.
 
 
@@ -243,8 +243,9 @@ class KeypointSequenceModel(nn.Module):
     backbone_conv_impl: 'auto', 'xla' or 'gemm': how the backbone and
       ``input_proj`` compute convolutions (see ``conv.py``; same parameters
       and values).
-    feature_levels: subset of ('c3', 'c4', 'c5') used as memory levels;
-      several levels give Deformable DETR multi-scale attention.
+    feature_levels: subset of ('c2', 'c3', 'c4', 'c5') (strides 4, 8, 16,
+      32) used as memory levels; several levels give Deformable DETR
+      multi-scale attention.
     d_model: transformer width (Deformable DETR: 256).
     num_heads: attention heads (8).
     num_layers: decoder layers (6).
@@ -262,6 +263,19 @@ class KeypointSequenceModel(nn.Module):
     support_proposals: with ``support_conditioning``, propose where each
       support keypoint is in the query and lay the reference points there
       (module docstring); adds ``proposal_query`` and ``proposal_key``.
+    refine_points: iterative reference-point refinement across decoder
+      layers (`decoder.Decoder`, Deformable DETR's ``with_box_refine``):
+      the (x, y) output is the last layer's refined point, and
+      ``coord_head`` is replaced by the decoder's per-layer
+      ``point_heads``.
+    reference_noise: std of the training noise on the first reference
+      points, normalised [0, 1] units (Poseur); 0 disables.
+    intermediate_outputs: ``decode`` also sows the outputs of layers 0 ..
+      num_layers - 2 into the 'intermediates' collection for auxiliary
+      losses: 'aux_logits' float32 [num_layers - 1, B, L, V] and
+      'aux_coords' float32 [num_layers - 1, B, L, 2] (each layer through
+      the shared ``class_head`` and ``coord_head``, or its refined point;
+      the official Raster2Seq supervises every decoder layer).
     dtype: compute dtype (float32 or bfloat16); parameters are float32,
       logits and coordinates float32.
   """
@@ -283,13 +297,16 @@ class KeypointSequenceModel(nn.Module):
   cache_decoding: bool = False
   support_conditioning: bool = False
   support_proposals: bool = False
+  refine_points: bool = False
+  reference_noise: float = 0.0
+  intermediate_outputs: bool = False
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    unknown = set(self.feature_levels) - set(_LEVELS)
+    unknown = set(self.feature_levels) - set(FEATURE_LEVELS)
     if unknown or not self.feature_levels:
       raise ValueError(f'feature_levels must be a non-empty subset of '
-                       f'{_LEVELS}, got {self.feature_levels}')
+                       f'{FEATURE_LEVELS}, got {self.feature_levels}')
     self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
                            remat=self.remat_backbone,
                            conv_impl=self.backbone_conv_impl,
@@ -317,11 +334,14 @@ class KeypointSequenceModel(nn.Module):
         num_layers=self.num_layers, d_model=self.d_model,
         num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
         num_levels=len(self.feature_levels), num_points=self.num_points,
-        decode=self.cache_decoding, remat=self.remat_decoder, dtype=self.dtype)
+        decode=self.cache_decoding, remat=self.remat_decoder,
+        refine_points=self.refine_points,
+        reference_noise=self.reference_noise, dtype=self.dtype)
     self.class_head = nn.Dense(self.vocab.vocab_size, dtype=self.dtype)
-    self.coord_head = [nn.Dense(self.d_model, dtype=self.dtype),
-                       nn.Dense(self.d_model, dtype=self.dtype),
-                       nn.Dense(2, dtype=self.dtype)]
+    if not self.refine_points:  # Refinement: the decoder's point_heads.
+      self.coord_head = [nn.Dense(self.d_model, dtype=self.dtype),
+                         nn.Dense(self.d_model, dtype=self.dtype),
+                         nn.Dense(2, dtype=self.dtype)]
     if self.support_conditioning:
       self.support_proj = nn.Dense(self.d_model, dtype=self.dtype)
       # Marks prefix positions (they have no position embedding).
@@ -550,18 +570,31 @@ class KeypointSequenceModel(nn.Module):
       prior = self._reference_prior(prefix, jnp.arange(length))
       if prior is not None:
         prior = jnp.concatenate([_logit(prefix.proposals), prior], axis=1)
-    x = self.decoder(x, memory.features, memory.spatial_shapes, train,
-                     mask, prior)  # [B, P + L, D]
-    return self._heads(x[:, x.shape[1] - length:])
+    states, points = self.decoder(x, memory.features, memory.spatial_shapes,
+                                  train, mask, prior)  # [B, P + L, D] each
+    p = x.shape[1] - length
+    outputs = [self._heads(state[:, p:],
+                           None if points is None else points[i][:, p:])
+               for i, state in enumerate(states)]
+    if self.intermediate_outputs and len(outputs) > 1:
+      self.sow('intermediates', 'aux_logits',
+               jnp.stack([logits for logits, _ in outputs[:-1]]))
+      self.sow('intermediates', 'aux_coords',
+               jnp.stack([xy for _, xy in outputs[:-1]]))
+    return outputs[-1]
 
   def _prefix_inputs(self, prefix: SupportPrefix) -> jax.Array:
     """[B, P, D] decoder inputs of the prefix positions."""
     return (prefix.features + self.prefix_embed).astype(self.dtype)
 
-  def _heads(self, x: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  def _heads(self, x: jax.Array, point: jax.Array | None = None
+             ) -> Tuple[jax.Array, jax.Array]:
     """Decoder states [B, L, D] -> (float32 logits [B, L, V], float32
-    sigmoid (x, y) [B, L, 2])."""
+    sigmoid (x, y) [B, L, 2]); the (x, y) is ``point`` (float32 [B, L, 2],
+    a refined point) when given, else ``coord_head``'s."""
     logits = self.class_head(x).astype(jnp.float32)  # [B, L, V]
+    if point is not None:
+      return logits, point
     h = x
     for i, layer in enumerate(self.coord_head):
       h = layer(h)
@@ -630,10 +663,10 @@ class KeypointSequenceModel(nn.Module):
     mask = self_attention_mask(positions + p,
                                None if prefix is None else prefix.valid,
                                cache_length)
-    x = self.decoder.step(x.astype(self.dtype), memory.values,
-                          memory.spatial_shapes, mask,
-                          self._reference_prior(prefix, positions))  # [B, 1, D]
-    logits, xy = self._heads(x)
+    x, point = self.decoder.step(
+        x.astype(self.dtype), memory.values, memory.spatial_shapes, mask,
+        self._reference_prior(prefix, positions))  # [B, 1, D], [B, 1, 2]
+    logits, xy = self._heads(x, point)
     return logits[:, 0], xy[:, 0]
 
   def __call__(self, images: jax.Array, input_tokens: jax.Array,

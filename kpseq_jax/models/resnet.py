@@ -222,10 +222,10 @@ class ResNet(nn.Module):
       train: batch statistics for ``norm='batch'``.
 
     Returns:
-      {'c3': [B, H/8, W/8, C3], 'c4': [B, H/16, W/16, C4],
-       'c5': [B, H/32, W/32, C5]} in ``dtype`` (sizes rounded up), with
-      (C3, C4, C5) = (128, 256, 512) for depth 18/34 and (512, 1024, 2048)
-      for depth 50.
+      {'c2': [B, H/4, W/4, C2], 'c3': [B, H/8, W/8, C3],
+       'c4': [B, H/16, W/16, C4], 'c5': [B, H/32, W/32, C5]} in ``dtype``
+      (sizes rounded up), with (C2, C3, C4, C5) = (64, 128, 256, 512) for
+      depth 18/34 and (256, 512, 1024, 2048) for depth 50.
     """
     if self.depth not in _STAGES:
       raise ValueError(f'depth must be one of {sorted(_STAGES)}, got {self.depth}')
@@ -257,7 +257,6 @@ class ResNet(nn.Module):
                       name=f'layer{stage + 1}_{block}')(x, train and not frozen)
       if frozen:
         x = jax.lax.stop_gradient(x)
-      if stage >= 1:
-        outputs[f'c{stage + 2}'] = x  # stride 2**(stage + 2)
+      outputs[f'c{stage + 2}'] = x  # stride 2**(stage + 2)
     return outputs
 

@@ -6,10 +6,9 @@ import numpy as np
 
 from kpseq_jax.data import dataset
 from kpseq_jax.models import conv as conv_lib
+from kpseq_jax.models import model as model_lib
 from kpseq_jax.runtime import sharding
 from kpseq_jax.sequence import vocab as vocab_lib
-
-_LEVELS = ('c3', 'c4', 'c5')
 
 
 def check(config: ml_collections.ConfigDict) -> None:
@@ -17,7 +16,7 @@ def check(config: ml_collections.ConfigDict) -> None:
 
   Checked: ``dataset_dir`` set; ``image_size_px`` a positive multiple of 32
   (the backbone's stride); ``num_bins >= 2``; ``feature_levels`` a
-  non-empty subset of c3/c4/c5; ``d_model`` divisible by ``num_heads``;
+  non-empty subset of c2/c3/c4/c5; ``d_model`` divisible by ``num_heads``;
   batch sizes divisible by the device count; ``mesh_shape`` matching the
   devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known;
   ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4;
@@ -37,9 +36,9 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.num_bins < 2:
     errors.append(f'num_bins={config.num_bins} must be >= 2.')
   levels = tuple(config.feature_levels)
-  if not levels or any(l not in _LEVELS for l in levels):
+  if not levels or any(l not in model_lib.FEATURE_LEVELS for l in levels):
     errors.append(f'feature_levels={levels} must be a non-empty subset of '
-                  f'{_LEVELS}.')
+                  f'{model_lib.FEATURE_LEVELS}.')
   if config.d_model % config.num_heads:
     errors.append(f'd_model={config.d_model} is not divisible by '
                   f'num_heads={config.num_heads}.')
@@ -83,6 +82,15 @@ def check(config: ml_collections.ConfigDict) -> None:
   if not config.oks_default_sigma >= 0:
     errors.append(f'oks_default_sigma={config.oks_default_sigma} must be >= '
                   '0 (0: every category needs its own sigmas).')
+  if not 0 <= config.reference_point_noise_frac < 0.5:
+    errors.append(f'reference_point_noise_frac='
+                  f'{config.reference_point_noise_frac} must be in [0, 0.5) '
+                  '(a fraction of the crop).')
+  if (config.decoder_aux_loss or config.decoder_refine_points) and (
+      config.num_layers < 2):
+    errors.append('decoder_aux_loss / decoder_refine_points need '
+                  f'num_layers >= 2 (got {config.num_layers}): they work on '
+                  'the layers before the last.')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')

@@ -5,6 +5,8 @@ the x/y of unlabelled keypoints) plus L1 between the regression head's
 normalised (x, y) and the keypoint at the x and y target positions of
 labelled keypoints (``coord_weights``). Weights 1.0 and 5.0 come from the
 Raster2Seq paper; each term is a mean over its own weighted positions.
+`intermediate_layer_loss` applies the same terms to every earlier decoder
+layer (auxiliary losses, reference-point refinement).
 """
 
 import jax
@@ -36,6 +38,33 @@ def sequence_loss(logits: jax.Array, coords: jax.Array, batch: dict,
   cw = batch['coord_weights']
   l1 = jnp.sum(err.mean(-1) * cw) / jnp.maximum(jnp.sum(cw), 1.0)
   return ce_weight * ce + l1_weight * l1, {'ce': ce, 'l1': l1}
+
+
+def intermediate_layer_loss(aux_logits: jax.Array, aux_coords: jax.Array,
+                            batch: dict, ce_weight: float, l1_weight: float
+                            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`sequence_loss` of every intermediate decoder layer, summed.
+
+  The official Raster2Seq (``SetCriterion`` with ``aux_outputs``) and DETR
+  add each earlier layer's loss with the last layer's weights; a refined
+  point (Deformable DETR ``with_box_refine``) is trained the same way.
+  ``ce_weight = 0`` supervises only the points.
+
+  Args:
+    aux_logits: float32 [N, B, L, V], layers 0 .. N - 1 of N + 1.
+    aux_coords: float32 [N, B, L, 2] normalised (x, y).
+    batch, ce_weight, l1_weight: as `sequence_loss`.
+
+  Returns:
+    (sum over the N layers of their weighted losses, {'aux_ce', 'aux_l1':
+    the layers' mean CE and mean L1}).
+  """
+  def one_layer(logits, coords):
+    loss, parts = sequence_loss(logits, coords, batch, ce_weight, l1_weight)
+    return loss, parts['ce'], parts['l1']
+
+  loss, ce, l1 = jax.vmap(one_layer)(aux_logits, aux_coords)  # [N] each
+  return jnp.sum(loss), {'aux_ce': jnp.mean(ce), 'aux_l1': jnp.mean(l1)}
 
 
 def proposal_loss(proposals: jax.Array, keypoints: jax.Array,

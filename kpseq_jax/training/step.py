@@ -37,6 +37,7 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                ce_weight: float, l1_weight: float,
                proposal_l1_weight: float = 0.0,
+               aux_ce_weight: float = 0.0,
                skip_nonfinite: bool = False
                ) -> tuple[ts.TrainState, dict]:
   """One AdamW update on a global batch (see `train_fields`).
@@ -46,11 +47,15 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
   were (``jnp.where`` on the finite flag); only ``step`` advances.
 
   The loss is `losses.sequence_loss`, plus ``proposal_l1_weight`` x
-  `losses.proposal_loss` for a model with support proposals.
+  `losses.proposal_loss` for a model with support proposals, plus, for a
+  model with ``intermediate_outputs``, `losses.intermediate_layer_loss` of
+  the earlier decoder layers with ``aux_ce_weight`` and ``l1_weight``
+  (``aux_ce_weight`` = 0: only the refined points are supervised).
 
   Returns:
     (new state, metrics): scalars ``loss``, ``ce``, ``l1`` (and
-    ``proposal_l1`` with support proposals), ``grad_norm``,
+    ``proposal_l1`` with support proposals, ``aux_ce`` and ``aux_l1``
+    with intermediate outputs), ``grad_norm``,
     ``learning_rate`` (of this update) and ``update_skipped`` (1 if the
     update was skipped, else 0).
   """
@@ -72,6 +77,13 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
           proposals, batch['query_keypoints'],
           batch['query_keypoint_weights'])
       loss = loss + proposal_l1_weight * parts['proposal_l1']
+    if model.intermediate_outputs and model.num_layers > 1:
+      [aux_logits] = updates['intermediates']['aux_logits']
+      [aux_coords] = updates['intermediates']['aux_coords']
+      aux, aux_parts = losses.intermediate_layer_loss(
+          aux_logits, aux_coords, batch, aux_ce_weight, l1_weight)
+      loss = loss + aux
+      parts.update(aux_parts)
     return loss, (parts, updates.get('batch_stats', state.batch_stats))
 
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(
@@ -102,7 +114,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
 
   Args:
     config: ``ce_weight``, ``l1_weight``, ``cape_proposal_l1_weight``,
-      ``skip_nonfinite_updates``.
+      ``decoder_aux_loss`` (the earlier layers' CE weighs ``ce_weight``,
+      else 0), ``skip_nonfinite_updates``.
     model: the `KeypointSequenceModel`.
     tx: the optimizer (`train_state.create_optimizer`).
     schedule: its learning-rate schedule (for the logged rate).
@@ -120,6 +133,8 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
                         ce_weight=config.ce_weight,
                         l1_weight=config.l1_weight,
                         proposal_l1_weight=config.cape_proposal_l1_weight,
+                        aux_ce_weight=(config.ce_weight
+                                       if config.decoder_aux_loss else 0.0),
                         skip_nonfinite=config.skip_nonfinite_updates),
       in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),

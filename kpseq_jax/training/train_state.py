@@ -65,6 +65,10 @@ def create_model(config: ml_collections.ConfigDict
       max_seq_len=sequence_length(config),
       support_conditioning=config.setting == 'cape',
       support_proposals=config.setting == 'cape' and config.cape_proposals,
+      refine_points=config.decoder_refine_points,
+      reference_noise=config.reference_point_noise_frac,
+      intermediate_outputs=(config.decoder_aux_loss
+                            or config.decoder_refine_points),
       dtype=jnp.dtype(config.compute_dtype))
 
 
