@@ -34,6 +34,10 @@ Prints one JSON object, everything measured in the same run:
   the train step consumes (batch_size / seconds per step); skipped with a
   message when the data set is missing.
 
+With ``--out FILE`` the report so far is also written to FILE (atomically)
+after each section, and, if a later section fails, with ``error`` naming
+the failure: nothing already measured is lost.
+
 Inputs for the train step and decoding are synthetic (random images, random
 keypoint sequences); parameters are a random initialisation.
 """
@@ -47,6 +51,7 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -91,6 +96,9 @@ flags.DEFINE_integer('decode_reps', 3, 'Timed calls of the cached decoder '
 flags.DEFINE_bool('skip_decode', False, 'Skip the decoding figures.')
 flags.DEFINE_bool('decode_cape', True, 'Also time the support-conditioned '
                   '(CAPE, 1-shot) decoder of the same model ("decoding_cape").')
+flags.DEFINE_string('out', None, 'Also write the report to this JSON file '
+                    'after every section (a late failure keeps the figures '
+                    'measured before it, with "error").')
 flags.DEFINE_integer('pipeline_examples', 2048, 'Pipeline examples to time '
                      '(rounded up to whole batches).')
 
@@ -370,14 +378,31 @@ def _describe(config: ml_collections.ConfigDict) -> dict:
               max_num_keypoints=config.max_num_keypoints)
 
 
-def run(config: ml_collections.ConfigDict) -> dict:
-  """All figures for ``config`` (and the paper config unless skipped)."""
+def write_report(report: dict, path: str) -> None:
+  """Writes ``report`` as JSON to ``path`` atomically (a temporary file in
+  the same folder, then ``os.replace``), so a reader never sees half a
+  file."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(report, f, indent=1)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def run(config: ml_collections.ConfigDict,
+        on_section: Callable[[dict], None] = lambda report: None) -> dict:
+  """All figures for ``config`` (and the paper config unless skipped).
+
+  ``on_section(report)`` is called with the report so far after each
+  section (matmul peak, each config's train steps, pipeline, decoding).
+  """
   report: dict[str, Any] = dict(
       jax_version=jax.__version__, backend=jax.default_backend(),
       devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
       load_average_at_start=list(os.getloadavg()))
   peak = matmul_peak(FLAGS.matmul_size, FLAGS.matmul_reps)
   report['matmul_peak'] = peak
+  on_section(report)
   configs = {'config': config}
   if not FLAGS.skip_paper:
     paper = default_config.get_config()
@@ -386,20 +411,24 @@ def run(config: ml_collections.ConfigDict) -> dict:
     configs['paper'] = paper
   report['configs'] = {n: _describe(c) for n, c in configs.items()}
   steps, pipes = {}, {}
+  report['train_step'] = steps
+  report['pipeline'] = pipes
   for name, c in configs.items():
     variants = FLAGS.variants if name == 'config' else FLAGS.paper_variants
-    steps[name] = {v: train_step_figures(_variant(c, v), FLAGS.num_steps,
-                                         peak['flops_per_s'])
-                   for v in variants}
+    steps[name] = {}
+    for v in variants:
+      steps[name][v] = train_step_figures(_variant(c, v), FLAGS.num_steps,
+                                          peak['flops_per_s'])
+      on_section(report)
     base = steps[name].get('f32') or next(iter(steps[name].values()), None)
     pipes[name] = pipeline_figures(
         c, FLAGS.pipeline_examples, base and base['examples_per_s'])
+    on_section(report)
   for figures in steps.values():  # Speed-up of the conv implementation.
     if 'f32' in figures and 'xla_conv' in figures:
       figures['gemm_conv_speedup'] = (figures['xla_conv']['seconds_per_step'] /
                                       figures['f32']['seconds_per_step'])
-  report['train_step'] = steps
-  report['pipeline'] = pipes
+  on_section(report)
   if not FLAGS.skip_decode:
     dc = configs['paper'] if FLAGS.decode_model == 'paper' else config
     if FLAGS.decode_model == 'paper' and FLAGS.skip_paper:
@@ -409,6 +438,7 @@ def run(config: ml_collections.ConfigDict) -> dict:
         includes='encoder + greedy loop; <eos> suppressed (all K groups)',
         **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
                            FLAGS.decode_batch, FLAGS.decode_reps))
+    on_section(report)
     if FLAGS.decode_cape:
       report['decoding_cape'] = dict(
           model=FLAGS.decode_model, model_config=_describe(dc),
@@ -426,8 +456,24 @@ def main(argv):
   if FLAGS.config is None:
     raise app.UsageError('--config is required.')
   memory_setting = host_memory.keep_freed_memory()  # Before JAX threads.
-  report = run(FLAGS.config)
+  partial = {'host_memory': memory_setting}
+
+  def on_section(report):
+    partial.update(report)
+    if FLAGS.out:
+      write_report(partial, FLAGS.out)
+
+  try:
+    report = run(FLAGS.config, on_section)
+  except BaseException as e:  # Keep what was measured, then fail.
+    if FLAGS.out:
+      partial['error'] = f'{type(e).__name__}: {e}'
+      write_report(partial, FLAGS.out)
+      logging.error('benchmark failed; figures so far are in %s', FLAGS.out)
+    raise
   report['host_memory'] = memory_setting
+  if FLAGS.out:
+    write_report(report, FLAGS.out)
   json.dump(report, sys.stdout, indent=1)
   sys.stdout.write('\n')
 

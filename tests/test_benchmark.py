@@ -15,8 +15,9 @@ def _positive(x):
   return isinstance(x, numbers.Real) and x > 0
 
 
-def test_benchmark_tiny_mode_json():
-  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark',
+def test_benchmark_tiny_mode_json(tmp_path):
+  out_file = tmp_path / 'bench.json'
+  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark', f'--out={out_file}',
          '--config', 'configs/smoke.py', '--skip_paper', '--num_steps=1',
          '--variants=f32,xla_conv', '--decode_ks=2', '--decode_batch=1',
          '--decode_reps=1', '--matmul_size=128', '--matmul_reps=2',
@@ -24,6 +25,7 @@ def test_benchmark_tiny_mode_json():
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                        timeout=900, check=True).stdout
   report = json.loads(out)
+  assert json.loads(out_file.read_text()) == report
   assert _positive(report['matmul_peak']['flops_per_s'])
   step = report['train_step']['config']['f32']
   for key in ('seconds_per_step', 'flops_per_step', 'mfu'):
@@ -51,3 +53,19 @@ def test_benchmark_tiny_mode_json():
         1 / k2['cached_seconds_per_image_batch1'])
   pipe = report['pipeline']['config']
   assert 'skipped' in pipe or _positive(pipe['ratio_to_train_step'])
+
+
+def test_a_late_failure_keeps_the_figures_measured_before_it(tmp_path):
+  """The train-step section fails (unknown variant) after the matmul peak
+  was measured: --out holds the peak and the error, and the run fails."""
+  out_file = tmp_path / 'bench.json'
+  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark', f'--out={out_file}',
+         '--config', 'configs/smoke.py', '--skip_paper', '--variants=bogus',
+         '--matmul_size=64', '--matmul_reps=1']
+  result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0
+  report = json.loads(out_file.read_text())
+  assert _positive(report['matmul_peak']['flops_per_s'])
+  assert report['error'] == "ValueError: unknown variant 'bogus'"
+  assert 'host_memory' in report
