@@ -163,8 +163,8 @@ def test_create_train_state_loads_the_file_and_frozen_norm_is_fixed(tmp_path):
                                 sd['bn1.running_mean'])
   # One optimizer step with non-zero gradients: BN scale/bias unchanged,
   # convs and the decoder updated.
-  grads = jax.tree.map(jnp.ones_like, state.params)
-  updates, _ = tx.update(grads, state.opt_state, state.params)
+  updates, _ = jax.jit(lambda s: tx.update(
+      jax.tree.map(jnp.ones_like, s.params), s.opt_state, s.params))(state)
   assert not np.any(np.asarray(updates['backbone']['bn1']['scale']))
   assert not np.any(np.asarray(updates['backbone']['layer1_0']['bn2']['bias']))
   assert np.all(np.asarray(updates['backbone']['conv1']['kernel']) != 0)

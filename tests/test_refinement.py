@@ -76,6 +76,7 @@ def test_each_layer_samples_where_the_previous_one_pointed(refined):
   model, variables, images = refined
   seq = _sequences()
 
+  @jax.jit
   def final_xy(params):
     _, xy = model.apply({**variables, 'params': params}, images,
                         seq['input_tokens'], seq['input_coords'], train=False)
@@ -87,7 +88,7 @@ def test_each_layer_samples_where_the_previous_one_pointed(refined):
   head0['bias'] = head0['bias'] + jnp.asarray([1.5, -1.5])
   assert float(jnp.abs(final_xy(shifted) - final_xy(params)).max()) > 1e-3
 
-  grads = jax.grad(lambda p: jnp.sum(final_xy(p)))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(final_xy(p))))(params)
   for i in range(LAYERS - 1):
     g = grads['decoder'][f'point_heads_{i}']
     assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(g)), i
@@ -124,11 +125,12 @@ def test_cached_decoder_matches_teacher_forcing_with_refinement(refined):
   projected = step_model.apply(variables, memory,
                                method=step_model.project_values)
   cache = decoding.init_cache(step_model, variables, memory, BATCH, LENGTH)
+  decode_step = jax.jit(lambda cache, token, coord, t: step_model.apply(
+      {**variables, 'cache': cache}, projected, token, coord, t, LENGTH,
+      method=step_model.decode_step, mutable=['cache']))
   for t in range(LENGTH):
-    (lt, xyt), mutated = step_model.apply(
-        {**variables, 'cache': cache}, projected, seq['input_tokens'][:, t],
-        seq['input_coords'][:, t], jnp.int32(t), LENGTH,
-        method=step_model.decode_step, mutable=['cache'])
+    (lt, xyt), mutated = decode_step(cache, seq['input_tokens'][:, t],
+                                     seq['input_coords'][:, t], jnp.int32(t))
     cache = mutated['cache']
     np.testing.assert_allclose(lt, logits[:, t], rtol=0, atol=1e-5)
     np.testing.assert_allclose(xyt, xy[:, t], rtol=0, atol=1e-6)
@@ -185,8 +187,7 @@ def _train_step(model, aux_ce_weight):
   return fn(state, batch)
 
 
-@pytest.mark.parametrize('refine,aux_ce_weight', [(True, 1.0), (True, 0.0),
-                                                  (False, 1.0)])
+@pytest.mark.parametrize('refine,aux_ce_weight', [(True, 0.0), (False, 1.0)])
 def test_train_step_adds_every_earlier_layers_loss(refine, aux_ce_weight):
   model = _model(refine_points=refine, backbone_depth=18,
                  feature_levels=('c5',))
