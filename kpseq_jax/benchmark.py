@@ -34,9 +34,9 @@ Prints one JSON object, everything measured in the same run:
   the train step consumes (batch_size / seconds per step); skipped with a
   message when the data set is missing.
 
-With ``--out FILE`` the report so far is also written to FILE (atomically)
-after each section, and, if a later section fails, with ``error`` naming
-the failure: nothing already measured is lost.
+With ``--json_out FILE`` the report so far is also written to FILE
+(atomically) after each section, and, if a later section fails, with
+``error`` naming the failure: nothing already measured is lost.
 
 Inputs for the train step and decoding are synthetic (random images, random
 keypoint sequences); parameters are a random initialisation.
@@ -96,7 +96,7 @@ flags.DEFINE_integer('decode_reps', 3, 'Timed calls of the cached decoder '
 flags.DEFINE_bool('skip_decode', False, 'Skip the decoding figures.')
 flags.DEFINE_bool('decode_cape', True, 'Also time the support-conditioned '
                   '(CAPE, 1-shot) decoder of the same model ("decoding_cape").')
-flags.DEFINE_string('out', None, 'Also write the report to this JSON file '
+flags.DEFINE_string('json_out', None, 'Also write the report to this JSON file '
                     'after every section (a late failure keeps the figures '
                     'measured before it, with "error").')
 flags.DEFINE_integer('pipeline_examples', 2048, 'Pipeline examples to time '
@@ -462,20 +462,21 @@ def main(argv):
 
   def on_section(report):
     partial.update(report)
-    if FLAGS.out:
-      write_report(partial, FLAGS.out)
+    if FLAGS.json_out:
+      write_report(partial, FLAGS.json_out)
 
   try:
     report = run(FLAGS.config, on_section)
   except BaseException as e:  # Keep what was measured, then fail.
-    if FLAGS.out:
+    if FLAGS.json_out:
       partial['error'] = f'{type(e).__name__}: {e}'
-      write_report(partial, FLAGS.out)
-      logging.error('benchmark failed; figures so far are in %s', FLAGS.out)
+      write_report(partial, FLAGS.json_out)
+      logging.error('benchmark failed; figures so far are in %s',
+                    FLAGS.json_out)
     raise
   report['host_memory'] = memory_setting
-  if FLAGS.out:
-    write_report(report, FLAGS.out)
+  if FLAGS.json_out:
+    write_report(report, FLAGS.json_out)
   json.dump(report, sys.stdout, indent=1)
   sys.stdout.write('\n')
 

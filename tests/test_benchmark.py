@@ -17,7 +17,8 @@ def _positive(x):
 
 def test_benchmark_tiny_mode_json(tmp_path):
   out_file = tmp_path / 'bench.json'
-  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark', f'--out={out_file}',
+  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark',
+         f'--json_out={out_file}',
          '--config', 'configs/smoke.py', '--skip_paper', '--num_steps=1',
          '--variants=f32,xla_conv', '--decode_ks=2', '--decode_batch=1',
          '--decode_reps=1', '--nodecode_cape', '--matmul_size=128',
@@ -58,9 +59,10 @@ def test_benchmark_tiny_mode_json(tmp_path):
 
 def test_a_late_failure_keeps_the_figures_measured_before_it(tmp_path):
   """The train-step section fails (unknown variant) after the matmul peak
-  was measured: --out holds the peak and the error, and the run fails."""
+  was measured: --json_out holds the peak and the error, and the run fails."""
   out_file = tmp_path / 'bench.json'
-  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark', f'--out={out_file}',
+  cmd = [sys.executable, '-m', 'kpseq_jax.benchmark',
+         f'--json_out={out_file}',
          '--config', 'configs/smoke.py', '--skip_paper', '--variants=bogus',
          '--matmul_size=64', '--matmul_reps=1']
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,

@@ -40,10 +40,10 @@ causality and the cached decoder (``step``: one position through all
 layers) are unchanged.
 
 Noisy reference points (``reference_noise``, training only; the "noisy
-reference points sampling" of Poseur, Mao et al., ECCV 2022): the first layer's reference points get
-Gaussian noise of that standard deviation (normalised [0, 1] image units),
-clipped to the image, so the refinement learns to correct a point it did
-not choose.
+reference points sampling" of Poseur, Mao et al., ECCV 2022): the first
+layer's reference points get Gaussian noise of that standard deviation
+(normalised [0, 1] image units), clipped to the image, so the refinement
+learns to correct a point it did not choose.
 """
 
 from __future__ import annotations

@@ -573,10 +573,11 @@ class KeypointSequenceModel(nn.Module):
     states, points = self.decoder(x, memory.features, memory.spatial_shapes,
                                   train, mask, prior)  # [B, P + L, D] each
     p = x.shape[1] - length
-    outputs = [self._heads(state[:, p:],
+    first = 0 if self.intermediate_outputs else len(states) - 1
+    outputs = [self._heads(states[i][:, p:],
                            None if points is None else points[i][:, p:])
-               for i, state in enumerate(states)]
-    if self.intermediate_outputs and len(outputs) > 1:
+               for i in range(first, len(states))]
+    if len(outputs) > 1:
       self.sow('intermediates', 'aux_logits',
                jnp.stack([logits for logits, _ in outputs[:-1]]))
       self.sow('intermediates', 'aux_coords',
