@@ -86,7 +86,7 @@ def test_every_mesh_gives_the_single_device_losses(mesh_run):
 def test_parameters_are_sharded_only_with_an_fsdp_axis(mesh_run):
   sharded = mesh_run['fsdp_sharded']
   params = mesh_run['fsdp_sharded_params']
-  assert sharded['1x1'] == sharded['8x1'] == 0  # Data parallel: replicated.
+  assert sharded['1x1'] == 0  # One device: nothing to split.
   for key in ('4x2', '1x8'):
     assert params[key] >= 25  # Every conv and dense kernel of the model.
     # Each split parameter has its two Adam moments split the same way.
@@ -95,10 +95,13 @@ def test_parameters_are_sharded_only_with_an_fsdp_axis(mesh_run):
 
 
 def test_checkpoint_restores_onto_another_mesh_and_continues(mesh_run):
-  # Saved on (4, 2) (fsdp-sharded) after step 2; step 3 after restoring on
-  # (8, 1) (replicated) and on 1 device gives the uninterrupted step 3.
+  # Saved on (4, 2) (fsdp over 2 devices) after step 2; step 3 after
+  # restoring on (1, 8) (resharded over 8) and on 1 device gives the
+  # uninterrupted step 3.
   want = mesh_run['losses']['4x2'][2]
-  assert mesh_run['fsdp_sharded']['restored_8x1'] == 0
-  for key in ('8x1', '1x1'):
+  assert (mesh_run['fsdp_sharded']['restored_1x8']
+          == mesh_run['fsdp_sharded']['1x8'])
+  assert mesh_run['fsdp_sharded']['restored_1x1'] == 0
+  for key in ('1x8', '1x1'):
     np.testing.assert_allclose(mesh_run['restored_losses'][key], want,
                                rtol=1e-5, err_msg=key)
