@@ -138,6 +138,32 @@ def get_config() -> ml_collections.ConfigDict:
   # (normalised [0, 1] units); 0 disables.
   c.reference_point_noise_frac = 0.0
 
+  # Detection stage (issue 18; PRTR's first stage, a Deformable DETR
+  # detector; kpseq_jax/models/detector.py). task='detection' trains and
+  # evaluates the detector instead of the keypoint model, on whole images:
+  # every instance of an image is one target set. It shares the model
+  # fields above (backbone_*, feature_levels, d_model, num_heads,
+  # num_layers, ffn_dim, dropout, num_points, compute_dtype); its classes
+  # are the data set's categories (at most max_num_categories).
+  c.task = 'keypoints'  # 'keypoints' | 'detection'.
+  # Whole image resized (aspect kept) onto a zero canvas of this (height,
+  # width), top-left aligned in evaluation.
+  c.detector_image_size_px = (480, 640)
+  c.detector_num_queries = 20  # Boxes per image (instances kept: as many).
+  c.detector_box_refine = True  # Deformable DETR's with_box_refine.
+  # Deformable DETR's loss and matching weights (focal class, L1, GIoU).
+  c.detector_class_weight = 2.0
+  c.detector_l1_weight = 5.0
+  c.detector_giou_weight = 2.0
+  # Training augmentation: resize factor drawn from this range times the
+  # fitting scale, the image placed at a random offset on the canvas.
+  c.detector_scale_range = (0.75, 1.0)
+  c.max_detections = 10  # Top-scoring boxes kept per image.
+  # Detections below this score are dropped where boxes are used (predict,
+  # analyze); box AP ranks all max_detections. An image with none above it
+  # has an empty result, counted in the evaluation report.
+  c.detection_score_threshold = 0.3
+
   # Loss (Raster2Seq: 1.0 * cross-entropy + 5.0 * L1).
   c.ce_weight = 1.0
   c.l1_weight = 5.0
@@ -186,7 +212,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Allowed values of enumerated fields, checked before anything compiles
   # (kpseq_jax/training/config_checks.py); configs add their own fields.
   c.field_choices = ml_collections.ConfigDict(
-      dict(setting=('supervised', 'cape')))
+      dict(setting=('supervised', 'cape'),
+           task=('keypoints', 'detection')))
 
   c.lock()
   return c

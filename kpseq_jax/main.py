@@ -2,13 +2,20 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
 
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
-      --mode eval
+      --mode eval [--detector_config configs/dlc_openfield_detector.py \
+                   --detector_workdir DETECTOR_DIR]
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
       --mode predict --images IMAGES [--boxes BOXES.json] [--category ID] \
-      --out OUT
+      [--detector_config configs/dlc_openfield_detector.py \
+       --detector_workdir DETECTOR_DIR] --out OUT
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
       --mode analyze --videos VIDEOS [--boxes track|BOXES.json] \
       [--filter_window 5] --out OUT
+
+A detection config (``task='detection'``, e.g.
+configs/dlc_openfield_detector.py) trains and evaluates (box AP) the
+whole-image detector with the same modes; ``--mode predict`` then takes its
+boxes with ``--detector_config/--detector_workdir``.
 
 Installed with ``pip install -e .``, ``kpseq`` is the same command.
 
@@ -26,10 +33,13 @@ import jax
 from ml_collections import config_flags
 
 from kpseq_jax.runtime import distributed
+from kpseq_jax.evaluation import detected_boxes
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.runtime import host_memory
 from kpseq_jax.inference import analyze
+from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predict
+from kpseq_jax.runtime import sharding
 from kpseq_jax import train
 
 FLAGS = flags.FLAGS
@@ -48,6 +58,15 @@ flags.DEFINE_string('images', None, 'predict: an image file or a folder '
                     '(searched recursively).')
 flags.DEFINE_string('videos', None, 'analyze: a video file (mp4, avi, ...) '
                     'or a folder of them.')
+config_flags.DEFINE_config_file(
+    'detector_config', None, 'A detection config (task=detection, e.g. '
+    'configs/dlc_openfield_detector.py) whose trained --detector_workdir '
+    'finds the boxes. predict: when --boxes is not given; eval: also '
+    'evaluates the keypoints from its boxes next to the ground-truth '
+    'boxes (eval_<split>_detected_boxes.json).',
+    lock_config=True)
+flags.DEFINE_string('detector_workdir', None, 'predict, eval: the trained '
+                    'detector run of --detector_config.')
 flags.DEFINE_string('boxes', None, 'predict: COCO detections list or '
                     'annotations file with the boxes; default: each whole '
                     'image is one box. analyze: "track" (around the '
@@ -82,6 +101,10 @@ flags.register_multi_flags_validator(
     lambda f: f['mode'] != 'predict' or (f['images'] and f['out']),
     '--mode predict needs --images and --out.')
 flags.register_multi_flags_validator(
+    ['detector_config', 'detector_workdir'],
+    lambda f: (f['detector_config'] is None) == (f['detector_workdir'] is None),
+    '--detector_config and --detector_workdir go together.')
+flags.register_multi_flags_validator(
     ['mode', 'videos', 'out'],
     lambda f: f['mode'] != 'analyze' or (f['videos'] and f['out']),
     '--mode analyze needs --videos and --out.')
@@ -111,13 +134,25 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
     evaluate.evaluate(FLAGS.config, FLAGS.workdir)
+    if FLAGS.detector_workdir:
+      detected_boxes.evaluate_detected_boxes(
+          FLAGS.config, FLAGS.workdir, _detector())
   elif FLAGS.mode == 'analyze':
     analyze.analyze(FLAGS.config, FLAGS.workdir, FLAGS.videos, FLAGS.out,
                     FLAGS.boxes, FLAGS.category, FLAGS.video_batch_size,
                     FLAGS.filter_window, FLAGS.labeled_video)
   else:
+    detector = (_detector() if FLAGS.detector_workdir and not FLAGS.boxes
+                else None)
     predict.predict(FLAGS.config, FLAGS.workdir, FLAGS.images, FLAGS.out,
-                    FLAGS.boxes, FLAGS.category)
+                    FLAGS.boxes, FLAGS.category, detector)
+
+
+def _detector() -> box_predictor.ImageDetector:
+  """The trained detector of --detector_config/--detector_workdir."""
+  return box_predictor.ImageDetector(
+      FLAGS.detector_config, FLAGS.detector_workdir,
+      sharding.create_mesh(FLAGS.detector_config.mesh_shape))
 
 
 def run():

@@ -19,9 +19,12 @@ import jax
 import ml_collections
 
 from kpseq_jax.data import dataset
+from kpseq_jax.data import detection
 from kpseq_jax.data import pipeline
+from kpseq_jax.evaluation import box_ap
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.evaluation import report as report_lib
+from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import metric_writer
 from kpseq_jax.runtime import preemption as preemption_lib
@@ -34,12 +37,17 @@ from kpseq_jax.training import step as step_lib
 from kpseq_jax.training import train_state as ts
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> report_lib.EvalReport | None:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
+                       ) -> report_lib.EvalReport | box_ap.BoxReport | None:
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
+  With ``config.task='detection'`` the model is the detector
+  (`detector.BoxDetector`), trained on whole images
+  (`kpseq_jax/data/detection.py`) and evaluated by box AP (`box_ap`).
+
   Returns:
-    the final `report.EvalReport`, or None if training was preempted
+    the final `report.EvalReport` (`box_ap.BoxReport` for the detector),
+    or None if training was preempted
     (SIGTERM): then the current step was saved and nothing evaluated;
     running again resumes.
 
@@ -54,7 +62,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.warning('%s', warning)
   info = dataset.load_info(config.dataset_dir)
   config_checks.check_dataset(config, info)
-  train_size = info.split_sizes[config.train_split]
+  detecting = config.task == 'detection'
+  # Examples per epoch: instances, or images for the detector.
+  train_size = (detection.num_images(config, config.train_split) if detecting
+                else info.split_sizes[config.train_split])
   total_steps = ts.num_train_steps(config, train_size)
   mesh = sharding.create_mesh(config.mesh_shape)
   model = ts.create_model(config)
@@ -66,9 +77,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # The baseline or the CAPE episodes, before anything compiles: a problem
   # with them (a category too small for an episode) stops the run here.
-  evaluator = evaluate.Evaluator(config, info)
+  evaluator = (box_ap.DetectionEvaluator(config, info) if detecting
+               else evaluate.Evaluator(config, info))
   state = ts.create_train_state(config, model, tx, mesh)
-  train_iter = iter(pipeline.create_train_dataset(config, info))
+  train_iter = iter(detection.create_train_dataset(config, info) if detecting
+                    else pipeline.create_train_dataset(config, info))
   ckpt = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
   start = 0
   if ckpt.latest_step() is not None:
@@ -83,7 +96,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       total_steps, scalar_log.JsonlWriter(workdir),
       config.skip_nonfinite_updates, writer,
       config.max_consecutive_skipped_updates)
-  predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
+  predictor = (box_predictor.BoxPredictor if detecting else
+               predictor_lib.Predictor).from_state(config, model, state, mesh)
   variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
   preempted = False
   with preemption_lib.Preemption() as preemption, jax.set_mesh(mesh):

@@ -54,7 +54,9 @@ def _instance_chain(config: ml_collections.ConfigDict,
   return chain
 
 
-def _apply(ds: grain.MapDataset, chain) -> grain.MapDataset:
+def apply_transforms(ds: grain.MapDataset, chain) -> grain.MapDataset:
+  """``ds`` mapped by each transform of ``chain`` in turn (``random_map``
+  for `grain.transforms.RandomMap`s, seeded by the dataset's seed)."""
   for t in chain:
     ds = ds.random_map(t) if isinstance(
         t, grain.transforms.RandomMap) else ds.map(t)
@@ -96,8 +98,16 @@ def create_train_dataset(config: ml_collections.ConfigDict,
     ds = _train_episodes(config, info, source)
   else:
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
-    ds = _apply(ds, _instance_chain(config, info, train=True) +
+    ds = apply_transforms(ds, _instance_chain(config, info, train=True) +
                 [_tokenize(config, info)])
+  return shard_and_batch(config, ds)
+
+
+def shard_and_batch(config: ml_collections.ConfigDict,
+                    ds: grain.MapDataset) -> grain.IterDataset:
+  """This process's share of an endless, mapped training dataset, in
+  local batches of ``batch_size / processes`` (``worker_count`` Grain
+  worker processes prefetch them when > 0)."""
   # Sharded after the (lazy) maps, so an example's augmentation is seeded by
   # its global index: any process count sees the same examples.
   ds = ds[jax.process_index()::jax.process_count()]
@@ -117,7 +127,7 @@ def _train_episodes(config: ml_collections.ConfigDict,
       info.episode_pools[config.train_split],
       dataset.annotation_index(source), config.num_shots)
   ds = grain.MapDataset.range(len(eps)).seed(config.seed).shuffle().repeat()
-  return _apply(ds, [
+  return apply_transforms(ds, [
       episodes_lib.DrawEpisode(eps),
       episodes_lib.LoadEpisode(source, source),
       episodes_lib.EachInstance(
@@ -134,15 +144,15 @@ def create_eval_batches(config: ml_collections.ConfigDict,
   """One pass over an eval split's instances in process-local batches.
 
   Yields:
-    see `_batches`; `transforms.Tokenize` fields.
+    see `padded_batches`; `transforms.Tokenize` fields.
   """
   source = dataset.data_source(config.dataset_dir, split or config.eval_split)
   ds = grain.MapDataset.source(source)
   if config.num_eval_examples > 0:
     ds = ds[:config.num_eval_examples]
-  ds = _apply(ds, _instance_chain(config, info, train=False) +
+  ds = apply_transforms(ds, _instance_chain(config, info, train=False) +
               [_tokenize(config, info)])
-  yield from _batches(ds, config.eval_batch_size)
+  yield from padded_batches(ds, config.eval_batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +181,7 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
     support_split: the supports' split.
 
   Yields:
-    see `_batches`; `episodes.TokenizeEpisode` fields.
+    see `padded_batches`; `episodes.TokenizeEpisode` fields.
   """
   query_source = dataset.data_source(config.dataset_dir, split)
   support_source = (query_source if support_split == split else
@@ -179,7 +189,7 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
   ds = grain.MapDataset.source(list(samples)).seed(config.seed)
   if config.num_eval_examples > 0:
     ds = ds[:config.num_eval_examples]
-  ds = _apply(ds, [
+  ds = apply_transforms(ds, [
       _AsEpisode(),
       episodes_lib.LoadEpisode(query_source, support_source),
       episodes_lib.EachInstance(
@@ -187,10 +197,11 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
       episodes_lib.TokenizeEpisode(
           vocab_lib.from_config(config), config.max_num_keypoints,
           permute=config.cape_eval_permuted)])
-  yield from _batches(ds, config.eval_batch_size)
+  yield from padded_batches(ds, config.eval_batch_size)
 
 
-def _batches(ds: grain.MapDataset, global_batch_size: int) -> Iterator[dict]:
+def padded_batches(ds: grain.MapDataset,
+                   global_batch_size: int) -> Iterator[dict]:
   """This process's share of ``ds`` in fixed-size batches, one pass.
 
   Every process yields the same number of batches (collectives need it):

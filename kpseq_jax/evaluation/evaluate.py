@@ -40,13 +40,16 @@ import tqdm
 
 from data_prep import episodes as episodes_lib
 from kpseq_jax.data import dataset
+from kpseq_jax.data import detection
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
+from kpseq_jax.evaluation import box_ap
 from kpseq_jax.evaluation import metrics
 from kpseq_jax.evaluation import oks
 from kpseq_jax.evaluation import protocols
 from kpseq_jax.evaluation import report as report_lib
 from kpseq_jax.evaluation import uncertainty
+from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results as results_lib
 from kpseq_jax.runtime import metric_writer as metric_writer_lib
@@ -174,9 +177,10 @@ class Evaluator:
     return report
 
 
-def evaluate(config: ml_collections.ConfigDict,
-             workdir: str) -> report_lib.EvalReport:
-  """``--mode eval``: restores the latest checkpoint and evaluates it.
+def evaluate(config: ml_collections.ConfigDict, workdir: str
+             ) -> report_lib.EvalReport | box_ap.BoxReport:
+  """``--mode eval``: restores the latest checkpoint and evaluates it (box
+  AP for ``task='detection'``, `box_ap.DetectionEvaluator`).
 
   Raises:
     FileNotFoundError: missing data set or checkpoint.
@@ -185,11 +189,20 @@ def evaluate(config: ml_collections.ConfigDict,
   config_checks.check(config)
   info = dataset.load_info(config.dataset_dir)
   config_checks.check_dataset(config, info)
-  evaluator = Evaluator(config, info)
   mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, step = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
-  predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
+  if config.task == 'detection':
+    evaluator = box_ap.DetectionEvaluator(config, info)
+    model, state, step = predictor_lib.restore_state(
+        config, workdir, mesh, detection.num_images(config,
+                                                    config.train_split))
+    predictor = box_predictor.BoxPredictor.from_state(config, model, state,
+                                                      mesh)
+  else:
+    evaluator = Evaluator(config, info)
+    model, state, step = predictor_lib.restore_state(
+        config, workdir, mesh, info.split_sizes[config.train_split])
+    predictor = predictor_lib.Predictor.from_state(config, model, state,
+                                                   mesh)
   with metric_writer_lib.MetricWriter(workdir) as writer:
     return evaluator.evaluate(workdir, predictor, predictor.variables, step,
                               writer)

@@ -16,6 +16,12 @@
     are matched by ``file_name`` relative to ``IMAGES`` (or by base name if
     that is unique).
 
+  * ``--detector_config`` and ``--detector_workdir`` (no ``--boxes``): a
+    trained detector's boxes (`box_predictor.ImageDetector`, PRTR's
+    two-stage variant), those scoring at least its
+    ``detection_score_threshold``; an image with none is read, counted and
+    left without prediction.
+
 With ``--category``, only boxes of that category are used. Each box is
 cropped and warped exactly as in evaluation (`transforms.CropAffine`,
 `transforms.WarpToCrop`), decoded greedily and mapped back to image pixels
@@ -56,6 +62,7 @@ from data_prep import images as image_io
 from kpseq_jax.data import dataset
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
+from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results as results_lib
@@ -96,6 +103,10 @@ class Summary:
   unreadable: list[dict] = dataclasses.field(default_factory=list)
   boxes_without_image: list[str] = dataclasses.field(default_factory=list)
   skipped_boxes: list[dict] = dataclasses.field(default_factory=list)
+  # With a detector: images on which nothing scored above the threshold
+  # (read, no prediction, no overlay).
+  images_without_detection: list[str] = dataclasses.field(
+      default_factory=list)
 
 
 def list_images(images: str) -> tuple[Path, list[str]]:
@@ -297,8 +308,13 @@ class CropBatcher:
 
 def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
             out_dir: str, boxes_file: str | None = None,
-            category_id: int | None = None) -> Summary:
+            category_id: int | None = None,
+            detector: box_predictor.ImageDetector | None = None) -> Summary:
   """Predicts keypoints for every box of every image; see module docstring.
+
+  With ``detector`` (and no ``boxes_file``) the boxes of each image are
+  the detector's above its score threshold (PRTR's two-stage variant); an
+  image with none is counted in ``images_without_detection``.
 
   Raises:
     FileNotFoundError: no checkpoint, data set, or images.
@@ -343,6 +359,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
     logging.info('%d boxes on %d of %d images under %s; %d boxes skipped.',
                  sum(len(e.boxes) for e in entries), len(entries), len(rels),
                  images, len(summary_skipped))
+  elif detector is not None:  # Boxes filled in once each image is read.
+    missing = []
+    entries = [ImageEntry(rel, root / rel, i + 1, [])
+               for i, rel in enumerate(rels)]
   else:
     missing = []
     cid = choose_category(info, category_id)
@@ -385,6 +405,13 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
     h, w = image.shape[:2]
     image_table.append(dict(id=entry.image_id, file_name=entry.rel_path,
                             width=w, height=h))
+    if detector is not None and not boxes_file:
+      entry.boxes = _detected_boxes(detector, image, info, category_id,
+                                    entry.rel_path, summary)
+      if not entry.boxes:
+        summary.images_without_detection.append(entry.rel_path)
+        bar.update(1)
+        continue
     open_images[idx] = dict(entry=entry, image=image, poses={})
     for j, box in enumerate(entry.boxes):
       bbox = box.bbox if box.bbox is not None else (0.0, 0.0, w, h)
@@ -406,12 +433,36 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   logging.info('Predicted %d boxes on %d images (checkpoint step %d) -> %s',
                summary.num_boxes, summary.num_images, step, out_dir)
   for what, items in [('unreadable image', summary.unreadable),
+                      ('image without detection',
+                       summary.images_without_detection),
                       ('box without image', summary.boxes_without_image),
                       ('skipped box', summary.skipped_boxes)]:
     if items:
       logging.warning('%d %s(s):\n  %s', len(items), what,
                       '\n  '.join(str(i) for i in items))
   return summary
+
+
+def _detected_boxes(detector: box_predictor.ImageDetector,
+                    image: np.ndarray, info: dataset.DatasetInfo,
+                    category_id: int | None, rel_path: str,
+                    summary: Summary) -> list[Box]:
+  """The detector's boxes of one image that the keypoint model can take
+  (its category table; ``--category`` if given); the others are recorded
+  in ``summary.skipped_boxes``."""
+  keep = []
+  for cid, bbox, score in detector.detect(image):
+    why = None
+    if category_id is not None and cid != category_id:
+      why = f'category {cid} is not --category {category_id}'
+    elif cid not in info.categories:
+      why = f'category {cid} is not in the keypoint model\'s table'
+    if why:
+      summary.skipped_boxes.append(dict(file=rel_path, bbox=list(bbox),
+                                        reason=why))
+    else:
+      keep.append(Box(cid, bbox, score))
+  return keep
 
 
 def _write_image(entry: ImageEntry, image: np.ndarray, poses: dict[int, dict],

@@ -44,7 +44,8 @@ class SelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None,
-               deterministic: bool) -> jax.Array:
+               deterministic: bool,
+               pos: jax.Array | None = None) -> jax.Array:
     """Attends the T positions of ``x``.
 
     Args:
@@ -53,6 +54,10 @@ class SelfAttention(nn.Module):
         attend); Lk = T without a cache, the cache length Lc with one.
         None: no mask.
       deterministic: no dropout.
+      pos: [B, T, D] position embedding added to the query and key inputs
+        only, not to the values (DETR's ``q = k = with_pos_embed(tgt,
+        query_pos)``, ``facebookresearch/detr`` ``models/transformer.py``);
+        None: none.
 
     Returns:
       [B, T, D] in ``dtype``.
@@ -69,8 +74,9 @@ class SelfAttention(nn.Module):
     dense = functools.partial(
         nn.DenseGeneral, axis=-1, dtype=self.dtype,
         features=(self.num_heads, features // self.num_heads))
-    query = dense(name='query')(x)  # [B, T, H, Dh]
-    key = dense(name='key')(x)
+    qk = x if pos is None else x + pos.astype(x.dtype)  # [B, T, D]
+    query = dense(name='query')(qk)  # [B, T, H, Dh]
+    key = dense(name='key')(qk)
     value = dense(name='value')(x)
     if self.decode:
       initialized = self.has_variable('cache', 'cached_key')

@@ -146,12 +146,14 @@ class DecoderLayer(nn.Module):
     self.norm3 = nn.LayerNorm(dtype=self.dtype)
     self.drop = nn.Dropout(self.dropout)
 
-  def _layer(self, x, reference_points, value, spatial_shapes, mask, train):
+  def _layer(self, x, reference_points, value, spatial_shapes, mask, train,
+             query_pos=None):
     """The layer on projected values; x [B, Lq, D] -> [B, Lq, D]."""
     deterministic = not train
-    y = self.self_attn(x, mask, deterministic)
+    y = self.self_attn(x, mask, deterministic, query_pos)
     x = self.norm2(x + self.drop(y, deterministic=deterministic))
-    y = self.cross_attn.attend(x, reference_points, value, spatial_shapes)
+    query = x if query_pos is None else x + query_pos.astype(x.dtype)
+    y = self.cross_attn.attend(query, reference_points, value, spatial_shapes)
     x = self.norm1(x + self.drop(y, deterministic=deterministic))
     y = self.drop(nn.relu(self.linear1(x)), deterministic=deterministic)
     y = self.linear2(y)
@@ -165,6 +167,7 @@ class DecoderLayer(nn.Module):
       spatial_shapes: SpatialShapes,
       mask: Optional[jax.Array],
       train: bool,
+      query_pos: Optional[jax.Array] = None,
   ) -> jax.Array:
     """Applies the layer.
 
@@ -176,13 +179,18 @@ class DecoderLayer(nn.Module):
       mask: boolean self-attention mask broadcastable to [B, heads, L, L]
         (True = may attend), e.g. `self_attention_mask`; None for none.
       train: enables dropout (needs the 'dropout' rng).
+      query_pos: [B, L, D] query position embedding added to the
+        self-attention queries and keys and to the cross-attention query
+        (Deformable DETR's decoder layer ``with_pos_embed(tgt,
+        query_pos)``; the object queries of `detector.BoxDetector`); None
+        (the keypoint decoder, whose inputs carry their position): none.
 
     Returns:
       [B, L, D] in ``dtype``.
     """
     value = self.cross_attn.project_value(memory)  # [B, S, M, Dh]
     return self._layer(x, reference_points, value, spatial_shapes, mask,
-                       train)
+                       train, query_pos)
 
   def project_value(self, memory: jax.Array) -> jax.Array:
     """This layer's deformable values: [B, S, D] -> [B, S, M, Dh] (dtype)."""

@@ -54,7 +54,7 @@ Variables: ``params``; ``cache`` with ``cache_decoding=True``;
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import flax
 import flax.linen as nn
@@ -76,6 +76,8 @@ IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 FEATURE_LEVELS = ('c2', 'c3', 'c4', 'c5')  # ResNet strides 4, 8, 16, 32.
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)  # BERT/GPT-style tables.
+# Deformable DETR ``level_embed``: ``normal_`` (std 1).
+LEVEL_EMBED_INIT = nn.initializers.normal(stddev=1.0)
 
 
 @flax.struct.dataclass
@@ -199,6 +201,85 @@ def sine_position_encoding(height: int, width: int, d_model: int) -> np.ndarray:
   return pos.astype(np.float32)  # [H, W, d_model]
 
 
+def normalize_images(images: jax.Array) -> jax.Array:
+  """uint8 or float [B, H, W, 3] RGB in 0..255 -> float32 [B, H, W, 3]
+  ImageNet-normalised (``IMAGENET_MEAN``, ``IMAGENET_STD``)."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def input_projection(feature_levels: Sequence[str], d_model: int,
+                     conv_impl: str, dtype: jnp.dtype
+                     ) -> Tuple[List[Conv], List[nn.GroupNorm]]:
+  """Deformable DETR's per-level ``input_proj`` as submodules.
+
+  ``fundamentalvision/Deformable-DETR`` ``models/deformable_detr.py``: a
+  1x1 conv (xavier_uniform kernel, zero bias) then GroupNorm(32) per level.
+  Call from a module's ``setup`` (the submodules get that module as parent)
+  and pass the two lists to `image_memory`.
+
+  Args:
+    feature_levels: non-empty subset of ``FEATURE_LEVELS``.
+    d_model: output channels D.
+    conv_impl: 'xla' | 'gemm' | 'auto' (``conv.py``).
+    dtype: compute dtype.
+
+  Returns:
+    (convs named ``input_proj_{level}``, norms named ``input_norm_{level}``),
+    one per level in ``feature_levels`` order.
+
+  Raises:
+    ValueError: empty ``feature_levels`` or a level not in
+      ``FEATURE_LEVELS``.
+  """
+  unknown = set(feature_levels) - set(FEATURE_LEVELS)
+  if unknown or not feature_levels:
+    raise ValueError(f'feature_levels must be a non-empty subset of '
+                     f'{FEATURE_LEVELS}, got {feature_levels}')
+  xavier = nn.initializers.xavier_uniform()
+  convs = [Conv(d_model, 1, impl=conv_impl, kernel_init=xavier, use_bias=True,
+                dtype=dtype, name=f'input_proj_{level}')
+           for level in feature_levels]
+  norms = [nn.GroupNorm(num_groups=32, dtype=dtype, name=f'input_norm_{level}')
+           for level in feature_levels]
+  return convs, norms
+
+
+def image_memory(feature_maps: Dict[str, jax.Array],
+                 feature_levels: Sequence[str],
+                 input_proj: Sequence[nn.Module],
+                 input_norm: Sequence[nn.Module],
+                 level_embed: jax.Array) -> Memory:
+  """Backbone feature maps -> flat multi-scale `Memory` (module docstring).
+
+  Level l is ``input_norm[l](input_proj[l](feature_maps[level]))`` plus
+  `sine_position_encoding` plus ``level_embed[l]`` (Deformable DETR's
+  ``level_embed``, ``models/deformable_transformer.py``), flattened
+  row-major; levels are concatenated in ``feature_levels`` order.
+
+  Args:
+    feature_maps: `ResNet` output {'c2': [B, H2, W2, C2], ...}.
+    feature_levels: the levels to use, in order.
+    input_proj, input_norm: `input_projection`'s submodules.
+    level_embed: [len(feature_levels), D] parameter.
+
+  Returns:
+    ``Memory`` with features [B, S, D] in the projections' dtype.
+  """
+  d_model = level_embed.shape[-1]
+  features, spatial_shapes = [], []
+  for i, level in enumerate(feature_levels):
+    f = input_norm[i](input_proj[i](feature_maps[level]))  # [B, H_l, W_l, D]
+    batch, height, width, _ = f.shape
+    pos = sine_position_encoding(height, width, d_model)  # [H_l, W_l, D]
+    f = f + (jnp.asarray(pos) + level_embed[i]).astype(f.dtype)
+    features.append(f.reshape(batch, height * width, d_model))
+    spatial_shapes.append((height, width))
+  return Memory(features=jnp.concatenate(features, axis=1),
+                spatial_shapes=tuple(spatial_shapes))
+
+
 def coordinate_embedding(table: jax.Array, coords: jax.Array) -> jax.Array:
   """Linear interpolation of a coordinate-bin embedding table.
 
@@ -303,25 +384,15 @@ class KeypointSequenceModel(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    unknown = set(self.feature_levels) - set(FEATURE_LEVELS)
-    if unknown or not self.feature_levels:
-      raise ValueError(f'feature_levels must be a non-empty subset of '
-                       f'{FEATURE_LEVELS}, got {self.feature_levels}')
     self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
                            remat=self.remat_backbone,
                            conv_impl=self.backbone_conv_impl,
                            frozen_stages=self.backbone_frozen_stages)
-    xavier = nn.initializers.xavier_uniform()  # Deformable DETR input_proj.
-    self.input_proj = [
-        Conv(self.d_model, 1, impl=self.backbone_conv_impl,
-             kernel_init=xavier, use_bias=True, dtype=self.dtype,
-             name=f'input_proj_{level}') for level in self.feature_levels]
-    self.input_norm = [
-        nn.GroupNorm(num_groups=32, dtype=self.dtype,
-                     name=f'input_norm_{level}') for level in self.feature_levels]
+    self.input_proj, self.input_norm = input_projection(
+        self.feature_levels, self.d_model, self.backbone_conv_impl, self.dtype)
     self.level_embed = self.param(
-        'level_embed', nn.initializers.normal(stddev=1.0),
-        (len(self.feature_levels), self.d_model))  # Deformable DETR normal_.
+        'level_embed', LEVEL_EMBED_INIT,
+        (len(self.feature_levels), self.d_model))
     self.coord_embed = self.param(
         'coord_embed', _EMBED_INIT, (self.vocab.num_bins, self.d_model))
     self.axis_embed = self.param('axis_embed', _EMBED_INIT, (2, self.d_model))
@@ -363,20 +434,9 @@ class KeypointSequenceModel(nn.Module):
       ``Memory`` with features [B, S, d_model] (``dtype``), S = sum over
       ``feature_levels`` of (H / stride) * (W / stride).
     """
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    x = (images.astype(jnp.float32) - mean) / std  # [B, H, W, 3]
-    feature_maps = self.backbone(x, train)
-    features, spatial_shapes = [], []
-    for i, level in enumerate(self.feature_levels):
-      f = self.input_norm[i](self.input_proj[i](feature_maps[level]))  # [B, H_l, W_l, D]
-      batch, height, width, _ = f.shape
-      pos = sine_position_encoding(height, width, self.d_model)  # [H_l, W_l, D]
-      f = f + (jnp.asarray(pos) + self.level_embed[i]).astype(f.dtype)
-      features.append(f.reshape(batch, height * width, self.d_model))
-      spatial_shapes.append((height, width))
-    return Memory(features=jnp.concatenate(features, axis=1),
-                  spatial_shapes=tuple(spatial_shapes))
+    feature_maps = self.backbone(normalize_images(images), train)
+    return image_memory(feature_maps, self.feature_levels, self.input_proj,
+                        self.input_norm, self.level_embed)
 
   def encode_with_support(self, images: jax.Array,
                           support_images: jax.Array,

@@ -91,6 +91,23 @@ def check(config: ml_collections.ConfigDict) -> None:
     errors.append('decoder_aux_loss / decoder_refine_points need '
                   f'num_layers >= 2 (got {config.num_layers}): they work on '
                   'the layers before the last.')
+  if config.task == 'detection':
+    hw = tuple(config.detector_image_size_px)
+    if len(hw) != 2 or min(hw) < 32:
+      errors.append(f'detector_image_size_px={hw} must be (height, width) '
+                    'of at least 32 px each.')
+    lo, hi = config.detector_scale_range
+    if not 0 < lo <= hi <= 1:
+      errors.append(f'detector_scale_range={(lo, hi)} must satisfy 0 < lo '
+                    '<= hi <= 1 (a fraction of the scale that fits the '
+                    'canvas).')
+    if not 1 <= config.max_detections <= (config.detector_num_queries *
+                                          config.max_num_categories):
+      errors.append(f'max_detections={config.max_detections} must be in 1 '
+                    '.. detector_num_queries x max_num_categories.')
+    if config.setting != 'supervised':
+      errors.append('task=detection needs setting=supervised (the detector '
+                    'has no support images).')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')
@@ -190,6 +207,10 @@ def check_dataset(config: ml_collections.ConfigDict,
         'with `python -m data_prep.build --unlabelled_means=absent`; '
         'otherwise set --config.presence_token=False.')
   n = len(info.categories)
+  if config.task == 'detection' and n > config.max_num_categories:
+    errors.append(f'max_num_categories={config.max_num_categories} is smaller '
+                  f'than the data set\'s {n} categories (the detector\'s '
+                  f'classes): pass --config.max_num_categories={n}.')
   if config.category_conditioning and n > config.max_num_categories:
     errors.append(f'max_num_categories={config.max_num_categories} is smaller '
                   f'than the data set\'s {n} categories (category '

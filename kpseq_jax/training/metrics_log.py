@@ -72,7 +72,7 @@ class MetricsLog:
                                           np.isfinite(m['grad_norm'])):
         raise NonFiniteLossError(
             f'Non-finite loss or gradient at step {step} (loss={m["loss"]}, '
-            f'ce={m["ce"]}, l1={m["l1"]}, grad_norm={m["grad_norm"]}); '
+            f'{_parts(m, "{}={}")}, grad_norm={m["grad_norm"]}); '
             'stopping. The last checkpoint before it is intact; '
             '--config.skip_nonfinite_updates=True skips such updates.')
     if not (log and fetched):
@@ -83,12 +83,10 @@ class MetricsLog:
     self.t0, self.step0 = now, step
     eta = (self.total_steps - step) / max(rate, 1e-9)
     mean = {k: float(np.mean([f[1][k] for f in fetched])) for k in m}
-    proposal = (f', proposal_l1 {mean["proposal_l1"]:.4f}'
-                if 'proposal_l1' in mean else '')
     logging.info(
-        'step %d/%d  loss %.4f (ce %.4f, l1 %.4f%s)  grad_norm %.3f  '
+        'step %d/%d  loss %.4f (%s)  grad_norm %.3f  '
         'lr %.2e  %.2f steps/s  ETA %s%s', step, self.total_steps,
-        mean['loss'], mean['ce'], mean['l1'], proposal, mean['grad_norm'],
+        mean['loss'], _parts(mean, '{} {:.4f}'), mean['grad_norm'],
         m['learning_rate'], rate, time.strftime('%H:%M:%S', time.gmtime(eta)),
         f'  skipped updates {self.skipped_updates}'
         if self.skipped_updates else '')
@@ -97,3 +95,14 @@ class MetricsLog:
           **{f'train/{k}': v for k, v in mean.items()},
           'train/learning_rate': m['learning_rate'],
           'train/steps_per_sec': rate})
+
+
+# Metrics of every train step that are not terms of the loss.
+_NOT_PARTS = ('loss', 'grad_norm', 'learning_rate', 'update_skipped')
+
+
+def _parts(metrics: dict, fmt: str) -> str:
+  """The loss terms of a step's metrics (``ce``, ``l1``, ... or the
+  detector's ``class``, ``l1``, ``giou``, ``aux``), formatted."""
+  return ', '.join(fmt.format(k, v) for k, v in metrics.items()
+                   if k not in _NOT_PARTS)

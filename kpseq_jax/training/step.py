@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from kpseq_jax.models import detector as detector_lib
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.runtime import sharding
+from kpseq_jax.training import detection_losses
 from kpseq_jax.training import losses
 from kpseq_jax.training import train_state as ts
 
@@ -24,10 +26,14 @@ from kpseq_jax.training import train_state as ts
 TRAIN_FIELDS = ('image', 'input_tokens', 'input_coords', 'target_tokens',
                 'target_coords', 'token_weights', 'coord_weights')
 PROPOSAL_FIELDS = ('query_keypoints', 'query_keypoint_weights')
+# Batch fields of the detector's train step (`kpseq_jax/data/detection.py`).
+DETECTION_FIELDS = ('image', 'boxes', 'labels', 'box_valid')
 
 
 def train_fields(model) -> tuple[str, ...]:
-  """The batch fields `train_step` reads for ``model``."""
+  """The batch fields the train step of ``model`` reads."""
+  if isinstance(model, detector_lib.BoxDetector):
+    return DETECTION_FIELDS
   return TRAIN_FIELDS + (
       model_lib.SUPPORT_FIELDS if model.support_conditioning else ()) + (
           PROPOSAL_FIELDS if model.support_proposals else ())
@@ -86,6 +92,29 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
       parts.update(aux_parts)
     return loss, (parts, updates.get('batch_stats', state.batch_stats))
 
+  return apply_gradients(state, loss_fn, tx=tx, schedule=schedule,
+                         skip_nonfinite=skip_nonfinite)
+
+
+def apply_gradients(state: ts.TrainState, loss_fn, *,
+                    tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, skip_nonfinite: bool
+                    ) -> tuple[ts.TrainState, dict]:
+  """One optimizer update of ``state`` from ``loss_fn``'s gradient.
+
+  Args:
+    state: the train state.
+    loss_fn: ``params -> (loss, (parts, batch_stats))``: a scalar loss, a
+      dict of scalar metrics and the updated BatchNorm statistics.
+    tx: the optimizer; schedule: its learning rate (for the metrics).
+    skip_nonfinite: leave params, batch_stats and opt_state unchanged when
+      the loss or the gradient norm is not finite (``jnp.where`` on the
+      flag); only ``step`` advances.
+
+  Returns:
+    (new state, metrics): ``loss``, ``grad_norm``, ``learning_rate``,
+    ``update_skipped`` and ``parts``.
+  """
   (loss, (parts, batch_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   grad_norm = optax.tree.norm(grads)
@@ -107,16 +136,51 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
   return new_state, metrics
 
 
+def detection_train_step(state: ts.TrainState, batch: dict, *, model,
+                         tx: optax.GradientTransformation,
+                         schedule: optax.Schedule, class_weight: float,
+                         l1_weight: float, giou_weight: float,
+                         skip_nonfinite: bool = False
+                         ) -> tuple[ts.TrainState, dict]:
+  """One AdamW update of a `detector.BoxDetector` on whole images.
+
+  The loss is `detection_losses.set_loss` (Deformable DETR: Hungarian
+  matching, focal class loss, L1 and GIoU on every decoder layer) of
+  ``batch`` = `DETECTION_FIELDS` (`kpseq_jax/data/detection.py`).
+
+  Returns:
+    (new state, metrics): as `apply_gradients`, with the set loss's parts
+    (``class``, ``l1``, ``giou`` of the last layer, ``aux``).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    (logits, boxes), updates = model.apply(
+        variables, batch['image'], train=True, rngs={'dropout': rng},
+        mutable=['batch_stats'])
+    loss, parts = detection_losses.set_loss(
+        logits, boxes, batch['boxes'], batch['labels'], batch['box_valid'],
+        class_weight=class_weight, l1_weight=l1_weight,
+        giou_weight=giou_weight)
+    return loss, (parts, updates.get('batch_stats', state.batch_stats))
+
+  return apply_gradients(state, loss_fn, tx=tx, schedule=schedule,
+                         skip_nonfinite=skip_nonfinite)
+
+
 def make_train_step(config: ml_collections.ConfigDict, model, tx,
                     schedule: optax.Schedule, state_shardings,
                     mesh: jax.sharding.Mesh, donate: bool = True):
-  """`train_step` for ``config`` compiled with shardings.
+  """The train step of ``model`` compiled with shardings: `train_step` for
+  a `KeypointSequenceModel`, `detection_train_step` for a `BoxDetector`.
 
   Args:
     config: ``ce_weight``, ``l1_weight``, ``cape_proposal_l1_weight``,
       ``decoder_aux_loss`` (the earlier layers' CE weighs ``ce_weight``,
-      else 0), ``skip_nonfinite_updates``.
-    model: the `KeypointSequenceModel`.
+      else 0), ``skip_nonfinite_updates``; for a detector
+      ``detector_{class,l1,giou}_weight``.
+    model: the `KeypointSequenceModel` or `detector.BoxDetector`.
     tx: the optimizer (`train_state.create_optimizer`).
     schedule: its learning-rate schedule (for the logged rate).
     state_shardings: pytree of the state's shardings (in and out).
@@ -128,14 +192,21 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
     ``step(state, batch) -> (state, metrics)`` with ``batch`` a dict of
     global arrays holding `train_fields`.
   """
+  if isinstance(model, detector_lib.BoxDetector):
+    step = functools.partial(
+        detection_train_step, model=model, tx=tx, schedule=schedule,
+        class_weight=config.detector_class_weight,
+        l1_weight=config.detector_l1_weight,
+        giou_weight=config.detector_giou_weight,
+        skip_nonfinite=config.skip_nonfinite_updates)
+  else:
+    step = functools.partial(
+        train_step, model=model, tx=tx, schedule=schedule,
+        ce_weight=config.ce_weight, l1_weight=config.l1_weight,
+        proposal_l1_weight=config.cape_proposal_l1_weight,
+        aux_ce_weight=config.ce_weight if config.decoder_aux_loss else 0.0,
+        skip_nonfinite=config.skip_nonfinite_updates)
   return jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        ce_weight=config.ce_weight,
-                        l1_weight=config.l1_weight,
-                        proposal_l1_weight=config.cape_proposal_l1_weight,
-                        aux_ce_weight=(config.ce_weight
-                                       if config.decoder_aux_loss else 0.0),
-                        skip_nonfinite=config.skip_nonfinite_updates),
-      in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+      step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,) if donate else ())

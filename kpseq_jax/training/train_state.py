@@ -17,6 +17,7 @@ import ml_collections
 import optax
 
 from kpseq_jax.models import conv as conv_lib
+from kpseq_jax.models import detector as detector_lib
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models import pretrained
 from kpseq_jax.models import resnet
@@ -44,9 +45,12 @@ class TrainState:
   rng: jax.Array
 
 
-def create_model(config: ml_collections.ConfigDict
-                 ) -> model_lib.KeypointSequenceModel:
-  """The Flax model described by ``config`` (see configs/default.py)."""
+def create_model(config: ml_collections.ConfigDict):
+  """The Flax model described by ``config`` (see configs/default.py): the
+  `KeypointSequenceModel`, or with ``task='detection'`` the
+  `detector.BoxDetector` over ``max_num_categories`` classes."""
+  if config.task == 'detection':
+    return detector_lib.create_detector(config, config.max_num_categories)
   return model_lib.KeypointSequenceModel(
       vocab=vocab_lib.from_config(config),
       backbone_depth=config.backbone_depth,
@@ -155,8 +159,12 @@ def dummy_inputs(config: ml_collections.ConfigDict,
     keyword arguments of the model's ``__call__``: images uint8
     [B, S, S, 3], input_tokens int32 [B, L], input_coords float32 [B, L],
     and with ``setting='cape'`` a `model.SupportSet` of ``num_shots``
-    shots.
+    shots; with ``task='detection'`` only images uint8 [B, H, W, 3] of
+    ``detector_image_size_px``.
   """
+  if config.task == 'detection':
+    h, w = config.detector_image_size_px
+    return dict(images=jnp.zeros([batch_size, h, w, 3], jnp.uint8))
   s, kmax = config.image_size_px, config.max_num_keypoints
   length = sequence_length(config)
   out = dict(images=jnp.zeros([batch_size, s, s, 3], jnp.uint8),
@@ -173,7 +181,7 @@ def dummy_inputs(config: ml_collections.ConfigDict,
 
 
 def _init_fn(config: ml_collections.ConfigDict,
-             model: model_lib.KeypointSequenceModel,
+             model,
              tx: optax.GradientTransformation):
   """``init(rng) -> TrainState`` for the configured shapes."""
 
@@ -190,7 +198,7 @@ def _init_fn(config: ml_collections.ConfigDict,
 
 
 def abstract_train_state(config: ml_collections.ConfigDict,
-                         model: model_lib.KeypointSequenceModel,
+                         model,
                          tx: optax.GradientTransformation,
                          mesh: jax.sharding.Mesh) -> TrainState:
   """The state's shapes, dtypes and shardings without allocating it.
@@ -210,7 +218,7 @@ def abstract_train_state(config: ml_collections.ConfigDict,
 
 
 def create_train_state(config: ml_collections.ConfigDict,
-                       model: model_lib.KeypointSequenceModel,
+                       model,
                        tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh) -> TrainState:
   """Initialises the state directly into its shardings (`jax.jit` with

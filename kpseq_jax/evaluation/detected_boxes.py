@@ -1,0 +1,227 @@
+"""Keypoints from detected boxes next to keypoints from ground-truth boxes.
+
+PRTR's two-stage variant (issue 18): the keypoint stage crops the boxes a
+detector found (`box_predictor.ImageDetector`) instead of the annotated
+ones. `evaluate_detected_boxes` measures what that costs on a split: every
+image is detected once; detections are matched one-to-one to the ground
+truth instances by IoU (pycocotools ``maskUtils.iou`` and
+`scipy.optimize.linear_sum_assignment`, pairs with IoU >= ``iou_threshold``);
+each ground-truth instance is then decoded twice by the same compiled
+keypoint decoder (`predict.CropBatcher`): from its own box and from its
+matched detection. Both are scored by MP-100's PCK (normaliser: the
+ground-truth box, `metrics.PCKAccumulator`) and mean pixel error; an
+instance no detection matched counts as wrong at every keypoint (PCK 0)
+and has no pixel error.
+
+Written to the workdir (``--mode eval`` with ``--detector_config`` and
+``--detector_workdir``): ``eval_<split>_detected_boxes.json``, the
+`DetectedBoxesReport`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+from pycocotools import mask as mask_utils
+from scipy import optimize
+import tqdm
+
+from kpseq_jax.data import dataset
+from kpseq_jax.data import detection
+from kpseq_jax.data import transforms
+from kpseq_jax.evaluation import metrics
+from kpseq_jax.inference import box_predictor
+from kpseq_jax.inference import predict as predict_lib
+from kpseq_jax.inference import predictor as predictor_lib
+from kpseq_jax.runtime import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectedBoxesReport:
+  """Keypoints from detected boxes against ground-truth boxes, one split.
+
+  Attributes:
+    split: the evaluated split.
+    num_images / num_instances: images and ground-truth instances.
+    num_detections: detections at or above the score threshold.
+    num_matched: instances matched to a detection (IoU >= iou_threshold);
+      num_missed = num_instances - num_matched.
+    num_unmatched_detections: detections matched to no instance.
+    iou_threshold, score_threshold: the matching and detection thresholds.
+    pck_gt_boxes / mean_error_px_gt_boxes: PCK@``pck_alpha`` (MP-100) and
+      mean error in pixels, keypoints decoded from the ground-truth boxes.
+    pck_detected_boxes / mean_error_px_detected_boxes: the same from the
+      matched detections (missed instances: PCK 0, no error).
+    seconds_per_image_detection / seconds_per_image_keypoints: wall time
+      per image of the detector and of the keypoint stage on the detected
+      boxes (after the first image, which compiles).
+  """
+  split: str
+  num_images: int
+  num_instances: int
+  num_detections: int
+  num_matched: int
+  num_missed: int
+  num_unmatched_detections: int
+  iou_threshold: float
+  score_threshold: float
+  pck_alpha: float
+  pck_gt_boxes: float
+  mean_error_px_gt_boxes: float
+  pck_detected_boxes: float
+  mean_error_px_detected_boxes: float
+  seconds_per_image_detection: float
+  seconds_per_image_keypoints: float
+
+
+def match_by_iou(detected_xywh: np.ndarray, truth_xywh: np.ndarray,
+                 iou_threshold: float) -> dict[int, int]:
+  """One-to-one matching of detections to ground-truth boxes by IoU.
+
+  Args:
+    detected_xywh: float [D, 4] (x, y, w, h) pixels.
+    truth_xywh: float [G, 4] (x, y, w, h) pixels.
+    iou_threshold: pairs below it are not matched.
+
+  Returns:
+    ground-truth index -> detection index, maximising the summed IoU
+    (`scipy.optimize.linear_sum_assignment`).
+  """
+  if not len(detected_xywh) or not len(truth_xywh):
+    return {}
+  iou = np.asarray(mask_utils.iou(
+      np.asarray(detected_xywh, np.float64).tolist(),
+      np.asarray(truth_xywh, np.float64).tolist(),
+      [0] * len(truth_xywh)))  # [D, G]
+  rows, cols = optimize.linear_sum_assignment(-iou)
+  return {int(g): int(d) for d, g in zip(rows, cols)
+          if iou[d, g] >= iou_threshold}
+
+
+def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
+                            detector: box_predictor.ImageDetector,
+                            split: str | None = None,
+                            iou_threshold: float = 0.5,
+                            pck_alpha: float = 0.2,
+                            out_dir: str | None = None
+                            ) -> DetectedBoxesReport:
+  """Keypoint figures from detected and from ground-truth boxes (module
+  docstring) of the latest checkpoint in ``workdir``.
+
+  Args:
+    config: the keypoint run's config.
+    workdir: the keypoint run's directory (latest checkpoint).
+    detector: the detection stage (``detect(image)`` and ``threshold`` of
+      `box_predictor.ImageDetector`).
+    split: default ``config.eval_split``; its first
+      ``config.num_eval_examples`` images when that is > 0.
+    iou_threshold: detection-to-instance matching threshold.
+    pck_alpha: the PCK threshold (MP-100: 0.2).
+    out_dir: where the report goes (default ``workdir``).
+
+  Raises:
+    NotImplementedError: on more than one process.
+    FileNotFoundError: no data set or checkpoint.
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError('Evaluation from detected boxes runs on one '
+                              'process.')
+  split = split or config.eval_split
+  info = dataset.load_info(config.dataset_dir)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  model, state, _ = predictor_lib.restore_state(
+      config, workdir, mesh, info.split_sizes[config.train_split])
+  batcher = predict_lib.CropBatcher(
+      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
+      info.category_index())
+  source = dataset.data_source(config.dataset_dir, split)
+  groups = detection.image_groups(source)
+  if config.num_eval_examples > 0:
+    groups = groups[:config.num_eval_examples]
+  acc = {'gt': metrics.PCKAccumulator(alpha=pck_alpha),
+         'detected': metrics.PCKAccumulator(alpha=pck_alpha)}
+  counts = dict(instances=0, detections=0, matched=0)
+  seconds = {'detection': [], 'keypoints': []}
+  for group in tqdm.tqdm(groups, desc=f'eval {split} detected boxes',
+                         unit='image'):
+    records = [source[j] for j in group]
+    image = transforms.DecodeImage().map(dict(records[0]))['image']
+    truth = np.stack([np.asarray(r['bbox'], np.float64) for r in records])
+    cids = [int(r['category_id']) for r in records]
+    t0 = time.perf_counter()
+    found = detector.detect(image)
+    t1 = time.perf_counter()
+    match = match_by_iou(np.asarray([b for _, b, _ in found]).reshape(-1, 4),
+                         truth, iou_threshold)
+    gt_px = _keypoints(batcher, image, truth, cids)
+    t2 = time.perf_counter()
+    det_px = np.full_like(gt_px, np.nan)
+    if match:
+      order = sorted(match)
+      det_px[order] = _keypoints(
+          batcher, image, np.asarray([found[match[g]][1] for g in order]),
+          [cids[g] for g in order])
+    t3 = time.perf_counter()
+    seconds['detection'].append(t1 - t0)
+    seconds['keypoints'].append(t3 - t2)
+    kps = np.stack([_pad(np.asarray(r['keypoints'], np.float32),
+                         gt_px.shape[1]) for r in records])
+    for key, px in (('gt', gt_px), ('detected', det_px)):
+      acc[key].update(np.asarray(cids), px, kps, truth)
+    counts['instances'] += len(records)
+    counts['detections'] += len(found)
+    counts['matched'] += len(match)
+  gt, det = acc['gt'].result(), acc['detected'].result()
+  after_first = lambda v: float(np.mean(v[1:] if len(v) > 1 else v))
+  report = DetectedBoxesReport(
+      split=split, num_images=len(groups), num_instances=counts['instances'],
+      num_detections=counts['detections'], num_matched=counts['matched'],
+      num_missed=counts['instances'] - counts['matched'],
+      num_unmatched_detections=counts['detections'] - counts['matched'],
+      iou_threshold=iou_threshold, score_threshold=detector.threshold,
+      pck_alpha=pck_alpha, pck_gt_boxes=gt.pck,
+      mean_error_px_gt_boxes=gt.mean_error_px,
+      pck_detected_boxes=det.pck,
+      mean_error_px_detected_boxes=det.mean_error_px,
+      seconds_per_image_detection=after_first(seconds['detection']),
+      seconds_per_image_keypoints=after_first(seconds['keypoints']))
+  logging.info(
+      'Eval %s from detected boxes: %d/%d instances matched (IoU >= %.2f), '
+      '%d unmatched detections; PCK@%.2f %.4f vs %.4f from ground-truth '
+      'boxes; mean error %.2f vs %.2f px; %.3f s detection + %.3f s '
+      'keypoints per image', split, report.num_matched, report.num_instances,
+      iou_threshold, report.num_unmatched_detections, pck_alpha,
+      report.pck_detected_boxes, report.pck_gt_boxes,
+      report.mean_error_px_detected_boxes, report.mean_error_px_gt_boxes,
+      report.seconds_per_image_detection, report.seconds_per_image_keypoints)
+  path = os.path.join(out_dir or workdir, f'eval_{split}_detected_boxes.json')
+  with open(path + '.tmp', 'w') as f:
+    json.dump(dataclasses.asdict(report), f, indent=1)
+  os.replace(path + '.tmp', path)
+  return report
+
+
+def _keypoints(batcher: predict_lib.CropBatcher, image: np.ndarray,
+               boxes_xywh: np.ndarray, category_ids: list[int]) -> np.ndarray:
+  """float64 [N, Kmax, 2] image-pixel keypoints decoded from N boxes."""
+  crops = [batcher.crop(image, b, c) for b, c in zip(boxes_xywh,
+                                                      category_ids)]
+  out = []
+  for i in range(0, len(crops), batcher.batch_size):
+    out.append(batcher.predict_crops(crops[i:i + batcher.batch_size])
+               .keypoints_px)
+  return np.concatenate(out)
+
+
+def _pad(keypoints: np.ndarray, kmax: int) -> np.ndarray:
+  """[K, 3] -> [Kmax, 3] with v = 0 rows."""
+  out = np.zeros([kmax, 3], np.float32)
+  out[:len(keypoints)] = keypoints
+  return out

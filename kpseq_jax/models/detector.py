@@ -1,0 +1,297 @@
+"""Box detector: ResNet + deformable transformer decoder (Deformable DETR).
+
+The first stage of PRTR (Li et al., "Pose Recognition with Cascade
+Transformers", CVPR 2021; issue 18): a DETR-style set predictor of object
+boxes, built as the single-stage Deformable DETR (Zhu et al., ICLR 2021;
+``fundamentalvision/Deformable-DETR``) without its transformer encoder:
+
+* Memory: the keypoint model's encoder (`model.normalize_images`, `ResNet`,
+  `model.input_projection`, `model.image_memory`): per-level 1x1 conv +
+  GroupNorm(32), DETR sine position encoding and a learned level embedding
+  added to the features. As in `model.KeypointSequenceModel` there is no
+  encoder layer; position is folded into the memory.
+* Queries (``models/deformable_transformer.py``
+  ``DeformableTransformer.forward``, single stage): a learned table
+  ``query_embed`` [Q, 2 D] split into the query position (first half) and
+  the content (second half); the first reference points are
+  ``sigmoid(reference_points(query_pos))`` (Linear(D, 2), xavier_uniform).
+* Decoder layers (``DeformableTransformerDecoderLayer``): self-attention
+  among the Q queries (no mask) with the query position added to queries
+  and keys, deformable cross-attention with the position added to the
+  query, ReLU FFN, each followed by dropout, residual and post-LayerNorm:
+  `decoder.DecoderLayer` with ``query_pos``.
+* Heads (``models/deformable_detr.py``): per layer a class Linear
+  (``num_classes`` sigmoid logits, no background class, bias
+  ``-log((1 - 0.01) / 0.01)``) and DETR's 3-layer box MLP (`BoxHead`, last
+  layer zero, its w/h bias -2 in the first head) predicting a cxcywh delta
+  in inverse-sigmoid space around the layer's reference: ``box =
+  sigmoid(delta + inverse_sigmoid(reference))`` with a 2-D reference
+  (x, y) shifting only the centre.
+* Iterative box refinement (``box_refine``, Deformable DETR's
+  ``with_box_refine``): every layer has its own heads, and layer l + 1's
+  reference is ``stop_gradient(box_l)``, so its delta is relative to the
+  whole refined box. Without it, the heads are shared by all layers and
+  every layer uses the first reference points.
+
+Deviation: Deformable DETR samples around a 4-D reference box (offsets
+scaled by ``num_points`` and half the box size). `MultiScaleDeformableAttention`
+takes 2-D reference points (offsets in cells of each level), so every layer
+samples around the centre (cx, cy) of its reference box; only the box
+prediction uses the reference's width and height.
+
+Outputs: every layer's logits and boxes (the last is the prediction, the
+others feed the auxiliary losses of `training.detection_losses.set_loss`);
+`top_detections` is Deformable DETR's ``PostProcess``.
+
+Variables: ``params``; ``batch_stats`` when ``backbone_norm`` is 'batch' or
+'frozen_batch' (apply with ``mutable=['batch_stats']`` in training with
+'batch'); rng ``dropout`` when ``train=True`` and ``dropout > 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from kpseq_jax.models import conv as conv_lib
+from kpseq_jax.models import model as model_lib
+from kpseq_jax.models.decoder import DecoderLayer
+from kpseq_jax.models.decoder import inverse_sigmoid
+from kpseq_jax.models.resnet import ResNet
+from kpseq_jax.runtime import sharding
+from kpseq_jax.models import box_ops
+
+# Deformable DETR: class bias so every sigmoid starts at the prior 0.01.
+_PRIOR_PROB = 0.01
+_CLASS_BIAS = -math.log((1 - _PRIOR_PROB) / _PRIOR_PROB)
+# Deformable DETR: bbox_embed[0].layers[-1].bias[2:] = -2 (w = h = sigmoid(-2)
+# = 0.12 of the image at the start).
+_FIRST_WH_BIAS = -2.0
+
+
+class BoxHead(nn.Module):
+  """DETR's ``MLP(D, D, 4, 3)`` box head: D -> D -> D -> 4, ReLU between.
+
+  The last layer has zero kernel and bias (0, 0, wh_bias, wh_bias)
+  (Deformable DETR ``models/deformable_detr.py``), so a head starts by
+  predicting its reference (and, with ``wh_bias``, a small box).
+
+  Attributes:
+    d_model: hidden width D.
+    wh_bias: initial bias of the w and h outputs.
+    dtype: compute dtype; parameters float32.
+  """
+  d_model: int
+  wh_bias: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., D] -> float32 [..., 4], a (cx, cy, w, h) delta in logit space."""
+    def bias_init(key, shape, dtype=jnp.float32):
+      del key, shape
+      return jnp.asarray([0.0, 0.0, self.wh_bias, self.wh_bias], dtype)
+
+    x = nn.relu(nn.Dense(self.d_model, dtype=self.dtype)(x))
+    x = nn.relu(nn.Dense(self.d_model, dtype=self.dtype)(x))
+    return nn.Dense(4, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                    bias_init=bias_init)(x).astype(jnp.float32)
+
+
+class BoxDetector(nn.Module):
+  """Images -> per-layer class logits and boxes (module docstring).
+
+  Attributes:
+    num_classes: C, object classes (sigmoid outputs, no background).
+    num_queries: Q, boxes predicted per image (Deformable DETR: 300).
+    d_model: transformer width (256).
+    num_heads: attention heads (8).
+    num_layers: decoder layers (6).
+    ffn_dim: FFN hidden width (1024).
+    dropout: dropout rate (0.1).
+    num_points: deformable sampling points per head and level (4).
+    feature_levels: subset of ('c2', 'c3', 'c4', 'c5') (strides 4, 8, 16,
+      32); Deformable DETR uses C3-C5 (plus a strided C6 not built here).
+    backbone_depth: ResNet depth, 18 / 34 / 50.
+    backbone_norm: 'batch', 'group' or 'frozen_batch' (``resnet.py``).
+    backbone_frozen_stages: -1, 0 or n (``resnet.py``; Deformable DETR: 1
+      with frozen BatchNorm).
+    conv_impl: 'auto', 'xla' or 'gemm' (``conv.py``), for the backbone and
+      the input projections.
+    dtype: compute dtype (float32 or bfloat16); parameters, logits and
+      boxes are float32.
+    box_refine: iterative box refinement with per-layer heads (module
+      docstring); False shares the heads and keeps the first references.
+  """
+  num_classes: int
+  num_queries: int = 20
+  d_model: int = 256
+  num_heads: int = 8
+  num_layers: int = 6
+  ffn_dim: int = 1024
+  dropout: float = 0.1
+  num_points: int = 4
+  feature_levels: tuple = ('c3', 'c4', 'c5')
+  backbone_depth: int = 50
+  backbone_norm: str = 'frozen_batch'
+  backbone_frozen_stages: int = 1
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+  box_refine: bool = True
+
+  def setup(self):
+    self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
+                           conv_impl=self.conv_impl,
+                           frozen_stages=self.backbone_frozen_stages)
+    self.input_proj, self.input_norm = model_lib.input_projection(
+        self.feature_levels, self.d_model, self.conv_impl, self.dtype)
+    self.level_embed = self.param(
+        'level_embed', model_lib.LEVEL_EMBED_INIT,
+        (len(self.feature_levels), self.d_model))
+    # nn.Embedding(num_queries, 2 * d_model): torch's default N(0, 1).
+    self.query_embed = self.param(
+        'query_embed', nn.initializers.normal(stddev=1.0),
+        (self.num_queries, 2 * self.d_model))
+    self.reference_points = nn.Dense(
+        2, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())
+    self.layers = [
+        DecoderLayer(self.d_model, self.num_heads, self.ffn_dim, self.dropout,
+                     len(self.feature_levels), self.num_points,
+                     dtype=self.dtype, name=f'layers_{i}')
+        for i in range(self.num_layers)]
+    num_heads = self.num_layers if self.box_refine else 1
+    self.class_heads = [
+        nn.Dense(self.num_classes, dtype=self.dtype,
+                 bias_init=nn.initializers.constant(_CLASS_BIAS),
+                 name=f'class_heads_{i}') for i in range(num_heads)]
+    self.box_heads = [
+        BoxHead(self.d_model, _FIRST_WH_BIAS if i == 0 else 0.0, self.dtype,
+                name=f'box_heads_{i}') for i in range(num_heads)]
+
+  def encode(self, images: jax.Array, train: bool) -> model_lib.Memory:
+    """Images -> `model.Memory` [B, S, D] (``dtype``), as
+    `KeypointSequenceModel.encode`.
+
+    Args:
+      images: uint8 or float [B, H, W, 3] RGB in 0..255; H, W pixels,
+        multiples of 32.
+      train: BatchNorm batch statistics (``backbone_norm='batch'``).
+    """
+    feature_maps = self.backbone(model_lib.normalize_images(images), train)
+    return model_lib.image_memory(feature_maps, self.feature_levels,
+                                  self.input_proj, self.input_norm,
+                                  self.level_embed)
+
+  def decode(self, memory: model_lib.Memory, train: bool
+             ) -> Tuple[jax.Array, jax.Array]:
+    """The decoder and heads on an encoded image (module docstring).
+
+    Args:
+      memory: `encode` output, features [B, S, d_model].
+      train: dropout (needs the 'dropout' rng when ``dropout > 0``).
+
+    Returns:
+      (logits, boxes) as `__call__`.
+    """
+    batch = memory.features.shape[0]
+    shape = (batch, self.num_queries, self.d_model)
+    query_pos, content = jnp.split(self.query_embed, 2, axis=-1)  # [Q, D] each
+    reference = nn.sigmoid(
+        self.reference_points(query_pos).astype(jnp.float32))  # [Q, 2]
+    reference = jnp.broadcast_to(reference, shape[:2] + (2,))  # [B, Q, 2]
+    query_pos = jnp.broadcast_to(query_pos.astype(self.dtype), shape)
+    x = jnp.broadcast_to(content.astype(self.dtype), shape)  # [B, Q, D]
+    all_logits, all_boxes = [], []
+    for i, layer in enumerate(self.layers):
+      x = layer(x, reference[..., :2], memory.features, memory.spatial_shapes,
+                None, train, query_pos)  # [B, Q, D]
+      head = i if self.box_refine else 0
+      all_logits.append(self.class_heads[head](x).astype(jnp.float32))
+      offset = inverse_sigmoid(reference)  # [B, Q, 2] or [B, Q, 4]
+      if offset.shape[-1] == 2:  # A point: the delta's w, h stand alone.
+        offset = jnp.pad(offset, ((0, 0), (0, 0), (0, 2)))
+      box = nn.sigmoid(self.box_heads[head](x) + offset)  # [B, Q, 4]
+      all_boxes.append(box)
+      if self.box_refine:
+        reference = jax.lax.stop_gradient(box)  # Deformable DETR detach().
+    return jnp.stack(all_logits), jnp.stack(all_boxes)
+
+  def __call__(self, images: jax.Array, train: bool
+               ) -> Tuple[jax.Array, jax.Array]:
+    """Detects boxes: ``decode(encode(images))``.
+
+    Args:
+      images: uint8 [B, H, W, 3] RGB 0..255; H, W multiples of 32 pixels.
+      train: dropout (needs the 'dropout' rng when ``dropout > 0``) and
+        BatchNorm batch statistics.
+
+    Returns:
+      logits: float32 [L, B, Q, num_classes], sigmoid class logits of every
+        decoder layer (L = num_layers; the last is the prediction).
+      boxes: float32 [L, B, Q, 4], (cx, cy, w, h) normalised to [0, 1] of
+        the input image, every layer.
+    """
+    memory = self.encode(images, train)
+    # Keep the memory split by batch under a ('data', 'fsdp') mesh.
+    memory = memory.replace(
+        features=sharding.constrain_batch(memory.features))
+    return self.decode(memory, train)
+
+
+def create_detector(config: ml_collections.ConfigDict,
+                    num_classes: int) -> BoxDetector:
+  """The `BoxDetector` described by ``config`` (configs/default.py: the
+  ``detector_*`` fields and the model fields it shares with the keypoint
+  model)."""
+  return BoxDetector(
+      num_classes=num_classes,
+      num_queries=config.detector_num_queries,
+      d_model=config.d_model,
+      num_heads=config.num_heads,
+      num_layers=config.num_layers,
+      ffn_dim=config.ffn_dim,
+      dropout=config.dropout,
+      num_points=config.num_points,
+      feature_levels=tuple(config.feature_levels),
+      backbone_depth=config.backbone_depth,
+      backbone_norm=config.backbone_norm,
+      backbone_frozen_stages=config.backbone_frozen_stages,
+      conv_impl=conv_lib.resolve_impl(config.backbone_conv_impl),
+      dtype=jnp.dtype(config.compute_dtype),
+      box_refine=config.detector_box_refine)
+
+
+def top_detections(logits: jax.Array, boxes: jax.Array, k: int
+                   ) -> Tuple[jax.Array, jax.Array, jax.Array]:
+  """The k best (query, class) pairs of each image (Deformable DETR's
+  ``PostProcess``, ``models/deformable_detr.py``, without the scaling to
+  pixels).
+
+  Every query scores every class with its sigmoid; the top k of the Q * C
+  scores are kept, so one query can appear with several classes.
+
+  Args:
+    logits: float [B, Q, C], the last layer's logits.
+    boxes: float [B, Q, 4] cxcywh normalised.
+    k: detections per image, 1 <= k <= Q * C.
+
+  Returns:
+    scores: float32 [B, k] in (0, 1), descending.
+    labels: int32 [B, k], 0-based class.
+    boxes: float32 [B, k, 4] (x0, y0, x1, y1) normalised.
+  """
+  batch, num_queries, num_classes = logits.shape
+  if not 1 <= k <= num_queries * num_classes:
+    raise ValueError(f'k={k} outside 1..{num_queries * num_classes} '
+                     f'(queries x classes)')
+  prob = nn.sigmoid(logits.astype(jnp.float32)).reshape(batch, -1)  # [B, Q*C]
+  scores, index = jax.lax.top_k(prob, k)  # [B, k]
+  query = index // num_classes
+  labels = (index % num_classes).astype(jnp.int32)
+  xyxy = box_ops.cxcywh_to_xyxy(boxes.astype(jnp.float32))  # [B, Q, 4]
+  return scores, labels, jnp.take_along_axis(xyxy, query[..., None], axis=1)

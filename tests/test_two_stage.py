@@ -1,0 +1,157 @@
+"""PRTR's two-stage path (issue 18): keypoints from a detector's boxes in
+evaluation and in ``--mode predict``."""
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from kpseq_jax.data import dataset
+from kpseq_jax.data import detection
+from kpseq_jax.evaluation import detected_boxes
+
+
+def test_match_by_iou_is_one_to_one_and_thresholded():
+  truth = np.array([[0, 0, 10, 10], [20, 0, 10, 10], [50, 50, 5, 5]])
+  found = np.array([[21, 0, 10, 10],   # IoU 0.82 with truth 1.
+                    [0, 0, 10, 9],     # 0.9 with truth 0.
+                    [1, 0, 10, 10],    # 0.82 with truth 0: taken by row 1.
+                    [52, 52, 5, 5]])   # 0.22 with truth 2: below 0.5.
+  assert detected_boxes.match_by_iou(found, truth, 0.5) == {0: 1, 1: 0}
+  assert detected_boxes.match_by_iou(found[:0], truth, 0.5) == {}
+
+
+@dataclasses.dataclass
+class _BoxesOf:
+  """A stand-in detector: the annotated boxes of the split's images
+  (``shift`` px to the right), or nothing."""
+  boxes: list
+  shift: float = 0.0
+  threshold: float = 0.3
+
+  def detect(self, image):
+    del image
+    return [(cid, (x + self.shift, y, w, h), 0.9)
+            for cid, (x, y, w, h) in self.boxes.pop(0)]
+
+
+def _annotated_boxes(config):
+  source = dataset.data_source(config.dataset_dir, config.eval_split)
+  return [[(int(source[j]['category_id']), tuple(source[j]['bbox']))
+           for j in g] for g in detection.image_groups(source)]
+
+
+def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
+    trained, tmp_path):
+  config, workdir, _ = trained
+  boxes = _annotated_boxes(config)
+  # Detections equal to the annotated boxes: both figures the same.
+  same = detected_boxes.evaluate_detected_boxes(
+      config, str(workdir), _BoxesOf(list(boxes)), out_dir=str(tmp_path))
+  # The smoke config evaluates its first 8 images.
+  assert same.num_images == same.num_instances == same.num_matched == 8
+  assert same.num_missed == same.num_unmatched_detections == 0
+  assert same.pck_detected_boxes == same.pck_gt_boxes
+  assert same.mean_error_px_detected_boxes == same.mean_error_px_gt_boxes
+  saved = json.loads(
+      (tmp_path / 'eval_test_detected_boxes.json').read_text())
+  assert saved['pck_gt_boxes'] == same.pck_gt_boxes
+  # No detection: every instance missed, PCK 0 from detected boxes.
+  none = detected_boxes.evaluate_detected_boxes(
+      config, str(workdir), _BoxesOf([[] for _ in boxes]),
+      out_dir=str(tmp_path))
+  assert none.num_matched == 0 and none.num_missed == 8
+  assert none.pck_detected_boxes == 0.0
+  assert none.pck_gt_boxes == same.pck_gt_boxes
+  # Shifted boxes: matched (IoU >= 0.5) but cropped elsewhere.
+  moved = detected_boxes.evaluate_detected_boxes(
+      config, str(workdir), _BoxesOf(list(boxes), shift=8.0),
+      out_dir=str(tmp_path))
+  assert moved.num_matched == 8
+  assert moved.mean_error_px_detected_boxes != same.mean_error_px_gt_boxes
+
+
+@pytest.fixture(scope='module')
+def tiny_detector(dlc_dataset, tmp_path_factory):
+  """(config, workdir, report): a tiny detector trained 2 steps on the real
+  open-field frames by `train.train_and_evaluate` (``task='detection'``)."""
+  from configs import dlc_openfield_detector
+  from kpseq_jax import train
+  c = dlc_openfield_detector.get_config()
+  c.dataset_dir = str(dlc_dataset)
+  c.detector_image_size_px = (96, 128)
+  c.feature_levels = ('c4', 'c5')
+  c.d_model = 32
+  c.num_heads = 2
+  c.num_layers = 2
+  c.ffn_dim = 64
+  c.detector_num_queries = 4
+  c.max_detections = 3
+  c.batch_size = 4
+  c.num_train_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.eval_every_steps = 0
+  c.eval_batch_size = 8
+  workdir = tmp_path_factory.mktemp('detector')
+  return c, workdir, train.train_and_evaluate(c, str(workdir))
+
+
+def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
+  """Box AP of every test image by pycocotools, written to the workdir;
+  `--mode eval` reads the checkpoint back to the same figures."""
+  from kpseq_jax.evaluation import box_ap
+  from kpseq_jax.evaluation import evaluate
+  c, workdir, report = tiny_detector
+  assert isinstance(report, box_ap.BoxReport)
+  assert report.num_images == report.num_instances == 23  # One mouse each.
+  assert -1 < report.ap <= report.ap50 <= 1
+  saved = json.loads((workdir / 'eval_test_boxes.json').read_text())
+  assert saved['ap'] == report.ap and saved['step'] == 2
+  dets = json.loads((workdir / 'detections_test.json').read_text())
+  assert len(dets) == 23 * 3
+  assert {d['category_id'] for d in dets} == {1}
+  assert all(0 <= d['bbox'][0] <= 640 and 0 <= d['bbox'][1] <= 480
+             for d in dets)
+  again = evaluate.evaluate(c, str(workdir))
+  assert again.ap == report.ap and again.step == 2
+
+
+def test_predict_crops_the_detected_boxes(tiny_detector, trained, shared_data,
+                                          tmp_path):
+  """`--mode predict` without --boxes takes the detector's boxes above its
+  threshold; an image with none is counted and gets no prediction."""
+  import shutil
+  from kpseq_jax.inference import box_predictor
+  from kpseq_jax.inference import predict
+  from kpseq_jax.runtime import sharding
+  det_config, det_workdir, _ = tiny_detector
+  config, workdir, _ = trained
+  images = tmp_path / 'frames'
+  images.mkdir()
+  frames = sorted((shared_data / 'dlc_openfield' / 'images' / 'm4s1').glob(
+      '*.png'))[:2]
+  for f in frames:
+    shutil.copy(f, images / f.name)
+  detector = box_predictor.ImageDetector(
+      det_config, str(det_workdir), sharding.create_mesh((-1, 1)))
+  detector.threshold = 0.0  # Untrained scores: keep every box.
+  found = detector.detect(np.zeros([480, 640, 3], np.uint8))
+  assert len(found) == 3 and all(cid == 1 for cid, _, _ in found)
+  summary = predict.predict(config, str(workdir), str(images),
+                            str(tmp_path / 'all'), detector=detector)
+  assert summary.num_images == 2 and summary.num_boxes == 6
+  preds = json.loads((tmp_path / 'all' / 'predictions.json').read_text())
+  # Every box of each image (3 = max_detections) gave one pose.
+  assert sorted(collections.Counter(p['image_id'] for p in preds).values()
+                ) == [3, 3]
+  detector.threshold = 1.01  # Nothing passes.
+  summary = predict.predict(config, str(workdir), str(images),
+                            str(tmp_path / 'none'), detector=detector)
+  assert summary.num_boxes == 0
+  assert summary.images_without_detection == [f.name for f in frames]
+  report = json.loads(
+      (tmp_path / 'none' / 'predict_report.json').read_text())
+  assert report['images_without_detection'] == [f.name for f in frames]
