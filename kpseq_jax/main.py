@@ -15,7 +15,8 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
 A detection config (``task='detection'``, e.g.
 configs/dlc_openfield_detector.py) trains and evaluates (box AP) the
 whole-image detector with the same modes; ``--mode predict`` then takes its
-boxes with ``--detector_config/--detector_workdir``.
+boxes with ``--detector_config/--detector_workdir`` (so do ``analyze``,
+and ``eval``, which then also scores keypoints from detected boxes).
 
 Installed with ``pip install -e .``, ``kpseq`` is the same command.
 
@@ -61,12 +62,12 @@ flags.DEFINE_string('videos', None, 'analyze: a video file (mp4, avi, ...) '
 config_flags.DEFINE_config_file(
     'detector_config', None, 'A detection config (task=detection, e.g. '
     'configs/dlc_openfield_detector.py) whose trained --detector_workdir '
-    'finds the boxes. predict: when --boxes is not given; eval: also '
-    'evaluates the keypoints from its boxes next to the ground-truth '
+    'finds the boxes. predict, analyze: when --boxes is not given; eval: '
+    'also evaluates the keypoints from its boxes next to the ground-truth '
     'boxes (eval_<split>_detected_boxes.json).',
     lock_config=True)
-flags.DEFINE_string('detector_workdir', None, 'predict, eval: the trained '
-                    'detector run of --detector_config.')
+flags.DEFINE_string('detector_workdir', None, 'predict, analyze, eval: the '
+                    'trained detector run of --detector_config.')
 flags.DEFINE_string('boxes', None, 'predict: COCO detections list or '
                     'annotations file with the boxes; default: each whole '
                     'image is one box. analyze: "track" (around the '
@@ -140,7 +141,9 @@ def main(argv):
   elif FLAGS.mode == 'analyze':
     analyze.analyze(FLAGS.config, FLAGS.workdir, FLAGS.videos, FLAGS.out,
                     FLAGS.boxes, FLAGS.category, FLAGS.video_batch_size,
-                    FLAGS.filter_window, FLAGS.labeled_video)
+                    FLAGS.filter_window, FLAGS.labeled_video,
+                    _detector() if FLAGS.detector_workdir and not FLAGS.boxes
+                    else None)
   else:
     detector = (_detector() if FLAGS.detector_workdir and not FLAGS.boxes
                 else None)

@@ -226,3 +226,36 @@ def test_median_filter_keeps_gaps_and_likelihood():
   assert np.isnan(b_x[6]) and b_x[5] == 5.0 and b_x[7] == 7.0
   with pytest.raises(ValueError, match='odd'):
     dlc_output.median_filter(df, 4)
+
+
+class _EveryOtherFrame:
+  """A stand-in detector: two boxes on even calls (the better first),
+  nothing on odd ones."""
+  threshold = 0.3
+
+  def __init__(self):
+    self.calls = 0
+
+  def detect(self, image):
+    self.calls += 1
+    if self.calls % 2 == 0:
+      return []
+    h, w = image.shape[:2]
+    return [(1, (10.0, 20.0, w / 2, h / 2), 0.9), (1, (0, 0, 5, 5), 0.4)]
+
+
+def test_detected_boxes_crop_each_frame_or_fall_back_to_it_whole(
+    trained, clips, tmp_path):
+  policy = video.Detected(_EveryOtherFrame())
+  policy.see(4, [np.zeros([480, 640, 3], np.uint8)] * 2)
+  assert policy.box(4, 640, 480) == (10.0, 20.0, 320.0, 240.0)
+  assert policy.box(5, 640, 480) == (0, 0, 640, 480)
+  assert policy.frames_without_box == 1
+  # In a whole analysis: every frame is detected once, in order.
+  config, workdir, _ = trained
+  detector = _EveryOtherFrame()
+  [summary] = analyze.analyze(config, str(workdir), str(clips / 'clip.mp4'),
+                              str(tmp_path), labeled_video=False,
+                              detector=detector)
+  assert summary.boxes == 'detector' and detector.calls == 8
+  assert summary.frames_without_box == 4

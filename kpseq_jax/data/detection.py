@@ -1,4 +1,4 @@
-"""Whole images with every instance's box: the detection stage's input (issue 18).
+"""Whole images with all their instances: the detection stage input (issue 18).
 
 The data set stores one record per instance (`data_prep/build.py`), each with
 its image. The detector needs one element per image holding all its

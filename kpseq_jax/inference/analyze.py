@@ -2,8 +2,9 @@ r"""Videos -> DeepLabCut-format pose tables, labelled videos, plots (``--mode an
 
   python -m kpseq_jax.main --mode analyze --config configs/dlc_openfield.py \
       --workdir DIR --videos VIDEO_OR_FOLDER --out OUT \
-      [--boxes track|BOXES.json] [--video_batch_size B] [--filter_window 5] \
-      [--nolabeled_video] [--category ID]
+      [--boxes track|BOXES.json | --detector_config C --detector_workdir D] \
+      [--video_batch_size B] [--filter_window 5] [--nolabeled_video] \
+      [--category ID]
 
 ``--videos``: a video file (.mp4, .avi, ...; see `video.VIDEO_SUFFIXES`) or
 a folder of them (not searched recursively). Every frame is decoded with
@@ -14,7 +15,9 @@ a background thread decodes and crops the next batches
 COCO detections list with ``image_id`` = 0-based frame index
 (`video.BoxFile`); ``track`` = around the previous batch's confident
 keypoints (confidence >= `TRACK_MIN_CONFIDENCE`; `video.Track`), a side at
-most twice the median training box side.
+most twice the median training box side; none with ``--detector_config``
+and ``--detector_workdir`` = each frame's best box from the trained
+detector (`video.Detected`, PRTR's two-stage variant).
 
 Writes to ``OUT``, per video (``<stem>`` the video's file stem, ``<scorer>``
 ``KPSEQ_resnet<depth>_<category>_step<checkpoint step>``, as DeepLabCut
@@ -58,6 +61,7 @@ import tqdm
 
 from kpseq_jax.data import dataset
 from kpseq_jax.data import visualize
+from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import dlc_output
 from kpseq_jax.inference import predict as predict_lib
@@ -91,8 +95,9 @@ class VideoSummary:
       truncated file often just ends). It stopped at frame
       ``frames_decoded`` (0-based), the first one without a row.
     error: FFmpeg's message then.
-    boxes: 'whole frame', 'box file' or 'track'.
-    frames_without_box: box file: frames cropped whole for want of a box.
+    boxes: 'whole frame', 'box file', 'track' or 'detector'.
+    frames_without_box: box file, detector: frames cropped whole for want
+      of a box.
     track_lost: track: batches after which the track fell back to the whole
       frame.
     track_reacquired: track without confidence: batches cropped whole to
@@ -157,10 +162,12 @@ def scorer_name(config: ml_collections.ConfigDict, category_name: str,
 
 
 def make_boxes(boxes: str | None, min_confidence: float,
-               max_size_px: float | None = None):
-  """``--boxes`` -> a box policy of `video` (None, 'track' or a file)."""
+               max_size_px: float | None = None, detector=None):
+  """``--boxes`` -> a box policy of `video` (None, 'track' or a file;
+  None with a ``detector``: `video.Detected`)."""
   if not boxes:
-    return video_lib.WholeFrame()
+    return (video_lib.WholeFrame() if detector is None
+            else video_lib.Detected(detector))
   if boxes == 'track':
     return video_lib.Track(min_confidence=min_confidence,
                            max_size_px=max_size_px)
@@ -202,7 +209,8 @@ def _pcutoff(dataset_dir: str) -> float:
 def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
             out_dir: str, boxes: str | None = None,
             category_id: int | None = None, batch_size: int | None = None,
-            filter_window: int = 0, labeled_video: bool = True
+            filter_window: int = 0, labeled_video: bool = True,
+            detector: box_predictor.ImageDetector | None = None
             ) -> list[VideoSummary]:
   """Analyses every video; see the module docstring.
 
@@ -216,6 +224,8 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     batch_size: frames per model call (default ``config.eval_batch_size``).
     filter_window: odd median filter window in frames; 0 = none.
     labeled_video: write ``_labeled.mp4``.
+    detector: with ``boxes`` None, each frame's box is this detector's
+      best (`video.Detected`).
 
   Returns:
     The summaries of the videos analysed.
@@ -265,7 +275,8 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     try:
       summaries.append(analyze_video(
           vinfo, batcher,
-          make_boxes(boxes, TRACK_MIN_CONFIDENCE, typical and 2 * typical),
+          make_boxes(boxes, TRACK_MIN_CONFIDENCE, typical and 2 * typical,
+                     detector),
           category, scorer, out_dir, filter_window, labeled_video, pcutoff))
     except video_lib.VideoDecodeError as e:  # Opens, but no frame decodes.
       logging.error('%s', e)
@@ -301,7 +312,9 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   t_first = None
   try:
     for batch in pipeline:
-      if batch.crops is None:  # Boxes from the previous batch's poses.
+      if batch.crops is None:  # Boxes from the previous batch's poses
+        if isinstance(policy, video_lib.Detected):  # or from the frames.
+          policy.see(batch.start, batch.frames)
         batch.boxes = [policy.box(batch.start + j, w, h)
                        for j in range(len(batch.frames))]
         batch.crops = [batcher.crop(f, b, category.id)

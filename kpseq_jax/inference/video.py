@@ -208,6 +208,42 @@ class BoxFile:
     del keypoints_px, confidence, width, height
 
 
+class Detected:
+  """Boxes from a trained detector (PRTR's two-stage variant), per frame.
+
+  `see` runs ``detector.detect`` (`box_predictor.ImageDetector`) on every
+  frame of a batch before it is cropped; a frame uses its best-scoring box
+  at or above the detector's threshold (single-animal output), or the
+  whole frame when there is none (counted in `frames_without_box`). The
+  boxes need the frames, so the crops are made in the main loop
+  (``depends_on_predictions``).
+  """
+
+  name = 'detector'
+  depends_on_predictions = True
+
+  def __init__(self, detector):
+    self.detector = detector
+    self.boxes: dict[int, tuple | None] = {}
+    self.frames_without_box = 0
+
+  def see(self, start: int, frames: list[np.ndarray]) -> None:
+    """Detects on frames ``start``, ``start + 1``, ... (uint8 [H, W, 3])."""
+    for j, frame in enumerate(frames):
+      found = self.detector.detect(frame)
+      self.boxes[start + j] = found[0][1] if found else None
+
+  def box(self, frame_index, width, height):
+    b = self.boxes.pop(frame_index, None)
+    if b is None:
+      self.frames_without_box += 1
+      return (0.0, 0.0, float(width), float(height))
+    return b
+
+  def update(self, keypoints_px, confidence, width, height):
+    del keypoints_px, confidence, width, height
+
+
 class Track:
   """The box around the last confident pose seen, else the whole frame.
 
