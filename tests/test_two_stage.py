@@ -45,11 +45,19 @@ def _annotated_boxes(config):
 
 def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
     trained, tmp_path):
+  from kpseq_jax.inference import predictor as predictor_lib
+  from kpseq_jax.runtime import sharding
   config, workdir, _ = trained
   boxes = _annotated_boxes(config)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
+                                                93)
+  predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
+  run = lambda detector: detected_boxes.evaluate_detected_boxes(
+      config, str(workdir), detector, out_dir=str(tmp_path),
+      predictor=predictor)  # One compiled decoder for the three runs.
   # Detections equal to the annotated boxes: both figures the same.
-  same = detected_boxes.evaluate_detected_boxes(
-      config, str(workdir), _BoxesOf(list(boxes)), out_dir=str(tmp_path))
+  same = run(_BoxesOf(list(boxes)))
   # The smoke config evaluates its first 8 images.
   assert same.num_images == same.num_instances == same.num_matched == 8
   assert same.num_missed == same.num_unmatched_detections == 0
@@ -59,16 +67,12 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
       (tmp_path / 'eval_test_detected_boxes.json').read_text())
   assert saved['pck_gt_boxes'] == same.pck_gt_boxes
   # No detection: every instance missed, PCK 0 from detected boxes.
-  none = detected_boxes.evaluate_detected_boxes(
-      config, str(workdir), _BoxesOf([[] for _ in boxes]),
-      out_dir=str(tmp_path))
+  none = run(_BoxesOf([[] for _ in boxes]))
   assert none.num_matched == 0 and none.num_missed == 8
   assert none.pck_detected_boxes == 0.0
   assert none.pck_gt_boxes == same.pck_gt_boxes
   # Shifted boxes: matched (IoU >= 0.5) but cropped elsewhere.
-  moved = detected_boxes.evaluate_detected_boxes(
-      config, str(workdir), _BoxesOf(list(boxes), shift=8.0),
-      out_dir=str(tmp_path))
+  moved = run(_BoxesOf(list(boxes), shift=8.0))
   assert moved.num_matched == 8
   assert moved.mean_error_px_detected_boxes != same.mean_error_px_gt_boxes
 

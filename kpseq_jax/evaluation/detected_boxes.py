@@ -110,7 +110,8 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
                             split: str | None = None,
                             iou_threshold: float = 0.5,
                             pck_alpha: float = 0.2,
-                            out_dir: str | None = None
+                            out_dir: str | None = None,
+                            predictor: predictor_lib.Predictor | None = None
                             ) -> DetectedBoxesReport:
   """Keypoint figures from detected and from ground-truth boxes (module
   docstring) of the latest checkpoint in ``workdir``.
@@ -125,6 +126,8 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
     iou_threshold: detection-to-instance matching threshold.
     pck_alpha: the PCK threshold (MP-100: 0.2).
     out_dir: where the report goes (default ``workdir``).
+    predictor: the keypoint decoder of ``workdir``'s latest checkpoint, if
+      already restored (`predictor.Predictor`); else restored here.
 
   Raises:
     NotImplementedError: on more than one process.
@@ -135,12 +138,12 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
                               'process.')
   split = split or config.eval_split
   info = dataset.load_info(config.dataset_dir)
-  mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, _ = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
-  batcher = predict_lib.CropBatcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
-      info.category_index())
+  if predictor is None:
+    mesh = sharding.create_mesh(config.mesh_shape)
+    model, state, _ = predictor_lib.restore_state(
+        config, workdir, mesh, info.split_sizes[config.train_split])
+    predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
+  batcher = predict_lib.CropBatcher(config, predictor, info.category_index())
   source = dataset.data_source(config.dataset_dir, split)
   groups = detection.image_groups(source)
   if config.num_eval_examples > 0:
