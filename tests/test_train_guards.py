@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import dlc_openfield_detector
 from configs import smoke
 from kpseq_jax.training import config_checks
 from data_prep.categories import Category
@@ -144,6 +145,31 @@ def test_impossible_config_fails_with_a_clear_message(field, value, message):
   c[field] = value
   with pytest.raises(ValueError, match=re.escape(message)):
     config_checks.check(c)
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('detector_scale_range', (0.5, 1.5),
+     'detector_scale_range=(0.5, 1.5) must satisfy 0 < lo <= hi <= 1'),
+    ('detector_image_size_px', (16, 64),
+     'detector_image_size_px=(16, 64) must be (height, width)'),
+    ('max_detections', 11, 'max_detections=11 must be in 1 .. '),
+    ('setting', 'cape', 'task=detection needs setting=supervised'),
+])
+def test_impossible_detector_config_fails_with_a_clear_message(field, value,
+                                                              message):
+  c = dlc_openfield_detector.get_config()  # 10 queries, 1 class.
+  c.dataset_dir = 'x'
+  c[field] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_checks.check(c)
+
+
+def test_detector_needs_a_class_per_category():
+  c = dlc_openfield_detector.get_config()  # max_num_categories = 1
+  config_checks.check_dataset(c, _info([4]))
+  with pytest.raises(ValueError, match=re.escape(
+      "data set's 2 categories (the detector's classes)")):
+    config_checks.check_dataset(c, _info([4, 4]))
 
 
 def test_category_longer_than_the_sequence_is_rejected():
