@@ -313,7 +313,7 @@ def test_create_detector_reads_the_config():
   assert (model.num_classes, model.num_queries, model.d_model,
           model.num_heads, model.num_layers, model.ffn_dim, model.num_points,
           model.feature_levels, model.backbone_depth, model.backbone_norm,
-          model.backbone_frozen_stages, model.conv_impl, model.box_refine
+          model.backbone_frozen_stages, model.backbone_conv_impl, model.box_refine
           ) == (5, 7, 64, 4, 3, 128, 2, ('c4', 'c5'), 18, 'group', -1, 'xla',
                 False)
   assert jnp.dtype(model.dtype) == jnp.bfloat16

@@ -33,6 +33,7 @@ import tqdm
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
 from kpseq_jax.inference import box_predictor as box_predictor_lib
+from kpseq_jax.models import box_ops
 from kpseq_jax.runtime import metric_writer as metric_writer_lib
 from kpseq_jax.runtime import sharding
 
@@ -154,7 +155,8 @@ class DetectionEvaluator:
                                  'labels', 'box_valid',
                                  'canvas_from_image')}, predictor.mesh))
       gt_px = box_predictor_lib.canvas_to_image(
-          _xyxy(batch['boxes']), predictor.canvas_hw,
+          np.asarray(box_ops.cxcywh_to_xyxy(batch['boxes'])),
+          predictor.canvas_hw,
           batch['canvas_from_image'], batch['image_size'])
       for i in np.flatnonzero(batch['valid'] > 0):
         image_id = int(batch['image_id'][i])
@@ -191,11 +193,6 @@ class DetectionEvaluator:
     writer.write_scalars(0 if step is None else int(step), report.scalars())
     writer.flush()
     return report
-
-
-def _xyxy(cxcywh: np.ndarray) -> np.ndarray:
-  c, s = cxcywh[..., :2], cxcywh[..., 2:]
-  return np.concatenate([c - s / 2, c + s / 2], -1)
 
 
 def _xywh(xyxy: np.ndarray) -> list[float]:

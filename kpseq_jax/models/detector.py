@@ -58,7 +58,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from kpseq_jax.models import conv as conv_lib
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models.decoder import DecoderLayer
 from kpseq_jax.models.decoder import inverse_sigmoid
@@ -121,8 +120,8 @@ class BoxDetector(nn.Module):
     backbone_norm: 'batch', 'group' or 'frozen_batch' (``resnet.py``).
     backbone_frozen_stages: -1, 0 or n (``resnet.py``; Deformable DETR: 1
       with frozen BatchNorm).
-    conv_impl: 'auto', 'xla' or 'gemm' (``conv.py``), for the backbone and
-      the input projections.
+    backbone_conv_impl: 'auto', 'xla' or 'gemm' (``conv.py``), for the
+      backbone and the input projections.
     dtype: compute dtype (float32 or bfloat16); parameters, logits and
       boxes are float32.
     box_refine: iterative box refinement with per-layer heads (module
@@ -140,16 +139,16 @@ class BoxDetector(nn.Module):
   backbone_depth: int = 50
   backbone_norm: str = 'frozen_batch'
   backbone_frozen_stages: int = 1
-  conv_impl: str = 'auto'
+  backbone_conv_impl: str = 'auto'
   dtype: Any = jnp.float32
   box_refine: bool = True
 
   def setup(self):
     self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
-                           conv_impl=self.conv_impl,
+                           conv_impl=self.backbone_conv_impl,
                            frozen_stages=self.backbone_frozen_stages)
     self.input_proj, self.input_norm = model_lib.input_projection(
-        self.feature_levels, self.d_model, self.conv_impl, self.dtype)
+        self.feature_levels, self.d_model, self.backbone_conv_impl, self.dtype)
     self.level_embed = self.param(
         'level_embed', model_lib.LEVEL_EMBED_INIT,
         (len(self.feature_levels), self.d_model))
@@ -248,22 +247,10 @@ def create_detector(config: ml_collections.ConfigDict,
   """The `BoxDetector` described by ``config`` (configs/default.py: the
   ``detector_*`` fields and the model fields it shares with the keypoint
   model)."""
-  return BoxDetector(
-      num_classes=num_classes,
-      num_queries=config.detector_num_queries,
-      d_model=config.d_model,
-      num_heads=config.num_heads,
-      num_layers=config.num_layers,
-      ffn_dim=config.ffn_dim,
-      dropout=config.dropout,
-      num_points=config.num_points,
-      feature_levels=tuple(config.feature_levels),
-      backbone_depth=config.backbone_depth,
-      backbone_norm=config.backbone_norm,
-      backbone_frozen_stages=config.backbone_frozen_stages,
-      conv_impl=conv_lib.resolve_impl(config.backbone_conv_impl),
-      dtype=jnp.dtype(config.compute_dtype),
-      box_refine=config.detector_box_refine)
+  return BoxDetector(num_classes=num_classes,
+                     num_queries=config.detector_num_queries,
+                     box_refine=config.detector_box_refine,
+                     **model_lib.shared_model_fields(config))
 
 
 def top_detections(logits: jax.Array, boxes: jax.Array, k: int

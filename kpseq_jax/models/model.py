@@ -65,6 +65,7 @@ import numpy as np
 from kpseq_jax.sequence import grammar
 from kpseq_jax.runtime import sharding
 from kpseq_jax.models import deformable_attention
+from kpseq_jax.models import conv as conv_lib
 from kpseq_jax.models.conv import Conv
 from kpseq_jax.models.decoder import Decoder
 from kpseq_jax.models.decoder import self_attention_mask
@@ -244,6 +245,34 @@ def input_projection(feature_levels: Sequence[str], d_model: int,
   norms = [nn.GroupNorm(num_groups=32, dtype=dtype, name=f'input_norm_{level}')
            for level in feature_levels]
   return convs, norms
+
+
+def shared_model_fields(config) -> dict:
+  """Constructor fields that `KeypointSequenceModel` and
+  `detector.BoxDetector` read the same way from a config (configs/default.py):
+  backbone (depth, norm, frozen stages, conv implementation resolved for
+  the backend), feature levels, decoder width, heads, layers, FFN width,
+  dropout, sampling points, and the compute dtype.
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` with those fields.
+
+  Returns:
+    dict of keyword arguments for either model.
+  """
+  return dict(
+      backbone_depth=config.backbone_depth,
+      backbone_norm=config.backbone_norm,
+      backbone_frozen_stages=config.backbone_frozen_stages,
+      backbone_conv_impl=conv_lib.resolve_impl(config.backbone_conv_impl),
+      feature_levels=tuple(config.feature_levels),
+      d_model=config.d_model,
+      num_heads=config.num_heads,
+      num_layers=config.num_layers,
+      ffn_dim=config.ffn_dim,
+      dropout=config.dropout,
+      num_points=config.num_points,
+      dtype=jnp.dtype(config.compute_dtype))
 
 
 def image_memory(feature_maps: Dict[str, jax.Array],

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kpseq_jax.models import conv as conv_lib
 from kpseq_jax.models import detector as detector_lib
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models import pretrained
@@ -53,17 +52,6 @@ def create_model(config: ml_collections.ConfigDict):
     return detector_lib.create_detector(config, config.max_num_categories)
   return model_lib.KeypointSequenceModel(
       vocab=vocab_lib.from_config(config),
-      backbone_depth=config.backbone_depth,
-      backbone_norm=config.backbone_norm,
-      backbone_frozen_stages=config.backbone_frozen_stages,
-      backbone_conv_impl=conv_lib.resolve_impl(config.backbone_conv_impl),
-      feature_levels=tuple(config.feature_levels),
-      d_model=config.d_model,
-      num_heads=config.num_heads,
-      num_layers=config.num_layers,
-      ffn_dim=config.ffn_dim,
-      dropout=config.dropout,
-      num_points=config.num_points,
       remat_backbone=config.remat_backbone,
       remat_decoder=config.remat_decoder,
       max_seq_len=sequence_length(config),
@@ -73,7 +61,7 @@ def create_model(config: ml_collections.ConfigDict):
       reference_noise=config.reference_point_noise_frac,
       intermediate_outputs=(config.decoder_aux_loss
                             or config.decoder_refine_points),
-      dtype=jnp.dtype(config.compute_dtype))
+      **model_lib.shared_model_fields(config))
 
 
 def sequence_length(config: ml_collections.ConfigDict) -> int:
