@@ -44,6 +44,7 @@ keypoint sequences); parameters are a random initialisation.
 
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -99,7 +100,7 @@ flags.DEFINE_bool('decode_cape', True, 'Also time the support-conditioned '
 flags.DEFINE_string('json_out', None, 'Also write the report to this JSON file '
                     'after every section (a late failure keeps the figures '
                     'measured before it, with "error").')
-flags.DEFINE_integer('pipeline_examples', 2048, 'Pipeline examples to time '
+flags.DEFINE_integer('pipeline_examples', 2048, 'Pipeline examples to time (0 skips) '
                      '(rounded up to whole batches).')
 
 
@@ -237,9 +238,12 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
     dict: seconds_per_step (median), flops_per_step (`model_flops`),
     compiled_flops_per_step (XLA's count for this variant), mfu =
     flops_per_step / seconds_per_step / peak_flops, compile_seconds, memory
-    (see `_memory`), batch_size, examples_per_s.
+    (see `_memory`), batch_size, examples_per_s, process_peak_rss_bytes
+    (the process's peak resident memory after these steps: everything run
+    before them counts too).
   """
   compiled, compile_seconds, state, batch = _compile_step(config)
+  host_memory.release_free_memory()  # As train.py does before its steps.
   compiled_flops = _cost(compiled)
   state, metrics = compiled(state, batch)  # Untimed first step.
   jax.block_until_ready(metrics)
@@ -253,6 +257,7 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
   if not np.isfinite(float(metrics['loss'])):
     raise FloatingPointError(f'benchmark step loss {metrics["loss"]}')
   memory = _memory(compiled)
+  rss = peak_rss_bytes()
   del compiled, state, batch, metrics
   if conv_lib.resolve_impl(config.backbone_conv_impl) == 'xla':
     flops = _MODEL_FLOPS.setdefault(
@@ -265,7 +270,8 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
               mfu=flops / seconds / peak_flops,
               compile_seconds=compile_seconds, memory=memory,
               batch_size=config.batch_size,
-              examples_per_s=config.batch_size / seconds)
+              examples_per_s=config.batch_size / seconds,
+              process_peak_rss_bytes=rss)
 
 
 def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
@@ -349,6 +355,8 @@ def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
     ratio_to_train_step (pipeline examples/s / step examples/s) when
     ``step_examples_per_s`` is given; or {'skipped': reason}.
   """
+  if num_examples <= 0:
+    return dict(skipped='--pipeline_examples=0')
   if not os.path.isdir(config.dataset_dir):
     return dict(skipped=f'no data set at {config.dataset_dir!r}; build it '
                 'with `python -m data_prep.build` (see README).')
@@ -378,6 +386,12 @@ def _describe(config: ml_collections.ConfigDict) -> dict:
               max_num_keypoints=config.max_num_keypoints)
 
 
+def peak_rss_bytes() -> int:
+  """The process's peak resident set size so far, in bytes (Linux
+  ``ru_maxrss`` is in KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def write_report(report: dict, path: str) -> None:
   """Writes ``report`` as JSON to ``path`` atomically (a temporary file in
   the same folder, then ``os.replace``), so a reader never sees half a
@@ -395,7 +409,16 @@ def run(config: ml_collections.ConfigDict,
 
   ``on_section(report)`` is called with the report so far after each
   section (matmul peak, each config's train steps, pipeline, decoding).
+  Every section also updates ``peak_rss_bytes``, the process's peak resident
+  memory so far (``getrusage``; everything the process ran, so run one
+  model per process when comparing memory with another system).
   """
+  on_section_ = on_section
+
+  def on_section(report):
+    report['peak_rss_bytes'] = peak_rss_bytes()
+    on_section_(report)
+
   report: dict[str, Any] = dict(
       jax_version=jax.__version__, backend=jax.default_backend(),
       devices=[str(d) for d in jax.devices()], cpu_count=os.cpu_count(),
@@ -449,6 +472,7 @@ def run(config: ml_collections.ConfigDict,
           **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
                              FLAGS.decode_batch, FLAGS.decode_reps, 'cape'))
   report['load_average_at_end'] = list(os.getloadavg())
+  report['peak_rss_bytes'] = peak_rss_bytes()
   return report
 
 

@@ -42,6 +42,7 @@ def test_benchmark_tiny_mode_json(tmp_path):
       / report['matmul_peak']['flops_per_s'])
   assert _positive(report['train_step']['config']['gemm_conv_speedup'])
   assert report['host_memory'].startswith(('glibc:', 'skipped:'))
+  assert _positive(report['peak_rss_bytes'])  # Whole process, bytes.
   assert 'paper' not in report['train_step']
   # --decode_batch=1: batch 1 is timed once and named for both figures.
   # (The CAPE decoders, skipped here to save two compilations, go through
