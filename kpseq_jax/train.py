@@ -26,6 +26,7 @@ from kpseq_jax.evaluation import evaluate
 from kpseq_jax.evaluation import report as report_lib
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predictor as predictor_lib
+from kpseq_jax.runtime import host_memory
 from kpseq_jax.runtime import metric_writer
 from kpseq_jax.runtime import preemption as preemption_lib
 from kpseq_jax.runtime import scalar_log
@@ -100,12 +101,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                predictor_lib.Predictor).from_state(config, model, state, mesh)
   variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
   preempted = False
+  compiled_step = None
   with preemption_lib.Preemption() as preemption, jax.set_mesh(mesh):
     for step in range(start + 1, total_steps + 1):
       local = next(train_iter)
       batch = sharding.global_batch(
           {k: local[k] for k in step_lib.train_fields(model)}, mesh)
-      state, metrics = step_fn(state, batch)
+      if compiled_step is None:
+        # Compiled ahead of the first step, so that what the state's
+        # initialisation and the compiler freed goes back to the kernel
+        # before the step's own buffers are allocated (host_memory.py).
+        compiled_step = step_fn.lower(state, batch).compile()
+        logging.info('Host memory: %s', host_memory.release_free_memory())
+      state, metrics = compiled_step(state, batch)
       log.add(step, metrics)
       is_last = step == total_steps
       preempted = preemption.reached(step) and not is_last
@@ -122,6 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
           and not is_last):  # The last step is evaluated below.
         log.flush(log=False)  # Never evaluate a state that follows a NaN.
         evaluator.evaluate(workdir, predictor, variables(state), step, writer)
+        host_memory.release_free_memory()  # What evaluation freed.
     ckpt.wait()
   ckpt.close()
   log.jsonl.close()

@@ -19,6 +19,12 @@ Freed memory is then reused by the next step, as with tcmalloc (which TPU VM
 images preload for the same reason). The cost: the process keeps its peak
 host memory until it exits, and threads share one arena lock.
 
+What XLA's compiler and one-off computations (the state's initialisation)
+free is kept as well, and a train step cannot reuse most of it (it is
+fragmented). `release_free_memory` hands it back (``malloc_trim(3)``); call
+it once the state is built and the train step compiled, before the first
+step, and the process's peak stays near what the steps need.
+
 It must run before JAX starts its thread pools (before the first
 ``jax.devices()`` or computation); later, existing thread arenas keep their
 behaviour. It does nothing on a C library other than glibc, or when
@@ -50,6 +56,20 @@ def preloaded_allocator() -> str | None:
   return None
 
 
+def _glibc() -> ctypes.CDLL | str:
+  """The C library if the settings of this module apply to it, else why
+  not ('skipped: ...')."""
+  if os.environ.get(ENV_VAR, '1') == '0':
+    return f'skipped: {ENV_VAR}=0'
+  allocator = preloaded_allocator()
+  if allocator:
+    return f'skipped: malloc is {allocator} (LD_PRELOAD)'
+  libc_name, _ = platform.libc_ver()
+  if platform.system() != 'Linux' or libc_name != 'glibc':
+    return f'skipped: C library is {libc_name or platform.system()}, not glibc'
+  return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+
+
 def keep_freed_memory() -> str:
   """Applies the module docstring's glibc settings if they apply.
 
@@ -59,15 +79,9 @@ def keep_freed_memory() -> str:
   Raises:
     Nothing: a failing ``mallopt`` is reported in the returned string.
   """
-  if os.environ.get(ENV_VAR, '1') == '0':
-    return f'skipped: {ENV_VAR}=0'
-  allocator = preloaded_allocator()
-  if allocator:
-    return f'skipped: malloc is {allocator} (LD_PRELOAD)'
-  libc_name, _ = platform.libc_ver()
-  if platform.system() != 'Linux' or libc_name != 'glibc':
-    return f'skipped: C library is {libc_name or platform.system()}, not glibc'
-  libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+  libc = _glibc()
+  if isinstance(libc, str):
+    return libc
   settings = {'M_ARENA_MAX': (_M_ARENA_MAX, 1), 'M_MMAP_MAX': (_M_MMAP_MAX, 0),
               'M_TRIM_THRESHOLD': (_M_TRIM_THRESHOLD, -1)}
   failed = [name for name, (param, value) in settings.items()
@@ -75,3 +89,23 @@ def keep_freed_memory() -> str:
   if failed:
     return f'glibc: mallopt failed for {failed}'
   return 'glibc: freed memory kept (M_ARENA_MAX=1, M_MMAP_MAX=0, no trim)'
+
+
+def release_free_memory() -> str:
+  """Returns the heap's free pages to the kernel (glibc ``malloc_trim(0)``,
+  which also releases free pages inside the heap, not only at its top).
+
+  Freed memory is kept by `keep_freed_memory`; after compiling (XLA's
+  compiler frees hundreds of MB) and before the first train step, this keeps
+  that memory out of the process's peak. Measured on the paper config
+  (docs/benchmark.md, 2026-11-30): about 300 MB after the state's
+  initialisation.
+
+  Returns:
+    What was done, for the log: 'glibc: ...', 'skipped: ...'.
+  """
+  libc = _glibc()
+  if isinstance(libc, str):
+    return libc
+  released = libc.malloc_trim(0)
+  return f'glibc: malloc_trim {"released memory" if released else "had nothing to release"}'
