@@ -63,6 +63,7 @@ from configs import default as default_config
 from kpseq_jax.models import conv as conv_lib
 from kpseq_jax.inference import decoding
 from kpseq_jax.runtime import host_memory
+from kpseq_jax.runtime import xla_flags
 from kpseq_jax.data import dataset
 from kpseq_jax.data import pipeline
 from kpseq_jax.sequence import grammar
@@ -482,7 +483,8 @@ def main(argv):
   if FLAGS.config is None:
     raise app.UsageError('--config is required.')
   memory_setting = host_memory.keep_freed_memory()  # Before JAX threads.
-  partial = {'host_memory': memory_setting}
+  flags_setting = xla_flags.set_defaults()  # Before JAX reads XLA_FLAGS.
+  partial = {'host_memory': memory_setting, 'xla_flags': flags_setting}
 
   def on_section(report):
     partial.update(report)
@@ -499,6 +501,7 @@ def main(argv):
                     FLAGS.json_out)
     raise
   report['host_memory'] = memory_setting
+  report['xla_flags'] = flags_setting
   if FLAGS.json_out:
     write_report(report, FLAGS.json_out)
   json.dump(report, sys.stdout, indent=1)

@@ -37,6 +37,7 @@ from kpseq_jax.runtime import distributed
 from kpseq_jax.evaluation import detected_boxes
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.runtime import host_memory
+from kpseq_jax.runtime import xla_flags
 from kpseq_jax.inference import analyze
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predict
@@ -125,8 +126,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  # Before JAX starts its threads (see host_memory.py).
+  # Before JAX starts its threads and reads XLA_FLAGS (see host_memory.py,
+  # xla_flags.py).
   logging.info('Host memory: %s', host_memory.keep_freed_memory())
+  logging.info('XLA_FLAGS: %s', xla_flags.set_defaults())
   distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address,
                          FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,

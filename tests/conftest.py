@@ -27,6 +27,10 @@ SHARED_DATA = REPO.parent / 'shared' / 'data'
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       str(REPO / '.pytest_cache' / 'jax_compilation'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+# The XLA flags `python -m kpseq_jax.main` sets (before JAX starts).
+from kpseq_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
+os.environ['XLA_FLAGS'] = xla_flags.with_defaults(
+    os.environ.get('XLA_FLAGS', ''))
 
 
 def once_per_run(tmp_path_factory, name: str, make):
