@@ -133,23 +133,34 @@ def test_jit_and_exact_gradients():
   np.testing.assert_allclose(d_location, [3.0, 6.0], atol=1e-5)
 
 
-def test_module_offsets_are_in_pixels_of_each_level():
-  """At init, head m samples one pixel of its level along its direction."""
+def _coordinate_reader():
+  """A module whose 4 heads read, along +x, +y, -x, -y at one pixel of
+  each level, a memory whose channels are the pixel's column j (heads 0, 2)
+  and row i (heads 1, 3): its output says where it sampled.
+
+  Returns:
+    (module, params, query [1, 1, 4], value_input [1, S, 4], shapes).
+  """
   shapes = ((4, 8), (8, 4))
   module = da.MultiScaleDeformableAttention(
       d_model=4, num_heads=4, num_levels=2, num_points=1)
-  # Channel c feeds head c: columns j for heads 0 and 2, rows i for 1 and 3.
   levels = []
   for height, width in shapes:
     i, j = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
     levels.append(np.stack([j, i, j, i], -1).reshape(height * width, 4))
   value_input = jnp.asarray(np.concatenate(levels)[None], jnp.float32)  # [1, S, 4]
   query = jnp.ones((1, 1, 4))
-  reference = jnp.full((1, 1, 2), 0.5)
-  params = module.init(jax.random.PRNGKey(0), query, reference, value_input,
-                       shapes)['params']
+  params = module.init(jax.random.PRNGKey(0), query, jnp.full((1, 1, 2), 0.5),
+                       value_input, shapes)['params']
   for name in ('value_proj', 'output_proj'):
     params[name] = {'kernel': jnp.eye(4), 'bias': jnp.zeros(4)}
+  return module, params, query, value_input, shapes
+
+
+def test_module_offsets_are_in_pixels_of_each_level():
+  """At init, head m samples one pixel of its level along its direction."""
+  module, params, query, value_input, shapes = _coordinate_reader()
+  reference = jnp.full((1, 1, 2), 0.5)
   np.testing.assert_array_equal(params['sampling_offsets']['kernel'], 0.0)
   np.testing.assert_allclose(
       params['sampling_offsets']['bias'].reshape(4, 2, 1, 2)[:, 0, 0],
@@ -167,6 +178,31 @@ def test_module_offsets_are_in_pixels_of_each_level():
                    method=da.MultiScaleDeformableAttention.project_value),
       shapes, method=da.MultiScaleDeformableAttention.attend)
   np.testing.assert_array_equal(split, out)
+
+
+def test_sampling_transform_moves_and_scales_the_whole_pattern():
+  """A box covering x in [0.25, 0.75], y in [0, 0.5] of the memory: the
+  reference point and every offset are mapped into it (PRTR end-to-end)."""
+  module, params, query, value_input, shapes = _coordinate_reader()
+  reference = jnp.full((1, 1, 2), 0.5)
+  value = module.apply({'params': params}, value_input,
+                       method=da.MultiScaleDeformableAttention.project_value)
+
+  def attend(transform):
+    return module.apply({'params': params}, query, reference, value, shapes,
+                        transform,
+                        method=da.MultiScaleDeformableAttention.attend)
+
+  identity = jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+  np.testing.assert_allclose(attend(identity), attend(None), atol=1e-6)
+  box = jnp.array([[[0.5, 0.0, 0.25], [0.0, 0.5, 0.0]]])
+  # (0.5, 0.5) -> (0.5, 0.25); a one-pixel offset shrinks to half a pixel.
+  # Pixel = location * size - 0.5. Head 0 (+x): level 0 x = (0.5 + 0.5 / 8)
+  # * 8 - 0.5 = 4.0, level 1 x = (0.5 + 0.5 / 4) * 4 - 0.5 = 2.0; head 1
+  # (+y): (0.25 + 0.5 / 4) * 4 - 0.5 = 1.0 and (0.25 + 0.5 / 8) * 8 - 0.5 =
+  # 2.0; head 2 (-x): 3.0 and 1.0; head 3 (-y): 0.0 and 1.0.
+  np.testing.assert_allclose(attend(box)[0, 0], [3.0, 1.5, 2.0, 0.5],
+                             atol=1e-5)
 
 
 def test_rejects_mismatched_shapes():

@@ -132,6 +132,8 @@ def input_fields(model) -> tuple[str, ...]:
     fields += ('category_token',)
   if model.support_conditioning:
     fields += model_lib.SUPPORT_FIELDS
+  if model.full_image_memory:
+    fields += (model_lib.FROM_CROP_FIELD,)
   return fields
 
 
@@ -253,6 +255,8 @@ def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
                          method=model.episode_prefix)
   else:
     memory = model.apply(variables, images, train=False, method=model.encode)
+  if model.full_image_memory:  # Whole images; the tokens live in boxes.
+    memory = memory.replace(from_crop=inputs[model_lib.FROM_CROP_FIELD])
   return _Encoded(memory=memory, prefix=prefix,
                   category_tokens=inputs.get('category_token'),
                   num_groups=num_groups, batch_size=images.shape[0])

@@ -147,13 +147,14 @@ class DecoderLayer(nn.Module):
     self.drop = nn.Dropout(self.dropout)
 
   def _layer(self, x, reference_points, value, spatial_shapes, mask, train,
-             query_pos=None):
+             query_pos=None, sampling_transform=None):
     """The layer on projected values; x [B, Lq, D] -> [B, Lq, D]."""
     deterministic = not train
     y = self.self_attn(x, mask, deterministic, query_pos)
     x = self.norm2(x + self.drop(y, deterministic=deterministic))
     query = x if query_pos is None else x + query_pos.astype(x.dtype)
-    y = self.cross_attn.attend(query, reference_points, value, spatial_shapes)
+    y = self.cross_attn.attend(query, reference_points, value, spatial_shapes,
+                               sampling_transform)
     x = self.norm1(x + self.drop(y, deterministic=deterministic))
     y = self.drop(nn.relu(self.linear1(x)), deterministic=deterministic)
     y = self.linear2(y)
@@ -168,6 +169,7 @@ class DecoderLayer(nn.Module):
       mask: Optional[jax.Array],
       train: bool,
       query_pos: Optional[jax.Array] = None,
+      sampling_transform: Optional[jax.Array] = None,
   ) -> jax.Array:
     """Applies the layer.
 
@@ -184,20 +186,24 @@ class DecoderLayer(nn.Module):
         (Deformable DETR's decoder layer ``with_pos_embed(tgt,
         query_pos)``; the object queries of `detector.BoxDetector`); None
         (the keypoint decoder, whose inputs carry their position): none.
+      sampling_transform: float [B, 2, 3] affine from the reference points'
+        frame to the memory's (`MultiScaleDeformableAttention.attend`);
+        None: the same frame.
 
     Returns:
       [B, L, D] in ``dtype``.
     """
     value = self.cross_attn.project_value(memory)  # [B, S, M, Dh]
     return self._layer(x, reference_points, value, spatial_shapes, mask,
-                       train, query_pos)
+                       train, query_pos, sampling_transform)
 
   def project_value(self, memory: jax.Array) -> jax.Array:
     """This layer's deformable values: [B, S, D] -> [B, S, M, Dh] (dtype)."""
     return self.cross_attn.project_value(memory)
 
   def step(self, x: jax.Array, reference_points: jax.Array, value: jax.Array,
-           spatial_shapes: SpatialShapes, mask: jax.Array) -> jax.Array:
+           spatial_shapes: SpatialShapes, mask: jax.Array,
+           sampling_transform: Optional[jax.Array] = None) -> jax.Array:
     """T positions of cached inference (``decode=True``).
 
     Args:
@@ -208,13 +214,14 @@ class DecoderLayer(nn.Module):
       spatial_shapes: static ((H_l, W_l), ...).
       mask: bool [B, 1, T, Lc] over the cache positions
         (`self_attention_mask`).
+      sampling_transform: as in ``__call__``.
 
     Returns:
       [B, T, D] in ``dtype``; the 'cache' collection (mutable) gains these
       positions' keys and values.
     """
     return self._layer(x, reference_points, value, spatial_shapes, mask,
-                       train=False)
+                       train=False, sampling_transform=sampling_transform)
 
 
 class Decoder(nn.Module):
@@ -301,6 +308,7 @@ class Decoder(nn.Module):
       train: bool,
       mask: Optional[jax.Array] = None,
       reference_prior: Optional[jax.Array] = None,
+      sampling_transform: Optional[jax.Array] = None,
   ) -> Tuple[Tuple[jax.Array, ...], Optional[Tuple[jax.Array, ...]]]:
     """Decoding of the whole sequence (teacher forcing).
 
@@ -315,6 +323,9 @@ class Decoder(nn.Module):
       mask: bool [B, 1, L, L] (`self_attention_mask`); None: causal.
       reference_prior: float32 [B, L, 2] logits added to the reference
         points' (module docstring); None: none.
+      sampling_transform: float [B, 2, 3] affine from the frame of the
+        reference points (and of the points the layers predict) to the
+        memory's (`MultiScaleDeformableAttention.attend`); None: the same.
 
     Returns:
       (states, points): every layer's output [B, L, D] in ``dtype``
@@ -328,7 +339,8 @@ class Decoder(nn.Module):
       mask = self_attention_mask(jnp.arange(x.shape[1]), None, x.shape[1])
     states, points = [], []
     for i, layer in enumerate(self.layers):
-      x = layer(x, reference_points, memory, spatial_shapes, mask, train)
+      x = layer(x, reference_points, memory, spatial_shapes, mask, train,
+                None, sampling_transform)
       states.append(x)
       if self.refine_points:
         point, reference_points = self._refine(i, x, reference_points)
@@ -348,7 +360,8 @@ class Decoder(nn.Module):
 
   def step(self, x: jax.Array, values: Tuple[jax.Array, ...],
            spatial_shapes: SpatialShapes, mask: jax.Array,
-           reference_prior: Optional[jax.Array] = None) -> jax.Array:
+           reference_prior: Optional[jax.Array] = None,
+           sampling_transform: Optional[jax.Array] = None) -> jax.Array:
     """T positions through all layers with the cache (``decode=True``).
 
     Args:
@@ -358,6 +371,7 @@ class Decoder(nn.Module):
       spatial_shapes: static ((H_l, W_l), ...).
       mask: bool [B, 1, T, Lc] over the cache (`self_attention_mask`).
       reference_prior: float32 [B, T, 2] as in ``__call__``.
+      sampling_transform: as in ``__call__``.
 
     Returns:
       (x, point): the last layer's output [B, T, D] in ``dtype`` and, with
@@ -367,7 +381,8 @@ class Decoder(nn.Module):
     reference_points = self._reference_points(x, reference_prior)  # [B, T, 2]
     point = None
     for i, (layer, value) in enumerate(zip(self.layers, values)):
-      x = layer.step(x, reference_points, value, spatial_shapes, mask)
+      x = layer.step(x, reference_points, value, spatial_shapes, mask,
+                     sampling_transform)
       if self.refine_points:
         point, reference_points = self._refine(i, x, reference_points)
     return x, point

@@ -221,6 +221,7 @@ class MultiScaleDeformableAttention(nn.Module):
       reference_points: jax.Array,
       value: jax.Array,
       spatial_shapes: SpatialShapes,
+      sampling_transform: jax.Array | None = None,
   ) -> jax.Array:
     """Deformable attention of ``query`` into already projected ``value``.
 
@@ -230,6 +231,12 @@ class MultiScaleDeformableAttention(nn.Module):
         levels (no padding, so Deformable DETR's valid ratios are 1).
       value: [B, S, M, Dh] from ``project_value``.
       spatial_shapes: static ((H_l, W_l), ...) with len == ``num_levels``.
+      sampling_transform: float [B, 2, 3] affine map applied to every
+        sampling location (reference point + offset) before sampling:
+        ``(x, y) -> A[:, :2] @ (x, y) + A[:, 2]``, normalised units. It lets
+        reference points and offsets live in a box's frame while the value
+        is a whole image's memory (PRTR's end-to-end variant: the sampling
+        pattern follows the box's position and scale). None: identity.
 
     Returns:
       [B, Lq, D] in ``dtype``.
@@ -253,6 +260,10 @@ class MultiScaleDeformableAttention(nn.Module):
         reference_points.astype(jnp.float32)[:, :, None, None, None, :]
         + offsets / normalizer[None, None, None, :, None, :]
     )  # [B, Lq, M, L, P, 2]
+    if sampling_transform is not None:
+      a = sampling_transform.astype(jnp.float32)  # [B, 2, 3]
+      locations = (jnp.einsum('bqmlpj,bij->bqmlpi', locations, a[:, :, :2])
+                   + a[:, None, None, None, None, :, 2])
     out = ms_deform_attn_sample(value, spatial_shapes, locations, weights)
     return self.output_proj(out)  # [B, Lq, D]
 

@@ -92,10 +92,17 @@ class Memory:
     spatial_shapes: static ((H_l, W_l), ...), feature-map sizes in cells;
       S = sum_l H_l * W_l. Not a pytree leaf, so ``Memory`` passes through
       ``jax.jit`` with the shapes static.
+    from_crop: float32 [B, 2, 3] affine from normalised crop (x, y) (the
+      frame of the keypoint tokens) to normalised memory (x, y), when the
+      memory is a whole image's and the crop a box in it (PRTR's
+      end-to-end variant: the decoder samples inside the box, see
+      `deformable_attention.MultiScaleDeformableAttention.attend`); None
+      when the memory is the crop's own (the top-down path).
   """
   features: jax.Array
   spatial_shapes: Tuple[Tuple[int, int], ...] = flax.struct.field(
       pytree_node=False)
+  from_crop: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -107,11 +114,17 @@ class ProjectedMemory:
       the model's ``dtype``: each decoder layer's deformable-attention value
       projection of ``Memory.features``.
     spatial_shapes: static ((H_l, W_l), ...), as in ``Memory``.
+    from_crop: as in ``Memory``.
   """
   values: Tuple[jax.Array, ...]
   spatial_shapes: Tuple[Tuple[int, int], ...] = flax.struct.field(
       pytree_node=False)
+  from_crop: jax.Array | None = None
 
+
+# Batch field of `Memory.from_crop` for ``full_image_memory`` models: float32
+# [B, 2, 3], normalised crop (x, y) -> normalised whole-image (x, y).
+FROM_CROP_FIELD = 'memory_from_crop'
 
 # Batch fields of a `SupportSet` (pipeline: `episodes.TokenizeEpisode`).
 SUPPORT_FIELDS = ('support_image', 'support_keypoints', 'support_visible',
@@ -380,6 +393,12 @@ class KeypointSequenceModel(nn.Module):
       ``point_heads``.
     reference_noise: std of the training noise on the first reference
       points, normalised [0, 1] units (Poseur); 0 disables.
+    full_image_memory: PRTR's end-to-end variant (Li et al., CVPR 2021):
+      the images are whole images and each example's keypoints are in a
+      box of its image; ``__call__`` then needs ``memory_from_crop``
+      (`Memory.from_crop`) and the decoder samples the whole image's
+      memory inside the box. One backbone pass serves every box of an
+      image.
     intermediate_outputs: ``decode`` also sows the outputs of layers 0 ..
       num_layers - 2 into the 'intermediates' collection for auxiliary
       losses: 'aux_logits' float32 [num_layers - 1, B, L, V] and
@@ -406,6 +425,7 @@ class KeypointSequenceModel(nn.Module):
   remat_decoder: bool = False
   cache_decoding: bool = False
   support_conditioning: bool = False
+  full_image_memory: bool = False
   support_proposals: bool = False
   refine_points: bool = False
   reference_noise: float = 0.0
@@ -659,8 +679,9 @@ class KeypointSequenceModel(nn.Module):
       prior = self._reference_prior(prefix, jnp.arange(length))
       if prior is not None:
         prior = jnp.concatenate([_logit(prefix.proposals), prior], axis=1)
-    states, points = self.decoder(x, memory.features, memory.spatial_shapes,
-                                  train, mask, prior)  # [B, P + L, D] each
+    states, points = self.decoder(
+        x, memory.features, memory.spatial_shapes, train, mask, prior,
+        memory.from_crop)  # [B, P + L, D] each
     p = x.shape[1] - length
     first = 0 if self.intermediate_outputs else len(states) - 1
     outputs = [self._heads(states[i][:, p:],
@@ -702,7 +723,7 @@ class KeypointSequenceModel(nn.Module):
     """
     return ProjectedMemory(
         values=self.decoder.project_values(memory.features),
-        spatial_shapes=memory.spatial_shapes)
+        spatial_shapes=memory.spatial_shapes, from_crop=memory.from_crop)
 
   def prefill(self, memory: ProjectedMemory, prefix: SupportPrefix,
               cache_length: int) -> None:
@@ -719,7 +740,7 @@ class KeypointSequenceModel(nn.Module):
     mask = self_attention_mask(jnp.arange(p), prefix.valid, cache_length)
     prior = None if prefix.proposals is None else _logit(prefix.proposals)
     self.decoder.step(self._prefix_inputs(prefix), memory.values,
-                      memory.spatial_shapes, mask, prior)
+                      memory.spatial_shapes, mask, prior, memory.from_crop)
 
   def decode_step(self, memory: ProjectedMemory, tokens: jax.Array,
                   coords: jax.Array, position: jax.Array, cache_length: int,
@@ -755,25 +776,36 @@ class KeypointSequenceModel(nn.Module):
                                cache_length)
     x, point = self.decoder.step(
         x.astype(self.dtype), memory.values, memory.spatial_shapes, mask,
-        self._reference_prior(prefix, positions))  # [B, 1, D], [B, 1, 2]
+        self._reference_prior(prefix, positions),
+        memory.from_crop)  # [B, 1, D], [B, 1, 2]
     logits, xy = self._heads(x, point)
     return logits[:, 0], xy[:, 0]
 
   def __call__(self, images: jax.Array, input_tokens: jax.Array,
                input_coords: jax.Array, train: bool,
-               support: SupportSet | None = None
+               support: SupportSet | None = None,
+               memory_from_crop: jax.Array | None = None
                ) -> Tuple[jax.Array, jax.Array]:
     """``decode(encode(images), ...)``, with the support prefix when
     ``support`` is given; see those methods for shapes.
 
+    ``memory_from_crop`` (float [B, 2, 3], `Memory.from_crop`) makes
+    ``images`` whole images and each example's tokens a box in its image
+    (PRTR's end-to-end variant); None: ``images`` are the crops.
+
     Raises:
       ValueError: if ``support`` is given without ``support_conditioning``
-        or missing with it.
+        or missing with it; the same for ``memory_from_crop`` and
+        ``full_image_memory``.
     """
     if (support is not None) != self.support_conditioning:
       raise ValueError(
           f'support_conditioning={self.support_conditioning} but the support '
           f'set is {"given" if support is not None else "missing"}.')
+    if (memory_from_crop is not None) != self.full_image_memory:
+      raise ValueError(
+          f'full_image_memory={self.full_image_memory} but memory_from_crop '
+          f'is {"given" if memory_from_crop is not None else "missing"}.')
     prefix = None
     if support is None:
       memory = self.encode(images, train)
@@ -783,5 +815,6 @@ class KeypointSequenceModel(nn.Module):
       prefix = self.episode_prefix(memory, support_memory, support)
     # Keep the memory split by batch under a ('data', 'fsdp') mesh.
     memory = memory.replace(
-        features=sharding.constrain_batch(memory.features))
+        features=sharding.constrain_batch(memory.features),
+        from_crop=memory_from_crop)
     return self.decode(memory, input_tokens, input_coords, train, prefix)

@@ -36,7 +36,9 @@ def train_fields(model) -> tuple[str, ...]:
     return DETECTION_FIELDS
   return TRAIN_FIELDS + (
       model_lib.SUPPORT_FIELDS if model.support_conditioning else ()) + (
-          PROPOSAL_FIELDS if model.support_proposals else ())
+          PROPOSAL_FIELDS if model.support_proposals else ()) + (
+              (model_lib.FROM_CROP_FIELD,) if model.full_image_memory
+              else ())
 
 
 def train_step(state: ts.TrainState, batch: dict, *, model,
@@ -74,6 +76,7 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
     (logits, coords), updates = model.apply(
         variables, batch['image'], batch['input_tokens'],
         batch['input_coords'], train=True, support=support,
+        memory_from_crop=batch.get(model_lib.FROM_CROP_FIELD),
         rngs={'dropout': rng}, mutable=['batch_stats', 'intermediates'])
     loss, parts = losses.sequence_loss(logits, coords, batch, ce_weight,
                                        l1_weight)
