@@ -158,6 +158,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Training augmentation: resize factor drawn from this range times the
   # fitting scale, the image placed at a random offset on the canvas.
   c.detector_scale_range = (0.75, 1.0)
+  # The keypoint stage's input (PRTR's two variants): 'two_stage' decodes a
+  # top-down crop of each box (image_size_px square); 'end_to_end' encodes
+  # the whole image once, resized onto the detector_image_size_px canvas,
+  # and samples its memory inside each box (model.full_image_memory;
+  # trained on the same jittered crop boxes as top-down training).
+  c.keypoint_stage = 'two_stage'
   c.max_detections = 10  # Top-scoring boxes kept per image.
   # Detections below this score are dropped where boxes are used (predict,
   # analyze); box AP ranks all max_detections. An image with none above it
@@ -213,7 +219,8 @@ def get_config() -> ml_collections.ConfigDict:
   # (kpseq_jax/training/config_checks.py); configs add their own fields.
   c.field_choices = ml_collections.ConfigDict(
       dict(setting=('supervised', 'cape'),
-           task=('keypoints', 'detection')))
+           task=('keypoints', 'detection'),
+           keypoint_stage=('two_stage', 'end_to_end')))
 
   c.lock()
   return c

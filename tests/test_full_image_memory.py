@@ -87,3 +87,23 @@ def test_cached_and_reference_decoders_agree_inside_each_box(setup):
                                                False))(variables)
   np.testing.assert_allclose(whole[0], crop[0], atol=1e-5)
   np.testing.assert_allclose(whole[1], crop[1], atol=1e-6)
+
+
+def test_end_to_end_stage_trains_and_evaluates_on_real_frames(dlc_dataset,
+                                                              tmp_path):
+  """keypoint_stage='end_to_end': whole 640 x 480 frames on a 96 x 128
+  canvas, the tokens in each mouse's jittered crop; 2 train steps, then
+  the usual evaluation (PCK from crop_from_image, overlays warped out of
+  the canvas)."""
+  import json
+  from conftest import smoke_config
+  from kpseq_jax import train
+  config = smoke_config(dlc_dataset, keypoint_stage='end_to_end',
+                        detector_image_size_px=(96, 128))
+  report = train.train_and_evaluate(config, str(tmp_path))
+  saved = json.loads((tmp_path / 'eval_test.json').read_text())
+  assert saved['checkpoint_step'] == 2 and saved['num_instances'] == 8
+  assert report.num_instances == 8
+  assert 0 <= report.pck <= 1 and np.isfinite(report.mean_error_px)
+  steps = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open()]
+  assert all(np.isfinite(s['loss']) for s in steps if 'loss' in s)

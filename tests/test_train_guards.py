@@ -164,6 +164,23 @@ def test_impossible_detector_config_fails_with_a_clear_message(field, value,
     config_checks.check(c)
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('detector_image_size_px', (100, 128),
+     'detector_image_size_px canvas: (100, 128) must be multiples of 32'),
+    ('setting', 'cape', 'keypoint_stage=end_to_end needs setting=supervised'),
+    ('keypoint_stage', 'joint', "keypoint_stage='joint' is not one of"),
+])
+def test_impossible_end_to_end_config_fails_with_a_clear_message(
+    field, value, message):
+  c = smoke.get_config()
+  c.dataset_dir = 'x'
+  c.keypoint_stage = 'end_to_end'
+  c.detector_image_size_px = (96, 128)
+  c[field] = value
+  with pytest.raises(ValueError, match=re.escape(message)):
+    config_checks.check(c)
+
+
 def test_detector_needs_a_class_per_category():
   c = dlc_openfield_detector.get_config()  # max_num_categories = 1
   config_checks.check_dataset(c, _info([4]))

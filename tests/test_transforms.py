@@ -54,6 +54,35 @@ def test_warp_moves_image_content_with_the_keypoints():
   np.testing.assert_array_equal(ex['keypoints_crop'][:, 2], [2, 2, 1])
 
 
+def test_warp_to_canvas_keeps_the_tokens_and_maps_the_crop_into_the_canvas():
+  """PRTR end-to-end: the whole 200 x 100 image fits a 64 x 96 canvas at
+  scale 0.48 (height 48); `memory_from_crop` takes each keypoint's crop
+  (x, y) to where its bright spot is on the canvas, through a rotated,
+  flipped, shifted crop."""
+  img = np.zeros([100, 200, 3], np.uint8)
+  img[20:31, 75:86] = 255  # A bright square around keypoint 1 at (80, 25).
+  ex = _example(img)
+  ex['crop_from_image'] = transforms.crop_matrix(
+      ex['bbox'], 64, 1.25, scale=0.9, shift=(0.05, -0.1),
+      rotation_deg=20.0).astype(np.float32)
+  flip = np.array([[-1.0, 0.0, 64.0], [0.0, 1.0, 0.0], [0, 0, 1]])
+  ex['crop_from_image'] = (flip @ np.concatenate(
+      [ex['crop_from_image'], [[0, 0, 1]]]))[:2].astype(np.float32)
+  crop = transforms.WarpToCrop(64).map(dict(ex))
+  canvas = transforms.WarpToCanvas(64, (64, 96)).map(dict(ex))
+  np.testing.assert_array_equal(canvas['keypoints_crop'],
+                                crop['keypoints_crop'])
+  assert canvas['image'].shape == (64, 96, 3)
+  assert canvas['image'][48:].max() == 0  # Below the resized image.
+  m = canvas['memory_from_crop'].astype(np.float64)
+  xy = transforms.apply_affine(m, crop['keypoints_crop'][:, :2])  # [K, 2]
+  # Canvas-normalised = image pixels * 0.48 / (96, 64).
+  np.testing.assert_allclose(xy, ex['keypoints'][:, :2] * 0.48 / [96, 64],
+                             atol=1e-5)
+  x, y = xy[1] * [96, 64]
+  assert canvas['image'][int(y), int(x), 0] > 200  # On the bright square.
+
+
 def test_keypoint_outside_the_crop_becomes_unlabelled():
   ex = _example()
   ex['keypoints'][2] = [150, 90, 2]  # Outside the 50 px crop around the bbox.

@@ -35,19 +35,23 @@ def _instance_chain(config: ml_collections.ConfigDict,
                     info: dataset.DatasetInfo,
                     train: bool) -> list[grain.transforms.Map]:
   """Decode, top-down crop (random in training), flip, warp, jitter: the
-  per-instance transforms before tokenisation."""
+  per-instance transforms before tokenisation. With
+  ``keypoint_stage='end_to_end'`` the warp puts the whole image on the
+  canvas and the crop becomes ``memory_from_crop`` (`WarpToCanvas`)."""
   s = config.image_size_px
+  warp = (transforms.WarpToCanvas(s, tuple(config.detector_image_size_px))
+          if config.keypoint_stage == 'end_to_end'
+          else transforms.WarpToCrop(s))
   if not train:
     return [transforms.DecodeImage(),
-            transforms.CropAffine(s, config.bbox_scale),
-            transforms.WarpToCrop(s)]
+            transforms.CropAffine(s, config.bbox_scale), warp]
   chain = [
       transforms.DecodeImage(),
       transforms.RandomCropAffine(
           s, config.bbox_scale, tuple(config.scale_range),
           config.shift_frac, config.rotation_deg),
       transforms.RandomFlip(s, info.flip_permutations(), config.flip_prob),
-      transforms.WarpToCrop(s),
+      warp,
   ]
   if config.color_jitter > 0:
     chain.append(transforms.ColorJitter(config.color_jitter))

@@ -185,12 +185,65 @@ class WarpToCrop(grain.transforms.Map):
         (self.image_size_px, self.image_size_px), Image.Transform.AFFINE,
         data=tuple(inv.reshape(-1)), resample=Image.Resampling.BILINEAR)
     ex['image'] = np.asarray(img, np.uint8)
-    kps = ex['keypoints']
-    xy = apply_affine(m, kps[:, :2]) / self.image_size_px
-    inside = np.all((xy >= 0) & (xy <= 1), axis=1)
-    v = np.where(inside, kps[:, 2], 0.0)
-    ex['keypoints_crop'] = np.concatenate([xy, v[:, None]],
-                                          axis=1).astype(np.float32)
+    ex['keypoints_crop'] = keypoints_in_crop(m, ex['keypoints'],
+                                             self.image_size_px)
+    return ex
+
+
+def keypoints_in_crop(crop_from_image: np.ndarray, keypoints: np.ndarray,
+                      image_size_px: int) -> np.ndarray:
+  """Keypoints [K, 3] (x, y pixels, v) -> float32 [K, 3] (x, y normalised
+  to [0, 1] by the crop side S, v; v = 0 for keypoints outside the crop)."""
+  xy = apply_affine(crop_from_image, keypoints[:, :2]) / image_size_px
+  inside = np.all((xy >= 0) & (xy <= 1), axis=1)
+  v = np.where(inside, keypoints[:, 2], 0.0)
+  return np.concatenate([xy, v[:, None]], axis=1).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarpToCanvas(grain.transforms.Map):
+  """PRTR's end-to-end variant: the whole image on a canvas, the crop as
+  the frame of the keypoints (`model.Memory.from_crop`).
+
+  Output ``image`` uint8 [H, W, 3]: the whole image resized (aspect kept,
+  bilinear) to fit ``canvas_hw``, top-left aligned, zeros elsewhere (the
+  detector's evaluation canvas, `data.detection.ResizeToCanvas`);
+  ``keypoints_crop`` exactly as `WarpToCrop` gives them (the tokens do not
+  change); ``memory_from_crop`` float32 [2, 3], the affine from normalised
+  crop (x, y) to normalised canvas (x, y):
+  ``diag(s / W, s / H) @ inverse(crop_from_image) @ diag(S, S)``, with s the
+  canvas pixels per image pixel. Flips and rotations drawn into
+  ``crop_from_image`` by the random crop come through it; the image itself
+  is never flipped.
+
+  Attributes:
+    image_size_px: S, the crop side the tokens are normalised by.
+    canvas_hw: (H, W) canvas in pixels (``detector_image_size_px``).
+  """
+
+  image_size_px: int
+  canvas_hw: tuple[int, int]
+
+  def map(self, ex: Example) -> Example:
+    m = ex['crop_from_image'].astype(np.float64)
+    img = ex['image']
+    h, w = img.shape[:2]
+    ch, cw = self.canvas_hw
+    scale = min(ch / h, cw / w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = np.zeros([ch, cw, 3], np.uint8)
+    canvas[:nh, :nw] = np.asarray(Image.fromarray(img).resize(
+        (nw, nh), Image.Resampling.BILINEAR))
+    ex['image'] = canvas
+    ex['keypoints_crop'] = keypoints_in_crop(m, ex['keypoints'],
+                                             self.image_size_px)
+    s = self.image_size_px
+    to_canvas = np.array([[nw / w / cw, 0.0, 0.0], [0.0, nh / h / ch, 0.0],
+                          [0.0, 0.0, 1.0]])
+    from_crop = np.diag([s, s, 1.0])
+    image_from_crop = np.concatenate([invert_affine(m), [[0, 0, 1]]])
+    ex['memory_from_crop'] = (to_canvas @ image_from_crop @ from_crop
+                              )[:2].astype(np.float32)
     return ex
 
 
@@ -229,7 +282,9 @@ class Tokenize(grain.transforms.Map):
   ``keypoints`` float32 [Kmax, 3] (pixels, v = 0 padding), ``bbox`` [4],
   ``crop_from_image`` [2, 3], ``num_keypoints``, ``category_id``,
   ``image_id``, ``annotation_id`` (int32); with ``category_index`` (category
-  conditioning) also ``category_token`` (int32, the input after ``<bos>``).
+  conditioning) also ``category_token`` (int32, the input after ``<bos>``);
+  after `WarpToCanvas`, ``image`` is the [H, W, 3] canvas and
+  ``memory_from_crop`` [2, 3] is kept.
 
   Raises:
     ValueError: if the instance has more than Kmax keypoints, or its
@@ -274,6 +329,8 @@ class Tokenize(grain.transforms.Map):
         image_id=np.int32(ex['image_id']),
         annotation_id=np.int32(ex['annotation_id']),
         keypoint_absent=absent)
+    if 'memory_from_crop' in ex:  # PRTR end-to-end (`WarpToCanvas`).
+      out['memory_from_crop'] = ex['memory_from_crop']
     return out
 
 

@@ -123,7 +123,7 @@ class Evaluator:
       pred = predictor.predict(local, variables)
       if not overlays:
         overlays = _overlays(local, pred.keypoints, info, name,
-                             pred.absent)
+                             pred.absent, config.image_size_px)
       batch = sharding.gather(sharding.global_batch(
           {k: v for k, v in local.items()
            if k not in ('image', 'support_image')}, predictor.mesh))
@@ -289,16 +289,19 @@ def _report(info: dataset.DatasetInfo, name: str, split: str,
 
 def _overlays(local: dict, keypoints_norm: np.ndarray,
               info: dataset.DatasetInfo, split: str,
-              absent: np.ndarray) -> dict[str, np.ndarray]:
+              absent: np.ndarray, image_size_px: int
+              ) -> dict[str, np.ndarray]:
   """Up to NUM_OVERLAYS crops as uint8 [S', 2 S', 3]: truth | prediction.
 
   Args:
-    local: this process's batch (crop ``image`` etc.).
+    local: this process's batch (crop ``image`` etc.; or whole-image
+      canvases and ``memory_from_crop``, whose crops are warped out).
     keypoints_norm: float [B, Kmax, 2] predictions of the global batch;
       process 0's local rows are its first rows (only process 0 writes).
     info: category table.
     split: the evaluation's name, for the tags.
     absent: bool [B, Kmax] predicted not visible (drawn hollow).
+    image_size_px: S, the crop side of ``crop_from_image``.
   """
   out = {}
   size = OVERLAY_SIZE_PX
@@ -309,9 +312,19 @@ def _overlays(local: dict, keypoints_norm: np.ndarray,
     cat = info.categories.get(int(local['category_id'][i]))
     if 'keypoint_order' in local:  # An episode's order: no names, skeleton.
       cat = None
-    crop = Image.fromarray(local['image'][i]).resize(
-        (size, size), Image.Resampling.BILINEAR)
-    scale = size / local['image'].shape[1]
+    if 'memory_from_crop' in local:  # A canvas: warp the crop out of it.
+      h, w = local['image'].shape[1:3]
+      m = np.concatenate([local['memory_from_crop'][i].astype(np.float64),
+                          [[0.0, 0.0, 1.0]]])
+      # Overlay pixels -> canvas pixels, as Pillow's AFFINE wants them.
+      a = (np.diag([w, h, 1.0]) @ m @ np.diag([1 / size, 1 / size, 1.0]))[:2]
+      crop = Image.fromarray(local['image'][i]).transform(
+          (size, size), Image.Transform.AFFINE, data=tuple(a.reshape(-1)),
+          resample=Image.Resampling.BILINEAR)
+    else:
+      crop = Image.fromarray(local['image'][i]).resize(
+          (size, size), Image.Resampling.BILINEAR)
+    scale = size / image_size_px
     gt = local['keypoints'][i, :k]
     gt_xy = transforms.apply_affine(local['crop_from_image'][i], gt[:, :2])
     truth = np.concatenate([gt_xy * scale, gt[:, 2:]], axis=1)

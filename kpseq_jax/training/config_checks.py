@@ -91,11 +91,12 @@ def check(config: ml_collections.ConfigDict) -> None:
     errors.append('decoder_aux_loss / decoder_refine_points need '
                   f'num_layers >= 2 (got {config.num_layers}): they work on '
                   'the layers before the last.')
-  if config.task == 'detection':
+  if config.task == 'detection' or config.keypoint_stage == 'end_to_end':
     hw = tuple(config.detector_image_size_px)
     if len(hw) != 2 or min(hw) < 32:
       errors.append(f'detector_image_size_px={hw} must be (height, width) '
                     'of at least 32 px each.')
+  if config.task == 'detection':
     lo, hi = config.detector_scale_range
     if not 0 < lo <= hi <= 1:
       errors.append(f'detector_scale_range={(lo, hi)} must satisfy 0 < lo '
@@ -108,6 +109,15 @@ def check(config: ml_collections.ConfigDict) -> None:
     if config.setting != 'supervised':
       errors.append('task=detection needs setting=supervised (the detector '
                     'has no support images).')
+  elif config.keypoint_stage == 'end_to_end':
+    if any(v % 32 for v in tuple(config.detector_image_size_px)):
+      errors.append('keypoint_stage=end_to_end encodes the '
+                    'detector_image_size_px canvas: '
+                    f'{tuple(config.detector_image_size_px)} must be '
+                    'multiples of 32 (the ResNet stride).')
+    if config.setting != 'supervised':
+      errors.append('keypoint_stage=end_to_end needs setting=supervised '
+                    '(support crops of whole images are not built).')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')

@@ -61,6 +61,7 @@ def create_model(config: ml_collections.ConfigDict):
       reference_noise=config.reference_point_noise_frac,
       intermediate_outputs=(config.decoder_aux_loss
                             or config.decoder_refine_points),
+      full_image_memory=config.keypoint_stage == 'end_to_end',
       **model_lib.shared_model_fields(config))
 
 
@@ -148,7 +149,8 @@ def dummy_inputs(config: ml_collections.ConfigDict,
     [B, S, S, 3], input_tokens int32 [B, L], input_coords float32 [B, L],
     and with ``setting='cape'`` a `model.SupportSet` of ``num_shots``
     shots; with ``task='detection'`` only images uint8 [B, H, W, 3] of
-    ``detector_image_size_px``.
+    ``detector_image_size_px``; with ``keypoint_stage='end_to_end'`` images
+    of that canvas and an identity ``memory_from_crop`` [B, 2, 3].
   """
   if config.task == 'detection':
     h, w = config.detector_image_size_px
@@ -158,6 +160,10 @@ def dummy_inputs(config: ml_collections.ConfigDict,
   out = dict(images=jnp.zeros([batch_size, s, s, 3], jnp.uint8),
              input_tokens=jnp.zeros([batch_size, length], jnp.int32),
              input_coords=jnp.zeros([batch_size, length], jnp.float32))
+  if config.keypoint_stage == 'end_to_end':
+    h, w = config.detector_image_size_px
+    out['images'] = jnp.zeros([batch_size, h, w, 3], jnp.uint8)
+    out['memory_from_crop'] = jnp.tile(jnp.eye(2, 3)[None], (batch_size, 1, 1))
   if config.setting == 'cape':
     shots = config.num_shots
     out['support'] = model_lib.SupportSet(
