@@ -134,13 +134,6 @@ def main(argv):
                          FLAGS.num_processes, FLAGS.process_id)
   logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__,
                jax.process_index(), jax.process_count(), jax.devices())
-  if FLAGS.config.keypoint_stage == 'end_to_end' and (
-      FLAGS.mode in ('predict', 'analyze') or FLAGS.detector_workdir):
-    raise app.UsageError(
-        f'--mode {FLAGS.mode}{" with --detector_workdir" * bool(FLAGS.detector_workdir)} '
-        'decodes top-down crops; a keypoint_stage=end_to_end model is '
-        'trained and evaluated (--mode train / eval) on annotated boxes '
-        'only so far (docs/detection.md).')
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':

@@ -89,12 +89,67 @@ def test_cached_and_reference_decoders_agree_inside_each_box(setup):
   np.testing.assert_allclose(whole[1], crop[1], atol=1e-6)
 
 
-def test_end_to_end_stage_trains_and_evaluates_on_real_frames(dlc_dataset,
-                                                              tmp_path):
+def test_an_image_encoded_once_serves_all_its_boxes(setup):
+  """``memory_from_crop`` [M, N, 2, 3] (one encoder pass per image) decodes
+  what [M x N, 2, 3] with the image repeated per box decodes."""
+  model, variables, images = setup
+  decode = jax.jit(lambda v, x: decoding.cached_greedy_decode(
+      model, v, x, KMAX))
+  per_box = decode(variables, {'image': images,
+                               model_lib.FROM_CROP_FIELD: jnp.asarray(BOXES)})
+  grouped = decode(variables, {
+      'image': images[:1], model_lib.FROM_CROP_FIELD: jnp.asarray(BOXES)[None]})
+  np.testing.assert_array_equal(grouped['tokens'], per_box['tokens'])
+  np.testing.assert_allclose(grouped['keypoints'], per_box['keypoints'],
+                             atol=1e-6)
+
+
+def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
+  """`predict.CanvasBatcher` (the end-to-end stage's inference): boxes of
+  two images, grouped into rows of one image's boxes over several padded
+  calls, come back in the order given and equal to one box per call."""
+  import ml_collections
+  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import predictor as predictor_lib
+  from kpseq_jax.runtime import sharding
+  model, variables, _ = setup
+  config = ml_collections.ConfigDict(dict(
+      max_num_keypoints=KMAX, image_size_px=64, confidence_radius_bins=2,
+      bbox_scale=1.25, eval_batch_size=2, keypoint_stage='end_to_end',
+      detector_image_size_px=(64, 96)))
+  mesh = sharding.create_mesh((1, 1))
+  batcher = predict.make_batcher(config, predictor_lib.Predictor(
+      config, model, jax.device_put(variables), mesh), {})
+  assert isinstance(batcher, predict.CanvasBatcher)
+  rng = np.random.default_rng(0)
+  frames = [rng.integers(0, 255, [120, 180, 3], np.uint8),
+            rng.integers(0, 255, [90, 90, 3], np.uint8)]
+  boxes = [(0, (10, 20, 60, 50)), (1, (5, 5, 40, 70)), (0, (100, 30, 70, 80)),
+           (0, (0, 0, 180, 120)), (1, (50, 10, 30, 30))]
+  exs = [batcher.crop(frames[i], b, 0) for i, b in boxes]
+  assert exs[0]['image'] is exs[2]['image'] is exs[3]['image']
+  grouped = batcher.predict_crops(exs)  # Rows [0, 2], [3], [1, 4].
+  alone = [batcher.predict_crops([ex]) for ex in exs]
+  for i, one in enumerate(alone):
+    np.testing.assert_allclose(grouped.keypoints[i], one.keypoints[0],
+                               atol=1e-6)
+    np.testing.assert_allclose(grouped.keypoints_px[i], one.keypoints_px[0],
+                               atol=1e-4)
+  # The crop frame is the two-stage crop's: pixels come back in the box.
+  top_down = predict.CropBatcher(config, batcher.predictor, {})
+  for ex, (_, bbox) in zip(exs, boxes):
+    np.testing.assert_allclose(
+        ex['crop_from_image'],
+        top_down.crop(frames[0], bbox, 0)['crop_from_image'], atol=1e-5)
+  assert len({tuple(np.round(k[0], 4)) for k in grouped.keypoints}) == 5
+
+
+def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
+    dlc_dataset, shared_data, tmp_path):
   """keypoint_stage='end_to_end': whole 640 x 480 frames on a 96 x 128
   canvas, the tokens in each mouse's jittered crop; 2 train steps, then
   the usual evaluation (PCK from crop_from_image, overlays warped out of
-  the canvas)."""
+  the canvas), then --mode predict from a boxes file."""
   import json
   from conftest import smoke_config
   from kpseq_jax import train
@@ -107,3 +162,26 @@ def test_end_to_end_stage_trains_and_evaluates_on_real_frames(dlc_dataset,
   assert 0 <= report.pck <= 1 and np.isfinite(report.mean_error_px)
   steps = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open()]
   assert all(np.isfinite(s['loss']) for s in steps if 'loss' in s)
+  # --mode predict on the same model: two boxes on each of two frames, one
+  # encoder pass per frame (`predict.CanvasBatcher`), keypoints in pixels.
+  from kpseq_jax.inference import predict
+  images = shared_data / 'dlc_openfield' / 'images'
+  ann = json.loads((shared_data / 'dlc_openfield' / 'annotations' /
+                    'test.json').read_text())
+  names = {i['id']: i['file_name'] for i in ann['images'][:2]}
+  dets = [dict(image_id=a['image_id'], file_name=names[a['image_id']],
+               category_id=a['category_id'],
+               bbox=list(np.add(a['bbox'], shift)), score=1.0)
+          for a in ann['annotations'] if a['image_id'] in names
+          for shift in ([0, 0, 0, 0], [30, -20, 10, 10])]
+  (tmp_path / 'dets.json').write_text(json.dumps(dets))
+  summary = predict.predict(config, str(tmp_path), str(images),
+                            str(tmp_path / 'predicted'),
+                            str(tmp_path / 'dets.json'))
+  assert (summary.num_images, summary.num_boxes) == (2, 4)
+  results = json.loads((tmp_path / 'predicted' / 'predictions.json'
+                        ).read_text())
+  xy = np.array([r['keypoints'] for r in results]).reshape(4, -1, 3)[..., :2]
+  assert np.all(np.isfinite(xy)) and np.all(xy >= -1) and np.all(
+      xy[..., 0] <= 641) and np.all(xy[..., 1] <= 481)
+  assert not np.allclose(xy[0], xy[1])  # Each box decodes its own pose.

@@ -225,26 +225,51 @@ class WarpToCanvas(grain.transforms.Map):
   canvas_hw: tuple[int, int]
 
   def map(self, ex: Example) -> Example:
-    m = ex['crop_from_image'].astype(np.float64)
-    img = ex['image']
-    h, w = img.shape[:2]
-    ch, cw = self.canvas_hw
-    scale = min(ch / h, cw / w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = np.zeros([ch, cw, 3], np.uint8)
-    canvas[:nh, :nw] = np.asarray(Image.fromarray(img).resize(
-        (nw, nh), Image.Resampling.BILINEAR))
-    ex['image'] = canvas
+    m = ex['crop_from_image']
+    ex['image'], canvas_from_image = to_canvas(ex['image'], self.canvas_hw)
     ex['keypoints_crop'] = keypoints_in_crop(m, ex['keypoints'],
                                              self.image_size_px)
-    s = self.image_size_px
-    to_canvas = np.array([[nw / w / cw, 0.0, 0.0], [0.0, nh / h / ch, 0.0],
-                          [0.0, 0.0, 1.0]])
-    from_crop = np.diag([s, s, 1.0])
-    image_from_crop = np.concatenate([invert_affine(m), [[0, 0, 1]]])
-    ex['memory_from_crop'] = (to_canvas @ image_from_crop @ from_crop
-                              )[:2].astype(np.float32)
+    ex['memory_from_crop'] = memory_from_crop(m, canvas_from_image,
+                                              self.image_size_px)
     return ex
+
+
+def to_canvas(image: np.ndarray, canvas_hw: tuple[int, int]
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """The whole image resized (aspect kept, bilinear) onto a canvas.
+
+  Args:
+    image: uint8 [h, w, 3].
+    canvas_hw: (H, W) canvas in pixels.
+
+  Returns:
+    (canvas uint8 [H, W, 3], top-left aligned, zeros elsewhere;
+    float64 [3, 3] affine from image pixels to normalised canvas (x, y)).
+  """
+  h, w = image.shape[:2]
+  ch, cw = canvas_hw
+  scale = min(ch / h, cw / w)
+  nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+  canvas = np.zeros([ch, cw, 3], np.uint8)
+  canvas[:nh, :nw] = np.asarray(Image.fromarray(image).resize(
+      (nw, nh), Image.Resampling.BILINEAR))
+  return canvas, np.diag([nw / w / cw, nh / h / ch, 1.0])
+
+
+def memory_from_crop(crop_from_image: np.ndarray,
+                     canvas_from_image: np.ndarray,
+                     image_size_px: int) -> np.ndarray:
+  """float32 [2, 3]: normalised crop (x, y) -> normalised canvas (x, y).
+
+  ``canvas_from_image @ inverse(crop_from_image) @ diag(S, S, 1)`` with
+  ``crop_from_image`` [2, 3] image -> crop pixels (`crop_matrix`),
+  ``canvas_from_image`` [3, 3] from `to_canvas` and S = ``image_size_px``.
+  """
+  image_from_crop = np.concatenate(
+      [invert_affine(crop_from_image.astype(np.float64)), [[0, 0, 1]]])
+  s = image_size_px
+  return (canvas_from_image @ image_from_crop @ np.diag([s, s, 1.0])
+          )[:2].astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -260,7 +260,7 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   mesh = sharding.create_mesh(config.mesh_shape)
   model, state, step = predictor_lib.restore_state(
       config, workdir, mesh, info.split_sizes[config.train_split])
-  batcher = predict_lib.CropBatcher(
+  batcher = predict_lib.make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
       info.category_index(), batch_size)
   scorer = scorer_name(config, category.name, step)

@@ -35,7 +35,12 @@ uint8 [B, S, S, 3] top-down crops; ``category_token`` int32 [B]
 support conditioning ``model.SUPPORT_FIELDS``: ``support_image`` uint8
 [B, shots, S, S, 3], ``support_keypoints`` float32 [B, shots, Kmax, 2]
 normalised crop (x, y), ``support_visible`` [B, shots, Kmax] and
-``num_keypoints`` int32 [B] (K, from the support).
+``num_keypoints`` int32 [B] (K, from the support). A ``full_image_memory``
+model (PRTR's end-to-end variant) reads whole images instead of crops and
+``memory_from_crop`` float32 [B, 2, 3] (`model.Memory.from_crop`), or, to
+encode each image once for all its boxes, ``image`` [M, H, W, 3] with
+``memory_from_crop`` [M, N, 2, 3] (and ``category_token`` [M, N]): the
+decoders then return B = M x N rows, image-major.
 """
 
 from typing import NamedTuple
@@ -255,11 +260,22 @@ def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
                          method=model.episode_prefix)
   else:
     memory = model.apply(variables, images, train=False, method=model.encode)
+  category_tokens = inputs.get('category_token')
+  batch_size = images.shape[0]
   if model.full_image_memory:  # Whole images; the tokens live in boxes.
-    memory = memory.replace(from_crop=inputs[model_lib.FROM_CROP_FIELD])
+    from_crop = inputs[model_lib.FROM_CROP_FIELD]
+    if from_crop.ndim == 4:  # [M, N, 2, 3]: one encoder pass per image.
+      boxes_per_image = from_crop.shape[1]
+      memory = memory.replace(features=jnp.repeat(
+          memory.features, boxes_per_image, axis=0))
+      from_crop = from_crop.reshape(-1, 2, 3)
+      if category_tokens is not None:
+        category_tokens = category_tokens.reshape(-1)
+      batch_size = from_crop.shape[0]
+    memory = memory.replace(from_crop=from_crop)
   return _Encoded(memory=memory, prefix=prefix,
-                  category_tokens=inputs.get('category_token'),
-                  num_groups=num_groups, batch_size=images.shape[0])
+                  category_tokens=category_tokens,
+                  num_groups=num_groups, batch_size=batch_size)
 
 
 def greedy_decode(model, variables, inputs: dict[str, jax.Array],

@@ -45,11 +45,13 @@ Writes to ``OUT``:
 Unreadable images are reported and skipped; the rest are processed.
 """
 
+import collections
 import dataclasses
 import json
 import os
 from pathlib import Path
 import re
+import threading
 
 from absl import logging
 import jax
@@ -306,6 +308,119 @@ class CropBatcher:
                                           pred.confidence, presence)]
 
 
+class CanvasBatcher(CropBatcher):
+  """`CropBatcher` for PRTR's end-to-end variant (``config.keypoint_stage
+  = 'end_to_end'``): each image is put on the ``detector_image_size_px``
+  canvas once (`transforms.to_canvas`) and encoded once for all its boxes;
+  a box is its crop frame on the canvas (``memory_from_crop``,
+  `transforms.memory_from_crop`), the crop the two-stage path would cut
+  (same `transforms.CropAffine`), so keypoints come back in the same crop
+  coordinates and image pixels.
+
+  `predict_crops` groups the boxes by image: rows of N boxes of one image
+  (N the next power of two of the most boxes an image has in the call, at
+  most ``batch_size``), M = ``batch_size // N`` images per decoder call
+  (rounded up to the mesh's batch split), so a call decodes about
+  ``batch_size`` boxes with M encoder passes (`decoding` takes
+  ``memory_from_crop`` [M, N, 2, 3]). Unused slots repeat a real box and
+  are dropped.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               predictor: predictor_lib.Predictor,
+               category_index: dict[int, int],
+               batch_size: int | None = None):
+    super().__init__(config, predictor, category_index, batch_size)
+    self.canvas_hw = tuple(config.detector_image_size_px)
+    mesh = predictor.mesh
+    self._split = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+    self._lock = threading.Lock()
+    # id(image) -> (image, canvas, canvas_from_image, key) of the latest
+    # images (the image is held so that its id stays its own).
+    self._canvases = collections.OrderedDict()
+    self._next_key = 0
+
+  _CACHED_IMAGES = 16
+
+  def _canvas(self, image: np.ndarray):
+    """(canvas, canvas_from_image, key) of ``image``: warped once while it
+    is one of the last `_CACHED_IMAGES` images seen."""
+    with self._lock:
+      hit = self._canvases.get(id(image))
+      if hit is not None and hit[0] is image:
+        return hit[1:]
+      key, self._next_key = self._next_key, self._next_key + 1
+    canvas, canvas_from_image = transforms.to_canvas(image, self.canvas_hw)
+    with self._lock:
+      self._canvases[id(image)] = (image, canvas, canvas_from_image, key)
+      while len(self._canvases) > self._CACHED_IMAGES:
+        self._canvases.popitem(last=False)
+    return canvas, canvas_from_image, key
+
+  def crop(self, image: np.ndarray, bbox, category_id: int) -> dict:
+    """One box on its image's canvas.
+
+    Returns:
+      dict with ``image`` uint8 [H, W, 3] (the canvas, shared by the
+      image's boxes), ``memory_from_crop`` float32 [2, 3],
+      ``crop_from_image`` float32 [2, 3], ``canvas_key`` (int, equal for
+      boxes of one image) and (conditioned models) ``category_token``.
+    """
+    ex = dict(image=image, bbox=np.asarray(bbox, np.float32),
+              keypoints=np.zeros([0, 3], np.float32))
+    m = self.crop_affine.map(ex)['crop_from_image']
+    canvas, canvas_from_image, key = self._canvas(image)
+    ex = dict(image=canvas, crop_from_image=m.astype(np.float32),
+              memory_from_crop=transforms.memory_from_crop(
+                  m, canvas_from_image, self.crop_affine.image_size_px),
+              canvas_key=key)
+    if self.vocab.num_prefix_tokens:
+      ex['category_token'] = np.int32(
+          self.vocab.category(self.category_index[int(category_id)]))
+    return ex
+
+  def predict_crops(self, exs: list[dict]) -> predictor_lib.Prediction:
+    """Decodes boxes grouped by image (see class docstring); the returned
+    `Prediction` has ``len(exs)`` rows in the order of ``exs``."""
+    groups: dict[int, list[int]] = {}
+    for i, ex in enumerate(exs):
+      groups.setdefault(ex['canvas_key'], []).append(i)
+    n = min(self.batch_size, 1 << (max(map(len, groups.values())) - 1
+                                   ).bit_length())
+    m = -(-max(1, self.batch_size // n) // self._split) * self._split
+    rows = [g[j:j + n] for g in groups.values() for j in range(0, len(g), n)]
+    per_box = {}  # Index in exs -> (call, row in the call's output).
+    preds = []
+    for start in range(0, len(rows), m):
+      call = rows[start:start + m]
+      call += [call[-1]] * (m - len(call))  # Static shapes: M rows ...
+      slots = [r + [r[0]] * (n - len(r)) for r in call]  # ... of N boxes.
+      batch = {'image': np.stack([exs[r[0]]['image'] for r in call])}
+      for k in self.predictor.input_fields + ('crop_from_image',):
+        if k != 'image':
+          batch[k] = np.stack([[exs[i][k] for i in r] for r in slots])
+      preds.append(self.predictor.predict(batch))
+      for r_index, r in enumerate(rows[start:start + m]):
+        for j, i in enumerate(r):
+          per_box[i] = (len(preds) - 1, r_index * n + j)
+    order = [per_box[i] for i in range(len(exs))]
+    return dataclasses.replace(preds[0], **{
+        f.name: (None if getattr(preds[0], f.name) is None else np.stack(
+            [getattr(preds[c], f.name)[j] for c, j in order]))
+        for f in dataclasses.fields(preds[0])})
+
+
+def make_batcher(config: ml_collections.ConfigDict,
+                 predictor: predictor_lib.Predictor,
+                 category_index: dict[int, int],
+                 batch_size: int | None = None) -> CropBatcher:
+  """The batcher of ``config.keypoint_stage``: `CropBatcher` (two_stage,
+  top-down crops) or `CanvasBatcher` (end_to_end, whole images)."""
+  cls = (CanvasBatcher if config.keypoint_stage == 'end_to_end'
+         else CropBatcher)
+  return cls(config, predictor, category_index, batch_size)
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
             out_dir: str, boxes_file: str | None = None,
             category_id: int | None = None,
@@ -372,7 +487,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   mesh = sharding.create_mesh(config.mesh_shape)
   model, state, step = predictor_lib.restore_state(
       config, workdir, mesh, info.split_sizes[config.train_split])
-  batcher = CropBatcher(
+  batcher = make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
       info.category_index())
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),

@@ -189,7 +189,9 @@ class Predictor:
       local_batch: this process's [b, ...] numpy arrays: the
         `decoding.input_fields` (``image`` uint8 [b, S, S, 3], ...) and,
         for pixel coordinates, ``crop_from_image`` float [b, 2, 3]. Other
-        fields are ignored.
+        fields are ignored. A ``full_image_memory`` model may take N boxes
+        per image: ``memory_from_crop`` and ``crop_from_image`` [b, N, 2,
+        3] (`decoding`); the result then has b x N rows, image-major.
       variables: decode with these instead of the predictor's own (same
         tree and shardings, e.g. a later state of the same run).
 
@@ -207,7 +209,8 @@ class Predictor:
     if 'crop_from_image' in local_batch:
       crops = sharding.gather(sharding.global_batch(
           {'m': local_batch['crop_from_image']}, self.mesh))['m']
-      px = crop_to_image(out['keypoints'], crops, self.image_size_px)
+      px = crop_to_image(out['keypoints'], crops.reshape(-1, 2, 3),
+                         self.image_size_px)
     return Prediction(keypoints=out['keypoints'],
                       num_keypoints=out['num_keypoints'], keypoints_px=px,
                       confidence=out['confidence'][..., self._radius],

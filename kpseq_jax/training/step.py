@@ -37,14 +37,8 @@ def train_fields(model) -> tuple[str, ...]:
   return TRAIN_FIELDS + (
       model_lib.SUPPORT_FIELDS if model.support_conditioning else ()) + (
           PROPOSAL_FIELDS if model.support_proposals else ()) + (
-              (model_lib.FROM_CROP_FIELD,) if _full_image_memory(model)
+              (model_lib.FROM_CROP_FIELD,) if model.full_image_memory
               else ())
-
-
-def _full_image_memory(model) -> bool:
-  """Whether ``model`` reads whole images and boxes (PRTR end-to-end);
-  False for models without the attribute (e.g. test stand-ins)."""
-  return getattr(model, 'full_image_memory', False)
 
 
 def train_step(state: ts.TrainState, batch: dict, *, model,
@@ -80,7 +74,7 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
     support = (model_lib.SupportSet.from_batch(batch)
                if model.support_conditioning else None)
     whole_image = ({'memory_from_crop': batch[model_lib.FROM_CROP_FIELD]}
-                   if _full_image_memory(model) else {})
+                   if model.full_image_memory else {})
     (logits, coords), updates = model.apply(
         variables, batch['image'], batch['input_tokens'],
         batch['input_coords'], train=True, support=support,
