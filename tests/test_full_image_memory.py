@@ -91,17 +91,19 @@ def test_cached_and_reference_decoders_agree_inside_each_box(setup):
 
 def test_an_image_encoded_once_serves_all_its_boxes(setup):
   """``memory_from_crop`` [M, N, 2, 3] (one encoder pass per image) decodes
-  what [M x N, 2, 3] with the image repeated per box decodes."""
+  what [M x N, 2, 3] with the image repeated per box decodes, in the
+  cached and in the reference decoder."""
   model, variables, images = setup
-  decode = jax.jit(lambda v, x: decoding.cached_greedy_decode(
-      model, v, x, KMAX))
-  per_box = decode(variables, {'image': images,
-                               model_lib.FROM_CROP_FIELD: jnp.asarray(BOXES)})
-  grouped = decode(variables, {
-      'image': images[:1], model_lib.FROM_CROP_FIELD: jnp.asarray(BOXES)[None]})
-  np.testing.assert_array_equal(grouped['tokens'], per_box['tokens'])
-  np.testing.assert_allclose(grouped['keypoints'], per_box['keypoints'],
-                             atol=1e-6)
+  for decoder in (decoding.cached_greedy_decode, decoding.greedy_decode):
+    decode = jax.jit(lambda v, x, d=decoder: d(model, v, x, KMAX))
+    per_box = decode(variables, {
+        'image': images, model_lib.FROM_CROP_FIELD: jnp.asarray(BOXES)})
+    grouped = decode(variables, {
+        'image': images[:1],
+        model_lib.FROM_CROP_FIELD: jnp.asarray(BOXES)[None]})
+    np.testing.assert_array_equal(grouped['tokens'], per_box['tokens'])
+    np.testing.assert_allclose(grouped['keypoints'], per_box['keypoints'],
+                               atol=1e-6)
 
 
 def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):

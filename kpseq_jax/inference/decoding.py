@@ -230,12 +230,29 @@ def _outputs(vocab: vocab_lib.Vocab, tokens: jax.Array, state: KeypointState,
 
 
 class _Encoded(NamedTuple):
-  """An input batch encoded once for the whole decoding loop."""
+  """An input batch encoded once for the whole decoding loop.
+
+  ``memory`` holds M images' features; with ``boxes_per_image`` N > 1 its
+  ``from_crop`` already has the M x N boxes' rows and `_per_box` repeats
+  the features (or their projected values, once) to match.
+  """
   memory: model_lib.Memory
   prefix: model_lib.SupportPrefix | None
   category_tokens: jax.Array | None
   num_groups: jax.Array | None
   batch_size: int
+  boxes_per_image: int = 1
+
+
+def _per_box(memory, n: int):
+  """`Memory` or `ProjectedMemory` of M images -> that of their M x N
+  boxes (image-major rows); unchanged for n = 1."""
+  if n == 1:
+    return memory
+  repeat = lambda a: jnp.repeat(a, n, axis=0)
+  if isinstance(memory, model_lib.ProjectedMemory):
+    return memory.replace(values=tuple(map(repeat, memory.values)))
+  return memory.replace(features=repeat(memory.features))
 
 
 def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
@@ -261,13 +278,11 @@ def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
   else:
     memory = model.apply(variables, images, train=False, method=model.encode)
   category_tokens = inputs.get('category_token')
-  batch_size = images.shape[0]
+  batch_size, boxes_per_image = images.shape[0], 1
   if model.full_image_memory:  # Whole images; the tokens live in boxes.
     from_crop = inputs[model_lib.FROM_CROP_FIELD]
     if from_crop.ndim == 4:  # [M, N, 2, 3]: one encoder pass per image.
       boxes_per_image = from_crop.shape[1]
-      memory = memory.replace(features=jnp.repeat(
-          memory.features, boxes_per_image, axis=0))
       from_crop = from_crop.reshape(-1, 2, 3)
       if category_tokens is not None:
         category_tokens = category_tokens.reshape(-1)
@@ -275,7 +290,8 @@ def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
     memory = memory.replace(from_crop=from_crop)
   return _Encoded(memory=memory, prefix=prefix,
                   category_tokens=category_tokens,
-                  num_groups=num_groups, batch_size=batch_size)
+                  num_groups=num_groups, batch_size=batch_size,
+                  boxes_per_image=boxes_per_image)
 
 
 def greedy_decode(model, variables, inputs: dict[str, jax.Array],
@@ -311,9 +327,10 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
   length = grammar.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
   enc = _encode(model, variables, inputs)
   b = enc.batch_size
+  memory = _per_box(enc.memory, enc.boxes_per_image)
 
   def logits_at(tokens, coords, t):
-    logits, xy = model.apply(variables, enc.memory, tokens, coords,
+    logits, xy = model.apply(variables, memory, tokens, coords,
                              train=False, prefix=enc.prefix,
                              method=model.decode)  # [B, L, V], [B, L, 2]
     return (jax.lax.dynamic_index_in_dim(logits, t, 1, keepdims=False),
@@ -394,9 +411,13 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
                            remat_decoder=False)
   enc = _encode(step_model, variables, inputs)
   b, prefix = enc.batch_size, enc.prefix
-  projected = step_model.apply(variables, enc.memory,
-                               method=step_model.project_values)
-  cache = init_cache(step_model, variables, enc.memory, b, length, prefix)
+  # Values projected once per image, then repeated per box.
+  projected = _per_box(step_model.apply(
+      variables, enc.memory, method=step_model.project_values),
+                       enc.boxes_per_image)
+  cache = init_cache(step_model, variables,
+                     _per_box(enc.memory, enc.boxes_per_image), b, length,
+                     prefix)
   cache_length = length + (0 if prefix is None else prefix.valid.shape[1])
   if prefix is not None:
     _, mutated = step_model.apply(

@@ -1,0 +1,133 @@
+"""Seconds per image of the keypoint stage: two-stage crops vs end-to-end.
+
+  python tools/keypoint_stage_cost.py --config configs/dlc_openfield.py \\
+      --two_stage_workdir RUN_A --end_to_end_workdir RUN_B \\
+      --config.detector_image_size_px='(192, 256)' --boxes_per_image 1,2,4
+
+Restores both trained workdirs (same ``--config`` apart from
+``keypoint_stage``), takes ``--num_frames`` real frames of the data set's
+test annotations and, per frame, N boxes: the annotated box and N - 1
+copies shifted by 12% of its side (as if several animals were detected).
+For each N it times the whole keypoint stage of both variants on the same
+boxes: `predict.CropBatcher` (PRTR two-stage: N crops, N encoder passes)
+and `predict.CanvasBatcher` (end-to-end: the frame on the canvas, one
+encoder pass, N box decodes), from the frame in memory to keypoints in
+pixels, in ``eval_batch_size`` boxes per call. After one untimed pass per
+(variant, N) (compilation), the variants alternate ``--rounds`` times
+(two-stage, end-to-end, two-stage, ...) and the script prints the median
+seconds per frame of each and their ratio. The detector is not included:
+both variants run the same one. Not part of the package: a measuring tool
+for docs/detection.md.
+"""
+import json
+import os
+from pathlib import Path
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import app
+from absl import flags
+import jax
+from ml_collections import config_flags
+import numpy as np
+
+from data_prep import images as image_io
+from kpseq_jax.data import dataset
+from kpseq_jax.inference import predict
+from kpseq_jax.inference import predictor as predictor_lib
+from kpseq_jax.runtime import sharding
+from kpseq_jax.runtime import xla_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Keypoint config (both runs).',
+                                lock_config=True)
+flags.DEFINE_string('two_stage_workdir', None, 'Run with keypoint_stage='
+                    'two_stage.', required=True)
+flags.DEFINE_string('end_to_end_workdir', None, 'Run with keypoint_stage='
+                    'end_to_end.', required=True)
+flags.DEFINE_string('annotations', '../shared/data/dlc_openfield/annotations/'
+                    'test.json', 'COCO annotations of the frames (boxes).')
+flags.DEFINE_string('images', '../shared/data/dlc_openfield/images',
+                    'Image root of --annotations.')
+flags.DEFINE_integer('num_frames', 16, 'Frames timed per round.')
+flags.DEFINE_list('boxes_per_image', ['1', '2', '4'], 'Values of N.')
+flags.DEFINE_integer('rounds', 3, 'Alternating timed rounds per variant.')
+flags.DEFINE_string('out', None, 'Also write the figures to this JSON file.')
+
+
+def _frames():
+  """[(uint8 [H, W, 3], category_id, bbox)] of the first --num_frames."""
+  ann = json.loads(Path(FLAGS.annotations).read_text())
+  box = {a['image_id']: (a['category_id'], a['bbox'])
+         for a in ann['annotations']}
+  out = []
+  for im in ann['images']:
+    if im['id'] in box and len(out) < FLAGS.num_frames:
+      out.append((image_io.load_rgb_array(Path(FLAGS.images, im['file_name'])),
+                  *box[im['id']]))
+  return out
+
+
+def _stage(config, stage, workdir, mesh, info):
+  with config.unlocked():
+    config.keypoint_stage = stage
+  model, state, _ = predictor_lib.restore_state(
+      config, workdir, mesh, info.split_sizes[config.train_split])
+  return predict.make_batcher(
+      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
+      info.category_index())
+
+
+def _run(batcher, frames, n):
+  """Keypoint stage of every frame's N boxes; seconds."""
+  t = time.perf_counter()
+  exs = []
+  for image, cid, (x, y, w, h) in frames:
+    side = max(w, h)
+    exs += [batcher.crop(image, (x + 0.12 * j * side, y, w, h), cid)
+            for j in range(n)]
+  for i in range(0, len(exs), batcher.batch_size):
+    pred = batcher.predict_crops(exs[i:i + batcher.batch_size])
+    np.asarray(pred.keypoints_px)
+  return time.perf_counter() - t
+
+
+def main(argv):
+  del argv
+  xla_flags.set_defaults()
+  config = FLAGS.config
+  info = dataset.load_info(config.dataset_dir)
+  mesh = sharding.create_mesh(config.mesh_shape)
+  frames = _frames()
+  stages = {'two_stage': _stage(config, 'two_stage', FLAGS.two_stage_workdir,
+                                mesh, info),
+            'end_to_end': _stage(config, 'end_to_end',
+                                 FLAGS.end_to_end_workdir, mesh, info)}
+  figures = dict(jax=jax.__version__, num_frames=len(frames),
+                 eval_batch_size=config.eval_batch_size,
+                 canvas_hw=list(config.detector_image_size_px),
+                 crop_px=config.image_size_px, per_n={})
+  for n in map(int, FLAGS.boxes_per_image):
+    times = {k: [] for k in stages}
+    for k, b in stages.items():
+      _run(b, frames, n)  # Compile this shape.
+    for _ in range(FLAGS.rounds):
+      for k, b in stages.items():
+        times[k].append(_run(b, frames, n) / len(frames))
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    figures['per_n'][n] = dict(
+        seconds_per_frame=med, all_seconds_per_frame=times,
+        end_to_end_over_two_stage=med['end_to_end'] / med['two_stage'])
+    print(f'N={n}: two_stage {med["two_stage"]:.3f} s/frame, end_to_end '
+          f'{med["end_to_end"]:.3f} s/frame, ratio '
+          f'{med["end_to_end"] / med["two_stage"]:.2f}', flush=True)
+  if FLAGS.out:
+    Path(FLAGS.out).write_text(json.dumps(figures, indent=1))
+
+
+if __name__ == '__main__':
+  app.run(main)
