@@ -1,11 +1,14 @@
 """Exact resume after SIGKILL and a clean stop on SIGTERM (preemption).
 
-Real `python -m kpseq_jax.main` processes on the smoke config (three, about
-25 s each on an idle 2-core machine): one uninterrupted run, and one run
-that is SIGKILLed after its step-3 checkpoint, then resumed and SIGTERMed
-after its step-6 checkpoint. Every step's loss (``metrics.jsonl``) must
-match the uninterrupted run bitwise, and the checkpoint the SIGTERM left
-must restore.
+Real `python -m kpseq_jax.main` processes on the smoke config with keypoint
+presence, the model of the `trained` fixture (conftest.py), whose train step,
+initialisation and decoder are then in the persistent compilation cache:
+the processes read them back instead of compiling them (three processes,
+about 40 s each on a busy 2-core machine). One uninterrupted run, and one
+run that is SIGKILLed after its step-3 checkpoint, then resumed and
+SIGTERMed after its step-6 checkpoint. Every step's loss
+(``metrics.jsonl``) must match the uninterrupted run bitwise, and the
+checkpoint the SIGTERM left must restore.
 """
 
 import json
@@ -29,7 +32,7 @@ CKPT_EVERY = 3
 
 def _start(dataset_dir, workdir) -> subprocess.Popen:
   cmd = [sys.executable, '-m', 'kpseq_jax.main', '--config', 'configs/smoke.py',
-         f'--config.dataset_dir={dataset_dir}',
+         f'--config.dataset_dir={dataset_dir}', '--config.presence_token=True',
          f'--config.num_train_steps={NUM_STEPS}',
          f'--config.checkpoint_every_steps={CKPT_EVERY}',
          '--config.log_every_steps=1', '--config.max_checkpoints_to_keep=10',
@@ -58,7 +61,12 @@ def _steps(workdir):
 
 
 @pytest.fixture(scope='module')
-def runs(dlc_dataset, tmp_path_factory):
+def runs(trained, tmp_path_factory):
+  # The `trained` model's compiled functions are in the cache once it is
+  # built (its own run, or read back from the worker that built it).
+  config, _, _ = trained
+  assert config.presence_token  # The model `_start` asks for.
+  dlc_dataset = config.dataset_dir
   root = tmp_path_factory.mktemp('resume')
   straight, interrupted = root / 'straight', root / 'interrupted'
   assert _finished(_start(dlc_dataset, straight)) == 0
@@ -114,6 +122,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs):
   from kpseq_jax.runtime import sharding
   config = smoke.get_config()
   config.dataset_dir = str(runs['dataset_dir'])
+  config.presence_token = True
   info = dataset.load_info(config.dataset_dir)
   _, state, step = predictor.restore_state(
       config, str(runs['interrupted']), sharding.create_mesh((-1, 1)),
