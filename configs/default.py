@@ -137,6 +137,12 @@ def get_config() -> ml_collections.ConfigDict:
   # first layer's reference points in training, as a fraction of the crop
   # (normalised [0, 1] units); 0 disables.
   c.reference_point_noise_frac = 0.0
+  # Loss of the (x, y) regressor: 'l1' (the paper's, weight l1_weight) or
+  # 'laplace': a scale head predicts b per coordinate and the last layer's
+  # coordinates are trained by the Laplace likelihood |e| / b + log 2b
+  # (RLE's scale-aware loss without its flow, Li et al. ICCV 2021), with
+  # the same weight; earlier layers (aux losses, refinement) keep the L1.
+  c.coordinate_loss = 'l1'
 
   # Detection stage (issue 18; PRTR's first stage, a Deformable DETR
   # detector; kpseq_jax/models/detector.py). task='detection' trains and
@@ -220,7 +226,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.field_choices = ml_collections.ConfigDict(
       dict(setting=('supervised', 'cape'),
            task=('keypoints', 'detection'),
-           keypoint_stage=('two_stage', 'end_to_end')))
+           keypoint_stage=('two_stage', 'end_to_end'),
+           coordinate_loss=('l1', 'laplace')))
 
   c.lock()
   return c

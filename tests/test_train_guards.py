@@ -28,6 +28,7 @@ class _Tiny(nn.Module):
   support_proposals: bool = False
   intermediate_outputs: bool = False
   full_image_memory: bool = False
+  coordinate_scale: bool = False
 
   @nn.compact
   def __call__(self, image, input_tokens, input_coords, train=False,

@@ -405,6 +405,13 @@ class KeypointSequenceModel(nn.Module):
       'aux_coords' float32 [num_layers - 1, B, L, 2] (each layer through
       the shared ``class_head`` and ``coord_head``, or its refined point;
       the official Raster2Seq supervises every decoder layer).
+    coordinate_scale: a ``scale_head`` (Dense, 2 outputs) reads the last
+      layer's states and ``decode`` sows its log Laplace scale of each
+      coordinate into 'intermediates' as 'coord_log_scale' float32
+      [B, L, 2] (log of the scale b in normalised [0, 1] units) for the
+      training loss `losses.sequence_loss` (the Laplace likelihood of
+      RLE, Li et al. ICCV 2021, without its flow). The decoders do not read
+      it.
     dtype: compute dtype (float32 or bfloat16); parameters are float32,
       logits and coordinates float32.
   """
@@ -430,6 +437,7 @@ class KeypointSequenceModel(nn.Module):
   refine_points: bool = False
   reference_noise: float = 0.0
   intermediate_outputs: bool = False
+  coordinate_scale: bool = False
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
@@ -462,6 +470,8 @@ class KeypointSequenceModel(nn.Module):
       self.coord_head = [nn.Dense(self.d_model, dtype=self.dtype),
                          nn.Dense(self.d_model, dtype=self.dtype),
                          nn.Dense(2, dtype=self.dtype)]
+    if self.coordinate_scale:
+      self.scale_head = nn.Dense(2, dtype=self.dtype)
     if self.support_conditioning:
       self.support_proj = nn.Dense(self.d_model, dtype=self.dtype)
       # Marks prefix positions (they have no position embedding).
@@ -692,6 +702,9 @@ class KeypointSequenceModel(nn.Module):
                jnp.stack([logits for logits, _ in outputs[:-1]]))
       self.sow('intermediates', 'aux_coords',
                jnp.stack([xy for _, xy in outputs[:-1]]))
+    if self.coordinate_scale:
+      self.sow('intermediates', 'coord_log_scale',
+               self.scale_head(states[-1][:, p:]).astype(jnp.float32))
     return outputs[-1]
 
   def _prefix_inputs(self, prefix: SupportPrefix) -> jax.Array:

@@ -15,9 +15,10 @@ import optax
 
 
 def sequence_loss(logits: jax.Array, coords: jax.Array, batch: dict,
-                  ce_weight: float, l1_weight: float
+                  ce_weight: float, l1_weight: float,
+                  log_scale: jax.Array | None = None
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted CE + L1 of one batch.
+  """Weighted CE + L1 (or Laplace negative log-likelihood) of one batch.
 
   Args:
     logits: float32 [B, L, V] classifier output.
@@ -25,10 +26,14 @@ def sequence_loss(logits: jax.Array, coords: jax.Array, batch: dict,
     batch: holds ``target_tokens`` int32 [B, L], ``target_coords`` float32
       [B, L, 2], ``token_weights`` and ``coord_weights`` float32 [B, L].
     ce_weight, l1_weight: loss weights.
+    log_scale: float32 [B, L, 2], log of a predicted Laplace scale b of
+      each coordinate (normalised units; ``model.coordinate_scale``).
+      Given, the coordinate term is `laplace_nll` instead of the L1 (the
+      same weight and positions), and 'l1' is still reported.
 
   Returns:
-    (loss scalar, {'ce': scalar, 'l1': scalar}); a term with no weighted
-    position is 0.
+    (loss scalar, {'ce', 'l1'(, 'laplace_nll')}: scalars); a term with no
+    weighted position is 0.
   """
   xent = optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), batch['target_tokens'])  # [B, L]
@@ -36,8 +41,30 @@ def sequence_loss(logits: jax.Array, coords: jax.Array, batch: dict,
   ce = jnp.sum(xent * tw) / jnp.maximum(jnp.sum(tw), 1.0)
   err = jnp.abs(coords.astype(jnp.float32) - batch['target_coords'])
   cw = batch['coord_weights']
-  l1 = jnp.sum(err.mean(-1) * cw) / jnp.maximum(jnp.sum(cw), 1.0)
-  return ce_weight * ce + l1_weight * l1, {'ce': ce, 'l1': l1}
+  mean = lambda per_coord: (jnp.sum(per_coord.mean(-1) * cw)
+                            / jnp.maximum(jnp.sum(cw), 1.0))
+  l1 = mean(err)
+  if log_scale is None:
+    return ce_weight * ce + l1_weight * l1, {'ce': ce, 'l1': l1}
+  nll = mean(laplace_nll(err, log_scale))
+  return ce_weight * ce + l1_weight * nll, {'ce': ce, 'l1': l1,
+                                            'laplace_nll': nll}
+
+
+def laplace_nll(abs_error: jax.Array, log_scale: jax.Array) -> jax.Array:
+  """Negative log-likelihood of a Laplace density, elementwise:
+  ``|e| / b + log(2 b)`` with ``b = exp(log_scale)`` (the scale-aware
+  regression loss of RLE, Li et al., ICCV 2021, eq. 9, with a Laplace
+  prior and no flow). Minimised over b at ``b = |e|``, where it is
+  ``1 + log(2 |e|)``; the error's gradient is ``sign(e) / b``, so examples
+  the model is unsure of weigh less.
+
+  Args:
+    abs_error: float32 [...], |prediction - target| (normalised units).
+    log_scale: float32 [...], log b.
+  """
+  log_scale = log_scale.astype(jnp.float32)
+  return abs_error * jnp.exp(-log_scale) + log_scale + jnp.log(2.0)
 
 
 def intermediate_layer_loss(aux_logits: jax.Array, aux_coords: jax.Array,

@@ -58,7 +58,9 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
   `losses.proposal_loss` for a model with support proposals, plus, for a
   model with ``intermediate_outputs``, `losses.intermediate_layer_loss` of
   the earlier decoder layers with ``aux_ce_weight`` and ``l1_weight``
-  (``aux_ce_weight`` = 0: only the refined points are supervised).
+  (``aux_ce_weight`` = 0: only the refined points are supervised). A
+  model with ``coordinate_scale`` has the last layer's coordinates trained
+  by the Laplace likelihood (`losses.laplace_nll`) instead of the L1.
 
   Returns:
     (new state, metrics): scalars ``loss``, ``ce``, ``l1`` (and
@@ -80,8 +82,10 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
         batch['input_coords'], train=True, support=support,
         **whole_image, rngs={'dropout': rng},
         mutable=['batch_stats', 'intermediates'])
+    log_scale = (updates['intermediates']['coord_log_scale'][0]
+                 if model.coordinate_scale else None)
     loss, parts = losses.sequence_loss(logits, coords, batch, ce_weight,
-                                       l1_weight)
+                                       l1_weight, log_scale)
     if model.support_proposals:
       [proposals] = updates['intermediates']['support_proposals']
       parts['proposal_l1'] = losses.proposal_loss(

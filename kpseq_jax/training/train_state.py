@@ -62,6 +62,7 @@ def create_model(config: ml_collections.ConfigDict):
       intermediate_outputs=(config.decoder_aux_loss
                             or config.decoder_refine_points),
       full_image_memory=config.keypoint_stage == 'end_to_end',
+      coordinate_scale=config.coordinate_loss == 'laplace',
       **model_lib.shared_model_fields(config))
 
 
