@@ -25,7 +25,9 @@
 With ``--category``, only boxes of that category are used. Each box is
 cropped and warped exactly as in evaluation (`transforms.CropAffine`,
 `transforms.WarpToCrop`), decoded greedily and mapped back to image pixels
-by `predictor.Predictor`. Images are read as `data_prep` reads them
+by `predictor.Predictor`; a ``keypoint_stage='end_to_end'`` model reads
+each whole image once on its canvas and every box as its crop frame on it
+instead (`CanvasBatcher`). Images are read as `data_prep` reads them
 (`data_prep.images.load_rgb_array`: EXIF orientation applied, 8-bit RGB).
 
 Writes to ``OUT``:
