@@ -92,6 +92,13 @@ def mp100_sample_dataset(shared_data, tmp_path_factory) -> Path:
   return once_per_run(tmp_path_factory, 'mp100_sample_dataset', make)
 
 
+# The paper's backbone setting (frozen BatchNorm, stem and layer1 frozen) on
+# the smoke model. tests/test_frozen_backbone.py compiles its train step and
+# tests/test_benchmark.py's f32 variant is the same computation, so the
+# persistent compilation cache compiles it once per run.
+FROZEN_BACKBONE = dict(backbone_norm='frozen_batch', backbone_frozen_stages=1)
+
+
 def smoke_config(dataset_dir, **overrides):
   """configs/smoke.py on ``dataset_dir`` with fields overridden."""
   from configs import smoke

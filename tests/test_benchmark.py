@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FROZEN_BACKBONE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -16,10 +18,13 @@ def _positive(x):
 
 
 def test_benchmark_tiny_mode_json(tmp_path):
+  """The smoke model with the paper's backbone setting: its f32 train step
+  is test_frozen_backbone.py's, compiled once per run (conftest.py)."""
   out_file = tmp_path / 'bench.json'
   cmd = [sys.executable, '-m', 'kpseq_jax.benchmark',
          f'--json_out={out_file}',
          '--config', 'configs/smoke.py', '--skip_paper', '--num_steps=1',
+         *(f'--config.{k}={v}' for k, v in FROZEN_BACKBONE.items()),
          '--variants=f32,xla_conv', '--decode_ks=2', '--decode_batch=1',
          '--decode_reps=1', '--nodecode_cape', '--matmul_size=128',
          '--matmul_reps=2', '--pipeline_examples=8']
