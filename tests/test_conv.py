@@ -80,17 +80,32 @@ def test_resolve_impl_and_errors():
     conv.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((2, 2, 3, 8)), 1)
 
 
+def _random_variables(shapes, seed):
+  """Variables of the ``shapes`` tree drawn with numpy (He-normal kernels,
+  unit scales and variances, zero biases and means): no init to compile."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      return (rng.standard_normal(s.shape) *
+              np.sqrt(2 / np.prod(s.shape[:-1]))).astype(s.dtype)
+    return (np.ones if name in ('scale', 'var') else np.zeros)(s.shape,
+                                                               s.dtype)
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 @pytest.mark.parametrize('depth', [18, 50])
 def test_resnet_gemm_and_xla_share_parameters_and_outputs(depth):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
   xla_model = ResNet(depth=depth, conv_impl='xla')
   gemm_model = ResNet(depth=depth, conv_impl='gemm')
-  variables = jax.jit(lambda: xla_model.init(jax.random.PRNGKey(1), x,
-                                             train=False))()
-  gemm_shapes = jax.eval_shape(
-      lambda: gemm_model.init(jax.random.PRNGKey(1), x, train=False))
-  assert (jax.tree.map(lambda a: a.shape, variables) ==
-          jax.tree.map(lambda a: a.shape, gemm_shapes))
+  shapes = [jax.eval_shape(lambda m=m: m.init(jax.random.PRNGKey(1), x,
+                                              train=False))
+            for m in (xla_model, gemm_model)]
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), shapes[0]) ==
+          jax.tree.map(lambda a: (a.shape, a.dtype), shapes[1]))
+  variables = _random_variables(shapes[0], depth)
 
   def loss(model, params):
     out, _ = model.apply({**variables, 'params': params}, x, train=True,
