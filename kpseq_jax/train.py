@@ -102,6 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
   preempted = False
   compiled_step = None
+  in_flight = None  # The previous step's loss (not yet computed, maybe).
   with preemption_lib.Preemption() as preemption, jax.set_mesh(mesh):
     for step in range(start + 1, total_steps + 1):
       local = next(train_iter)
@@ -114,6 +115,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         compiled_step = step_fn.lower(state, batch).compile()
         logging.info('Host memory: %s', host_memory.release_free_memory())
       state, metrics = compiled_step(state, batch)
+      # At most two steps in flight: the host waits for the previous step
+      # while this one runs. Without it, asynchronous dispatch lets the
+      # loop run up to log_every_steps steps ahead of the device, and a
+      # SIGTERM's save (or an ETA) waits for all of them.
+      if in_flight is not None:
+        jax.block_until_ready(in_flight)
+      in_flight = metrics['loss']
       log.add(step, metrics)
       is_last = step == total_steps
       preempted = preemption.reached(step) and not is_last
