@@ -27,6 +27,7 @@ from kpseq_jax.evaluation import report as report_lib
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import host_memory
+from kpseq_jax.runtime import in_flight as in_flight_lib
 from kpseq_jax.runtime import metric_writer
 from kpseq_jax.runtime import preemption as preemption_lib
 from kpseq_jax.runtime import scalar_log
@@ -102,7 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
   preempted = False
   compiled_step = None
-  in_flight = None  # The previous step's loss (not yet computed, maybe).
+  # At most two steps in flight (runtime/in_flight.py): a SIGTERM's save
+  # waits for one step, not for every step the host dispatched ahead.
+  in_flight = in_flight_lib.InFlight(max_in_flight=2)
   with preemption_lib.Preemption() as preemption, jax.set_mesh(mesh):
     for step in range(start + 1, total_steps + 1):
       local = next(train_iter)
@@ -115,13 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         compiled_step = step_fn.lower(state, batch).compile()
         logging.info('Host memory: %s', host_memory.release_free_memory())
       state, metrics = compiled_step(state, batch)
-      # At most two steps in flight: the host waits for the previous step
-      # while this one runs. Without it, asynchronous dispatch lets the
-      # loop run up to log_every_steps steps ahead of the device, and a
-      # SIGTERM's save (or an ETA) waits for all of them.
-      if in_flight is not None:
-        jax.block_until_ready(in_flight)
-      in_flight = metrics['loss']
+      in_flight.push(metrics['loss'])  # Waits for the previous step.
       log.add(step, metrics)
       is_last = step == total_steps
       preempted = preemption.reached(step) and not is_last
