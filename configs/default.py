@@ -109,7 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   # .pth with torch installed; see kpseq_jax/models/pretrained.py), loaded into the
   # backbone at initialisation. '' = random init. Nothing is downloaded.
   # With 'frozen_batch' the BatchNorm statistics and affine parameters stay
-  # at the file's values, and frozen stages keep all of theirs.
+  # at the file's values, and frozen stages keep all of theirs. A directory
+  # is a trained --workdir of this project (a keypoint model or the
+  # detector, any config with the same backbone_depth): its latest
+  # checkpoint's backbone (training/checkpointing.read_backbone).
   c.pretrained_backbone_path = ''
   c.feature_levels = ('c5',)  # Paper: one 16 x 16 level at stride 32.
   c.d_model = 256

@@ -1,5 +1,7 @@
 """ImageNet ResNet import: a torchvision-layout state dict the test writes itself."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +170,70 @@ def test_create_train_state_loads_the_file_and_frozen_norm_is_fixed(tmp_path):
   assert not np.any(np.asarray(updates['backbone']['bn1']['scale']))
   assert not np.any(np.asarray(updates['backbone']['layer1_0']['bn2']['bias']))
   assert np.all(np.asarray(updates['backbone']['conv1']['kernel']) != 0)
+
+
+def _single_device_mesh():
+  return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
+                           ('data', 'fsdp'))
+
+
+def test_a_trained_workdir_is_a_backbone_source(tmp_path):
+  """``pretrained_backbone_path`` naming a workdir: the latest checkpoint's
+  backbone (params and BatchNorm statistics) initialises the model, its
+  other arrays are ignored (there a detector's heads would be) and the rest
+  of the new model keeps its own initialisation."""
+  from kpseq_jax.training import checkpointing
+  mesh = _single_device_mesh()
+  frozen = dict(backbone_norm='frozen_batch', backbone_frozen_stages=4)
+  # One compiled initialisation for the three states (the seed and the
+  # path are not part of it).
+  source_config = smoke_config('unused', seed=3, **frozen)
+  model = ts.create_model(source_config)
+  tx = ts.create_optimizer(source_config, train_size=100)
+  source = ts.create_train_state(source_config, model, tx, mesh)
+  stats = jax.tree.map(lambda a: a + 0.25, source.batch_stats)  # Not init.
+  saved = {'params': dict(source.params, class_heads_0={'w': jnp.ones(3)}),
+           'batch_stats': stats}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'source'))
+  ckpt.save(7, saved)
+  ckpt.wait()
+  ckpt.close()
+
+  config = smoke_config('unused', seed=0, **frozen,
+                        pretrained_backbone_path=str(tmp_path / 'source'))
+  state = ts.create_train_state(config, ts.create_model(config),
+                                ts.create_optimizer(config, 100), mesh)
+  jax.tree.map(np.testing.assert_array_equal, state.params['backbone'],
+               source.params['backbone'])
+  jax.tree.map(np.testing.assert_array_equal, state.batch_stats['backbone'],
+               stats['backbone'])
+  fresh = ts.create_train_state(
+      smoke_config('unused', seed=0, **frozen),
+      ts.create_model(config), ts.create_optimizer(config, 100), mesh)
+  for name in set(state.params) - {'backbone'}:
+    jax.tree.map(np.testing.assert_array_equal, state.params[name],
+                 fresh.params[name])
+
+  with pytest.raises(FileNotFoundError, match='no checkpoint to take a '
+                     'backbone from'):
+    checkpointing.read_backbone(str(tmp_path / 'empty'))
+
+
+def test_frozen_norm_gives_a_batch_norm_backbones_inference_features():
+  """A keypoint model with ``backbone_norm='frozen_batch'`` on the variables
+  of a detector trained with ``'batch'`` computes the detector's features
+  (inference mode): the two can share one backbone pass."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32)
+  trained = ResNet(depth=18, norm='batch')
+  shapes = jax.eval_shape(
+      lambda a: trained.init(jax.random.PRNGKey(0), a, train=False), x)
+  variables = jax.tree.map(  # Statistics and affines away from their init.
+      lambda a: rng.uniform(0.1, 0.5, a.shape).astype(np.float32), shapes)
+  features = lambda norm: jax.jit(functools.partial(
+      ResNet(depth=18, norm=norm).apply, train=False))(variables, x)
+  want, got = features('batch'), features('frozen_batch')
+  assert set(got) == set(want)
+  for level in want:
+    np.testing.assert_allclose(got[level], want[level], rtol=2e-5,
+                               atol=2e-5 * float(np.abs(want[level]).max()))

@@ -191,10 +191,28 @@ def load_backbone(path: str, params: Mapping[str, Any],
       model has no BatchNorm statistics to receive (``backbone_norm='group'``).
   """
   new_params, new_stats = convert_resnet(load_state_dict(path))
+  return place_backbone(new_params, new_stats, params, batch_stats, path,
+                        backbone_key)
+
+
+def place_backbone(new_params: Mapping[str, Any], new_stats: Mapping[str, Any],
+                   params: Mapping[str, Any], batch_stats: Mapping[str, Any],
+                   source: str, backbone_key: str = 'backbone'
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """``params`` / ``batch_stats`` with their ``backbone_key`` entries
+  replaced by ``new_params`` / ``new_stats`` (Flax layout of `ResNet`, from
+  `convert_resnet` or another workdir's checkpoint), checked leaf for leaf.
+
+  Args:
+    source: the file or workdir they came from, for error messages.
+
+  Raises:
+    ValueError: as `load_backbone`.
+  """
   if backbone_key not in batch_stats and new_stats:
-    raise ValueError(f'{path} holds BatchNorm statistics but the model has '
+    raise ValueError(f'{source} holds BatchNorm statistics but the model has '
                      'none (backbone_norm="group"?): use "batch" or '
-                     '"frozen_batch" with ImageNet weights')
+                     '"frozen_batch" with these weights')
   params = dict(params)
   params[backbone_key] = match_backbone(params[backbone_key], new_params,
                                         'params')

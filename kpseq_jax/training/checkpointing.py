@@ -17,6 +17,8 @@ restoring raises `CheckpointMismatchError` and leaves it in place.
 import os
 from typing import Any
 
+import numpy as np
+
 from absl import logging
 import grain
 import jax
@@ -26,6 +28,57 @@ import orbax.checkpoint as ocp
 from kpseq_jax.runtime import sharding
 
 UNRESTORABLE_SUFFIX = '.unrestorable'
+
+
+def read_backbone(workdir: str, backbone_key: str = 'backbone'
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The backbone of a trained workdir's latest checkpoint, as numpy.
+
+  Reads only ``params[backbone_key]`` and ``batch_stats[backbone_key]``
+  (partial restore), whatever model wrote the checkpoint: a detector
+  (`detector.BoxDetector`) or a keypoint model, any config. Used by
+  ``config.pretrained_backbone_path`` when it names a workdir
+  (`train_state.create_train_state`), e.g. to put a keypoint model on the
+  backbone of the detector trained on the same frames.
+
+  Args:
+    workdir: a ``--workdir`` with ``checkpoints/<step>/state``.
+    backbone_key: the backbone's module name in both models.
+
+  Returns:
+    (params, batch_stats): nested dicts of float32 numpy arrays in the Flax
+    layout of `resnet.ResNet`; batch_stats is {} for GroupNorm.
+
+  Raises:
+    FileNotFoundError: no checkpoint step in ``workdir``.
+    ValueError: the checkpoint has no ``params[backbone_key]``.
+  """
+  root = os.path.join(workdir, 'checkpoints')
+  steps = sorted((int(d) for d in (os.listdir(root) if os.path.isdir(root)
+                                   else []) if d.isdigit()), reverse=True)
+  if not steps:
+    raise FileNotFoundError(
+        f'{workdir}: no checkpoint to take a backbone from (expected '
+        f'{root}/<step>/state; train that workdir first).')
+  path = os.path.join(root, str(steps[0]), 'state')
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    saved = checkpointer.metadata(path)
+    saved = getattr(saved, 'item_metadata', saved)
+    saved = getattr(saved, 'tree', saved)
+    if backbone_key not in saved.get('params', {}):
+      raise ValueError(f'{path}: no params[{backbone_key!r}] in this '
+                       f'checkpoint (its params: {sorted(saved["params"])})')
+    item = {c: {backbone_key: saved[c][backbone_key]}
+            for c in ('params', 'batch_stats')
+            if backbone_key in saved.get(c, {})}
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, partial_restore=True, restore_args=jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+  logging.info('Backbone of checkpoint step %d read from %s', steps[0],
+               workdir)
+  as_f32 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float32), t)
+  return (as_f32(restored['params'][backbone_key]),
+          as_f32(restored.get('batch_stats', {}).get(backbone_key, {})))
 
 
 class CheckpointMismatchError(ValueError):

@@ -7,6 +7,7 @@ does not need (MaxText's pattern).
 """
 
 import functools
+import os
 from typing import Any
 
 import flax
@@ -23,6 +24,7 @@ from kpseq_jax.models import resnet
 from kpseq_jax.sequence import grammar
 from kpseq_jax.runtime import sharding
 from kpseq_jax.sequence import vocab as vocab_lib
+from kpseq_jax.training import checkpointing
 
 
 @flax.struct.dataclass
@@ -222,11 +224,16 @@ def create_train_state(config: ml_collections.ConfigDict,
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(
       jax.random.PRNGKey(config.seed))
-  if config.pretrained_backbone_path:
+  if path := config.pretrained_backbone_path:
     # AdamW's initial moments are zeros whatever the parameters, so only
     # params and batch_stats change; each array keeps its sharding.
-    params, batch_stats = pretrained.load_backbone(
-        config.pretrained_backbone_path, state.params, state.batch_stats)
+    if os.path.isdir(path):  # A trained workdir (e.g. the detector's).
+      params, batch_stats = pretrained.place_backbone(
+          *checkpointing.read_backbone(path), state.params,
+          state.batch_stats, path)
+    else:
+      params, batch_stats = pretrained.load_backbone(
+          path, state.params, state.batch_stats)
     state = state.replace(
         params=jax.device_put(params, shardings.params),
         batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
