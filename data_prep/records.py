@@ -110,6 +110,7 @@ def iter_valid_instances(
     if ann.get('num_keypoints') != int(np.sum(instance.keypoints[:, 2] > 0)):
       split_report.notes['num_keypoints_field_mismatch'] += 1
     split_report.instances_per_category[instance.category_id] += 1
+    split_report.bbox_long_sides_px.append(float(max(instance.bbox[2:])))
     yield instance, entry, image
 
 

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data_prep import categories as categories_lib
 
 
@@ -52,6 +54,10 @@ class SplitReport:
       (keypoints set to unlabelled, record kept; see validate.py),
       'records_with_keypoints_unlabelled' (records with any of those).
     instances_per_category: category id -> records written / passed.
+    bbox_long_sides_px: the longer side of each written record's bbox
+      (pixels), reported as quantiles (`bbox_long_side_px`): with the
+      config's ``bbox_scale`` and ``image_size_px`` it says how many image
+      pixels one top-down crop pixel covers (docs/precision.md).
   """
 
   split: str
@@ -61,6 +67,17 @@ class SplitReport:
   skipped: list[SkippedRecord] = dataclasses.field(default_factory=list)
   notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   instances_per_category: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  bbox_long_sides_px: list[float] = dataclasses.field(default_factory=list)
+
+  def bbox_long_side_px(self) -> dict[str, float] | None:
+    """{'min', 'p10', 'median', 'p90', 'max'} of `bbox_long_sides_px`
+    (pixels, numpy's linear quantiles); None with no record."""
+    if not self.bbox_long_sides_px:
+      return None
+    q = np.quantile(np.asarray(self.bbox_long_sides_px, np.float64),
+                    [0.0, 0.1, 0.5, 0.9, 1.0])
+    return {k: round(float(v), 1) for k, v in
+            zip(('min', 'p10', 'median', 'p90', 'max'), q)}
 
   @property
   def skipped_by_reason(self) -> dict[str, int]:
@@ -80,6 +97,7 @@ class SplitReport:
         'skipped_by_reason': self.skipped_by_reason,
         'notes': self.nonzero_notes(),
         'instances_per_category': {str(k): v for k, v in sorted(self.instances_per_category.items())},
+        'bbox_long_side_px': self.bbox_long_side_px(),
         'skipped_records': [dataclasses.asdict(s) for s in self.skipped],
     }
 

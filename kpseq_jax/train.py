@@ -77,6 +77,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                ts.steps_per_epoch(config, train_size), total_steps,
                dict(mesh.shape))
 
+  if not detecting and (resolution := dataset.crop_resolution(
+      config.dataset_dir, config.train_split, config.image_size_px,
+      config.bbox_scale)):
+    logging.info('Top-down crops: %s.', resolution)
+
   # The baseline or the CAPE episodes, before anything compiles: a problem
   # with them (a category too small for an episode) stops the run here.
   evaluator = (box_ap.DetectionEvaluator(config, info) if detecting

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from data_prep import build
 from data_prep import categories
 from data_prep import coco
+from kpseq_jax.data import dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 needs_shared_data = pytest.mark.skipif(
@@ -158,6 +159,13 @@ def test_broken_records_build(tmp_path):
   assert on_disk['splits']['train']['skipped_by_reason'] == split.skipped_by_reason
   assert len(on_disk['splits']['train']['skipped_records']) == 9
   assert on_disk['num_keypoints_inferred'] == {'2': 'thing: no keypoint names; K=2 from its annotations'}
+  # Box sizes of the written records: 20 px boxes and the clipped 10 x 10 one.
+  assert on_disk['splits']['train']['bbox_long_side_px'] == {
+      'min': 10.0, 'p10': 15.0, 'median': 20.0, 'p90': 20.0, 'max': 20.0}
+  resolution = dataset.crop_resolution(str(out), 'train', 64, 1.25)
+  assert 'longer side 10-20 px (median 20)' in resolution
+  assert 'one crop pixel covers 0.20-0.39 image pixels (median 0.39)' in resolution
+  assert dataset.crop_resolution(str(out), 'test', 64, 1.25) is None
 
   builder = tfds.builder_from_directory(out)
   source = builder.as_data_source(split='train')

@@ -7,6 +7,8 @@ for random access with the images left as encoded bytes (the pipeline's
 """
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -92,6 +94,39 @@ def load_info(dataset_dir: str) -> DatasetInfo:
                          meta.get('episode_pool_errors') or {}),
                      unlabelled_means=str(
                          meta.get('unlabelled_means') or 'unknown'))
+
+
+def crop_resolution(dataset_dir: str, split: str, image_size_px: int,
+                    bbox_scale: float) -> str | None:
+  """How many image pixels one top-down crop pixel covers, as a sentence.
+
+  Reads the split's bbox sizes that ``data_prep.build`` put in the data
+  set's ``prep_report.json`` (``bbox_long_side_px``: quantiles of the
+  longer side, pixels). The crop is the bbox's longer side times
+  ``bbox_scale`` resampled to ``image_size_px`` (`transforms.CropAffine`),
+  so one crop pixel (and, with ``num_bins == image_size_px``, one
+  coordinate bin) is ``long_side * bbox_scale / image_size_px`` image
+  pixels: the resolution a pixel-error target has to live with
+  (docs/precision.md).
+
+  Returns:
+    the sentence, or None when the report or its figures are missing (data
+    sets built before 2026-11-30) or the split has no record.
+  """
+  path = os.path.join(dataset_dir, 'prep_report.json')
+  try:
+    with open(path) as f:
+      sides = json.load(f)['splits'][split]['bbox_long_side_px']
+  except (OSError, KeyError, TypeError, ValueError):
+    return None
+  if not sides:
+    return None
+  per_px = {k: v * bbox_scale / image_size_px for k, v in sides.items()}
+  return (f'{split!r} boxes: longer side {sides["min"]:.0f}-'
+          f'{sides["max"]:.0f} px (median {sides["median"]:.0f}); at '
+          f'bbox_scale {bbox_scale:g} and image_size_px {image_size_px} one '
+          f'crop pixel covers {per_px["min"]:.2f}-{per_px["max"]:.2f} image '
+          f'pixels (median {per_px["median"]:.2f})')
 
 
 def data_source(dataset_dir: str, split: str):
