@@ -223,6 +223,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0
   c.num_eval_examples = -1  # -1: the whole eval split.
   c.worker_count = 0  # Grain worker processes (0: in the main process).
+  # Batches the input pipeline prepares ahead of the train step (Grain's own
+  # default is 500), and its threads (0: the CPU count, at most 16); see
+  # kpseq_jax/data/pipeline.py.
+  c.prefetch_batches = 4
+  c.data_threads = 0
 
   # Allowed values of enumerated fields, checked before anything compiles
   # (kpseq_jax/training/config_checks.py); configs add their own fields.

@@ -140,6 +140,7 @@ def _info(ks):
     ('reference_point_noise_frac', 0.7,
      'reference_point_noise_frac=0.7 must be in [0, 0.5)'),
     ('feature_levels', ('c1',), "feature_levels=('c1',) must be"),
+    ('prefetch_batches', 0, 'prefetch_batches=0 must be >= 1'),
 ])
 def test_impossible_config_fails_with_a_clear_message(field, value, message):
   c = smoke.get_config()

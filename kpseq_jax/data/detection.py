@@ -248,4 +248,5 @@ def create_eval_batches(config: ml_collections.ConfigDict,
   if config.num_eval_examples > 0:
     ds = ds[:config.num_eval_examples]
   ds = pipeline.apply_transforms(ds, _chain(config, info, train=False))
-  yield from pipeline.padded_batches(ds, config.eval_batch_size)
+  yield from pipeline.padded_batches(ds, config.eval_batch_size,
+                                     pipeline.eval_read_options(config))

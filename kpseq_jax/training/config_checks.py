@@ -20,6 +20,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   batch sizes divisible by the device count; ``mesh_shape`` matching the
   devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known;
   ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4;
+  ``prefetch_batches >= 1``, ``data_threads >= 0``;
   ``sharding_rules`` well formed; every field named in
   ``config.field_choices`` (a config's own enumerations, e.g.
   ``configs/mp100.py``'s ``split``) set to one of its choices; with
@@ -54,6 +55,10 @@ def check(config: ml_collections.ConfigDict) -> None:
   if config.backbone_norm not in ('batch', 'group', 'frozen_batch'):
     errors.append(f'backbone_norm={config.backbone_norm!r} not in batch, '
                   'group, frozen_batch.')
+  if config.prefetch_batches < 1 or config.data_threads < 0:
+    errors.append(f'prefetch_batches={config.prefetch_batches} must be >= 1 '
+                  f'and data_threads={config.data_threads} >= 0 (0: the CPU '
+                  'count).')
   if not -1 <= config.backbone_frozen_stages <= 4:
     errors.append(f'backbone_frozen_stages={config.backbone_frozen_stages} '
                   'not in -1 (none), 0 (stem), 1..4 (stem + layer1..n).')
