@@ -1,5 +1,6 @@
 """Category-agnostic pose: support-conditioned model, episodes, evaluation."""
 
+import functools
 import json
 
 import jax
@@ -43,15 +44,23 @@ def cape_model():
       num_keypoints=np.array([4, 2, 3], np.int32))
   support = model_lib.SupportSet.from_batch(
       {k: jnp.asarray(v) for k, v in inputs.items()})
-  variables = model.init(
+  # Compiled whole: op by op (eager), the ResNet's initialisation took
+  # about three times as long.
+  variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.PRNGKey(0), jnp.asarray(inputs['image']),
       jnp.zeros([BATCH, LENGTH], jnp.int32), jnp.zeros([BATCH, LENGTH]),
-      train=False, support=support)
+      support=support)
   head = dict(variables['params']['class_head'])
   head['bias'] = head['bias'].at[model.vocab.eos].add(1e4)
   variables = dict(variables, params=dict(variables['params'],
                                           class_head=head))
   return model, variables, inputs
+
+
+def _encoder(model):
+  """`decoding._encode` compiled (the same computation in every test that
+  calls it: the persistent compilation cache compiles it once)."""
+  return jax.jit(lambda v, x: decoding._encode(model, v, x))
 
 
 def test_cached_decoder_matches_the_reference_and_makes_k_groups(cape_model):
@@ -82,7 +91,7 @@ def test_prefill_and_steps_match_teacher_forcing(cape_model):
           for k, n in zip(kps, inputs['num_keypoints'])]
   tokens = jnp.asarray(np.stack([s['input_tokens'] for s in seqs]))
   coords = jnp.asarray(np.stack([s['input_coords'] for s in seqs]))
-  enc = decoding._encode(model, variables, inputs)
+  enc = _encoder(model)(variables, inputs)
   logits, xy = model.apply(variables, enc.memory, tokens, coords, train=False,
                            prefix=enc.prefix, method=model.decode)
   step_model = model.clone(cache_decoding=True)
@@ -95,11 +104,15 @@ def test_prefill_and_steps_match_teacher_forcing(cape_model):
                                 enc.prefix, cache_length,
                                 method=step_model.prefill, mutable=['cache'])
   cache = mutated['cache']
+  # One compiled step for every position (op by op it took most of the
+  # test's time); ``cache_length`` is a shape, so static.
+  decode_step = jax.jit(functools.partial(
+      step_model.apply, method=step_model.decode_step, mutable=['cache']),
+                        static_argnums=5)
   for t in range(LENGTH):
-    (lt, xyt), mutated = step_model.apply(
+    (lt, xyt), mutated = decode_step(
         {**variables, 'cache': cache}, projected, tokens[:, t], coords[:, t],
-        jnp.int32(t), cache_length, enc.prefix,
-        method=step_model.decode_step, mutable=['cache'])
+        jnp.int32(t), cache_length, enc.prefix)
     cache = mutated['cache']
     np.testing.assert_allclose(lt, logits[:, t], rtol=0, atol=1e-5)
     np.testing.assert_allclose(xyt, xy[:, t], rtol=0, atol=1e-6)
@@ -107,7 +120,8 @@ def test_prefill_and_steps_match_teacher_forcing(cape_model):
 
 def test_support_features_pool_visible_shots_and_zero_unseen(cape_model):
   model, variables, inputs = cape_model
-  enc = decoding._encode(model, variables, inputs)
+  encode = _encoder(model)
+  enc = encode(variables, inputs)
   feats = np.asarray(enc.prefix.features)
   np.testing.assert_array_equal(feats[0, 1], 0.0)  # No shot sees it.
   seen = inputs['support_visible'].sum(axis=1) > 0
@@ -118,7 +132,7 @@ def test_support_features_pool_visible_shots_and_zero_unseen(cape_model):
   changed = dict(inputs, support_keypoints=inputs['support_keypoints'].copy())
   hidden = inputs['support_visible'] == 0
   changed['support_keypoints'][hidden] = 0.5
-  again = decoding._encode(model, variables, changed)
+  again = encode(variables, changed)
   np.testing.assert_allclose(again.prefix.features, feats, atol=1e-6)
 
 
