@@ -41,26 +41,6 @@ if 'xla_backend_optimization_level' not in _TEST_XLA_FLAGS:
   _TEST_XLA_FLAGS += ' --xla_backend_optimization_level=0'
 os.environ['XLA_FLAGS'] = xla_flags.with_defaults(_TEST_XLA_FLAGS)
 
-# Grain's default read options prefetch 500 elements ahead on 16 threads:
-# a test's endless training iterator (batches of decoded, warped frames)
-# went on decoding hundreds of batches nobody reads, beside the compiler,
-# until it was dropped (tests/sharding_worker.py: 3 batches taken, the
-# state's initialisation 12 s -> 44 s and 45 s more CPU, 2026-11-30). Tests
-# read a few batches, so the same iterators prefetch a few. Which elements
-# an iterator yields, and its checkpointed state, do not depend on this.
-# The subprocesses that import this file (sharding_worker.py) get it too;
-# `python -m kpseq_jax.main` subprocesses do not.
-import grain  # pylint: disable=g-import-not-at-top
-TEST_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)
-_to_iter_dataset = grain.MapDataset.to_iter_dataset
-
-
-def _to_iter_dataset_prefetching_little(self, read_options=None, **kwargs):
-  return _to_iter_dataset(self, read_options or TEST_READ_OPTIONS, **kwargs)
-
-
-grain.MapDataset.to_iter_dataset = _to_iter_dataset_prefetching_little
-
 
 def once_per_run(tmp_path_factory, name: str, make):
   """``make(directory)`` once per test run, its (picklable) value for all.

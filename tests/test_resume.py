@@ -1,10 +1,8 @@
 """Exact resume after SIGKILL and a clean stop on SIGTERM (preemption).
 
-Real `python -m kpseq_jax.main` processes (started through
-tests/main_with_test_settings.py, for the suite's Grain prefetch) on the
-smoke config with keypoint presence, the model of the `trained` fixture
-(conftest.py), whose train step, initialisation and decoder are then in the
-persistent compilation cache:
+Real `python -m kpseq_jax.main` processes on the smoke config with keypoint
+presence, the model of the `trained` fixture (conftest.py), whose train step,
+initialisation and decoder are then in the persistent compilation cache:
 the processes read them back instead of compiling them (three processes,
 about 40 s each on a busy 2-core machine). One uninterrupted run, and one
 run that is SIGKILLed after its step-3 checkpoint, then resumed and
@@ -33,8 +31,7 @@ CKPT_EVERY = 3
 
 
 def _start(dataset_dir, workdir) -> subprocess.Popen:
-  cmd = [sys.executable, str(REPO / 'tests' / 'main_with_test_settings.py'),
-         '--config', 'configs/smoke.py',
+  cmd = [sys.executable, '-m', 'kpseq_jax.main', '--config', 'configs/smoke.py',
          f'--config.dataset_dir={dataset_dir}', '--config.presence_token=True',
          f'--config.num_train_steps={NUM_STEPS}',
          f'--config.checkpoint_every_steps={CKPT_EVERY}',
