@@ -217,6 +217,12 @@ def test_a_trained_workdir_is_a_backbone_source(tmp_path):
   with pytest.raises(FileNotFoundError, match='no checkpoint to take a '
                      'backbone from'):
     checkpointing.read_backbone(str(tmp_path / 'empty'))
+  headless = checkpointing.Checkpointer(str(tmp_path / 'no_backbone'))
+  headless.save(1, {'params': {'decoder': {'w': jnp.ones(3)}}})
+  headless.wait()
+  headless.close()
+  with pytest.raises(ValueError, match=r"no params\['backbone'\]"):
+    checkpointing.read_backbone(str(tmp_path / 'no_backbone'))
 
 
 def test_frozen_norm_gives_a_batch_norm_backbones_inference_features():

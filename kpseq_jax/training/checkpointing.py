@@ -17,12 +17,11 @@ restoring raises `CheckpointMismatchError` and leaves it in place.
 import os
 from typing import Any
 
-import numpy as np
-
 from absl import logging
 import grain
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kpseq_jax.runtime import sharding
