@@ -164,3 +164,79 @@ def test_predict_crops_the_detected_boxes(tiny_detector, trained, shared_data,
   report = json.loads(
       (tmp_path / 'none' / 'predict_report.json').read_text())
   assert report['images_without_detection'] == [f.name for f in frames]
+
+
+def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
+    tiny_detector, dlc_dataset, shared_data):
+  """PRTR's one backbone pass: an end-to-end keypoint model whose backbone
+  equals the detector's decodes from the detector's feature maps
+  (`box_predictor.shares_backbone`, `CanvasBatcher.features_of`) and gets
+  the keypoints it gets when it encodes the frames itself; a backbone
+  that differs in one array, or another canvas, is not shared."""
+  import jax
+  from conftest import smoke_config
+  from PIL import Image
+  from kpseq_jax.inference import box_predictor
+  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import predictor as predictor_lib
+  from kpseq_jax.runtime import sharding
+  from kpseq_jax.training import train_state as ts
+  det_config, det_workdir, _ = tiny_detector
+  mesh = sharding.create_mesh((-1, 1))
+  detector = box_predictor.ImageDetector(det_config, str(det_workdir), mesh)
+  detector.threshold = 0.0  # Untrained scores: keep every box.
+  config = smoke_config(dlc_dataset, keypoint_stage='end_to_end',
+                        detector_image_size_px=(96, 128),
+                        backbone_norm='frozen_batch', eval_batch_size=8)
+  model = ts.create_model(config)
+  variables = jax.jit(lambda r: model.init(
+      r, **ts.dummy_inputs(config), train=False))(jax.random.PRNGKey(1))
+  det_vars = detector.predictor.variables
+  own = {c: dict(variables[c]) for c in ('params', 'batch_stats')}
+  for c in own:
+    own[c]['backbone'] = det_vars[c]['backbone']
+  head = dict(own['params']['class_head'])  # No <eos>: decode every group.
+  head['bias'] = head['bias'].at[model.vocab.eos].add(-1e4)
+  own['params']['class_head'] = head
+  kp = predictor_lib.Predictor(config, model, jax.device_put(own), mesh)
+  assert box_predictor.shares_backbone(detector, kp, config) == (
+      True, 'equal backbones')
+  moved = jax.tree.map(lambda a: a, own)
+  conv = dict(moved['params']['backbone']['conv1'])
+  conv['kernel'] = conv['kernel'] + 1e-3
+  moved['params']['backbone'] = dict(moved['params']['backbone'], conv1=conv)
+  shared, why = box_predictor.shares_backbone(
+      detector, predictor_lib.Predictor(config, model, moved, mesh), config)
+  assert not shared and 'conv1' in why
+  shared, why = box_predictor.shares_backbone(
+      detector, kp, smoke_config(dlc_dataset, keypoint_stage='end_to_end',
+                                 detector_image_size_px=(64, 96)))
+  assert not shared and 'canvases differ' in why
+
+  frame = np.asarray(Image.open(sorted(
+      (shared_data / 'dlc_openfield' / 'images' / 'm4s1').glob('*.png'))[0]
+  ).convert('RGB'))
+  frames = [frame, np.ascontiguousarray(frame[::-1, ::-1])]  # Two images.
+  once = predict.make_batcher(config, kp, {}, detector=detector)
+  twice = predict.make_batcher(config, kp, {})
+  assert once.features_of is not None and twice.features_of is None
+  exs_once, exs_twice, boxes = [], [], []
+  for frame in frames:
+    boxes.append([bbox for _, bbox, _ in detector.detect(frame)])
+    for bbox in boxes[-1]:  # 3 per frame (max_detections).
+      exs_once.append(once.crop(frame, bbox, 1))
+      exs_twice.append(twice.crop(frame, bbox, 1))
+  assert len(exs_once) == 6
+  shared_pred = once.predict_crops(exs_once)
+  own_pred = twice.predict_crops(exs_twice)
+  assert np.all(np.isfinite(own_pred.keypoints_px))
+  assert (once.images_from_detector, once.images_encoded) == (2, 0)
+  assert (twice.images_from_detector, twice.images_encoded) == (0, 2)
+  np.testing.assert_allclose(shared_pred.keypoints_px, own_pred.keypoints_px,
+                             atol=1e-3)
+  np.testing.assert_allclose(shared_pred.confidence, own_pred.confidence,
+                             atol=1e-4)
+  # The same box on the other image decodes elsewhere: the maps matter.
+  other = twice.predict_crops([twice.crop(frames[1], b, 1)
+                               for b in boxes[0]])
+  assert np.abs(other.keypoints_px - own_pred.keypoints_px[:3]).max() > 0.1

@@ -15,9 +15,25 @@ encoder pass, N box decodes), from the frame in memory to keypoints in
 pixels, in ``eval_batch_size`` boxes per call. After one untimed pass per
 (variant, N) (compilation), the variants alternate ``--rounds`` times
 (two-stage, end-to-end, two-stage, ...) and the script prints the median
-seconds per frame of each and their ratio. The detector is not included:
-both variants run the same one. Not part of the package: a measuring tool
-for docs/detection.md.
+seconds per frame of each and their ratio. Without a detector, the
+detector is not included: both variants run the same one.
+
+With ``--detector_config`` and ``--detector_workdir`` every variant first
+runs the detector on the frame (its boxes are not used: the timed boxes
+stay the annotated ones, so every variant decodes the same N boxes), and a
+third variant, ``end_to_end_shared``, decodes from the detector's backbone
+feature maps (PRTR's one backbone pass, `box_predictor.shares_backbone`;
+the end-to-end run must have the detector's backbone, e.g. trained with
+``--config.pretrained_backbone_path=DETECTOR_WORKDIR
+--config.backbone_norm=frozen_batch --config.backbone_frozen_stages=4``).
+
+  python tools/keypoint_stage_cost.py --config configs/dlc_openfield.py \\
+      --config.detector_image_size_px='(192, 256)' \\
+      --two_stage_workdir RUN_A --end_to_end_workdir RUN_B \\
+      --detector_config configs/dlc_openfield_detector.py \\
+      --detector_workdir DETECTOR_RUN --boxes_per_image 1,2
+
+Not part of the package: a measuring tool for docs/detection.md.
 """
 import json
 import os
@@ -37,6 +53,7 @@ import numpy as np
 
 from data_prep import images as image_io
 from kpseq_jax.data import dataset
+from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predict
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import sharding
@@ -57,6 +74,11 @@ flags.DEFINE_integer('num_frames', 16, 'Frames timed per round.')
 flags.DEFINE_list('boxes_per_image', ['1', '2', '4'], 'Values of N.')
 flags.DEFINE_integer('rounds', 3, 'Alternating timed rounds per variant.')
 flags.DEFINE_string('out', None, 'Also write the figures to this JSON file.')
+config_flags.DEFINE_config_file('detector_config', None, 'Detector config '
+                                '(optional; with --detector_workdir).',
+                                lock_config=True)
+flags.DEFINE_string('detector_workdir', None, 'Trained detector: time '
+                    'detection + keypoints, and the shared backbone pass.')
 
 
 def _frames():
@@ -72,21 +94,27 @@ def _frames():
   return out
 
 
-def _stage(config, stage, workdir, mesh, info):
+def _stage(config, stage, workdir, mesh, info, detector=None):
   with config.unlocked():
     config.keypoint_stage = stage
   model, state, _ = predictor_lib.restore_state(
       config, workdir, mesh, info.split_sizes[config.train_split])
-  return predict.make_batcher(
+  batcher = predict.make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
-      info.category_index())
+      info.category_index(), detector=detector)
+  if detector is not None and batcher.features_of is None:
+    raise SystemExit(f'{workdir}: its backbone is not the detector\'s '
+                     '(see the log); no shared backbone pass to time.')
+  return batcher
 
 
-def _run(batcher, frames, n):
-  """Keypoint stage of every frame's N boxes; seconds."""
+def _run(batcher, frames, n, detector=None):
+  """(Detection and) keypoint stage of every frame's N boxes; seconds."""
   t = time.perf_counter()
   exs = []
   for image, cid, (x, y, w, h) in frames:
+    if detector is not None:
+      detector.detect(image)
     side = max(w, h)
     exs += [batcher.crop(image, (x + 0.12 * j * side, y, w, h), cid)
             for j in range(n)]
@@ -107,6 +135,16 @@ def main(argv):
                                 mesh, info),
             'end_to_end': _stage(config, 'end_to_end',
                                  FLAGS.end_to_end_workdir, mesh, info)}
+  detectors = {k: None for k in stages}
+  if FLAGS.detector_workdir:
+    for k in stages:  # Each variant its own detector (same weights).
+      detectors[k] = box_predictor.ImageDetector(
+          FLAGS.detector_config, FLAGS.detector_workdir, mesh)
+    detectors['end_to_end_shared'] = box_predictor.ImageDetector(
+        FLAGS.detector_config, FLAGS.detector_workdir, mesh)
+    stages['end_to_end_shared'] = _stage(
+        config, 'end_to_end', FLAGS.end_to_end_workdir, mesh, info,
+        detectors['end_to_end_shared'])
   figures = dict(jax=jax.__version__, num_frames=len(frames),
                  eval_batch_size=config.eval_batch_size,
                  canvas_hw=list(config.detector_image_size_px),
@@ -114,17 +152,24 @@ def main(argv):
   for n in map(int, FLAGS.boxes_per_image):
     times = {k: [] for k in stages}
     for k, b in stages.items():
-      _run(b, frames, n)  # Compile this shape.
+      _run(b, frames, n, detectors[k])  # Compile this shape.
     for _ in range(FLAGS.rounds):
       for k, b in stages.items():
-        times[k].append(_run(b, frames, n) / len(frames))
+        times[k].append(_run(b, frames, n, detectors[k]) / len(frames))
     med = {k: float(np.median(v)) for k, v in times.items()}
     figures['per_n'][n] = dict(
         seconds_per_frame=med, all_seconds_per_frame=times,
-        end_to_end_over_two_stage=med['end_to_end'] / med['two_stage'])
-    print(f'N={n}: two_stage {med["two_stage"]:.3f} s/frame, end_to_end '
-          f'{med["end_to_end"]:.3f} s/frame, ratio '
-          f'{med["end_to_end"] / med["two_stage"]:.2f}', flush=True)
+        includes_detection=bool(FLAGS.detector_workdir),
+        **{f'{k}_over_two_stage': med[k] / med['two_stage']
+           for k in med if k != 'two_stage'})
+    print(f'N={n}: ' + ', '.join(
+        f'{k} {v:.3f} s/frame ({v / med["two_stage"]:.2f}x)'
+        for k, v in med.items()), flush=True)
+    if 'end_to_end_shared' in stages:
+      b = stages['end_to_end_shared']
+      print(f'  end_to_end_shared: {b.images_from_detector} images decoded '
+            f'from the detector\'s maps, {b.images_encoded} encoded again',
+            flush=True)
   if FLAGS.out:
     Path(FLAGS.out).write_text(json.dumps(figures, indent=1))
 

@@ -143,7 +143,8 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
     model, state, _ = predictor_lib.restore_state(
         config, workdir, mesh, info.split_sizes[config.train_split])
     predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
-  batcher = predict_lib.make_batcher(config, predictor, info.category_index())
+  batcher = predict_lib.make_batcher(config, predictor, info.category_index(),
+                                     detector=detector)
   source = dataset.data_source(config.dataset_dir, split)
   groups = detection.image_groups(source)
   if config.num_eval_examples > 0:

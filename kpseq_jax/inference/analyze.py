@@ -262,7 +262,8 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
       config, workdir, mesh, info.split_sizes[config.train_split])
   batcher = predict_lib.make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
-      info.category_index(), batch_size)
+      info.category_index(), batch_size,
+      detector=None if boxes else detector)
   scorer = scorer_name(config, category.name, step)
   os.makedirs(out_dir, exist_ok=True)
   # Track: a box side is at most twice the training boxes' typical side.

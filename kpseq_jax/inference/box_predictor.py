@@ -5,10 +5,18 @@ compiled forward pass + `detector.top_detections` (sharded like the
 keypoint `predictor.Predictor`), and maps the boxes from the canvas of
 `kpseq_jax/data/detection.py` back to image pixels (`canvas_to_image`).
 `ImageDetector` restores a detector workdir and finds the boxes of one
-image (the two-stage path of ``--mode predict``).
+image (the two-stage path of ``--mode predict``). When the keypoint model
+is PRTR's end-to-end variant and its backbone equals the detector's
+(`shares_backbone`: trained with ``pretrained_backbone_path`` = the
+detector's workdir and the whole backbone frozen), the detector keeps its
+backbone feature maps of the last images (`ImageDetector.keep_features`)
+and the keypoint stage decodes from them: one backbone pass per image for
+detection and keypoints (PRTR, Li et al. CVPR 2021, Sec. 3.3).
 """
 
+import collections
 import dataclasses
+import threading
 
 import jax
 import ml_collections
@@ -32,11 +40,15 @@ class Detections:
     boxes: float32 [B, k, 4] normalised canvas (x0, y0, x1, y1).
     boxes_px: float64 [B, k, 4] image pixels (x0, y0, x1, y1), clipped to
       the image; None when the batch had no ``canvas_from_image``.
+    features: {level: jax.Array [B, H_l, W_l, C_l]} the backbone's
+      feature maps of the predictor's ``feature_levels``, left on the
+      devices (batch-sharded); None without levels.
   """
   scores: np.ndarray
   labels: np.ndarray
   boxes: np.ndarray
   boxes_px: np.ndarray | None
+  features: dict | None = None
 
 
 def canvas_to_image(boxes: np.ndarray, canvas_hw: tuple[int, int],
@@ -72,21 +84,32 @@ class BoxPredictor:
     model: the `detector.BoxDetector`.
     variables: {'params', 'batch_stats'} on ``mesh``.
     mesh: the device mesh; batches are split over it.
+    feature_levels: backbone levels (e.g. ('c3', 'c4', 'c5')) that
+      `predict` also returns (`Detections.features`); () for none.
   """
 
   input_fields = ('image',)
 
   def __init__(self, config: ml_collections.ConfigDict, model, variables,
-               mesh: jax.sharding.Mesh):
+               mesh: jax.sharding.Mesh, feature_levels: tuple[str, ...] = ()):
+    self.config = config
     self.model = model
     self.variables = variables
     self.mesh = mesh
     self.canvas_hw = tuple(config.detector_image_size_px)
+    self.feature_levels = tuple(feature_levels)
     k = config.max_detections
 
     def detect(variables, images):
-      logits, boxes = model.apply(variables, images, train=False)
-      return detector_lib.top_detections(logits[-1], boxes[-1], k)
+      maps = model.apply(variables, images, False,
+                         method=model.backbone_features)
+      memory = model.apply(variables, maps, method=model.encode_features)
+      memory = memory.replace(
+          features=sharding.constrain_batch(memory.features))
+      logits, boxes = model.apply(variables, memory, False,
+                                  method=model.decode)
+      top = detector_lib.top_detections(logits[-1], boxes[-1], k)
+      return top, {level: maps[level] for level in self.feature_levels}
 
     self._detect = jax.jit(
         detect, in_shardings=(jax.tree.map(lambda a: a.sharding, variables),
@@ -116,8 +139,9 @@ class BoxPredictor:
     """
     images = sharding.global_batch({'image': local_batch['image']},
                                    self.mesh)['image']
-    scores, labels, boxes = sharding.gather(self._detect(
-        self.variables if variables is None else variables, images))
+    top, features = self._detect(
+        self.variables if variables is None else variables, images)
+    scores, labels, boxes = sharding.gather(top)
     px = None
     if 'canvas_from_image' in local_batch:
       meta = sharding.gather(sharding.global_batch(
@@ -126,7 +150,8 @@ class BoxPredictor:
       px = canvas_to_image(boxes, self.canvas_hw, meta['canvas_from_image'],
                            meta['image_size'])
     return Detections(scores=np.asarray(scores), labels=np.asarray(labels),
-                      boxes=np.asarray(boxes), boxes_px=px)
+                      boxes=np.asarray(boxes), boxes_px=px,
+                      features=features or None)
 
 
 class ImageDetector:
@@ -161,6 +186,29 @@ class ImageDetector:
     self.threshold = config.detection_score_threshold
     self.max_boxes = config.detector_num_queries
     self.batch_size = jax.device_count()
+    self._lock = threading.Lock()
+    # id(image) -> (image, features) of the latest images; the image is
+    # held so that its id stays its own.
+    self._features: collections.OrderedDict = collections.OrderedDict()
+    self._kept_images = 0
+
+  def keep_features(self, feature_levels: tuple[str, ...],
+                    max_images: int) -> None:
+    """From now on `detect` also keeps the backbone feature maps
+    ``feature_levels`` of the last ``max_images`` images it saw (on the
+    devices, for `features_of`). Recompiles the detector once."""
+    p = self.predictor
+    self.predictor = BoxPredictor(p.config, p.model, p.variables, p.mesh,
+                                  feature_levels)
+    self._kept_images = max_images
+
+  def features_of(self, image: np.ndarray) -> dict | None:
+    """{level: jax.Array [1, H_l, W_l, C_l]} of ``image`` (the same array
+    object `detect` was given) while it is one of the last kept images;
+    else None."""
+    with self._lock:
+      hit = self._features.get(id(image))
+    return hit[1] if hit is not None and hit[0] is image else None
 
   def detect(self, image: np.ndarray) -> list[tuple[int, tuple, float]]:
     """Boxes of one image scoring at least ``detection_score_threshold``.
@@ -182,6 +230,12 @@ class ImageDetector:
     batch = {k: np.stack([ex[k]] * self.batch_size)
              for k in ('image', 'canvas_from_image', 'image_size')}
     det = self.predictor.predict(batch)
+    if det.features and self._kept_images:
+      with self._lock:
+        self._features[id(image)] = (
+            image, {k: v[:1] for k, v in det.features.items()})
+        while len(self._features) > self._kept_images:
+          self._features.popitem(last=False)
     out = []
     for s, c, (x0, y0, x1, y1) in zip(det.scores[0], det.labels[0],
                                       det.boxes_px[0]):
@@ -190,3 +244,60 @@ class ImageDetector:
                     (float(x0), float(y0), float(x1 - x0), float(y1 - y0)),
                     float(s)))
     return out
+
+
+def _backbone_arrays(variables) -> dict[str, np.ndarray]:
+  """{'params/...' or 'batch_stats/...': host array} under 'backbone'."""
+  out = {}
+  for collection in ('params', 'batch_stats'):
+    tree = variables.get(collection, {}).get('backbone', {})
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      out[collection + jax.tree_util.keystr(path)] = np.asarray(leaf)
+  return out
+
+
+def shares_backbone(detector: ImageDetector, keypoint_predictor,
+                    keypoint_config: ml_collections.ConfigDict
+                    ) -> tuple[bool, str]:
+  """Whether the keypoint stage can decode from the detector's backbone
+  feature maps (PRTR's one backbone pass), and why not.
+
+  True when the keypoint model is the end-to-end variant
+  (``full_image_memory``, no support set), both put the image on the same
+  canvas (``detector_image_size_px``) in the same compute dtype, and their
+  backbones hold equal arrays leaf for leaf (``params`` and
+  ``batch_stats`` under 'backbone'; 'batch' and 'frozen_batch'
+  normalisation compute the same at inference). A keypoint model trained
+  with ``pretrained_backbone_path`` = the detector's workdir and
+  ``backbone_frozen_stages=4`` has that backbone.
+
+  Args:
+    detector: the detection stage.
+    keypoint_predictor: the keypoint `predictor.Predictor`.
+    keypoint_config: the keypoint run's config.
+
+  Returns:
+    (shared, reason): reason says what differs when not shared.
+  """
+  model = keypoint_predictor.model
+  det = detector.predictor
+  if not model.full_image_memory or model.support_conditioning:
+    return False, ('the keypoint stage reads crops (keypoint_stage='
+                   f'{keypoint_config.keypoint_stage})')
+  canvas = tuple(keypoint_config.detector_image_size_px)
+  if canvas != det.canvas_hw:
+    return False, (f'canvases differ: keypoint model {canvas}, detector '
+                   f'{det.canvas_hw} (detector_image_size_px)')
+  if model.dtype != det.model.dtype:
+    return False, (f'compute dtypes differ: keypoint model {model.dtype}, '
+                   f'detector {det.model.dtype}')
+  ours = _backbone_arrays(keypoint_predictor.variables)
+  theirs = _backbone_arrays(det.variables)
+  if ours.keys() != theirs.keys():
+    return False, (f'backbone variables differ in layout ('
+                   f'{len(ours)} against {len(theirs)} arrays: depth or '
+                   'normalisation)')
+  for name, a in ours.items():
+    if a.shape != theirs[name].shape or not np.array_equal(a, theirs[name]):
+      return False, f'backbone array {name} differs'
+  return True, 'equal backbones'

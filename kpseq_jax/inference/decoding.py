@@ -40,7 +40,10 @@ model (PRTR's end-to-end variant) reads whole images instead of crops and
 ``memory_from_crop`` float32 [B, 2, 3] (`model.Memory.from_crop`), or, to
 encode each image once for all its boxes, ``image`` [M, H, W, 3] with
 ``memory_from_crop`` [M, N, 2, 3] (and ``category_token`` [M, N]): the
-decoders then return B = M x N rows, image-major.
+decoders then return B = M x N rows, image-major. Such a model may take
+``backbone_features`` ({level: [M, H_l, W_l, C_l]}, its backbone's
+feature maps of the images, e.g. the detector's when the two backbones are
+equal: PRTR's one backbone pass) in place of ``image``.
 """
 
 from typing import NamedTuple
@@ -54,6 +57,9 @@ from kpseq_jax.sequence import vocab as vocab_lib
 
 
 CONFIDENCE_RADII_BINS = vocab_lib.CONFIDENCE_RADII_BINS
+# Batch field that replaces ``image`` for a ``full_image_memory`` model:
+# {level: [M, H_l, W_l, C_l]} backbone feature maps (module docstring).
+BACKBONE_FEATURES_FIELD = 'backbone_features'
 
 
 class KeypointState(NamedTuple):
@@ -259,26 +265,37 @@ def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
   """Encodes the query (and support) crops of ``inputs``.
 
   Raises:
-    KeyError: if ``inputs`` lacks one of `input_fields`.
+    KeyError: if ``inputs`` lacks one of `input_fields` (``image`` may be
+      replaced by ``backbone_features``).
+    ValueError: ``backbone_features`` for a model that is not
+      ``full_image_memory`` or is support conditioned.
   """
-  missing = [f for f in input_fields(model) if f not in inputs]
+  features = inputs.get(BACKBONE_FEATURES_FIELD)
+  if features is not None and (model.support_conditioning
+                               or not model.full_image_memory):
+    raise ValueError(f'{BACKBONE_FEATURES_FIELD} replaces whole images of a '
+                     'full_image_memory model without a support set.')
+  missing = [f for f in input_fields(model) if f not in inputs
+             and not (f == 'image' and features is not None)]
   if missing:
     raise KeyError(f'decoding needs the batch fields {missing} (inputs of '
                    f'this model: {input_fields(model)}).')
-  images = inputs['image']
   prefix = num_groups = None
-  if model.support_conditioning:
+  if features is not None:
+    memory = model.apply(variables, features, method=model.encode_features)
+  elif model.support_conditioning:
     support = model_lib.SupportSet.from_batch(inputs)
     memory, support_memory = model.apply(
-        variables, images, support.images, train=False,
+        variables, inputs['image'], support.images, train=False,
         method=model.encode_with_support)
     num_groups = support.num_keypoints.astype(jnp.int32)
     prefix = model.apply(variables, memory, support_memory, support,
                          method=model.episode_prefix)
   else:
-    memory = model.apply(variables, images, train=False, method=model.encode)
+    memory = model.apply(variables, inputs['image'], train=False,
+                         method=model.encode)
   category_tokens = inputs.get('category_token')
-  batch_size, boxes_per_image = images.shape[0], 1
+  batch_size, boxes_per_image = memory.features.shape[0], 1
   if model.full_image_memory:  # Whole images; the tokens live in boxes.
     from_crop = inputs[model_lib.FROM_CROP_FIELD]
     if from_crop.ndim == 4:  # [M, N, 2, 3]: one encoder pass per image.

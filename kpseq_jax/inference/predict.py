@@ -57,6 +57,7 @@ import threading
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -68,6 +69,7 @@ from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import captions as captions_lib
+from kpseq_jax.inference import decoding
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results as results_lib
 from kpseq_jax.inference import video
@@ -326,6 +328,12 @@ class CanvasBatcher(CropBatcher):
   ``batch_size`` boxes with M encoder passes (`decoding` takes
   ``memory_from_crop`` [M, N, 2, 3]). Unused slots repeat a real box and
   are dropped.
+
+  With ``features_of`` set (`make_batcher` with a detector whose backbone
+  equals the keypoint model's, `box_predictor.shares_backbone`), an image
+  the detector has just seen is not encoded again: the call decodes from
+  the detector's feature maps (``backbone_features``). ``images_encoded``
+  and ``images_from_detector`` count the image rows of each kind.
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
@@ -341,6 +349,10 @@ class CanvasBatcher(CropBatcher):
     # images (the image is held so that its id stays its own).
     self._canvases = collections.OrderedDict()
     self._next_key = 0
+    # image -> {level: [1, H_l, W_l, C_l]} device arrays or None.
+    self.features_of = None
+    self.images_encoded = 0
+    self.images_from_detector = 0
 
   _CACHED_IMAGES = 16
 
@@ -376,6 +388,9 @@ class CanvasBatcher(CropBatcher):
               memory_from_crop=transforms.memory_from_crop(
                   m, canvas_from_image, self.crop_affine.image_size_px),
               canvas_key=key)
+    features = self.features_of(image) if self.features_of else None
+    if features is not None:
+      ex[decoding.BACKBONE_FEATURES_FIELD] = features
     if self.vocab.num_prefix_tokens:
       ex['category_token'] = np.int32(
           self.vocab.category(self.category_index[int(category_id)]))
@@ -397,7 +412,15 @@ class CanvasBatcher(CropBatcher):
       call = rows[start:start + m]
       call += [call[-1]] * (m - len(call))  # Static shapes: M rows ...
       slots = [r + [r[0]] * (n - len(r)) for r in call]  # ... of N boxes.
-      batch = {'image': np.stack([exs[r[0]]['image'] for r in call])}
+      firsts = [exs[r[0]] for r in call]
+      shared = decoding.BACKBONE_FEATURES_FIELD
+      if all(shared in ex for ex in firsts):  # The detector's maps.
+        batch = {shared: jax.tree.map(lambda *a: jnp.concatenate(a),
+                                      *[ex[shared] for ex in firsts])}
+        self.images_from_detector += len(call)
+      else:
+        batch = {'image': np.stack([ex['image'] for ex in firsts])}
+        self.images_encoded += len(call)
       for k in self.predictor.input_fields + ('crop_from_image',):
         if k != 'image':
           batch[k] = np.stack([[exs[i][k] for i in r] for r in slots])
@@ -415,12 +438,33 @@ class CanvasBatcher(CropBatcher):
 def make_batcher(config: ml_collections.ConfigDict,
                  predictor: predictor_lib.Predictor,
                  category_index: dict[int, int],
-                 batch_size: int | None = None) -> CropBatcher:
+                 batch_size: int | None = None,
+                 detector: box_predictor.ImageDetector | None = None
+                 ) -> CropBatcher:
   """The batcher of ``config.keypoint_stage``: `CropBatcher` (two_stage,
-  top-down crops) or `CanvasBatcher` (end_to_end, whole images)."""
+  top-down crops) or `CanvasBatcher` (end_to_end, whole images).
+
+  With the ``detector`` that finds the boxes, an end-to-end batcher decodes
+  from the detector's backbone feature maps when the two backbones are
+  equal (`box_predictor.shares_backbone`; one backbone pass per image),
+  and says which it does in the log.
+  """
   cls = (CanvasBatcher if config.keypoint_stage == 'end_to_end'
          else CropBatcher)
-  return cls(config, predictor, category_index, batch_size)
+  batcher = cls(config, predictor, category_index, batch_size)
+  if (isinstance(detector, box_predictor.ImageDetector)
+      and isinstance(batcher, CanvasBatcher)):
+    shared, why = box_predictor.shares_backbone(detector, predictor, config)
+    if shared:
+      detector.keep_features(predictor.model.feature_levels,
+                             max(batcher._CACHED_IMAGES, batcher.batch_size))
+      batcher.features_of = detector.features_of
+      logging.info('One backbone pass per image: the keypoint model decodes '
+                   'from the detector\'s feature maps (%s).', why)
+    else:
+      logging.info('Two backbone passes per image (detector, then keypoint '
+                   'model): %s.', why)
+  return batcher
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
@@ -491,7 +535,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
       config, workdir, mesh, info.split_sizes[config.train_split])
   batcher = make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
-      info.category_index())
+      info.category_index(), detector=None if boxes_file else detector)
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=missing, skipped_boxes=summary_skipped)
   os.makedirs(out_dir, exist_ok=True)

@@ -192,6 +192,9 @@ class Predictor:
         fields are ignored. A ``full_image_memory`` model may take N boxes
         per image: ``memory_from_crop`` and ``crop_from_image`` [b, N, 2,
         3] (`decoding`); the result then has b x N rows, image-major.
+        A ``full_image_memory`` model may take ``backbone_features``
+        ({level: jax.Array [b, H_l, W_l, C_l]}, e.g. the detector's, see
+        `box_predictor.shares_backbone`) in place of ``image``.
       variables: decode with these instead of the predictor's own (same
         tree and shardings, e.g. a later state of the same run).
 
@@ -201,8 +204,13 @@ class Predictor:
     Raises:
       KeyError: if an input field is missing.
     """
+    features = local_batch.get(decoding.BACKBONE_FEATURES_FIELD)
     inputs = sharding.global_batch(
-        {k: local_batch[k] for k in self.input_fields}, self.mesh)
+        {k: local_batch[k] for k in self.input_fields
+         if not (k == 'image' and features is not None)}, self.mesh)
+    if features is not None:  # Already device arrays: no host round trip.
+      inputs[decoding.BACKBONE_FEATURES_FIELD] = jax.device_put(
+          features, sharding.batch_sharding(self.mesh))
     out = sharding.gather(self._decode(
         self.variables if variables is None else variables, inputs))
     px = None

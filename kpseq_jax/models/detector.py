@@ -181,7 +181,18 @@ class BoxDetector(nn.Module):
         multiples of 32.
       train: BatchNorm batch statistics (``backbone_norm='batch'``).
     """
-    feature_maps = self.backbone(model_lib.normalize_images(images), train)
+    return self.encode_features(self.backbone_features(images, train))
+
+  def backbone_features(self, images: jax.Array, train: bool
+                        ) -> dict[str, jax.Array]:
+    """The ResNet's feature maps {'c2': [B, H/4, W/4, C2], ..., 'c5'} of
+    ``images`` (``dtype``), as `KeypointSequenceModel.backbone_features`."""
+    return self.backbone(model_lib.normalize_images(images), train)
+
+  def encode_features(self, feature_maps: dict[str, jax.Array]
+                      ) -> model_lib.Memory:
+    """Backbone feature maps -> `model.Memory` (`model.image_memory` of
+    ``feature_levels``)."""
     return model_lib.image_memory(feature_maps, self.feature_levels,
                                   self.input_proj, self.input_norm,
                                   self.level_embed)

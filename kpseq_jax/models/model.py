@@ -493,7 +493,35 @@ class KeypointSequenceModel(nn.Module):
       ``Memory`` with features [B, S, d_model] (``dtype``), S = sum over
       ``feature_levels`` of (H / stride) * (W / stride).
     """
-    feature_maps = self.backbone(normalize_images(images), train)
+    return self.encode_features(self.backbone_features(images, train))
+
+  def backbone_features(self, images: jax.Array,
+                        train: bool) -> Dict[str, jax.Array]:
+    """The ResNet's feature maps of ``images`` (`ResNet` output).
+
+    Args:
+      images: as `encode`.
+      train: as `encode`.
+
+    Returns:
+      {'c2': [B, H/4, W/4, C2], ..., 'c5': [B, H/32, W/32, C5]}
+      (``dtype``); `encode_features` reads ``feature_levels`` of them.
+    """
+    return self.backbone(normalize_images(images), train)
+
+  def encode_features(self, feature_maps: Dict[str, jax.Array]) -> Memory:
+    """Backbone feature maps -> decoder `Memory` (`image_memory`): the part
+    of `encode` after the backbone, so that the maps of another model with
+    the same backbone (the detector's, PRTR's one backbone pass) can be
+    reused.
+
+    Args:
+      feature_maps: at least ``feature_levels`` of `backbone_features`'
+        output, [B, H_l, W_l, C_l] each.
+
+    Raises:
+      KeyError: if a level of ``feature_levels`` is missing.
+    """
     return image_memory(feature_maps, self.feature_levels, self.input_proj,
                         self.input_norm, self.level_embed)
 
