@@ -11,7 +11,7 @@ is PRTR's end-to-end variant and its backbone equals the detector's
 detector's workdir and the whole backbone frozen), the detector keeps its
 backbone feature maps of the last images (`ImageDetector.keep_features`)
 and the keypoint stage decodes from them: one backbone pass per image for
-detection and keypoints (PRTR, Li et al. CVPR 2021, Sec. 3.3).
+detection and keypoints (PRTR's end-to-end variant, Li et al. CVPR 2021).
 """
 
 import collections
