@@ -101,13 +101,8 @@ class BoxPredictor:
     k = config.max_detections
 
     def detect(variables, images):
-      maps = model.apply(variables, images, False,
-                         method=model.backbone_features)
-      memory = model.apply(variables, maps, method=model.encode_features)
-      memory = memory.replace(
-          features=sharding.constrain_batch(memory.features))
-      logits, boxes = model.apply(variables, memory, False,
-                                  method=model.decode)
+      logits, boxes, maps = model.apply(
+          variables, images, False, method=model.detect_with_features)
       top = detector_lib.top_detections(logits[-1], boxes[-1], k)
       return top, {level: maps[level] for level in self.feature_levels}
 

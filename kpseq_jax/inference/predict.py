@@ -354,11 +354,13 @@ class CanvasBatcher(CropBatcher):
     self.images_encoded = 0
     self.images_from_detector = 0
 
-  _CACHED_IMAGES = 16
+  # Images whose canvas (and, with a sharing detector, feature maps) stay
+  # cached: frames of one video arrive in order, so a few suffice.
+  CACHED_IMAGES = 16
 
   def _canvas(self, image: np.ndarray):
     """(canvas, canvas_from_image, key) of ``image``: warped once while it
-    is one of the last `_CACHED_IMAGES` images seen."""
+    is one of the last `CACHED_IMAGES` images seen."""
     with self._lock:
       hit = self._canvases.get(id(image))
       if hit is not None and hit[0] is image:
@@ -367,7 +369,7 @@ class CanvasBatcher(CropBatcher):
     canvas, canvas_from_image = transforms.to_canvas(image, self.canvas_hw)
     with self._lock:
       self._canvases[id(image)] = (image, canvas, canvas_from_image, key)
-      while len(self._canvases) > self._CACHED_IMAGES:
+      while len(self._canvases) > self.CACHED_IMAGES:
         self._canvases.popitem(last=False)
     return canvas, canvas_from_image, key
 
@@ -457,7 +459,7 @@ def make_batcher(config: ml_collections.ConfigDict,
     shared, why = box_predictor.shares_backbone(detector, predictor, config)
     if shared:
       detector.keep_features(predictor.model.feature_levels,
-                             max(batcher._CACHED_IMAGES, batcher.batch_size))
+                             max(batcher.CACHED_IMAGES, batcher.batch_size))
       batcher.features_of = detector.features_of
       logging.info('One backbone pass per image: the keypoint model decodes '
                    'from the detector\'s feature maps (%s).', why)

@@ -246,11 +246,31 @@ class BoxDetector(nn.Module):
       boxes: float32 [L, B, Q, 4], (cx, cy, w, h) normalised to [0, 1] of
         the input image, every layer.
     """
-    memory = self.encode(images, train)
+    logits, boxes, _ = self.detect_with_features(images, train)
+    return logits, boxes
+
+  def detect_with_features(self, images: jax.Array, train: bool
+                           ) -> Tuple[jax.Array, jax.Array,
+                                      dict[str, jax.Array]]:
+    """`__call__` that also returns the backbone's feature maps, so a
+    keypoint stage can read them instead of running its own backbone pass
+    (PRTR's end-to-end variant, Li et al., CVPR 2021).
+
+    Args:
+      images, train: as `__call__`.
+
+    Returns:
+      (logits, boxes) as `__call__`, and `backbone_features`' maps
+      {'c2': [B, H/4, W/4, C2], ..., 'c5'} (``dtype``). Under `jax.jit`
+      the maps nobody reads cost nothing (dead-code elimination).
+    """
+    maps = self.backbone_features(images, train)
+    memory = self.encode_features(maps)
     # Keep the memory split by batch under a ('data', 'fsdp') mesh.
     memory = memory.replace(
         features=sharding.constrain_batch(memory.features))
-    return self.decode(memory, train)
+    logits, boxes = self.decode(memory, train)
+    return logits, boxes, maps
 
 
 def create_detector(config: ml_collections.ConfigDict,
