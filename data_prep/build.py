@@ -15,10 +15,12 @@ Check (annotation-level validation only; no images needed; writes nothing):
 
   python -m data_prep.build --check --annotations F1.json --annotations F2.json
 
-The data set is read with `tfds.builder_from_directory(OUT).as_data_source(split)`;
-one record per valid annotation with features
+The data set is read with `kpseq_jax.data.dataset.data_source(OUT, split)`: the
+TFDS records (`tfds.builder_from_directory(OUT).as_data_source(split)`), one per
+valid annotation, joined with their images, which are stored once per image in
+OUT/images-<split>.array_record (`image_store`). Record features:
 
-  image          tfds.features.Image(shape=(None, None, 3)): uint8 [H, W, 3] RGB
+  image          (from the image store) encoded JPEG/PNG bytes of uint8 [H, W, 3] RGB
   bbox           float32 [4], (x, y, w, h) in pixels, inside the image
   keypoints      float32 [K, 3], (x, y, v) in pixels, v in {0, 1, 2}
   category_id    int64
@@ -60,6 +62,7 @@ from data_prep import categories as categories_lib
 from data_prep import coco
 from data_prep import dlc_project
 from data_prep import episodes
+from data_prep import image_store
 from data_prep import records
 from data_prep import report as report_lib
 from data_prep import tfds_builder
@@ -243,15 +246,19 @@ def build_from_files(
     categories = categories_lib.with_oks_sigmas(categories, oks_sigmas, oks_sigmas_source)
   report = new_report(files, categories, out_dir)
   report.source = None if source_report is None else dict(source_report)
-  plan = tfds_builder.BuildPlan(files=dict(files), categories=categories, image_root=Path(image_root), report=report,
-                                episode_pools=dict(pools), episode_pool_errors=dict(pool_errors),
-                                unlabelled_means=unlabelled_means, extra_metadata=dict(extra_metadata or {}))
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp_dir = out_dir.parent / f'.{out_dir.name}.incomplete-{uuid.uuid4().hex[:8]}'
+  plan = tfds_builder.BuildPlan(files=dict(files), categories=categories, image_root=Path(image_root), report=report,
+                                image_store_dir=tmp_dir / 'image_stores',
+                                episode_pools=dict(pools), episode_pool_errors=dict(pool_errors),
+                                unlabelled_means=unlabelled_means, extra_metadata=dict(extra_metadata or {}))
   try:
-    builder = tfds_builder.KeypointDatasetBuilder(plan=plan, data_dir=str(tmp_dir))
+    builder = tfds_builder.KeypointDatasetBuilder(plan=plan, data_dir=str(tmp_dir / 'tfds'))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     version_dir = Path(builder.data_dir)
+    for split in files:
+      for path in image_store.store_paths(plan.image_store_dir, split):
+        shutil.move(str(path), str(version_dir / path.name))
     report.write(version_dir / REPORT_FILE_NAME)
     install_directory(version_dir, out_dir, overwrite)
   finally:

@@ -43,6 +43,8 @@ class SplitReport:
     source_file: annotation file.
     read: annotations read.
     written: records written (build) or that passed validation (check).
+    images_written: images stored (build; each once, however many of its
+      instances were written: `image_store`); 0 in check mode.
     skipped: the skipped records, in file order.
     notes: counts of non-fatal events, e.g. 'bbox_clipped',
       'duplicate_image_entries', 'image_reencoded_png' (not a plain RGB JPEG),
@@ -64,6 +66,7 @@ class SplitReport:
   source_file: str
   read: int = 0
   written: int = 0
+  images_written: int = 0
   skipped: list[SkippedRecord] = dataclasses.field(default_factory=list)
   notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   instances_per_category: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -93,6 +96,7 @@ class SplitReport:
         'source_file': self.source_file,
         'read': self.read,
         'written': self.written,
+        'images_written': self.images_written,
         'skipped': len(self.skipped),
         'skipped_by_reason': self.skipped_by_reason,
         'notes': self.nonzero_notes(),
@@ -161,7 +165,8 @@ class BuildReport:
     lines = []
     kept = 'passed' if self.out_dir is None else 'written'
     for name, s in self.splits.items():
-      lines.append(f'split {name!r} ({s.source_file}): read {s.read}, {kept} {s.written}, '
+      images = f' (on {s.images_written} images)' if s.images_written else ''
+      lines.append(f'split {name!r} ({s.source_file}): read {s.read}, {kept} {s.written}{images}, '
                    f'skipped {len(s.skipped)} {s.skipped_by_reason or ""}'.rstrip())
       if s.nonzero_notes():
         lines.append(f'  notes: {s.nonzero_notes()}')

@@ -1,5 +1,9 @@
 """The TFDS builder: one ArrayRecord record per valid annotation, one split per file.
 
+Records carry ``image_id``, not the image: each split's images are written
+once each to its `image_store` (``images-<split>.array_record``) as the
+annotations are walked.
+
 Lives in its own module (not `build.py`) because TFDS looks builders up by
 their package, which fails for a class defined in `__main__`.
 """
@@ -15,7 +19,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import categories as categories_lib
 from data_prep import coco
-from data_prep import images as images_lib
+from data_prep import image_store
 from data_prep import records
 from data_prep import report as report_lib
 from data_prep import validate
@@ -23,10 +27,10 @@ from data_prep import validate
 DATASET_NAME = 'kpseq_keypoints'
 
 
-def make_example(instance: validate.Instance, entry: coco.ImageEntry, image: images_lib.EncodedImage) -> dict[str, Any]:
-  """The TFDS example dict of one validated instance (feature names as in the module docstring)."""
+def make_example(instance: validate.Instance, entry: coco.ImageEntry) -> dict[str, Any]:
+  """The TFDS example dict of one validated instance (feature names as in `features`); its image
+  goes to the split's `image_store`."""
   return {
-      'image': image.data,
       'bbox': instance.bbox,
       'keypoints': instance.keypoints,
       'category_id': instance.category_id,
@@ -39,7 +43,6 @@ def make_example(instance: validate.Instance, entry: coco.ImageEntry, image: ima
 def features() -> tfds.features.FeaturesDict:
   """The record features (names and dtypes are a contract with the training pipeline)."""
   return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 3)),
       'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
       'keypoints': tfds.features.Tensor(shape=(None, 3), dtype=np.float32),
       'category_id': tfds.features.Scalar(dtype=np.int64),
@@ -51,12 +54,14 @@ def features() -> tfds.features.FeaturesDict:
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:
-  """Everything the TFDS builder needs: parsed files, categories, image root, report."""
+  """Everything the TFDS builder needs: parsed files, categories, image root, report, and where
+  the image stores go (`image_store.store_paths`; moved next to the records by `build`)."""
 
   files: dict[str, coco.CocoKeypointFile]
   categories: dict[int, categories_lib.Category]
   image_root: Path
   report: report_lib.BuildReport
+  image_store_dir: Path
   # Split -> `episodes.EpisodePool.to_json()` of its file / why it has none.
   episode_pools: dict[str, dict] = dataclasses.field(default_factory=dict)
   episode_pool_errors: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -70,8 +75,9 @@ class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
   """One record per valid annotation; splits = the input files. Use `build_dataset`."""
 
   name = DATASET_NAME
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.',
+                   '2.0.0': 'Images stored once per image (image_store), not in every record.'}
   # Nothing is downloaded. The default looks for a checksums file next to the
   # code, which needs the `importlib_resources` backport (not installed).
   url_infos = None
@@ -105,9 +111,13 @@ class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
     plan = self._plan
     split_report = plan.report.splits[split]
     load_image = records.FileImageLoader(plan.image_root)
-    for instance, entry, image in records.iter_valid_instances(plan.files[split], plan.categories, split_report, load_image):
-      split_report.written += 1
-      yield instance.annotation_id, make_example(instance, entry, image)
+    with image_store.ImageStoreWriter(plan.image_store_dir, split) as images:
+      for instance, entry, image in records.iter_valid_instances(plan.files[split], plan.categories, split_report,
+                                                                  load_image):
+        images.add(entry.id, image.data)
+        split_report.written += 1
+        yield instance.annotation_id, make_example(instance, entry)
+      split_report.images_written = images.num_images
     if split_report.written == 0:
       raise coco.AnnotationError(f'{plan.files[split].path}: split {split!r} has no valid records '
                             f'(skipped: {split_report.skipped_by_reason})')

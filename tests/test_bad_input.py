@@ -11,10 +11,11 @@ import math
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow_datasets as tfds
 
 from data_prep import build
 from data_prep import images as images_lib
+from kpseq_jax.data import dataset
+from kpseq_jax.data import transforms
 
 NAN, INF = float('nan'), float('inf')
 
@@ -88,8 +89,9 @@ def built(tmp_path):
   path.write_text(json.dumps(data))  # NaN/Infinity as JSON literals.
   out = tmp_path / 'ds'
   report = build.build_dataset({'train': path}, im, out)
-  source = tfds.builder_from_directory(out).as_data_source(split='train')
-  records = {int(source[i]['annotation_id']): source[i] for i in range(len(source))}
+  source = dataset.data_source(str(out), 'train')
+  records = {int(source[i]['annotation_id']): transforms.DecodeImage().map(dict(source[i]))
+             for i in range(len(source))}
   return report, records, out
 
 

@@ -16,10 +16,19 @@ from data_prep import build
 from data_prep import categories
 from data_prep import coco
 from kpseq_jax.data import dataset
+from kpseq_jax.data import detection
+from kpseq_jax.data import transforms
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f'shared real data not found at {SHARED_DATA}')
+
+
+def read_split(out, split: str) -> list[dict]:
+  """A built split's records, images decoded (uint8 [H, W, 3])."""
+  source = dataset.data_source(str(out), split)
+  return [transforms.DecodeImage().map(dict(source[i])) for i in range(len(source))]
+
 
 COCO_PERSON = ['nose', 'left_eye', 'right_eye', 'left_ear', 'right_ear', 'left_shoulder',
                'right_shoulder', 'left_elbow', 'right_elbow', 'left_wrist', 'right_wrist',
@@ -168,8 +177,7 @@ def test_broken_records_build(tmp_path):
   assert dataset.crop_resolution(str(out), 'test', 64, 1.25) is None
 
   builder = tfds.builder_from_directory(out)
-  source = builder.as_data_source(split='train')
-  records = {int(source[i]['annotation_id']): source[i] for i in range(len(source))}
+  records = {int(r['annotation_id']): r for r in read_split(out, 'train')}
   assert sorted(records) == [1, 2, 3, 4, 14, 17]
   np.testing.assert_array_equal(records[14]['keypoints'], [[0, 0, 0], [7, 8, 2], [9, 10, 2]])
   np.testing.assert_array_equal(records[17]['keypoints'], [[5, 6, 2], [0, 0, 0], [9, 10, 2]])
@@ -201,8 +209,51 @@ def test_broken_records_build(tmp_path):
   with pytest.raises(FileExistsError):
     build.build_dataset({'train': ann_path}, images, out)
   build.build_dataset({'train': ann_path}, images, out, overwrite=True)
-  assert len(tfds.builder_from_directory(out).as_data_source(split='train')) == 6
+  assert len(dataset.data_source(str(out), 'train')) == 6
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ds', 'images', 'train.json']
+
+
+def test_each_image_is_stored_once_and_joined_to_all_its_instances(tmp_path):
+  # Two instances on a.png, one on b.png, and a third image whose only
+  # instance is skipped: the store holds a.png and b.png, each once.
+  images = tmp_path / 'images'
+  _png(images / 'a.png', value=10)
+  _png(images / 'b.png', size=(50, 40), value=200)
+  _png(images / 'c.png', value=30)
+  data = {
+      'images': [{'id': 7, 'file_name': 'a.png', 'width': 40, 'height': 30},
+                 {'id': 8, 'file_name': 'b.png', 'width': 50, 'height': 40},
+                 {'id': 9, 'file_name': 'c.png', 'width': 40, 'height': 30}],
+      'annotations': [_ann(1, 7), _ann(2, 8), _ann(3, 7, bbox=[10.0, 5.0, 8.0, 8.0]),
+                      _ann(4, 9, category_id=99)],  # Unknown category: skipped.
+      'categories': [{'id': 1, 'name': 'thing', 'supercategory': 's', 'keypoints': ['a', 'b', 'c'],
+                      'skeleton': []}],
+  }
+  ann_path = tmp_path / 'train.json'
+  ann_path.write_text(json.dumps(data))
+  out = tmp_path / 'ds'
+  report = build.build_dataset({'train': ann_path}, images, out)
+  assert (report.splits['train'].written, report.splits['train'].images_written) == (3, 2)
+  assert json.loads((out / 'prep_report.json').read_text())['splits']['train']['images_written'] == 2
+  assert json.loads((out / 'images-train.json').read_text()) == {'image_ids': [7, 8]}
+  # The instance records carry no image bytes.
+  assert 'image' not in tfds.builder_from_directory(out).info.features
+  source = dataset.data_source(str(out), 'train')
+  assert len(source) == 3 and len(source.images) == 2
+  by_ann = {int(r['annotation_id']): r for r in read_split(out, 'train')}
+  np.testing.assert_array_equal(by_ann[1]['image'], by_ann[3]['image'])
+  assert by_ann[1]['image'].shape == (30, 40, 3) and by_ann[1]['image'][0, 0, 0] == 10
+  assert by_ann[2]['image'].shape == (40, 50, 3) and by_ann[2]['image'][0, 0, 0] == 200
+  np.testing.assert_array_equal(by_ann[3]['bbox'], [10, 5, 8, 8])
+  # The detector's view: one element per image with all its boxes, the
+  # image read once per element.
+  groups = detection.ImageGroups(source, tuple(detection.image_groups(source)))
+  assert [len(g['bboxes']) for g in groups] == [2, 1]
+  first = groups[0]
+  assert int(first['image_id']) == 7 and first['bboxes'].shape == (2, 4)
+  assert first['image'] == source.images[7]
+  with pytest.raises(KeyError, match='image 9 is not in'):
+    source.images[9]
 
 
 @pytest.mark.parametrize('content, field', [
@@ -285,7 +336,7 @@ def test_build_dlc_openfield(tmp_path):
       'oks_sigmas': []}]
   assert builder.info.metadata['unlabelled_means'] == 'unknown'  # COCO's default.
   assert builder.info.metadata['split_sizes'] == {'train': 93, 'test': 23}
-  test = builder.as_data_source(split='test')
+  test = read_split(out, 'test')
   assert len(test) == 23
   rec = test[0]
   assert rec['image'].shape == (480, 640, 3) and rec['image'].dtype == np.uint8
@@ -301,6 +352,8 @@ def test_build_mp100_sample(tmp_path):
   report = build.build_dataset({'train': ann_path}, root / 'images', out)
   split = report.splits['train']
   assert (split.read, split.written, len(split.skipped)) == (27, 27, 0)
+  # 27 instances on 19 images (several people or animals on some): each image stored once.
+  assert split.images_written == 19
   raw = json.loads(ann_path.read_text())
   expected_counts = {}
   for a in raw['annotations']:
@@ -317,7 +370,7 @@ def test_build_mp100_sample(tmp_path):
   # From EXPLICIT_FLIP_PAIRS: 40 (300W face) the 29 iBUG pairs, 64
   # (DeepFashion2 long-sleeved dress) 17; 80 (hand): none.
   assert flips == {40: 29, 44: 15, 58: 7, 64: 17, 66: 14, 72: 8, 80: 0, 92: 8}
-  source = builder.as_data_source(split='train')
+  source = read_split(out, 'train')
   by_id = {a['id']: a for a in raw['annotations']}
   for i in range(len(source)):
     rec = source[i]

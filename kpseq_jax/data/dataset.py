@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep.categories import Category
+from data_prep import image_store
 from data_prep.episodes import EpisodePool
 from kpseq_jax.data import transforms
 
@@ -132,7 +133,9 @@ def crop_resolution(dataset_dir: str, split: str, image_size_px: int,
 def data_source(dataset_dir: str, split: str):
   """Random-access source of a split's records; images stay encoded bytes.
 
-  Records hold ``image`` (bytes), ``bbox`` float32 [4] (x, y, w, h pixels),
+  Each image is stored once (`data_prep.image_store`) and joined to its
+  records here; ``records_without_images(source)`` is the view that reads
+  no image. Records hold ``image`` (bytes), ``bbox`` float32 [4] (x, y, w, h pixels),
   ``keypoints`` float32 [K, 3] (x, y, v pixels), ``category_id``,
   ``image_id``, ``annotation_id`` and ``file_name`` (see
   `data_prep/build.py`).
@@ -145,8 +148,15 @@ def data_source(dataset_dir: str, split: str):
   if split not in b.info.splits:
     raise KeyError(f'{dataset_dir} has no split {split!r}; it has '
                    f'{sorted(b.info.splits)}.')
-  return b.as_data_source(
-      split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  if 'image' in b.info.features:  # Version 1: the image in every record.
+    return b.as_data_source(
+        split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  return image_store.InstanceSource(
+      b.as_data_source(split=split),
+      image_store.ImageStore(dataset_dir, split))
+
+
+records_without_images = image_store.records_without_images
 
 
 def annotation_index(source) -> dict[int, int]:
@@ -158,8 +168,9 @@ def annotation_index(source) -> dict[int, int]:
       annotation once per split).
   """
   index = {}
-  for i in range(len(source)):
-    ann_id = int(source[i]['annotation_id'])
+  records = records_without_images(source)
+  for i in range(len(records)):
+    ann_id = int(records[i]['annotation_id'])
     if ann_id in index:
       raise ValueError(f'annotation {ann_id} is stored twice (records '
                        f'{index[ann_id]} and {i}); rebuild the data set.')

@@ -1,10 +1,10 @@
 """Whole images with all their instances: the detection stage input (issue 18).
 
-The data set stores one record per instance (`data_prep/build.py`), each with
-its image. The detector needs one element per image holding all its
-instances, so `image_groups` indexes a split once by ``image_id`` and
-`ImageGroups` serves an image's first record (its encoded image, read once)
-with the boxes and categories of all its records.
+The data set stores one record per instance (`data_prep/build.py`) and each
+image once (`data_prep.image_store`). The detector needs one element per
+image holding all its instances, so `image_groups` indexes a split once by
+``image_id`` (reading no image) and `ImageGroups` serves an image (read
+once) with the boxes and categories of all its records.
 
 Each image is resized with its aspect ratio kept onto a zero canvas of
 ``config.detector_image_size_px`` = (H, W) (static shapes for `jax.jit`);
@@ -56,8 +56,9 @@ def image_groups(source) -> list[tuple[int, ...]]:
     list of tuples of record indices, one tuple per image.
   """
   by_image: dict[int, list[int]] = {}
-  for i in range(len(source)):
-    by_image.setdefault(int(source[i]['image_id']), []).append(i)
+  records = dataset.records_without_images(source)
+  for i in range(len(records)):
+    by_image.setdefault(int(records[i]['image_id']), []).append(i)
   return [tuple(by_image[k]) for k in sorted(by_image)]
 
 
@@ -77,8 +78,11 @@ class ImageGroups:
     return len(self.groups)
 
   def __getitem__(self, i: int) -> dict[str, Any]:
-    records = [self.source[j] for j in self.groups[i]]
-    first = records[0]
+    group = self.groups[i]
+    meta = dataset.records_without_images(self.source)
+    records = [meta[j] for j in group[1:]]
+    first = self.source[group[0]]  # The one image read.
+    records.insert(0, first)
     return {
         'image': first['image'],
         'image_id': np.int64(first['image_id']),

@@ -27,7 +27,8 @@ def mean_pose(config: ml_collections.ConfigDict) -> dict[int, np.ndarray]:
     category id -> float32 [K, 2], normalised [0, 1] crop coordinates (the
     crop centre 0.5 where a keypoint is never labelled).
   """
-  source = dataset.data_source(config.dataset_dir, config.train_split)
+  source = dataset.records_without_images(
+      dataset.data_source(config.dataset_dir, config.train_split))
   sums: dict[int, np.ndarray] = {}
   counts: dict[int, np.ndarray] = {}
   for i in range(len(source)):

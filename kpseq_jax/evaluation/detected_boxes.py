@@ -147,6 +147,7 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
                                      detector=detector)
   source = dataset.data_source(config.dataset_dir, split)
   groups = detection.image_groups(source)
+  meta = dataset.records_without_images(source)
   if config.num_eval_examples > 0:
     groups = groups[:config.num_eval_examples]
   acc = {'gt': metrics.PCKAccumulator(alpha=pck_alpha),
@@ -155,7 +156,7 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
   seconds = {'detection': [], 'keypoints': []}
   for group in tqdm.tqdm(groups, desc=f'eval {split} detected boxes',
                          unit='image'):
-    records = [source[j] for j in group]
+    records = [source[group[0]]] + [meta[j] for j in group[1:]]
     image = transforms.DecodeImage().map(dict(records[0]))['image']
     truth = np.stack([np.asarray(r['bbox'], np.float64) for r in records])
     cids = [int(r['category_id']) for r in records]

@@ -178,7 +178,8 @@ def typical_box_px(dataset_dir: str, split: str,
                    max_records: int = 1000) -> float | None:
   """Median of max(w, h) over the split's boxes (pixels; the first
   ``max_records``), None when the split is empty."""
-  src = dataset.data_source(dataset_dir, split)
+  src = dataset.records_without_images(
+      dataset.data_source(dataset_dir, split))
   sides = [float(np.max(src[i]['bbox'][2:4]))
            for i in range(min(len(src), max_records))]
   return float(np.median(sides)) if sides else None
