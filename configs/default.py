@@ -173,6 +173,11 @@ def get_config() -> ml_collections.ConfigDict:
   # and samples its memory inside each box (model.full_image_memory;
   # trained on the same jittered crop boxes as top-down training).
   c.keypoint_stage = 'two_stage'
+  # Flip test (MMPose's flip_test; Xiao et al., Simple Baselines, ECCV
+  # 2018): at evaluation and prediction, also decode each top-down crop
+  # mirrored and average the two, for categories with flip pairs (those
+  # RandomFlip flips in training). Two decodes per batch; two_stage only.
+  c.flip_test = False
   c.max_detections = 10  # Top-scoring boxes kept per image.
   # Detections below this score are dropped where boxes are used (predict,
   # analyze); box AP ranks all max_detections. An image with none above it

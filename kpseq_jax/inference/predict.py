@@ -273,6 +273,7 @@ class CropBatcher:
     ex = dict(image=image, bbox=np.asarray(bbox, np.float32),
               keypoints=np.zeros([0, 3], np.float32))
     ex = self.warp.map(self.crop_affine.map(ex))
+    ex['category_id'] = np.int64(category_id)
     if self.vocab.num_prefix_tokens:
       ex['category_token'] = np.int32(
           self.vocab.category(self.category_index[int(category_id)]))
@@ -283,7 +284,7 @@ class CropBatcher:
     shape); the returned `Prediction` has ``len(exs)`` rows."""
     n = len(exs)
     exs = exs + [exs[-1]] * (self.batch_size - n)  # Static batch shape.
-    fields = self.predictor.input_fields + ('crop_from_image',)
+    fields = self.predictor.batch_fields + ('crop_from_image',)
     pred = self.predictor.predict(
         {k: np.stack([ex[k] for ex in exs]) for k in fields})
     return dataclasses.replace(pred, **{

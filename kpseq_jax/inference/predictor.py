@@ -15,9 +15,11 @@ video and CAPE paths share:
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from kpseq_jax.data import dataset
 from kpseq_jax.data import transforms
 from kpseq_jax.inference import decoding
 from kpseq_jax.runtime import sharding
@@ -54,8 +56,58 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
   return model, state, step
 
 
+# Fields `Predictor.predict` adds to the decoder's inputs under flip test.
+FLIP_FIELDS = ('flip', 'flip_inverse_permutation')
+
+
+def flip_test_average(decoded: dict, decoded_mirror: dict,
+                      inverse_permutation: jax.Array, flip: jax.Array
+                      ) -> dict:
+  """Averages the predictions of crops and of their horizontal mirrors
+  (flip test: MMPose's ``flip_test``, Xiao et al., Simple Baselines,
+  ECCV 2018; applied here to decoded coordinates, not heatmaps).
+
+  A model trained with `transforms.RandomFlip` sees a mirrored crop with
+  x -> 1 - x (normalised crop coordinates) and keypoint row k holding the
+  original row ``perm[k]``; so row j of the original is row
+  ``inverse_permutation[j]`` of the mirror's prediction, mirrored back.
+
+  Args:
+    decoded, decoded_mirror: `decoding.greedy_decode` outputs of the crops
+      and of the same crops mirrored: ``keypoints`` float32 [B, Kmax, 2]
+      normalised [0, 1] crop (x, y), ``confidence`` float32 [B, Kmax, R],
+      optional ``presence`` float32 [B, Kmax]; NaN past ``num_keypoints``.
+    inverse_permutation: int32 [B, Kmax], argsort of each row's category
+      flip permutation (identity past its K).
+    flip: bool [B], rows to average (categories flipped in training);
+      other rows keep ``decoded``.
+
+  Returns:
+    ``decoded`` with keypoints, confidence and presence the mean of the
+    two where ``flip`` and both are finite; ``num_keypoints`` and
+    ``tokens`` stay those of the crops.
+  """
+  take = lambda a: jnp.take_along_axis(
+      a, inverse_permutation.reshape(
+          inverse_permutation.shape + (1,) * (a.ndim - 2)), axis=1)
+  mirror = take(decoded_mirror['keypoints'])
+  mirror = mirror.at[..., 0].set(1.0 - mirror[..., 0])
+  out = dict(decoded)
+  for name, back in (('keypoints', mirror),
+                     ('confidence', take(decoded_mirror['confidence'])),
+                     ('presence', take(decoded_mirror['presence'])
+                      if 'presence' in decoded else None)):
+    if back is None:
+      continue
+    mine = decoded[name]
+    use = flip.reshape((-1,) + (1,) * (mine.ndim - 1)) & jnp.isfinite(back)
+    out[name] = jnp.where(use & jnp.isfinite(mine), (mine + back) / 2, mine)
+  return out
+
+
 def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
-                   batch_sharding, cached: bool = True):
+                   batch_sharding, cached: bool = True,
+                   flip_test: bool = False):
   """Jitted ``fn(variables, inputs) -> decode dict`` with shardings.
 
   Args:
@@ -67,6 +119,8 @@ def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
       batch dimension).
     cached: True (default): `decoding.cached_greedy_decode`; False: the
       full-recompute reference `decoding.greedy_decode` (same values).
+    flip_test: also decode the mirrored crops and average
+      (`flip_test_average`); ``inputs`` then holds `FLIP_FIELDS` too.
 
   Returns:
     ``fn(variables, inputs)`` with ``inputs`` the `decoding.input_fields`
@@ -76,7 +130,15 @@ def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
             else decoding.greedy_decode)
 
   def fn(variables, inputs):
-    return decode(model, variables, inputs, max_num_keypoints)
+    inputs = dict(inputs)
+    flip = {k: inputs.pop(k) for k in FLIP_FIELDS if k in inputs}
+    out = decode(model, variables, inputs, max_num_keypoints)
+    if not flip_test:
+      return out
+    mirrored = dict(inputs, image=inputs['image'][:, :, ::-1])
+    return flip_test_average(
+        out, decode(model, variables, mirrored, max_num_keypoints),
+        flip['flip_inverse_permutation'], flip['flip'])
 
   return jax.jit(fn, in_shardings=(variables_sharding, batch_sharding),
                  out_shardings=batch_sharding)
@@ -154,10 +216,19 @@ class Predictor:
       shardings are kept).
     mesh: the device mesh; batches are split over it.
     cached: use the KV-cached decoder (default) or the reference.
+    flip_permutations: category id -> int [K] flip permutation
+      (`dataset.DatasetInfo.flip_permutations`) for ``config.flip_test``;
+      default: read from ``config.dataset_dir``.
+
+  Raises:
+    ValueError: ``config.flip_test`` with a model that decodes from the
+      full image or from support images (mirroring one crop does not apply
+      to them).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model, variables,
-               mesh: jax.sharding.Mesh, cached: bool = True):
+               mesh: jax.sharding.Mesh, cached: bool = True,
+               flip_permutations: dict[int, np.ndarray] | None = None):
     self.model = model
     self.variables = variables
     self.mesh = mesh
@@ -169,10 +240,45 @@ class Predictor:
     self._radius = decoding.CONFIDENCE_RADII_BINS.index(
         config.confidence_radius_bins)
     self.input_fields = decoding.input_fields(model)
+    self.max_num_keypoints = config.max_num_keypoints
+    self.flip_test = bool(config.flip_test)
+    if self.flip_test:
+      if model.full_image_memory or model.support_conditioning:
+        raise ValueError(
+            'config.flip_test mirrors top-down crops; this model decodes '
+            'from the full image (keypoint_stage=end_to_end) or from '
+            'support images (CAPE). Set --config.flip_test=False.')
+      if flip_permutations is None:
+        flip_permutations = dataset.load_info(
+            config.dataset_dir).flip_permutations()
+      self._inverse_permutations = {
+          int(c): np.argsort(p).astype(np.int32)
+          for c, p in flip_permutations.items()}
     self._decode = make_decode_fn(
         model, config.max_num_keypoints,
         jax.tree.map(lambda a: a.sharding, variables),
-        sharding.batch_sharding(mesh), cached)
+        sharding.batch_sharding(mesh), cached, self.flip_test)
+
+  @property
+  def batch_fields(self) -> tuple[str, ...]:
+    """The fields `predict` reads: `decoding.input_fields`, and
+    ``category_id`` under flip test."""
+    return self.input_fields + (('category_id',) if self.flip_test else ())
+
+  def _flip_inputs(self, category_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """`FLIP_FIELDS` of a local batch: which rows are averaged with their
+    mirror (categories with a flip permutation, as `transforms.RandomFlip`
+    flips in training) and each row's inverse permutation [b, Kmax]."""
+    ids = np.asarray(category_ids).reshape(-1)
+    inverse = np.tile(np.arange(self.max_num_keypoints, dtype=np.int32),
+                      (len(ids), 1))
+    flip = np.zeros(len(ids), bool)
+    for i, c in enumerate(ids):
+      p = self._inverse_permutations.get(int(c))
+      if p is not None:
+        inverse[i, :len(p)] = p
+        flip[i] = True
+    return {'flip': flip, 'flip_inverse_permutation': inverse}
 
   @classmethod
   def from_state(cls, config: ml_collections.ConfigDict, model, state,
@@ -198,6 +304,10 @@ class Predictor:
       variables: decode with these instead of the predictor's own (same
         tree and shardings, e.g. a later state of the same run).
 
+    With ``config.flip_test`` the batch also needs ``category_id`` [b]:
+    rows of categories with flip pairs are averaged with their mirrored
+    crop's prediction (`flip_test_average`; two decodes per batch).
+
     Returns:
       `Prediction` of the global batch [B = b x processes].
 
@@ -205,9 +315,14 @@ class Predictor:
       KeyError: if an input field is missing.
     """
     features = local_batch.get(decoding.BACKBONE_FEATURES_FIELD)
-    inputs = sharding.global_batch(
-        {k: local_batch[k] for k in self.input_fields
-         if not (k == 'image' and features is not None)}, self.mesh)
+    local = {k: local_batch[k] for k in self.input_fields
+             if not (k == 'image' and features is not None)}
+    if self.flip_test:
+      if 'category_id' not in local_batch:
+        raise KeyError('config.flip_test: the batch needs category_id (the '
+                       'flip permutation of each row).')
+      local.update(self._flip_inputs(local_batch['category_id']))
+    inputs = sharding.global_batch(local, self.mesh)
     if features is not None:  # Already device arrays: no host round trip.
       inputs[decoding.BACKBONE_FEATURES_FIELD] = jax.device_put(
           features, sharding.batch_sharding(self.mesh))
