@@ -20,4 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1
   c.eval_batch_size = 8
   c.num_eval_examples = 8
+  # One decode per batch: the tests' compile time (tests/test_flip_test.py
+  # turns it on where it is the subject).
+  c.flip_test = False
   return c

@@ -1,5 +1,7 @@
 """Flip test: predictions averaged with the mirrored crop's (config.flip_test)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,35 +53,65 @@ def test_average_keeps_the_crop_prediction_where_the_mirror_has_none():
   np.testing.assert_allclose(out['keypoints'][0], [[0.2, 0.5], [0.4, 0.4]])
 
 
-def test_predictor_flip_test_is_the_mean_of_crop_and_mirror(trained):
-  """On real dlc_openfield eval crops and the 2-step model: flip test's
-  keypoints equal the average of two plain decodes, of the crops and of
-  the mirrored crops mapped back (left/right ears swapped)."""
+def _column_decoder(model, variables, inputs, max_num_keypoints):
+  """A stand-in decoder whose keypoints depend on which side of the crop is
+  bright: x_k = the image's intensity-weighted mean column to the power
+  k + 1, y_k = k / 10 (so a mirrored crop gives other keypoints)."""
+  del model, variables
+  img = inputs['image'].astype(jnp.float32).mean(-1)  # [B, S, S]
+  s = img.shape[2]
+  cols = (jnp.arange(s) + 0.5) / s
+  mean_col = (img * cols).sum((1, 2)) / img.sum((1, 2))  # [B]
+  k = jnp.arange(max_num_keypoints)
+  x = mean_col[:, None] ** (k + 1.0)
+  y = jnp.broadcast_to(k / 10.0, x.shape)
+  b = img.shape[0]
+  return {'keypoints': jnp.stack([x, y], -1),
+          'num_keypoints': jnp.full([b], max_num_keypoints, jnp.int32),
+          'confidence': jnp.ones([b, max_num_keypoints, 3]),
+          'tokens': jnp.zeros([b, 1], jnp.int32)}
+
+
+def test_predictor_flip_test_is_the_mean_of_crop_and_mirror(trained,
+                                                           monkeypatch):
+  """Real dlc_openfield eval crops through `Predictor`: with flip test the
+  keypoints are the average of the crop's decode and the mirrored crop's,
+  mapped back (x -> 1 - x, left/right ears swapped), for the mouse
+  category. The decoder is a stand-in whose output depends on the
+  crop's orientation by construction, so the test checks the plumbing
+  (mirroring on the device, the permutation, the average, the category
+  ids) whatever the 2-step model learnt."""
   from kpseq_jax.data import dataset
   from kpseq_jax.data import pipeline
+  from kpseq_jax.inference import decoding
   from kpseq_jax.runtime import sharding
+  monkeypatch.setattr(decoding, 'cached_greedy_decode', _column_decoder)
   config, workdir, _ = trained
   info = dataset.load_info(config.dataset_dir)
   perm = info.flip_permutations()[1]
   mesh = sharding.create_mesh(config.mesh_shape)
   model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
                                                 93)
-  plain = predictor_lib.Predictor.from_state(config, model, state, mesh)
-  flip_config = config.copy_and_resolve_references()
-  flip_config.flip_test = True
-  flipped = predictor_lib.Predictor.from_state(flip_config, model, state,
+  configs = {}
+  for on in (False, True):
+    configs[on] = config.copy_and_resolve_references()
+    configs[on].flip_test = on
+  plain = predictor_lib.Predictor.from_state(configs[False], model, state,
+                                             mesh)
+  flipped = predictor_lib.Predictor.from_state(configs[True], model, state,
                                                mesh)
   batch = next(iter(pipeline.create_eval_batches(config, info)))
-  a = plain.predict(batch)
+  a = plain.predict(batch).keypoints
   mirrored = dict(batch, image=np.ascontiguousarray(batch['image'][:, :, ::-1]))
-  b = plain.predict(mirrored)
-  back = b.keypoints[:, np.argsort(perm)].copy()
+  b = plain.predict(mirrored).keypoints
+  back = b[:, np.argsort(perm)].copy()
   back[..., 0] = 1 - back[..., 0]
+  assert np.abs(back - a).max() > 1e-2
   got = flipped.predict(batch)
-  both = np.isfinite(a.keypoints) & np.isfinite(back)
-  assert both.sum() >= 8  # The model decodes keypoints (not <eos> at once).
-  np.testing.assert_allclose(got.keypoints[both],
-                             ((a.keypoints + back) / 2)[both], atol=1e-5)
-  assert not np.allclose(got.keypoints[both], a.keypoints[both])
+  np.testing.assert_allclose(got.keypoints, (a + back) / 2, atol=1e-5)
+  # Pixels come from the averaged crop coordinates.
+  np.testing.assert_allclose(got.keypoints_px, predictor_lib.crop_to_image(
+      (a + back) / 2, batch['crop_from_image'], config.image_size_px),
+                             atol=1e-3)
   with pytest.raises(KeyError, match='category_id'):
     flipped.predict({k: v for k, v in batch.items() if k != 'category_id'})

@@ -14,6 +14,7 @@ video and CAPE paths share:
 
 import dataclasses
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -220,10 +221,9 @@ class Predictor:
       (`dataset.DatasetInfo.flip_permutations`) for ``config.flip_test``;
       default: read from ``config.dataset_dir``.
 
-  Raises:
-    ValueError: ``config.flip_test`` with a model that decodes from the
-      full image or from support images (mirroring one crop does not apply
-      to them).
+  ``config.flip_test`` applies to top-down crop models; a model that
+  decodes from the full image or from support images decodes once (with a
+  warning in the log).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, model, variables,
@@ -242,18 +242,23 @@ class Predictor:
     self.input_fields = decoding.input_fields(model)
     self.max_num_keypoints = config.max_num_keypoints
     self.flip_test = bool(config.flip_test)
+    if self.flip_test and (model.full_image_memory
+                           or model.support_conditioning):
+      logging.warning(
+          'config.flip_test is not applied: it mirrors top-down crops, and '
+          'this model decodes from the full image (keypoint_stage='
+          'end_to_end) or from support images (CAPE).')
+      self.flip_test = False
     if self.flip_test:
-      if model.full_image_memory or model.support_conditioning:
-        raise ValueError(
-            'config.flip_test mirrors top-down crops; this model decodes '
-            'from the full image (keypoint_stage=end_to_end) or from '
-            'support images (CAPE). Set --config.flip_test=False.')
       if flip_permutations is None:
         flip_permutations = dataset.load_info(
             config.dataset_dir).flip_permutations()
       self._inverse_permutations = {
           int(c): np.argsort(p).astype(np.int32)
           for c, p in flip_permutations.items()}
+      # No category is flipped in training (no flip pairs): nothing to
+      # average, so no second decode.
+      self.flip_test = bool(self._inverse_permutations)
     self._decode = make_decode_fn(
         model, config.max_num_keypoints,
         jax.tree.map(lambda a: a.sharding, variables),
