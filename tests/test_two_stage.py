@@ -71,11 +71,24 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
   saved = json.loads(
       (tmp_path / 'eval_test_detected_boxes.json').read_text())
   assert saved['pck_gt_boxes'] == same.pck_gt_boxes
+  # Per instance: the detection is the annotated box (IoU 1, ratios 1) and
+  # both errors are the instance's own.
+  assert len(saved['instances']) == n
+  for inst in saved['instances']:
+    assert inst['iou'] == pytest.approx(1.0)
+    assert inst['width_ratio'] == inst['height_ratio'] == pytest.approx(1.0)
+    assert inst['error_px_detected_box'] == inst['error_px_gt_box'] > 0
+  assert same.median_error_px_detected_boxes == same.median_error_px_gt_boxes
+  assert same.median_error_px_gt_boxes == pytest.approx(float(np.median(
+      [i['error_px_gt_box'] for i in saved['instances']])))
   # No detection: every instance missed, PCK 0 from detected boxes.
   none = run(_BoxesOf([[] for _ in boxes]))
   assert none.num_matched == 0 and none.num_missed == n
   assert none.pck_detected_boxes == 0.0
   assert none.pck_gt_boxes == same.pck_gt_boxes
+  assert all(i['iou'] is None and i['error_px_detected_box'] is None
+             and i['error_px_gt_box'] is not None for i in none.instances)
+  assert none.median_error_px_detected_boxes is None
   # Shifted boxes: matched (IoU >= 0.5) but cropped elsewhere.
   moved = run(_BoxesOf(list(boxes), shift=8.0))
   assert moved.num_matched == n

@@ -62,6 +62,15 @@ class DetectedBoxesReport:
     seconds_per_image_detection / seconds_per_image_keypoints: wall time
       per image of the detector and of the keypoint stage on the detected
       boxes (after the first image, which compiles).
+    median_error_px_gt_boxes / median_error_px_detected_boxes: median over
+      instances of each instance's mean error (pixels; matched instances
+      with a labelled keypoint), robust to the one frame that fails.
+    instances: per ground-truth instance, in evaluation order:
+      ``image_id``, ``annotation_id``, ``iou`` of its matched detection
+      (None when missed), ``width_ratio`` / ``height_ratio`` (detected /
+      annotated box), ``error_px_gt_box`` / ``error_px_detected_box``
+      (mean over its labelled keypoints; None when missed or unlabelled):
+      where the detector's boxes cost keypoint accuracy.
   """
   split: str
   num_images: int
@@ -79,6 +88,9 @@ class DetectedBoxesReport:
   mean_error_px_detected_boxes: float
   seconds_per_image_detection: float
   seconds_per_image_keypoints: float
+  median_error_px_gt_boxes: float | None = None
+  median_error_px_detected_boxes: float | None = None
+  instances: list[dict] = dataclasses.field(default_factory=list)
 
 
 def match_by_iou(detected_xywh: np.ndarray, truth_xywh: np.ndarray,
@@ -154,6 +166,7 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
          'detected': metrics.PCKAccumulator(alpha=pck_alpha)}
   counts = dict(instances=0, detections=0, matched=0)
   seconds = {'detection': [], 'keypoints': []}
+  per_instance = []
   for group in tqdm.tqdm(groups, desc=f'eval {split} detected boxes',
                          unit='image'):
     records = [source[group[0]]] + [meta[j] for j in group[1:]]
@@ -180,6 +193,17 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
                          gt_px.shape[1]) for r in records])
     for key, px in (('gt', gt_px), ('detected', det_px)):
       acc[key].update(np.asarray(cids), px, kps, truth)
+    for g, r in enumerate(records):
+      d = match.get(g)
+      box = None if d is None else np.asarray(found[d][1], np.float64)
+      per_instance.append(dict(
+          image_id=int(r['image_id']), annotation_id=int(r['annotation_id']),
+          iou=None if d is None else float(mask_utils.iou(
+              [box.tolist()], [truth[g].tolist()], [0])[0, 0]),
+          width_ratio=None if d is None else float(box[2] / truth[g][2]),
+          height_ratio=None if d is None else float(box[3] / truth[g][3]),
+          error_px_gt_box=_instance_error(gt_px[g], kps[g]),
+          error_px_detected_box=_instance_error(det_px[g], kps[g])))
     counts['instances'] += len(records)
     counts['detections'] += len(found)
     counts['matched'] += len(match)
@@ -196,15 +220,22 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
       pck_detected_boxes=det.pck,
       mean_error_px_detected_boxes=det.mean_error_px,
       seconds_per_image_detection=after_first(seconds['detection']),
-      seconds_per_image_keypoints=after_first(seconds['keypoints']))
+      seconds_per_image_keypoints=after_first(seconds['keypoints']),
+      median_error_px_gt_boxes=_median(per_instance, 'error_px_gt_box'),
+      median_error_px_detected_boxes=_median(per_instance,
+                                             'error_px_detected_box'),
+      instances=per_instance)
   logging.info(
       'Eval %s from detected boxes: %d/%d instances matched (IoU >= %.2f), '
       '%d unmatched detections; PCK@%.2f %.4f vs %.4f from ground-truth '
-      'boxes; mean error %.2f vs %.2f px; %.3f s detection + %.3f s '
-      'keypoints per image', split, report.num_matched, report.num_instances,
+      'boxes; mean error %.2f vs %.2f px (median per instance %s vs %s); '
+      '%.3f s detection + %.3f s keypoints per image', split,
+      report.num_matched, report.num_instances,
       iou_threshold, report.num_unmatched_detections, pck_alpha,
       report.pck_detected_boxes, report.pck_gt_boxes,
       report.mean_error_px_detected_boxes, report.mean_error_px_gt_boxes,
+      _px(report.median_error_px_detected_boxes),
+      _px(report.median_error_px_gt_boxes),
       report.seconds_per_image_detection, report.seconds_per_image_keypoints)
   path = os.path.join(out_dir or workdir, f'eval_{split}_detected_boxes.json')
   with open(path + '.tmp', 'w') as f:
@@ -223,6 +254,25 @@ def _keypoints(batcher: predict_lib.CropBatcher, image: np.ndarray,
     out.append(batcher.predict_crops(crops[i:i + batcher.batch_size])
                .keypoints_px)
   return np.concatenate(out)
+
+
+def _instance_error(px: np.ndarray, keypoints: np.ndarray) -> float | None:
+  """Mean Euclidean error (pixels) of one instance's decoded keypoints
+  [Kmax, 2] over its labelled ones (``keypoints`` [Kmax, 3], v > 0); None
+  when none is labelled or decoded (a missed instance is all NaN)."""
+  labelled = keypoints[:, 2] > 0
+  err = np.linalg.norm(px[:, :2] - keypoints[:, :2], axis=-1)[labelled]
+  err = err[np.isfinite(err)]
+  return float(err.mean()) if len(err) else None
+
+
+def _px(value: float | None) -> str:
+  return 'none' if value is None else f'{value:.2f} px'
+
+
+def _median(instances: list[dict], key: str) -> float | None:
+  values = [i[key] for i in instances if i[key] is not None]
+  return float(np.median(values)) if values else None
 
 
 def _pad(keypoints: np.ndarray, kmax: int) -> np.ndarray:
