@@ -37,12 +37,6 @@ def store_paths(directory: str | os.PathLike, split: str) -> tuple[Path, Path]:
   return d / f'images-{split}.array_record', d / f'images-{split}.json'
 
 
-def has_store(directory: str | os.PathLike, split: str) -> bool:
-  """True if ``directory`` holds ``split``'s image store (data sets built
-  before version 2.0.0 keep the image in every record instead)."""
-  return all(p.exists() for p in store_paths(directory, split))
-
-
 class ImageStoreWriter:
   """Writes one split's images, each once, in the order first added.
 
