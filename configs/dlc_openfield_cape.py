@@ -21,6 +21,7 @@ from configs import dlc_openfield
 def get_config() -> ml_collections.ConfigDict:
   c = dlc_openfield.get_config()
   c.flip_test = False  # Support-conditioned decoding: no mirrored crop.
+  c.decoder_refine_points = False  # Measured (docs/cape.md) without it.
   c.setting = 'cape'
   c.num_shots = 1
   c.cape_support_split = 'train'

@@ -40,9 +40,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_num_keypoints = 5
   c.presence_token = True
   c.rotation_deg = 15.0  # Side view from a fixed camera: up stays up.
-  # Each decoder layer samples where the previous one put the keypoint
-  # (Deformable DETR's with_box_refine): 9.1-9.3 px against 11.6 px here.
-  c.decoder_refine_points = True
+  # Reference-point refinement (from dlc_openfield.py): 9.1-9.3 px
+  # against 11.6 px here at 600 steps.
   # 1,500 steps as dlc_openfield.py, learning rate x0.1 at step 1200 (42
   # frames / batch 16 = 2 steps per epoch; steps_per_epoch rounds down):
   # 7.86 px against 9.08 / 9.33 px at 600 steps (docs/precision.md); about

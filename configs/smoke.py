@@ -23,4 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   # One decode per batch: the tests' compile time (tests/test_flip_test.py
   # turns it on where it is the subject).
   c.flip_test = False
+  # The tests' model as before refinement went into dlc_openfield.py
+  # (tests/test_refinement.py turns it on where it is the subject).
+  c.decoder_refine_points = False
   return c
