@@ -113,9 +113,6 @@ class ImageStore:
   def __len__(self) -> int:
     return len(self.image_ids)
 
-  def __contains__(self, image_id: int) -> bool:
-    return int(image_id) in self._position
-
   def __getitem__(self, image_id: int) -> bytes:
     """Encoded bytes of image ``image_id``.
 

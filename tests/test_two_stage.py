@@ -19,7 +19,10 @@ def test_match_by_iou_is_one_to_one_and_thresholded():
                     [0, 0, 10, 9],     # 0.9 with truth 0.
                     [1, 0, 10, 10],    # 0.82 with truth 0: taken by row 1.
                     [52, 52, 5, 5]])   # 0.22 with truth 2: below 0.5.
-  assert detected_boxes.match_by_iou(found, truth, 0.5) == {0: 1, 1: 0}
+  match = detected_boxes.match_by_iou(found, truth, 0.5)
+  assert {g: d for g, (d, _) in match.items()} == {0: 1, 1: 0}
+  assert match[0][1] == pytest.approx(0.9)
+  assert match[1][1] == pytest.approx(90 / 110)
   assert detected_boxes.match_by_iou(found[:0], truth, 0.5) == {}
 
 

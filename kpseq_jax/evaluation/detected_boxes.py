@@ -94,7 +94,7 @@ class DetectedBoxesReport:
 
 
 def match_by_iou(detected_xywh: np.ndarray, truth_xywh: np.ndarray,
-                 iou_threshold: float) -> dict[int, int]:
+                 iou_threshold: float) -> dict[int, tuple[int, float]]:
   """One-to-one matching of detections to ground-truth boxes by IoU.
 
   Args:
@@ -103,8 +103,9 @@ def match_by_iou(detected_xywh: np.ndarray, truth_xywh: np.ndarray,
     iou_threshold: pairs below it are not matched.
 
   Returns:
-    ground-truth index -> detection index, maximising the summed IoU
-    (`scipy.optimize.linear_sum_assignment`).
+    ground-truth index -> (detection index, their IoU), maximising the
+    summed IoU (`scipy.optimize.linear_sum_assignment`); IoU as
+    `pycocotools.mask.iou` computes it.
   """
   if not len(detected_xywh) or not len(truth_xywh):
     return {}
@@ -113,7 +114,7 @@ def match_by_iou(detected_xywh: np.ndarray, truth_xywh: np.ndarray,
       np.asarray(truth_xywh, np.float64).tolist(),
       [0] * len(truth_xywh)))  # [D, G]
   rows, cols = optimize.linear_sum_assignment(-iou)
-  return {int(g): int(d) for d, g in zip(rows, cols)
+  return {int(g): (int(d), float(iou[d, g])) for d, g in zip(rows, cols)
           if iou[d, g] >= iou_threshold}
 
 
@@ -184,7 +185,7 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
     if match:
       order = sorted(match)
       det_px[order] = _keypoints(
-          batcher, image, np.asarray([found[match[g]][1] for g in order]),
+          batcher, image, np.asarray([found[match[g][0]][1] for g in order]),
           [cids[g] for g in order])
     t3 = time.perf_counter()
     seconds['detection'].append(t1 - t0)
@@ -194,12 +195,11 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
     for key, px in (('gt', gt_px), ('detected', det_px)):
       acc[key].update(np.asarray(cids), px, kps, truth)
     for g, r in enumerate(records):
-      d = match.get(g)
+      d, iou = match.get(g, (None, None))
       box = None if d is None else np.asarray(found[d][1], np.float64)
       per_instance.append(dict(
           image_id=int(r['image_id']), annotation_id=int(r['annotation_id']),
-          iou=None if d is None else float(mask_utils.iou(
-              [box.tolist()], [truth[g].tolist()], [0])[0, 0]),
+          iou=iou,
           width_ratio=None if d is None else float(box[2] / truth[g][2]),
           height_ratio=None if d is None else float(box[3] / truth[g][3]),
           error_px_gt_box=_instance_error(gt_px[g], kps[g]),
