@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 from data_prep import build
 from data_prep import categories
 from data_prep import coco
+from data_prep import tfds_builder
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
 from kpseq_jax.data import transforms
@@ -254,6 +255,53 @@ def test_each_image_is_stored_once_and_joined_to_all_its_instances(tmp_path):
   assert first['image'] == source.images[7]
   with pytest.raises(KeyError, match='image 9 is not in'):
     source.images[9]
+
+
+def test_a_version_1_data_set_with_images_in_its_records_still_reads(tmp_path, monkeypatch):
+  # Data sets built before the image store (TFDS 1.0.0) hold each
+  # instance's image in its record; `dataset.data_source` reads them as
+  # they are, with the same records and pixels as a version 2 build.
+  images = tmp_path / 'images'
+  _png(images / 'a.png', value=10)
+  _png(images / 'b.png', size=(50, 40), value=200)
+  data = {
+      'images': [{'id': 7, 'file_name': 'a.png', 'width': 40, 'height': 30},
+                 {'id': 8, 'file_name': 'b.png', 'width': 50, 'height': 40}],
+      'annotations': [_ann(1, 7), _ann(2, 8), _ann(3, 7, bbox=[10.0, 5.0, 8.0, 8.0])],
+      'categories': [{'id': 1, 'name': 'thing', 'supercategory': 's', 'keypoints': ['a', 'b', 'c'],
+                      'skeleton': []}],
+  }
+  ann_path = tmp_path / 'train.json'
+  ann_path.write_text(json.dumps(data))
+  build.build_dataset({'train': ann_path}, images, tmp_path / 'v2')
+
+  v2_features = tfds_builder.features
+  v2_generate = tfds_builder.KeypointDatasetBuilder._generate_examples
+
+  def v1_generate(self, split):
+    for key, example in v2_generate(self, split):
+      yield key, {**example, 'image': (images / example['file_name']).read_bytes()}
+
+  monkeypatch.setattr(tfds_builder, 'features', lambda: tfds.features.FeaturesDict(
+      {**v2_features(), 'image': tfds.features.Image(shape=(None, None, 3))}))
+  monkeypatch.setattr(tfds_builder.KeypointDatasetBuilder, '_generate_examples', v1_generate)
+  monkeypatch.setattr(tfds_builder.KeypointDatasetBuilder, 'VERSION', tfds.core.Version('1.0.0'))
+  v1 = tmp_path / 'v1'
+  build.build_dataset({'train': ann_path}, images, v1)
+  for path in v1.glob('images-train.*'):
+    path.unlink()  # Version 1 had no image store.
+  assert 'image' in tfds.builder_from_directory(v1).info.features
+
+  old = {int(r['annotation_id']): r for r in read_split(v1, 'train')}
+  new = {int(r['annotation_id']): r for r in read_split(tmp_path / 'v2', 'train')}
+  assert sorted(old) == sorted(new) == [1, 2, 3]
+  for ann_id, record in new.items():
+    np.testing.assert_array_equal(old[ann_id]['image'], record['image'])
+    np.testing.assert_array_equal(old[ann_id]['keypoints'], record['keypoints'])
+  meta = dataset.records_without_images(dataset.data_source(str(v1), 'train'))
+  assert sorted(int(meta[i]['image_id']) for i in range(len(meta))) == [7, 7, 8]
+  assert [len(g) for g in sorted(detection.image_groups(dataset.data_source(str(v1), 'train')),
+                                 key=len)] == [1, 2]
 
 
 @pytest.mark.parametrize('content, field', [
