@@ -44,8 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500  # 23 frames: a second or two after the first.
   # Each decoder layer samples where the previous one put the keypoint
   # (Deformable DETR's with_box_refine; docs/precision.md): 2.16 px against
-  # 3.39 px, 1.99 against 2.90 px with flip test (one run, 2026-11-30), at
-  # no extra step cost.
+  # 3.39 px, 1.99 against 2.90 px with flip test (2026-11-30; 2.14 px with
+  # seed 1), at no extra step cost.
   c.decoder_refine_points = True
   # Flip test (docs/precision.md): each crop decoded as is and mirrored,
   # ears swapped back, averaged. 3.39 -> 2.90 px and 3.22 -> 2.89 px on two

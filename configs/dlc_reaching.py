@@ -24,7 +24,8 @@ seeds) against 11.60 px without it; adding auxiliary losses and the
 stride-4 level gave 9.48 and 9.78 px at 1.15x the step cost, so they stay
 off. At 1,500 steps (dlc_openfield.py's schedule, now this config's):
 7.86 px, PCK@0.05 0.885, against 15.13 px for dlc_openfield.py pointed at
-this data set (one run each, 2026-11-30). The earlier model:
+this data set (2026-11-30); over four seeds 7.50-8.69 px (mean 7.98) and
+PCK@0.05 0.865-0.923 (mean 0.894). The earlier model:
 --config.decoder_refine_points=False; the earlier schedule:
 --config.num_train_steps=600 "--config.decay_epochs=(240,)".
 """
@@ -44,8 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   # against 11.6 px here at 600 steps.
   # 1,500 steps as dlc_openfield.py, learning rate x0.1 at step 1200 (42
   # frames / batch 16 = 2 steps per epoch; steps_per_epoch rounds down):
-  # 7.86 px against 9.08 / 9.33 px at 600 steps (docs/precision.md); about
-  # 45 min with another training beside it on 2 CPU cores.
+  # 7.98 px (four seeds) against 9.08 / 9.33 px at 600 steps
+  # (docs/precision.md); about 45 min with another training beside it on
+  # 2 CPU cores.
   c.num_train_steps = 1500
   c.decay_epochs = (600,)
   c.eval_batch_size = 13
