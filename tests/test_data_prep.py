@@ -214,24 +214,33 @@ def test_broken_records_build(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['ds', 'images', 'train.json']
 
 
-def test_each_image_is_stored_once_and_joined_to_all_its_instances(tmp_path):
-  # Two instances on a.png, one on b.png, and a third image whose only
-  # instance is skipped: the store holds a.png and b.png, each once.
+def _shared_image_split(tmp_path, skipped_image: bool = False):
+  """Images dir and train.json: two instances on a.png (id 7), one on b.png
+  (id 8); with ``skipped_image``, also c.png (id 9) whose only instance has
+  an unknown category and is skipped."""
   images = tmp_path / 'images'
   _png(images / 'a.png', value=10)
   _png(images / 'b.png', size=(50, 40), value=200)
-  _png(images / 'c.png', value=30)
   data = {
       'images': [{'id': 7, 'file_name': 'a.png', 'width': 40, 'height': 30},
-                 {'id': 8, 'file_name': 'b.png', 'width': 50, 'height': 40},
-                 {'id': 9, 'file_name': 'c.png', 'width': 40, 'height': 30}],
-      'annotations': [_ann(1, 7), _ann(2, 8), _ann(3, 7, bbox=[10.0, 5.0, 8.0, 8.0]),
-                      _ann(4, 9, category_id=99)],  # Unknown category: skipped.
+                 {'id': 8, 'file_name': 'b.png', 'width': 50, 'height': 40}],
+      'annotations': [_ann(1, 7), _ann(2, 8), _ann(3, 7, bbox=[10.0, 5.0, 8.0, 8.0])],
       'categories': [{'id': 1, 'name': 'thing', 'supercategory': 's', 'keypoints': ['a', 'b', 'c'],
                       'skeleton': []}],
   }
+  if skipped_image:
+    _png(images / 'c.png', value=30)
+    data['images'].append({'id': 9, 'file_name': 'c.png', 'width': 40, 'height': 30})
+    data['annotations'].append(_ann(4, 9, category_id=99))  # Unknown category.
   ann_path = tmp_path / 'train.json'
   ann_path.write_text(json.dumps(data))
+  return images, ann_path
+
+
+def test_each_image_is_stored_once_and_joined_to_all_its_instances(tmp_path):
+  # Two instances on a.png, one on b.png, and a third image whose only
+  # instance is skipped: the store holds a.png and b.png, each once.
+  images, ann_path = _shared_image_split(tmp_path, skipped_image=True)
   out = tmp_path / 'ds'
   report = build.build_dataset({'train': ann_path}, images, out)
   assert (report.splits['train'].written, report.splits['train'].images_written) == (3, 2)
@@ -261,18 +270,7 @@ def test_a_version_1_data_set_with_images_in_its_records_still_reads(tmp_path, m
   # Data sets built before the image store (TFDS 1.0.0) hold each
   # instance's image in its record; `dataset.data_source` reads them as
   # they are, with the same records and pixels as a version 2 build.
-  images = tmp_path / 'images'
-  _png(images / 'a.png', value=10)
-  _png(images / 'b.png', size=(50, 40), value=200)
-  data = {
-      'images': [{'id': 7, 'file_name': 'a.png', 'width': 40, 'height': 30},
-                 {'id': 8, 'file_name': 'b.png', 'width': 50, 'height': 40}],
-      'annotations': [_ann(1, 7), _ann(2, 8), _ann(3, 7, bbox=[10.0, 5.0, 8.0, 8.0])],
-      'categories': [{'id': 1, 'name': 'thing', 'supercategory': 's', 'keypoints': ['a', 'b', 'c'],
-                      'skeleton': []}],
-  }
-  ann_path = tmp_path / 'train.json'
-  ann_path.write_text(json.dumps(data))
+  images, ann_path = _shared_image_split(tmp_path)
   build.build_dataset({'train': ann_path}, images, tmp_path / 'v2')
 
   v2_features = tfds_builder.features
