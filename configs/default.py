@@ -146,6 +146,13 @@ def get_config() -> ml_collections.ConfigDict:
   # (RLE's scale-aware loss without its flow, Li et al. ICCV 2021), with
   # the same weight; earlier layers (aux losses, refinement) keep the L1.
   c.coordinate_loss = 'l1'
+  # Exponential moving average of the weights (params and BatchNorm
+  # statistics) for evaluation, prediction and export; 0 disables (the
+  # paper config: the paper does not average). Each step the average moves
+  # by 1 - min(ema_decay, (1 + step) / (10 + step)) towards the new
+  # weights (tf.train.ExponentialMovingAverage with num_updates), so the
+  # random initialisation is forgotten within the first steps.
+  c.ema_decay = 0.0
 
   # Detection stage (issue 18; PRTR's first stage, a Deformable DETR
   # detector; kpseq_jax/models/detector.py). task='detection' trains and

@@ -105,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       config.max_consecutive_skipped_updates)
   predictor = (box_predictor.BoxPredictor if detecting else
                predictor_lib.Predictor).from_state(config, model, state, mesh)
-  variables = lambda s: {'params': s.params, 'batch_stats': s.batch_stats}
+  variables = lambda s: s.inference_variables()  # The average, if any.
   preempted = False
   compiled_step = None
   # At most two steps in flight (runtime/in_flight.py): a SIGTERM's save

@@ -3,6 +3,7 @@
 import os
 import shutil
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,3 +94,35 @@ def test_checkpoint_of_another_config_raises_and_is_kept(three_steps, change):
   # Not mistaken for damage: every step is still listed and restorable.
   assert sorted(os.listdir(d)) == ['1', '2', '3']
   assert ckpt.restore(_abstract())[1] == 3
+
+
+@flax.struct.dataclass
+class _StateBefore:
+  step: jax.Array
+  params: dict
+
+
+@flax.struct.dataclass
+class _StateAfter:
+  """`_StateBefore` with a field added later, empty when unused (as
+  `TrainState.ema` without ``ema_decay``)."""
+  step: jax.Array
+  params: dict
+  ema: dict = flax.struct.field(default_factory=dict)
+
+
+def test_checkpoint_from_before_an_empty_field_existed_restores(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(7, _StateBefore(step=jnp.int32(7),
+                            params={'w': jnp.arange(4, dtype=jnp.float32)}))
+  ckpt.wait()
+  target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+      _StateAfter(step=jnp.int32(0), params={'w': jnp.zeros([4])}))
+  state, step = ckpt.restore(target)
+  assert step == 7 and isinstance(state, _StateAfter) and state.ema == {}
+  np.testing.assert_array_equal(state.params['w'], np.arange(4))
+  assert int(state.step) == 7
+  # Nothing was set aside as unrestorable.
+  assert ckpt.all_steps() == [7]
+  ckpt.close()

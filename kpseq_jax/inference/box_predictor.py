@@ -114,9 +114,9 @@ class BoxPredictor:
   @classmethod
   def from_state(cls, config: ml_collections.ConfigDict, model, state,
                  mesh: jax.sharding.Mesh) -> 'BoxPredictor':
-    """A predictor of a `TrainState`'s params and batch statistics."""
-    return cls(config, model, {'params': state.params,
-                               'batch_stats': state.batch_stats}, mesh)
+    """A predictor of a `TrainState`'s weights: their moving average if
+    the state has one (`TrainState.inference_variables`)."""
+    return cls(config, model, state.inference_variables(), mesh)
 
   def predict(self, local_batch: dict[str, np.ndarray],
               variables=None) -> Detections:

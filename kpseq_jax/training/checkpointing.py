@@ -11,9 +11,13 @@ damaged after the rename) is renamed to ``<step>.unrestorable`` with a
 warning and the previous step is restored instead (`Checkpointer.restore`).
 A checkpoint whose train-state tree differs from the config's (another model
 size, or a frozen backbone that changes the optimizer state) is not damaged:
-restoring raises `CheckpointMismatchError` and leaves it in place.
+restoring raises `CheckpointMismatchError` and leaves it in place. A
+checkpoint written before a train-state field existed restores when that
+field is empty in the config's state (`TrainState.ema` without
+``ema_decay``).
 """
 
+import dataclasses
 import os
 from typing import Any
 
@@ -78,6 +82,19 @@ def read_backbone(workdir: str, backbone_key: str = 'backbone'
   as_f32 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float32), t)
   return (as_f32(restored['params'][backbone_key]),
           as_f32(restored.get('batch_stats', {}).get(backbone_key, {})))
+
+
+def _absent_empty_fields(abstract_state: Any, saved: Any) -> tuple[str, ...]:
+  """Fields of a dataclass ``abstract_state`` that hold no arrays (e.g.
+  `TrainState.ema` ``{}`` without a moving average) and that the saved
+  tree ``saved`` (`Checkpointer._saved_tree`) lacks: it was written before
+  the field existed, and restores without it. () for other states."""
+  if not dataclasses.is_dataclass(abstract_state) or not hasattr(
+      saved, 'keys'):
+    return ()
+  return tuple(f.name for f in dataclasses.fields(abstract_state)
+               if f.name not in saved
+               and not jax.tree.leaves(getattr(abstract_state, f.name)))
 
 
 class CheckpointMismatchError(ValueError):
@@ -189,32 +206,49 @@ class Checkpointer:
 
   def _restore_step(self, step: int, abstract_state: Any,
                     data_iter: grain.DatasetIterator | None) -> Any:
-    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    absent = _absent_empty_fields(abstract_state, self._saved_tree(step))
+    target = abstract_state
+    if absent:  # Written before these (empty) fields existed.
+      target = {f.name: getattr(abstract_state, f.name)
+                for f in dataclasses.fields(abstract_state)
+                if f.name not in absent}
+    items = {'state': ocp.args.StandardRestore(target)}
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointRestore(data_iter)
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     logging.info('Restored checkpoint step %d from %s', step, self.directory)
+    if absent:
+      return abstract_state.replace(**restored['state'])
     return restored['state']
+
+  def _saved_tree(self, step: int) -> Any:
+    """The metadata tree of step's saved state (dicts of array metadata);
+    None if it cannot be read."""
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path)
+      return getattr(saved, 'item_metadata', saved)
+    except Exception:  # pylint: disable=broad-except
+      return None
 
   def _raise_if_mismatch(self, step: int, abstract_state: Any) -> None:
     """Raises `CheckpointMismatchError` if step's saved state tree is
     readable and differs from ``abstract_state``; returns if it matches or
     cannot be read (then the step is damaged, not mismatched)."""
-    path = os.path.join(self.directory, str(step), 'state')
-    try:
-      with ocp.StandardCheckpointer() as checkpointer:
-        saved = checkpointer.metadata(path)
-      saved = _leaf_shapes(getattr(saved, 'item_metadata', saved))
-    except Exception:  # pylint: disable=broad-except
+    saved = self._saved_tree(step)
+    if saved is None:
       return
+    saved = _leaf_shapes(saved)
     if not saved:  # Orbax reads a missing or emptied item as empty.
       return
     if mismatch := _describe_mismatch(saved, _leaf_shapes(abstract_state)):
       raise CheckpointMismatchError(
           f'Checkpoint step {step} in {self.directory} was written with '
           f'another config: {mismatch}. Run with the config it was trained '
-          'with (model size, backbone_norm and backbone_frozen_stages change '
-          'the arrays; a frozen backbone also changes the optimizer state), '
+          'with (model size, backbone_norm, backbone_frozen_stages and '
+          'ema_decay change the arrays; a frozen backbone also changes the '
+          'optimizer state), '
           'or use another --workdir.')
 
   def _set_aside(self, step: int) -> None:

@@ -91,6 +91,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     errors.append(f'reference_point_noise_frac='
                   f'{config.reference_point_noise_frac} must be in [0, 0.5) '
                   '(a fraction of the crop).')
+  if not 0 <= config.ema_decay < 1:
+    errors.append(f'ema_decay={config.ema_decay} must be in [0, 1) (0: no '
+                  'moving average of the weights).')
   if (config.decoder_aux_loss or config.decoder_refine_points) and (
       config.num_layers < 2):
     errors.append('decoder_aux_loss / decoder_refine_points need '

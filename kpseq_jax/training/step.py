@@ -46,13 +46,16 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
                ce_weight: float, l1_weight: float,
                proposal_l1_weight: float = 0.0,
                aux_ce_weight: float = 0.0,
-               skip_nonfinite: bool = False
+               skip_nonfinite: bool = False,
+               ema_decay: float = 0.0
                ) -> tuple[ts.TrainState, dict]:
   """One AdamW update on a global batch (see `train_fields`).
 
   With ``skip_nonfinite``, an update whose loss or gradient norm is not
-  finite is not applied: params, batch_stats and opt_state stay as they
-  were (``jnp.where`` on the finite flag); only ``step`` advances.
+  finite is not applied: params, batch_stats, opt_state and ema stay as
+  they were (``jnp.where`` on the finite flag); only ``step`` advances.
+  A state with a moving average of the weights updates it with
+  ``ema_decay`` (`update_ema`).
 
   The loss is `losses.sequence_loss`, plus ``proposal_l1_weight`` x
   `losses.proposal_loss` for a model with support proposals, plus, for a
@@ -102,12 +105,41 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
     return loss, (parts, updates.get('batch_stats', state.batch_stats))
 
   return apply_gradients(state, loss_fn, tx=tx, schedule=schedule,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, ema_decay=ema_decay)
+
+
+def update_ema(ema: dict, params, batch_stats, step: jax.Array,
+               decay: float) -> dict:
+  """One step of the moving average of the weights (`TrainState.ema`).
+
+  ``ema <- d * ema + (1 - d) * new`` per leaf with
+  ``d = min(decay, (1 + step) / (10 + step))``
+  (tf.train.ExponentialMovingAverage with ``num_updates``; also timm's
+  ModelEmaV2 averages the BatchNorm statistics with the parameters).
+
+  Args:
+    ema: ``{'params', 'batch_stats'}``, float32 trees; ``{}`` (no average)
+      is returned as it is.
+    params, batch_stats: the weights after this step's update.
+    step: int32 scalar, the number of updates before this one.
+    decay: ``config.ema_decay`` in (0, 1).
+
+  Returns:
+    the new average, same tree, shapes and dtypes as ``ema``.
+  """
+  if not ema:
+    return ema
+  step = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  new = {'params': params, 'batch_stats': batch_stats}
+  return jax.tree.map(lambda e, w: (d * e + (1 - d) * w).astype(e.dtype),
+                      ema, new)
 
 
 def apply_gradients(state: ts.TrainState, loss_fn, *,
                     tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, skip_nonfinite: bool
+                    schedule: optax.Schedule, skip_nonfinite: bool,
+                    ema_decay: float = 0.0
                     ) -> tuple[ts.TrainState, dict]:
   """One optimizer update of ``state`` from ``loss_fn``'s gradient.
 
@@ -116,9 +148,11 @@ def apply_gradients(state: ts.TrainState, loss_fn, *,
     loss_fn: ``params -> (loss, (parts, batch_stats))``: a scalar loss, a
       dict of scalar metrics and the updated BatchNorm statistics.
     tx: the optimizer; schedule: its learning rate (for the metrics).
-    skip_nonfinite: leave params, batch_stats and opt_state unchanged when
-      the loss or the gradient norm is not finite (``jnp.where`` on the
-      flag); only ``step`` advances.
+    skip_nonfinite: leave params, batch_stats, opt_state and ema unchanged
+      when the loss or the gradient norm is not finite (``jnp.where`` on
+      the flag); only ``step`` advances.
+    ema_decay: the moving average's decay (`update_ema`); used only when
+      ``state.ema`` holds one.
 
   Returns:
     (new state, metrics): ``loss``, ``grad_norm``, ``learning_rate``,
@@ -129,16 +163,18 @@ def apply_gradients(state: ts.TrainState, loss_fn, *,
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema = update_ema(state.ema, params, batch_stats, state.step, ema_decay)
   skipped = jnp.zeros([], jnp.int32)
   if skip_nonfinite:
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jnp.where(finite, new, old)
-    params, batch_stats, opt_state = jax.tree.map(
-        keep, (params, batch_stats, opt_state),
-        (state.params, state.batch_stats, state.opt_state))
+    params, batch_stats, opt_state, ema = jax.tree.map(
+        keep, (params, batch_stats, opt_state, ema),
+        (state.params, state.batch_stats, state.opt_state, state.ema))
     skipped = 1 - finite.astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=params,
-                            batch_stats=batch_stats, opt_state=opt_state)
+                            batch_stats=batch_stats, opt_state=opt_state,
+                            ema=ema)
   metrics = dict(loss=loss, grad_norm=grad_norm,
                  learning_rate=schedule(state.step), update_skipped=skipped,
                  **parts)
@@ -149,7 +185,8 @@ def detection_train_step(state: ts.TrainState, batch: dict, *, model,
                          tx: optax.GradientTransformation,
                          schedule: optax.Schedule, class_weight: float,
                          l1_weight: float, giou_weight: float,
-                         skip_nonfinite: bool = False
+                         skip_nonfinite: bool = False,
+                         ema_decay: float = 0.0
                          ) -> tuple[ts.TrainState, dict]:
   """One AdamW update of a `detector.BoxDetector` on whole images.
 
@@ -175,7 +212,7 @@ def detection_train_step(state: ts.TrainState, batch: dict, *, model,
     return loss, (parts, updates.get('batch_stats', state.batch_stats))
 
   return apply_gradients(state, loss_fn, tx=tx, schedule=schedule,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, ema_decay=ema_decay)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model, tx,
@@ -187,7 +224,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
   Args:
     config: ``ce_weight``, ``l1_weight``, ``cape_proposal_l1_weight``,
       ``decoder_aux_loss`` (the earlier layers' CE weighs ``ce_weight``,
-      else 0), ``skip_nonfinite_updates``; for a detector
+      else 0), ``skip_nonfinite_updates``, ``ema_decay``; for a detector
       ``detector_{class,l1,giou}_weight``.
     model: the `KeypointSequenceModel` or `detector.BoxDetector`.
     tx: the optimizer (`train_state.create_optimizer`).
@@ -207,14 +244,16 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
         class_weight=config.detector_class_weight,
         l1_weight=config.detector_l1_weight,
         giou_weight=config.detector_giou_weight,
-        skip_nonfinite=config.skip_nonfinite_updates)
+        skip_nonfinite=config.skip_nonfinite_updates,
+        ema_decay=config.ema_decay)
   else:
     step = functools.partial(
         train_step, model=model, tx=tx, schedule=schedule,
         ce_weight=config.ce_weight, l1_weight=config.l1_weight,
         proposal_l1_weight=config.cape_proposal_l1_weight,
         aux_ce_weight=config.ce_weight if config.decoder_aux_loss else 0.0,
-        skip_nonfinite=config.skip_nonfinite_updates)
+        skip_nonfinite=config.skip_nonfinite_updates,
+        ema_decay=config.ema_decay)
   return jax.jit(
       step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),

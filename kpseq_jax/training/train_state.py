@@ -37,6 +37,9 @@ class TrainState:
     batch_stats: BatchNorm running statistics ({} without BatchNorm).
     opt_state: optax state of `create_optimizer`.
     rng: uint32 [2] PRNG key for dropout, folded with `step` each step.
+    ema: with ``config.ema_decay`` > 0, the exponential moving average of
+      the weights, ``{'params': ..., 'batch_stats': ...}`` shaped as those
+      fields (`step.update_ema`); ``{}`` without one.
   """
 
   step: jax.Array
@@ -44,6 +47,15 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  ema: Any = flax.struct.field(default_factory=dict)
+
+  def inference_variables(self) -> dict:
+    """The Flax variables to evaluate and predict with: the moving average
+    of the weights when the state has one, else ``params`` and
+    ``batch_stats``."""
+    if self.ema:
+      return dict(self.ema)
+    return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
 def create_model(config: ml_collections.ConfigDict):
@@ -187,11 +199,23 @@ def _init_fn(config: ml_collections.ConfigDict,
     variables = model.init({'params': params_rng, 'dropout': dropout_rng},
                            **dummy_inputs(config), train=False)
     params = variables['params']
+    batch_stats = variables.get('batch_stats', {})
     return TrainState(step=jnp.zeros([], jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}),
-                      opt_state=tx.init(params), rng=dropout_rng)
+                      batch_stats=batch_stats,
+                      opt_state=tx.init(params), rng=dropout_rng,
+                      ema=initial_ema(config, params, batch_stats))
 
   return init
+
+
+def initial_ema(config: ml_collections.ConfigDict, params: Any,
+                batch_stats: Any) -> dict:
+  """`TrainState.ema` at step 0: a copy of the weights with
+  ``config.ema_decay`` > 0, else ``{}``."""
+  if config.ema_decay <= 0:
+    return {}
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)
+  return {'params': copy(params), 'batch_stats': copy(batch_stats)}
 
 
 def abstract_train_state(config: ml_collections.ConfigDict,
@@ -237,4 +261,7 @@ def create_train_state(config: ml_collections.ConfigDict,
     state = state.replace(
         params=jax.device_put(params, shardings.params),
         batch_stats=jax.device_put(batch_stats, shardings.batch_stats))
+    if state.ema:  # The average starts from the loaded weights too.
+      state = state.replace(ema=jax.device_put(
+          {'params': params, 'batch_stats': batch_stats}, shardings.ema))
   return state
