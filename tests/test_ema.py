@@ -117,6 +117,10 @@ def test_predictor_and_checkpoint_use_the_average(smoke_state, tmp_path):
   assert step == 5
   jax.tree.map(np.testing.assert_array_equal, restored.ema['params'],
                state.ema['params'])
+  # A model put on this run's backbone gets the averaged one too.
+  backbone, _ = checkpointing.read_backbone(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, backbone,
+               state.ema['params']['backbone'])
   # Evaluated with a config without the average, the checkpoint is
   # refused by name rather than read without it.
   plain = config.copy_and_resolve_references()

@@ -38,8 +38,10 @@ def read_backbone(workdir: str, backbone_key: str = 'backbone'
   """The backbone of a trained workdir's latest checkpoint, as numpy.
 
   Reads only ``params[backbone_key]`` and ``batch_stats[backbone_key]``
-  (partial restore), whatever model wrote the checkpoint: a detector
-  (`detector.BoxDetector`) or a keypoint model, any config. Used by
+  (partial restore; from ``ema`` when the run kept a moving average of its
+  weights, which it evaluates with), whatever model wrote the checkpoint:
+  a detector (`detector.BoxDetector`) or a keypoint model, any config.
+  Used by
   ``config.pretrained_backbone_path`` when it names a workdir
   (`train_state.create_train_state`), e.g. to put a keypoint model on the
   backbone of the detector trained on the same frames.
@@ -71,12 +73,20 @@ def read_backbone(workdir: str, backbone_key: str = 'backbone'
     if backbone_key not in saved.get('params', {}):
       raise ValueError(f'{path}: no params[{backbone_key!r}] in this '
                        f'checkpoint (its params: {sorted(saved["params"])})')
-    item = {c: {backbone_key: saved[c][backbone_key]}
+    # The weights that workdir evaluates with: their moving average if it
+    # kept one (`TrainState.inference_variables`).
+    averaged = backbone_key in saved.get('ema', {}).get('params', {})
+    source = saved['ema'] if averaged else saved
+    item = {c: {backbone_key: source[c][backbone_key]}
             for c in ('params', 'batch_stats')
-            if backbone_key in saved.get(c, {})}
+            if backbone_key in source.get(c, {})}
+    if averaged:
+      item = {'ema': item}
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=item, partial_restore=True, restore_args=jax.tree.map(
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)))
+    if averaged:
+      restored = restored['ema']
   logging.info('Backbone of checkpoint step %d read from %s', steps[0],
                workdir)
   as_f32 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float32), t)
