@@ -26,7 +26,7 @@ off. At 1,500 steps (dlc_openfield.py's schedule, now this config's):
 7.86 px, PCK@0.05 0.885, against 15.13 px for dlc_openfield.py pointed at
 this data set (2026-11-30); over four seeds 7.50-8.69 px (mean 7.98) and
 PCK@0.05 0.865-0.923 (mean 0.894); with the moving average of the
-weights (ema_decay 0.995, on here since 2026-11-30) 7.75-8.67 px (mean 8.00)
+weights (ema_decay 0.995, on here since 2026-11-30) 7.75-8.67 px (mean 8.01)
 and 0.885-0.904 (mean 0.899). The earlier model:
 --config.decoder_refine_points=False; the earlier schedule:
 --config.num_train_steps=600 "--config.decay_epochs=(240,)".
@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Moving average of the weights for evaluation and prediction
   # (docs/precision.md, "Moving average"): over four seeds PCK@0.05
   # 0.885-0.904 (mean 0.899) against 0.865-0.923 (mean 0.894), 7.75-8.67 px
-  # (mean 8.00) against 7.50-8.69 (7.98); three seeds of four meet both
+  # (mean 8.01) against 7.50-8.69 (7.98); three seeds of four meet both
   # targets against two; 8.5 / 9.6 px against 11-13 px at step 500. No
   # measurable step cost. Without it: --config.ema_decay=0.
   c.ema_decay = 0.995
