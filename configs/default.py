@@ -147,7 +147,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the same weight; earlier layers (aux losses, refinement) keep the L1.
   c.coordinate_loss = 'l1'
   # Exponential moving average of the weights (params and BatchNorm
-  # statistics) for evaluation, prediction and export; 0 disables (the
+  # statistics) for evaluation, prediction and analysis; 0 disables (the
   # paper config: the paper does not average). Each step the average moves
   # by 1 - min(ema_decay, (1 + step) / (10 + step)) towards the new
   # weights (tf.train.ExponentialMovingAverage with num_updates), so the
