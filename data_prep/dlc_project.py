@@ -63,11 +63,15 @@ import pandas as pd
 from PIL import Image
 import yaml
 
-# Box rule of the shared dlc_openfield / dlc_reaching COCO files: pad each
-# side by this fraction of the labelled extent plus this many pixels.
-BOX_PAD_FRACTION = 0.25
-BOX_PAD_PX = 16.0
-CATEGORY_ID = 1
+from data_prep import multi_animal
+
+# Box rule of the shared dlc_openfield / dlc_reaching COCO files (pad each
+# side by a fraction of the labelled extent plus some pixels), shared with
+# the SLEAP import: `multi_animal.labelled_box`.
+BOX_PAD_FRACTION = multi_animal.BOX_PAD_FRACTION
+BOX_PAD_PX = multi_animal.BOX_PAD_PX
+CATEGORY_ID = multi_animal.CATEGORY_ID
+labelled_box = multi_animal.labelled_box
 LABELED_DATA = 'labeled-data'
 # `build.UNLABELLED_MEANS` of an imported project: an empty cell means the
 # body part is not visible in the frame.
@@ -266,27 +270,6 @@ def frame_name(index_entry: Any) -> str:
   if LABELED_DATA in parts:
     parts = parts[parts.index(LABELED_DATA) + 1:]
   return '/'.join(parts[-2:])
-
-
-def labelled_box(xy: np.ndarray, width: int, height: int) -> list[float]:
-  """The box of one frame's labels (rule in the module docstring).
-
-  Args:
-    xy: float [K, 2] pixels; NaN rows = not labelled.
-    width, height: image size in pixels.
-
-  Returns:
-    [x, y, w, h] pixels inside the image; the whole image when nothing is
-    labelled.
-  """
-  ok = np.all(np.isfinite(xy), axis=1)
-  if not ok.any():
-    return [0.0, 0.0, float(width), float(height)]
-  lo, hi = xy[ok].min(axis=0), xy[ok].max(axis=0)
-  pad = BOX_PAD_FRACTION * (hi - lo) + BOX_PAD_PX
-  x0, y0 = np.maximum(lo - pad, 0.0)
-  x1, y1 = np.minimum(hi + pad, [width, height])
-  return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
 
 def split_frames(num_frames: int, train_fraction: float, seed: int) -> tuple[list[int], list[int]]:
