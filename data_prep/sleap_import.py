@@ -288,14 +288,14 @@ def select_frames(labels, labels_file: str, split: str | None, time_split: Mappi
   return out
 
 
-def _video_problem(video, labels_file: str, cache: dict) -> tuple[str, str] | None:
+def _video_problem(video, cache: dict) -> tuple[str, str] | None:
   """(reason, detail) when the video cannot be read, else None; opened once."""
   key = id(video)
   if key not in cache:
     cache[key] = None
     if not video.exists():
-      cache[key] = ('video_missing', f'{labels_file}: video {video.filename} does not exist (sleap-io looks for '
-                    'it at the stored path and beside the .slp file)')
+      cache[key] = ('video_missing', f'video {video.filename} does not exist (sleap-io looks for it at the '
+                    'path stored in the file and beside the file)')
     else:
       try:
         video.open(plugin=VIDEO_PLUGIN)
@@ -305,7 +305,7 @@ def _video_problem(video, labels_file: str, cache: dict) -> tuple[str, str] | No
       else:
         why = 'no frame could be read'
       if shape is None or shape[0] < 1:
-        cache[key] = ('video_unreadable', f'{labels_file}: video {video.filename} cannot be read ({why})')
+        cache[key] = ('video_unreadable', f'video {video.filename} cannot be read ({why})')
   return cache[key]
 
 
@@ -334,12 +334,11 @@ def check_frame(cand: _Candidate, names: Sequence[str], user_only: bool, report:
   nothing of it is kept (each problem recorded on ``report``)."""
   lf, file = cand.labeled_frame, cand.labels_file
   video, idx = lf.video, int(lf.frame_idx)
-  problem = _video_problem(video, file, video_cache)
+  problem = _video_problem(video, video_cache)
   if problem is None and idx >= video.shape[0]:
-    problem = ('frame_past_video_end', f'{file}: frame {idx} is past the end of {video.filename} '
-               f'({video.shape[0]} frames)')
+    problem = ('frame_past_video_end', f'past the end of {video.filename} ({video.shape[0]} frames)')
   if problem is not None:
-    report.skip(file, video.filename, idx, problem[0], problem[1])
+    report.skip(file, video.filename, idx, problem[0], f'{file} frame {idx}: {problem[1]}')
     return None
   animals = []
   for i, inst in enumerate(_instances(lf, user_only, report)):
@@ -429,8 +428,8 @@ def _checked_frames(candidates, names, user_only, report) -> dict[str, list[tupl
     key = (str(Path(lf.video.filename).resolve()), int(lf.frame_idx))
     if key in seen:
       report.skip(cand.labels_file, lf.video.filename, lf.frame_idx, 'duplicate_frame',
-                  f'{cand.labels_file}: frame {lf.frame_idx} of {lf.video.filename} was already imported '
-                  f'from {seen[key]} (first kept)')
+                  f'{cand.labels_file} frame {lf.frame_idx}: this frame of {lf.video.filename} was already '
+                  f'imported from {seen[key]} (first kept)')
       continue
     seen[key] = cand.labels_file
     frame = check_frame(cand, names, user_only, report, video_cache)
