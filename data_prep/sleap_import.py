@@ -140,8 +140,8 @@ class ImportReport:
   """What the import read, kept and skipped (``prep_report.json`` "source").
 
   Attributes:
-    files: the .slp files read, in order, and the split each went to
-      ('time' = cut by ``time_split``).
+    files: the .slp files read (absolute paths), in order, and the split
+      each went to ('time' = cut by ``time_split``).
     time_split / every_nth_frame / user_instances_only: the options.
     keypoint_names: the skeleton's nodes (the first file's).
     flip_pairs: left/right node-name pairs found from the names.
@@ -406,7 +406,7 @@ def to_coco(slp_files: Sequence[tuple[str | None, str | Path]],
       if not labels.skeletons:
         raise SleapImportError(f'{path}: no skeleton')
       skeleton = labels.skeletons[0]
-    report.files.append([str(path), split or 'time'])
+    report.files.append([str(Path(path).resolve()), split or 'time'])
     candidates += select_frames(labels, str(path), split, time_split, every_nth_frame, report)
   names = list(skeleton.node_names)
   report.keypoint_names = names
