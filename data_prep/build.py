@@ -521,8 +521,9 @@ def main(argv: list[str]) -> None:
 
 
 def _main_dlc_project() -> None:
-  if _ANNOTATIONS.value or _CHECK.value or _IMAGE_ROOT.value:
-    raise app.UsageError('--dlc_project replaces --annotations, --image-root and --check')
+  if _ANNOTATIONS.value or _CHECK.value or _IMAGE_ROOT.value or _SLP.value:
+    raise app.UsageError('--dlc_project replaces --annotations, --image-root and --check (and is not '
+                         'combined with --slp)')
   if _UNLABELLED_MEANS.present:
     raise app.UsageError('--dlc_project sets --unlabelled_means=absent (DeepLabCut\'s empty cell = not visible)')
   if not _OUT.value:

@@ -124,6 +124,21 @@ def test_the_data_set_loads_with_identities_flip_pairs_and_one_image_per_frame(f
   assert len(src.images) == 4
 
 
+def test_frames_read_on_equal_frames_sought(flies):
+  """Reading on from frame 2 to 5 (no seek) gives frame 5's pixels."""
+  labels = sio.load_slp(str(flies / 'clip.slp'))
+  video = labels.video
+  video.open(plugin=sleap_import.VIDEO_PLUGIN)
+  loader = sleap_import.VideoFrameLoader({1: (video, 2, 'clip.slp'), 2: (video, 5, 'clip.slp')})
+  entry = lambda i: type('Entry', (), {'id': i})()
+  loader(entry(1))
+  image, problem = loader(entry(2))
+  assert problem is None
+  fresh = sio.load_video(str(flies / 'clip.mp4'), plugin=sleap_import.VIDEO_PLUGIN)
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(image.data)))[..., 0], fresh[5][..., 0])
+  assert not np.array_equal(fresh[5], fresh[2])
+
+
 def _frames_slp(tmp_path, flies, frame_inds, edit=None):
   """A .slp of some clip.slp frames (the real video), optionally edited."""
   labels = sio.load_slp(str(flies / 'clip.slp'))
