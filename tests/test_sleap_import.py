@@ -23,6 +23,7 @@ from data_prep import sleap_import
 from data_prep import tfds_builder
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
+from kpseq_jax.data import pipeline
 
 FLY_NODES = ('head', 'thorax', 'abdomen', 'wingL', 'wingR', 'forelegL4', 'forelegR4', 'midlegL4',
              'midlegR4', 'hindlegL4', 'hindlegR4', 'eyeL', 'eyeR')
@@ -122,6 +123,10 @@ def test_the_data_set_loads_with_identities_flip_pairs_and_one_image_per_frame(f
   for g in groups:
     assert sorted(dataset.instance_track(records[i]) for i in g) == ['female', 'male']
   assert len(src.images) == 4
+  # The training pipeline reads it (all 13 fly keypoints per instance).
+  batch = next(iter(pipeline.create_train_dataset(conftest.smoke_config(out, max_num_keypoints=13), info)))
+  assert batch['keypoints'].shape[1:] == (13, 3)
+  assert set(batch['annotation_id'].tolist()) <= {int(records[i]['annotation_id']) for i in range(len(records))}
 
 
 def test_frames_read_on_equal_frames_sought(flies):
