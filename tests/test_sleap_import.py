@@ -19,6 +19,7 @@ import yaml
 
 import conftest
 from data_prep import build
+from data_prep import dlc_project
 from data_prep import sleap_import
 from data_prep import tfds_builder
 from kpseq_jax.data import dataset
@@ -305,6 +306,12 @@ def test_multi_animal_deeplabcut_project_imports_identities(tmp_path, flies):
                          (20, 'male'), (30, 'female')]
   [cat] = dataset.load_info(str(out)).categories.values()
   assert cat.name == 'flies' and cat.keypoint_names == FLY_NODES and len(cat.flip_pairs) == 5
+  # The same table as DeepLabCut's .csv (4 header rows) reads the same.
+  from_h5, _, _ = dlc_project.to_coco(tmp_path / 'proj')
+  table.to_csv(path.with_suffix('.csv'))
+  path.unlink()
+  from_csv, _, _ = dlc_project.to_coco(tmp_path / 'proj')
+  assert from_csv == from_h5
 
 
 def test_data_sets_without_track_still_read(tmp_path, flies, monkeypatch):
