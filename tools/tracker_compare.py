@@ -12,6 +12,12 @@ instances, as IDF1 does).
   python tools/tracker_compare.py \\
       --labels ../shared/data/sleap_flies/clip.slp --out /tmp/tracking.json
 
+With ``--detections clip.predictions.slp``, the trackers instead re-track
+SLEAP's own predicted poses (head, thorax; real detection errors, misses
+and contacts) with SLEAP's identities removed and the order shuffled, and
+the table puts SLEAP's own tracks beside them, scored the same way on all
+frames and on ``--frames``.
+
 Trackers:
   ours_max2: `kpseq_jax.inference.tracking`, max_animals=2;
   ours: the same without max_animals (new track when the gate fails);
@@ -109,6 +115,39 @@ def as_tracks(labels: identity.Tracks, frame_rows, poses, ids
                          labels.nodes, {})
 
 
+def run(name, poses, frames, max_cost):
+  """Track ids per frame from tracker ``name`` (module docstring)."""
+  if name == 'norfair':
+    return run_norfair(poses, max_cost)
+  return tracking.track_poses(
+      poses, frames=frames, max_animals=2 if name == 'ours_max2' else None,
+      max_cost=max_cost)
+
+
+def retrack(args, labels):
+  """Rows re-tracking ``args.detections`` (module docstring)."""
+  sleap = identity.read_tracks(args.detections)
+  nodes = [labels.nodes.index(n) for n in sleap.nodes]
+  labels = identity.dataclasses.replace(
+      labels, points=labels.points[:, :, nodes], nodes=sleap.nodes)
+  rng = np.random.default_rng(0)
+  poses = [rng.permutation(p[i >= 0]) for p, i in zip(sleap.points, sleap.ids)]
+  rows = []
+  for name in ['sleap'] + args.trackers.split(','):
+    if name == 'sleap':
+      ids = [i[i >= 0] for i in sleap.ids]
+      poses_ = [p[i >= 0] for p, i in zip(sleap.points, sleap.ids)]
+    else:
+      ids, poses_ = run(name, poses, sleap.frame_idx, args.max_cost), poses
+    rows_idx = np.searchsorted(labels.frame_idx, sleap.frame_idx)
+    for frames in ('all', args.frames):
+      rows.append(dict(
+          condition=f'SLEAP detections, frames {frames}', tracker=name,
+          **evaluate(labels, rows_idx, poses_, ids,
+                     identity.parse_frames(frames), [0, 1])))
+  return rows
+
+
 def evaluate(labels, frame_rows, poses, ids, frames, nodes):
   """Scores the frames tracked in ``frames`` by head/thorax (``nodes``
   indices)."""
@@ -135,8 +174,14 @@ def main():
   p.add_argument('--frames', default='all', help='START:STOP scored')
   p.add_argument('--trackers', default='ours_max2,ours,norfair')
   p.add_argument('--out', default=None, help='JSON of all rows')
+  p.add_argument('--detections', default=None,
+                 help='re-track this tracked .slp instead (docstring)')
   args = p.parse_args()
   labels = identity.read_tracks(args.labels, user_only=True)
+  if args.detections:
+    rows = retrack(args, labels)
+    print(table(rows, detections=True))
+    return
   nodes = [labels.nodes.index('head'), labels.nodes.index('thorax')]
   frames = identity.parse_frames(args.frames)
   rows = []
@@ -145,13 +190,7 @@ def main():
       frame_rows, poses = perturb(labels, sigma, drop, step, occlusion, seed)
       for name in args.trackers.split(','):
         t0 = time.perf_counter()
-        if name == 'norfair':
-          ids = run_norfair(poses, args.max_cost)
-        else:
-          ids = tracking.track_poses(
-              poses, frames=labels.frame_idx[frame_rows],
-              max_animals=2 if name == 'ours_max2' else None,
-              max_cost=args.max_cost)
+        ids = run(name, poses, labels.frame_idx[frame_rows], args.max_cost)
         seconds = time.perf_counter() - t0
         row = dict(condition=cond, sigma_px=sigma, drop=drop, step=step,
                    occlusion=occlusion, seed=seed, tracker=name,
@@ -165,8 +204,17 @@ def main():
       json.dump(rows, f, indent=1)
 
 
-def table(rows) -> str:
+def table(rows, detections=False) -> str:
   """Markdown: per condition and tracker, sums over seeds."""
+  if detections:
+    lines = ['| frames | tracker | wrong identity | identity changes | misses'
+             ' | ID switches (motmetrics) | IDF1 | tracks |',
+             '|---|---|---|---|---|---|---|---|']
+    lines += [f'| {r["condition"]} | {r["tracker"]} | {r["wrong_identity"]} '
+              f'/ {r["labelled_instances"]} | {r["identity_changes"]} | '
+              f'{r["misses"]} | {r["idsw"]} | {r["idf1"]:.4f} | '
+              f'{r["tracks"]} |' for r in rows]
+    return '\n'.join(lines)
   lines = ['| condition (noise, drop, step, occlusion) | tracker | wrong identity | identity '
            'changes | ID switches (motmetrics) | IDF1 (mean) | tracks '
            '(mean) | seconds (mean) |', '|---|---|---|---|---|---|---|---|']

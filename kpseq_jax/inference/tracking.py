@@ -6,8 +6,8 @@ constant-velocity motion model (the mean keypoint velocity over its last
 ``velocity_frames + 1`` observations applied to its last pose; a missing
 keypoint moves with the observed ones); the cost of giving a
 detection to a track is the mean distance over the keypoints present in
-both, divided by the track's size (the geometric mean of its pose's box
-width and height): a scale-free pose distance. Detections and tracks are
+both, divided by the track's size (the diagonal of its pose's box): a
+scale-free pose distance. Detections and tracks are
 paired by `scipy.optimize.linear_sum_assignment`, and a pair counts only if
 its cost is <= ``max_cost``.
 
@@ -76,13 +76,12 @@ class _Track:
 
 
 def size_of(pose: np.ndarray) -> float:
-  """Geometric mean of the box width and height of a [K, 2] pose (pixels),
-  at least 1 px."""
+  """Diagonal of the box around a [K, 2] pose (pixels), at least 1 px (the
+  diagonal, not the area: a pose of two points in a line has a size)."""
   ok = np.isfinite(pose).all(-1)
   if ok.sum() < 2:
     return 1.0
-  w, h = np.ptp(pose[ok], axis=0)
-  return float(max(np.sqrt(max(w, 1.0) * max(h, 1.0)), 1.0))
+  return float(max(np.hypot(*np.ptp(pose[ok], axis=0)), 1.0))
 
 
 def pose_cost(predicted: np.ndarray, detections: np.ndarray) -> np.ndarray:
