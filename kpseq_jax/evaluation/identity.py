@@ -80,7 +80,8 @@ def read_tracks(path: str | Path, nodes: Sequence[str] | None = None,
 
   Returns:
     `Tracks` of the frames with at least one kept instance; instances with
-    no track are skipped and counted (``skipped['no track']``).
+    no track or none of ``nodes`` labelled are skipped and counted
+    (``Tracks.skipped``; `main` reports them in the JSON).
 
   Raises:
     ValueError: a node is not in the file's skeleton (names the file).
@@ -99,10 +100,13 @@ def read_tracks(path: str | Path, nodes: Sequence[str] | None = None,
   for lf in labels.labeled_frames:
     kept = []
     for inst in (lf.user_instances if user_only else lf.instances):
+      points = inst.numpy()[node_ids]
       if inst.track is None:
         skipped['no track'] += 1
-        continue
-      kept.append((inst.numpy()[node_ids], names.index(inst.track.name)))
+      elif not np.isfinite(points).all(-1).any():
+        skipped['none of the nodes labelled'] += 1
+      else:
+        kept.append((points, names.index(inst.track.name)))
     if kept:
       rows.setdefault(lf.frame_idx, []).extend(kept)
   return _stack(rows, names, nodes, dict(skipped))
