@@ -35,7 +35,7 @@ def tracks(frames, names, nodes=('head', 'thorax')):
   """`Tracks` from per frame [(x, y, track id)] (both nodes 10 px apart)."""
   rows = {f: [(np.array([[x, y], [x + 10, y]], np.float32), t)
               for x, y, t in inst] for f, inst in enumerate(frames)}
-  return identity._stack(rows, names, nodes, {})  # pylint: disable=protected-access
+  return identity.from_rows(rows, names, nodes, {})
 
 
 def test_counts_a_swap_a_miss_and_a_false_positive():

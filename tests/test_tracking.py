@@ -40,7 +40,7 @@ def test_real_fly_tracks_mild_noise_keep_identities(fly_tracks):
   assert max(i.max(initial=-1) for i in ids) == 1  # Never a third track.
   rows = {int(f): [(p, int(i)) for p, i in zip(poses[r], ids[r])]
           for r, f in enumerate(fly_tracks.frame_idx) if len(ids[r])}
-  preds = identity._stack(rows, ('a', 'b'), fly_tracks.nodes, {})  # pylint: disable=protected-access
+  preds = identity.from_rows(rows, ('a', 'b'), fly_tracks.nodes, {})
   result = identity.score(fly_tracks, preds, max_dist_px=10.0)
   dropped = sum(len(p) for p in poses)
   assert result['paired'] == dropped  # Every instance kept was paired.
@@ -92,7 +92,7 @@ def test_max_animals_keeps_the_best_scored_instances():
 
 
 def test_missing_keypoints_are_carried_with_the_motion():
-  track = tracking._Track(0, fly(100, 100), [(0, fly(100, 100))])  # pylint: disable=protected-access
+  track = tracking._Track(0, fly(100, 100), [(0, fly(100, 100))])
   seen = fly(110, 100)
   seen[0] = np.nan
   track.observe(1, seen, velocity_frames=3)

@@ -111,8 +111,8 @@ def as_tracks(labels: identity.Tracks, frame_rows, poses, ids
           for r, f in enumerate(frame_rows)}
   rows = {k: v for k, v in rows.items() if v}
   n = max(int(max(i.max(initial=-1) for i in ids)) + 1, 1)
-  return identity._stack(rows, tuple(f'track_{i}' for i in range(n)),  # pylint: disable=protected-access
-                         labels.nodes, {})
+  return identity.from_rows(rows, tuple(f'track_{i}' for i in range(n)),
+                            labels.nodes)
 
 
 def run(name, poses, frames, max_cost):

@@ -109,11 +109,12 @@ def read_tracks(path: str | Path, nodes: Sequence[str] | None = None,
         kept.append((points, names.index(inst.track.name)))
     if kept:
       rows.setdefault(lf.frame_idx, []).extend(kept)
-  return _stack(rows, names, nodes, dict(skipped))
+  return from_rows(rows, names, nodes, dict(skipped))
 
 
-def _stack(rows: dict[int, list], names, nodes, skipped) -> Tracks:
-  """`Tracks` from frame -> [(points [K, 2], track id)]."""
+def from_rows(rows: dict[int, list], names, nodes, skipped=None) -> Tracks:
+  """`Tracks` from {video frame: [(points float [K, 2] px, track id)]}
+  (e.g. a tracker's output, to `score` it)."""
   frames = np.array(sorted(rows), np.int64)
   n = max((len(v) for v in rows.values()), default=0)
   points = np.full((len(frames), n, len(nodes), 2), np.nan, np.float32)
@@ -121,7 +122,8 @@ def _stack(rows: dict[int, list], names, nodes, skipped) -> Tracks:
   for f, frame in enumerate(frames):
     for i, (p, track) in enumerate(rows[frame]):
       points[f, i], ids[f, i] = p, track
-  return Tracks(frames, points, ids, names, nodes, skipped)
+  return Tracks(frames, points, ids, tuple(names), tuple(nodes),
+                skipped or {})
 
 
 def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
