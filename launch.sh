@@ -28,10 +28,10 @@
 #
 # Examples:
 #   ./launch.sh target=local config=configs/smoke.py workdir=/tmp/run \
-#       num_processes=2 cpu_devices=2 extra='--config.mesh_shape=(2,2)'
+#       num_processes=2 cpu_devices=2 extra='--config.sharding.mesh_shape=(2,2)'
 #   ./launch.sh target=tpu tpu_name=kp-v4-32 zone=us-central2-b \
 #       project=my-proj workdir=gs://my-bucket/runs/mp100_split1 \
-#       extra='--config.dataset_dir=gs://my-bucket/data/mp100_split1 --config.pretrained_backbone_path=/home/me/resnet50.safetensors'
+#       extra='--config.input.dataset_dir=gs://my-bucket/data/mp100_split1 --config.model_init=/home/me/resnet50.safetensors'
 #       (the weights file must be a local path on every host)
 set -euo pipefail
 

@@ -77,7 +77,9 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
   c.seed = 0
   # kpseq_jax/models/<model_name>.py: 'supervised' (one crop in, its
   # category's keypoints out), 'cape' (support-conditioned: episodes of
-  # support crops with keypoints and a query) or 'detector' (boxes).
+  # support crops with keypoints and a query), 'end_to_end' (PRTR's: the
+  # whole image on the detector.image_size_px canvas, its memory sampled
+  # inside each box) or 'detector' (boxes).
   c.model_name = model_name
   c.model = model_config(model_name)
   # ImageNet ResNet weights (.safetensors / .pth, models/pretrained.py) or a
@@ -91,9 +93,6 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
       dataset_dir='', train_split='train',
       batch_size=2,  # Global.
       image_size_px=512, bbox_scale=1.25,  # bbox enlarged 1.25x, aspect kept.
-      # 'two_stage': a crop per box; 'end_to_end': the whole image on the
-      # detector.image_size_px canvas, memory sampled inside each box (PRTR).
-      keypoint_stage='two_stage',
       flip_prob=0.5, scale_range=(0.75, 1.25), shift_frac=0.1,
       rotation_deg=0.0, color_jitter=0.2,
       # Grain: worker processes, batches prepared ahead, threads (0: CPUs).
@@ -161,14 +160,13 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
 def field_choices(model_name: str) -> ml_collections.ConfigDict:
   """Allowed values of the enumerated fields, nested as the config."""
   choices = ml_collections.ConfigDict(dict(
-      model_name=('supervised', 'cape', 'detector'),
+      model_name=('supervised', 'cape', 'end_to_end', 'detector'),
       model=dict(resnet=dict(depth=(18, 34, 50),
                              norm=('batch', 'group', 'frozen_batch'),
                              frozen_stages=(-1, 0, 1, 2, 3, 4),
                              conv_impl=('auto', 'xla', 'gemm')),
                  coordinate_loss=('l1', 'laplace'),
                  dtype=('float32', 'bfloat16')),
-      input=dict(keypoint_stage=('two_stage', 'end_to_end')),
       decode=dict(confidence_radius_bins=(0, 1, 2, 4, 8))))
   if model_name == 'detector':
     del choices.model['coordinate_loss']

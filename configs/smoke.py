@@ -4,6 +4,7 @@
 and a 2-layer, 32-wide decoder on 64 px crops of a 4-keypoint data set
 (tests/conftest.py sets ``input.dataset_dir``); no reference-point
 refinement and no flip test (the tests that are about them turn them on).
+The argument is the system (``configs/smoke.py:cape``).
 """
 
 import ml_collections
@@ -11,8 +12,10 @@ import ml_collections
 from configs import default
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = default.get_config()
+def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
+  """``model_name``: the system (configs/default.py), 'supervised' by
+  default."""
+  c = default.get_config(model_name)
   c.max_num_keypoints = 4
   c.input.dataset_dir = 'data/dlc_openfield'
   c.input.batch_size = 4

@@ -12,7 +12,7 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
       --mode analyze --videos VIDEOS [--boxes track|BOXES.json] \
       [--filter_window 5] --out OUT
 
-A detection config (``task='detection'``, e.g.
+A detection config (``model_name='detector'``, e.g.
 configs/dlc_openfield_detector.py) trains and evaluates (box AP) the
 whole-image detector with the same modes; ``--mode predict`` then takes its
 boxes with ``--detector_config/--detector_workdir`` (so do ``analyze``,
@@ -20,7 +20,7 @@ and ``eval``, which then also scores keypoints from detected boxes).
 
 Installed with ``pip install -e .``, ``kpseq`` is the same command.
 
-Any config field can be overridden: ``--config.num_train_steps=100``.
+Any config field can be overridden: ``--config.optim.num_train_steps=100``.
 
 Several processes (one per host): each runs the same command; JAX is joined
 up from ``--coordinator_address/--num_processes/--process_id``, or from the
@@ -61,7 +61,7 @@ flags.DEFINE_string('images', None, 'predict: an image file or a folder '
 flags.DEFINE_string('videos', None, 'analyze: a video file (mp4, avi, ...) '
                     'or a folder of them.')
 config_flags.DEFINE_config_file(
-    'detector_config', None, 'A detection config (task=detection, e.g. '
+    'detector_config', None, 'A detection config (model_name=detector, e.g. '
     'configs/dlc_openfield_detector.py) whose trained --detector_workdir '
     'finds the boxes. predict, analyze: when --boxes is not given; eval: '
     'also evaluates the keypoints from its boxes next to the ground-truth '
@@ -76,7 +76,7 @@ flags.DEFINE_string('boxes', None, 'predict: COCO detections list or '
                     'frame) or a COCO detections list with image_id = '
                     '0-based frame index; default: the whole frame.')
 flags.DEFINE_integer('video_batch_size', None, 'analyze: frames per model '
-                     'call; default config.eval_batch_size. With --boxes '
+                     'call; default config.evals.batch_size. With --boxes '
                      'track the box lags by up to one batch.')
 flags.DEFINE_integer('filter_window', 0, 'analyze: also write a median-'
                      'filtered table (DeepLabCut\'s filterpredictions) with '

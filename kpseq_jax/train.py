@@ -10,7 +10,7 @@ and losses of an uninterrupted one exactly (the checkpoint holds the train
 state with its rng, and the Grain iterator position; augmentation is seeded
 per element by Grain). SIGTERM (preemption) finishes the current step,
 saves and returns. A non-finite loss or gradient stops training naming the
-step, or, with ``config.skip_nonfinite_updates``, leaves the state
+step, or, with ``config.optim.skip_nonfinite_updates``, leaves the state
 unchanged for that step and counts it (``update_skipped``).
 """
 
@@ -43,8 +43,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> report_lib.EvalReport | box_ap.BoxReport | None:
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
-  With ``config.task='detection'`` the model is the detector
-  (`detector.BoxDetector`), trained on whole images
+  With ``config.model_name = 'detector'`` the model is the detector
+  (`detector.Model`), trained on whole images
   (`kpseq_jax/data/detection.py`) and evaluated by box AP (`box_ap`).
 
   Returns:
@@ -55,31 +55,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   Raises:
     metrics_log.NonFiniteLossError: on a NaN/inf loss or gradient, naming
-      the step (unless ``config.skip_nonfinite_updates``; then after
-      ``config.max_consecutive_skipped_updates`` skipped updates in a row).
+      the step (unless ``config.optim.skip_nonfinite_updates``; then after
+      ``config.optim.max_consecutive_skipped_updates`` skipped updates in a row).
     ValueError: for an impossible config (see `config_checks`).
   """
   config_checks.check(config)
   if warning := config_checks.frozen_without_weights(config):
     logging.warning('%s', warning)
-  info = dataset.load_info(config.dataset_dir)
+  info = dataset.load_info(config.input.dataset_dir)
   config_checks.check_dataset(config, info)
-  detecting = config.task == 'detection'
+  detecting = config.model_name == 'detector'
   # Examples per epoch: instances, or images for the detector.
-  train_size = (detection.num_images(config, config.train_split) if detecting
-                else info.split_sizes[config.train_split])
-  total_steps = ts.num_train_steps(config, train_size)
-  mesh = sharding.create_mesh(config.mesh_shape)
+  train_size = (detection.num_images(config, config.input.train_split) if detecting
+                else info.split_sizes[config.input.train_split])
+  total_steps = config.optim.num_train_steps
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size)
+  tx = ts.create_optimizer(config)
   logging.info('Train split %r: %d instances, %d steps per epoch, %d steps; '
-               'mesh %s', config.train_split, train_size,
+               'mesh %s', config.input.train_split, train_size,
                ts.steps_per_epoch(config, train_size), total_steps,
                dict(mesh.shape))
 
   if not detecting and (resolution := dataset.crop_resolution(
-      config.dataset_dir, config.train_split, config.image_size_px,
-      config.bbox_scale)):
+      config.input.dataset_dir, config.input.train_split, config.input.image_size_px,
+      config.input.bbox_scale)):
     logging.info('Top-down crops: %s.', resolution)
 
   # The baseline or the CAPE episodes, before anything compiles: a problem
@@ -95,14 +95,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     state, start = ckpt.restore(
         ts.abstract_train_state(config, model, tx, mesh), train_iter)
   step_fn = step_lib.make_train_step(
-      config, model, tx, ts.learning_rate_schedule(config, train_size),
+      config, model, tx, ts.learning_rate_schedule(config),
       jax.tree.map(lambda a: a.sharding, state), mesh)
 
   writer = metric_writer.MetricWriter(workdir)
   log = metrics_log.MetricsLog(
       total_steps, scalar_log.JsonlWriter(workdir),
-      config.skip_nonfinite_updates, writer,
-      config.max_consecutive_skipped_updates)
+      config.optim.skip_nonfinite_updates, writer,
+      config.optim.max_consecutive_skipped_updates)
   predictor = (box_predictor.BoxPredictor if detecting else
                predictor_lib.Predictor).from_state(config, model, state, mesh)
   variables = lambda s: s.inference_variables()  # The average, if any.
@@ -136,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         logging.warning('Preempted: saved step %d/%d in %s; run again to '
                         'resume.', step, total_steps, workdir)
         break
-      if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
+      if (config.evals.every_steps > 0 and step % config.evals.every_steps == 0
           and not is_last):  # The last step is evaluated below.
         log.flush(log=False)  # Never evaluate a state that follows a NaN.
         evaluator.evaluate(workdir, predictor, variables(state), step, writer)

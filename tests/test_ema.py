@@ -1,4 +1,4 @@
-"""Moving average of the weights (``config.ema_decay``, `step.update_ema`):
+"""Moving average of the weights (``config.optim.ema_decay``, `step.update_ema`):
 its formula, the skipped update, and that evaluation, prediction and
 checkpoints carry the average rather than the live weights."""
 
@@ -79,11 +79,11 @@ def test_without_decay_the_state_has_no_average():
 @pytest.fixture(scope='module')
 def smoke_state():
   config = smoke.get_config()
-  config.dataset_dir = 'unused'
-  config.ema_decay = 0.99
-  mesh = sharding.create_mesh(config.mesh_shape)
+  config.input.dataset_dir = 'unused'
+  config.optim.ema_decay = 0.99
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size=10)
+  tx = ts.create_optimizer(config)
   return config, mesh, model, tx, ts.create_train_state(config, model, tx,
                                                         mesh)
 

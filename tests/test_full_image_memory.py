@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
@@ -23,10 +24,11 @@ BOXES = np.array([[[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]],
 
 
 def _model(full_image_memory=True):
-  return model_lib.KeypointSequenceModel(
-      vocab=VOCAB, backbone_depth=18, feature_levels=('c4', 'c5'),
-      d_model=32, num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
-      max_seq_len=LENGTH, full_image_memory=full_image_memory)
+  return conftest.tiny_model(
+      'end_to_end' if full_image_memory else 'supervised',
+      vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c4', 'c5'),
+      d_model=32, transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=LENGTH)
 
 
 @pytest.fixture(scope='module')
@@ -155,8 +157,8 @@ def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
   import json
   from conftest import smoke_config
   from kpseq_jax import train
-  config = smoke_config(dlc_dataset, keypoint_stage='end_to_end',
-                        detector_image_size_px=(96, 128))
+  config = smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
+                        **{'detector.image_size_px': (96, 128)})
   report = train.train_and_evaluate(config, str(tmp_path))
   saved = json.loads((tmp_path / 'eval_test.json').read_text())
   assert saved['checkpoint_step'] == 2 and saved['num_instances'] == 8

@@ -21,8 +21,8 @@ def option(cmd: list[str], name: str) -> str:
 def test_tpu_copies_installs_and_runs_on_every_worker():
   cmds = dry_run('target=tpu', 'tpu_name=kp-v4-32', 'zone=us-central2-b',
                  'project=proj', 'workdir=gs://bucket/run',
-                 "extra=--config.dataset_dir=gs://bucket/data "
-                 "--config.mesh_shape=(4,4)")
+                 "extra=--config.input.dataset_dir=gs://bucket/data "
+                 "--config.sharding.mesh_shape=(4,4)")
   tar, scp, install, train = cmds
   assert tar[:2] == ['tar', 'czf'] and '--exclude=.git' in tar
   assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
@@ -42,7 +42,7 @@ def test_tpu_copies_installs_and_runs_on_every_worker():
   assert remote[6:] == [
       'python', '-m', 'kpseq_jax.main', '--config=configs/default.py',
       '--workdir=gs://bucket/run', '--mode=train',
-      '--config.dataset_dir=gs://bucket/data', '--config.mesh_shape=(4,4)',
+      '--config.input.dataset_dir=gs://bucket/data', '--config.sharding.mesh_shape=(4,4)',
       '--distributed=on']
 
 

@@ -136,8 +136,8 @@ def test_cli_whole_images_and_unreadable_files(trained, shared_data,
   run = subprocess.run(
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=predict',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
-       f'--config.dataset_dir={config.dataset_dir}', f'--workdir={workdir}',
-       f'--config.presence_token={config.presence_token}',
+       f'--config.input.dataset_dir={config.input.dataset_dir}', f'--workdir={workdir}',
+       f'--config.vocab.presence_token={config.vocab.presence_token}',
        f'--images={images}', f'--out={out}'],
       cwd=conftest.REPO, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]

@@ -72,9 +72,9 @@ def test_coordinate_mass_matches_a_direct_sum():
 
 @pytest.fixture(scope='module')
 def model():
-  return model_lib.KeypointSequenceModel(
-      vocab=VOCAB, backbone_depth=18, feature_levels=('c5',), d_model=32,
-      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0, max_seq_len=LENGTH)
+  return conftest.tiny_model(
+      vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c5',), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH)
 
 
 def _variables(model, absent_bias):
@@ -183,8 +183,8 @@ def test_hidden_keypoints_reach_the_targets_and_the_presence_report(
   data_dir, hidden, names = _hidden_openfield(shared_data, tmp_path)
   info = dataset.load_info(str(data_dir))
   assert info.unlabelled_means == 'absent'
-  config = conftest.smoke_config(data_dir, presence_token=True,
-                                 max_num_keypoints=4, eval_batch_size=8)
+  config = conftest.smoke_config(data_dir, **{'vocab.presence_token': True},
+                                 max_num_keypoints=4, **{'evals.batch_size': 8})
   source = dataset.data_source(str(data_dir), 'test')
   order = [int(source[i]['annotation_id']) for i in range(len(source))]
   vocab = vocab_lib.from_config(config)
@@ -234,11 +234,11 @@ def test_presence_needs_a_data_set_that_knows_absence(
   assert info.unlabelled_means == 'unknown'
   with pytest.raises(ValueError, match='--unlabelled_means=absent'):
     config_checks.check_dataset(conftest.smoke_config(
-        mp100_sample_dataset, presence_token=True, max_num_keypoints=68),
+        mp100_sample_dataset, **{'vocab.presence_token': True}, max_num_keypoints=68),
         info)
   # The session's dlc_openfield data set says "absent": accepted.
   config_checks.check_dataset(
-      conftest.smoke_config(dlc_dataset, presence_token=True),
+      conftest.smoke_config(dlc_dataset, **{'vocab.presence_token': True}),
       dataset.load_info(str(dlc_dataset)))
   with pytest.raises(ValueError, match='unlabelled_means'):
     build.build_dataset({'test': ann / 'test.json'},
@@ -267,11 +267,11 @@ def test_sigma_errors_name_the_category_and_field(dlc_dataset, tmp_path):
                       oks_sigmas={'mouse_topview': [0.05] * 4})
   info = dataset.load_info(str(out))
   assert info.categories[1].oks_sigmas == (0.05,) * 4
-  evaluate.Evaluator(conftest.smoke_config(out, oks_default_sigma=0.0,
-                                           train_split='test'), info)
+  evaluate.Evaluator(conftest.smoke_config(out, **{'evals.oks_default_sigma': 0.0},
+                                           **{'input.train_split': 'test'}), info)
   with pytest.raises(ValueError, match='mouse_topview'):
     evaluate.Evaluator(
-        conftest.smoke_config(dlc_dataset, oks_default_sigma=0.0),
+        conftest.smoke_config(dlc_dataset, **{'evals.oks_default_sigma': 0.0}),
         dataset.load_info(str(dlc_dataset)))
 
 

@@ -49,7 +49,7 @@ def test_training_and_eval_scalars_and_overlays_are_in_the_event_files(
     assert set(scalars[f'train/{name}']) == {1, 2}, name
     assert all(np.isfinite(v) for v in scalars[f'train/{name}'].values())
   assert scalars['train/learning_rate'][2] == pytest.approx(
-      config.learning_rate)
+      config.optim.learning_rate)
   # The TensorBoard points are the steps' logged losses (one step per log).
   steps = scalar_log.read_steps(str(workdir))
   for step in (1, 2):

@@ -41,7 +41,7 @@ class _BoxesOf:
 
 
 def _annotated_boxes(config):
-  source = dataset.data_source(config.dataset_dir, config.eval_split)
+  source = dataset.data_source(config.input.dataset_dir, config.evals.split)
   return [[(int(source[j]['category_id']), tuple(source[j]['bbox']))
            for j in g] for g in detection.image_groups(source)]
 
@@ -55,9 +55,9 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
   # decoded from both kinds of box in each of the three runs, and 8 images
   # took about a minute more here (the same code path per image).
   config = config.copy_and_resolve_references()
-  config.num_eval_examples = n = 3
+  config.evals.num_examples = n = 3
   boxes = _annotated_boxes(config)
-  mesh = sharding.create_mesh(config.mesh_shape)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
                                                 93)
   predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
@@ -105,21 +105,21 @@ def tiny_detector(dlc_dataset, tmp_path_factory):
   from configs import dlc_openfield_detector
   from kpseq_jax import train
   c = dlc_openfield_detector.get_config()
-  c.dataset_dir = str(dlc_dataset)
-  c.detector_image_size_px = (96, 128)
-  c.feature_levels = ('c4', 'c5')
-  c.d_model = 32
-  c.num_heads = 2
-  c.num_layers = 2
-  c.ffn_dim = 64
-  c.detector_num_queries = 4
-  c.max_detections = 3
-  c.batch_size = 4
-  c.num_train_steps = 2
+  c.input.dataset_dir = str(dlc_dataset)
+  c.detector.image_size_px = (96, 128)
+  c.model.feature_levels = ('c4', 'c5')
+  c.model.d_model = 32
+  c.model.transformer.num_heads = 2
+  c.model.transformer.num_layers = 2
+  c.model.transformer.ffn_dim = 64
+  c.model.num_queries = 4
+  c.detector.max_detections = 3
+  c.input.batch_size = 4
+  c.optim.num_train_steps = 2
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  c.eval_every_steps = 0
-  c.eval_batch_size = 8
+  c.evals.every_steps = 0
+  c.evals.batch_size = 8
   workdir = tmp_path_factory.mktemp('detector')
   return c, workdir, train.train_and_evaluate(c, str(workdir))
 
@@ -201,9 +201,9 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
   mesh = sharding.create_mesh((-1, 1))
   detector = box_predictor.ImageDetector(det_config, str(det_workdir), mesh)
   detector.threshold = 0.0  # Untrained scores: keep every box.
-  config = smoke_config(dlc_dataset, keypoint_stage='end_to_end',
-                        detector_image_size_px=(96, 128),
-                        backbone_norm='frozen_batch', eval_batch_size=8)
+  config = smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
+                        **{'detector.image_size_px': (96, 128)},
+                        **{'model.resnet.norm': 'frozen_batch'}, **{'evals.batch_size': 8})
   model = ts.create_model(config)
   variables = jax.jit(lambda r: model.init(
       r, **ts.dummy_inputs(config), train=False))(jax.random.PRNGKey(1))
@@ -225,8 +225,8 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
       detector, predictor_lib.Predictor(config, model, moved, mesh), config)
   assert not shared and 'conv1' in why
   shared, why = box_predictor.shares_backbone(
-      detector, kp, smoke_config(dlc_dataset, keypoint_stage='end_to_end',
-                                 detector_image_size_px=(64, 96)))
+      detector, kp, smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
+                                 **{'detector.image_size_px': (64, 96)}))
   assert not shared and 'canvases differ' in why
 
   frame = np.asarray(Image.open(sorted(

@@ -2,7 +2,7 @@
 
   python tools/keypoint_stage_cost.py --config configs/dlc_openfield.py \\
       --two_stage_workdir RUN_A --end_to_end_workdir RUN_B \\
-      --config.detector_image_size_px='(192, 256)' --boxes_per_image 1,2,4
+      --config.detector.image_size_px='(192, 256)' --boxes_per_image 1,2,4
 
 Restores both trained workdirs (same ``--config`` apart from
 ``keypoint_stage``), takes ``--num_frames`` real frames of the data set's
@@ -24,11 +24,11 @@ stay the annotated ones, so every variant decodes the same N boxes), and a
 third variant, ``end_to_end_shared``, decodes from the detector's backbone
 feature maps (PRTR's one backbone pass, `box_predictor.shares_backbone`;
 the end-to-end run must have the detector's backbone, e.g. trained with
-``--config.pretrained_backbone_path=DETECTOR_WORKDIR
---config.backbone_norm=frozen_batch --config.backbone_frozen_stages=4``).
+``--config.model_init=DETECTOR_WORKDIR
+--config.model.resnet.norm=frozen_batch --config.model.resnet.frozen_stages=4``).
 
   python tools/keypoint_stage_cost.py --config configs/dlc_openfield.py \\
-      --config.detector_image_size_px='(192, 256)' \\
+      --config.detector.image_size_px='(192, 256)' \\
       --two_stage_workdir RUN_A --end_to_end_workdir RUN_B \\
       --detector_config configs/dlc_openfield_detector.py \\
       --detector_workdir DETECTOR_RUN --boxes_per_image 1,2
@@ -96,9 +96,9 @@ def _frames():
 
 def _stage(config, stage, workdir, mesh, info, detector=None):
   with config.unlocked():
-    config.keypoint_stage = stage
+    config.model_name = stage
   model, state, _ = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
+      config, workdir, mesh, info.split_sizes[config.input.train_split])
   batcher = predict.make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
       info.category_index(), detector=detector)
@@ -128,8 +128,8 @@ def main(argv):
   del argv
   xla_flags.set_defaults()
   config = FLAGS.config
-  info = dataset.load_info(config.dataset_dir)
-  mesh = sharding.create_mesh(config.mesh_shape)
+  info = dataset.load_info(config.input.dataset_dir)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   frames = _frames()
   stages = {'two_stage': _stage(config, 'two_stage', FLAGS.two_stage_workdir,
                                 mesh, info),
@@ -146,9 +146,9 @@ def main(argv):
         config, 'end_to_end', FLAGS.end_to_end_workdir, mesh, info,
         detectors['end_to_end_shared'])
   figures = dict(jax=jax.__version__, num_frames=len(frames),
-                 eval_batch_size=config.eval_batch_size,
-                 canvas_hw=list(config.detector_image_size_px),
-                 crop_px=config.image_size_px, per_n={})
+                 eval_batch_size=config.evals.batch_size,
+                 canvas_hw=list(config.detector.image_size_px),
+                 crop_px=config.input.image_size_px, per_n={})
   for n in map(int, FLAGS.boxes_per_image):
     times = {k: [] for k in stages}
     for k, b in stages.items():

@@ -124,14 +124,14 @@ class DetectionEvaluator:
   Args:
     config: the run's config.
     info: the data set's `DatasetInfo`.
-    split: the split to evaluate (default ``config.eval_split``).
+    split: the split to evaluate (default ``config.evals.split``).
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
                info: dataset.DatasetInfo, split: str | None = None):
     self.config = config
     self.info = info
-    self.split = split or config.eval_split
+    self.split = split or config.evals.split
     self._category_ids = sorted(info.categories)
 
   def evaluate(self, workdir: str,
@@ -172,20 +172,20 @@ class DetectionEvaluator:
                           'category_id': self._category_ids[int(c)],
                           'bbox': _xywh(b), 'score': float(s)})
         without += int(det.scores[i].max(initial=0.0)
-                       < config.detection_score_threshold)
+                       < config.detector.score_threshold)
         bar.update(1)
     bar.close()
     stats = box_ap(images, truth, results, self._category_ids)
     report = BoxReport(split=split, step=None if step is None else int(step),
                        num_images=len(images), num_instances=len(truth),
                        num_images_without_detection=without,
-                       score_threshold=config.detection_score_threshold,
+                       score_threshold=config.detector.score_threshold,
                        **stats)
     logging.info('Eval %s boxes (step %s, %d images, %d boxes): AP %.4f, '
                  'AP50 %.4f, AP75 %.4f, AR@100 %.4f; %d images without a '
                  'detection >= %.2f', split, step, report.num_images,
                  report.num_instances, report.ap, report.ap50, report.ap75,
-                 report.ar100, without, config.detection_score_threshold)
+                 report.ar100, without, config.detector.score_threshold)
     if jax.process_index() == 0:
       _write_json(os.path.join(workdir, f'eval_{split}_boxes.json'),
                   report.to_dict())

@@ -134,8 +134,8 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
     workdir: the keypoint run's directory (latest checkpoint).
     detector: the detection stage (``detect(image)`` and ``threshold`` of
       `box_predictor.ImageDetector`).
-    split: default ``config.eval_split``; its first
-      ``config.num_eval_examples`` images when that is > 0.
+    split: default ``config.evals.split``; its first
+      ``config.evals.num_examples`` images when that is > 0.
     iou_threshold: detection-to-instance matching threshold.
     pck_alpha: the PCK threshold (MP-100: 0.2).
     out_dir: where the report goes (default ``workdir``).
@@ -149,20 +149,20 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_count() > 1:
     raise NotImplementedError('Evaluation from detected boxes runs on one '
                               'process.')
-  split = split or config.eval_split
-  info = dataset.load_info(config.dataset_dir)
+  split = split or config.evals.split
+  info = dataset.load_info(config.input.dataset_dir)
   if predictor is None:
-    mesh = sharding.create_mesh(config.mesh_shape)
+    mesh = sharding.create_mesh(config.sharding.mesh_shape)
     model, state, _ = predictor_lib.restore_state(
-        config, workdir, mesh, info.split_sizes[config.train_split])
+        config, workdir, mesh, info.split_sizes[config.input.train_split])
     predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
   batcher = predict_lib.make_batcher(config, predictor, info.category_index(),
                                      detector=detector)
-  source = dataset.data_source(config.dataset_dir, split)
+  source = dataset.data_source(config.input.dataset_dir, split)
   groups = detection.image_groups(source)
   meta = dataset.records_without_images(source)
-  if config.num_eval_examples > 0:
-    groups = groups[:config.num_eval_examples]
+  if config.evals.num_examples > 0:
+    groups = groups[:config.evals.num_examples]
   acc = {'gt': metrics.PCKAccumulator(alpha=pck_alpha),
          'detected': metrics.PCKAccumulator(alpha=pck_alpha)}
   counts = dict(instances=0, detections=0, matched=0)

@@ -73,14 +73,14 @@ class Evaluator:
   Args:
     config: the run's config.
     info: the data set's `DatasetInfo`.
-    split: the split to evaluate (default ``config.eval_split``).
+    split: the split to evaluate (default ``config.evals.split``).
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
                info: dataset.DatasetInfo, split: str | None = None):
     self.config = config
     self.info = info
-    self.split = split or config.eval_split
+    self.split = split or config.evals.split
     self.protocol = protocols.create(config, info, self.split)
     if isinstance(self.protocol, protocols.Instances):
       # OKS sigmas of every category, or a ValueError naming the category
@@ -88,8 +88,8 @@ class Evaluator:
       for c in info.categories.values():
         oks.resolve_sigmas(c.id, c.num_keypoints, c.keypoint_names, c.name,
                            c.oks_sigmas or None,
-                           config.oks_default_sigma or None)
-    permuted = config.setting == 'cape' and config.cape_eval_permuted
+                           config.evals.oks_default_sigma or None)
+    permuted = config.model_name == 'cape' and config.cape.eval_permuted
     self.name = self.split + ('_permuted' if permuted else '')
 
   def evaluate(self, workdir: str, predictor: predictor_lib.Predictor,
@@ -113,7 +113,7 @@ class Evaluator:
     acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
     base_acc = {a: metrics.PCKAccumulator(alpha=a) for a in report_lib.ALPHAS}
     unc = uncertainty.UncertaintyAccumulator(
-        info, config.confidence_radius_bins, config.oks_default_sigma,
+        info, config.decode.confidence_radius_bins, config.evals.oks_default_sigma,
         with_oks=isinstance(protocol, protocols.Instances))
     results, overlays = [], {}
     pixels = metrics.PixelAccuracyAccumulator()  # Captioning papers' figures.
@@ -123,7 +123,7 @@ class Evaluator:
       pred = predictor.predict(local, variables)
       if not overlays:
         overlays = _overlays(local, pred.keypoints, info, name,
-                             pred.absent, config.image_size_px)
+                             pred.absent, config.input.image_size_px)
       batch = sharding.gather(sharding.global_batch(
           {k: v for k, v in local.items()
            if k not in ('image', 'support_image')}, predictor.mesh))
@@ -133,7 +133,7 @@ class Evaluator:
       presence = None if pred.presence is None else pred.presence[keep]
       base_px = predictor_lib.crop_to_image(
           protocol.baseline(batch), batch['crop_from_image'],
-          config.image_size_px)
+          config.input.image_size_px)
       size = protocol.normaliser(batch)
       for a in report_lib.ALPHAS:
         for accumulator, p in ((acc[a], pred_px), (base_acc[a], base_px)):
@@ -180,27 +180,27 @@ class Evaluator:
 def evaluate(config: ml_collections.ConfigDict, workdir: str
              ) -> report_lib.EvalReport | box_ap.BoxReport:
   """``--mode eval``: restores the latest checkpoint and evaluates it (box
-  AP for ``task='detection'``, `box_ap.DetectionEvaluator`).
+  AP for ``model_name='detector'``, `box_ap.DetectionEvaluator`).
 
   Raises:
     FileNotFoundError: missing data set or checkpoint.
     ValueError: for an impossible config (see `config_checks`).
   """
   config_checks.check(config)
-  info = dataset.load_info(config.dataset_dir)
+  info = dataset.load_info(config.input.dataset_dir)
   config_checks.check_dataset(config, info)
-  mesh = sharding.create_mesh(config.mesh_shape)
-  if config.task == 'detection':
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  if config.model_name == 'detector':
     evaluator = box_ap.DetectionEvaluator(config, info)
     model, state, step = predictor_lib.restore_state(
         config, workdir, mesh, detection.num_images(config,
-                                                    config.train_split))
+                                                    config.input.train_split))
     predictor = box_predictor.BoxPredictor.from_state(config, model, state,
                                                       mesh)
   else:
     evaluator = Evaluator(config, info)
     model, state, step = predictor_lib.restore_state(
-        config, workdir, mesh, info.split_sizes[config.train_split])
+        config, workdir, mesh, info.split_sizes[config.input.train_split])
     predictor = predictor_lib.Predictor.from_state(config, model, state,
                                                    mesh)
   with metric_writer_lib.MetricWriter(workdir) as writer:

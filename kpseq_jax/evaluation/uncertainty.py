@@ -7,14 +7,14 @@ turns it into the three report sections:
 
 * ``oks``: OKS AP/AR by pycocotools (`oks.evaluate_oks`), per category with
   its sigmas (the data set's ``oks_sigmas``, COCO's for the COCO person
-  layout, else ``config.oks_default_sigma``), averaged over categories.
+  layout, else ``config.evals.oks_default_sigma``), averaged over categories.
   Each instance's score is mmpose's ``bbox_keypoint`` rescoring of its
   keypoint confidences (the box score is 1: boxes are the ground truth's).
   Instance protocol only: CAPE episodes show the same query several times.
 * ``calibration``: for every labelled keypoint, "hit" = within 0.2 x the
   PCK normaliser (MP-100's PCK@0.2, `metrics.correct_keypoints`);
   reliability table, expected calibration error and AUROC of the
-  confidence at ``config.confidence_radius_bins``, and ECE/AUROC at every
+  confidence at ``config.decode.confidence_radius_bins``, and ECE/AUROC at every
   radius of `vocab.CONFIDENCE_RADII_BINS` to compare them. Also the same
   at the stricter hit thresholds 0.05 and 0.025 (`HIT_ALPHAS`; PCK@0.2
   saturates on lab data).
@@ -58,9 +58,9 @@ class UncertaintyAccumulator:
   Args:
     info: the data set (categories, sigmas, what v = 0 means).
     radius_bins: the reported confidence's radius
-      (``config.confidence_radius_bins``).
+      (``config.decode.confidence_radius_bins``).
     default_sigma: OKS sigma for categories with none
-      (``config.oks_default_sigma``; 0 = none, then such a category is an
+      (``config.evals.oks_default_sigma``; 0 = none, then such a category is an
       error).
     with_oks: compute OKS AP (instance protocol).
   """

@@ -158,7 +158,7 @@ def scorer_name(config: ml_collections.ConfigDict, category_name: str,
                 step: int) -> str:
   """``KPSEQ_resnet<depth>_<category>_step<step>`` (file-name safe)."""
   cat = re.sub(r'[^A-Za-z0-9]+', '', category_name) or 'pose'
-  return f'KPSEQ_resnet{config.backbone_depth}_{cat}_step{int(step)}'
+  return f'KPSEQ_resnet{config.model.resnet.depth}_{cat}_step{int(step)}'
 
 
 def make_boxes(boxes: str | None, min_confidence: float,
@@ -222,7 +222,7 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     out_dir: output folder (created).
     boxes: None (whole frame), 'track' or a detections file.
     category_id: the category of the animal (default: the only one).
-    batch_size: frames per model call (default ``config.eval_batch_size``).
+    batch_size: frames per model call (default ``config.evals.batch_size``).
     filter_window: odd median filter window in frames; 0 = none.
     labeled_video: write ``_labeled.mp4``.
     detector: with ``boxes`` None, each frame's box is this detector's
@@ -254,13 +254,13 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
       failed.append(e)
   if not probed:
     raise failed[0]
-  info = dataset.load_info(config.dataset_dir)
+  info = dataset.load_info(config.input.dataset_dir)
   cid = predict_lib.choose_category(info, category_id)
   category = info.categories[cid]
-  pcutoff = _pcutoff(config.dataset_dir)
-  mesh = sharding.create_mesh(config.mesh_shape)
+  pcutoff = _pcutoff(config.input.dataset_dir)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model, state, step = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
+      config, workdir, mesh, info.split_sizes[config.input.train_split])
   batcher = predict_lib.make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
       info.category_index(), batch_size,
@@ -270,7 +270,7 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   # Track: a box side is at most twice the training boxes' typical side.
   # Its confidence threshold is its own (`TRACK_MIN_CONFIDENCE`), not the
   # project's pcutoff, which is on DeepLabCut's likelihood scale.
-  typical = (typical_box_px(config.dataset_dir, config.train_split)
+  typical = (typical_box_px(config.input.dataset_dir, config.input.train_split)
              if boxes == 'track' else None)
   summaries = []
   for vinfo in probed:

@@ -1,6 +1,6 @@
 """Boxes for batches of whole images from a trained detector (issue 18).
 
-`BoxPredictor` holds a `detector.BoxDetector`, its variables and the
+`BoxPredictor` holds a `detector.Model`, its variables and the
 compiled forward pass + `detector.top_detections` (sharded like the
 keypoint `predictor.Predictor`), and maps the boxes from the canvas of
 `kpseq_jax/data/detection.py` back to image pixels (`canvas_to_image`).
@@ -81,7 +81,7 @@ class BoxPredictor:
 
   Args:
     config: ``max_detections`` (k), ``detector_image_size_px``.
-    model: the `detector.BoxDetector`.
+    model: the `detector.Model`.
     variables: {'params', 'batch_stats'} on ``mesh``.
     mesh: the device mesh; batches are split over it.
     feature_levels: backbone levels (e.g. ('c3', 'c4', 'c5')) that
@@ -96,9 +96,9 @@ class BoxPredictor:
     self.model = model
     self.variables = variables
     self.mesh = mesh
-    self.canvas_hw = tuple(config.detector_image_size_px)
+    self.canvas_hw = tuple(config.detector.image_size_px)
     self.feature_levels = tuple(feature_levels)
-    k = config.max_detections
+    k = config.detector.max_detections
 
     def detect(variables, images):
       logits, boxes, maps = model.apply(
@@ -167,19 +167,19 @@ class ImageDetector:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                mesh: jax.sharding.Mesh):
-    if config.task != 'detection':
-      raise ValueError(f'--detector_config has task={config.task!r}; it '
+    if config.model_name != 'detector':
+      raise ValueError(f'--detector_config has task={config.model_name!r}; it '
                        'must be a detection config (task=detection, e.g. '
                        'configs/dlc_openfield_detector.py).')
-    info = dataset.load_info(config.dataset_dir)
+    info = dataset.load_info(config.input.dataset_dir)
     model, state, self.step = predictor_lib.restore_state(
         config, workdir, mesh, detection.num_images(config,
-                                                    config.train_split))
+                                                    config.input.train_split))
     self.predictor = BoxPredictor.from_state(config, model, state, mesh)
     self.category_ids = sorted(info.categories)
     self.class_index = info.category_index()
-    self.threshold = config.detection_score_threshold
-    self.max_boxes = config.detector_num_queries
+    self.threshold = config.detector.score_threshold
+    self.max_boxes = config.model.num_queries
     self.batch_size = jax.device_count()
     self._lock = threading.Lock()
     # id(image) -> (image, features) of the latest images; the image is
@@ -277,9 +277,9 @@ def shares_backbone(detector: ImageDetector, keypoint_predictor,
   model = keypoint_predictor.model
   det = detector.predictor
   if not model.full_image_memory or model.support_conditioning:
-    return False, ('the keypoint stage reads crops (keypoint_stage='
-                   f'{keypoint_config.keypoint_stage})')
-  canvas = tuple(keypoint_config.detector_image_size_px)
+    return False, ('the keypoint stage reads crops (model_name='
+                   f'{keypoint_config.model_name})')
+  canvas = tuple(keypoint_config.detector.image_size_px)
   if canvas != det.canvas_hw:
     return False, (f'canvases differ: keypoint model {canvas}, detector '
                    f'{det.canvas_hw} (detector_image_size_px)')

@@ -319,7 +319,7 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
   positions (support prefix included) and reads position t.
 
   Args:
-    model: a `KeypointSequenceModel` (static).
+    model: a keypoint `Model` (`supervised`, `cape`, `end_to_end`; static).
     variables: its variables ({'params', 'batch_stats'}).
     inputs: the `input_fields` of a batch (module docstring).
     max_num_keypoints: Kmax; at most Kmax groups are generated.
@@ -387,7 +387,7 @@ def init_cache(step_model, variables, memory, batch_size: int, length: int,
   the zeros is computed.
 
   Args:
-    step_model: a `KeypointSequenceModel` with ``cache_decoding=True``.
+    step_model: a keypoint `Model` with ``cache_decoding=True``.
     variables: its {'params', ...} (only shapes are read).
     memory: ``model.encode`` output (only shapes are read).
     batch_size: B.
@@ -424,8 +424,7 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
   """
   vocab = model.vocab
   length = grammar.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
-  step_model = model.clone(cache_decoding=True, remat_backbone=False,
-                           remat_decoder=False)
+  step_model = model.for_cached_decoding()
   enc = _encode(step_model, variables, inputs)
   b, prefix = enc.batch_size, enc.prefix
   # Values projected once per image, then repeated per box.

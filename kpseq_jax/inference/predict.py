@@ -252,10 +252,10 @@ class CropBatcher:
     self.predictor = predictor
     self.vocab = predictor.model.vocab
     self.category_index = category_index  # Category conditioning only.
-    self.batch_size = batch_size or config.eval_batch_size
-    self.crop_affine = transforms.CropAffine(config.image_size_px,
-                                             config.bbox_scale)
-    self.warp = transforms.WarpToCrop(config.image_size_px)
+    self.batch_size = batch_size or config.evals.batch_size
+    self.crop_affine = transforms.CropAffine(config.input.image_size_px,
+                                             config.input.bbox_scale)
+    self.warp = transforms.WarpToCrop(config.input.image_size_px)
     self.pending: list[tuple[object, dict]] = []
 
   def crop(self, image: np.ndarray, bbox, category_id: int) -> dict:
@@ -314,7 +314,7 @@ class CropBatcher:
 
 
 class CanvasBatcher(CropBatcher):
-  """`CropBatcher` for PRTR's end-to-end variant (``config.keypoint_stage
+  """`CropBatcher` for PRTR's end-to-end variant (``config.model_name
   = 'end_to_end'``): each image is put on the ``detector_image_size_px``
   canvas once (`transforms.to_canvas`) and encoded once for all its boxes;
   a box is its crop frame on the canvas (``memory_from_crop``,
@@ -342,7 +342,7 @@ class CanvasBatcher(CropBatcher):
                category_index: dict[int, int],
                batch_size: int | None = None):
     super().__init__(config, predictor, category_index, batch_size)
-    self.canvas_hw = tuple(config.detector_image_size_px)
+    self.canvas_hw = tuple(config.detector.image_size_px)
     mesh = predictor.mesh
     self._split = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
     self._lock = threading.Lock()
@@ -444,7 +444,7 @@ def make_batcher(config: ml_collections.ConfigDict,
                  batch_size: int | None = None,
                  detector: box_predictor.ImageDetector | None = None
                  ) -> CropBatcher:
-  """The batcher of ``config.keypoint_stage``: `CropBatcher` (two_stage,
+  """The batcher of ``config.model_name``: `CropBatcher` (two_stage,
   top-down crops) or `CanvasBatcher` (end_to_end, whole images).
 
   With the ``detector`` that finds the boxes, an end-to-end batcher decodes
@@ -452,7 +452,7 @@ def make_batcher(config: ml_collections.ConfigDict,
   equal (`box_predictor.shares_backbone`; one backbone pass per image),
   and says which it does in the log.
   """
-  cls = (CanvasBatcher if config.keypoint_stage == 'end_to_end'
+  cls = (CanvasBatcher if config.model_name == 'end_to_end'
          else CropBatcher)
   batcher = cls(config, predictor, category_index, batch_size)
   if (isinstance(detector, box_predictor.ImageDetector)
@@ -489,7 +489,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   if jax.process_count() > 1:
     raise NotImplementedError('--mode predict runs on one process; start it '
                               'on a single host.')
-  info = dataset.load_info(config.dataset_dir)
+  info = dataset.load_info(config.input.dataset_dir)
   root, rels = list_images(images)
   if category_id is not None:
     choose_category(info, category_id)  # Raises if not in the table.
@@ -533,9 +533,9 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
     entries = [ImageEntry(rel, root / rel, i + 1, [Box(cid, None)])
                for i, rel in enumerate(rels)]
 
-  mesh = sharding.create_mesh(config.mesh_shape)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model, state, step = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
+      config, workdir, mesh, info.split_sizes[config.input.train_split])
   batcher = make_batcher(
       config, predictor_lib.Predictor.from_state(config, model, state, mesh),
       info.category_index(), detector=None if boxes_file else detector)

@@ -36,7 +36,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
     config: the run's config (fixes the model and the state's tree).
     workdir: the run's directory.
     mesh: the device mesh the state is placed on (its shardings follow
-      ``config.sharding_rules``).
+      ``config.sharding.rules``).
     train_size: training instances (shapes the optimizer's schedule, which
       is part of the restored tree).
 
@@ -49,7 +49,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
       with another config.
   """
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size)
+  tx = ts.create_optimizer(config)
   abstract = ts.abstract_train_state(config, model, tx, mesh)
   ckpt = checkpointing.Checkpointer(workdir)
   state, step = ckpt.restore(abstract)
@@ -112,7 +112,7 @@ def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
   """Jitted ``fn(variables, inputs) -> decode dict`` with shardings.
 
   Args:
-    model: a `KeypointSequenceModel`.
+    model: a keypoint `Model` (`kpseq_jax/models/`).
     max_num_keypoints: Kmax.
     variables_sharding: pytree of shardings of {'params', 'batch_stats'}
       (the train state's layout, e.g. fsdp-split).
@@ -177,7 +177,7 @@ class Prediction:
     keypoints_px: float64 [B, Kmax, 2] image pixels (NaN likewise), or None
       when the batch had no ``crop_from_image``.
     confidence: float32 [B, Kmax] in [0, 1], per keypoint: the
-      classifier's probability mass within ``config.confidence_radius_bins``
+      classifier's probability mass within ``config.decode.confidence_radius_bins``
       bins of the decoded x bin times that of y
       (`decoding.coordinate_mass`); NaN after ``num_keypoints``.
     confidence_by_radius: float32 [B, Kmax, R] the same at every radius of
@@ -212,16 +212,16 @@ class Predictor:
   Args:
     config: ``max_num_keypoints``, ``image_size_px`` and
       ``confidence_radius_bins``.
-    model: the `KeypointSequenceModel`.
+    model: the keypoint `Model`.
     variables: {'params', 'batch_stats'}, already on ``mesh`` (their
       shardings are kept).
     mesh: the device mesh; batches are split over it.
     cached: use the KV-cached decoder (default) or the reference.
     flip_permutations: category id -> int [K] flip permutation
-      (`dataset.DatasetInfo.flip_permutations`) for ``config.flip_test``;
-      default: read from ``config.dataset_dir``.
+      (`dataset.DatasetInfo.flip_permutations`) for ``config.decode.flip_test``;
+      default: read from ``config.input.dataset_dir``.
 
-  ``config.flip_test`` applies to top-down crop models; a model that
+  ``config.decode.flip_test`` applies to top-down crop models; a model that
   decodes from the full image or from support images decodes once (with a
   warning in the log).
   """
@@ -232,27 +232,27 @@ class Predictor:
     self.model = model
     self.variables = variables
     self.mesh = mesh
-    self.image_size_px = config.image_size_px
-    if config.confidence_radius_bins not in decoding.CONFIDENCE_RADII_BINS:
+    self.image_size_px = config.input.image_size_px
+    if config.decode.confidence_radius_bins not in decoding.CONFIDENCE_RADII_BINS:
       raise ValueError(
-          f'confidence_radius_bins={config.confidence_radius_bins} is not '
+          f'confidence_radius_bins={config.decode.confidence_radius_bins} is not '
           f'one of {decoding.CONFIDENCE_RADII_BINS}.')
     self._radius = decoding.CONFIDENCE_RADII_BINS.index(
-        config.confidence_radius_bins)
+        config.decode.confidence_radius_bins)
     self.input_fields = decoding.input_fields(model)
     self.max_num_keypoints = config.max_num_keypoints
-    self.flip_test = bool(config.flip_test)
+    self.flip_test = bool(config.decode.flip_test)
     if self.flip_test and (model.full_image_memory
                            or model.support_conditioning):
       logging.warning(
-          'config.flip_test is not applied: it mirrors top-down crops, and '
-          'this model decodes from the full image (keypoint_stage='
+          'config.decode.flip_test is not applied: it mirrors top-down crops, and '
+          'this model decodes from the full image (model_name='
           'end_to_end) or from support images (CAPE).')
       self.flip_test = False
     if self.flip_test:
       if flip_permutations is None:
         flip_permutations = dataset.load_info(
-            config.dataset_dir).flip_permutations()
+            config.input.dataset_dir).flip_permutations()
       self._inverse_permutations = {
           int(c): np.argsort(p).astype(np.int32)
           for c, p in flip_permutations.items()}
@@ -309,7 +309,7 @@ class Predictor:
       variables: decode with these instead of the predictor's own (same
         tree and shardings, e.g. a later state of the same run).
 
-    With ``config.flip_test`` the batch also needs ``category_id`` [b]:
+    With ``config.decode.flip_test`` the batch also needs ``category_id`` [b]:
     rows of categories with flip pairs are averaged with their mirrored
     crop's prediction (`flip_test_average`; two decodes per batch).
 
@@ -324,7 +324,7 @@ class Predictor:
              if not (k == 'image' and features is not None)}
     if self.flip_test:
       if 'category_id' not in local_batch:
-        raise KeyError('config.flip_test: the batch needs category_id (the '
+        raise KeyError('config.decode.flip_test: the batch needs category_id (the '
                        'flip permutation of each row).')
       local.update(self._flip_inputs(local_batch['category_id']))
     inputs = sharding.global_batch(local, self.mesh)

@@ -159,7 +159,7 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
   absent = np.asarray(absent, bool)[:num_keypoints] & ~labelled  # [K]
   if absent.any() and not vocab.presence:
     raise ValueError('absent keypoints given to a vocabulary without '
-                     '<absent> (config.presence_token=False).')
+                     '<absent> (config.vocab.presence_token=False).')
   absent_tok = vocab.absent if vocab.presence else vocab.pad
   xy = np.clip(kps[:, :2], 0.0, 1.0)  # [K, 2]
   xy_tokens = vocab.quantize(xy)  # [K, 2]

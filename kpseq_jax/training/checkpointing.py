@@ -40,8 +40,8 @@ def read_backbone(workdir: str, backbone_key: str = 'backbone'
   Reads only ``params[backbone_key]`` and ``batch_stats[backbone_key]``
   (partial restore; from ``ema`` when the run kept a moving average of its
   weights, which it evaluates with), whatever model wrote the checkpoint:
-  a detector (`detector.BoxDetector`) or a keypoint model, any config.
-  Used by ``config.pretrained_backbone_path`` when it names a workdir
+  a detector (`detector.Model`) or a keypoint model, any config.
+  Used by ``config.model_init`` when it names a workdir
   (`train_state.create_train_state`), e.g. to put a keypoint model on the
   backbone of the detector trained on the same frames.
 
