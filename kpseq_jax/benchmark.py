@@ -10,11 +10,11 @@ Prints one JSON object, everything measured in the same run:
   timed calls); the machine's practical peak that MFU is measured against.
 * ``train_step``: per config ('paper' = configs/default.py, 'config' = the
   ``--config``) and variant ('f32' = the config as it is, 'remat' =
-  ``remat_backbone`` and ``remat_decoder``, 'bf16' =
-  ``compute_dtype='bfloat16'``, 'xla_conv' = ``backbone_conv_impl='xla'``,
+  ``model.resnet.remat`` and ``model.transformer.remat``, 'bf16' =
+  ``model.dtype='bfloat16'``, 'xla_conv' = ``model.resnet.conv_impl='xla'``,
   plain ``lax.conv`` gradients instead of the CPU default 'gemm', see
-  kpseq_jax/conv.py; 'trainable_backbone' = ``backbone_norm='batch'``,
-  ``backbone_frozen_stages=-1``: the whole ResNet trained with batch
+  kpseq_jax/models/conv.py; 'trainable_backbone' = ``model.resnet.norm=
+  'batch'``, ``model.resnet.frozen_stages=-1``: the whole ResNet trained with batch
   statistics, where the paper config, as Raster2Seq, freezes BatchNorm, the
   stem and layer1): median seconds
   per step over ``--num_steps`` (after one untimed step), FLOPs per step from
@@ -169,10 +169,7 @@ def _variant(config: ml_collections.ConfigDict,
 
 def _cost(compiled) -> float:
   """FLOPs of a compiled computation from XLA's cost analysis."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
-    cost = cost[0]
-  return float(cost.get('flops', float('nan')))
+  return float(compiled.cost_analysis().get('flops', float('nan')))
 
 
 def _memory(compiled) -> dict:
@@ -214,7 +211,7 @@ def model_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs per train step of ``config`` with ``lax.conv`` convolutions.
 
   XLA counts a convolution's taps into its zero padding out, but counts the
-  im2col matmul of ``backbone_conv_impl='gemm'`` in full (0.5% more at the
+  im2col matmul of ``model.resnet.conv_impl='gemm'`` in full (0.5% more at the
   paper config, 10% at 64 px). MFU divides this count, the same for every
   conv implementation, so a faster implementation cannot gain by counting
   more.
@@ -431,8 +428,7 @@ def run(config: ml_collections.ConfigDict,
   configs = {'config': config}
   if not FLAGS.skip_paper:
     paper = default_config.get_config()
-    paper.unlock()
-    paper.dataset_dir = config.input.dataset_dir  # Pipeline at 512 px on our data.
+    paper.input.dataset_dir = config.input.dataset_dir  # Pipeline at 512 px.
     configs['paper'] = paper
   report['configs'] = {n: _describe(c) for n, c in configs.items()}
   steps, pipes = {}, {}

@@ -158,7 +158,7 @@ def _detector() -> box_predictor.ImageDetector:
   """The trained detector of --detector_config/--detector_workdir."""
   return box_predictor.ImageDetector(
       FLAGS.detector_config, FLAGS.detector_workdir,
-      sharding.create_mesh(FLAGS.detector_config.mesh_shape))
+      sharding.create_mesh(FLAGS.detector_config.sharding.mesh_shape))
 
 
 def run():

@@ -1,7 +1,7 @@
 """Training loop: the jitted, sharded train step, logging, checkpoints, eval.
 
 `train_and_evaluate` trains ``config`` in ``workdir``, resuming from the
-latest checkpoint there, evaluating every ``eval_every_steps`` and after
+latest checkpoint there, evaluating every ``evals.every_steps`` and after
 the last step (`kpseq_jax.evaluation.evaluate.Evaluator`).
 
 Reliability: every step's scalars go to ``WORKDIR/metrics.jsonl``
@@ -43,20 +43,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> report_lib.EvalReport | box_ap.BoxReport | None:
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
-  With ``config.model_name = 'detector'`` the model is the detector
-  (`detector.Model`), trained on whole images
-  (`kpseq_jax/data/detection.py`) and evaluated by box AP (`box_ap`).
+  The system's parts come from `system_parts`: for ``model_name=
+  'detector'`` whole images (`kpseq_jax/data/detection.py`) and box AP
+  (`box_ap`), else crops or episodes and keypoint evaluation.
 
   Returns:
     the final `report.EvalReport` (`box_ap.BoxReport` for the detector),
-    or None if training was preempted
-    (SIGTERM): then the current step was saved and nothing evaluated;
-    running again resumes.
+    or None if training was preempted (SIGTERM): then the current step was
+    saved and nothing evaluated; running again resumes.
 
   Raises:
     metrics_log.NonFiniteLossError: on a NaN/inf loss or gradient, naming
       the step (unless ``config.optim.skip_nonfinite_updates``; then after
-      ``config.optim.max_consecutive_skipped_updates`` skipped updates in a row).
+      ``optim.max_consecutive_skipped_updates`` skipped updates in a row).
     ValueError: for an impossible config (see `config_checks`).
   """
   config_checks.check(config)
@@ -64,31 +63,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.warning('%s', warning)
   info = dataset.load_info(config.input.dataset_dir)
   config_checks.check_dataset(config, info)
-  detecting = config.model_name == 'detector'
-  # Examples per epoch: instances, or images for the detector.
-  train_size = (detection.num_images(config, config.input.train_split) if detecting
-                else info.split_sizes[config.input.train_split])
-  total_steps = config.optim.num_train_steps
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
   tx = ts.create_optimizer(config)
-  logging.info('Train split %r: %d instances, %d steps per epoch, %d steps; '
-               'mesh %s', config.input.train_split, train_size,
-               ts.steps_per_epoch(config, train_size), total_steps,
-               dict(mesh.shape))
-
-  if not detecting and (resolution := dataset.crop_resolution(
-      config.input.dataset_dir, config.input.train_split, config.input.image_size_px,
-      config.input.bbox_scale)):
-    logging.info('Top-down crops: %s.', resolution)
-
   # The baseline or the CAPE episodes, before anything compiles: a problem
   # with them (a category too small for an episode) stops the run here.
-  evaluator = (box_ap.DetectionEvaluator(config, info) if detecting
-               else evaluate.Evaluator(config, info))
+  evaluator, train_data, predictor_cls = system_parts(config, info, mesh)
   state = ts.create_train_state(config, model, tx, mesh)
-  train_iter = iter(detection.create_train_dataset(config, info) if detecting
-                    else pipeline.create_train_dataset(config, info))
+  train_iter = iter(train_data())
   ckpt = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
   start = 0
   if ckpt.latest_step() is not None:
@@ -97,17 +79,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   step_fn = step_lib.make_train_step(
       config, model, tx, ts.learning_rate_schedule(config),
       jax.tree.map(lambda a: a.sharding, state), mesh)
-
   writer = metric_writer.MetricWriter(workdir)
+  predictor = predictor_cls.from_state(config, model, state, mesh)
+  state, preempted = train_loop(
+      config, workdir, state, start, train_iter, step_fn, model, mesh, ckpt,
+      writer, lambda s, step: evaluator.evaluate(
+          workdir, predictor, s.inference_variables(), step, writer))
+  if preempted:
+    writer.close()
+    return None
+  total_steps = config.optim.num_train_steps
+  if start >= total_steps:
+    logging.info('Already trained %d/%d steps in %s.', start, total_steps,
+                 workdir)
+  report = evaluator.evaluate(workdir, predictor, state.inference_variables(),
+                              max(start, total_steps), writer)
+  writer.close()
+  return report
+
+
+def system_parts(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
+                 mesh: jax.sharding.Mesh):
+  """(evaluator, train data set factory, predictor class) of ``config``'s
+  system: the detector's whole images and box AP, or the keypoint pipeline
+  (crops, whole images or episodes) and keypoint evaluation. Logs the
+  train split's size and what a crop pixel covers."""
+  if config.model_name == 'detector':
+    parts = (box_ap.DetectionEvaluator(config, info),
+             lambda: detection.create_train_dataset(config, info),
+             box_predictor.BoxPredictor)
+    size = detection.num_images(config, config.input.train_split)
+  else:
+    if resolution := dataset.crop_resolution(
+        config.input.dataset_dir, config.input.train_split,
+        config.input.image_size_px, config.input.bbox_scale):
+      logging.info('Top-down crops: %s.', resolution)
+    parts = (evaluate.Evaluator(config, info),
+             lambda: pipeline.create_train_dataset(config, info),
+             predictor_lib.Predictor)
+    size = info.split_sizes[config.input.train_split]
+  logging.info('Train split %r: %d examples, %d steps per epoch, %d steps; '
+               'mesh %s', config.input.train_split, size,
+               ts.steps_per_epoch(config, size),
+               config.optim.num_train_steps, dict(mesh.shape))
+  return parts
+
+
+def train_loop(config, workdir, state, start, train_iter, step_fn, model,
+               mesh, ckpt, writer, evaluate_state):
+  """Steps ``start + 1 .. optim.num_train_steps``: log, checkpoint, the
+  periodic evaluation (``evaluate_state(state, step)``) and preemption.
+
+  Returns:
+    (state, preempted).
+  """
+  total_steps = config.optim.num_train_steps
   log = metrics_log.MetricsLog(
       total_steps, scalar_log.JsonlWriter(workdir),
       config.optim.skip_nonfinite_updates, writer,
       config.optim.max_consecutive_skipped_updates)
-  predictor = (box_predictor.BoxPredictor if detecting else
-               predictor_lib.Predictor).from_state(config, model, state, mesh)
-  variables = lambda s: s.inference_variables()  # The average, if any.
-  preempted = False
-  compiled_step = None
+  preempted, compiled_step = False, None
   # At most two steps in flight (runtime/in_flight.py): a SIGTERM's save
   # waits for one step, not for every step the host dispatched ahead.
   in_flight = in_flight_lib.InFlight(max_in_flight=2)
@@ -139,18 +170,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       if (config.evals.every_steps > 0 and step % config.evals.every_steps == 0
           and not is_last):  # The last step is evaluated below.
         log.flush(log=False)  # Never evaluate a state that follows a NaN.
-        evaluator.evaluate(workdir, predictor, variables(state), step, writer)
+        evaluate_state(state, step)
         host_memory.release_free_memory()  # What evaluation freed.
     ckpt.wait()
   ckpt.close()
   log.jsonl.close()
-  if preempted:
-    writer.close()
-    return None
-  if start >= total_steps:
-    logging.info('Already trained %d/%d steps in %s.', start, total_steps,
-                 workdir)
-  report = evaluator.evaluate(workdir, predictor, variables(state),
-                              max(start, total_steps), writer)
-  writer.close()
-  return report
+  return state, preempted

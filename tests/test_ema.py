@@ -124,7 +124,7 @@ def test_predictor_and_checkpoint_use_the_average(smoke_state, tmp_path):
   # Evaluated with a config without the average, the checkpoint is
   # refused by name rather than read without it.
   plain = config.copy_and_resolve_references()
-  plain.ema_decay = 0.0
+  plain.optim.ema_decay = 0.0
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match='checkpoint are not in this config: ema/.*'
                      'ema_decay'):

@@ -62,9 +62,9 @@ from kpseq_jax.runtime import xla_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Keypoint config (both runs).',
                                 lock_config=True)
-flags.DEFINE_string('two_stage_workdir', None, 'Run with keypoint_stage='
-                    'two_stage.', required=True)
-flags.DEFINE_string('end_to_end_workdir', None, 'Run with keypoint_stage='
+flags.DEFINE_string('two_stage_workdir', None, 'Run with model_name='
+                    'supervised (two-stage).', required=True)
+flags.DEFINE_string('end_to_end_workdir', None, 'Run with model_name='
                     'end_to_end.', required=True)
 flags.DEFINE_string('annotations', '../shared/data/dlc_openfield/annotations/'
                     'test.json', 'COCO annotations of the frames (boxes).')
@@ -96,7 +96,7 @@ def _frames():
 
 def _stage(config, stage, workdir, mesh, info, detector=None):
   with config.unlocked():
-    config.model_name = stage
+    config.model_name = 'end_to_end' if stage == 'end_to_end' else 'supervised'
   model, state, _ = predictor_lib.restore_state(
       config, workdir, mesh, info.split_sizes[config.input.train_split])
   batcher = predict.make_batcher(

@@ -213,6 +213,30 @@ def frozen_without_weights(config: ml_collections.ConfigDict) -> str:
           '--config.model.resnet.frozen_stages=-1.')
 
 
+def episode_pool_errors(config: ml_collections.ConfigDict,
+                        info: dataset.DatasetInfo,
+                        splits: dict[str, str]) -> list[str]:
+  """CAPE: the train, eval and support splits need episode pools
+  (`data_prep.episodes`); the support split must exist."""
+  errors = []
+  splits = dict(splits, **{'cape.support_split': config.cape.support_split})
+  for name, split in splits.items():
+    if not split or split not in info.split_sizes:
+      continue  # '' = the eval split; a missing split is reported apart.
+    if split not in info.episode_pools:
+      why = info.episode_pool_errors.get(
+          split, 'the data set was built without episode pools; rebuild '
+          'it with `python -m data_prep.build`')
+      errors.append(f'{name}={split!r} has no CAPE episode pool in '
+                    f'{config.input.dataset_dir}: {why}')
+  support = config.cape.support_split
+  if support and support not in info.split_sizes:
+    errors.append(f'cape.support_split={support!r} is not a split of '
+                  f'{config.input.dataset_dir} (it has '
+                  f'{sorted(info.split_sizes)}).')
+  return errors
+
+
 def check_dataset(config: ml_collections.ConfigDict,
                   info: dataset.DatasetInfo) -> None:
   """Raises ValueError if the data set does not fit ``config``.
@@ -248,21 +272,7 @@ def check_dataset(config: ml_collections.ConfigDict,
                     f'{config.input.dataset_dir} (it has '
                     f'{sorted(info.split_sizes)}).')
   if config.model_name == 'cape':
-    splits['cape.support_split'] = config.cape.support_split
-    for name, split in splits.items():
-      if not split or split not in info.split_sizes:
-        continue  # '' = the eval split; a missing split is reported above.
-      if split not in info.episode_pools:
-        why = info.episode_pool_errors.get(
-            split, 'the data set was built without episode pools; rebuild '
-            'it with `python -m data_prep.build`')
-        errors.append(f'{name}={split!r} has no CAPE episode pool in '
-                      f'{config.input.dataset_dir}: {why}')
-    if (config.cape.support_split and
-        config.cape.support_split not in info.split_sizes):
-      errors.append(f'cape.support_split={config.cape.support_split!r} is '
-                    f'not a split of {config.input.dataset_dir} (it has '
-                    f'{sorted(info.split_sizes)}).')
+    errors += episode_pool_errors(config, info, splits)
   if config.vocab.presence_token and info.unlabelled_means != 'absent':
     errors.append(
         f'vocab.presence_token=True, but {config.input.dataset_dir} records '

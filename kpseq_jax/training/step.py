@@ -36,13 +36,8 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
                skip_nonfinite: bool = False,
                ema_decay: float = 0.0
                ) -> tuple[ts.TrainState, dict]:
-  """One AdamW update on a global batch (see `train_fields`).
-
-  With ``skip_nonfinite``, an update whose loss or gradient norm is not
-  finite is not applied: params, batch_stats, opt_state and ema stay as
-  they were (``jnp.where`` on the finite flag); only ``step`` advances.
-  A state with a moving average of the weights updates it with
-  ``ema_decay`` (`update_ema`).
+  """One AdamW update of a keypoint model on a global batch
+  (`train_fields`); skipping and the moving average as `apply_gradients`.
 
   The loss is `losses.sequence_loss`, plus ``proposal_l1_weight`` x
   `losses.proposal_loss` when the model sows support proposals
