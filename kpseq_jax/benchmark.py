@@ -271,21 +271,11 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
               process_peak_rss_bytes=rss)
 
 
-def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
-                     batch_size: int, reps: int,
-                     setting: str = 'supervised') -> dict:
-  """Cached vs full-recompute greedy decoding of ``config``'s model.
-
-  With ``setting='cape'`` the model is support-conditioned and decodes 1-shot
-  episodes (random support crops and keypoints, K from the support): the
-  support prefix is part of every reference step and written to the cache
-  once by the cached decoder.
-
-  Returns:
-    dict per K: cached/reference seconds per image at batch 1, images/s at
-    ``batch_size``, and the speed-ups (reference time / cached time).
-  """
-  kmax = max(ks)
+def _decoding_problem(config: ml_collections.ConfigDict, kmax: int,
+                      batch_size: int, setting: str):
+  """(model, variables with <eos> suppressed, random numpy inputs of
+  ``batch_size`` crops, and 1-shot supports for 'cape') for
+  `decoding_figures`."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.max_num_keypoints = kmax
   c.model_name = setting
@@ -306,11 +296,29 @@ def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
   variables = jax.jit(lambda r: model.init(r, **ts.dummy_inputs(c),
                                            train=False))(jax.random.PRNGKey(0))
   # Suppress <eos> so that every image decodes all K groups.
-  eos = model.vocab.eos
   head = dict(variables['params']['class_head'])
-  head['bias'] = head['bias'].at[eos].add(-1e4)
+  head['bias'] = head['bias'].at[model.vocab.eos].add(-1e4)
   variables = dict(variables,
                    params=dict(variables['params'], class_head=head))
+  return model, variables, inputs
+
+
+def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
+                     batch_size: int, reps: int,
+                     setting: str = 'supervised') -> dict:
+  """Cached vs full-recompute greedy decoding of ``config``'s model.
+
+  With ``setting='cape'`` the model is support-conditioned and decodes 1-shot
+  episodes (random support crops and keypoints, K from the support): the
+  support prefix is part of every reference step and written to the cache
+  once by the cached decoder.
+
+  Returns:
+    dict per K: cached/reference seconds per image at batch 1, images/s at
+    ``batch_size``, and the speed-ups (reference time / cached time).
+  """
+  model, variables, inputs = _decoding_problem(config, max(ks), batch_size,
+                                               setting)
   out = {}
   for k in ks:
     fig = dict(num_tokens=grammar.seq_len(k))
@@ -402,6 +410,25 @@ def write_report(report: dict, path: str) -> None:
   os.replace(tmp, path)
 
 
+def _decoding_sections(report: dict, dc: ml_collections.ConfigDict,
+                       on_section: Callable[[dict], None]) -> None:
+  """``report['decoding']`` (and ``'decoding_cape'`` with --decode_cape)
+  of the config ``dc``."""
+  ks = [int(k) for k in FLAGS.decode_ks]
+  report['decoding'] = dict(
+      model=FLAGS.decode_model, model_config=_describe(dc),
+      includes='encoder + greedy loop; <eos> suppressed (all K groups)',
+      **decoding_figures(dc, ks, FLAGS.decode_batch, FLAGS.decode_reps))
+  on_section(report)
+  if FLAGS.decode_cape:
+    report['decoding_cape'] = dict(
+        model=FLAGS.decode_model, model_config=_describe(dc),
+        includes='encoder of query and 1 support crop + support prefix + '
+        'greedy loop; K groups forced by the support',
+        **decoding_figures(dc, ks, FLAGS.decode_batch, FLAGS.decode_reps,
+                           'cape'))
+
+
 def run(config: ml_collections.ConfigDict,
         on_section: Callable[[dict], None] = lambda report: None) -> dict:
   """All figures for ``config`` (and the paper config unless skipped).
@@ -456,19 +483,7 @@ def run(config: ml_collections.ConfigDict,
     dc = configs['paper'] if FLAGS.decode_model == 'paper' else config
     if FLAGS.decode_model == 'paper' and FLAGS.skip_paper:
       dc = default_config.get_config()
-    report['decoding'] = dict(
-        model=FLAGS.decode_model, model_config=_describe(dc),
-        includes='encoder + greedy loop; <eos> suppressed (all K groups)',
-        **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
-                           FLAGS.decode_batch, FLAGS.decode_reps))
-    on_section(report)
-    if FLAGS.decode_cape:
-      report['decoding_cape'] = dict(
-          model=FLAGS.decode_model, model_config=_describe(dc),
-          includes='encoder of query and 1 support crop + support prefix + '
-          'greedy loop; K groups forced by the support',
-          **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
-                             FLAGS.decode_batch, FLAGS.decode_reps, 'cape'))
+    _decoding_sections(report, dc, on_section)
   report['load_average_at_end'] = list(os.getloadavg())
   report['peak_rss_bytes'] = peak_rss_bytes()
   return report
