@@ -29,12 +29,13 @@ def check(config: ml_collections.ConfigDict) -> None:
   errors = choice_errors(config, config.field_choices)
   if not errors:  # The model's module and fields exist.
     errors += model_field_errors(config)
+  model_ok = not errors  # The checks below that read config.model.
   errors += input_errors(config) + device_errors(config)
   if config.model_name == 'cape':
     errors += cape_errors(config)
-  if config.model_name in ('detector', 'end_to_end'):
+  if model_ok and config.model_name in ('detector', 'end_to_end'):
     errors += canvas_errors(config)
-  if not errors and config.model_name != 'detector':
+  if model_ok and config.model_name != 'detector':
     errors += decoder_errors(config)
   if errors:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
