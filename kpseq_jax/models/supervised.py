@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Tuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -111,9 +112,10 @@ class Model(model_lib.ImageEncoder):
   def for_cached_decoding(self) -> 'Model':
     """This model with the key/value cache and without rematerialisation
     (same parameters)."""
-    return self.clone(cache_decoding=True,
-                      resnet={**self.resnet, 'remat': False},
-                      transformer={**self.transformer, 'remat': False})
+    return self.clone(
+        cache_decoding=True,
+        resnet=flax.core.freeze({**self.resnet, 'remat': False}),
+        transformer=flax.core.freeze({**self.transformer, 'remat': False}))
 
   @staticmethod
   def inputs(batch: dict) -> dict:
