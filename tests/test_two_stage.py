@@ -101,7 +101,7 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
 @pytest.fixture(scope='module')
 def tiny_detector(dlc_dataset, tmp_path_factory):
   """(config, workdir, report): a tiny detector trained 2 steps on the real
-  open-field frames by `train.train_and_evaluate` (``task='detection'``)."""
+  open-field frames by `train.train_and_evaluate` (``model_name='detector'``)."""
   from configs import dlc_openfield_detector
   from kpseq_jax import train
   c = dlc_openfield_detector.get_config()

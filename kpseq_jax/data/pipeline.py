@@ -4,7 +4,7 @@ Training: ``source -> shuffle(seed) -> repeat -> decode -> random crop ->
 flip -> warp -> colour jitter -> tokenize -> shard by process -> batch``.
 Evaluation: ``source -> shard -> decode -> crop -> warp -> tokenize ->
 batch`` (one pass, last batch padded with ``valid = 0`` examples).
-Category-agnostic pose (``setting='cape'``, `episodes.py`): the elements
+Category-agnostic pose (``model_name='cape'``, `episodes.py`): the elements
 are episodes (S supports and a query of one category), drawn class-balanced
 in training and from a fixed list in evaluation; every instance of an
 episode goes through the same per-instance chain, then
@@ -104,7 +104,7 @@ def create_train_dataset(config: ml_collections.ConfigDict,
   """Infinite, shuffled, augmented, batched training data (process-local).
 
   Elements are dicts of numpy arrays with a leading local batch dimension:
-  instances (`transforms.Tokenize` fields) or, with ``setting='cape'``,
+  instances (`transforms.Tokenize` fields) or, with ``model_name='cape'``,
   episodes (`episodes.TokenizeEpisode` fields). Iterators of the result
   are checkpointable (``get_state``/``set_state``) for exact resume.
   """

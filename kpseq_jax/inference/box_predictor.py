@@ -155,7 +155,7 @@ class ImageDetector:
   variant: its boxes are cropped for the keypoint stage).
 
   Args:
-    config: the detector run's config (``task='detection'``).
+    config: the detector run's config (``model_name='detector'``).
     workdir: the detector run's directory (latest checkpoint).
     mesh: the device mesh.
 
@@ -168,8 +168,9 @@ class ImageDetector:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                mesh: jax.sharding.Mesh):
     if config.model_name != 'detector':
-      raise ValueError(f'--detector_config has task={config.model_name!r}; it '
-                       'must be a detection config (task=detection, e.g. '
+      raise ValueError(f'--detector_config has model_name='
+                       f'{config.model_name!r}; it must be a detection config '
+                       '(model_name=detector, e.g. '
                        'configs/dlc_openfield_detector.py).')
     info = dataset.load_info(config.input.dataset_dir)
     model, state, self.step = predictor_lib.restore_state(
