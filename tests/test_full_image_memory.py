@@ -56,7 +56,7 @@ def test_the_box_frame_is_required_exactly_when_the_model_reads_whole_images(
   tokens, coords = jnp.zeros([2, LENGTH], jnp.int32), jnp.zeros([2, LENGTH])
   with pytest.raises(ValueError, match='memory_from_crop is missing'):
     model.apply(variables, images, tokens, coords, train=False)
-  with pytest.raises(ValueError, match='memory_from_crop is given'):
+  with pytest.raises(TypeError, match='memory_from_crop'):  # Crops only.
     _model(False).apply(variables, images, tokens, coords, train=False,
                         memory_from_crop=jnp.asarray(BOXES))
   assert model_lib.FROM_CROP_FIELD in step_lib.train_fields(model)

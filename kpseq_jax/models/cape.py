@@ -226,7 +226,8 @@ class Model(supervised.Model):
       ValueError: ``support`` missing.
     """
     if support is None:
-      raise ValueError('a CAPE model needs the support set.')
+      raise ValueError('support is missing: a CAPE model needs the support '
+                       'set.')
     memory, support_memory = self.encode_with_support(
         images, support.images, train)
     prefix = self.episode_prefix(memory, support_memory, support)

@@ -44,8 +44,8 @@ class Model(supervised.Model):
       ValueError: ``memory_from_crop`` missing.
     """
     if memory_from_crop is None:
-      raise ValueError('an end_to_end model needs memory_from_crop (the box '
-                       'of each example in its image).')
+      raise ValueError('memory_from_crop is missing: an end_to_end model '
+                       'reads the box of each example in its image.')
     memory = self.encode(images, train)
     memory = memory.replace(
         features=sharding.constrain_batch(memory.features),
