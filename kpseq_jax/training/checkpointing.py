@@ -14,7 +14,7 @@ size, or a frozen backbone that changes the optimizer state) is not damaged:
 restoring raises `CheckpointMismatchError` and leaves it in place. A
 checkpoint written before a train-state field existed restores when that
 field is empty in the config's state (`TrainState.ema` without
-``ema_decay``).
+``optim.ema_decay``).
 """
 
 import dataclasses
@@ -255,8 +255,8 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f'Checkpoint step {step} in {self.directory} was written with '
           f'another config: {mismatch}. Run with the config it was trained '
-          'with (model size, backbone_norm, backbone_frozen_stages and '
-          'ema_decay change the arrays; a frozen backbone also changes the '
+          'with (model size, model.resnet.norm, model.resnet.frozen_stages and '
+          'optim.ema_decay change the arrays; a frozen backbone also changes the '
           'optimizer state), '
           'or use another --workdir.')
 
