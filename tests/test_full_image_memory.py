@@ -118,9 +118,10 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
   from kpseq_jax.runtime import sharding
   model, variables, _ = setup
   config = ml_collections.ConfigDict(dict(
-      max_num_keypoints=KMAX, image_size_px=64, confidence_radius_bins=2,
-      bbox_scale=1.25, eval_batch_size=2, keypoint_stage='end_to_end',
-      detector_image_size_px=(64, 96), flip_test=False))
+      max_num_keypoints=KMAX, model_name='end_to_end',
+      input=dict(image_size_px=64, bbox_scale=1.25),
+      decode=dict(confidence_radius_bins=2, flip_test=False),
+      evals=dict(batch_size=2), detector=dict(image_size_px=(64, 96))))
   mesh = sharding.create_mesh((1, 1))
   batcher = predict.make_batcher(config, predictor_lib.Predictor(
       config, model, jax.device_put(variables), mesh), {})
