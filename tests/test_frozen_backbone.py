@@ -15,8 +15,8 @@ from kpseq_jax import benchmark
 from kpseq_jax.training import config_checks
 from kpseq_jax.models import resnet
 from kpseq_jax.training import train_state as ts
-from tests.conftest import FROZEN_BACKBONE
-from tests.conftest import smoke_config
+from conftest import FROZEN_BACKBONE
+from conftest import smoke_config
 
 
 def _random_stats(c, seed):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
@@ -175,7 +176,6 @@ def test_hidden_keypoints_reach_the_targets_and_the_presence_report(
   records that v = 0 means absent, the eval batches mark exactly those
   keypoints absent, their targets are <absent>, and presence metrics score
   an oracle perfectly and an always-present model 0 F1 on 'absent'."""
-  import conftest
   from kpseq_jax.data import dataset
   from kpseq_jax.data import pipeline
   from kpseq_jax.evaluation import metrics

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from kpseq_jax.models import pretrained
 from kpseq_jax.training import train_state as ts
 from kpseq_jax.models.resnet import ResNet
-from tests.conftest import smoke_config
+from conftest import smoke_config
 
 
 def torchvision_resnet_shapes(depth: int) -> dict[str, tuple[int, ...]]:
