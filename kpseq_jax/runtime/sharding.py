@@ -136,16 +136,16 @@ def check_rules(rules: Any) -> tuple[tuple[str, str], ...]:
   for i, rule in enumerate(rules):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and
             all(isinstance(r, str) for r in rule)):
-      raise ValueError(f'sharding_rules[{i}] = {rule!r} is not a '
+      raise ValueError(f'sharding.rules[{i}] = {rule!r} is not a '
                        '(regex, strategy) pair of strings.')
     pattern, strategy = rule
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f'sharding_rules[{i}]: bad regex {pattern!r}: {e}'
+      raise ValueError(f'sharding.rules[{i}]: bad regex {pattern!r}: {e}'
                        ) from None
     if strategy not in STRATEGIES:
-      raise ValueError(f'sharding_rules[{i}]: strategy {strategy!r} not in '
+      raise ValueError(f'sharding.rules[{i}]: strategy {strategy!r} not in '
                        f'{STRATEGIES}.')
     out.append((pattern, strategy))
   return tuple(out)
