@@ -182,7 +182,7 @@ def test_paper_config_warns_without_pretrained_weights():
   assert (config.model.resnet.norm, config.model.resnet.frozen_stages) == (
       'frozen_batch', 1)
   message = config_checks.frozen_without_weights(config)
-  assert 'pretrained_backbone_path' in message and 'frozen_stages=1' in message
+  assert 'model_init' in message and 'frozen_stages=1' in message
   config.model_init = 'resnet50.safetensors'
   assert config_checks.frozen_without_weights(config) == ''
   assert config_checks.frozen_without_weights(smoke_config('d')) == ''
