@@ -58,9 +58,9 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
   config.num_eval_examples = n = 3
   boxes = _annotated_boxes(config)
   mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
-                                                93)
-  predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
+  model, variables, _ = predictor_lib.restore_variables(
+      config, str(workdir), mesh)
+  predictor = predictor_lib.Predictor(config, model, variables, mesh)
   run = lambda detector: detected_boxes.evaluate_detected_boxes(
       config, str(workdir), detector, out_dir=str(tmp_path),
       predictor=predictor)  # One compiled decoder for the three runs.

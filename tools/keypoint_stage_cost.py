@@ -97,10 +97,9 @@ def _frames():
 def _stage(config, stage, workdir, mesh, info, detector=None):
   with config.unlocked():
     config.keypoint_stage = stage
-  model, state, _ = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
+  model, variables, _ = predictor_lib.restore_variables(config, workdir, mesh)
   batcher = predict.make_batcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
+      config, predictor_lib.Predictor(config, model, variables, mesh),
       info.category_index(), detector=detector)
   if detector is not None and batcher.features_of is None:
     raise SystemExit(f'{workdir}: its backbone is not the detector\'s '

@@ -153,9 +153,9 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
   info = dataset.load_info(config.dataset_dir)
   if predictor is None:
     mesh = sharding.create_mesh(config.mesh_shape)
-    model, state, _ = predictor_lib.restore_state(
-        config, workdir, mesh, info.split_sizes[config.train_split])
-    predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
+    model, variables, _ = predictor_lib.restore_variables(config, workdir,
+                                                         mesh)
+    predictor = predictor_lib.Predictor(config, model, variables, mesh)
   batcher = predict_lib.make_batcher(config, predictor, info.category_index(),
                                      detector=detector)
   source = dataset.data_source(config.dataset_dir, split)

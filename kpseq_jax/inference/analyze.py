@@ -259,10 +259,10 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   category = info.categories[cid]
   pcutoff = _pcutoff(config.dataset_dir)
   mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, step = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
+  model, variables, step = predictor_lib.restore_variables(config, workdir,
+                                                          mesh)
   batcher = predict_lib.make_batcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
+      config, predictor_lib.Predictor(config, model, variables, mesh),
       info.category_index(), batch_size,
       detector=None if boxes else detector)
   scorer = scorer_name(config, category.name, step)

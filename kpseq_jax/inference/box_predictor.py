@@ -172,10 +172,9 @@ class ImageDetector:
                        'must be a detection config (task=detection, e.g. '
                        'configs/dlc_openfield_detector.py).')
     info = dataset.load_info(config.dataset_dir)
-    model, state, self.step = predictor_lib.restore_state(
-        config, workdir, mesh, detection.num_images(config,
-                                                    config.train_split))
-    self.predictor = BoxPredictor.from_state(config, model, state, mesh)
+    model, variables, self.step = predictor_lib.restore_variables(
+        config, workdir, mesh)
+    self.predictor = BoxPredictor(config, model, variables, mesh)
     self.category_ids = sorted(info.categories)
     self.class_index = info.category_index()
     self.threshold = config.detection_score_threshold

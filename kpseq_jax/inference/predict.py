@@ -534,10 +534,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
                for i, rel in enumerate(rels)]
 
   mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, step = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
+  model, variables, step = predictor_lib.restore_variables(config, workdir,
+                                                          mesh)
   batcher = make_batcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
+      config, predictor_lib.Predictor(config, model, variables, mesh),
       info.category_index(), detector=None if boxes_file else detector)
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=missing, skipped_boxes=summary_skipped)
