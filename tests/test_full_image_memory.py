@@ -107,11 +107,11 @@ def test_an_image_encoded_once_serves_all_its_boxes(setup):
 
 
 def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
-  """`predict.CanvasBatcher` (the end-to-end stage's inference): boxes of
+  """`batchers.CanvasBatcher` (the end-to-end stage's inference): boxes of
   two images, grouped into rows of one image's boxes over several padded
   calls, come back in the order given and equal to one box per call."""
   import ml_collections
-  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import batchers
   from kpseq_jax.inference import predictor as predictor_lib
   from kpseq_jax.runtime import sharding
   model, variables, _ = setup
@@ -120,9 +120,9 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
       bbox_scale=1.25, eval_batch_size=2, keypoint_stage='end_to_end',
       detector_image_size_px=(64, 96), flip_test=False))
   mesh = sharding.create_mesh((1, 1))
-  batcher = predict.make_batcher(config, predictor_lib.Predictor(
+  batcher = batchers.make_batcher(config, predictor_lib.Predictor(
       config, model, jax.device_put(variables), mesh), {})
-  assert isinstance(batcher, predict.CanvasBatcher)
+  assert isinstance(batcher, batchers.CanvasBatcher)
   rng = np.random.default_rng(0)
   frames = [rng.integers(0, 255, [120, 180, 3], np.uint8),
             rng.integers(0, 255, [90, 90, 3], np.uint8)]
@@ -138,7 +138,7 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
     np.testing.assert_allclose(grouped.keypoints_px[i], one.keypoints_px[0],
                                atol=1e-4)
   # The crop frame is the two-stage crop's: pixels come back in the box.
-  top_down = predict.CropBatcher(config, batcher.predictor, {})
+  top_down = batchers.CropBatcher(config, batcher.predictor, {})
   for ex, (_, bbox) in zip(exs, boxes):
     np.testing.assert_allclose(
         ex['crop_from_image'],
@@ -165,7 +165,7 @@ def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
   steps = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open()]
   assert all(np.isfinite(s['loss']) for s in steps if 'loss' in s)
   # --mode predict on the same model: two boxes on each of two frames, one
-  # encoder pass per frame (`predict.CanvasBatcher`), keypoints in pixels.
+  # encoder pass per frame (`batchers.CanvasBatcher`), keypoints in pixels.
   from kpseq_jax.inference import predict
   images = shared_data / 'dlc_openfield' / 'images'
   ann = json.loads((shared_data / 'dlc_openfield' / 'annotations' /

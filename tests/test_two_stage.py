@@ -193,7 +193,7 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
   from conftest import smoke_config
   from PIL import Image
   from kpseq_jax.inference import box_predictor
-  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import batchers
   from kpseq_jax.inference import predictor as predictor_lib
   from kpseq_jax.runtime import sharding
   from kpseq_jax.training import train_state as ts
@@ -233,8 +233,8 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
       (shared_data / 'dlc_openfield' / 'images' / 'm4s1').glob('*.png'))[0]
   ).convert('RGB'))
   frames = [frame, np.ascontiguousarray(frame[::-1, ::-1])]  # Two images.
-  once = predict.make_batcher(config, kp, {}, detector=detector)
-  twice = predict.make_batcher(config, kp, {})
+  once = batchers.make_batcher(config, kp, {}, detector=detector)
+  twice = batchers.make_batcher(config, kp, {})
   assert once.features_of is not None and twice.features_of is None
   exs_once, exs_twice, boxes = [], [], []
   for frame in frames:

@@ -15,6 +15,7 @@ from kpseq_jax.data import visualize
 from kpseq_jax.inference import analyze
 from kpseq_jax.inference import captions
 from kpseq_jax.inference import dlc_output
+from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predict
 from kpseq_jax.inference import video
 
@@ -169,7 +170,7 @@ def test_truncated_and_undecodable_videos(analysed, clips, trained):
 
 def test_predict_mode_points_videos_to_analyze(clips):
   with pytest.raises(ValueError, match='--mode analyze'):
-    predict.list_images(str(clips / 'clip.mp4'))
+    image_inputs.list_images(str(clips / 'clip.mp4'))
 
 
 def test_track_boxes_follow_confident_keypoints_and_fall_back():

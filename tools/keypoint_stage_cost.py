@@ -9,8 +9,8 @@ Restores both trained workdirs (same ``--config`` apart from
 test annotations and, per frame, N boxes: the annotated box and N - 1
 copies shifted by 12% of its side (as if several animals were detected).
 For each N it times the whole keypoint stage of both variants on the same
-boxes: `predict.CropBatcher` (PRTR two-stage: N crops, N encoder passes)
-and `predict.CanvasBatcher` (end-to-end: the frame on the canvas, one
+boxes: `batchers.CropBatcher` (PRTR two-stage: N crops, N encoder passes)
+and `batchers.CanvasBatcher` (end-to-end: the frame on the canvas, one
 encoder pass, N box decodes), from the frame in memory to keypoints in
 pixels, in ``eval_batch_size`` boxes per call. After one untimed pass per
 (variant, N) (compilation), the variants alternate ``--rounds`` times
@@ -54,7 +54,7 @@ import numpy as np
 from data_prep import images as image_io
 from kpseq_jax.data import dataset
 from kpseq_jax.inference import box_predictor
-from kpseq_jax.inference import predict
+from kpseq_jax.inference import batchers
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import sharding
 from kpseq_jax.runtime import xla_flags
@@ -98,7 +98,7 @@ def _stage(config, stage, workdir, mesh, info, detector=None):
   with config.unlocked():
     config.keypoint_stage = stage
   model, variables, _ = predictor_lib.restore_variables(config, workdir, mesh)
-  batcher = predict.make_batcher(
+  batcher = batchers.make_batcher(
       config, predictor_lib.Predictor(config, model, variables, mesh),
       info.category_index(), detector=detector)
   if detector is not None and batcher.features_of is None:

@@ -9,7 +9,7 @@ r"""Videos -> DeepLabCut-format pose tables, labelled videos, plots (``--mode an
 ``--videos``: a video file (.mp4, .avi, ...; see `video.VIDEO_SUFFIXES`) or
 a folder of them (not searched recursively). Every frame is decoded with
 PyAV, cropped by its box, and decoded by the model in batches through the
-one inference path (`predict.CropBatcher` -> `predictor.Predictor`), while
+one inference path (`batchers.CropBatcher` -> `predictor.Predictor`), while
 a background thread decodes and crops the next batches
 (`video.FramePipeline`). Boxes (``--boxes``): none = the whole frame; a
 COCO detections list with ``image_id`` = 0-based frame index
@@ -64,7 +64,8 @@ from kpseq_jax.data import visualize
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import dlc_output
-from kpseq_jax.inference import predict as predict_lib
+from kpseq_jax.inference import batchers
+from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import trajectory_plot
 from kpseq_jax.inference import video as video_lib
@@ -255,13 +256,13 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   if not probed:
     raise failed[0]
   info = dataset.load_info(config.dataset_dir)
-  cid = predict_lib.choose_category(info, category_id)
+  cid = image_inputs.choose_category(info, category_id)
   category = info.categories[cid]
   pcutoff = _pcutoff(config.dataset_dir)
   mesh = sharding.create_mesh(config.mesh_shape)
   model, variables, step = predictor_lib.restore_variables(config, workdir,
                                                           mesh)
-  batcher = predict_lib.make_batcher(
+  batcher = batchers.make_batcher(
       config, predictor_lib.Predictor(config, model, variables, mesh),
       info.category_index(), batch_size,
       detector=None if boxes else detector)
@@ -291,7 +292,7 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
 
 
 def analyze_video(vinfo: video_lib.VideoInfo,
-                  batcher: predict_lib.CropBatcher, policy,
+                  batcher: batchers.CropBatcher, policy,
                   category, scorer: str, out_dir: str, filter_window: int,
                   labeled_video: bool, pcutoff: float) -> VideoSummary:
   """One video: decode + model, then tables, labelled video, plot, captions.

@@ -343,7 +343,7 @@ class FrameBatch:
     frames: uint8 [H, W, 3] RGB frames.
     boxes: (x, y, w, h) pixels per frame (None: to be chosen by the
       consumer, as for `Track`).
-    crops: crop examples (`predict.CropBatcher.crop`) or None.
+    crops: crop examples (`batchers.CropBatcher.crop`) or None.
   """
 
   start: int
