@@ -14,7 +14,8 @@ size, or a frozen backbone that changes the optimizer state) is not damaged:
 restoring raises `CheckpointMismatchError` and leaves it in place. A
 checkpoint written before a train-state field existed restores when that
 field is empty in the config's state (`TrainState.ema` without
-``ema_decay``).
+``ema_decay``). Inference reads only the weights it uses
+(`restore_variables`: params and batch_stats, or their moving average).
 """
 
 import dataclasses
