@@ -196,8 +196,6 @@ def restore_variables(workdir: str, abstract_variables: dict,
                       'trying an older one.', step, workdir,
                       type(e).__name__, str(e)[:500])
       continue
-    logging.info('Restored the weights of checkpoint step %d from %s',
-                 step, workdir)
     return restored, step
   raise FileNotFoundError(
       f'No restorable checkpoint in {os.path.join(workdir, "checkpoints")} '
@@ -229,6 +227,9 @@ def _restore_weights(path: str, abstract_variables: dict,
         item=target, partial_restore=True,
         restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
   restored = restored['ema'] if averaged else restored
+  logging.info('Restored the %s of %s (no optimizer state).',
+               'moving average of the weights' if averaged else 'weights',
+               path)
   return {k: restored.get(k, v) for k, v in abstract_variables.items()}
 
 
