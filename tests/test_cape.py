@@ -297,11 +297,11 @@ def test_no_category_information_reaches_the_cape_model(cape_run):
   config, workdir, _ = cape_run
   info = dataset.load_info(config.input.dataset_dir)
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  model, state, _ = predictor.restore_state(
-      config, str(workdir), mesh, info.split_sizes['train'])
+  model, variables, _ = predictor.restore_variables(config, str(workdir),
+                                                    mesh)
   assert model.vocab.num_categories == 0 and model.support_conditioning
   assert 'category_token' not in decoding.input_fields(model)
-  p = predictor.Predictor.from_state(config, model, state, mesh)
+  p = predictor.Predictor(config, model, variables, mesh)
   batch = next(iter(protocols.Episodes(config, info, 'test').batches()))
   other = dict(batch, category_id=batch['category_id'] + 17)
   np.testing.assert_array_equal(p.predict(batch).keypoints,

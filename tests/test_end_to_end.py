@@ -12,7 +12,6 @@ from kpseq_jax.data import pipeline
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.evaluation import metrics
 from kpseq_jax.evaluation import report as report_lib
-from kpseq_jax.inference import predictor
 from kpseq_jax.runtime import scalar_log
 from kpseq_jax.runtime import sharding
 from kpseq_jax.training import checkpointing
@@ -62,12 +61,14 @@ def test_restored_state_equals_the_trained_one(trained):
   batches, give the restored parameters and statistics bit for bit."""
   config, workdir, _ = trained
   info = dataset.load_info(config.input.dataset_dir)
-  train_size = info.split_sizes['train']
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  model, restored, step = predictor.restore_state(config, str(workdir), mesh,
-                                                  train_size)
-  assert step == 2 and int(restored.step) == 2
+  model = ts.create_model(config)
   tx = ts.create_optimizer(config)
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  restored, step = ckpt.restore(ts.abstract_train_state(config, model, tx,
+                                                        mesh))
+  ckpt.close()
+  assert step == 2 and int(restored.step) == 2
   state = ts.create_train_state(config, model, tx, mesh)
   step_fn = step_lib.make_train_step(
       config, model, tx, ts.learning_rate_schedule(config),

@@ -90,16 +90,14 @@ def test_predictor_flip_test_is_the_mean_of_crop_and_mirror(trained,
   info = dataset.load_info(config.input.dataset_dir)
   perm = info.flip_permutations()[1]
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
-                                                93)
+  model, variables, _ = predictor_lib.restore_variables(config,
+                                                        str(workdir), mesh)
   configs = {}
   for on in (False, True):
     configs[on] = config.copy_and_resolve_references()
-    configs[on].flip_test = on
-  plain = predictor_lib.Predictor.from_state(configs[False], model, state,
-                                             mesh)
-  flipped = predictor_lib.Predictor.from_state(configs[True], model, state,
-                                               mesh)
+    configs[on].decode.flip_test = on
+  plain = predictor_lib.Predictor(configs[False], model, variables, mesh)
+  flipped = predictor_lib.Predictor(configs[True], model, variables, mesh)
   batch = next(iter(pipeline.create_eval_batches(config, info)))
   a = plain.predict(batch).keypoints
   mirrored = dict(batch, image=np.ascontiguousarray(batch['image'][:, :, ::-1]))

@@ -109,11 +109,11 @@ def test_an_image_encoded_once_serves_all_its_boxes(setup):
 
 
 def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
-  """`predict.CanvasBatcher` (the end-to-end stage's inference): boxes of
+  """`batchers.CanvasBatcher` (the end-to-end stage's inference): boxes of
   two images, grouped into rows of one image's boxes over several padded
   calls, come back in the order given and equal to one box per call."""
   import ml_collections
-  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import batchers
   from kpseq_jax.inference import predictor as predictor_lib
   from kpseq_jax.runtime import sharding
   model, variables, _ = setup
@@ -123,9 +123,9 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
       decode=dict(confidence_radius_bins=2, flip_test=False),
       evals=dict(batch_size=2), detector=dict(image_size_px=(64, 96))))
   mesh = sharding.create_mesh((1, 1))
-  batcher = predict.make_batcher(config, predictor_lib.Predictor(
+  batcher = batchers.make_batcher(config, predictor_lib.Predictor(
       config, model, jax.device_put(variables), mesh), {})
-  assert isinstance(batcher, predict.CanvasBatcher)
+  assert isinstance(batcher, batchers.CanvasBatcher)
   rng = np.random.default_rng(0)
   frames = [rng.integers(0, 255, [120, 180, 3], np.uint8),
             rng.integers(0, 255, [90, 90, 3], np.uint8)]
@@ -141,7 +141,7 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
     np.testing.assert_allclose(grouped.keypoints_px[i], one.keypoints_px[0],
                                atol=1e-4)
   # The crop frame is the two-stage crop's: pixels come back in the box.
-  top_down = predict.CropBatcher(config, batcher.predictor, {})
+  top_down = batchers.CropBatcher(config, batcher.predictor, {})
   for ex, (_, bbox) in zip(exs, boxes):
     np.testing.assert_allclose(
         ex['crop_from_image'],
@@ -151,7 +151,7 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
 
 def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
     dlc_dataset, shared_data, tmp_path):
-  """keypoint_stage='end_to_end': whole 640 x 480 frames on a 96 x 128
+  """model_name='end_to_end': whole 640 x 480 frames on a 96 x 128
   canvas, the tokens in each mouse's jittered crop; 2 train steps, then
   the usual evaluation (PCK from crop_from_image, overlays warped out of
   the canvas), then --mode predict from a boxes file."""
@@ -168,7 +168,7 @@ def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
   steps = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open()]
   assert all(np.isfinite(s['loss']) for s in steps if 'loss' in s)
   # --mode predict on the same model: two boxes on each of two frames, one
-  # encoder pass per frame (`predict.CanvasBatcher`), keypoints in pixels.
+  # encoder pass per frame (`batchers.CanvasBatcher`), keypoints in pixels.
   from kpseq_jax.inference import predict
   images = shared_data / 'dlc_openfield' / 'images'
   ann = json.loads((shared_data / 'dlc_openfield' / 'annotations' /

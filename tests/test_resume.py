@@ -118,13 +118,16 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs):
   assert 'eval_test.json' not in runs['term_files']  # No eval when preempted.
   # A restart resumes from it (what `train_and_evaluate` restores).
   from configs import smoke
-  from kpseq_jax.inference import predictor
   from kpseq_jax.runtime import sharding
+  from kpseq_jax.training import checkpointing
+  from kpseq_jax.training import train_state as ts
   config = smoke.get_config()
   config.input.dataset_dir = str(runs['dataset_dir'])
   config.vocab.presence_token = True
   info = dataset.load_info(config.input.dataset_dir)
-  _, state, step = predictor.restore_state(
-      config, str(runs['interrupted']), sharding.create_mesh((-1, 1)),
-      info.split_sizes['train'])
+  tx = ts.create_optimizer(config)
+  ckpt = checkpointing.Checkpointer(str(runs['interrupted']))
+  state, step = ckpt.restore(ts.abstract_train_state(
+      config, ts.create_model(config), tx, sharding.create_mesh((-1, 1))))
+  ckpt.close()
   assert step == int(state.step) == stopped

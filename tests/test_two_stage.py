@@ -58,9 +58,9 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
   config.evals.num_examples = n = 3
   boxes = _annotated_boxes(config)
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
-                                                93)
-  predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
+  model, variables, _ = predictor_lib.restore_variables(
+      config, str(workdir), mesh)
+  predictor = predictor_lib.Predictor(config, model, variables, mesh)
   run = lambda detector: detected_boxes.evaluate_detected_boxes(
       config, str(workdir), detector, out_dir=str(tmp_path),
       predictor=predictor)  # One compiled decoder for the three runs.
@@ -132,7 +132,6 @@ def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
   c, workdir, report = tiny_detector
   assert isinstance(report, box_ap.BoxReport)
   assert report.num_images == report.num_instances == 23  # One mouse each.
-  assert -1 < report.ap <= report.ap50 <= 1
   saved = json.loads((workdir / 'eval_test_boxes.json').read_text())
   assert saved['ap'] == report.ap and saved['step'] == 2
   dets = json.loads((workdir / 'detections_test.json').read_text())
@@ -142,6 +141,51 @@ def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
              for d in dets)
   again = evaluate.evaluate(c, str(workdir))
   assert again.ap == report.ap and again.step == 2
+  # The report is pycocotools' AP of the written detections against the
+  # annotated boxes in image pixels (the evaluator's canvas -> image
+  # mapping of both): recomputed here from the data set's records.
+  source = dataset.data_source(c.input.dataset_dir, c.evals.split)
+  truth = [dict(image_id=int(source[j]['image_id']),
+                category_id=int(source[j]['category_id']),
+                bbox=[float(v) for v in source[j]['bbox']])
+           for g in detection.image_groups(source) for j in g]
+  images = [dict(id=i) for i in sorted({t['image_id'] for t in truth})]
+  recomputed = box_ap.box_ap(images, truth, dets, [1])
+  assert recomputed['ap'] == pytest.approx(report.ap, abs=1e-3)
+  assert recomputed['ap50'] == pytest.approx(report.ap50, abs=1e-3)
+
+
+def _boxes(*xywh, score=0.9, image_id=1):
+  return [dict(image_id=image_id, category_id=1, bbox=list(b), score=score)
+          for b in xywh]
+
+
+def test_box_ap_of_hand_made_detections():
+  """pycocotools' box AP as `box_ap` reports it: 1 for the true boxes, an
+  IoU-0.6 box counts at AP50 but not at the stricter thresholds, a miss
+  scores 0, and a false positive ranked first lowers the AP."""
+  from kpseq_jax.evaluation import box_ap
+  images = [dict(id=1, width=640, height=480), dict(id=2, width=640,
+                                                    height=480)]
+  truth = (_boxes((100, 100, 100, 100)) + _boxes((300, 200, 50, 80),
+                                                 image_id=2))
+  exact = box_ap.box_ap(images, truth, truth, [1])
+  assert exact['ap'] == exact['ap50'] == exact['ar100'] == pytest.approx(1.0)
+  # Shifted by 20 px on image 1: IoU 8000 / 12000 = 0.67, a match at IoU
+  # thresholds 0.50-0.65, not at 0.70-0.95 (there recall 1/2, and precision
+  # 1 with the shifted box ranked last: AP 51/101 on COCO's 101 recalls).
+  shifted = _boxes((120, 100, 100, 100), score=0.5) + truth[1:]
+  s = box_ap.box_ap(images, truth, shifted, [1])
+  assert s['ap50'] == pytest.approx(1.0)
+  assert s['ap75'] == pytest.approx(51 / 101, abs=1e-6)
+  assert s['ap'] == pytest.approx((4 + 6 * 51 / 101) / 10, abs=1e-6)
+  missed = box_ap.box_ap(images, truth, _boxes((500, 0, 20, 20)), [1])
+  assert missed['ap'] == missed['ap50'] == 0.0
+  # A confident false positive ranked above the true boxes.
+  ranked = truth + _boxes((500, 0, 20, 20), score=0.99)
+  r = box_ap.box_ap(images, truth, ranked, [1])
+  assert r['ap50'] < 1.0 and r['ar100'] == pytest.approx(1.0)
+  assert box_ap.box_ap(images, truth, [], [1])['ap'] == 0.0
 
 
 def test_predict_crops_the_detected_boxes(tiny_detector, trained, shared_data,
@@ -193,7 +237,7 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
   from conftest import smoke_config
   from PIL import Image
   from kpseq_jax.inference import box_predictor
-  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import batchers
   from kpseq_jax.inference import predictor as predictor_lib
   from kpseq_jax.runtime import sharding
   from kpseq_jax.training import train_state as ts
@@ -233,8 +277,8 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
       (shared_data / 'dlc_openfield' / 'images' / 'm4s1').glob('*.png'))[0]
   ).convert('RGB'))
   frames = [frame, np.ascontiguousarray(frame[::-1, ::-1])]  # Two images.
-  once = predict.make_batcher(config, kp, {}, detector=detector)
-  twice = predict.make_batcher(config, kp, {})
+  once = batchers.make_batcher(config, kp, {}, detector=detector)
+  twice = batchers.make_batcher(config, kp, {})
   assert once.features_of is not None and twice.features_of is None
   exs_once, exs_twice, boxes = [], [], []
   for frame in frames:

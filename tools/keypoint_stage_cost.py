@@ -5,14 +5,14 @@
       --config.detector.image_size_px='(192, 256)' --boxes_per_image 1,2,4
 
 Restores both trained workdirs (same ``--config`` apart from
-``keypoint_stage``), takes ``--num_frames`` real frames of the data set's
+``model_name``), takes ``--num_frames`` real frames of the data set's
 test annotations and, per frame, N boxes: the annotated box and N - 1
 copies shifted by 12% of its side (as if several animals were detected).
 For each N it times the whole keypoint stage of both variants on the same
-boxes: `predict.CropBatcher` (PRTR two-stage: N crops, N encoder passes)
-and `predict.CanvasBatcher` (end-to-end: the frame on the canvas, one
+boxes: `batchers.CropBatcher` (PRTR two-stage: N crops, N encoder passes)
+and `batchers.CanvasBatcher` (end-to-end: the frame on the canvas, one
 encoder pass, N box decodes), from the frame in memory to keypoints in
-pixels, in ``eval_batch_size`` boxes per call. After one untimed pass per
+pixels, in ``evals.batch_size`` boxes per call. After one untimed pass per
 (variant, N) (compilation), the variants alternate ``--rounds`` times
 (two-stage, end-to-end, two-stage, ...) and the script prints the median
 seconds per frame of each and their ratio. Without a detector, the
@@ -54,7 +54,7 @@ import numpy as np
 from data_prep import images as image_io
 from kpseq_jax.data import dataset
 from kpseq_jax.inference import box_predictor
-from kpseq_jax.inference import predict
+from kpseq_jax.inference import batchers
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import sharding
 from kpseq_jax.runtime import xla_flags
@@ -97,10 +97,9 @@ def _frames():
 def _stage(config, stage, workdir, mesh, info, detector=None):
   with config.unlocked():
     config.model_name = 'end_to_end' if stage == 'end_to_end' else 'supervised'
-  model, state, _ = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.input.train_split])
-  batcher = predict.make_batcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
+  model, variables, _ = predictor_lib.restore_variables(config, workdir, mesh)
+  batcher = batchers.make_batcher(
+      config, predictor_lib.Predictor(config, model, variables, mesh),
       info.category_index(), detector=detector)
   if detector is not None and batcher.features_of is None:
     raise SystemExit(f'{workdir}: its backbone is not the detector\'s '

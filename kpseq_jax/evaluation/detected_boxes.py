@@ -7,7 +7,7 @@ image is detected once; detections are matched one-to-one to the ground
 truth instances by IoU (pycocotools ``maskUtils.iou`` and
 `scipy.optimize.linear_sum_assignment`, pairs with IoU >= ``iou_threshold``);
 each ground-truth instance is then decoded twice by the same compiled
-keypoint decoder (`predict.CropBatcher`): from its own box and from its
+keypoint decoder (`batchers.CropBatcher`): from its own box and from its
 matched detection. Both are scored by MP-100's PCK (normaliser: the
 ground-truth box, `metrics.PCKAccumulator`) and mean pixel error; an
 instance no detection matched counts as wrong at every keypoint (PCK 0)
@@ -38,7 +38,7 @@ from kpseq_jax.data import detection
 from kpseq_jax.data import transforms
 from kpseq_jax.evaluation import metrics
 from kpseq_jax.inference import box_predictor
-from kpseq_jax.inference import predict as predict_lib
+from kpseq_jax.inference import batchers
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import sharding
 
@@ -153,10 +153,10 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
   info = dataset.load_info(config.input.dataset_dir)
   if predictor is None:
     mesh = sharding.create_mesh(config.sharding.mesh_shape)
-    model, state, _ = predictor_lib.restore_state(
-        config, workdir, mesh, info.split_sizes[config.input.train_split])
-    predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
-  batcher = predict_lib.make_batcher(config, predictor, info.category_index(),
+    model, variables, _ = predictor_lib.restore_variables(config, workdir,
+                                                         mesh)
+    predictor = predictor_lib.Predictor(config, model, variables, mesh)
+  batcher = batchers.make_batcher(config, predictor, info.category_index(),
                                      detector=detector)
   source = dataset.data_source(config.input.dataset_dir, split)
   groups = detection.image_groups(source)
@@ -244,7 +244,7 @@ def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
   return report
 
 
-def _keypoints(batcher: predict_lib.CropBatcher, image: np.ndarray,
+def _keypoints(batcher: batchers.CropBatcher, image: np.ndarray,
                boxes_xywh: np.ndarray, category_ids: list[int]) -> np.ndarray:
   """float64 [N, Kmax, 2] image-pixel keypoints decoded from N boxes."""
   crops = [batcher.crop(image, b, c) for b, c in zip(boxes_xywh,

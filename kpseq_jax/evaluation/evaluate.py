@@ -40,7 +40,6 @@ import tqdm
 
 from data_prep import episodes as episodes_lib
 from kpseq_jax.data import dataset
-from kpseq_jax.data import detection
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
 from kpseq_jax.evaluation import box_ap
@@ -192,17 +191,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
   if config.model_name == 'detector':
     evaluator = box_ap.DetectionEvaluator(config, info)
-    model, state, step = predictor_lib.restore_state(
-        config, workdir, mesh, detection.num_images(config,
-                                                    config.input.train_split))
-    predictor = box_predictor.BoxPredictor.from_state(config, model, state,
-                                                      mesh)
+    model, variables, step = predictor_lib.restore_variables(
+        config, workdir, mesh)
+    predictor = box_predictor.BoxPredictor(config, model, variables, mesh)
   else:
     evaluator = Evaluator(config, info)
-    model, state, step = predictor_lib.restore_state(
-        config, workdir, mesh, info.split_sizes[config.input.train_split])
-    predictor = predictor_lib.Predictor.from_state(config, model, state,
-                                                   mesh)
+    model, variables, step = predictor_lib.restore_variables(
+        config, workdir, mesh)
+    predictor = predictor_lib.Predictor(config, model, variables, mesh)
   with metric_writer_lib.MetricWriter(workdir) as writer:
     return evaluator.evaluate(workdir, predictor, predictor.variables, step,
                               writer)

@@ -6,40 +6,18 @@ r"""Videos -> DeepLabCut-format pose tables, labelled videos, plots (``--mode an
       [--video_batch_size B] [--filter_window 5] [--nolabeled_video] \
       [--category ID]
 
-``--videos``: a video file (.mp4, .avi, ...; see `video.VIDEO_SUFFIXES`) or
-a folder of them (not searched recursively). Every frame is decoded with
-PyAV, cropped by its box, and decoded by the model in batches through the
-one inference path (`predict.CropBatcher` -> `predictor.Predictor`), while
-a background thread decodes and crops the next batches
-(`video.FramePipeline`). Boxes (``--boxes``): none = the whole frame; a
-COCO detections list with ``image_id`` = 0-based frame index
-(`video.BoxFile`); ``track`` = around the previous batch's confident
-keypoints (confidence >= `TRACK_MIN_CONFIDENCE`; `video.Track`), a side at
-most twice the median training box side; none with ``--detector_config``
-and ``--detector_workdir`` = each frame's best box from the trained
-detector (`video.Detected`, PRTR's two-stage variant).
-
-Writes to ``OUT``, per video (``<stem>`` the video's file stem, ``<scorer>``
+``--videos``: a video file or a folder of them (not searched recursively).
+Frames are decoded and cropped in a background thread
+(`video.FramePipeline`) by the boxes of ``--boxes`` (`box_policies`) and
+decoded by `batchers.CropBatcher` -> `predictor.Predictor`. Per video,
+``OUT/<stem><scorer>`` + ``.h5`` / ``.csv`` (DeepLabCut's table,
+`dlc_output`), ``_filtered.h5`` / ``.csv`` (``--filter_window``),
+``_labeled.mp4``, ``_trajectories.png`` (`trajectory_plot`),
+``_captions.txt`` and ``_meta.json`` (`VideoSummary`); ``<scorer>`` is
 ``KPSEQ_resnet<depth>_<category>_step<checkpoint step>``, as DeepLabCut
-names its files ``<stem>DLC_resnet50_...``):
-  ``<stem><scorer>.h5`` / ``.csv``: DeepLabCut's table, one row per decoded
-    frame (`dlc_output`);
-  ``<stem><scorer>_filtered.h5`` / ``.csv``: with ``--filter_window W``, the
-    median-filtered table (DeepLabCut's ``filterpredictions``);
-  ``<stem><scorer>_labeled.mp4``: the video with the poses drawn as the
-    image overlays draw them (`visualize.draw_pose`), from the filtered
-    table when there is one; a keypoint whose likelihood is below the
-    data set's ``pcutoff`` (DeepLabCut's config; 0.6 otherwise) is a
-    hollow circle without its name;
-  ``<stem><scorer>_trajectories.png``: `trajectory_plot`;
-  ``<stem><scorer>_captions.txt``: one `captions.caption` line per frame
-    (filtered table when there is one);
-  ``<stem><scorer>_meta.json``: the `VideoSummary` (frames in the header vs
-    decoded, where decoding stopped and why, frames/s, boxes used).
-A video that cannot be opened is reported (error naming the file) and the
-others are analysed; if none can be, `video.VideoDecodeError` is raised. A
-video that breaks off mid-stream (truncated file) keeps the rows of the
-frames decoded before, and its summary names the frame where it stopped.
+names its files. A video that cannot be opened is reported and the others
+analysed (`video.VideoDecodeError` if none can be); a video that breaks
+off keeps the rows of the frames before, and its summary says where.
 """
 
 from __future__ import annotations
@@ -61,22 +39,21 @@ import tqdm
 
 from kpseq_jax.data import dataset
 from kpseq_jax.data import visualize
+from kpseq_jax.inference import batchers
+from kpseq_jax.inference import box_policies
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import dlc_output
-from kpseq_jax.inference import predict as predict_lib
+from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import trajectory_plot
 from kpseq_jax.inference import video as video_lib
 from kpseq_jax.runtime import sharding
 
 DEFAULT_PCUTOFF = 0.6  # DeepLabCut's default config.yaml pcutoff.
-# `video.Track` follows keypoints with at least this confidence. Measured on
-# the open-field video with the 1,500-step dlc_openfield model (2026-11-29):
-# on tracked crops the four body parts have median confidences 0.45-0.57
-# (quartiles 0.33-0.62); with the track's threshold at DeepLabCut's pcutoff
-# of 0.6 it fell back to the (much worse) whole frame most of the time, where
-# the head scores 0.3-0.5 and the tail base ~0.01.
+# `box_policies.Track` follows keypoints with at least this confidence, its
+# own threshold rather than pcutoff (DeepLabCut's likelihood scale); why
+# 0.2: docs/lab_workflow.md (video analysis).
 TRACK_MIN_CONFIDENCE = 0.2
 
 
@@ -95,14 +72,13 @@ class VideoSummary:
       truncated file often just ends). It stopped at frame
       ``frames_decoded`` (0-based), the first one without a row.
     error: FFmpeg's message then.
-    boxes: 'whole frame', 'box file', 'track' or 'detector'.
+    boxes: the box policy's name (`box_policies.BoxPolicy.name`).
     frames_without_box: box file, detector: frames cropped whole for want
       of a box.
     track_lost: track: batches after which the track fell back to the whole
       frame.
     track_reacquired: track without confidence: batches cropped whole to
-      find the animal again (`video.Track`).
-    likelihood: 'confidence' (the model's) or 'nan' (none available).
+      find the animal again (`box_policies.Track`).
     seconds: wall time of decode + model (first batch included).
     frames_per_s: frames_decoded / seconds.
     frames_per_s_after_first_batch: the same without the first batch
@@ -126,7 +102,6 @@ class VideoSummary:
   frames_without_box: int = 0
   track_lost: int = 0
   track_reacquired: int = 0
-  likelihood: str = 'nan'
   seconds: float = 0.0
   frames_per_s: float = 0.0
   frames_per_s_after_first_batch: float = 0.0
@@ -161,19 +136,6 @@ def scorer_name(config: ml_collections.ConfigDict, category_name: str,
   return f'KPSEQ_resnet{config.model.resnet.depth}_{cat}_step{int(step)}'
 
 
-def make_boxes(boxes: str | None, min_confidence: float,
-               max_size_px: float | None = None, detector=None):
-  """``--boxes`` -> a box policy of `video` (None, 'track' or a file;
-  None with a ``detector``: `video.Detected`)."""
-  if not boxes:
-    return (video_lib.WholeFrame() if detector is None
-            else video_lib.Detected(detector))
-  if boxes == 'track':
-    return video_lib.Track(min_confidence=min_confidence,
-                           max_size_px=max_size_px)
-  return video_lib.BoxFile(boxes)
-
-
 def typical_box_px(dataset_dir: str, split: str,
                    max_records: int = 1000) -> float | None:
   """Median of max(w, h) over the split's boxes (pixels; the first
@@ -186,18 +148,13 @@ def typical_box_px(dataset_dir: str, split: str,
 
 
 def likelihood_of(pred: predictor_lib.Prediction, k: int) -> np.ndarray:
-  """float [b, k] in [0, 1]: ``pred.confidence`` (the probability mass
-  around the decoded coordinates), times ``pred.presence`` (the probability
-  that the body part is visible) when the model has an ``<absent>`` token;
-  NaN when the model gives no confidence (see `dlc_output`)."""
-  conf = getattr(pred, 'confidence', None)
-  b = len(pred.num_keypoints)
-  if conf is None:
-    return np.full([b, k], np.nan)
-  out = np.asarray(conf, np.float64)[:, :k]
-  presence = getattr(pred, 'presence', None)
-  if presence is not None:
-    out = out * np.asarray(presence, np.float64)[:, :k]
+  """float [b, k] in [0, 1] (NaN where not generated): ``pred.confidence``
+  (the probability mass around the decoded coordinates), times
+  ``pred.presence`` (the probability that the body part is visible) when
+  the model has an ``<absent>`` token."""
+  out = np.asarray(pred.confidence, np.float64)[:, :k]
+  if pred.presence is not None:
+    out = out * np.asarray(pred.presence, np.float64)[:, :k]
   return out
 
 
@@ -220,13 +177,14 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     workdir: the trained run (latest checkpoint).
     videos: a video file or folder.
     out_dir: output folder (created).
-    boxes: None (whole frame), 'track' or a detections file.
+    boxes: None (whole frame), 'track' or a detections file
+      (`box_policies.make_policy`).
     category_id: the category of the animal (default: the only one).
     batch_size: frames per model call (default ``config.evals.batch_size``).
     filter_window: odd median filter window in frames; 0 = none.
     labeled_video: write ``_labeled.mp4``.
     detector: with ``boxes`` None, each frame's box is this detector's
-      best (`video.Detected`).
+      best (`box_policies.Detected`).
 
   Returns:
     The summaries of the videos analysed.
@@ -237,49 +195,24 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     ValueError: bad --boxes file, category or filter window.
     NotImplementedError: on more than one process.
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError('--mode analyze runs on one process.')
-  if filter_window and (filter_window < 3 or filter_window % 2 == 0):
-    raise ValueError(f'--filter_window {filter_window}: odd and >= 3, or 0.')
-  paths = list_videos(videos)
-  if boxes and boxes != 'track' and len(paths) > 1:
-    raise ValueError('--boxes FILE names frames of one video; pass one video '
-                     'with it (or --boxes track).')
-  probed, failed = [], []
-  for path in paths:  # Before the model is restored: fail fast.
-    try:
-      probed.append(video_lib.probe(path))
-    except video_lib.VideoDecodeError as e:
-      logging.error('%s', e)
-      failed.append(e)
-  if not probed:
-    raise failed[0]
+  probed, failed = _videos_to_analyze(videos, boxes, filter_window)
   info = dataset.load_info(config.input.dataset_dir)
-  cid = predict_lib.choose_category(info, category_id)
-  category = info.categories[cid]
-  pcutoff = _pcutoff(config.input.dataset_dir)
-  mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  model, state, step = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.input.train_split])
-  batcher = predict_lib.make_batcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
-      info.category_index(), batch_size,
-      detector=None if boxes else detector)
-  scorer = scorer_name(config, category.name, step)
+  category = info.categories[image_inputs.choose_category(info, category_id)]
+  batcher, step = _restore_batcher(config, workdir, info, batch_size,
+                                   None if boxes else detector)
+  outputs = _Outputs(category, scorer_name(config, category.name, step),
+                     out_dir, filter_window, labeled_video,
+                     _pcutoff(config.input.dataset_dir))
   os.makedirs(out_dir, exist_ok=True)
   # Track: a box side is at most twice the training boxes' typical side.
-  # Its confidence threshold is its own (`TRACK_MIN_CONFIDENCE`), not the
-  # project's pcutoff, which is on DeepLabCut's likelihood scale.
   typical = (typical_box_px(config.input.dataset_dir, config.input.train_split)
              if boxes == 'track' else None)
   summaries = []
   for vinfo in probed:
+    policy = box_policies.make_policy(boxes, TRACK_MIN_CONFIDENCE,
+                                      typical and 2 * typical, detector)
     try:
-      summaries.append(analyze_video(
-          vinfo, batcher,
-          make_boxes(boxes, TRACK_MIN_CONFIDENCE, typical and 2 * typical,
-                     detector),
-          category, scorer, out_dir, filter_window, labeled_video, pcutoff))
+      summaries.append(analyze_video(vinfo, batcher, policy, outputs))
     except video_lib.VideoDecodeError as e:  # Opens, but no frame decodes.
       logging.error('%s', e)
       failed.append(e)
@@ -290,50 +223,145 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   return summaries
 
 
+def _restore_batcher(config: ml_collections.ConfigDict, workdir: str,
+                     info: dataset.DatasetInfo, batch_size: int | None,
+                     detector: box_predictor.ImageDetector | None
+                     ) -> tuple[batchers.CropBatcher, int]:
+  """(batcher of the workdir's latest weights, checkpoint step)."""
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model, variables, step = predictor_lib.restore_variables(config, workdir,
+                                                          mesh)
+  batcher = batchers.make_batcher(
+      config, predictor_lib.Predictor(config, model, variables, mesh),
+      info.category_index(), batch_size, detector=detector)
+  return batcher, step
+
+
+def _videos_to_analyze(videos: str, boxes: str | None, filter_window: int
+                       ) -> tuple[list[video_lib.VideoInfo],
+                                  list[video_lib.VideoDecodeError]]:
+  """(headers of the videos that open, errors of the others), before the
+  model is restored (fail fast).
+
+  Raises:
+    NotImplementedError: on more than one process.
+    ValueError: bad filter window; a box file with several videos.
+    FileNotFoundError: no video (`list_videos`).
+    video.VideoDecodeError: none opens (the first one's error).
+  """
+  if jax.process_count() > 1:
+    raise NotImplementedError('--mode analyze runs on one process.')
+  if filter_window and (filter_window < 3 or filter_window % 2 == 0):
+    raise ValueError(f'--filter_window {filter_window}: odd and >= 3, or 0.')
+  paths = list_videos(videos)
+  if boxes and boxes != 'track' and len(paths) > 1:
+    raise ValueError('--boxes FILE names frames of one video; pass one video '
+                     'with it (or --boxes track).')
+  probed, failed = [], []
+  for path in paths:
+    try:
+      probed.append(video_lib.probe(path))
+    except video_lib.VideoDecodeError as e:
+      logging.error('%s', e)
+      failed.append(e)
+  if not probed:
+    raise failed[0]
+  return probed, failed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outputs:
+  """What every video's files share (`write_outputs`)."""
+
+  category: object  # dataset.Category: names, skeleton, K.
+  scorer: str
+  out_dir: str
+  filter_window: int
+  labeled_video: bool
+  pcutoff: float
+
+
+def _predict_all(batcher: batchers.CropBatcher, crops: list[dict]
+                 ) -> predictor_lib.Prediction:
+  """`batchers.CropBatcher.predict_crops` of any number of crops (in calls
+  of at most ``batcher.batch_size``), rows in the order of ``crops``."""
+  parts = [batcher.predict_crops(crops[i:i + batcher.batch_size])
+           for i in range(0, len(crops), batcher.batch_size)]
+  if len(parts) == 1:
+    return parts[0]
+  return dataclasses.replace(parts[0], **{
+      f.name: (None if getattr(parts[0], f.name) is None else
+               np.concatenate([getattr(p, f.name) for p in parts]))
+      for f in dataclasses.fields(parts[0])})
+
+
+def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
+                  policy: box_policies.BoxPolicy, category_id: int, k: int,
+                  width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+  """Boxes (if the pipeline left them to us), crops and decodes a batch.
+
+  Returns:
+    (float [b, K, 2] pixels, float [b, K] likelihood): per frame, the pose
+    of its first (best) box (the single-animal table); every box's pose
+    goes to ``policy.update``.
+  """
+  if batch.crops is None:  # Boxes from the previous batch's poses
+    policy.see(batch.start, batch.frames)  # or from the frames.
+    batch.boxes = [policy.boxes(batch.start + j, width, height)
+                   for j in range(len(batch.frames))]
+    batch.crops = [[batcher.crop(f, b, category_id) for b in bs]
+                   for f, bs in zip(batch.frames, batch.boxes)]
+  pred = _predict_all(batcher, [c for cs in batch.crops for c in cs])
+  kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [sum N_f, K, 2]
+  lk = likelihood_of(pred, k)  # [sum N_f, K]
+  split = np.cumsum([len(cs) for cs in batch.crops])[:-1]
+  kp_frames, lk_frames = np.split(kp, split), np.split(lk, split)
+  policy.update(kp_frames, lk_frames, width, height)
+  return (np.stack([f[0] for f in kp_frames]),
+          np.stack([f[0] for f in lk_frames]))
+
+
 def analyze_video(vinfo: video_lib.VideoInfo,
-                  batcher: predict_lib.CropBatcher, policy,
-                  category, scorer: str, out_dir: str, filter_window: int,
-                  labeled_video: bool, pcutoff: float) -> VideoSummary:
+                  batcher: batchers.CropBatcher,
+                  policy: box_policies.BoxPolicy,
+                  outputs: _Outputs) -> VideoSummary:
   """One video: decode + model, then tables, labelled video, plot, captions.
 
   Raises:
     video.VideoDecodeError: not one frame decodes.
   """
-  k = category.num_keypoints
+  category = outputs.category
   w, h = vinfo.width, vinfo.height
-  stem = Path(vinfo.path).stem
-  summary = VideoSummary(video=vinfo.path, scorer=scorer, width=w, height=h,
-                         fps=vinfo.fps, frames_in_header=vinfo.num_frames,
-                         boxes=policy.name)
+  summary = VideoSummary(video=vinfo.path, scorer=outputs.scorer, width=w,
+                         height=h, fps=vinfo.fps,
+                         frames_in_header=vinfo.num_frames, boxes=policy.name)
   pipeline = video_lib.FramePipeline(
       vinfo.path, batcher.batch_size, policy,
       lambda frame, box: batcher.crop(frame, box, category.id), w, h)
   keypoints, likelihood = [], []
-  bar = tqdm.tqdm(total=vinfo.num_frames or None, desc=stem, unit='frame')
-  t0 = time.perf_counter()
-  t_first = None
-  try:
+  t0, t_first = time.perf_counter(), None
+  with tqdm.tqdm(total=vinfo.num_frames or None, desc=Path(vinfo.path).stem,
+                 unit='frame') as bar:
     for batch in pipeline:
-      if batch.crops is None:  # Boxes from the previous batch's poses
-        if isinstance(policy, video_lib.Detected):  # or from the frames.
-          policy.see(batch.start, batch.frames)
-        batch.boxes = [policy.box(batch.start + j, w, h)
-                       for j in range(len(batch.frames))]
-        batch.crops = [batcher.crop(f, b, category.id)
-                       for f, b in zip(batch.frames, batch.boxes)]
-      pred = batcher.predict_crops(batch.crops)
-      kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [b, K, 2]
-      lk = likelihood_of(pred, k)  # [b, K]
-      policy.update(kp, lk, w, h)
+      kp, lk = _decode_batch(batch, batcher, policy, category.id,
+                             category.num_keypoints, w, h)
       keypoints.append(kp)
       likelihood.append(lk)
-      if t_first is None:
-        t_first = time.perf_counter()
-        summary.likelihood = ('nan' if getattr(pred, 'confidence', None) is None
-                              else 'confidence')
+      t_first = t_first or time.perf_counter()
       bar.update(len(batch.frames))
-  finally:
-    bar.close()
+  _fill_timing(summary, vinfo, pipeline, t0, t_first, len(keypoints[0]))
+  for name, value in policy.counts().items():
+    setattr(summary, name, value)
+  write_outputs(vinfo, np.concatenate(keypoints), np.concatenate(likelihood),
+                summary, outputs)
+  return summary
+
+
+def _fill_timing(summary: VideoSummary, vinfo: video_lib.VideoInfo,
+                 pipeline: video_lib.FramePipeline, t0: float,
+                 t_first: float, first: int) -> None:
+  """Frames decoded, where decoding stopped, and rates (frames/s) of the
+  whole run and after the first batch (``first`` frames, compilation)."""
   t1 = time.perf_counter()
   status = pipeline.status
   n = status.frames_decoded
@@ -342,13 +370,9 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   summary.error = status.error
   summary.seconds = t1 - t0
   summary.frames_per_s = n / max(summary.seconds, 1e-9)
-  first = len(keypoints[0])
   summary.frames_per_s_after_first_batch = (
       (n - first) / max(t1 - t_first, 1e-9) if n > first else 0.0)
   summary.model_wait_s = pipeline.wait_s
-  summary.frames_without_box = getattr(policy, 'frames_without_box', 0)
-  summary.track_lost = getattr(policy, 'lost', 0)
-  summary.track_reacquired = getattr(policy, 'reacquired', 0)
   logging.info('%s: %d frames in %.1f s, %.1f frames/s (%.1f after the first '
                'batch; model waited %.1f s for frames)', vinfo.path, n,
                summary.seconds, summary.frames_per_s,
@@ -359,54 +383,48 @@ def analyze_video(vinfo: video_lib.VideoInfo,
                     vinfo.path, n, vinfo.num_frames,
                     f' ({status.error})' if status.error else '', n)
 
-  write_outputs(vinfo, np.concatenate(keypoints), np.concatenate(likelihood),
-                category, summary, out_dir, filter_window, labeled_video,
-                pcutoff)
-  return summary
-
 
 def write_outputs(vinfo: video_lib.VideoInfo, xy: np.ndarray,
-                  lk: np.ndarray, category, summary: VideoSummary,
-                  out_dir: str, filter_window: int, labeled_video: bool,
-                  pcutoff: float) -> None:
+                  lk: np.ndarray, summary: VideoSummary,
+                  outputs: _Outputs) -> None:
   """Writes a video's files (module docstring) and lists them in
   ``summary.files``; the summary itself last, as ``_meta.json``.
 
   Args:
     xy: float [N, K, 2] pixels per decoded frame; lk: float [N, K]
-      likelihood (confidence or NaN).
+      likelihood (`likelihood_of`).
   """
+  category, pcutoff = outputs.category, outputs.pcutoff
   names = captions_lib.keypoint_names(category.keypoint_names,
                                       category.num_keypoints)
-  scorer, w, h = summary.scorer, vinfo.width, vinfo.height
-  stem = Path(vinfo.path).stem
-  base = Path(out_dir) / f'{stem}{scorer}'
-  table = dlc_output.pose_table(xy, lk, names, scorer)
+  base = Path(outputs.out_dir) / f'{Path(vinfo.path).stem}{summary.scorer}'
+  with_suffix = lambda tail: base.with_name(base.name + tail)
+  table = dlc_output.pose_table(xy, lk, names, summary.scorer)
   h5, csv = dlc_output.write_table(table, base.with_suffix('.h5'))
   summary.files.update(h5=str(h5), csv=str(csv))
-  if filter_window:
-    table = dlc_output.median_filter(table, filter_window)
-    fh5, fcsv = dlc_output.write_table(
-        table, base.with_name(base.name + '_filtered.h5'))
+  if outputs.filter_window:
+    table = dlc_output.median_filter(table, outputs.filter_window)
+    fh5, fcsv = dlc_output.write_table(table, with_suffix('_filtered.h5'))
     summary.files.update(filtered_h5=str(fh5), filtered_csv=str(fcsv))
     xy, lk = dlc_output.table_arrays(table)
-  captions_path = base.with_name(base.name + '_captions.txt')
+  captions_path = with_suffix('_captions.txt')
   captions_path.write_text(''.join(captions_lib.caption(p, names) + '\n'
                                    for p in xy))
   summary.files['captions'] = str(captions_path)
-  plot = base.with_name(base.name + '_trajectories.png')
-  trajectory_plot.plot_trajectories(xy, lk, names, w, h, plot, pcutoff,
-                                    title=f'{Path(vinfo.path).name} ({scorer})')
+  plot = with_suffix('_trajectories.png')
+  trajectory_plot.plot_trajectories(
+      xy, lk, names, vinfo.width, vinfo.height, plot, pcutoff,
+      title=f'{Path(vinfo.path).name} ({summary.scorer})')
   summary.files['trajectories'] = str(plot)
-  if labeled_video:
-    out = base.with_name(base.name + '_labeled.mp4')
+  if outputs.labeled_video:
+    out = with_suffix('_labeled.mp4')
     t = time.perf_counter()
     write_labeled_video(vinfo, xy, lk, category, out, pcutoff)
     summary.labeled_video_s = time.perf_counter() - t
     logging.info('%s: labelled video in %.1f s -> %s', vinfo.path,
                  summary.labeled_video_s, out)
     summary.files['labeled_video'] = str(out)
-  meta = base.with_name(base.name + '_meta.json')
+  meta = with_suffix('_meta.json')
   summary.files['meta'] = str(meta)
   meta.write_text(json.dumps(dataclasses.asdict(summary), indent=1) + '\n')
 

@@ -7,7 +7,7 @@ keypoint `predictor.Predictor`), and maps the boxes from the canvas of
 `ImageDetector` restores a detector workdir and finds the boxes of one
 image (the two-stage path of ``--mode predict``). When the keypoint model
 is PRTR's end-to-end variant and its backbone equals the detector's
-(`shares_backbone`: trained with ``pretrained_backbone_path`` = the
+(`shares_backbone`: trained with ``model_init`` = the
 detector's workdir and the whole backbone frozen), the detector keeps its
 backbone feature maps of the last images (`ImageDetector.keep_features`)
 and the keypoint stage decodes from them: one backbone pass per image for
@@ -80,7 +80,7 @@ class BoxPredictor:
   """A detector's compiled forward pass with its variables on a mesh.
 
   Args:
-    config: ``max_detections`` (k), ``detector_image_size_px``.
+    config: ``detector.max_detections`` (k), ``detector.image_size_px``.
     model: the `detector.Model`.
     variables: {'params', 'batch_stats'} on ``mesh``.
     mesh: the device mesh; batches are split over it.
@@ -173,10 +173,9 @@ class ImageDetector:
                        '(model_name=detector, e.g. '
                        'configs/dlc_openfield_detector.py).')
     info = dataset.load_info(config.input.dataset_dir)
-    model, state, self.step = predictor_lib.restore_state(
-        config, workdir, mesh, detection.num_images(config,
-                                                    config.input.train_split))
-    self.predictor = BoxPredictor.from_state(config, model, state, mesh)
+    model, variables, self.step = predictor_lib.restore_variables(
+        config, workdir, mesh)
+    self.predictor = BoxPredictor(config, model, variables, mesh)
     self.category_ids = sorted(info.categories)
     self.class_index = info.category_index()
     self.threshold = config.detector.score_threshold
@@ -207,7 +206,7 @@ class ImageDetector:
     return hit[1] if hit is not None and hit[0] is image else None
 
   def detect(self, image: np.ndarray) -> list[tuple[int, tuple, float]]:
-    """Boxes of one image scoring at least ``detection_score_threshold``.
+    """Boxes of one image scoring at least ``detector.score_threshold``.
 
     Args:
       image: uint8 [H, W, 3] RGB.
@@ -260,12 +259,12 @@ def shares_backbone(detector: ImageDetector, keypoint_predictor,
 
   True when the keypoint model is the end-to-end variant
   (``full_image_memory``, no support set), both put the image on the same
-  canvas (``detector_image_size_px``) in the same compute dtype, and their
+  canvas (``detector.image_size_px``) in the same compute dtype, and their
   backbones hold equal arrays leaf for leaf (``params`` and
   ``batch_stats`` under 'backbone'; 'batch' and 'frozen_batch'
   normalisation compute the same at inference). A keypoint model trained
-  with ``pretrained_backbone_path`` = the detector's workdir and
-  ``backbone_frozen_stages=4`` has that backbone.
+  with ``model_init`` = the detector's workdir and
+  ``model.resnet.frozen_stages=4`` has that backbone.
 
   Args:
     detector: the detection stage.
@@ -283,7 +282,7 @@ def shares_backbone(detector: ImageDetector, keypoint_predictor,
   canvas = tuple(keypoint_config.detector.image_size_px)
   if canvas != det.canvas_hw:
     return False, (f'canvases differ: keypoint model {canvas}, detector '
-                   f'{det.canvas_hw} (detector_image_size_px)')
+                   f'{det.canvas_hw} (detector.image_size_px)')
   if model.dtype != det.model.dtype:
     return False, (f'compute dtypes differ: keypoint model {model.dtype}, '
                    f'detector {det.model.dtype}')

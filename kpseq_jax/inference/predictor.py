@@ -3,7 +3,8 @@
 The one inference path that evaluation, ``--mode predict`` and the coming
 video and CAPE paths share:
 
-* `restore_state`: the latest checkpoint of a workdir onto a mesh;
+* `restore_variables`: the weights of a workdir's latest checkpoint onto a
+  mesh (nothing of the optimizer);
 * `make_decode_fn`: the compiled greedy decoder (`decoding.py`) with the
   variables' shardings and the batch split over the mesh;
 * `Predictor`: holds model, variables and the compiled decoder; turns a
@@ -28,33 +29,41 @@ from kpseq_jax.training import checkpointing
 from kpseq_jax.training import train_state as ts
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str,
-                  mesh: jax.sharding.Mesh, train_size: int):
-  """Restores the latest checkpoint of ``workdir`` onto ``mesh``.
+def abstract_variables(config: ml_collections.ConfigDict, model) -> dict:
+  """{'params', 'batch_stats'} of `jax.ShapeDtypeStruct`: the model's
+  variables as `train_state` initialises them (no optimizer, no memory);
+  batch_stats is {} without BatchNorm."""
+  def init(rng):
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init({'params': params_rng, 'dropout': dropout_rng},
+                           **ts.dummy_inputs(config), train=False)
+    return {'params': variables['params'],
+            'batch_stats': variables.get('batch_stats', {})}
+  return jax.eval_shape(init, jax.random.PRNGKey(config.seed))
 
-  Args:
-    config: the run's config (fixes the model and the state's tree).
-    workdir: the run's directory.
-    mesh: the device mesh the state is placed on (its shardings follow
-      ``config.sharding.rules``).
-    train_size: training instances (shapes the optimizer's schedule, which
-      is part of the restored tree).
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str,
+                      mesh: jax.sharding.Mesh):
+  """The weights to predict with from the latest checkpoint of ``workdir``:
+  the moving average when the run kept one, else params and batch_stats
+  (`TrainState.inference_variables`), placed on ``mesh`` as training
+  placed them (``config.sharding.rules``). Reads nothing else (no
+  optimizer state, so no train split size).
 
   Returns:
-    (model, state, step).
+    (model, {'params', 'batch_stats'} of jax.Array, checkpoint step).
 
   Raises:
-    FileNotFoundError: if ``workdir`` has no checkpoint.
+    FileNotFoundError: if ``workdir`` has no restorable checkpoint.
     checkpointing.CheckpointMismatchError: if the checkpoint was written
-      with another config.
+      with another model config.
   """
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config)
-  abstract = ts.abstract_train_state(config, model, tx, mesh)
-  ckpt = checkpointing.Checkpointer(workdir)
-  state, step = ckpt.restore(abstract)
-  ckpt.close()
-  return model, state, step
+  shardings_of = lambda tree: sharding.state_shardings(
+      tree, mesh, config.sharding.fsdp_min_param_elements, config.sharding.rules)
+  variables, step = checkpointing.restore_variables(
+      workdir, abstract_variables(config, model), shardings_of)
+  return model, variables, step
 
 
 # Fields `Predictor.predict` adds to the decoder's inputs under flip test.
