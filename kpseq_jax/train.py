@@ -2,7 +2,8 @@
 
 `train_and_evaluate` trains ``config`` in ``workdir``, resuming from the
 latest checkpoint there, evaluating every ``eval_every_steps`` and after
-the last step (`kpseq_jax.evaluation.evaluate.Evaluator`).
+the last step (the evaluators of
+`kpseq_jax.evaluation.evaluate.from_config`).
 
 Reliability: every step's scalars go to ``WORKDIR/metrics.jsonl``
 (`training.metrics_log`); a resumed run repeats the batches, dropout keys
@@ -21,9 +22,8 @@ import ml_collections
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
 from kpseq_jax.data import pipeline
-from kpseq_jax.evaluation import box_ap
+from kpseq_jax.evaluation import common as eval_common
 from kpseq_jax.evaluation import evaluate
-from kpseq_jax.evaluation import report as report_lib
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import host_memory
@@ -40,7 +40,7 @@ from kpseq_jax.training import train_state as ts
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> report_lib.EvalReport | box_ap.BoxReport | None:
+                       ) -> dict[str, dict] | None:
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
   With ``config.task='detection'`` the model is the detector
@@ -48,8 +48,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   (`kpseq_jax/data/detection.py`) and evaluated by box AP (`box_ap`).
 
   Returns:
-    the final `report.EvalReport` (`box_ap.BoxReport` for the detector),
-    or None if training was preempted
+    the final evaluation, report name -> its JSON (`eval_common.run`:
+    ``{'test': eval_test.json}``, ``{'test_boxes': ...}`` for the
+    detector), or None if training was preempted
     (SIGTERM): then the current step was saved and nothing evaluated;
     running again resumes.
 
@@ -84,8 +85,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
 
   # The baseline or the CAPE episodes, before anything compiles: a problem
   # with them (a category too small for an episode) stops the run here.
-  evaluator = (box_ap.DetectionEvaluator(config, info) if detecting
-               else evaluate.Evaluator(config, info))
+  evaluators = evaluate.from_config(config, info)
   state = ts.create_train_state(config, model, tx, mesh)
   train_iter = iter(detection.create_train_dataset(config, info) if detecting
                     else pipeline.create_train_dataset(config, info))
@@ -139,7 +139,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
           and not is_last):  # The last step is evaluated below.
         log.flush(log=False)  # Never evaluate a state that follows a NaN.
-        evaluator.evaluate(workdir, predictor, variables(state), step, writer)
+        eval_common.run(evaluators, eval_common.Inputs(
+            predictor, variables(state), step), workdir, writer)
         host_memory.release_free_memory()  # What evaluation freed.
     ckpt.wait()
   ckpt.close()
@@ -150,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if start >= total_steps:
     logging.info('Already trained %d/%d steps in %s.', start, total_steps,
                  workdir)
-  report = evaluator.evaluate(workdir, predictor, variables(state),
-                              max(start, total_steps), writer)
+  reports = eval_common.run(evaluators, eval_common.Inputs(
+      predictor, variables(state), max(start, total_steps)), workdir, writer)
   writer.close()
-  return report
+  return reports
