@@ -342,6 +342,37 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
   """
   categories = categories or {}
   sigmas = sigmas or {}
+  gts, dts, num_kp = _checked(ground_truth, predictions)
+  gt_coco, dt_coco = _coco_objects(gts, dts, num_kp)
+  gt_by_cat = collections.defaultdict(list)
+  for g in gts:
+    gt_by_cat[g.category_id].append(g)
+  dt_by_cat = collections.defaultdict(list)
+  for p in dts:
+    dt_by_cat[p.category_id].append(p)
+  per_category = {}
+  for cid in sorted(num_kp):
+    cat = categories.get(cid)
+    name = str(getattr(cat, 'name', '') or '')
+    s, source = resolve_sigmas(
+        cid, num_kp[cid], tuple(getattr(cat, 'keypoint_names', ()) or ()),
+        name, sigmas.get(cid), default_sigma)
+    per_category[cid] = _category_oks(
+        cid, name, num_kp[cid], gt_by_cat[cid], dt_by_cat[cid], gt_coco,
+        dt_coco, s, source)
+  evaluated = [c for c in per_category.values() if c.skipped is None]
+  means = {k: (float(np.mean([getattr(c, k) for c in evaluated]))
+               if evaluated else None) for k in _STATS}
+  return OKSResult(num_categories=len(evaluated), per_category=per_category,
+                   skipped={c: v.skipped for c, v in per_category.items()
+                            if v.skipped is not None}, **means)
+
+
+def _checked(ground_truth: Sequence[GroundTruth],
+             predictions: Sequence[Prediction]
+             ) -> tuple[list[GroundTruth], list[Prediction], dict[int, int]]:
+  """Checked copies of both lists and each category's K (`evaluate_oks`
+  names the errors)."""
   gts = [_check_ground_truth(g, i) for i, g in enumerate(ground_truth)]
   dts = [_check_prediction(p, i) for i, p in enumerate(predictions)]
   images = {g.image_id for g in gts}
@@ -349,7 +380,6 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
     if p.image_id not in images:
       raise ValueError(f'predictions[{i}]: field "image_id" {p.image_id} has '
                        'no ground truth (not an evaluated image)')
-
   num_kp: dict[int, int] = {}
   for field, items in (('ground_truth', gts), ('predictions', dts)):
     for i, x in enumerate(items):
@@ -358,50 +388,34 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
         raise ValueError(
             f'{field}[{i}]: field "keypoints" has {len(x.keypoints)} '
             f'keypoints, but category {x.category_id} has {k}')
+  return gts, dts, num_kp
 
-  gt_coco, dt_coco = _coco_objects(gts, dts, num_kp)
-  gt_by_cat = collections.defaultdict(list)
-  for g in gts:
-    gt_by_cat[g.category_id].append(g)
-  dt_by_cat = collections.defaultdict(list)
-  for p in dts:
-    dt_by_cat[p.category_id].append(p)
 
-  per_category, skipped = {}, {}
-  for cid in sorted(num_kp):
-    cat = categories.get(cid)
-    name = str(getattr(cat, 'name', '') or '')
-    s, source = resolve_sigmas(
-        cid, num_kp[cid], tuple(getattr(cat, 'keypoint_names', ()) or ()),
-        name, sigmas.get(cid), default_sigma)
-    g_cat, d_cat = gt_by_cat[cid], dt_by_cat[cid]
-    labelled = sum(int(np.any(g.keypoints[:, 2] > 0)) for g in g_cat)
-    reason = None
-    if not g_cat:
-      reason = 'no ground truth instance'
-    elif not labelled:
-      reason = 'no labelled keypoint in its ground truth'
+def _category_oks(cid: int, name: str, num_keypoints: int,
+                  g_cat: list[GroundTruth], d_cat: list[Prediction],
+                  gt_coco: coco_lib.COCO, dt_coco: coco_lib.COCO | None,
+                  s: np.ndarray, source: str) -> CategoryOKS:
+  """One category's `CategoryOKS` (``skipped`` says why it has none)."""
+  labelled = sum(int(np.any(g.keypoints[:, 2] > 0)) for g in g_cat)
+  reason = None
+  if not g_cat:
+    reason = 'no ground truth instance'
+  elif not labelled:
+    reason = 'no labelled keypoint in its ground truth'
+  stats = dict.fromkeys(_STATS)
+  if reason is None:
+    img_ids = sorted({x.image_id for x in g_cat + d_cat})
+    stats = _coco_eval(gt_coco, dt_coco, cid, img_ids, s)
+    if any(v is None for v in stats.values()):
+      reason = 'COCOeval returned -1 (undefined)'
+  if reason is not None:
     stats = dict.fromkeys(_STATS)
-    if reason is None:
-      img_ids = sorted({x.image_id for x in g_cat + d_cat})
-      stats = _coco_eval(gt_coco, dt_coco, cid, img_ids, s)
-      if any(v is None for v in stats.values()):
-        reason = 'COCOeval returned -1 (undefined)'
-    if reason is not None:
-      skipped[cid] = reason
-      stats = dict.fromkeys(_STATS)
-    per_category[cid] = CategoryOKS(
-        category_id=cid, name=name, num_keypoints=num_kp[cid],
-        num_instances=len(g_cat), num_labelled_instances=labelled,
-        num_area_from_bbox=sum(g.area is None for g in g_cat),
-        num_predictions=len(d_cat), sigma_source=source,
-        sigmas=tuple(float(v) for v in s), skipped=reason, **stats)
-
-  evaluated = [c for c in per_category.values() if c.skipped is None]
-  means = {k: (float(np.mean([getattr(c, k) for c in evaluated]))
-               if evaluated else None) for k in _STATS}
-  return OKSResult(num_categories=len(evaluated), per_category=per_category,
-                   skipped=skipped, **means)
+  return CategoryOKS(
+      category_id=cid, name=name, num_keypoints=num_keypoints,
+      num_instances=len(g_cat), num_labelled_instances=labelled,
+      num_area_from_bbox=sum(g.area is None for g in g_cat),
+      num_predictions=len(d_cat), sigma_source=source,
+      sigmas=tuple(float(v) for v in s), skipped=reason, **stats)
 
 
 def _check_ground_truth(g: GroundTruth, i: int) -> GroundTruth:
