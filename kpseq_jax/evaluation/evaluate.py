@@ -8,11 +8,11 @@ at the end, `evaluate` once on a restored workdir. Evaluator types
 (``config.evals.<name>.type``, default the name; the other keys are the
 constructor's arguments, defaults from the run's config in brackets):
 
-  ``pck``: `pck.PCKEvaluator`; ``pixel_accuracy``:
-    `pck.PixelAccuracyEvaluator`; ``oks``: `uncertainty.OKSEvaluator`
+  ``pck``: `pck.PCKEvaluator`; ``oks``: `uncertainty.OKSEvaluator`
     (``default_sigma`` [oks_default_sigma], ``radius_bins``
     [confidence_radius_bins]); ``calibration``:
-    `uncertainty.CalibrationEvaluator` (``radius_bins``); ``predictions``:
+    `uncertainty.CalibrationEvaluator` (``radius_bins``);
+    ``pixel_accuracy``: `pck.PixelAccuracyEvaluator`; ``predictions``:
     `predictions.PredictionsEvaluator` (``image_size_px``) -- all over the
     split's keypoint predictions, decoded once per evaluation;
   ``box_ap``: `box_ap.BoxAPEvaluator` (``score_threshold``
@@ -22,6 +22,8 @@ constructor's arguments, defaults from the run's config in brackets):
     (needs ``detector``).
 
 An empty ``config.evals`` means the task's defaults (`default_evals`).
+Evaluators run in the order of the types above (the keys of
+``eval_<split>.json`` and the sections of its Markdown in that order).
 """
 
 from typing import Any, Callable
@@ -73,12 +75,12 @@ def _builders(config, info, split, detector) -> dict[str, Callable]:
   radius = config.confidence_radius_bins
   return dict(
       pck=keypoints(pck.PCKEvaluator),
-      pixel_accuracy=keypoints(pck.PixelAccuracyEvaluator),
       oks=keypoints(uncertainty.OKSEvaluator,
                     default_sigma=config.oks_default_sigma,
                     radius_bins=radius),
       calibration=keypoints(uncertainty.CalibrationEvaluator,
                             radius_bins=radius),
+      pixel_accuracy=keypoints(pck.PixelAccuracyEvaluator),
       predictions=keypoints(predictions.PredictionsEvaluator,
                             image_size_px=config.image_size_px),
       box_ap=lambda **kw: box_ap.BoxAPEvaluator(
@@ -111,14 +113,15 @@ def from_config(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
       s.get('type', n) == 'detected_boxes' for n, s in specs.items()):
     specs['detected_boxes'] = {'type': 'detected_boxes'}
   builders = _builders(config, info, split, detector)
-  out = []
-  for name, spec in specs.items():
-    kind = spec.pop('type', name)
+  kinds = {name: spec.pop('type', name) for name, spec in specs.items()}
+  for name, kind in kinds.items():
     if kind not in builders:
       raise ValueError(f'config.evals.{name}: unknown evaluator type '
                        f'{kind!r}; known: {sorted(builders)}.')
-    out.append((name, builders[kind](**spec)))
-  return out
+  # By type in `builders` order, whatever the order of config.evals (a
+  # ConfigDict sorts its keys): the report's keys and sections in one order.
+  order = sorted(specs, key=lambda n: list(builders).index(kinds[n]))
+  return [(name, builders[kinds[name]](**specs[name])) for name in order]
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
