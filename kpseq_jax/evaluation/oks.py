@@ -1,51 +1,20 @@
 """OKS keypoint AP/AR by pycocotools' ``COCOeval(iouType='keypoints')``.
 
-The numbers are pycocotools' own: this module only builds in-memory COCO
-ground truth and result objects, picks the per-keypoint OKS sigmas of each
-category, runs one ``COCOeval`` per category and averages its summary over
-categories. Nothing here re-implements matching or AP.
+The numbers are pycocotools' own: this module builds in-memory COCO ground
+truth and results, picks each category's OKS sigmas, runs one ``COCOeval``
+per category and averages its summary over categories. OKS
+(cocodataset.org/#keypoints-eval, ``COCOeval.computeOks``) =
+``mean_i exp(-d_i^2 / (2 area (2 sigma_i)^2))`` over labelled keypoints;
+AP over OKS 0.50:0.05:0.95, at most 20 predictions per image.
 
-OKS (COCO keypoint evaluation, cocodataset.org/#keypoints-eval; pycocotools
-``cocoeval.py``, ``COCOeval.computeOks``) of a prediction d and ground truth
-g with labelled keypoints i (v > 0)::
-
-  OKS = mean_i exp(-d_i^2 / (2 * area * (2 sigma_i)^2))
-
-with d_i the pixel distance and ``area`` the ground truth's area in px^2.
-AP is the mean over OKS thresholds 0.50:0.05:0.95 of the 101-point
-interpolated precision, at most 20 predictions per image (pycocotools
-``Params.setKpParams``).
-
-Conventions (each with its source):
-
-* Sigmas: a category whose keypoints are COCO's 17 person keypoints, in
-  COCO's order (`COCO_PERSON_KEYPOINTS`; in MP-100 the ``person`` category and
-  also ``macaque``, which MacaquePose labels in COCO's layout) gets COCO's
-  person sigmas (`COCO_PERSON_SIGMAS`, pycocotools ``Params.setKpParams``;
-  Ruggero Ronchi & Perona, ICCV 2017, and the COCO keypoint evaluation
-  page). Any other category gets a uniform `DEFAULT_SIGMA` = 0.1, DeepLabCut's
-  default for its OKS mAP (``deeplabcut/core/metrics/distance_metrics.py``,
-  ``compute_oks(..., oks_sigma=0.1)``, and ``deeplabcut/core/metrics/api.py``;
-  DeepLabCut uses the same ``(2 sigma)^2`` convention as pycocotools, in
-  ``calc_object_keypoint_similarity``). A mapping ``{category_id: sigmas}``
-  overrides either.
-* Area: the ground truth's ``area`` when given, else ``0.53 * w * h`` of its
-  box (xtcocotools ``cocoeval.py``, ``COCOeval.computeOks`` and
-  ``evaluateImg`` with ``use_area=False`` or no ``area``: ``gt['bbox'][3] *
-  gt['bbox'][2] * 0.53``; mmpose's ``CocoMetric`` evaluates with xtcocotools
-  and exposes the switch as its ``use_area`` argument).
-* A predicted keypoint that is NaN (not generated) is placed at +inf, so its
-  OKS term is exp(-inf) = 0: it counts as a miss (DeepLabCut does the same,
-  ``pred[np.isnan(pred)] = np.inf``). The prediction's area (used by
-  pycocotools only to ignore unmatched predictions outside an area range)
-  is that of its finite keypoints' extent, as ``COCO.loadRes`` computes it
-  from all keypoints.
-* Instance score: the caller's; `kpseq_jax.inference.results.bbox_keypoint_score` gives mmpose's
-  ``score_mode='bbox_keypoint'`` rescoring.
-* A category whose ground truth has no labelled keypoint at all (every
-  instance is then ignored by ``COCOeval``, whose AP is -1), or that has
-  predictions but no ground truth, is skipped and reported; -1 is never
-  averaged in.
+Conventions: COCO's 17 person keypoints in COCO's order get COCO's sigmas
+(`COCO_PERSON_SIGMAS`, ``Params.setKpParams``); other categories a uniform
+`DEFAULT_SIGMA` = 0.1 (DeepLabCut's ``compute_oks``, same ``(2 sigma)^2``);
+a ``{category_id: sigmas}`` mapping overrides either. Area: the ground
+truth's ``area``, else ``0.53 w h`` of its box (xtcocotools
+``computeOks``). A NaN (not generated) keypoint is put at +inf: a miss, as
+in DeepLabCut. A category with no labelled ground truth, or predictions
+but no ground truth, is skipped and reported; -1 is never averaged in.
 """
 
 import collections
