@@ -1,7 +1,7 @@
 """What is evaluated and against what: instances or CAPE episodes.
 
-`evaluate.Evaluator` runs one loop (decode a batch, map to pixels,
-accumulate PCK) for two protocols:
+The keypoint evaluators (`evaluate.py`) score one decoding
+(`common.decode`: decode a batch, map to pixels) of one of two protocols:
 
 * `Instances` (``setting='supervised'``): every instance of the split,
   PCK@0.2 by MP-100's protocol with data_prep's in-image box
