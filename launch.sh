@@ -22,7 +22,8 @@
 #   ref=BRANCH|TAG            [main] with repo=
 #   remote_dir=DIR            [kpseq_jax], relative to the workers' home
 #   install=1|0               [1] create a venv and pip install -r
-#                             requirements.txt plus jax[tpu]
+#                             requirements.txt plus jax[tpu]; 0: run the
+#                             workers' own python (already set up)
 #
 # --dry-run prints the exact commands instead of running them.
 #
@@ -127,8 +128,11 @@ launch_tpu() {
   fi
   run "${gcloud[@]}" ssh "$tpu_name" --worker=all "${where[@]}" \
     --command="$fetch && $setup"
-  local cmd
-  cmd="cd $(printf '%q' "$remote_dir") && . .venv/bin/activate && python"
+  # The fetch above replaced remote_dir: its venv exists only if installed
+  # now; with install=0 the workers' own python runs.
+  local cmd="cd $(printf '%q' "$remote_dir")"
+  (( install )) && cmd="$cmd && . .venv/bin/activate"
+  cmd="$cmd && python"
   cmd="$cmd$(printf ' %q' "${main_args[@]}") --distributed=on"
   run "${gcloud[@]}" ssh "$tpu_name" --worker=all "${where[@]}" \
     --command="$cmd"

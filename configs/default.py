@@ -139,9 +139,11 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
 
   # Evaluation of `split` every `every_steps` (0: after the last step only);
   # num_examples -1: the whole split. OKS sigma for categories without
-  # their own (DeepLabCut's 0.1).
+  # their own (DeepLabCut's 0.1). `evaluators`: name -> {'type': ...,
+  # constructor arguments} (kpseq_jax/evaluation/evaluate.py); empty: the
+  # system's defaults (`evaluate.default_evals`).
   c.evals = dict(split='test', batch_size=8, every_steps=0, num_examples=-1,
-                 oks_default_sigma=0.1)
+                 oks_default_sigma=0.1, evaluators={})
 
   # Mesh ('data', 'fsdp') sizes (-1: the rest); (regex, 'fsdp'|'replicate')
   # rules on a leaf's path, first match wins; smaller arrays replicated.

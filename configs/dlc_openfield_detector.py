@@ -42,4 +42,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 500
   c.evals.batch_size = 23
   c.evals.every_steps = 550
+  c.evals.evaluators = dict(box_ap=dict(type='box_ap'))  # Box AP, COCO's.
   return c

@@ -34,7 +34,6 @@ import jax
 from ml_collections import config_flags
 
 from kpseq_jax.runtime import distributed
-from kpseq_jax.evaluation import detected_boxes
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.runtime import host_memory
 from kpseq_jax.runtime import xla_flags
@@ -137,10 +136,8 @@ def main(argv):
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
-    evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-    if FLAGS.detector_workdir:
-      detected_boxes.evaluate_detected_boxes(
-          FLAGS.config, FLAGS.workdir, _detector())
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir,
+                      _detector() if FLAGS.detector_workdir else None)
   elif FLAGS.mode == 'analyze':
     analyze.analyze(FLAGS.config, FLAGS.workdir, FLAGS.videos, FLAGS.out,
                     FLAGS.boxes, FLAGS.category, FLAGS.video_batch_size,

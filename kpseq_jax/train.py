@@ -2,7 +2,8 @@
 
 `train_and_evaluate` trains ``config`` in ``workdir``, resuming from the
 latest checkpoint there, evaluating every ``evals.every_steps`` and after
-the last step (`kpseq_jax.evaluation.evaluate.Evaluator`).
+the last step (the evaluators of
+`kpseq_jax.evaluation.evaluate.from_config`).
 
 Reliability: every step's scalars go to ``WORKDIR/metrics.jsonl``
 (`training.metrics_log`); a resumed run repeats the batches, dropout keys
@@ -21,9 +22,8 @@ import ml_collections
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
 from kpseq_jax.data import pipeline
-from kpseq_jax.evaluation import box_ap
+from kpseq_jax.evaluation import common as eval_common
 from kpseq_jax.evaluation import evaluate
-from kpseq_jax.evaluation import report as report_lib
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import host_memory
@@ -40,17 +40,17 @@ from kpseq_jax.training import train_state as ts
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> report_lib.EvalReport | box_ap.BoxReport | None:
+                       ) -> dict[str, dict] | None:
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
-  The system's parts come from `system_parts`: for ``model_name=
-  'detector'`` whole images (`kpseq_jax/data/detection.py`) and box AP
-  (`box_ap`), else crops or episodes and keypoint evaluation.
+  Data and predictor of the system from `system_parts`, evaluators from
+  `evaluate.from_config` (``config.evals.evaluators``).
 
   Returns:
-    the final `report.EvalReport` (`box_ap.BoxReport` for the detector),
-    or None if training was preempted (SIGTERM): then the current step was
-    saved and nothing evaluated; running again resumes.
+    the final evaluation, report name -> its JSON (`eval_common.run`:
+    ``{'test': eval_test.json}``, ``{'test_boxes': ...}`` for the
+    detector), or None if training was preempted (SIGTERM): then the
+    current step was saved and nothing evaluated; running again resumes.
 
   Raises:
     metrics_log.NonFiniteLossError: on a NaN/inf loss or gradient, naming
@@ -68,7 +68,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   tx = ts.create_optimizer(config)
   # The baseline or the CAPE episodes, before anything compiles: a problem
   # with them (a category too small for an episode) stops the run here.
-  evaluator, train_data, predictor_cls = system_parts(config, info, mesh)
+  evaluators = evaluate.from_config(config, info)
+  train_data, predictor_cls = system_parts(config, info, mesh)
   state = ts.create_train_state(config, model, tx, mesh)
   train_iter = iter(train_data())
   ckpt = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
@@ -81,10 +82,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       jax.tree.map(lambda a: a.sharding, state), mesh)
   writer = metric_writer.MetricWriter(workdir)
   predictor = predictor_cls.from_state(config, model, state, mesh)
+  evaluate_state = lambda s, step: eval_common.run(  # The average, if any.
+      evaluators, eval_common.Inputs(predictor, s.inference_variables(), step),
+      workdir, writer)
   state, preempted = train_loop(
       config, workdir, state, start, train_iter, step_fn, model, mesh, ckpt,
-      writer, lambda s, step: evaluator.evaluate(
-          workdir, predictor, s.inference_variables(), step, writer))
+      writer, evaluate_state)
   if preempted:
     writer.close()
     return None
@@ -92,21 +95,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if start >= total_steps:
     logging.info('Already trained %d/%d steps in %s.', start, total_steps,
                  workdir)
-  report = evaluator.evaluate(workdir, predictor, state.inference_variables(),
-                              max(start, total_steps), writer)
+  reports = evaluate_state(state, max(start, total_steps))
   writer.close()
-  return report
+  return reports
 
 
 def system_parts(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
                  mesh: jax.sharding.Mesh):
-  """(evaluator, train data set factory, predictor class) of ``config``'s
-  system: the detector's whole images and box AP, or the keypoint pipeline
-  (crops, whole images or episodes) and keypoint evaluation. Logs the
-  train split's size and what a crop pixel covers."""
+  """(train data set factory, predictor class) of ``config``'s system:
+  the detector's whole images and boxes, or the keypoint pipeline (crops,
+  whole images or episodes) and keypoints. Logs the train split's size and
+  what a crop pixel covers."""
   if config.model_name == 'detector':
-    parts = (box_ap.DetectionEvaluator(config, info),
-             lambda: detection.create_train_dataset(config, info),
+    parts = (lambda: detection.create_train_dataset(config, info),
              box_predictor.BoxPredictor)
     size = detection.num_images(config, config.input.train_split)
   else:
@@ -114,8 +115,7 @@ def system_parts(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
         config.input.dataset_dir, config.input.train_split,
         config.input.image_size_px, config.input.bbox_scale):
       logging.info('Top-down crops: %s.', resolution)
-    parts = (evaluate.Evaluator(config, info),
-             lambda: pipeline.create_train_dataset(config, info),
+    parts = (lambda: pipeline.create_train_dataset(config, info),
              predictor_lib.Predictor)
     size = info.split_sizes[config.input.train_split]
   logging.info('Train split %r: %d examples, %d steps per epoch, %d steps; '

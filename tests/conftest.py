@@ -157,12 +157,13 @@ def trained(dlc_dataset, tmp_path_factory):
   step 1 (periodic) and step 2 (final) (once per session; tests must not
   modify the workdir)."""
   from kpseq_jax import train
+  from kpseq_jax.evaluation import report as report_lib
 
   def make(workdir):
     config = smoke_config(dlc_dataset, **{'evals.every_steps': 1},
                           **{'vocab.presence_token': True})
-    report = train.train_and_evaluate(config, str(workdir))
-    return config, workdir, report
+    reports = train.train_and_evaluate(config, str(workdir))
+    return config, workdir, report_lib.EvalReport.from_dict(reports['test'])
   return once_per_run(tmp_path_factory, 'smoke_run', make)
 
 

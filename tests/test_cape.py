@@ -263,7 +263,9 @@ def cape_run(dlc_dataset, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('cape_run')
   config = conftest.smoke_config(dlc_dataset, **{'model_name': 'cape'},
                                  **{'cape.support_split': 'train'})
-  report = train.train_and_evaluate(config, str(workdir))
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(config, str(workdir))['test'])
   return config, workdir, report
 
 
@@ -368,9 +370,12 @@ def test_mp100_cape_path_on_the_sample_images(mp100_sample_dataset,
   assert not (tmp_path / 'strict' / 'checkpoints').exists()  # Nothing ran.
   c.cape.skip_small_categories = True
   workdir = tmp_path / 'run'
-  report = train.train_and_evaluate(c, str(workdir))
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(c, str(workdir))['test'])
   _check_episode_report(report, workdir, sizes, 1)
   c.cape.num_shots = 5
-  report5 = evaluate.evaluate(c, str(workdir))
+  report5 = report_lib.EvalReport.from_dict(
+      evaluate.evaluate(c, str(workdir))['test'])
   _check_episode_report(report5, workdir, sizes, 5)
   assert report5.checkpoint_step == report.checkpoint_step == 2

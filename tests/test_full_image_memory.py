@@ -160,7 +160,9 @@ def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
   from kpseq_jax import train
   config = smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
                         **{'detector.image_size_px': (96, 128)})
-  report = train.train_and_evaluate(config, str(tmp_path))
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(config, str(tmp_path))['test'])
   saved = json.loads((tmp_path / 'eval_test.json').read_text())
   assert saved['checkpoint_step'] == 2 and saved['num_instances'] == 8
   assert report.num_instances == 8

@@ -110,7 +110,9 @@ def test_short_supervised_training_and_mp100_evaluation(
   c.evals.num_examples = 4
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  report = train.train_and_evaluate(c, str(tmp_path))
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(c, str(tmp_path))['test'])
   assert report.num_instances == 4
   assert report.pck_protocol.startswith('MP-100')
   assert report.num_excluded_instances == 0

@@ -48,7 +48,9 @@ def _annotated_boxes(config):
 
 def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
     trained, tmp_path):
+  from kpseq_jax.evaluation import common
   from kpseq_jax.inference import predictor as predictor_lib
+  from kpseq_jax.runtime import metric_writer
   from kpseq_jax.runtime import sharding
   config, workdir, _ = trained
   # The first 3 test images, not the smoke config's 8: each image is
@@ -61,9 +63,18 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
   model, variables, _ = predictor_lib.restore_variables(
       config, str(workdir), mesh)
   predictor = predictor_lib.Predictor(config, model, variables, mesh)
-  run = lambda detector: detected_boxes.evaluate_detected_boxes(
-      config, str(workdir), detector, out_dir=str(tmp_path),
-      predictor=predictor)  # One compiled decoder for the three runs.
+  # One compiled decoder for the three runs.
+  inputs = common.Inputs(predictor, predictor.variables, None)
+  info = dataset.load_info(config.input.dataset_dir)
+
+  def run(detector):
+    evaluator = detected_boxes.DetectedBoxesEvaluator(config, info, 'test',
+                                                      detector)
+    with metric_writer.MetricWriter(str(tmp_path)) as writer:
+      reports = common.run([('detected_boxes', evaluator)], inputs,
+                           str(tmp_path), writer)
+    return detected_boxes.DetectedBoxesReport(
+        **reports['test_detected_boxes'])
   # Detections equal to the annotated boxes: both figures the same.
   same = run(_BoxesOf(list(boxes)))
   # The first n images, one mouse each.
@@ -121,10 +132,13 @@ def tiny_detector(dlc_dataset, tmp_path_factory):
   c.evals.every_steps = 0
   c.evals.batch_size = 8
   workdir = tmp_path_factory.mktemp('detector')
-  return c, workdir, train.train_and_evaluate(c, str(workdir))
+  from kpseq_jax.evaluation import box_ap
+  reports = train.train_and_evaluate(c, str(workdir))
+  return c, workdir, box_ap.BoxReport(**reports['test_boxes'])
 
 
-def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
+def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector,
+                                                           shared_data):
   """Box AP of every test image by pycocotools, written to the workdir;
   `--mode eval` reads the checkpoint back to the same figures."""
   from kpseq_jax.evaluation import box_ap
@@ -139,20 +153,19 @@ def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
   assert {d['category_id'] for d in dets} == {1}
   assert all(0 <= d['bbox'][0] <= 640 and 0 <= d['bbox'][1] <= 480
              for d in dets)
-  again = evaluate.evaluate(c, str(workdir))
-  assert again.ap == report.ap and again.step == 2
-  # The report is pycocotools' AP of the written detections against the
-  # annotated boxes in image pixels (the evaluator's canvas -> image
-  # mapping of both): recomputed here from the data set's records.
-  source = dataset.data_source(c.input.dataset_dir, c.evals.split)
-  truth = [dict(image_id=int(source[j]['image_id']),
-                category_id=int(source[j]['category_id']),
-                bbox=[float(v) for v in source[j]['bbox']])
-           for g in detection.image_groups(source) for j in g]
-  images = [dict(id=i) for i in sorted({t['image_id'] for t in truth})]
-  recomputed = box_ap.box_ap(images, truth, dets, [1])
-  assert recomputed['ap'] == pytest.approx(report.ap, abs=1e-3)
-  assert recomputed['ap50'] == pytest.approx(report.ap50, abs=1e-3)
+  # The AP is pycocotools' of the written detections against the data
+  # set's boxes (the canvas round trip moves them by float error only).
+  images = json.loads((shared_data / 'dlc_openfield' / 'annotations' /
+                       'test.json').read_text())['images']
+  records = dataset.records_without_images(
+      dataset.data_source(c.input.dataset_dir, 'test'))
+  truth = [dict(image_id=int(r['image_id']), category_id=1,
+                bbox=[float(v) for v in r['bbox']])
+           for r in (records[i] for i in range(len(records)))]
+  assert box_ap.box_ap(images, truth, dets, [1])['ap'] == pytest.approx(
+      report.ap, abs=1e-3)
+  again = evaluate.evaluate(c, str(workdir))['test_boxes']
+  assert again['ap'] == report.ap and again['step'] == 2
 
 
 def _boxes(*xywh, score=0.9, image_id=1):

@@ -47,7 +47,7 @@ def _instance_chain(config: ml_collections.ConfigDict,
                     train: bool) -> list[grain.transforms.Map]:
   """Decode, top-down crop (random in training), flip, warp, jitter: the
   per-instance transforms before tokenisation. With
-  ``keypoint_stage='end_to_end'`` the warp puts the whole image on the
+  ``model_name='end_to_end'`` the warp puts the whole image on the
   canvas and the crop becomes ``memory_from_crop`` (`WarpToCanvas`)."""
   s = config.input.image_size_px
   warp = (transforms.WarpToCanvas(s, tuple(config.detector.image_size_px))
@@ -209,7 +209,7 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
   """One pass over evaluation episodes in process-local batches.
 
   Args:
-    config: the run's config (crop, ``cape_eval_permuted``: the keypoints
+    config: the run's config (crop, ``cape.eval_permuted``: the keypoints
       of each episode in a random order, the same in supports and query,
       seeded by ``seed`` and the episode's position).
     info: the data set's info.

@@ -1,7 +1,7 @@
 """What is evaluated and against what: instances or CAPE episodes.
 
-`evaluate.Evaluator` runs one loop (decode a batch, map to pixels,
-accumulate PCK) for two protocols:
+The keypoint evaluators (`evaluate.py`) score one decoding
+(`common.decode`: decode a batch, map to pixels) of one of two protocols:
 
 * `Instances` (``model_name`` not 'cape'): every instance of the split,
   PCK@0.2 by MP-100's protocol with data_prep's in-image box
@@ -80,11 +80,11 @@ class Episodes:
   The episode list is drawn here, once per run, and checked against the
   records before anything is trained: a category with too few instances
   raises `data_prep.episodes.InsufficientInstancesError` naming it (or,
-  with ``cape_skip_small_categories``, is skipped and reported), and an
+  with ``cape.skip_small_categories``, is skipped and reported), and an
   episode naming an annotation that has no record is skipped and reported.
 
   Args:
-    config: the run's config (``num_shots``, ``cape_*``).
+    config: the run's config (``cape.*``).
     info: the data set's info (its episode pools).
     split: the evaluated (query) split.
 
