@@ -95,6 +95,28 @@ class ImageGroups:
     }
 
 
+def _place_image(img: np.ndarray, canvas_hw: tuple[int, int], scale: float,
+                 offset: tuple[float, float], flip: bool):
+  """(canvas uint8 [H, W, 3], resized (w, h), integer offset (dx, dy)):
+  ``img`` (flipped if asked) resized by ``scale`` at ``offset`` on a black
+  canvas, clipped to it."""
+  h, w = img.shape[:2]
+  ch, cw = canvas_hw
+  if flip:
+    img = img[:, ::-1]
+  nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+  resized = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
+      (nw, nh), Image.Resampling.BILINEAR))
+  canvas = np.zeros([ch, cw, 3], np.uint8)
+  dx, dy = int(round(offset[0])), int(round(offset[1]))
+  # The part of the resized image that lands on the canvas.
+  x0, y0 = max(0, dx), max(0, dy)
+  x1, y1 = min(cw, dx + nw), min(ch, dy + nh)
+  if x1 > x0 and y1 > y0:
+    canvas[y0:y1, x0:x1] = resized[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+  return canvas, (nw, nh), (dx, dy)
+
+
 def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
               offset: tuple[float, float], flip: bool,
               class_index: dict[int, int], max_boxes: int) -> dict[str, Any]:
@@ -114,21 +136,10 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
   Returns:
     the element described in the module docstring.
   """
-  img = ex['image']
-  h, w = img.shape[:2]
+  h, w = ex['image'].shape[:2]
   ch, cw = canvas_hw
-  if flip:
-    img = img[:, ::-1]
-  nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-  resized = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
-      (nw, nh), Image.Resampling.BILINEAR))
-  canvas = np.zeros([ch, cw, 3], np.uint8)
-  dx, dy = int(round(offset[0])), int(round(offset[1]))
-  # The part of the resized image that lands on the canvas.
-  x0, y0 = max(0, dx), max(0, dy)
-  x1, y1 = min(cw, dx + nw), min(ch, dy + nh)
-  if x1 > x0 and y1 > y0:
-    canvas[y0:y1, x0:x1] = resized[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+  canvas, (nw, nh), (dx, dy) = _place_image(ex['image'], canvas_hw, scale,
+                                             offset, flip)
   # Box corners in canvas pixels (the resize's exact scale per axis).
   sx, sy = nw / w, nh / h
   b = np.asarray(ex['bboxes'], np.float64).reshape(-1, 4)
