@@ -1,4 +1,4 @@
-"""Evaluators built from ``config.evals``, and ``--mode eval``.
+"""Evaluators built from ``config.evals.evaluators``; ``--mode eval``.
 
 `from_config` builds the run's evaluators once, before training (the
 keypoint protocol computes its baseline or draws its CAPE episodes there,
