@@ -18,6 +18,7 @@ from kpseq_jax.inference import analyze
 from kpseq_jax.inference import box_policies
 from kpseq_jax.inference import multi_animal_output
 from kpseq_jax.inference import predictor as predictor_lib
+from kpseq_jax.inference import tracked_poses
 from kpseq_jax.inference import video
 
 W, H, FRAMES = 640, 480, 10
@@ -268,3 +269,31 @@ def test_two_flies_with_a_trained_detector(trained, dlc_dataset, shared_data,
   assert len(table) == 8
   with av.open(s.files['labeled_video']) as c:
     assert sum(1 for _ in c.decode(video=0)) == 8
+
+
+def test_box_scores_come_with_the_boxes_and_none_for_the_whole_frame(
+    tmp_path):
+  """The instance scores of --max_animals: each box's detection score in
+  the boxes' order; None where the policy fell back to the whole frame
+  (that pose is then no animal)."""
+  f = tmp_path / 'boxes.json'
+  f.write_text(json.dumps([
+      {'image_id': 0, 'bbox': [1, 2, 30, 40], 'score': 0.5},
+      {'image_id': 0, 'bbox': [5, 6, 70, 80], 'score': 0.9},
+      {'image_id': 0, 'bbox': [9, 9, 9, 9], 'score': 0.1}]))
+  files = box_policies.make_policy(str(f), 0.2, max_boxes=2)
+  assert files.boxes(0, W, H) == [(5, 6, 70, 80), (1, 2, 30, 40)]
+  assert files.box_scores(0) == [0.9, 0.5]
+  assert files.boxes(1, W, H) == [(0, 0, W, H)] and files.box_scores(1) is None
+  detected = box_policies.make_policy(None, 0.2, detector=_SwappingDetector(),
+                                      max_boxes=2)
+  detected.see(0, [None, None])
+  assert detected.boxes(1, W, H) == _animal_boxes(1)[::-1]
+  assert detected.box_scores(1) == [0.9, 0.8]
+  detected.boxes(2, W, H)  # Not seen: the whole frame.
+  assert detected.box_scores(2) is None
+  # The tracker drops a frame without detections.
+  tracked = tracked_poses.TrackedPoses(2, 3)
+  ids = tracked.add(0, np.ones((1, 3, 2)), np.ones((1, 3)), None)
+  assert len(ids) == 0 and tracked.animals_per_frame == {0: 1}
+  assert (tracked.arrays()[3] == -1).all()
