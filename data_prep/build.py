@@ -11,6 +11,18 @@ splits train/test by its TrainingFraction; see dlc_project.py):
   python -m data_prep.build --dlc_project PROJECT_DIR --out OUT \
       [--dlc_train_fraction 0.95] [--dlc_split_seed 0] [--overwrite]
 
+Build from SLEAP files (frames decoded from the videos beside them; every
+instance of a frame with its track name as identity; see sleap_import.py and
+docs/multi_animal.md). A file given as SPLIT=FILE goes whole to SPLIT; the
+others are cut by time with --slp_split (fractions of their frames in time
+order), then every n-th frame of each split is kept:
+
+  python -m data_prep.build --slp clip.slp --slp test=two_flies.slp \
+      --slp_split train=0:0.8,val=0.8:1 --every_nth_frame 4 --out OUT
+
+A multi-animal DeepLabCut project (an ``individuals`` column level) goes
+through --dlc_project, with each individual's name as identity.
+
 Check (annotation-level validation only; no images needed; writes nothing):
 
   python -m data_prep.build --check --annotations F1.json --annotations F2.json
@@ -26,7 +38,11 @@ OUT/images-<split>.array_record (`image_store`). Record features:
   category_id    int64
   image_id       int64
   annotation_id  int64
-  file_name      text, path relative to the image root
+  file_name      text, path relative to the image root; for a video frame
+                 (SLEAP) '<video file name>#<frame index>'
+  track          text, the instance's identity (SLEAP track, DeepLabCut
+                 individual); '' when it has none (and absent from data
+                 sets built before version 2.1.0)
 
 and `info.metadata` keys: categories (list of dicts sorted by id: id, name,
 supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs,
@@ -51,7 +67,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -65,6 +81,7 @@ from data_prep import episodes
 from data_prep import image_store
 from data_prep import records
 from data_prep import report as report_lib
+from data_prep import sleap_import
 from data_prep import tfds_builder
 
 AnnotationError = coco.AnnotationError
@@ -155,6 +172,7 @@ def build_from_coco_data(
     source_report: Mapping[str, Any] | None = None,
     oks_sigmas: Mapping[str, Any] | None = None,
     oks_sigmas_source: str = 'oks_sigmas',
+    image_loader: Callable[[], records.ImageLoader] | None = None,
 ) -> report_lib.BuildReport:
   """`build_dataset` from COCO keypoint data in memory (same checks, same records).
 
@@ -170,6 +188,9 @@ def build_from_coco_data(
       where the data came from.
     source_report: what the conversion read and repaired, stored in
       prep_report.json under "source".
+    image_loader: makes the loader of a split's images (image entry ->
+      (`images.EncodedImage`, None) or (None, `validate.Problem`)); None
+      reads files under ``image_root`` (`records.FileImageLoader`).
 
   Returns / Raises:
     As `build_dataset`.
@@ -189,7 +210,7 @@ def build_from_coco_data(
       logging.warning('split %r has no episode pool: %s', split, e)
   return build_from_files(files, image_root, out_dir, overwrite, pools, pool_errors,
                           unlabelled_means, extra_metadata, source_report, oks_sigmas,
-                          oks_sigmas_source)
+                          oks_sigmas_source, image_loader)
 
 
 def build_from_dlc_project(project_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
@@ -221,6 +242,45 @@ def build_from_dlc_project(project_dir: str | Path, out_dir: str | Path, overwri
       oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source)
 
 
+def build_from_slp(slp_files: Sequence[tuple[str | None, str | Path]], out_dir: str | Path,
+                   overwrite: bool = False, time_split: Mapping[str, tuple[float, float]] | None = None,
+                   every_nth_frame: Mapping[str, int] | int = 1, user_instances_only: bool = False,
+                   oks_sigmas: Mapping[str, Any] | None = None,
+                   oks_sigmas_source: str = 'oks_sigmas') -> report_lib.BuildReport:
+  """Imports SLEAP files (`sleap_import.to_coco`) and builds them.
+
+  Frames are decoded from the videos beside the files while the data set is
+  written; the records gain each instance's ``track``. The data set's
+  ``unlabelled_means`` is 'absent' (SLEAP: a node not visible); the metadata
+  gets `sleap_import.dataset_metadata` (``source``), prep_report.json the
+  `sleap_import.ImportReport` under ``source``.
+
+  Args:
+    slp_files: (split, or None = cut by ``time_split``; .slp path).
+    time_split, every_nth_frame, user_instances_only: see
+      `sleap_import.to_coco`.
+
+  Raises:
+    sleap_import.SleapImportError: see `sleap_import.to_coco`.
+    FileExistsError, AnnotationError: as `build_dataset`.
+  """
+  out_dir = Path(out_dir).absolute()
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f'{out_dir} exists; pass --overwrite to replace it')
+  data, report, loader = sleap_import.to_coco(slp_files, time_split, every_nth_frame, user_instances_only)
+  return build_from_coco_data(
+      {split: (coco_dict, _slp_source(split, slp_files)) for split, coco_dict in data.items()},
+      '.', out_dir, overwrite, unlabelled_means=sleap_import.UNLABELLED_MEANS,
+      extra_metadata=sleap_import.dataset_metadata(report), source_report=report.to_json(),
+      oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source, image_loader=lambda: loader)
+
+
+def _slp_source(split: str, slp_files: Sequence[tuple[str | None, str | Path]]) -> str:
+  """The files a split came from, for the report (``a.slp + b.slp (split)``)."""
+  named = [str(p) for s, p in slp_files if s == split]
+  return ' + '.join(named or [str(p) for s, p in slp_files if s is None]) + f' ({split})'
+
+
 def build_from_files(
     files: Mapping[str, coco.CocoKeypointFile],
     image_root: str | Path,
@@ -233,6 +293,7 @@ def build_from_files(
     source_report: Mapping[str, Any] | None = None,
     oks_sigmas: Mapping[str, Any] | None = None,
     oks_sigmas_source: str = 'oks_sigmas',
+    image_loader: Callable[[], records.ImageLoader] | None = None,
 ) -> report_lib.BuildReport:
   """The one builder behind `build_dataset` and `build_from_coco_data`: parsed files -> data set.
 
@@ -251,7 +312,8 @@ def build_from_files(
   plan = tfds_builder.BuildPlan(files=dict(files), categories=categories, image_root=Path(image_root), report=report,
                                 image_store_dir=tmp_dir / 'image_stores',
                                 episode_pools=dict(pools), episode_pool_errors=dict(pool_errors),
-                                unlabelled_means=unlabelled_means, extra_metadata=dict(extra_metadata or {}))
+                                unlabelled_means=unlabelled_means, extra_metadata=dict(extra_metadata or {}),
+                                image_loader=image_loader)
   try:
     builder = tfds_builder.KeypointDatasetBuilder(plan=plan, data_dir=str(tmp_dir / 'tfds'))
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
@@ -389,10 +451,25 @@ _OKS_SIGMAS = flags.DEFINE_string(
     'COCO\'s 17 sigmas (COCO person layout) or --config.evals.oks_default_sigma at evaluation.')
 _CHECK = flags.DEFINE_bool('check', False, 'Only parse and validate the annotation files; print the category table.')
 _DLC_PROJECT = flags.DEFINE_string(
-    'dlc_project', None, 'A single-animal DeepLabCut project folder (config.yaml, labeled-data/*/'
-    'CollectedData_<scorer>.h5 or .csv) to build from instead of --annotations; splits train/test by its '
-    'TrainingFraction. Missing labels become unlabelled keypoints with --unlabelled_means=absent (in '
-    'DeepLabCut an empty cell means not visible).')
+    'dlc_project', None, 'A DeepLabCut project folder (config.yaml, labeled-data/*/'
+    'CollectedData_<scorer>.h5 or .csv), single- or multi-animal, to build from instead of --annotations; '
+    'splits train/test by its TrainingFraction. Missing labels become unlabelled keypoints with '
+    '--unlabelled_means=absent (in DeepLabCut an empty cell means not visible); a multi-animal project '
+    'gives one record per labelled individual, its name as the record\'s track.')
+_SLP = flags.DEFINE_multi_string(
+    'slp', [], 'A SLEAP labels file (.slp; its video is found beside it) to build from instead of '
+    '--annotations: FILE (cut into splits by --slp_split) or SPLIT=FILE (the whole file, e.g. '
+    'test=two_flies.slp). Repeat for several files; they must share the first file\'s skeleton.')
+_SLP_SPLIT = flags.DEFINE_string(
+    'slp_split', 'train=0:1', 'With --slp: how the files given without SPLIT= are cut by time, '
+    'NAME=START:END,... in fractions of each file\'s labelled frames in time order (frame i of n goes to '
+    'NAME when START <= i/n < END), e.g. train=0:0.8,val=0.8:1. Ranges may leave gaps, not overlap.')
+_EVERY_NTH_FRAME = flags.DEFINE_string(
+    'every_nth_frame', '1', 'With --slp: keep every n-th frame of each split in time order (from its '
+    'first): N for all splits, or SPLIT=N,... (others 1), e.g. train=4,val=4,test=1.')
+_SLP_USER_ONLY = flags.DEFINE_bool(
+    'slp_user_instances_only', False, 'With --slp: import user instances only. By default a frame\'s '
+    'predictions that no user instance replaced (SLEAP\'s unused_predictions) are imported too.')
 _DLC_TRAIN_FRACTION = flags.DEFINE_float(
     'dlc_train_fraction', None, 'With --dlc_project: fraction of labelled frames for train '
     '(default: config.yaml TrainingFraction[0]); the rest is the test split.')
@@ -419,6 +496,9 @@ def main(argv: list[str]) -> None:
   if _DLC_PROJECT.value:
     _main_dlc_project()
     return
+  if _SLP.value:
+    _main_slp()
+    return
   if not _ANNOTATIONS.value:
     raise app.UsageError('give at least one --annotations file')
   try:
@@ -441,8 +521,9 @@ def main(argv: list[str]) -> None:
 
 
 def _main_dlc_project() -> None:
-  if _ANNOTATIONS.value or _CHECK.value or _IMAGE_ROOT.value:
-    raise app.UsageError('--dlc_project replaces --annotations, --image-root and --check')
+  if _ANNOTATIONS.value or _CHECK.value or _IMAGE_ROOT.value or _SLP.value:
+    raise app.UsageError('--dlc_project replaces --annotations, --image-root and --check (and is not '
+                         'combined with --slp)')
   if _UNLABELLED_MEANS.present:
     raise app.UsageError('--dlc_project sets --unlabelled_means=absent (DeepLabCut\'s empty cell = not visible)')
   if not _OUT.value:
@@ -458,6 +539,28 @@ def _main_dlc_project() -> None:
   print(f'wrote {report.num_written} records ({report.num_skipped} skipped) from '
         f'{len(source.get("labels_files", []))} DeepLabCut labels file(s) to {report.out_dir}; '
         f'report: {Path(report.out_dir) / REPORT_FILE_NAME}')
+
+
+def _main_slp() -> None:
+  if _ANNOTATIONS.value or _CHECK.value or _IMAGE_ROOT.value:
+    raise app.UsageError('--slp replaces --annotations, --image-root and --check')
+  if _UNLABELLED_MEANS.present:
+    raise app.UsageError('--slp sets --unlabelled_means=absent (a SLEAP node not visible)')
+  if not _OUT.value:
+    raise app.UsageError('--slp needs --out')
+  try:
+    files = [sleap_import.parse_slp_argument(a) for a in _SLP.value]
+    sigmas = _read_sigma_file(_OKS_SIGMAS.value) if _OKS_SIGMAS.value else None
+    report = build_from_slp(files, _OUT.value, _OVERWRITE.value, sleap_import.parse_time_split(_SLP_SPLIT.value),
+                            sleap_import.parse_every_nth(_EVERY_NTH_FRAME.value), _SLP_USER_ONLY.value, sigmas,
+                            _OKS_SIGMAS.value or 'oks_sigmas')
+  except (ValueError, FileExistsError) as e:  # SleapImportError is a ValueError.
+    sys.exit(f'data_prep.build: error: {e}')
+  source = report.source or {}
+  print(f'wrote {report.num_written} records on {sum(s.images_written for s in report.splits.values())} frames '
+        f'({report.num_skipped} skipped while writing, {len(source.get("skipped", []))} skipped on import '
+        f'{source.get("skipped_by_reason", {})}) to {report.out_dir}; splits '
+        f'{ {k: v.written for k, v in report.splits.items()} }; report: {Path(report.out_dir) / REPORT_FILE_NAME}')
 
 
 if __name__ == '__main__':

@@ -1,4 +1,4 @@
-r"""A single-animal DeepLabCut project -> the same data set as from COCO files.
+r"""A DeepLabCut project (single- or multi-animal) -> the same data set as from COCO files.
 
   python -m data_prep.build --dlc_project PROJECT_DIR --out OUT \
       [--dlc_train_fraction F] [--dlc_split_seed 0] [--overwrite]
@@ -11,8 +11,10 @@ writes it exactly as it does COCO files (there is one builder).
 
 * ``config.yaml``: ``bodyparts`` (the keypoints, in order), ``skeleton``
   (pairs of body-part names), ``scorer``, ``Task``, ``TrainingFraction``
-  (the first entry is used, as DeepLabCut's default ``trainingsetindex=0``)
-  and ``multianimalproject``.
+  (the first entry is used, as DeepLabCut's default ``trainingsetindex=0``),
+  ``multianimalproject`` and, when it is true, ``multianimalbodyparts``
+  (the keypoints instead of ``bodyparts``), ``individuals`` and
+  ``uniquebodyparts``.
 * ``labeled-data/<video>/CollectedData_<scorer>.h5`` (the table
   DeepLabCut writes with ``DataFrame.to_hdf(key='df_with_missing')``), or
   the ``.csv`` beside it when there is no ``.h5``. Columns: MultiIndex
@@ -21,9 +23,17 @@ writes it exactly as it does COCO files (there is one builder).
   either slash) or a 3-level row MultiIndex (2.2 and later). An empty cell
   (NaN) means the body part was not labelled in that frame.
 
-Multi-animal projects (``multianimalproject: true``, or an ``individuals``
-column level) are refused with `DlcProjectError`. SLEAP ``.slp`` files are
-not read (yet).
+Multi-animal projects (``multianimalproject: true``; DeepLabCut 2.2+):
+the keypoints are ``multianimalbodyparts``, the labels tables have an
+``individuals`` column level (``scorer / individuals / bodyparts /
+coords``) and each individual of ``individuals`` labelled in a frame
+becomes one instance, its name the record's ``track`` (the identity), all
+of a frame's instances on its one stored image (`multi_animal.to_coco`,
+the conversion the SLEAP import uses). An individual with no label in a
+frame is not in it (counted, not an error). ``uniquebodyparts`` (the
+``single`` individual's points, e.g. a landmark of the arena) belong to no
+animal: left out and named in the report. An ``individuals`` level in a
+project whose config is not multi-animal is refused.
 
 Conversion (one category, id 1, named after ``Task``):
 
@@ -63,11 +73,15 @@ import pandas as pd
 from PIL import Image
 import yaml
 
-# Box rule of the shared dlc_openfield / dlc_reaching COCO files: pad each
-# side by this fraction of the labelled extent plus this many pixels.
-BOX_PAD_FRACTION = 0.25
-BOX_PAD_PX = 16.0
-CATEGORY_ID = 1
+from data_prep import multi_animal
+
+# Box rule of the shared dlc_openfield / dlc_reaching COCO files (pad each
+# side by a fraction of the labelled extent plus some pixels), shared with
+# the SLEAP import: `multi_animal.labelled_box`.
+BOX_PAD_FRACTION = multi_animal.BOX_PAD_FRACTION
+BOX_PAD_PX = multi_animal.BOX_PAD_PX
+CATEGORY_ID = multi_animal.CATEGORY_ID
+labelled_box = multi_animal.labelled_box
 LABELED_DATA = 'labeled-data'
 # `build.UNLABELLED_MEANS` of an imported project: an empty cell means the
 # body part is not visible in the frame.
@@ -92,6 +106,10 @@ class DlcConfig:
     pcutoff: ``pcutoff`` (DeepLabCut's likelihood threshold for plots).
     skeleton_dropped: config skeleton entries that are not a pair of known
       body parts (left out of ``skeleton``).
+    individuals: a multi-animal project's ``individuals`` (() = single
+      animal); ``bodyparts`` are then its ``multianimalbodyparts``.
+    unique_bodyparts: a multi-animal project's ``uniquebodyparts`` (not
+      imported).
   """
 
   project_dir: Path
@@ -102,6 +120,8 @@ class DlcConfig:
   training_fraction: float
   pcutoff: float = 0.6
   skeleton_dropped: tuple[tuple[str, ...], ...] = ()
+  individuals: tuple[str, ...] = ()
+  unique_bodyparts: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -128,6 +148,11 @@ class ImportReport:
     folders_without_labels: labeled-data folders with no
       ``CollectedData_<scorer>`` table.
     skeleton_limbs_dropped: config skeleton pairs naming an unknown body part.
+    individuals: a multi-animal project's individuals ([] = single animal).
+    instances: instances imported (multi-animal: labelled individuals).
+    individuals_not_labelled: (frame, individual) pairs with no label (the
+      individual is not in that frame; multi-animal only).
+    unique_bodyparts_ignored: ``uniquebodyparts`` left out.
   """
 
   project_dir: str
@@ -145,6 +170,10 @@ class ImportReport:
   duplicate_frames: list[str] = dataclasses.field(default_factory=list)
   folders_without_labels: list[str] = dataclasses.field(default_factory=list)
   skeleton_limbs_dropped: list[list[str]] = dataclasses.field(default_factory=list)
+  individuals: list[str] = dataclasses.field(default_factory=list)
+  instances: int = 0
+  individuals_not_labelled: int = 0
+  unique_bodyparts_ignored: list[str] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict[str, Any]:
     return dict(format='deeplabcut', **dataclasses.asdict(self))
@@ -168,6 +197,8 @@ class ImportReport:
       out.append(f'labeled-data folder(s) without a labels table: {self.folders_without_labels}')
     if self.skeleton_limbs_dropped:
       out.append(f'skeleton limb(s) naming unknown body parts dropped: {self.skeleton_limbs_dropped}')
+    if self.unique_bodyparts_ignored:
+      out.append(f'uniquebodyparts {self.unique_bodyparts_ignored} belong to no individual; not imported')
     return out
 
 
@@ -175,8 +206,9 @@ def read_config(project_dir: str | Path) -> DlcConfig:
   """Reads ``config.yaml`` (DeepLabCut's keys, see the module docstring).
 
   Raises:
-    DlcProjectError: no config.yaml, a multi-animal project, no body parts,
-      or a TrainingFraction outside (0, 1].
+    DlcProjectError: no config.yaml, no body parts (a multi-animal
+      project: no ``multianimalbodyparts`` or ``individuals``), or a
+      TrainingFraction outside (0, 1].
   """
   project_dir = Path(project_dir)
   path = project_dir / 'config.yaml'
@@ -186,15 +218,10 @@ def read_config(project_dir: str | Path) -> DlcConfig:
     cfg = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
   except yaml.YAMLError as e:
     raise DlcProjectError(f'{path}: not valid YAML: {e}') from e
-  if cfg.get('multianimalproject'):
-    raise DlcProjectError(
-        f'{path}: multianimalproject is true; only single-animal DeepLabCut projects can be imported '
-        '(one pose per frame). Multi-animal import is not supported yet.')
-  bodyparts = cfg.get('bodyparts')
-  if not (isinstance(bodyparts, list) and bodyparts and all(isinstance(b, str) for b in bodyparts)):
-    raise DlcProjectError(f'{path}: bodyparts must be a non-empty list of names, got {bodyparts!r}')
-  if len(set(bodyparts)) != len(bodyparts):
-    raise DlcProjectError(f'{path}: bodyparts lists a name twice: {bodyparts}')
+  multi = bool(cfg.get('multianimalproject'))
+  key = 'multianimalbodyparts' if multi else 'bodyparts'
+  bodyparts = _names(cfg, key, path)
+  individuals = tuple(_names(cfg, 'individuals', path)) if multi else ()
   fractions = cfg.get('TrainingFraction') or [0.95]
   fraction = float(fractions[0] if isinstance(fractions, list) else fractions)
   if not 0 < fraction <= 1:
@@ -209,19 +236,36 @@ def read_config(project_dir: str | Path) -> DlcConfig:
   return DlcConfig(project_dir=project_dir, task=str(cfg.get('Task') or project_dir.name),
                    scorer=str(cfg.get('scorer')), bodyparts=tuple(bodyparts), skeleton=tuple(skeleton),
                    training_fraction=fraction, pcutoff=float(cfg.get('pcutoff', 0.6)),
-                   skeleton_dropped=tuple(dropped))
+                   skeleton_dropped=tuple(dropped), individuals=individuals,
+                   unique_bodyparts=tuple(map(str, (cfg.get('uniquebodyparts') or []) if multi else [])))
 
 
-def read_labels(path: str | Path) -> pd.DataFrame:
+def _names(cfg: dict[str, Any], key: str, path: Path) -> list[str]:
+  """``cfg[key]`` as a non-empty list of distinct names.
+
+  Raises:
+    DlcProjectError: otherwise (the message names the file and key).
+  """
+  names = cfg.get(key)
+  if not (isinstance(names, list) and names and all(isinstance(b, str) for b in names)):
+    raise DlcProjectError(f'{path}: {key} must be a non-empty list of names, got {names!r}')
+  if len(set(names)) != len(names):
+    raise DlcProjectError(f'{path}: {key} lists a name twice: {names}')
+  return names
+
+
+def read_labels(path: str | Path, multi_animal_project: bool = False) -> pd.DataFrame:
   """Reads one ``CollectedData_<scorer>`` table (.h5 or .csv) with pandas.
 
   Returns:
-    The table: columns MultiIndex (scorer, bodyparts, coords), one row per
+    The table: columns MultiIndex (scorer, bodyparts, coords), or (scorer,
+    individuals, bodyparts, coords) in a multi-animal project; one row per
     frame, index as stored (string path or a row MultiIndex).
 
   Raises:
-    DlcProjectError: unreadable, multi-animal (an ``individuals`` column
-      level) or without the ``bodyparts``/``coords`` column levels.
+    DlcProjectError: unreadable; an ``individuals`` column level in a
+      single-animal project or none in a multi-animal one; without the
+      ``bodyparts``/``coords`` column levels.
   """
   path = Path(path)
   try:
@@ -242,9 +286,12 @@ def read_labels(path: str | Path) -> pd.DataFrame:
   if not isinstance(df.columns, pd.MultiIndex):
     raise DlcProjectError(f'{path}: columns are not DeepLabCut\'s scorer/bodyparts/coords MultiIndex')
   names = list(df.columns.names)
-  if 'individuals' in names:
-    raise DlcProjectError(f'{path}: has an "individuals" column level, i.e. a multi-animal project; '
-                          'only single-animal projects can be imported.')
+  if ('individuals' in names) != multi_animal_project:
+    raise DlcProjectError(
+        f'{path}: has an "individuals" column level (a multi-animal table) but config.yaml has no '
+        '"multianimalproject: true"' if 'individuals' in names else
+        f'{path}: config.yaml says multianimalproject but the table has no "individuals" column level '
+        f'(levels {names})')
   if len(names) == 3 and names[1:] != ['bodyparts', 'coords']:
     df.columns = df.columns.set_names(['scorer', 'bodyparts', 'coords'])
   if 'bodyparts' not in df.columns.names or 'coords' not in df.columns.names:
@@ -266,27 +313,6 @@ def frame_name(index_entry: Any) -> str:
   if LABELED_DATA in parts:
     parts = parts[parts.index(LABELED_DATA) + 1:]
   return '/'.join(parts[-2:])
-
-
-def labelled_box(xy: np.ndarray, width: int, height: int) -> list[float]:
-  """The box of one frame's labels (rule in the module docstring).
-
-  Args:
-    xy: float [K, 2] pixels; NaN rows = not labelled.
-    width, height: image size in pixels.
-
-  Returns:
-    [x, y, w, h] pixels inside the image; the whole image when nothing is
-    labelled.
-  """
-  ok = np.all(np.isfinite(xy), axis=1)
-  if not ok.any():
-    return [0.0, 0.0, float(width), float(height)]
-  lo, hi = xy[ok].min(axis=0), xy[ok].max(axis=0)
-  pad = BOX_PAD_FRACTION * (hi - lo) + BOX_PAD_PX
-  x0, y0 = np.maximum(lo - pad, 0.0)
-  x1, y1 = np.minimum(hi + pad, [width, height])
-  return [float(x0), float(y0), float(x1 - x0), float(y1 - y0)]
 
 
 def split_frames(num_frames: int, train_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -335,15 +361,17 @@ def project_keypoints(config: DlcConfig, report: ImportReport) -> tuple[list[str
   """Every labelled frame of the project and its keypoints.
 
   Returns:
-    (frame names relative to labeled-data, float64 [N, K, 2] pixels with
-    NaN where not labelled), frames in folder order then table order;
+    (frame names relative to labeled-data, float64 [N, I, K, 2] pixels with
+    NaN where not labelled; I = the project's individuals, 1 for a
+    single-animal project), frames in folder order then table order;
     repeated frames dropped.
   """
   frames, coords, seen = [], [], set()
+  individuals = config.individuals or (None,)
   for path in labels_files(config, report):
     rel = path.relative_to(config.project_dir).as_posix()
     report.labels_files.append(rel)
-    df = read_labels(path)
+    df = read_labels(path, bool(config.individuals))
     present = list(dict.fromkeys(df.columns.get_level_values('bodyparts')))
     missing = [b for b in config.bodyparts if b not in present]
     extra = [b for b in present if b not in config.bodyparts]
@@ -351,12 +379,14 @@ def project_keypoints(config: DlcConfig, report: ImportReport) -> tuple[list[str
       report.bodyparts_missing_from_file[rel] = missing
     if extra:
       report.bodyparts_not_in_config[rel] = extra
-    table = np.full([len(df), len(config.bodyparts), 2], np.nan)
-    for k, b in enumerate(config.bodyparts):
-      for c, coord in enumerate('xy'):
-        col = [col for col in df.columns if col[-2:] == (b, coord)]
-        if col:
-          table[:, k, c] = pd.to_numeric(df[col[0]], errors='coerce').to_numpy(np.float64)
+    table = np.full([len(df), len(individuals), len(config.bodyparts), 2], np.nan)
+    for i, ind in enumerate(individuals):
+      for k, b in enumerate(config.bodyparts):
+        for c, coord in enumerate('xy'):
+          key = (b, coord) if ind is None else (ind, b, coord)
+          col = [col for col in df.columns if col[-len(key):] == key]
+          if col:
+            table[:, i, k, c] = pd.to_numeric(df[col[0]], errors='coerce').to_numpy(np.float64)
     report.frames += len(df)
     for entry, xy in zip(df.index, table):
       name = frame_name(entry)
@@ -367,8 +397,8 @@ def project_keypoints(config: DlcConfig, report: ImportReport) -> tuple[list[str
       frames.append(name)
       coords.append(xy)
       present_k = [config.bodyparts.index(b) for b in config.bodyparts if b in present]
-      report.missing_labels += int(np.sum(~np.isfinite(xy[present_k]).all(axis=1)))
-  return frames, np.asarray(coords, np.float64).reshape([-1, len(config.bodyparts), 2])
+      report.missing_labels += int(np.sum(~np.isfinite(xy[:, present_k]).all(axis=-1)))
+  return frames, np.asarray(coords, np.float64).reshape([-1, len(individuals), len(config.bodyparts), 2])
 
 
 def to_coco(project_dir: str | Path, train_fraction: float | None = None, seed: int = 0
@@ -384,7 +414,9 @@ def to_coco(project_dir: str | Path, train_fraction: float | None = None, seed: 
     ({'train': coco, 'test': coco}, the import report, the config). Image
     ``file_name`` is relative to ``<project>/labeled-data``; image and
     annotation ids are 1.. in frame order over the whole project (the
-    same in both splits' numbering).
+    same in both splits' numbering); in a multi-animal project (see
+    `multi_animal_coco`) 1.. over train then test, each annotation with
+    its ``track``.
 
   Raises:
     DlcProjectError: see `read_config`, `read_labels`, `labels_files`,
@@ -395,6 +427,9 @@ def to_coco(project_dir: str | Path, train_fraction: float | None = None, seed: 
   report = ImportReport(project_dir=str(config.project_dir), train_fraction=fraction, split_seed=seed)
   report.skeleton_limbs_dropped = [list(limb) for limb in config.skeleton_dropped]
   frames, coords = project_keypoints(config, report)
+  if config.individuals:
+    return multi_animal_coco(config, report, frames, coords, fraction, seed), report, config
+  coords = coords[:, 0]
   category = dict(id=CATEGORY_ID, name=config.task, supercategory='animal',
                   keypoints=list(config.bodyparts),
                   skeleton=[[i + 1, j + 1] for i, j in config.skeleton])  # COCO: 1-based.
@@ -426,6 +461,57 @@ def to_coco(project_dir: str | Path, train_fraction: float | None = None, seed: 
   return out, report, config
 
 
+def _image_size(config: DlcConfig, name: str, report: ImportReport) -> tuple[int, int] | None:
+  """(width, height) of a labelled frame's image, or None (recorded in
+  ``report.frames_without_image``) when it cannot be read."""
+  try:
+    with Image.open(config.project_dir / LABELED_DATA / name) as im:
+      return im.size
+  except (OSError, ValueError) as e:
+    report.frames_without_image[name] = f'{type(e).__name__}: {e}'
+    return None
+
+
+def multi_animal_coco(config: DlcConfig, report: ImportReport, frames: list[str], coords: np.ndarray,
+                      fraction: float, seed: int) -> dict[str, dict[str, Any]]:
+  """A multi-animal project's frames -> {'train', 'test'} COCO dicts.
+
+  Args:
+    frames: N frame names (relative to labeled-data).
+    coords: float64 [N, I, K, 2] pixels (NaN = not labelled), I =
+      ``config.individuals``.
+
+  Each individual with a label in a frame is one instance (its name the
+  ``track``); frames with none are listed in ``frames_without_labels`` and
+  left out before the split (DeepLabCut's ``SplitTrials`` over the rest).
+  """
+  kept = []
+  for name, xy in zip(frames, coords):
+    size = _image_size(config, name, report)
+    if size is None:
+      continue
+    animals = []
+    for individual, points in zip(config.individuals, xy):
+      if np.all(np.isfinite(points), axis=1).any():
+        animals.append(multi_animal.AnimalInstance(xy=points, track=individual))
+      else:
+        report.individuals_not_labelled += 1
+    if not animals:
+      report.frames_without_labels.append(name)
+      continue
+    kept.append(multi_animal.Frame(name, size[0], size[1], tuple(animals), source=name))
+  report.instances = sum(len(f.instances) for f in kept)
+  report.individuals = list(config.individuals)
+  report.unique_bodyparts_ignored = list(config.unique_bodyparts)
+  train, test = split_frames(len(kept), fraction, seed)
+  report.train_frames, report.test_frames = len(train), len(test)
+  category = multi_animal.category(config.task, config.bodyparts, config.skeleton)
+  out = {'train': multi_animal.to_coco([kept[i] for i in train], category)}
+  out['test'] = multi_animal.to_coco([kept[i] for i in test], category, len(train) + 1,
+                                     len(out['train']['annotations']) + 1)
+  return out
+
+
 def dataset_metadata(config: DlcConfig, report: ImportReport) -> dict[str, Any]:
   """The data set's extra ``info.metadata`` for an imported project:
   ``source`` (format, project, scorer, task, body parts, pcutoff, split
@@ -433,4 +519,4 @@ def dataset_metadata(config: DlcConfig, report: ImportReport) -> dict[str, Any]:
   return dict(source=dict(format='deeplabcut', project=str(config.project_dir), scorer=config.scorer,
                           task=config.task, bodyparts=list(config.bodyparts), pcutoff=config.pcutoff,
                           train_fraction=report.train_fraction, split_seed=report.split_seed,
-                          labels_files=report.labels_files))
+                          labels_files=report.labels_files, individuals=list(config.individuals)))

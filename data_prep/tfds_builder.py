@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -37,6 +37,7 @@ def make_example(instance: validate.Instance, entry: coco.ImageEntry) -> dict[st
       'image_id': instance.image_id,
       'annotation_id': instance.annotation_id,
       'file_name': entry.file_name,
+      'track': instance.track,
   }
 
 
@@ -49,6 +50,9 @@ def features() -> tfds.features.FeaturesDict:
       'image_id': tfds.features.Scalar(dtype=np.int64),
       'annotation_id': tfds.features.Scalar(dtype=np.int64),
       'file_name': tfds.features.Text(),
+      # Identity (SLEAP track, DeepLabCut individual; '' = none). Since
+      # 2.1.0: read it with `kpseq_jax.data.dataset.instance_track`.
+      'track': tfds.features.Text(),
   })
 
 
@@ -69,15 +73,20 @@ class BuildPlan:
   # More `info.metadata` keys, e.g. a DeepLabCut project's source (see
   # `dlc_project.py`).
   extra_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Makes the `records.ImageLoader` of a split; None = image files under
+  # `image_root` (`records.FileImageLoader`). The SLEAP import decodes video
+  # frames (`sleap_import.VideoFrameLoader`).
+  image_loader: Callable[[], records.ImageLoader] | None = None
 
 
 class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
   """One record per valid annotation; splits = the input files. Use `build_dataset`."""
 
   name = DATASET_NAME
-  VERSION = tfds.core.Version('2.0.0')
+  VERSION = tfds.core.Version('2.1.0')
   RELEASE_NOTES = {'1.0.0': 'First release.',
-                   '2.0.0': 'Images stored once per image (image_store), not in every record.'}
+                   '2.0.0': 'Images stored once per image (image_store), not in every record.',
+                   '2.1.0': 'Per-instance identity: the track feature.'}
   # Nothing is downloaded. The default looks for a checksums file next to the
   # code, which needs the `importlib_resources` backport (not installed).
   url_infos = None
@@ -110,7 +119,7 @@ class KeypointDatasetBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str):
     plan = self._plan
     split_report = plan.report.splits[split]
-    load_image = records.FileImageLoader(plan.image_root)
+    load_image = plan.image_loader() if plan.image_loader else records.FileImageLoader(plan.image_root)
     with image_store.ImageStoreWriter(plan.image_store_dir, split) as images:
       for instance, entry, image in records.iter_valid_instances(plan.files[split], plan.categories, split_report,
                                                                   load_image):

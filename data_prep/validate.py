@@ -13,7 +13,8 @@ Repairs (the record is kept; counted on `Instance`, reported as notes):
   * an unlabelled keypoint's x, y are set to 0 (NaN there is harmless).
 
 Skip reasons (`Problem.reason`), in the order they are checked:
-  malformed_field          a field is missing or has the wrong type
+  malformed_field          a field is missing or has the wrong type (also
+                           an optional ``track`` that is not text)
   unknown_category         category_id is not in the category table
   keypoint_count_mismatch  len(keypoints) / 3 != the category's K
   non_finite_keypoints     a visibility v is NaN or infinite, or every
@@ -76,6 +77,8 @@ class Instance:
       unlabelled.
     num_non_finite_unlabelled: labelled keypoints with a NaN/inf coordinate,
       set to unlabelled.
+    track: the instance's identity (the annotation's optional ``track``
+      text: a SLEAP track or DeepLabCut individual); '' when it has none.
   """
 
   annotation_id: int
@@ -86,6 +89,7 @@ class Instance:
   bbox_clipped: bool
   num_outside_unlabelled: int = 0
   num_non_finite_unlabelled: int = 0
+  track: str = ''
 
 
 def _is_number(x: Any) -> bool:
@@ -144,6 +148,9 @@ def validate_instance(
   bbox, problem = _numbers(ann, 'bbox', 4)
   if problem:
     return None, problem
+  track = ann.get('track', '')
+  if not isinstance(track, str):
+    return None, Problem('track', 'malformed_field', f'track must be text, got {track!r}')
   keypoints = kps.reshape(-1, 3)  # [K, 3]
   problem = _check_values(keypoints, bbox)
   if problem:
@@ -169,6 +176,7 @@ def validate_instance(
       bbox_clipped=was_clipped,
       num_outside_unlabelled=outside,
       num_non_finite_unlabelled=non_finite,
+      track=track,
   ), None
 
 

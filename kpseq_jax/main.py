@@ -11,6 +11,10 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
       --mode analyze --videos VIDEOS [--boxes track|BOXES.json] \
       [--filter_window 5] --out OUT
+  python -m kpseq_jax.main --config configs/sleap_flies.py --workdir DIR \
+      --mode analyze --videos VIDEOS --max_animals 2 \
+      --detector_config configs/sleap_flies_detector.py \
+      --detector_workdir DETECTOR_DIR --out OUT
 
 A detection config (``model_name='detector'``, e.g.
 configs/dlc_openfield_detector.py) trains and evaluates (box AP) the
@@ -80,6 +84,16 @@ flags.DEFINE_integer('video_batch_size', None, 'analyze: frames per model '
 flags.DEFINE_integer('filter_window', 0, 'analyze: also write a median-'
                      'filtered table (DeepLabCut\'s filterpredictions) with '
                      'this odd window in frames, and draw from it; 0 = off.')
+flags.DEFINE_integer('max_animals', None, 'analyze: several animals per '
+                     'frame (SLEAP\'s --tracking.max_tracks, DeepLabCut\'s '
+                     'n_tracks): each frame\'s N best boxes of '
+                     '--detector_workdir (above the detector\'s '
+                     'detection_score_threshold) or of a --boxes detections '
+                     'file are posed and linked frame to frame into at most '
+                     'N identities (track_0, ...); writes per video a SLEAP '
+                     '.slp, DeepLabCut\'s multi-animal .h5/.csv and a '
+                     'labelled video coloured by identity. Default: one '
+                     'animal.', lower_bound=1)
 flags.DEFINE_bool('labeled_video', True, 'analyze: write '
                   '<video><scorer>_labeled.mp4.')
 flags.DEFINE_integer('category', None, 'predict: category id of whole-image '
@@ -143,7 +157,7 @@ def main(argv):
                     FLAGS.boxes, FLAGS.category, FLAGS.video_batch_size,
                     FLAGS.filter_window, FLAGS.labeled_video,
                     _detector() if FLAGS.detector_workdir and not FLAGS.boxes
-                    else None)
+                    else None, FLAGS.max_animals)
   else:
     detector = (_detector() if FLAGS.detector_workdir and not FLAGS.boxes
                 else None)

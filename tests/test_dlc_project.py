@@ -175,17 +175,23 @@ def test_dlc22_row_multiindex_and_csv_equal_h5(shared_data, tmp_path):
     np.testing.assert_allclose(xy.reshape(6, 8), table.to_numpy(), atol=1e-9)
 
 
-def test_multi_animal_projects_are_refused(shared_data, tmp_path):
+def test_multi_animal_config_and_table_must_agree(shared_data, tmp_path):
+  """A multi-animal table needs a multi-animal config and the other way
+  round (multi-animal import itself: tests/test_sleap_import.py)."""
   table = _real_table(shared_data)
   a = _small_project(shared_data, tmp_path / 'a', table, config_changes={'multianimalproject': True})
-  with pytest.raises(dlc_project.DlcProjectError, match='single-animal'):
+  with pytest.raises(dlc_project.DlcProjectError, match='multianimalbodyparts must be'):
     dlc_project.to_coco(a)
+  c = _small_project(shared_data, tmp_path / 'c', table, config_changes={
+      'multianimalproject': True, 'multianimalbodyparts': ['snout'], 'individuals': ['mouse1']})
+  with pytest.raises(dlc_project.DlcProjectError, match='no "individuals" column level'):
+    dlc_project.to_coco(c)
   multi = table.copy()
   multi.columns = pd.MultiIndex.from_tuples([(s, 'mouse1', b, c) for s, b, c in table.columns],
                                             names=['scorer', 'individuals', 'bodyparts', 'coords'])
   for suffix in ('.h5', '.csv'):
     b = _small_project(shared_data, tmp_path / f'b{suffix[1:]}', multi, suffix)
-    with pytest.raises(dlc_project.DlcProjectError, match='individuals'):
+    with pytest.raises(dlc_project.DlcProjectError, match='"individuals" column level.*multianimalproject'):
       dlc_project.to_coco(b)
 
 

@@ -137,8 +137,8 @@ def data_source(dataset_dir: str, split: str):
   records here; ``records_without_images(source)`` is the view that reads
   no image. Records hold ``image`` (bytes), ``bbox`` float32 [4] (x, y, w, h pixels),
   ``keypoints`` float32 [K, 3] (x, y, v pixels), ``category_id``,
-  ``image_id``, ``annotation_id`` and ``file_name`` (see
-  `data_prep/build.py`).
+  ``image_id``, ``annotation_id``, ``file_name`` and, since version 2.1.0,
+  ``track`` (read it with `instance_track`; see `data_prep/build.py`).
 
   Raises:
     FileNotFoundError: if the data set is missing.
@@ -157,6 +157,14 @@ def data_source(dataset_dir: str, split: str):
 
 
 records_without_images = image_store.records_without_images
+
+
+def instance_track(record) -> str:
+  """The identity of a record's instance: its ``track`` text (a SLEAP
+  track or DeepLabCut individual name, `data_prep.sleap_import`), '' when
+  it has none or the data set predates the field (version < 2.1.0)."""
+  track = record.get('track', b'')
+  return track.decode('utf-8') if isinstance(track, bytes) else str(track)
 
 
 def annotation_index(source) -> dict[int, int]:

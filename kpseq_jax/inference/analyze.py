@@ -4,7 +4,7 @@ r"""Videos -> DeepLabCut-format pose tables, labelled videos, plots (``--mode an
       --workdir DIR --videos VIDEO_OR_FOLDER --out OUT \
       [--boxes track|BOXES.json | --detector_config C --detector_workdir D] \
       [--video_batch_size B] [--filter_window 5] [--nolabeled_video] \
-      [--category ID]
+      [--category ID] [--max_animals N]
 
 ``--videos``: a video file or a folder of them (not searched recursively).
 Frames are decoded and cropped in a background thread
@@ -18,6 +18,15 @@ decoded by `batchers.CropBatcher` -> `predictor.Predictor`. Per video,
 names its files. A video that cannot be opened is reported and the others
 analysed (`video.VideoDecodeError` if none can be); a video that breaks
 off keeps the rows of the frames before, and its summary says where.
+
+``--max_animals N`` (several animals, SLEAP's and DeepLabCut's option; with
+a detector or a box file): each frame's N best boxes are posed (one model
+batch across boxes and frames), `tracked_poses.TrackedPoses` links the
+poses into at most N identities ``track_0`` ..., and per video
+``OUT/<stem><scorer>`` + ``.slp`` (SLEAP), ``.h5`` / ``.csv`` (DeepLabCut's
+multi-animal table, `multi_animal_output`), ``_labeled.mp4`` (one colour
+per identity) and ``_meta.json`` are written (no filtered table, plot or
+captions: those are single-animal).
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import dlc_output
 from kpseq_jax.inference import image_inputs
+from kpseq_jax.inference import multi_animal_output
 from kpseq_jax.inference import predictor as predictor_lib
+from kpseq_jax.inference import tracked_poses
 from kpseq_jax.inference import trajectory_plot
 from kpseq_jax.inference import video as video_lib
 from kpseq_jax.runtime import sharding
@@ -87,6 +98,10 @@ class VideoSummary:
       when decoding keeps up).
     labeled_video_s: time to re-decode, draw and encode the labelled video.
     files: output kind -> path.
+    max_animals: ``--max_animals`` (0: single-animal; the fields below are
+      then not in ``_meta.json``).
+    animals_per_frame: number of animals tracked in a frame -> frames.
+    tracks: the identities' names.
   """
 
   video: str
@@ -108,6 +123,19 @@ class VideoSummary:
   model_wait_s: float = 0.0
   labeled_video_s: float = 0.0
   files: dict[str, str] = dataclasses.field(default_factory=dict)
+  max_animals: int = 0
+  animals_per_frame: dict[str, int] = dataclasses.field(default_factory=dict)
+  tracks: list[str] = dataclasses.field(default_factory=list)
+
+  def write_meta(self, path: Path) -> None:
+    """``_meta.json``: the fields, without the multi-animal ones for a
+    single-animal run (its file as before ``--max_animals``)."""
+    self.files['meta'] = str(path)
+    meta = dataclasses.asdict(self)
+    if not self.max_animals:
+      for name in ('max_animals', 'animals_per_frame', 'tracks'):
+        del meta[name]
+    path.write_text(json.dumps(meta, indent=1) + '\n')
 
 
 def list_videos(videos: str) -> list[Path]:
@@ -168,8 +196,8 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
             out_dir: str, boxes: str | None = None,
             category_id: int | None = None, batch_size: int | None = None,
             filter_window: int = 0, labeled_video: bool = True,
-            detector: box_predictor.ImageDetector | None = None
-            ) -> list[VideoSummary]:
+            detector: box_predictor.ImageDetector | None = None,
+            max_animals: int | None = None) -> list[VideoSummary]:
   """Analyses every video; see the module docstring.
 
   Args:
@@ -185,6 +213,8 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     labeled_video: write ``_labeled.mp4``.
     detector: with ``boxes`` None, each frame's box is this detector's
       best (`box_policies.Detected`).
+    max_animals: several animals (module docstring): each frame's best
+      boxes of ``detector`` or ``boxes`` file, tracked into identities.
 
   Returns:
     The summaries of the videos analysed.
@@ -192,9 +222,11 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   Raises:
     FileNotFoundError: no checkpoint, data set or video.
     video.VideoDecodeError: no video could be opened.
-    ValueError: bad --boxes file, category or filter window.
+    ValueError: bad --boxes file, category, filter window or
+      --max_animals (`_check_max_animals`).
     NotImplementedError: on more than one process.
   """
+  _check_max_animals(max_animals, boxes, detector, filter_window)
   probed, failed = _videos_to_analyze(videos, boxes, filter_window)
   info = dataset.load_info(config.input.dataset_dir)
   category = info.categories[image_inputs.choose_category(info, category_id)]
@@ -202,7 +234,7 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
                                    None if boxes else detector)
   outputs = _Outputs(category, scorer_name(config, category.name, step),
                      out_dir, filter_window, labeled_video,
-                     _pcutoff(config.input.dataset_dir))
+                     _pcutoff(config.input.dataset_dir), max_animals or 0)
   os.makedirs(out_dir, exist_ok=True)
   # Track: a box side is at most twice the training boxes' typical side.
   typical = (typical_box_px(config.input.dataset_dir, config.input.train_split)
@@ -210,17 +242,43 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   summaries = []
   for vinfo in probed:
     policy = box_policies.make_policy(boxes, TRACK_MIN_CONFIDENCE,
-                                      typical and 2 * typical, detector)
+                                      typical and 2 * typical, detector,
+                                      max_boxes=max_animals or 1)
     try:
       summaries.append(analyze_video(vinfo, batcher, policy, outputs))
     except video_lib.VideoDecodeError as e:  # Opens, but no frame decodes.
       logging.error('%s', e)
       failed.append(e)
+  return _analysed(summaries, failed)
+
+
+def _analysed(summaries: list[VideoSummary],
+              failed: list[video_lib.VideoDecodeError]) -> list[VideoSummary]:
+  """``summaries`` after logging the videos not analysed; the first error
+  is raised when none was."""
   if not summaries:
     raise failed[0]
   for e in failed:
     logging.error('Not analysed: %s', e)
   return summaries
+
+
+def _check_max_animals(max_animals: int | None, boxes: str | None,
+                       detector, filter_window: int) -> None:
+  """Raises ValueError unless ``--max_animals`` is unset, or >= 1 with a
+  detector or a box file and without ``--filter_window``."""
+  if max_animals is None:
+    return
+  if max_animals < 1:
+    raise ValueError(f'--max_animals {max_animals}: must be >= 1.')
+  if boxes == 'track' or (not boxes and detector is None):
+    raise ValueError(
+        '--max_animals needs several boxes per frame: pass '
+        '--detector_config/--detector_workdir (or a --boxes detections '
+        f'file), not {"--boxes track" if boxes else "the whole frame"}.')
+  if filter_window:
+    raise ValueError('--filter_window filters the single-animal table; it '
+                     'does not combine with --max_animals.')
 
 
 def _restore_batcher(config: ml_collections.ConfigDict, workdir: str,
@@ -279,6 +337,7 @@ class _Outputs:
   filter_window: int
   labeled_video: bool
   pcutoff: float
+  max_animals: int = 0  # 0: single-animal outputs.
 
 
 def _predict_all(batcher: batchers.CropBatcher, crops: list[dict]
@@ -297,13 +356,15 @@ def _predict_all(batcher: batchers.CropBatcher, crops: list[dict]
 
 def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
                   policy: box_policies.BoxPolicy, category_id: int, k: int,
-                  width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-  """Boxes (if the pipeline left them to us), crops and decodes a batch.
+                  width: int, height: int
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Boxes (if the pipeline left them to us), crops and decodes a batch:
+  all boxes of all its frames in one `_predict_all`.
 
   Returns:
-    (float [b, K, 2] pixels, float [b, K] likelihood): per frame, the pose
-    of its first (best) box (the single-animal table); every box's pose
-    goes to ``policy.update``.
+    Per frame of the batch, (float [N_f, K, 2] pixels, float [N_f, K]
+    likelihood): the pose of each of its boxes, best box first (also given
+    to ``policy.update``).
   """
   if batch.crops is None:  # Boxes from the previous batch's poses
     policy.see(batch.start, batch.frames)  # or from the frames.
@@ -317,15 +378,27 @@ def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
   split = np.cumsum([len(cs) for cs in batch.crops])[:-1]
   kp_frames, lk_frames = np.split(kp, split), np.split(lk, split)
   policy.update(kp_frames, lk_frames, width, height)
-  return (np.stack([f[0] for f in kp_frames]),
-          np.stack([f[0] for f in lk_frames]))
+  return kp_frames, lk_frames
+
+
+class _FirstPoses:
+  """Single-animal rows: each frame's first (best) box's pose."""
+
+  def __init__(self):
+    self.keypoints, self.likelihood = [], []
+
+  def add(self, frame: int, kp: np.ndarray, lk: np.ndarray, box_scores):
+    del frame, box_scores
+    self.keypoints.append(kp[0])
+    self.likelihood.append(lk[0])
 
 
 def analyze_video(vinfo: video_lib.VideoInfo,
                   batcher: batchers.CropBatcher,
                   policy: box_policies.BoxPolicy,
                   outputs: _Outputs) -> VideoSummary:
-  """One video: decode + model, then tables, labelled video, plot, captions.
+  """One video: decode + model (+ tracking with ``outputs.max_animals``),
+  then its files (`write_outputs` or `write_tracked_outputs`).
 
   Raises:
     video.VideoDecodeError: not one frame decodes.
@@ -334,26 +407,33 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   w, h = vinfo.width, vinfo.height
   summary = VideoSummary(video=vinfo.path, scorer=outputs.scorer, width=w,
                          height=h, fps=vinfo.fps,
-                         frames_in_header=vinfo.num_frames, boxes=policy.name)
+                         frames_in_header=vinfo.num_frames, boxes=policy.name,
+                         max_animals=outputs.max_animals)
   pipeline = video_lib.FramePipeline(
       vinfo.path, batcher.batch_size, policy,
       lambda frame, box: batcher.crop(frame, box, category.id), w, h)
-  keypoints, likelihood = [], []
-  t0, t_first = time.perf_counter(), None
+  rows = (tracked_poses.TrackedPoses(outputs.max_animals,
+                                     category.num_keypoints)
+          if outputs.max_animals else _FirstPoses())
+  t0, t_first, first = time.perf_counter(), None, 0
   with tqdm.tqdm(total=vinfo.num_frames or None, desc=Path(vinfo.path).stem,
                  unit='frame') as bar:
     for batch in pipeline:
       kp, lk = _decode_batch(batch, batcher, policy, category.id,
                              category.num_keypoints, w, h)
-      keypoints.append(kp)
-      likelihood.append(lk)
-      t_first = t_first or time.perf_counter()
+      for j, (kp_f, lk_f) in enumerate(zip(kp, lk)):
+        rows.add(batch.start + j, kp_f, lk_f,
+                 policy.box_scores(batch.start + j))
+      t_first, first = t_first or time.perf_counter(), first or len(kp)
       bar.update(len(batch.frames))
-  _fill_timing(summary, vinfo, pipeline, t0, t_first, len(keypoints[0]))
+  _fill_timing(summary, vinfo, pipeline, t0, t_first, first)
   for name, value in policy.counts().items():
     setattr(summary, name, value)
-  write_outputs(vinfo, np.concatenate(keypoints), np.concatenate(likelihood),
-                summary, outputs)
+  if outputs.max_animals:
+    write_tracked_outputs(vinfo, rows, summary, outputs)
+  else:
+    write_outputs(vinfo, np.stack(rows.keypoints), np.stack(rows.likelihood),
+                  summary, outputs)
   return summary
 
 
@@ -424,9 +504,45 @@ def write_outputs(vinfo: video_lib.VideoInfo, xy: np.ndarray,
     logging.info('%s: labelled video in %.1f s -> %s', vinfo.path,
                  summary.labeled_video_s, out)
     summary.files['labeled_video'] = str(out)
-  meta = with_suffix('_meta.json')
-  summary.files['meta'] = str(meta)
-  meta.write_text(json.dumps(dataclasses.asdict(summary), indent=1) + '\n')
+  summary.write_meta(with_suffix('_meta.json'))
+
+
+def write_tracked_outputs(vinfo: video_lib.VideoInfo,
+                          tracked: tracked_poses.TrackedPoses,
+                          summary: VideoSummary, outputs: _Outputs) -> None:
+  """A multi-animal video's files (module docstring): ``.slp``, the
+  DeepLabCut multi-animal ``.h5``/``.csv``, ``_labeled.mp4`` (colour by
+  identity), ``_meta.json`` last; each listed in ``summary.files``."""
+  category = outputs.category
+  names = captions_lib.keypoint_names(category.keypoint_names,
+                                      category.num_keypoints)
+  base = Path(outputs.out_dir) / f'{Path(vinfo.path).stem}{summary.scorer}'
+  with_suffix = lambda tail: base.with_name(base.name + tail)
+  xy, point_scores, instance_scores, ids = tracked.arrays()
+  tracks = tracked.track_names()
+  summary.tracks = tracks
+  summary.animals_per_frame = {
+      str(n): c for n, c in sorted(tracked.animals_per_frame.items())}
+  slp = multi_animal_output.write_slp(
+      base.with_suffix('.slp'), vinfo.path, xy, point_scores,
+      instance_scores, ids, tracks, names, category.skeleton,
+      tracked.frame_indices)
+  table = multi_animal_output.dlc_tracks_table(
+      xy, point_scores, ids, tracks, names, summary.scorer,
+      num_frames=len(xy), frame_indices=tracked.frame_indices)
+  h5, csv = multi_animal_output.write_dlc_tracks(table,
+                                                 base.with_suffix('.h5'))
+  summary.files.update(slp=str(slp), h5=str(h5), csv=str(csv))
+  logging.info('%s: animals per frame %s, tracks %s -> %s', vinfo.path,
+               summary.animals_per_frame, tracks, slp)
+  if outputs.labeled_video:
+    out = with_suffix('_labeled.mp4')
+    t = time.perf_counter()
+    write_labeled_video(vinfo, xy, point_scores, category, out,
+                        outputs.pcutoff, track_ids=ids)
+    summary.labeled_video_s = time.perf_counter() - t
+    summary.files['labeled_video'] = str(out)
+  summary.write_meta(with_suffix('_meta.json'))
 
 
 def drawable(xy: np.ndarray, likelihood: np.ndarray,
@@ -448,27 +564,43 @@ def drawable(xy: np.ndarray, likelihood: np.ndarray,
 
 def write_labeled_video(vinfo: video_lib.VideoInfo, xy: np.ndarray,
                         likelihood: np.ndarray, category, out: str | Path,
-                        pcutoff: float) -> int:
+                        pcutoff: float, track_ids: np.ndarray | None = None
+                        ) -> int:
   """Re-decodes the video and draws row i of the table on frame i.
 
   Args:
     vinfo: the video (`video.probe`).
-    xy: float [N, K, 2] pixels; likelihood: float [N, K].
+    xy: float [N, K, 2] pixels; likelihood: float [N, K]. With
+      ``track_ids``: [N, A, K, 2] and [N, A, K], A animals per frame.
     category: skeleton and names (`visualize.draw_pose`).
     out: the .mp4 to write.
     pcutoff: see `drawable`.
+    track_ids: int [N, A] identity of each animal (-1: none): every
+      keypoint of identity t in `identity_colors` t; without it keypoint k
+      in colour k.
 
   Returns:
     Frames written (min(N, frames decodable)).
   """
   poses, hollow = drawable(xy, likelihood, pcutoff)
+  palette = identity_colors(
+      0 if track_ids is None else int(np.max(track_ids, initial=-1)) + 1)
+  colors = lambda i: (None if track_ids is None else
+                      [palette[t] if t >= 0 else (0, 0, 0)
+                       for t in track_ids[i]])
   status = video_lib.DecodeStatus()
   written = 0
   with video_lib.VideoWriter(out, vinfo.width, vinfo.height, vinfo.fps) as w:
     for i, frame in enumerate(video_lib.decode_frames(vinfo.path, status)):
       if i >= len(poses):
         break
-      w.write(np.asarray(visualize.draw_pose(Image.fromarray(frame), poses[i],
-                                             category, absent=hollow[i])))
+      w.write(np.asarray(visualize.draw_pose(
+          Image.fromarray(frame), poses[i], category, absent=hollow[i],
+          pose_colors=colors(i))))
       written += 1
   return written
+
+
+def identity_colors(num_tracks: int) -> list[tuple[int, int, int]]:
+  """RGB colour of identity t: hues evenly spaced (`keypoint_colors`)."""
+  return visualize.keypoint_colors(num_tracks)

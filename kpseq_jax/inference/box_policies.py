@@ -6,7 +6,9 @@ trained detector's boxes, PRTR's two-stage variant) and `Track` (the box
 around the previous batch's confident keypoints). `make_policy` builds the
 one ``--boxes`` names. A policy gives a list of boxes per frame, best
 first; the single-animal policies give one, and the DeepLabCut table keeps
-the pose of each frame's first box.
+the pose of each frame's first box. With ``max_boxes`` > 1, `BoxFile` and
+`Detected` give each frame's several best boxes (``--max_animals``) and
+their scores (`BoxPolicy.box_scores`).
 """
 
 import abc
@@ -59,6 +61,13 @@ class BoxPolicy(abc.ABC):
     Default: nothing."""
     del keypoints_px, confidence, width, height
 
+  def box_scores(self, frame_index: int) -> list[float] | None:
+    """The scores of frame ``frame_index``'s `boxes` (same order), asked
+    once after them; None when those boxes are no detections (the whole
+    frame, also as a fallback). Default: None."""
+    del frame_index
+    return None
+
   def counts(self) -> dict[str, int]:
     """What the policy counted, by `analyze.VideoSummary` field name
     (``frames_without_box``, ``track_lost``, ``track_reacquired``)."""
@@ -108,8 +117,9 @@ class BoxFile(BoxPolicy):
                          'no area')
       found.setdefault(frame, []).append((-score, i, box))
     # Best score first; equal scores in file order.
-    self.by_frame = {f: [b for _, _, b in sorted(v)][:max_boxes]
-                     for f, v in found.items()}
+    best = {f: sorted(v)[:max_boxes] for f, v in found.items()}
+    self.by_frame = {f: [b for _, _, b in v] for f, v in best.items()}
+    self.scores = {f: [-s for s, _, _ in v] for f, v in best.items()}
     self.frames_without_box = 0
 
   def boxes(self, frame_index, width, height):
@@ -117,6 +127,9 @@ class BoxFile(BoxPolicy):
       return list(self.by_frame[frame_index])
     self.frames_without_box += 1
     return [_whole(width, height)]
+
+  def box_scores(self, frame_index):
+    return self.scores.get(frame_index)
 
   def counts(self):
     return {'frames_without_box': self.frames_without_box}
@@ -137,20 +150,27 @@ class Detected(BoxPolicy):
   def __init__(self, detector, max_boxes: int = 1):
     self.detector = detector
     self.max_boxes = max_boxes
-    self.found: dict[int, list[BBox]] = {}
+    self.found: dict[int, list[tuple[BBox, float]]] = {}
+    self.scores: dict[int, list[float] | None] = {}
     self.frames_without_box = 0
 
   def see(self, start, frames):
     for j, frame in enumerate(frames):
       self.found[start + j] = [
-          bbox for _, bbox, _ in self.detector.detect(frame)[:self.max_boxes]]
+          (bbox, score)
+          for _, bbox, score in self.detector.detect(frame)[:self.max_boxes]]
 
   def boxes(self, frame_index, width, height):
     found = self.found.pop(frame_index, None)
     if not found:
       self.frames_without_box += 1
+      self.scores[frame_index] = None
       return [_whole(width, height)]
-    return found
+    self.scores[frame_index] = [score for _, score in found]
+    return [bbox for bbox, _ in found]
+
+  def box_scores(self, frame_index):
+    return self.scores.pop(frame_index, None)
 
   def counts(self):
     return {'frames_without_box': self.frames_without_box}
@@ -252,16 +272,18 @@ class Track(BoxPolicy):
 
 
 def make_policy(boxes: str | None, min_confidence: float,
-                max_size_px: float | None = None, detector=None
-                ) -> BoxPolicy:
+                max_size_px: float | None = None, detector=None,
+                max_boxes: int = 1) -> BoxPolicy:
   """``--boxes`` -> its policy: None = `WholeFrame` (`Detected` with a
-  ``detector``), 'track' = `Track`, else a `BoxFile` path.
+  ``detector``), 'track' = `Track`, else a `BoxFile` path; ``max_boxes``
+  per frame for `Detected` and `BoxFile` (``--max_animals``).
 
   Raises:
     ValueError, OSError: a bad or missing box file (`BoxFile`).
   """
   if not boxes:
-    return WholeFrame() if detector is None else Detected(detector)
+    return (WholeFrame() if detector is None
+            else Detected(detector, max_boxes=max_boxes))
   if boxes == 'track':
     return Track(min_confidence=min_confidence, max_size_px=max_size_px)
-  return BoxFile(boxes)
+  return BoxFile(boxes, max_boxes=max_boxes)
