@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -104,3 +104,99 @@ def test_unknown_missing_and_torch_files_are_clear_errors(tmp_path):
   pth.write_bytes(b'')
   with pytest.raises(ValueError, match='safetensors.torch import save_file'):
     vit_pretrained.read_safetensors(str(pth))
+
+
+def test_layer_decay_adamw_first_step_by_hand():
+  from kpseq_jax.training import layer_decay
+  depth, decay, lr, wd = 2, 0.5, 0.1, 0.2
+  ones = lambda *s: jnp.full(s, 2.0)
+  params = {'backbone': {'pos_embed': ones(1, 3, 2),
+                         'patch_embed': {'kernel': ones(1, 1, 3, 2)},
+                         'blocks_0': {'attn': {'qkv': {'kernel': ones(2, 6)}}},
+                         'blocks_1': {'norm1': {'scale': ones(2)}},
+                         'norm': {'scale': ones(2)}},
+            'decoder': {'kernel': ones(2, 2), 'bias': ones(2)}}
+  grads = jax.tree.map(lambda p: -3.0 * jnp.ones_like(p), params)
+  tx = layer_decay.layer_decay_adamw(lr, depth, decay, wd)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Step 1: Adam's m/sqrt(v) = g/|g| = -1; update = -lr * scale * (-1 +
+  # wd * p * decayed); scale = decay ** (depth + 1 - layer_id).
+  want = {('pos_embed',): (decay ** 3, False),
+          ('patch_embed', 'kernel'): (decay ** 3, True),
+          ('blocks_0', 'attn', 'qkv', 'kernel'): (decay ** 2, True),
+          ('blocks_1', 'norm1', 'scale'): (decay, False),
+          ('norm', 'scale'): (1.0, False)}
+  flat = flax_flatten(updates['backbone'])
+  for path, (scale, decayed) in want.items():
+    expected = -lr * scale * (-1.0 + (wd * 2.0 if decayed else 0.0))
+    np.testing.assert_allclose(flat[path], expected, rtol=1e-4, err_msg=path)
+  np.testing.assert_allclose(updates['decoder']['kernel'], -lr * (-1 + wd * 2),
+                             rtol=1e-4)
+  np.testing.assert_allclose(updates["decoder"]["bias"], lr, rtol=1e-4)
+
+
+def flax_flatten(tree):
+  import flax
+  return flax.traverse_util.flatten_dict(tree)
+
+
+def test_warmup_step_schedule_follows_mmcv_linear_warmup():
+  from kpseq_jax.training import layer_decay
+  s = layer_decay.warmup_step_schedule(1.0, 10, 0.001, (20,), 0.1)
+  np.testing.assert_allclose([s(0), s(5), s(10), s(19), s(20)],
+                             [0.001, 0.5005, 1.0, 1.0, 0.1], rtol=1e-6)
+
+
+def test_default_fsdp_rules_split_every_large_vit_kernel_on_8_devices():
+  # The existing ('.*', 'fsdp') rule reads shapes, so the ViT needs no rule
+  # of its own: every ViT-S array >= 2**14 elements is split over 8.
+  model = vit_lib.ViT(variant='S', patch_size=14, pos_embed_grid=37)
+  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, False),
+                          jnp.zeros((1, 56, 56, 3)))
+  specs = sharding.state_shardings(shapes, AbstractMesh((1, 8), sharding.MESH_AXES))
+  leaves = jax.tree_util.tree_leaves_with_path(shapes)
+  spec_of = {sharding.leaf_path(p): s.spec for p, s in
+             jax.tree_util.tree_leaves_with_path(
+                 specs, is_leaf=lambda x: hasattr(x, 'spec'))}
+  large = [sharding.leaf_path(p) for p, a in leaves if a.size >= 2**14]
+  assert len(large) > 12 * 4
+  for path in large:
+    assert 'fsdp' in tuple(spec_of[path]), path
+  assert spec_of['params/blocks_0/attn/qkv/kernel'] == P(None, 'fsdp')
+  assert spec_of['params/pos_embed'] == P(None, None, 'fsdp')  # 1370 % 8 != 0
+
+
+def test_windowed_attention_sees_only_its_window():
+  kw = dict(width=32, depth=1, num_heads=2, patch_size=4, pos_embed_grid=4,
+            class_token=False, pos_embed_prefix_tokens=0)
+  x = np.random.default_rng(0).standard_normal((1, 16, 24, 3)).astype(np.float32)
+  glob = vit_lib.ViT(**kw)
+  params = glob.init(jax.random.key(0), x, method=vit_lib.ViT.tokens)
+  def tokens(model, x):  # Both inputs in one call.
+    return np.asarray(jax.vmap(lambda x: model.apply(
+        params, x[None], method=vit_lib.ViT.tokens)[0])(x))
+  # One window over the whole 4 x 6 grid (padded to 6 x 6 with zeros, which
+  # ViTDet attends to) differs from global attention; a 3 x 3 window: a
+  # change in the top-left window leaves the bottom-right one unchanged.
+  big = vit_lib.ViT(**kw, window_size=3)
+  y = x.copy()
+  y[:, :4, :4] += 1.0  # Patch (0, 0).
+  a, b = tokens(big, np.concatenate([x, y])).reshape(2, 4, 6, 32)
+  assert np.abs(a[3:, 3:] - b[3:, 3:]).max() == 0  # Other window.
+  assert np.abs(a[:3, :3] - b[:3, :3]).max() > 1e-3  # Same window.
+  g, h = tokens(glob, np.concatenate([x, y])).reshape(2, 4, 6, 32)
+  assert np.abs(g[3:, 3:] - h[3:, 3:]).max() > 1e-5  # Global: everywhere.
+  assert np.abs(a[:3, :3] - g[:3, :3]).max() > 1e-5
+
+
+def test_pyramid_levels_and_input_size_error():
+  model = vit_lib.ViT(width=32, depth=1, num_heads=2, patch_size=16,
+                      pos_embed_grid=2, pyramid_dim=16)
+  x = jnp.zeros((2, 64, 96, 3))
+  variables = model.init(jax.random.key(0), x, False)
+  maps = model.apply(variables, x, False)
+  # Strides 8, 16, 32 px as the ResNet's c3..c5: the decoder's levels.
+  assert {k: v.shape[1:3] for k, v in maps.items()} == {
+      'c3': (8, 12), 'c4': (4, 6), 'c5': (2, 3)}
+  with pytest.raises(ValueError, match='not a multiple of the patch size 16'):
+    model.apply(variables, jnp.zeros((1, 70, 96, 3)), False)
