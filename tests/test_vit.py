@@ -100,6 +100,12 @@ def test_unknown_missing_and_torch_files_are_clear_errors(tmp_path):
   save_file(sd, path)
   with pytest.raises(ValueError, match=r"missing \['blocks_1/mlp/fc2/bias'\]"):
     vit_pretrained.load_vit(path, {'backbone': params})
+  bf16 = str(tmp_path / 'bf16.safetensors')  # numpy cannot hold bfloat16.
+  import safetensors.flax
+  safetensors.flax.save_file({'cls_token': jnp.full((1, 1, 2), 1.5, jnp.bfloat16)}, bf16)
+  loaded = vit_pretrained.convert_vit(vit_pretrained.read_safetensors(bf16))
+  assert loaded['cls_token'].dtype == np.float32
+  assert (loaded['cls_token'] == 1.5).all()
   pth = tmp_path / 'dinov2_vits14_pretrain.pth'
   pth.write_bytes(b'')
   with pytest.raises(ValueError, match='safetensors.torch import save_file'):

@@ -18,6 +18,9 @@ full-size lists are in tests/fixtures/vit_layouts.json):
 * MAE's (encoder keys as timm's): ``decoder_*`` and ``mask_token`` (the
   pixel decoder, pretraining only) ignored.
 
+float16 and bfloat16 files are read as they are (bfloat16 as ml_dtypes'
+numpy type) and converted to float32.
+
 Also ignored: the classifier (``head.*``, ``fc_norm.*``). Prefixes
 ``module.``, ``backbone.``, ``model.`` and ``encoder.`` are stripped. Any
 other key is an error that lists it; so is a model parameter the file does
@@ -75,6 +78,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         "sd.items()}, 'vit.safetensors')\" and pass vit.safetensors.")
   if ext != '.safetensors':
     raise ValueError(f'{path}: expected a .safetensors file')
+  import ml_dtypes  # pylint: disable=g-import-not-at-top,unused-import
+  # (ml_dtypes, a JAX dependency, teaches numpy the name 'bfloat16'.)
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
   return dict(load_file(path))
 
