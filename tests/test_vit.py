@@ -206,3 +206,21 @@ def test_pyramid_levels_and_input_size_error():
       'c3': (8, 12), 'c4': (4, 6), 'c5': (2, 3)}
   with pytest.raises(ValueError, match='not a multiple of the patch size 16'):
     model.apply(variables, jnp.zeros((1, 70, 96, 3)), False)
+
+
+def test_drop_path_drops_whole_branches_per_example():
+  # Depth 2, rate 0.5: block 1 drops each residual branch with p = 0.5 per
+  # example (timm's drop_path), so 32 copies of one image give at most the
+  # 4 keep/drop combinations of its two branches, and more than one.
+  model = vit_lib.ViT(width=32, depth=2, num_heads=2, patch_size=8,
+                      pos_embed_grid=2, drop_path_rate=0.5)
+  x = jnp.broadcast_to(jnp.asarray(
+      np.random.default_rng(0).standard_normal((1, 16, 16, 3)), jnp.float32),
+      (32, 16, 16, 3))
+  params = model.init(jax.random.key(0), x[:1], method=vit_lib.ViT.tokens)
+  out = np.asarray(model.apply(params, x, True, method=vit_lib.ViT.tokens,
+                               rngs={'dropout': jax.random.key(1)}))
+  distinct = np.unique(out.reshape(32, -1).round(5), axis=0)
+  assert 2 <= len(distinct) <= 4
+  evaluated = np.asarray(model.apply(params, x, method=vit_lib.ViT.tokens))
+  assert np.abs(evaluated - evaluated[:1]).max() == 0
