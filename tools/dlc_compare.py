@@ -353,8 +353,9 @@ def _dlc_create(a) -> dict:
   from deeplabcut.utils import auxiliaryfunctions  # pylint: disable=g-import-not-at-top
   split = json.loads(Path(a.split).read_text())
   cfg = auxiliaryfunctions.read_config(a.project_config)
-  table = tsm.merge_annotateddatasets(cfg, Path(a.project_config).parent /
-                                      auxiliaryfunctions.get_training_set_folder(cfg))
+  folder = Path(a.project_config).parent / auxiliaryfunctions.get_training_set_folder(cfg)
+  folder.mkdir(parents=True, exist_ok=True)
+  table = tsm.merge_annotateddatasets(cfg, folder)
   train = dlc_indices(table.index, split['train'])
   test = dlc_indices(table.index, split['test'])
   deeplabcut.create_training_dataset(
