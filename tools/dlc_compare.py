@@ -368,8 +368,10 @@ def _dlc_create(a) -> dict:
   # `model.backbone.pretrained: false` in pytorch_config.yaml is overwritten
   # by PoseModel.build. So: DeepLabCut's own random initialisation, saved.
   from deeplabcut.pose_estimation_pytorch.config import read_config_as_dict  # pylint: disable=g-import-not-at-top
-  folder = Path(a.project_config).parent / auxiliaryfunctions.get_model_folder(
-      cfg['TrainingFraction'][0], 1, cfg, engine=deeplabcut.Engine.PYTORCH)
+  # The folder is named after the fraction of the indices given
+  # (trainset<percent>shuffle1), not config.yaml's TrainingFraction.
+  folder = max((Path(a.project_config).parent / 'dlc-models-pytorch').glob(
+      'iteration-*/*shuffle1'), key=lambda p: p.stat().st_mtime)
   pose_cfg_path = folder / 'train' / 'pytorch_config.yaml'
   pose_cfg = read_config_as_dict(pose_cfg_path)
   torch.manual_seed(pose_cfg['train_settings'].get('seed', 42))
@@ -468,8 +470,9 @@ def prepare_project(src: Path, dst: Path, fraction: float | None) -> Path:
 
   ``project_path`` -> ``dst``; ``video_sets`` -> one entry per
   ``labeled-data`` folder (DeepLabCut finds the labels by the video's
-  stem); ``TrainingFraction`` -> ``[fraction]`` when given (names the
-  model folder only: the split is ours). Returns the config path.
+  stem); ``TrainingFraction`` -> ``[fraction]`` when given (DeepLabCut
+  finds the model folder through it; the split itself is ours). Returns
+  the config path.
   """
   import yaml  # pylint: disable=g-import-not-at-top
   if dst.exists():
@@ -732,11 +735,15 @@ def main():
   work = Path(args.workdir).resolve()
   work.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
-  project_cfg = prepare_project(Path(args.project).resolve(), work / 'project',
-                                args.dlc_train_fraction)
-  split = our_split(project_cfg.parent, args.dlc_train_fraction, args.holdout,
-                    work)
-  split['fraction'] = args.dlc_train_fraction or _fraction(project_cfg)
+  project = Path(args.project).resolve()
+  split = our_split(project, args.dlc_train_fraction, args.holdout, work)
+  split['fraction'] = args.dlc_train_fraction or _fraction(
+      project / 'config.yaml')
+  # DeepLabCut names the model folder after round(train / all, 2) of the
+  # indices it is given and finds it through TrainingFraction[0]: set both.
+  n_train, n_test = len(split['train']), len(split['test'])
+  project_cfg = prepare_project(project, work / 'project',
+                                round(n_train / (n_train + n_test), 2))
   result = dict(command=' '.join(sys.argv), date=time.strftime('%Y-%m-%d'),
                 ours=OURS)
   test = train_and_evaluate(args, work, project_cfg, split)
