@@ -45,6 +45,7 @@ DeepLabCut is never a dependency of the project.
 from __future__ import annotations
 
 import argparse
+from fractions import Fraction
 import json
 import os
 from pathlib import Path
@@ -549,13 +550,16 @@ def score_test(split: dict, dlc_eval: dict, ours_dir: Path) -> dict:
 
 
 def slice_video(src: Path, dst: Path, frames: int) -> Path:
-  """The first ``frames`` frames of ``src`` re-encoded to ``dst`` (PyAV)."""
+  """The first ``frames`` frames of ``src`` re-encoded to ``dst`` (PyAV,
+  H.264 at CRF 12: both tools read the same re-encoded frames)."""
   import av  # pylint: disable=g-import-not-at-top
   with av.open(str(src)) as inp, av.open(str(dst), 'w') as out:
     vin = inp.streams.video[0]
-    vout = out.add_stream('mpeg4', rate=vin.average_rate or 30)
+    # The source's rate (1000000/33333 here) has too large a denominator
+    # for some encoders.
+    rate = Fraction(vin.average_rate or 30).limit_denominator(1001)
+    vout = out.add_stream('libx264', rate=rate, options={'crf': '12'})
     vout.width, vout.height, vout.pix_fmt = vin.width, vin.height, 'yuv420p'
-    vout.bit_rate = 8_000_000
     for i, frame in enumerate(inp.decode(vin)):
       if i >= frames:
         break
@@ -610,16 +614,28 @@ def train_and_evaluate(args, work: Path, project_cfg: Path, split: dict
                         work / 'ours_train.log', args.budget_s, env)
   dlc_eval, _ = dlc_stage(args, 'evaluate', work, project_config=project_cfg,
                           model_folder=created['model_folder'])
-  run_timed(ours_command('eval', **fields), work / 'ours_eval.log', env=env)
+  if our_train['cut'] or not (run / 'eval_test.json').exists():
+    # Training evaluates at its end (eval_every_steps=0: end only); a run
+    # the budget stopped is evaluated here, from its last checkpoint.
+    run_timed(ours_command('eval', **fields), work / 'ours_eval.log', env=env)
   ours_eval = json.loads((run / 'eval_test.json').read_text())
-  return dict(
+  scored = score_test(split, dlc_eval, run)
+  # The scorer here must give each tool's own figure back (DeepLabCut's
+  # rounds to 2 decimals); a difference means the frames or the
+  # definitions differ.
+  own_dlc = dlc_eval['scores'].get('test rmse')
+  check = dict(deeplabcut=abs(scored['deeplabcut']['all']['mean_px'] - own_dlc)
+               if own_dlc is not None else None,
+               ours=abs(scored['ours']['all']['mean_px']
+                        - ours_eval.get('mean_error_px', float('nan'))))
+  return dict(own_vs_here_px=check,
       split=dict(train=len(split['train']), test=len(split['test']),
                  holdout=args.holdout, test_frames=split['test']),
       training=dict(deeplabcut=dlc_train, ours=our_train),
       deeplabcut_own=dlc_eval['scores'], deeplabcut_snapshot=dlc_eval['snapshot'],
       ours_own=dict(mean_error_px=ours_eval.get('mean_error_px'),
                     step=ours_eval.get('step')),
-      scored_here=score_test(split, dlc_eval, run),
+      scored_here=scored,
       _fields=fields, _created=created)
 
 
@@ -685,6 +701,7 @@ def summary(result: dict) -> str:
           f"{s[tool]['pcutoff']['mean_px']:.2f} ({s[tool]['pcutoff']['counted']}"
           f"/{s[tool]['all']['labelled']}) | {tr['wall_s']:.0f} ({tr['cut']}) | "
           f"{tr['peak_rss_mb']:.0f} |")
+    lines.append(f"own figure - here (px, should be ~0): {t['own_vs_here_px']}")
     lines.append(f"unlabelled (absent) test keypoints: {s['unlabelled']}; "
                  f"reported above pcutoff: deeplabcut "
                  f"{s['deeplabcut']['unlabelled_reported']}, ours "
