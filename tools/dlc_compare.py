@@ -479,6 +479,10 @@ def prepare_project(src: Path, dst: Path, fraction: float | None) -> Path:
   if dst.exists():
     shutil.rmtree(dst)
   shutil.copytree(src, dst)
+  for folder, _, files in os.walk(dst):  # The copy keeps read-only modes.
+    os.chmod(folder, 0o755)
+    for f in files:
+      os.chmod(os.path.join(folder, f), 0o644)
   path = dst / 'config.yaml'
   cfg = yaml.safe_load(path.read_text())
   crop = next(iter((cfg.get('video_sets') or {}).values()), None) or {}
@@ -571,15 +575,16 @@ def slice_video(src: Path, dst: Path, frames: int) -> Path:
 
 
 def dlc_stage(args, stage: str, work: Path, budget_s: float | None = None,
-              **flags) -> tuple[dict, dict]:
-  """One ``_dlc`` stage under ``--dlc_python``: (its JSON, `run_timed`)."""
-  out = work / f'dlc_{stage}.json'
+              tag: str = '', **flags) -> tuple[dict, dict]:
+  """One ``_dlc`` stage under ``--dlc_python``: (its JSON, `run_timed`);
+  ``work/dlc_<stage><tag>.json`` and ``.log``."""
+  out = work / f'dlc_{stage}{tag}.json'
   cmd = [args.dlc_python, str(Path(__file__).resolve()), '_dlc', stage,
          '--json', str(out), '--threads', str(args.threads)]
   for key, value in flags.items():
     if value is not None:
       cmd += [f'--{key}', str(value)]
-  run = run_timed(cmd, work / f'dlc_{stage}.log', budget_s,
+  run = run_timed(cmd, work / f'dlc_{stage}{tag}.log', budget_s,
                   thread_env(args.threads))
   return (json.loads(out.read_text()) if out.exists() else {}), run
 
@@ -651,7 +656,8 @@ def compare_video(args, work: Path, project_cfg: Path, fields: dict,
   for i, tool in enumerate(('deeplabcut', 'ours', 'deeplabcut')):
     out = work / f'video_{i}_{tool}'
     if tool == 'deeplabcut':
-      res, timed = dlc_stage(args, 'analyze', work, project_config=project_cfg,
+      res, timed = dlc_stage(args, 'analyze', work, tag=str(i),
+                             project_config=project_cfg,
                              video=video, out=out,
                              batch_size=args.dlc_video_batch)
       dlc_h5 = Path(res['h5'])
@@ -663,7 +669,7 @@ def compare_video(args, work: Path, project_cfg: Path, fields: dict,
     else:
       timed = run_timed(ours_command('analyze', **fields, video=video, out=out,
                                      batch=args.our_video_batch),
-                        work / 'ours_analyze.log', env=env)
+                        work / f'ours_analyze{i}.log', env=env)
       meta = json.loads(next(out.glob('*_meta.json')).read_text())
       our_h5 = next(p for p in out.glob('*.h5') if '_filtered' not in p.name)
       n = len(pd.read_hdf(our_h5))
