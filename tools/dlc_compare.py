@@ -700,7 +700,7 @@ def summary(result: dict) -> str:
                  f"{s['pcutoff']} (px, kept) | train wall s (cut) | peak RSS MB |")
     lines.append('|---|---|---|---|---|---|')
     for tool, fig in (('deeplabcut', f"{get('test rmse')} / {get('test rmse_pcutoff')}"),
-                      ('ours', f"{t['ours_own']['mean_error_px']}")):
+                      ('ours', f"{t['ours_own']['mean_error_px']:.2f}")):
       tr = t['training'][tool]
       lines.append(
           f"| {tool} | {fig} | {s[tool]['all']['mean_px']:.2f} | "
