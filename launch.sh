@@ -22,16 +22,17 @@
 #   ref=BRANCH|TAG            [main] with repo=
 #   remote_dir=DIR            [kpseq_jax], relative to the workers' home
 #   install=1|0               [1] create a venv and pip install -r
-#                             requirements.txt plus jax[tpu]
+#                             requirements.txt plus jax[tpu]; 0: run the
+#                             workers' own python (already set up)
 #
 # --dry-run prints the exact commands instead of running them.
 #
 # Examples:
 #   ./launch.sh target=local config=configs/smoke.py workdir=/tmp/run \
-#       num_processes=2 cpu_devices=2 extra='--config.mesh_shape=(2,2)'
+#       num_processes=2 cpu_devices=2 extra='--config.sharding.mesh_shape=(2,2)'
 #   ./launch.sh target=tpu tpu_name=kp-v4-32 zone=us-central2-b \
 #       project=my-proj workdir=gs://my-bucket/runs/mp100_split1 \
-#       extra='--config.dataset_dir=gs://my-bucket/data/mp100_split1 --config.pretrained_backbone_path=/home/me/resnet50.safetensors'
+#       extra='--config.input.dataset_dir=gs://my-bucket/data/mp100_split1 --config.model_init=/home/me/resnet50.safetensors'
 #       (the weights file must be a local path on every host)
 set -euo pipefail
 
@@ -127,8 +128,11 @@ launch_tpu() {
   fi
   run "${gcloud[@]}" ssh "$tpu_name" --worker=all "${where[@]}" \
     --command="$fetch && $setup"
-  local cmd
-  cmd="cd $(printf '%q' "$remote_dir") && . .venv/bin/activate && python"
+  # The fetch above replaced remote_dir: its venv exists only if installed
+  # now; with install=0 the workers' own python runs.
+  local cmd="cd $(printf '%q' "$remote_dir")"
+  (( install )) && cmd="$cmd && . .venv/bin/activate"
+  cmd="$cmd && python"
   cmd="$cmd$(printf ' %q' "${main_args[@]}") --distributed=on"
   run "${gcloud[@]}" ssh "$tpu_name" --worker=all "${where[@]}" \
     --command="$cmd"

@@ -4,10 +4,9 @@ The Deformable DETR detector of issue 18 (kpseq_jax/models/detector.py),
 sized like configs/dlc_openfield.py so that it trains on 2 CPU cores in
 about the keypoint config's time: a ResNet-18 from scratch (batch
 statistics) on frames resized to 256x192 (scale 0.4), strides 4/8/16/32
-(the stride-4 level took box AP from 0.68 to 0.72 at the same training
-time, docs/detection.md), a 3-layer decoder with 10 queries, batch 4,
-1,650 steps (0.97x the keypoint config's 1,500 steps in time, measured
-alternating with tools/step_cost.py). Its boxes feed the keypoint stage
+(the stride-4 level: box corners to about one canvas pixel), a 3-layer
+decoder with 10 queries, batch 4, 1,650 steps (measurements:
+docs/detection.md). Its boxes feed the keypoint stage
 (configs/dlc_openfield.py) in `--mode predict` / `--mode analyze` with
 ``--detector_workdir``.
 
@@ -20,22 +19,28 @@ Build the data set first (the same one as the keypoint config):
 
 import ml_collections
 
-from configs import dlc_openfield
+from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = dlc_openfield.get_config()
-  c.task = 'detection'
+  c = default.get_config('detector')
   c.max_num_categories = 1  # The mouse.
-  c.detector_image_size_px = (192, 256)  # 640x480 at scale 0.4.
-  # Stride 4 too: box corners to ~1 canvas pixel (AP at IoU up to 0.95).
-  c.feature_levels = ('c2', 'c3', 'c4', 'c5')
-  c.detector_num_queries = 10
-  c.max_detections = 10
-  c.batch_size = 4
-  c.learning_rate = 2e-4  # Deformable DETR's.
-  c.num_train_steps = 1650
-  c.decay_epochs = (58,)  # Step 1334 at 23 steps per epoch (93 / 4 images).
-  c.eval_batch_size = 23
-  c.eval_every_steps = 550
+  c.max_num_keypoints = 4
+  c.input.dataset_dir = 'data/dlc_openfield'
+  c.input.batch_size = 4  # Images.
+  c.model.resnet.update(depth=18, norm='batch', frozen_stages=-1)
+  c.model.feature_levels = ('c2', 'c3', 'c4', 'c5')
+  c.model.d_model = 128
+  c.model.transformer.update(num_layers=3, num_heads=4, ffn_dim=512)
+  c.model.num_queries = 10
+  c.detector.image_size_px = (192, 256)  # 640x480 at scale 0.4.
+  c.detector.max_detections = 10
+  c.optim.learning_rate = 2e-4  # Deformable DETR's.
+  c.optim.num_train_steps = 1650
+  c.optim.decay_steps = (1334,)
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 500
+  c.evals.batch_size = 23
+  c.evals.every_steps = 550
+  c.evals.evaluators = dict(box_ap=dict(type='box_ap'))  # Box AP, COCO's.
   return c

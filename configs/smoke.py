@@ -1,29 +1,36 @@
-"""Seconds-long configuration for tests: tiny model, 64 px, 2 steps."""
+"""Seconds-long configuration for tests: tiny model, 64 px, 2 steps.
+
+`configs/default.py` with one level of overrides: a from-scratch ResNet-18
+and a 2-layer, 32-wide decoder on 64 px crops of a 4-keypoint data set
+(tests/conftest.py sets ``input.dataset_dir``); no reference-point
+refinement and no flip test (the tests that are about them turn them on).
+The argument is the system (``configs/smoke.py:cape``).
+"""
 
 import ml_collections
 
-from configs import dlc_openfield
+from configs import default
 
 
-def get_config() -> ml_collections.ConfigDict:
-  c = dlc_openfield.get_config()
-  c.image_size_px = 64
-  c.num_bins = 64
-  c.feature_levels = ('c4', 'c5')
-  c.d_model = 32
-  c.num_heads = 2
-  c.num_layers = 2
-  c.ffn_dim = 64
-  c.batch_size = 4
-  c.num_train_steps = 2
+def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
+  """``model_name``: the system (configs/default.py), 'supervised' by
+  default."""
+  c = default.get_config(model_name)
+  c.max_num_keypoints = 4
+  c.input.dataset_dir = 'data/dlc_openfield'
+  c.input.batch_size = 4
+  c.input.image_size_px = 64
+  c.input.rotation_deg = 180.0
+  c.vocab.num_bins = 64
+  c.model.resnet.update(depth=18, norm='batch', frozen_stages=-1)
+  c.model.feature_levels = ('c4', 'c5')
+  c.model.d_model = 32
+  c.model.transformer.update(num_layers=2, num_heads=2, ffn_dim=64)
+  c.optim.learning_rate = 5e-4
+  c.optim.num_train_steps = 2
+  c.optim.decay_steps = (1200,)
   c.log_every_steps = 1
   c.checkpoint_every_steps = 1
-  c.eval_batch_size = 8
-  c.num_eval_examples = 8
-  # One decode per batch: the tests' compile time (tests/test_flip_test.py
-  # turns it on where it is the subject).
-  c.flip_test = False
-  # The tests' model as before refinement went into dlc_openfield.py
-  # (tests/test_refinement.py turns it on where it is the subject).
-  c.decoder_refine_points = False
+  c.evals.batch_size = 8
+  c.evals.num_examples = 8
   return c

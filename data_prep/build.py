@@ -90,7 +90,7 @@ AnnotationError = coco.AnnotationError
 # (never guessed later): 'unknown' = not labelled, position unknown (COCO,
 # MP-100: the default); 'absent' = not visible in the image (DeepLabCut,
 # where an empty cell means the body part is out of sight). Training with
-# config.presence_token learns <absent> from the second kind only.
+# config.vocab.presence_token learns <absent> from the second kind only.
 UNLABELLED_MEANS = ('unknown', 'absent')
 
 REPORT_FILE_NAME = 'prep_report.json'
@@ -448,7 +448,7 @@ _UNLABELLED_MEANS = flags.DEFINE_enum(
     'visible (DeepLabCut: an empty cell). Stored in the data set; presence training needs "absent".')
 _OKS_SIGMAS = flags.DEFINE_string(
     'oks_sigmas', None, 'JSON file {category id or name: [K sigmas]} for OKS AP; categories not in it use '
-    'COCO\'s 17 sigmas (COCO person layout) or --config.oks_default_sigma at evaluation.')
+    'COCO\'s 17 sigmas (COCO person layout) or --config.evals.oks_default_sigma at evaluation.')
 _CHECK = flags.DEFINE_bool('check', False, 'Only parse and validate the annotation files; print the category table.')
 _DLC_PROJECT = flags.DEFINE_string(
     'dlc_project', None, 'A DeepLabCut project folder (config.yaml, labeled-data/*/'

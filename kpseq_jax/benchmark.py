@@ -10,11 +10,11 @@ Prints one JSON object, everything measured in the same run:
   timed calls); the machine's practical peak that MFU is measured against.
 * ``train_step``: per config ('paper' = configs/default.py, 'config' = the
   ``--config``) and variant ('f32' = the config as it is, 'remat' =
-  ``remat_backbone`` and ``remat_decoder``, 'bf16' =
-  ``compute_dtype='bfloat16'``, 'xla_conv' = ``backbone_conv_impl='xla'``,
+  ``model.resnet.remat`` and ``model.transformer.remat``, 'bf16' =
+  ``model.dtype='bfloat16'``, 'xla_conv' = ``model.resnet.conv_impl='xla'``,
   plain ``lax.conv`` gradients instead of the CPU default 'gemm', see
-  kpseq_jax/conv.py; 'trainable_backbone' = ``backbone_norm='batch'``,
-  ``backbone_frozen_stages=-1``: the whole ResNet trained with batch
+  kpseq_jax/models/conv.py; 'trainable_backbone' = ``model.resnet.norm=
+  'batch'``, ``model.resnet.frozen_stages=-1``: the whole ResNet trained with batch
   statistics, where the paper config, as Raster2Seq, freezes BatchNorm, the
   stem and layer1): median seconds
   per step over ``--num_steps`` (after one untimed step), FLOPs per step from
@@ -130,15 +130,15 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int,
   """Random crops and tokenised random keypoints (all labelled, K = Kmax).
 
   Returns:
-    dict of numpy arrays with the fields of `step.TRAIN_FIELDS`: image
+    dict of numpy arrays with the fields of `supervised.TRAIN_FIELDS`: image
     uint8 [B, S, S, 3] and the `grammar.build_sequence` fields [B, L, ...].
   """
   rng = np.random.default_rng(seed)
-  kmax, s = config.max_num_keypoints, config.image_size_px
+  kmax, s = config.max_num_keypoints, config.input.image_size_px
   vocab = vocab_lib.from_config(config)
   if vocab.num_prefix_tokens:
     raise ValueError('the benchmark has no category tokens: pass '
-                     '--config.category_conditioning=False')
+                     '--config.vocab.category_conditioning=False')
   seqs = []
   for _ in range(batch_size):
     kps = np.concatenate([rng.uniform(0.05, 0.95, [kmax, 2]),
@@ -154,14 +154,14 @@ def _variant(config: ml_collections.ConfigDict,
   """``config`` with the named variant's fields set."""
   c = ml_collections.ConfigDict(config.to_dict())
   if name == 'remat':
-    c.remat_backbone = c.remat_decoder = True
+    c.model.resnet.remat = c.model.transformer.remat = True
   elif name == 'bf16':
-    c.compute_dtype = 'bfloat16'
+    c.model.dtype = 'bfloat16'
   elif name == 'xla_conv':
-    c.backbone_conv_impl = 'xla'
+    c.model.resnet.conv_impl = 'xla'
   elif name == 'trainable_backbone':
-    c.backbone_norm = 'batch'
-    c.backbone_frozen_stages = -1
+    c.model.resnet.norm = 'batch'
+    c.model.resnet.frozen_stages = -1
   elif name != 'f32':
     raise ValueError(f'unknown variant {name!r}')
   return c
@@ -169,10 +169,7 @@ def _variant(config: ml_collections.ConfigDict,
 
 def _cost(compiled) -> float:
   """FLOPs of a compiled computation from XLA's cost analysis."""
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
-    cost = cost[0]
-  return float(cost.get('flops', float('nan')))
+  return float(compiled.cost_analysis().get('flops', float('nan')))
 
 
 def _memory(compiled) -> dict:
@@ -195,16 +192,15 @@ def _compile_step(config: ml_collections.ConfigDict):
   Returns:
     (compiled step, seconds to compile, train state, global batch).
   """
-  mesh = sharding.create_mesh(config.mesh_shape)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
-  train_size = 1000  # Only shapes the (constant-here) learning-rate schedule.
-  tx = ts.create_optimizer(config, train_size)
+  tx = ts.create_optimizer(config)
   state = ts.create_train_state(config, model, tx, mesh)
-  local = synthetic_batch(config, config.batch_size)
+  local = synthetic_batch(config, config.input.batch_size)
   batch = sharding.global_batch(
-      {k: local[k] for k in step_lib.TRAIN_FIELDS}, mesh)
+      {k: local[k] for k in step_lib.train_fields(model)}, mesh)
   step = step_lib.make_train_step(
-      config, model, tx, ts.learning_rate_schedule(config, train_size),
+      config, model, tx, ts.learning_rate_schedule(config),
       jax.tree.map(lambda a: a.sharding, state), mesh)
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()
@@ -215,13 +211,13 @@ def model_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs per train step of ``config`` with ``lax.conv`` convolutions.
 
   XLA counts a convolution's taps into its zero padding out, but counts the
-  im2col matmul of ``backbone_conv_impl='gemm'`` in full (0.5% more at the
+  im2col matmul of ``model.resnet.conv_impl='gemm'`` in full (0.5% more at the
   paper config, 10% at 64 px). MFU divides this count, the same for every
   conv implementation, so a faster implementation cannot gain by counting
   more.
   """
   c = ml_collections.ConfigDict(config.to_dict())
-  c.backbone_conv_impl = 'xla'
+  c.model.resnet.conv_impl = 'xla'
   key = c.to_json_best_effort(sort_keys=True)
   if key not in _MODEL_FLOPS:  # The xla_conv variant compiles the same step.
     _MODEL_FLOPS[key] = _cost(_compile_step(c)[0])
@@ -260,7 +256,7 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
   memory = _memory(compiled)
   rss = peak_rss_bytes()
   del compiled, state, batch, metrics
-  if conv_lib.resolve_impl(config.backbone_conv_impl) == 'xla':
+  if conv_lib.resolve_impl(config.model.resnet.conv_impl) == 'xla':
     flops = _MODEL_FLOPS.setdefault(
         ml_collections.ConfigDict(config.to_dict()).to_json_best_effort(
             sort_keys=True), compiled_flops)
@@ -270,9 +266,41 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
               compiled_flops_per_step=compiled_flops,
               mfu=flops / seconds / peak_flops,
               compile_seconds=compile_seconds, memory=memory,
-              batch_size=config.batch_size,
-              examples_per_s=config.batch_size / seconds,
+              batch_size=config.input.batch_size,
+              examples_per_s=config.input.batch_size / seconds,
               process_peak_rss_bytes=rss)
+
+
+def _decoding_problem(config: ml_collections.ConfigDict, kmax: int,
+                      batch_size: int, setting: str):
+  """(model, variables with <eos> suppressed, random numpy inputs of
+  ``batch_size`` crops, and 1-shot supports for 'cape') for
+  `decoding_figures`."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.max_num_keypoints = kmax
+  c.model_name = setting
+  c.cape.num_shots = 1
+  if setting == 'cape':  # The CAPE model's own field (configs/default.py).
+    c.model.proposals = default_config.model_config('cape').proposals
+  model = ts.create_model(c)
+  rng = np.random.default_rng(1)
+  s = c.input.image_size_px
+  inputs = dict(image=synthetic_batch(c, batch_size)['image'])
+  if setting == 'cape':
+    inputs.update(
+        support_image=rng.integers(0, 256, [batch_size, 1, s, s, 3],
+                                   np.uint8),
+        support_keypoints=rng.uniform(0.05, 0.95, [batch_size, 1, kmax, 2]
+                                      ).astype(np.float32),
+        support_visible=np.ones([batch_size, 1, kmax], np.float32))
+  variables = jax.jit(lambda r: model.init(r, **ts.dummy_inputs(c),
+                                           train=False))(jax.random.PRNGKey(0))
+  # Suppress <eos> so that every image decodes all K groups.
+  head = dict(variables['params']['class_head'])
+  head['bias'] = head['bias'].at[model.vocab.eos].add(-1e4)
+  variables = dict(variables,
+                   params=dict(variables['params'], class_head=head))
+  return model, variables, inputs
 
 
 def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
@@ -289,30 +317,8 @@ def decoding_figures(config: ml_collections.ConfigDict, ks: list[int],
     dict per K: cached/reference seconds per image at batch 1, images/s at
     ``batch_size``, and the speed-ups (reference time / cached time).
   """
-  kmax = max(ks)
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.max_num_keypoints = kmax
-  c.setting = setting
-  c.num_shots = 1
-  model = ts.create_model(c)
-  rng = np.random.default_rng(1)
-  s = c.image_size_px
-  inputs = dict(image=synthetic_batch(c, batch_size)['image'])
-  if setting == 'cape':
-    inputs.update(
-        support_image=rng.integers(0, 256, [batch_size, 1, s, s, 3],
-                                   np.uint8),
-        support_keypoints=rng.uniform(0.05, 0.95, [batch_size, 1, kmax, 2]
-                                      ).astype(np.float32),
-        support_visible=np.ones([batch_size, 1, kmax], np.float32))
-  variables = jax.jit(lambda r: model.init(r, **ts.dummy_inputs(c),
-                                           train=False))(jax.random.PRNGKey(0))
-  # Suppress <eos> so that every image decodes all K groups.
-  eos = model.vocab.eos
-  head = dict(variables['params']['class_head'])
-  head['bias'] = head['bias'].at[eos].add(-1e4)
-  variables = dict(variables,
-                   params=dict(variables['params'], class_head=head))
+  model, variables, inputs = _decoding_problem(config, max(ks), batch_size,
+                                               setting)
   out = {}
   for k in ks:
     fig = dict(num_tokens=grammar.seq_len(k))
@@ -358,32 +364,32 @@ def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
   """
   if num_examples <= 0:
     return dict(skipped='--pipeline_examples=0')
-  if not os.path.isdir(config.dataset_dir):
-    return dict(skipped=f'no data set at {config.dataset_dir!r}; build it '
+  if not os.path.isdir(config.input.dataset_dir):
+    return dict(skipped=f'no data set at {config.input.dataset_dir!r}; build it '
                 'with `python -m data_prep.build` (see README).')
-  info = dataset.load_info(config.dataset_dir)
-  num_batches = -(-num_examples // config.batch_size)
+  info = dataset.load_info(config.input.dataset_dir)
+  num_batches = -(-num_examples // config.input.batch_size)
   t0 = time.perf_counter()
   it = iter(pipeline.create_train_dataset(config, info))
   for _ in range(num_batches):
     next(it)
   seconds = time.perf_counter() - t0
-  eps = num_batches * config.batch_size / seconds
-  out = dict(examples_per_s=eps, image_size_px=config.image_size_px,
-             batch_size=config.batch_size, worker_count=config.worker_count)
+  eps = num_batches * config.input.batch_size / seconds
+  out = dict(examples_per_s=eps, image_size_px=config.input.image_size_px,
+             batch_size=config.input.batch_size, worker_count=config.input.worker_count)
   if step_examples_per_s:
     out['ratio_to_train_step'] = eps / step_examples_per_s
   return out
 
 
 def _describe(config: ml_collections.ConfigDict) -> dict:
-  return dict(backbone_depth=config.backbone_depth,
-              backbone_norm=config.backbone_norm,
-              backbone_frozen_stages=config.backbone_frozen_stages,
-              image_size_px=config.image_size_px,
-              feature_levels=list(config.feature_levels),
-              num_layers=config.num_layers, d_model=config.d_model,
-              batch_size=config.batch_size,
+  return dict(backbone_depth=config.model.resnet.depth,
+              backbone_norm=config.model.resnet.norm,
+              backbone_frozen_stages=config.model.resnet.frozen_stages,
+              image_size_px=config.input.image_size_px,
+              feature_levels=list(config.model.feature_levels),
+              num_layers=config.model.transformer.num_layers, d_model=config.model.d_model,
+              batch_size=config.input.batch_size,
               max_num_keypoints=config.max_num_keypoints)
 
 
@@ -402,6 +408,25 @@ def write_report(report: dict, path: str) -> None:
     json.dump(report, f, indent=1)
     f.write('\n')
   os.replace(tmp, path)
+
+
+def _decoding_sections(report: dict, dc: ml_collections.ConfigDict,
+                       on_section: Callable[[dict], None]) -> None:
+  """``report['decoding']`` (and ``'decoding_cape'`` with --decode_cape)
+  of the config ``dc``."""
+  ks = [int(k) for k in FLAGS.decode_ks]
+  report['decoding'] = dict(
+      model=FLAGS.decode_model, model_config=_describe(dc),
+      includes='encoder + greedy loop; <eos> suppressed (all K groups)',
+      **decoding_figures(dc, ks, FLAGS.decode_batch, FLAGS.decode_reps))
+  on_section(report)
+  if FLAGS.decode_cape:
+    report['decoding_cape'] = dict(
+        model=FLAGS.decode_model, model_config=_describe(dc),
+        includes='encoder of query and 1 support crop + support prefix + '
+        'greedy loop; K groups forced by the support',
+        **decoding_figures(dc, ks, FLAGS.decode_batch, FLAGS.decode_reps,
+                           'cape'))
 
 
 def run(config: ml_collections.ConfigDict,
@@ -430,8 +455,7 @@ def run(config: ml_collections.ConfigDict,
   configs = {'config': config}
   if not FLAGS.skip_paper:
     paper = default_config.get_config()
-    paper.unlock()
-    paper.dataset_dir = config.dataset_dir  # Pipeline at 512 px on our data.
+    paper.input.dataset_dir = config.input.dataset_dir  # Pipeline at 512 px.
     configs['paper'] = paper
   report['configs'] = {n: _describe(c) for n, c in configs.items()}
   steps, pipes = {}, {}
@@ -459,19 +483,7 @@ def run(config: ml_collections.ConfigDict,
     dc = configs['paper'] if FLAGS.decode_model == 'paper' else config
     if FLAGS.decode_model == 'paper' and FLAGS.skip_paper:
       dc = default_config.get_config()
-    report['decoding'] = dict(
-        model=FLAGS.decode_model, model_config=_describe(dc),
-        includes='encoder + greedy loop; <eos> suppressed (all K groups)',
-        **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
-                           FLAGS.decode_batch, FLAGS.decode_reps))
-    on_section(report)
-    if FLAGS.decode_cape:
-      report['decoding_cape'] = dict(
-          model=FLAGS.decode_model, model_config=_describe(dc),
-          includes='encoder of query and 1 support crop + support prefix + '
-          'greedy loop; K groups forced by the support',
-          **decoding_figures(dc, [int(k) for k in FLAGS.decode_ks],
-                             FLAGS.decode_batch, FLAGS.decode_reps, 'cape'))
+    _decoding_sections(report, dc, on_section)
   report['load_average_at_end'] = list(os.getloadavg())
   report['peak_rss_bytes'] = peak_rss_bytes()
   return report

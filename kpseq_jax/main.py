@@ -11,8 +11,12 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
       --mode analyze --videos VIDEOS [--boxes track|BOXES.json] \
       [--filter_window 5] --out OUT
+  python -m kpseq_jax.main --config configs/sleap_flies.py --workdir DIR \
+      --mode analyze --videos VIDEOS --max_animals 2 \
+      --detector_config configs/sleap_flies_detector.py \
+      --detector_workdir DETECTOR_DIR --out OUT
 
-A detection config (``task='detection'``, e.g.
+A detection config (``model_name='detector'``, e.g.
 configs/dlc_openfield_detector.py) trains and evaluates (box AP) the
 whole-image detector with the same modes; ``--mode predict`` then takes its
 boxes with ``--detector_config/--detector_workdir`` (so do ``analyze``,
@@ -20,7 +24,7 @@ and ``eval``, which then also scores keypoints from detected boxes).
 
 Installed with ``pip install -e .``, ``kpseq`` is the same command.
 
-Any config field can be overridden: ``--config.num_train_steps=100``.
+Any config field can be overridden: ``--config.optim.num_train_steps=100``.
 
 Several processes (one per host): each runs the same command; JAX is joined
 up from ``--coordinator_address/--num_processes/--process_id``, or from the
@@ -34,7 +38,6 @@ import jax
 from ml_collections import config_flags
 
 from kpseq_jax.runtime import distributed
-from kpseq_jax.evaluation import detected_boxes
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.runtime import host_memory
 from kpseq_jax.runtime import xla_flags
@@ -61,7 +64,7 @@ flags.DEFINE_string('images', None, 'predict: an image file or a folder '
 flags.DEFINE_string('videos', None, 'analyze: a video file (mp4, avi, ...) '
                     'or a folder of them.')
 config_flags.DEFINE_config_file(
-    'detector_config', None, 'A detection config (task=detection, e.g. '
+    'detector_config', None, 'A detection config (model_name=detector, e.g. '
     'configs/dlc_openfield_detector.py) whose trained --detector_workdir '
     'finds the boxes. predict, analyze: when --boxes is not given; eval: '
     'also evaluates the keypoints from its boxes next to the ground-truth '
@@ -76,11 +79,21 @@ flags.DEFINE_string('boxes', None, 'predict: COCO detections list or '
                     'frame) or a COCO detections list with image_id = '
                     '0-based frame index; default: the whole frame.')
 flags.DEFINE_integer('video_batch_size', None, 'analyze: frames per model '
-                     'call; default config.eval_batch_size. With --boxes '
+                     'call; default config.evals.batch_size. With --boxes '
                      'track the box lags by up to one batch.')
 flags.DEFINE_integer('filter_window', 0, 'analyze: also write a median-'
                      'filtered table (DeepLabCut\'s filterpredictions) with '
                      'this odd window in frames, and draw from it; 0 = off.')
+flags.DEFINE_integer('max_animals', None, 'analyze: several animals per '
+                     'frame (SLEAP\'s --tracking.max_tracks, DeepLabCut\'s '
+                     'n_tracks): each frame\'s N best boxes of '
+                     '--detector_workdir (above the detector\'s '
+                     'detection_score_threshold) or of a --boxes detections '
+                     'file are posed and linked frame to frame into at most '
+                     'N identities (track_0, ...); writes per video a SLEAP '
+                     '.slp, DeepLabCut\'s multi-animal .h5/.csv and a '
+                     'labelled video coloured by identity. Default: one '
+                     'animal.', lower_bound=1)
 flags.DEFINE_bool('labeled_video', True, 'analyze: write '
                   '<video><scorer>_labeled.mp4.')
 flags.DEFINE_integer('category', None, 'predict: category id of whole-image '
@@ -137,16 +150,14 @@ def main(argv):
   if FLAGS.mode == 'train':
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'eval':
-    evaluate.evaluate(FLAGS.config, FLAGS.workdir)
-    if FLAGS.detector_workdir:
-      detected_boxes.evaluate_detected_boxes(
-          FLAGS.config, FLAGS.workdir, _detector())
+    evaluate.evaluate(FLAGS.config, FLAGS.workdir,
+                      _detector() if FLAGS.detector_workdir else None)
   elif FLAGS.mode == 'analyze':
     analyze.analyze(FLAGS.config, FLAGS.workdir, FLAGS.videos, FLAGS.out,
                     FLAGS.boxes, FLAGS.category, FLAGS.video_batch_size,
                     FLAGS.filter_window, FLAGS.labeled_video,
                     _detector() if FLAGS.detector_workdir and not FLAGS.boxes
-                    else None)
+                    else None, FLAGS.max_animals)
   else:
     detector = (_detector() if FLAGS.detector_workdir and not FLAGS.boxes
                 else None)
@@ -158,7 +169,7 @@ def _detector() -> box_predictor.ImageDetector:
   """The trained detector of --detector_config/--detector_workdir."""
   return box_predictor.ImageDetector(
       FLAGS.detector_config, FLAGS.detector_workdir,
-      sharding.create_mesh(FLAGS.detector_config.mesh_shape))
+      sharding.create_mesh(FLAGS.detector_config.sharding.mesh_shape))
 
 
 def run():

@@ -1,8 +1,9 @@
 """Training loop: the jitted, sharded train step, logging, checkpoints, eval.
 
 `train_and_evaluate` trains ``config`` in ``workdir``, resuming from the
-latest checkpoint there, evaluating every ``eval_every_steps`` and after
-the last step (`kpseq_jax.evaluation.evaluate.Evaluator`).
+latest checkpoint there, evaluating every ``evals.every_steps`` and after
+the last step (the evaluators of
+`kpseq_jax.evaluation.evaluate.from_config`).
 
 Reliability: every step's scalars go to ``WORKDIR/metrics.jsonl``
 (`training.metrics_log`); a resumed run repeats the batches, dropout keys
@@ -10,7 +11,7 @@ and losses of an uninterrupted one exactly (the checkpoint holds the train
 state with its rng, and the Grain iterator position; augmentation is seeded
 per element by Grain). SIGTERM (preemption) finishes the current step,
 saves and returns. A non-finite loss or gradient stops training naming the
-step, or, with ``config.skip_nonfinite_updates``, leaves the state
+step, or, with ``config.optim.skip_nonfinite_updates``, leaves the state
 unchanged for that step and counts it (``update_skipped``).
 """
 
@@ -21,9 +22,8 @@ import ml_collections
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
 from kpseq_jax.data import pipeline
-from kpseq_jax.evaluation import box_ap
+from kpseq_jax.evaluation import common as eval_common
 from kpseq_jax.evaluation import evaluate
-from kpseq_jax.evaluation import report as report_lib
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import host_memory
@@ -40,74 +40,105 @@ from kpseq_jax.training import train_state as ts
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> report_lib.EvalReport | box_ap.BoxReport | None:
+                       ) -> dict[str, dict] | None:
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
-  With ``config.task='detection'`` the model is the detector
-  (`detector.BoxDetector`), trained on whole images
-  (`kpseq_jax/data/detection.py`) and evaluated by box AP (`box_ap`).
+  Data and predictor of the system from `system_parts`, evaluators from
+  `evaluate.from_config` (``config.evals.evaluators``).
 
   Returns:
-    the final `report.EvalReport` (`box_ap.BoxReport` for the detector),
-    or None if training was preempted
-    (SIGTERM): then the current step was saved and nothing evaluated;
-    running again resumes.
+    the final evaluation, report name -> its JSON (`eval_common.run`:
+    ``{'test': eval_test.json}``, ``{'test_boxes': ...}`` for the
+    detector), or None if training was preempted (SIGTERM): then the
+    current step was saved and nothing evaluated; running again resumes.
 
   Raises:
     metrics_log.NonFiniteLossError: on a NaN/inf loss or gradient, naming
-      the step (unless ``config.skip_nonfinite_updates``; then after
-      ``config.max_consecutive_skipped_updates`` skipped updates in a row).
+      the step (unless ``config.optim.skip_nonfinite_updates``; then after
+      ``optim.max_consecutive_skipped_updates`` skipped updates in a row).
     ValueError: for an impossible config (see `config_checks`).
   """
   config_checks.check(config)
   if warning := config_checks.frozen_without_weights(config):
     logging.warning('%s', warning)
-  info = dataset.load_info(config.dataset_dir)
+  info = dataset.load_info(config.input.dataset_dir)
   config_checks.check_dataset(config, info)
-  detecting = config.task == 'detection'
-  # Examples per epoch: instances, or images for the detector.
-  train_size = (detection.num_images(config, config.train_split) if detecting
-                else info.split_sizes[config.train_split])
-  total_steps = ts.num_train_steps(config, train_size)
-  mesh = sharding.create_mesh(config.mesh_shape)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size)
-  logging.info('Train split %r: %d instances, %d steps per epoch, %d steps; '
-               'mesh %s', config.train_split, train_size,
-               ts.steps_per_epoch(config, train_size), total_steps,
-               dict(mesh.shape))
-
-  if not detecting and (resolution := dataset.crop_resolution(
-      config.dataset_dir, config.train_split, config.image_size_px,
-      config.bbox_scale)):
-    logging.info('Top-down crops: %s.', resolution)
-
+  tx = ts.create_optimizer(config)
   # The baseline or the CAPE episodes, before anything compiles: a problem
   # with them (a category too small for an episode) stops the run here.
-  evaluator = (box_ap.DetectionEvaluator(config, info) if detecting
-               else evaluate.Evaluator(config, info))
+  evaluators = evaluate.from_config(config, info)
+  train_data, predictor_cls = system_parts(config, info, mesh)
   state = ts.create_train_state(config, model, tx, mesh)
-  train_iter = iter(detection.create_train_dataset(config, info) if detecting
-                    else pipeline.create_train_dataset(config, info))
+  train_iter = iter(train_data())
   ckpt = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
   start = 0
   if ckpt.latest_step() is not None:
     state, start = ckpt.restore(
         ts.abstract_train_state(config, model, tx, mesh), train_iter)
   step_fn = step_lib.make_train_step(
-      config, model, tx, ts.learning_rate_schedule(config, train_size),
+      config, model, tx, ts.learning_rate_schedule(config),
       jax.tree.map(lambda a: a.sharding, state), mesh)
-
   writer = metric_writer.MetricWriter(workdir)
+  predictor = predictor_cls.from_state(config, model, state, mesh)
+  evaluate_state = lambda s, step: eval_common.run(  # The average, if any.
+      evaluators, eval_common.Inputs(predictor, s.inference_variables(), step),
+      workdir, writer)
+  state, preempted = train_loop(
+      config, workdir, state, start, train_iter, step_fn, model, mesh, ckpt,
+      writer, evaluate_state)
+  if preempted:
+    writer.close()
+    return None
+  total_steps = config.optim.num_train_steps
+  if start >= total_steps:
+    logging.info('Already trained %d/%d steps in %s.', start, total_steps,
+                 workdir)
+  reports = evaluate_state(state, max(start, total_steps))
+  writer.close()
+  return reports
+
+
+def system_parts(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
+                 mesh: jax.sharding.Mesh):
+  """(train data set factory, predictor class) of ``config``'s system:
+  the detector's whole images and boxes, or the keypoint pipeline (crops,
+  whole images or episodes) and keypoints. Logs the train split's size and
+  what a crop pixel covers."""
+  if config.model_name == 'detector':
+    parts = (lambda: detection.create_train_dataset(config, info),
+             box_predictor.BoxPredictor)
+    size = detection.num_images(config, config.input.train_split)
+  else:
+    if resolution := dataset.crop_resolution(
+        config.input.dataset_dir, config.input.train_split,
+        config.input.image_size_px, config.input.bbox_scale):
+      logging.info('Top-down crops: %s.', resolution)
+    parts = (lambda: pipeline.create_train_dataset(config, info),
+             predictor_lib.Predictor)
+    size = info.split_sizes[config.input.train_split]
+  logging.info('Train split %r: %d examples, %d steps per epoch, %d steps; '
+               'mesh %s', config.input.train_split, size,
+               ts.steps_per_epoch(config, size),
+               config.optim.num_train_steps, dict(mesh.shape))
+  return parts
+
+
+def train_loop(config, workdir, state, start, train_iter, step_fn, model,
+               mesh, ckpt, writer, evaluate_state):
+  """Steps ``start + 1 .. optim.num_train_steps``: log, checkpoint, the
+  periodic evaluation (``evaluate_state(state, step)``) and preemption.
+
+  Returns:
+    (state, preempted).
+  """
+  total_steps = config.optim.num_train_steps
   log = metrics_log.MetricsLog(
       total_steps, scalar_log.JsonlWriter(workdir),
-      config.skip_nonfinite_updates, writer,
-      config.max_consecutive_skipped_updates)
-  predictor = (box_predictor.BoxPredictor if detecting else
-               predictor_lib.Predictor).from_state(config, model, state, mesh)
-  variables = lambda s: s.inference_variables()  # The average, if any.
-  preempted = False
-  compiled_step = None
+      config.optim.skip_nonfinite_updates, writer,
+      config.optim.max_consecutive_skipped_updates)
+  preempted, compiled_step = False, None
   # At most two steps in flight (runtime/in_flight.py): a SIGTERM's save
   # waits for one step, not for every step the host dispatched ahead.
   in_flight = in_flight_lib.InFlight(max_in_flight=2)
@@ -136,21 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         logging.warning('Preempted: saved step %d/%d in %s; run again to '
                         'resume.', step, total_steps, workdir)
         break
-      if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
+      if (config.evals.every_steps > 0 and step % config.evals.every_steps == 0
           and not is_last):  # The last step is evaluated below.
         log.flush(log=False)  # Never evaluate a state that follows a NaN.
-        evaluator.evaluate(workdir, predictor, variables(state), step, writer)
+        evaluate_state(state, step)
         host_memory.release_free_memory()  # What evaluation freed.
     ckpt.wait()
   ckpt.close()
   log.jsonl.close()
-  if preempted:
-    writer.close()
-    return None
-  if start >= total_steps:
-    logging.info('Already trained %d/%d steps in %s.', start, total_steps,
-                 workdir)
-  report = evaluator.evaluate(workdir, predictor, variables(state),
-                              max(start, total_steps), writer)
-  writer.close()
-  return report
+  return state, preempted

@@ -105,17 +105,49 @@ def mp100_sample_dataset(shared_data, tmp_path_factory) -> Path:
 # the smoke model. tests/test_frozen_backbone.py compiles its train step and
 # tests/test_benchmark.py's f32 variant is the same computation, so the
 # persistent compilation cache compiles it once per run.
-FROZEN_BACKBONE = dict(backbone_norm='frozen_batch', backbone_frozen_stages=1)
+FROZEN_BACKBONE = {'model.resnet.norm': 'frozen_batch',
+                   'model.resnet.frozen_stages': 1}
 
 
-def smoke_config(dataset_dir, **overrides):
-  """configs/smoke.py on ``dataset_dir`` with fields overridden."""
+def smoke_config(dataset_dir, model_name='supervised', **overrides):
+  """configs/smoke.py (its ``model_name`` variant) on ``dataset_dir`` with
+  fields overridden by dotted path: ``smoke_config(d, **{'model.aux_loss':
+  True})``."""
   from configs import smoke
-  c = smoke.get_config()
-  c.dataset_dir = str(dataset_dir)
-  for k, v in overrides.items():
-    c[k] = v
+  c = smoke.get_config(model_name)
+  c.input.dataset_dir = str(dataset_dir)
+  for path, v in overrides.items():
+    *groups, name = path.split('.')
+    node = c
+    for g in groups:
+      node = node[g]
+    node[name] = v
   return c
+
+
+# Defaults of the test models' sub-dicts (the models' own defaults before
+# the configs were grouped: Deformable DETR's sizes, batch statistics).
+RESNET = dict(depth=50, norm='batch', frozen_stages=-1, conv_impl='auto',
+              remat=False)
+TRANSFORMER = dict(num_layers=6, num_heads=8, ffn_dim=1024, dropout=0.1,
+                   num_points=4)
+SEQUENCE_DECODER = dict(remat=False, refine_points=False, reference_noise=0.0)
+
+
+def tiny_model(model_name='supervised', resnet=None, transformer=None,
+               **fields):
+  """``kpseq_jax/models/<model_name>.py``'s ``Model`` with ``resnet`` and
+  ``transformer`` entries over `RESNET` / `TRANSFORMER` (and, for the
+  keypoint models, `SEQUENCE_DECODER`), and the other fields as given."""
+  import importlib
+  import flax
+  module = importlib.import_module(f'kpseq_jax.models.{model_name}')
+  t = dict(TRANSFORMER)
+  if model_name != 'detector':
+    t.update(SEQUENCE_DECODER)
+  t.update(transformer or {})
+  return module.Model(resnet=flax.core.freeze({**RESNET, **(resnet or {})}),
+                      transformer=flax.core.freeze(t), **fields)
 
 
 @pytest.fixture(scope='session')
@@ -125,12 +157,13 @@ def trained(dlc_dataset, tmp_path_factory):
   step 1 (periodic) and step 2 (final) (once per session; tests must not
   modify the workdir)."""
   from kpseq_jax import train
+  from kpseq_jax.evaluation import report as report_lib
 
   def make(workdir):
-    config = smoke_config(dlc_dataset, eval_every_steps=1,
-                          presence_token=True)
-    report = train.train_and_evaluate(config, str(workdir))
-    return config, workdir, report
+    config = smoke_config(dlc_dataset, **{'evals.every_steps': 1},
+                          **{'vocab.presence_token': True})
+    reports = train.train_and_evaluate(config, str(workdir))
+    return config, workdir, report_lib.EvalReport.from_dict(reports['test'])
   return once_per_run(tmp_path_factory, 'smoke_run', make)
 
 

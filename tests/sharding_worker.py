@@ -53,9 +53,9 @@ def tiny_config(dataset_dir):
   comparison (BatchNorm stays: jit computes its statistics over the global
   batch on any mesh).
   """
-  return conftest.smoke_config(dataset_dir, batch_size=8, dropout=0.0,
-                               num_layers=1, feature_levels=('c5',),
-                               fsdp_min_param_elements=1024)
+  return conftest.smoke_config(dataset_dir, **{'input.batch_size': 8}, **{'model.transformer.dropout': 0.0},
+                               **{'model.transformer.num_layers': 1}, **{'model.feature_levels': ('c5',)},
+                               **{'sharding.fsdp_min_param_elements': 1024})
 
 
 def mesh_for(shape):
@@ -69,12 +69,12 @@ class Trainer:
   def __init__(self, config, train_size, mesh):
     self.config, self.mesh = config, mesh
     self.model = ts.create_model(config)
-    self.tx = ts.create_optimizer(config, train_size)
+    self.tx = ts.create_optimizer(config)
     self.abstract = ts.abstract_train_state(config, self.model, self.tx, mesh)
     shardings = jax.tree.map(lambda a: a.sharding, self.abstract)
     self.step_fn = step_lib.make_train_step(
         config, self.model, self.tx,
-        ts.learning_rate_schedule(config, train_size), shardings, mesh,
+        ts.learning_rate_schedule(config), shardings, mesh,
         donate=False)
 
   def init(self):
@@ -87,7 +87,7 @@ class Trainer:
 
   def step(self, state, local_batch):
     batch = sharding.global_batch(
-        {k: local_batch[k] for k in step_lib.TRAIN_FIELDS}, self.mesh)
+        {k: local_batch[k] for k in step_lib.train_fields(self.model)}, self.mesh)
     with jax.set_mesh(self.mesh):
       state, metrics = self.step_fn(state, batch)
     return state, float(metrics['loss'])
@@ -101,8 +101,8 @@ def num_fsdp_sharded(tree) -> int:
 
 def run_meshes(args):
   config = tiny_config(args['dataset_dir'])
-  info = dataset.load_info(config.dataset_dir)
-  train_size = info.split_sizes[config.train_split]
+  info = dataset.load_info(config.input.dataset_dir)
+  train_size = info.split_sizes[config.input.train_split]
   it = iter(pipeline.create_train_dataset(config, info))
   batches = [next(it) for _ in range(args['steps'])]
   out = {'losses': {}, 'fsdp_sharded': {}, 'fsdp_sharded_params': {},
@@ -148,10 +148,10 @@ def run_process(args):
   distributed.initialize('auto', args['coordinator'], args['num_processes'],
                          args['process_id'])
   config = tiny_config(args['dataset_dir'])
-  config.mesh_shape = tuple(args.get('mesh', (-1, 1)))
-  info = dataset.load_info(config.dataset_dir)
-  train_size = info.split_sizes[config.train_split]
-  trainer = Trainer(config, train_size, sharding.create_mesh(config.mesh_shape))
+  config.sharding.mesh_shape = tuple(args.get('mesh', (-1, 1)))
+  info = dataset.load_info(config.input.dataset_dir)
+  train_size = info.split_sizes[config.input.train_split]
+  trainer = Trainer(config, train_size, sharding.create_mesh(config.sharding.mesh_shape))
   it = iter(pipeline.create_train_dataset(config, info))
   state, losses = trainer.init(), []
   for _ in range(args['steps']):

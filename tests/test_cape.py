@@ -27,11 +27,11 @@ def cape_model():
   """A tiny support-conditioned model, its variables and an episode batch
   asking for 4, 2 and 3 keypoints; <eos> would win every group start if
   the grammar did not force K."""
-  model = model_lib.KeypointSequenceModel(
-      vocab=vocab_lib.Vocab(16), backbone_depth=18,
-      feature_levels=('c4', 'c5'), d_model=32, num_heads=2, num_layers=2,
-      ffn_dim=64, dropout=0.0, max_seq_len=LENGTH, support_conditioning=True,
-      support_proposals=True)
+  model = conftest.tiny_model(
+      'cape', vocab=vocab_lib.Vocab(16), resnet=dict(depth=18),
+      feature_levels=('c4', 'c5'), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=LENGTH, proposals=True)
   rng = np.random.default_rng(0)
   visible = rng.uniform(size=[BATCH, SHOTS, KMAX]) > 0.3
   visible[0, :, 1] = False  # Keypoint 1 of episode 0: no shot sees it.
@@ -94,7 +94,7 @@ def test_prefill_and_steps_match_teacher_forcing(cape_model):
   enc = _encoder(model)(variables, inputs)
   logits, xy = model.apply(variables, enc.memory, tokens, coords, train=False,
                            prefix=enc.prefix, method=model.decode)
-  step_model = model.clone(cache_decoding=True)
+  step_model = model.for_cached_decoding()
   projected = step_model.apply(variables, enc.memory,
                                method=step_model.project_values)
   cache = decoding.init_cache(step_model, variables, enc.memory, BATCH,
@@ -261,15 +261,17 @@ def cape_run(dlc_dataset, tmp_path_factory):
   episodes, evaluated on the test frames with training-frame supports."""
   from kpseq_jax import train
   workdir = tmp_path_factory.mktemp('cape_run')
-  config = conftest.smoke_config(dlc_dataset, setting='cape',
-                                 cape_support_split='train')
-  report = train.train_and_evaluate(config, str(workdir))
+  config = conftest.smoke_config(dlc_dataset, **{'model_name': 'cape'},
+                                 **{'cape.support_split': 'train'})
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(config, str(workdir))['test'])
   return config, workdir, report
 
 
 def test_cape_training_and_episode_evaluation(cape_run, shared_data):
   config, workdir, report = cape_run
-  assert report.num_instances == config.num_eval_examples == 8
+  assert report.num_instances == config.evals.num_examples == 8
   assert report.pck_protocol.startswith('MP-100 CAPE, 1-shot episodes')
   assert report.baseline.startswith('support pose')
   lines = (workdir / 'episodes_test.jsonl').read_text().splitlines()
@@ -295,13 +297,13 @@ def test_no_category_information_reaches_the_cape_model(cape_run):
   from kpseq_jax.inference import predictor
   from kpseq_jax.runtime import sharding
   config, workdir, _ = cape_run
-  info = dataset.load_info(config.dataset_dir)
-  mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, _ = predictor.restore_state(
-      config, str(workdir), mesh, info.split_sizes['train'])
+  info = dataset.load_info(config.input.dataset_dir)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model, variables, _ = predictor.restore_variables(config, str(workdir),
+                                                    mesh)
   assert model.vocab.num_categories == 0 and model.support_conditioning
   assert 'category_token' not in decoding.input_fields(model)
-  p = predictor.Predictor.from_state(config, model, state, mesh)
+  p = predictor.Predictor(config, model, variables, mesh)
   batch = next(iter(protocols.Episodes(config, info, 'test').batches()))
   other = dict(batch, category_id=batch['category_id'] + 17)
   np.testing.assert_array_equal(p.predict(batch).keypoints,
@@ -311,15 +313,18 @@ def test_no_category_information_reaches_the_cape_model(cape_run):
 def _mp100_cape_config(dataset_dir, num_shots):
   from configs import mp100
   c = mp100.get_config()
-  c.dataset_dir = str(dataset_dir)
-  c.num_shots = num_shots
-  for k, v in dict(num_train_steps=2, image_size_px=64, num_bins=64,
-                   backbone_depth=18, d_model=32, num_heads=2, num_layers=1,
-                   ffn_dim=64, eval_batch_size=4, log_every_steps=1,
-                   checkpoint_every_steps=2, cape_num_episodes=1,
-                   cape_num_queries=2, backbone_norm='batch',
-                   backbone_frozen_stages=-1).items():
-    c[k] = v
+  c.input.dataset_dir = str(dataset_dir)
+  c.cape.num_shots = num_shots
+  c.optim.num_train_steps = 2
+  c.input.image_size_px = 64
+  c.vocab.num_bins = 64
+  c.model.resnet.update(depth=18, norm='batch', frozen_stages=-1)
+  c.model.d_model = 32
+  c.model.transformer.update(num_heads=2, num_layers=1, ffn_dim=64)
+  c.evals.batch_size = 4
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.cape.update(num_episodes=1, num_queries=2)
   return c
 
 
@@ -363,11 +368,14 @@ def test_mp100_cape_path_on_the_sample_images(mp100_sample_dataset,
                      match=f'category {small} has {sizes[small]}'):
     train.train_and_evaluate(c, str(tmp_path / 'strict'))
   assert not (tmp_path / 'strict' / 'checkpoints').exists()  # Nothing ran.
-  c.cape_skip_small_categories = True
+  c.cape.skip_small_categories = True
   workdir = tmp_path / 'run'
-  report = train.train_and_evaluate(c, str(workdir))
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(c, str(workdir))['test'])
   _check_episode_report(report, workdir, sizes, 1)
-  c.num_shots = 5
-  report5 = evaluate.evaluate(c, str(workdir))
+  c.cape.num_shots = 5
+  report5 = report_lib.EvalReport.from_dict(
+      evaluate.evaluate(c, str(workdir))['test'])
   _check_episode_report(report5, workdir, sizes, 5)
   assert report5.checkpoint_step == report.checkpoint_step == 2

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
@@ -40,10 +41,10 @@ def test_sequence_is_the_plain_one_shifted_behind_the_category():
 
 
 def _model(num_categories, length):
-  return model_lib.KeypointSequenceModel(
-      vocab=vocab_lib.Vocab(16, num_categories), backbone_depth=18,
-      feature_levels=('c5',), d_model=32, num_heads=2, num_layers=2,
-      ffn_dim=64, dropout=0.0, max_seq_len=length)
+  return conftest.tiny_model(
+      vocab=vocab_lib.Vocab(16, num_categories), resnet=dict(depth=18),
+      feature_levels=('c5',), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=length)
 
 
 def test_embedding_axes_follow_the_shifted_grammar():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.inference import predictor
 from kpseq_jax.models import model as model_lib
@@ -18,9 +19,10 @@ BATCH = 3
 
 @pytest.fixture(scope='module')
 def model():
-  return model_lib.KeypointSequenceModel(
-      vocab=vocab_lib.Vocab(16), backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
-      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0, max_seq_len=LENGTH)
+  return conftest.tiny_model(
+      vocab=vocab_lib.Vocab(16), resnet=dict(depth=18),
+      feature_levels=('c4', 'c5'), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH)
 
 
 @pytest.fixture(scope='module')

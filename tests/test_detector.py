@@ -5,11 +5,11 @@ import itertools
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+import conftest
 from kpseq_jax.models import detector
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models import box_ops
@@ -245,13 +245,20 @@ def test_set_loss_without_ground_truth_is_finite_with_finite_gradients():
 
 # (f) ------------------------------------------------------------------------
 
-_TINY = dict(num_queries=5, d_model=32, num_heads=4, num_layers=2, ffn_dim=64,
-             dropout=0.0, feature_levels=('c4', 'c5'), backbone_depth=18)
+_TINY = dict(num_queries=5, d_model=32, feature_levels=('c4', 'c5'),
+             transformer=dict(num_heads=4, num_layers=2, ffn_dim=64,
+                              dropout=0.0))
+
+
+def _detector(num_classes, box_refine=True, frozen_stages=-1):
+  return conftest.tiny_model(
+      'detector', num_classes=num_classes, box_refine=box_refine,
+      resnet=dict(depth=18, frozen_stages=frozen_stages), **_TINY)
 
 
 def _decoder_problem(box_refine):
   """A tiny detector, its decoder-only variables and a random memory."""
-  model = detector.BoxDetector(num_classes=2, box_refine=box_refine, **_TINY)
+  model = _detector(2, box_refine)
   memory = model_lib.Memory(
       jax.random.normal(jax.random.PRNGKey(0), (2, 4 * 4 + 2 * 2, 32)),
       ((4, 4), (2, 2)))
@@ -291,7 +298,7 @@ def test_box_refine_stops_gradients_between_layers():
 
 def test_heads_per_layer_with_box_refine_shared_without():
   def heads(box_refine):
-    model = detector.BoxDetector(num_classes=2, box_refine=box_refine, **_TINY)
+    model = _detector(2, box_refine)
     memory = model_lib.Memory(jnp.zeros((1, 20, 32)), ((4, 4), (2, 2)))
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), memory, False, method=model.decode))
@@ -302,20 +309,23 @@ def test_heads_per_layer_with_box_refine_shared_without():
   assert heads(False) == ['box_heads_0', 'class_heads_0']
 
 
-def test_create_detector_reads_the_config():
-  config = ml_collections.ConfigDict(dict(
-      detector_num_queries=7, d_model=64, num_heads=4, num_layers=3,
-      ffn_dim=128, dropout=0.0, num_points=2, feature_levels=['c4', 'c5'],
-      backbone_depth=18, backbone_norm='group', backbone_frozen_stages=-1,
-      backbone_conv_impl='xla', compute_dtype='bfloat16',
-      detector_box_refine=False))
-  model = detector.create_detector(config, num_classes=5)
-  assert (model.num_classes, model.num_queries, model.d_model,
-          model.num_heads, model.num_layers, model.ffn_dim, model.num_points,
-          model.feature_levels, model.backbone_depth, model.backbone_norm,
-          model.backbone_frozen_stages, model.backbone_conv_impl, model.box_refine
-          ) == (5, 7, 64, 4, 3, 128, 2, ('c4', 'c5'), 18, 'group', -1, 'xla',
-                False)
+def test_create_model_passes_the_detector_config_through():
+  """``model_name='detector'``: `detector.Model(**config.model)` with the
+  data set's classes; each field of the config reaches the model."""
+  from configs import dlc_openfield_detector
+  from kpseq_jax.training import train_state as ts
+  config = dlc_openfield_detector.get_config()
+  config.model.num_queries = 7
+  config.model.box_refine = False
+  config.model.transformer.num_layers = 2
+  config.model.resnet.conv_impl = 'xla'
+  config.model.dtype = 'bfloat16'
+  model = ts.create_model(config)
+  assert type(model) is detector.Model
+  assert (model.num_classes, model.num_queries, model.box_refine,
+          model.transformer['num_layers'], model.resnet['conv_impl'],
+          model.feature_levels) == (1, 7, False, 2, 'xla',
+                                    ('c2', 'c3', 'c4', 'c5'))
   assert jnp.dtype(model.dtype) == jnp.bfloat16
 
 
@@ -330,8 +340,7 @@ def trained():
   """The tiny detector trained 40 AdamW steps on `_RECTS` (random, frozen
   ResNet-18: the backbone's backward pass would double the step's time) and
   its outputs on the two images after the last step."""
-  model = detector.BoxDetector(num_classes=1, backbone_frozen_stages=4,
-                               **_TINY)
+  model = _detector(1, frozen_stages=4)
   images = np.full((len(_RECTS), 64, 64, 3), 20, np.uint8)
   for image, (x0, y0, x1, y1) in zip(images, _RECTS.astype(int)):
     image[y0:y1, x0:x1] = 230

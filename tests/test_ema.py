@@ -1,4 +1,4 @@
-"""Moving average of the weights (``config.ema_decay``, `step.update_ema`):
+"""Moving average of the weights (``config.optim.ema_decay``, `step.update_ema`):
 its formula, the skipped update, and that evaluation, prediction and
 checkpoints carry the average rather than the live weights."""
 
@@ -79,11 +79,11 @@ def test_without_decay_the_state_has_no_average():
 @pytest.fixture(scope='module')
 def smoke_state():
   config = smoke.get_config()
-  config.dataset_dir = 'unused'
-  config.ema_decay = 0.99
-  mesh = sharding.create_mesh(config.mesh_shape)
+  config.input.dataset_dir = 'unused'
+  config.optim.ema_decay = 0.99
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size=10)
+  tx = ts.create_optimizer(config)
   return config, mesh, model, tx, ts.create_train_state(config, model, tx,
                                                         mesh)
 
@@ -124,9 +124,61 @@ def test_predictor_and_checkpoint_use_the_average(smoke_state, tmp_path):
   # Evaluated with a config without the average, the checkpoint is
   # refused by name rather than read without it.
   plain = config.copy_and_resolve_references()
-  plain.ema_decay = 0.0
+  plain.optim.ema_decay = 0.0
   with pytest.raises(checkpointing.CheckpointMismatchError,
                      match='checkpoint are not in this config: ema/.*'
                      'ema_decay'):
     ckpt.restore(ts.abstract_train_state(plain, model, tx, mesh))
   ckpt.close()
+
+
+@pytest.mark.parametrize('averaged', [True, False])
+def test_inference_restores_exactly_the_weights_it_uses(
+    smoke_state, tmp_path, monkeypatch, averaged):
+  """`predictor.restore_variables` gives `TrainState.inference_variables`
+  of the saved state bit for bit, on the same shardings, without building
+  an optimizer or reading its state: the checkpoint's optimizer state
+  (SGD's, which no config builds) would not restore into this config's."""
+  config, mesh, model, _, state = smoke_state
+  config = config.copy_and_resolve_references()
+  params = jax.tree.map(lambda p: p * 2.0 + 1.0, state.params)
+  if averaged:
+    state = state.replace(params=params)  # The average is now another.
+  else:
+    config.optim.ema_decay = 0.0
+    state = state.replace(params=params, ema={})
+  sgd = optax.sgd(0.1, momentum=0.9)
+  state = state.replace(opt_state=sgd.init(state.params))
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(7, state)
+  ckpt.wait()
+  ckpt.close()
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError('inference built an optimizer')
+  monkeypatch.setattr(ts, 'create_optimizer', no_optimizer)
+  _, variables, step = predictor_lib.restore_variables(config,
+                                                       str(tmp_path), mesh)
+  assert step == 7
+  want = state.inference_variables()
+  assert jax.tree.structure(variables) == jax.tree.structure(want)
+  for got, ref in zip(jax.tree.leaves(variables), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert got.sharding == ref.sharding
+  # Different weights with and without the average: the right one was read.
+  live = jax.tree.leaves(state.params)[0]
+  assert np.array_equal(jax.tree.leaves(variables['params'])[0],
+                        live) != averaged
+
+
+def test_inference_refuses_weights_of_another_model(smoke_state, tmp_path):
+  config, mesh, _, _, state = smoke_state
+  ckpt = checkpointing.Checkpointer(str(tmp_path))
+  ckpt.save(1, state)
+  ckpt.wait()
+  ckpt.close()
+  bigger = config.copy_and_resolve_references()
+  bigger.model.d_model *= 2
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match='another config'):
+    predictor_lib.restore_variables(bigger, str(tmp_path), mesh)

@@ -12,7 +12,6 @@ from kpseq_jax.data import pipeline
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.evaluation import metrics
 from kpseq_jax.evaluation import report as report_lib
-from kpseq_jax.inference import predictor
 from kpseq_jax.runtime import scalar_log
 from kpseq_jax.runtime import sharding
 from kpseq_jax.training import checkpointing
@@ -29,7 +28,7 @@ def test_training_saves_a_checkpoint_and_writes_the_eval(trained,
   assert checkpointing.Checkpointer(str(workdir)).latest_step() == 2
   saved = json.loads((workdir / 'eval_test.json').read_text())
   assert report_lib.EvalReport.from_dict(saved) == report
-  assert report.num_instances == config.num_eval_examples == 8
+  assert report.num_instances == config.evals.num_examples == 8
   assert report.checkpoint_step == 2
   # The mean-pose floor is a real figure on these frames, not a placeholder.
   assert 0.0 < report.baseline_pck < 1.0
@@ -53,7 +52,7 @@ def test_training_saves_a_checkpoint_and_writes_the_eval(trained,
 def test_eval_mode_restores_and_reproduces_the_figures(trained):
   config, workdir, report = trained
   again = evaluate.evaluate(config, str(workdir))
-  assert again == report  # Same checkpoint, same decoding: same figures.
+  assert report_lib.EvalReport.from_dict(again['test']) == report  # Same checkpoint, same decoding: same figures.
 
 
 def test_restored_state_equals_the_trained_one(trained):
@@ -61,23 +60,25 @@ def test_restored_state_equals_the_trained_one(trained):
   same two steps, run here from a fresh initialisation on the same
   batches, give the restored parameters and statistics bit for bit."""
   config, workdir, _ = trained
-  info = dataset.load_info(config.dataset_dir)
-  train_size = info.split_sizes['train']
-  mesh = sharding.create_mesh(config.mesh_shape)
-  model, restored, step = predictor.restore_state(config, str(workdir), mesh,
-                                                  train_size)
+  info = dataset.load_info(config.input.dataset_dir)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model = ts.create_model(config)
+  tx = ts.create_optimizer(config)
+  ckpt = checkpointing.Checkpointer(str(workdir))
+  restored, step = ckpt.restore(ts.abstract_train_state(config, model, tx,
+                                                        mesh))
+  ckpt.close()
   assert step == 2 and int(restored.step) == 2
-  tx = ts.create_optimizer(config, train_size)
   state = ts.create_train_state(config, model, tx, mesh)
   step_fn = step_lib.make_train_step(
-      config, model, tx, ts.learning_rate_schedule(config, train_size),
+      config, model, tx, ts.learning_rate_schedule(config),
       jax.tree.map(lambda a: a.sharding, state), mesh)
   batches = iter(pipeline.create_train_dataset(config, info))
   with jax.set_mesh(mesh):
     for _ in range(2):
       local = next(batches)
       state, _ = step_fn(state, sharding.global_batch(
-          {k: local[k] for k in step_lib.TRAIN_FIELDS}, mesh))
+          {k: local[k] for k in step_lib.train_fields(model)}, mesh))
   for name in ('params', 'batch_stats', 'opt_state'):
     jax.tree.map(np.testing.assert_array_equal,
                  jax.device_get(getattr(restored, name)),
@@ -92,8 +93,8 @@ def test_running_again_resumes_from_the_checkpoint(trained, tmp_path):
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
   before = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
-  more = conftest.smoke_config(config.dataset_dir, num_train_steps=3,
-                               presence_token=config.presence_token)
+  more = conftest.smoke_config(config.input.dataset_dir, **{'optim.num_train_steps': 3},
+                               **{'vocab.presence_token': config.vocab.presence_token})
   train.train_and_evaluate(more, str(resumed_dir))
   after = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
   assert after[:len(before)] == before

@@ -1,4 +1,4 @@
-"""Flip test: predictions averaged with the mirrored crop's (config.flip_test)."""
+"""Flip test: predictions averaged with the mirrored crop's (config.decode.flip_test)."""
 
 import jax
 import jax.numpy as jnp
@@ -87,19 +87,17 @@ def test_predictor_flip_test_is_the_mean_of_crop_and_mirror(trained,
   from kpseq_jax.runtime import sharding
   monkeypatch.setattr(decoding, 'cached_greedy_decode', _column_decoder)
   config, workdir, _ = trained
-  info = dataset.load_info(config.dataset_dir)
+  info = dataset.load_info(config.input.dataset_dir)
   perm = info.flip_permutations()[1]
-  mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
-                                                93)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model, variables, _ = predictor_lib.restore_variables(config,
+                                                        str(workdir), mesh)
   configs = {}
   for on in (False, True):
     configs[on] = config.copy_and_resolve_references()
-    configs[on].flip_test = on
-  plain = predictor_lib.Predictor.from_state(configs[False], model, state,
-                                             mesh)
-  flipped = predictor_lib.Predictor.from_state(configs[True], model, state,
-                                               mesh)
+    configs[on].decode.flip_test = on
+  plain = predictor_lib.Predictor(configs[False], model, variables, mesh)
+  flipped = predictor_lib.Predictor(configs[True], model, variables, mesh)
   batch = next(iter(pipeline.create_eval_batches(config, info)))
   a = plain.predict(batch).keypoints
   mirrored = dict(batch, image=np.ascontiguousarray(batch['image'][:, :, ::-1]))
@@ -111,7 +109,7 @@ def test_predictor_flip_test_is_the_mean_of_crop_and_mirror(trained,
   np.testing.assert_allclose(got.keypoints, (a + back) / 2, atol=1e-5)
   # Pixels come from the averaged crop coordinates.
   np.testing.assert_allclose(got.keypoints_px, predictor_lib.crop_to_image(
-      (a + back) / 2, batch['crop_from_image'], config.image_size_px),
+      (a + back) / 2, batch['crop_from_image'], config.input.image_size_px),
                              atol=1e-3)
   with pytest.raises(KeyError, match='category_id'):
     flipped.predict({k: v for k, v in batch.items() if k != 'category_id'})

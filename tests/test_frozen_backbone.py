@@ -15,8 +15,8 @@ from kpseq_jax import benchmark
 from kpseq_jax.training import config_checks
 from kpseq_jax.models import resnet
 from kpseq_jax.training import train_state as ts
-from tests.conftest import FROZEN_BACKBONE
-from tests.conftest import smoke_config
+from conftest import FROZEN_BACKBONE
+from conftest import smoke_config
 
 
 def _random_stats(c, seed):
@@ -116,10 +116,10 @@ def test_in_frozen_stage_and_bad_values():
     resnet.in_frozen_stage('fc', 1)
   with pytest.raises(ValueError, match='frozen_stages'):
     _backbone_grads(frozen_stages=5)
-  with pytest.raises(ValueError, match='backbone_frozen_stages=5'):
-    config_checks.check(smoke_config('d', backbone_frozen_stages=5))
-  with pytest.raises(ValueError, match="backbone_norm='frozen'"):
-    config_checks.check(smoke_config('d', backbone_norm='frozen'))
+  with pytest.raises(ValueError, match='model.resnet.frozen_stages=5 is not one of'):
+    config_checks.check(smoke_config('d', **{'model.resnet.frozen_stages': 5}))
+  with pytest.raises(ValueError, match="model.resnet.norm='frozen' is not one of"):
+    config_checks.check(smoke_config('d', **{'model.resnet.norm': 'frozen'}))
 
 
 def _one_update(tx, params):
@@ -151,7 +151,7 @@ def test_train_step_leaves_frozen_parameters_exactly_unchanged():
                jax.device_get(state.batch_stats), stats_before)
   # Gradients are zero there anyway; the optimizer must also skip the
   # weight decay (too small to see in one float32 step above).
-  tx = ts.create_optimizer(config, train_size=100)
+  tx = ts.create_optimizer(config)
   params = jax.device_get(state.params)
   updates = _one_update(tx, params)
   assert _is_zero(updates['backbone']['layer1_1'])
@@ -179,25 +179,25 @@ def test_frozen_labels():
 
 def test_paper_config_warns_without_pretrained_weights():
   config = default_config.get_config()
-  assert (config.backbone_norm, config.backbone_frozen_stages) == (
+  assert (config.model.resnet.norm, config.model.resnet.frozen_stages) == (
       'frozen_batch', 1)
   message = config_checks.frozen_without_weights(config)
-  assert 'pretrained_backbone_path' in message and 'frozen_stages=1' in message
-  config.pretrained_backbone_path = 'resnet50.safetensors'
+  assert 'model_init' in message and 'frozen_stages=1' in message
+  config.model_init = 'resnet50.safetensors'
   assert config_checks.frozen_without_weights(config) == ''
   assert config_checks.frozen_without_weights(smoke_config('d')) == ''
 
 
 def test_optimizer_freezes_stages_with_trainable_batch_norm():
-  config = smoke_config('unused', backbone_norm='batch',
-                        backbone_frozen_stages=0)
+  config = smoke_config('unused', **{'model.resnet.norm': 'batch'},
+                        **{'model.resnet.frozen_stages': 0})
   model = ts.create_model(config)
   # Only the tree matters here (AdamW's first update for all-ones gradients
   # is non-zero for any parameter value): no init to compile.
   params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), **ts.dummy_inputs(config),
                          train=False)['params']))
-  tx = ts.create_optimizer(config, train_size=100)
+  tx = ts.create_optimizer(config)
   updates = _one_update(tx, params)
   assert _is_zero(updates['backbone']['conv1'])
   assert _is_zero(updates['backbone']['bn1'])

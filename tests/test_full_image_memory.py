@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
@@ -23,10 +24,11 @@ BOXES = np.array([[[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]],
 
 
 def _model(full_image_memory=True):
-  return model_lib.KeypointSequenceModel(
-      vocab=VOCAB, backbone_depth=18, feature_levels=('c4', 'c5'),
-      d_model=32, num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
-      max_seq_len=LENGTH, full_image_memory=full_image_memory)
+  return conftest.tiny_model(
+      'end_to_end' if full_image_memory else 'supervised',
+      vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c4', 'c5'),
+      d_model=32, transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=LENGTH)
 
 
 @pytest.fixture(scope='module')
@@ -54,7 +56,7 @@ def test_the_box_frame_is_required_exactly_when_the_model_reads_whole_images(
   tokens, coords = jnp.zeros([2, LENGTH], jnp.int32), jnp.zeros([2, LENGTH])
   with pytest.raises(ValueError, match='memory_from_crop is missing'):
     model.apply(variables, images, tokens, coords, train=False)
-  with pytest.raises(ValueError, match='memory_from_crop is given'):
+  with pytest.raises(TypeError, match='memory_from_crop'):  # Crops only.
     _model(False).apply(variables, images, tokens, coords, train=False,
                         memory_from_crop=jnp.asarray(BOXES))
   assert model_lib.FROM_CROP_FIELD in step_lib.train_fields(model)
@@ -107,22 +109,23 @@ def test_an_image_encoded_once_serves_all_its_boxes(setup):
 
 
 def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
-  """`predict.CanvasBatcher` (the end-to-end stage's inference): boxes of
+  """`batchers.CanvasBatcher` (the end-to-end stage's inference): boxes of
   two images, grouped into rows of one image's boxes over several padded
   calls, come back in the order given and equal to one box per call."""
   import ml_collections
-  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import batchers
   from kpseq_jax.inference import predictor as predictor_lib
   from kpseq_jax.runtime import sharding
   model, variables, _ = setup
   config = ml_collections.ConfigDict(dict(
-      max_num_keypoints=KMAX, image_size_px=64, confidence_radius_bins=2,
-      bbox_scale=1.25, eval_batch_size=2, keypoint_stage='end_to_end',
-      detector_image_size_px=(64, 96), flip_test=False))
+      max_num_keypoints=KMAX, model_name='end_to_end',
+      input=dict(image_size_px=64, bbox_scale=1.25),
+      decode=dict(confidence_radius_bins=2, flip_test=False),
+      evals=dict(batch_size=2), detector=dict(image_size_px=(64, 96))))
   mesh = sharding.create_mesh((1, 1))
-  batcher = predict.make_batcher(config, predictor_lib.Predictor(
+  batcher = batchers.make_batcher(config, predictor_lib.Predictor(
       config, model, jax.device_put(variables), mesh), {})
-  assert isinstance(batcher, predict.CanvasBatcher)
+  assert isinstance(batcher, batchers.CanvasBatcher)
   rng = np.random.default_rng(0)
   frames = [rng.integers(0, 255, [120, 180, 3], np.uint8),
             rng.integers(0, 255, [90, 90, 3], np.uint8)]
@@ -138,7 +141,7 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
     np.testing.assert_allclose(grouped.keypoints_px[i], one.keypoints_px[0],
                                atol=1e-4)
   # The crop frame is the two-stage crop's: pixels come back in the box.
-  top_down = predict.CropBatcher(config, batcher.predictor, {})
+  top_down = batchers.CropBatcher(config, batcher.predictor, {})
   for ex, (_, bbox) in zip(exs, boxes):
     np.testing.assert_allclose(
         ex['crop_from_image'],
@@ -148,16 +151,18 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
 
 def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
     dlc_dataset, shared_data, tmp_path):
-  """keypoint_stage='end_to_end': whole 640 x 480 frames on a 96 x 128
+  """model_name='end_to_end': whole 640 x 480 frames on a 96 x 128
   canvas, the tokens in each mouse's jittered crop; 2 train steps, then
   the usual evaluation (PCK from crop_from_image, overlays warped out of
   the canvas), then --mode predict from a boxes file."""
   import json
   from conftest import smoke_config
   from kpseq_jax import train
-  config = smoke_config(dlc_dataset, keypoint_stage='end_to_end',
-                        detector_image_size_px=(96, 128))
-  report = train.train_and_evaluate(config, str(tmp_path))
+  config = smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
+                        **{'detector.image_size_px': (96, 128)})
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(config, str(tmp_path))['test'])
   saved = json.loads((tmp_path / 'eval_test.json').read_text())
   assert saved['checkpoint_step'] == 2 and saved['num_instances'] == 8
   assert report.num_instances == 8
@@ -165,7 +170,7 @@ def test_end_to_end_stage_trains_evaluates_and_predicts_on_real_frames(
   steps = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').open()]
   assert all(np.isfinite(s['loss']) for s in steps if 'loss' in s)
   # --mode predict on the same model: two boxes on each of two frames, one
-  # encoder pass per frame (`predict.CanvasBatcher`), keypoints in pixels.
+  # encoder pass per frame (`batchers.CanvasBatcher`), keypoints in pixels.
   from kpseq_jax.inference import predict
   images = shared_data / 'dlc_openfield' / 'images'
   ann = json.loads((shared_data / 'dlc_openfield' / 'annotations' /

@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import conftest
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 from kpseq_jax.training import losses
+from kpseq_jax.models import supervised
 from kpseq_jax.training import step as step_lib
 from kpseq_jax.training import train_state as ts
 
@@ -59,10 +61,10 @@ def test_sequence_loss_swaps_the_l1_for_the_likelihood_on_the_same_positions():
 
 
 def _model(coordinate_scale):
-  return model_lib.KeypointSequenceModel(
-      vocab=VOCAB, backbone_depth=18, feature_levels=('c5',), d_model=32,
-      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0, max_seq_len=LENGTH,
-      coordinate_scale=coordinate_scale)
+  return conftest.tiny_model(
+      vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c5',), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH,
+      coordinate_loss='laplace' if coordinate_scale else 'l1')
 
 
 def test_the_model_sows_a_log_scale_per_coordinate_from_its_scale_head():
@@ -86,15 +88,11 @@ def test_the_model_sows_a_log_scale_per_coordinate_from_its_scale_head():
 class _Scaled(nn.Module):
   """Stands in for the sequence model: fixed outputs and a log scale from
   one parameter, sown as the real model sows it."""
-  support_conditioning: bool = False
-  support_proposals: bool = False
-  intermediate_outputs: bool = False
-  full_image_memory: bool = False
-  coordinate_scale: bool = True
+  coordinate_loss: str = 'laplace'
+  inputs = staticmethod(supervised.Model.inputs)
 
   @nn.compact
-  def __call__(self, image, input_tokens, input_coords, train=False,
-               support=None):
+  def __call__(self, images, input_tokens, input_coords, train=False):
     s = self.param('s', nn.initializers.constant(-1.0), [])
     b, length = input_tokens.shape
     self.sow('intermediates', 'coord_log_scale', jnp.full([b, length, 2], s))
@@ -133,8 +131,7 @@ def test_the_train_step_trains_the_scale_by_the_likelihood():
 def test_config_switch_builds_the_scale_head():
   from configs import default
   config = default.get_config()
-  assert config.coordinate_loss == 'l1'  # The paper's loss by default.
-  assert not ts.create_model(config).coordinate_scale
-  with config.unlocked():
-    config.coordinate_loss = 'laplace'
-  assert ts.create_model(config).coordinate_scale
+  assert config.model.coordinate_loss == 'l1'  # The paper's loss by default.
+  assert ts.create_model(config).coordinate_loss == 'l1'
+  config.model.coordinate_loss = 'laplace'
+  assert ts.create_model(config).coordinate_loss == 'laplace'

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.training import losses
 from kpseq_jax.models import model as model_lib
@@ -28,10 +29,10 @@ def test_sequence_loss_hand_values():
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = model_lib.KeypointSequenceModel(
-      vocab=vocab_lib.Vocab(16), backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
-      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
-      max_seq_len=grammar.seq_len(3))
+  model = conftest.tiny_model(
+      vocab=vocab_lib.Vocab(16), resnet=dict(depth=18),
+      feature_levels=('c4', 'c5'), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=grammar.seq_len(3))
   images = jax.random.randint(jax.random.PRNGKey(0), [2, 64, 64, 3], 0, 255
                               ).astype(jnp.uint8)
   length = grammar.seq_len(3)

@@ -1,10 +1,12 @@
-"""Tests for kpseq_jax.model (and the decoder through it)."""
+"""Tests for kpseq_jax.models.supervised and the shared layers of model.py
+(and the decoder through them)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence.vocab import Vocab
 
@@ -14,11 +16,12 @@ BATCH, LENGTH = 2, 9  # Two keypoint groups + <eos>.
 
 
 def _tiny_model(**overrides):
-  kwargs = dict(vocab=VOCAB, max_seq_len=13, backbone_depth=18,
-                feature_levels=('c3', 'c4', 'c5'), d_model=32, num_heads=4,
-                num_layers=2, ffn_dim=64, num_points=2)
+  kwargs = dict(vocab=VOCAB, max_seq_len=13, resnet=dict(depth=18),
+                feature_levels=('c3', 'c4', 'c5'), d_model=32,
+                transformer=dict(num_heads=4, num_layers=2, ffn_dim=64,
+                                 num_points=2))
   kwargs.update(overrides)
-  return model_lib.KeypointSequenceModel(**kwargs)
+  return conftest.tiny_model('supervised', **kwargs)
 
 
 def _inputs():
@@ -55,17 +58,30 @@ def tiny():
   return model, variables, train_forward
 
 
-def test_tiny_model_output_shapes_and_ranges(tiny):
-  model, variables, train_forward = tiny
+def test_heads_turn_the_last_layer_into_logits_and_sigmoid_coordinates(
+    tiny):
+  """With the heads' last kernels zeroed, every position's logits are the
+  class bias and its (x, y) the sigmoid of the coordinate bias: the outputs
+  are those heads on the last decoder layer (and the memory has the
+  levels' cells)."""
+  model, variables, _ = tiny
   images, tokens, coords = _inputs()
-  (logits, pred), updates = train_forward(tokens, coords)
-  assert logits.shape == (BATCH, LENGTH, VOCAB.vocab_size)
-  assert pred.shape == (BATCH, LENGTH, 2)
-  assert logits.dtype == pred.dtype == jnp.float32
-  assert bool(jnp.all(jnp.isfinite(logits)))
-  assert bool(jnp.all((pred >= 0) & (pred <= 1)))
-  assert 'batch_stats' in updates
-
+  p = jax.tree.map(lambda a: a, variables['params'])
+  bias = jnp.linspace(-3.0, 3.0, VOCAB.vocab_size)
+  p['class_head'] = dict(kernel=jnp.zeros_like(p['class_head']['kernel']),
+                         bias=bias)
+  p['coord_head_2'] = dict(kernel=jnp.zeros_like(p['coord_head_2']['kernel']),
+                           bias=jnp.array([-1.0, 2.0]))
+  logits, pred = model.apply(dict(variables, params=p), images, tokens,
+                             coords, train=False)
+  np.testing.assert_allclose(logits, np.broadcast_to(bias, logits.shape),
+                             rtol=1e-6)
+  np.testing.assert_allclose(
+      pred, np.broadcast_to(1 / (1 + np.exp([1.0, -2.0])), pred.shape),
+      rtol=1e-6)
+  # The original heads depend on the position (they read the decoder).
+  logits, pred = model.apply(variables, images, tokens, coords, train=False)
+  assert not np.allclose(logits[:, 1], logits[:, 2], atol=1e-4)
   memory = model.apply(variables, images, False, method='encode')
   assert memory.spatial_shapes == ((8, 8), (4, 4), (2, 2))
   assert memory.features.shape == (BATCH, 64 + 16 + 4, 32)
@@ -130,34 +146,42 @@ def test_decoder_is_causal(tiny):
   assert not np.allclose(logits3[:, 2], logits[:, 2], atol=1e-4)
 
 
-def test_paper_config_shapes():
-  """configs/default.py as training builds it: 512 bins, Kmax = 68."""
+def test_paper_config_builds_the_paper_model():
+  """configs/default.py as training builds it: the ImageNet ResNet-50
+  (torchvision's 23,508,032 parameters without the classifier), frozen
+  BatchNorm with stem and layer1 frozen, a 6-layer decoder of width 256 with
+  8 heads x 1 level x 4 points and a 1024 FFN, 512 coordinate bins and a
+  4 * 68 + 1 sequence."""
   from configs import default
+  from kpseq_jax.models import supervised
   from kpseq_jax.training import train_state as ts
   config = default.get_config()
   model = ts.create_model(config)
+  assert isinstance(model, supervised.Model)
   assert (model.vocab.num_bins, model.max_seq_len) == (512, 4 * 68 + 1)
-  length = 4 * 68 + 1
-  images = jax.ShapeDtypeStruct((2, 512, 512, 3), jnp.uint8)
-  tokens = jax.ShapeDtypeStruct((2, length), jnp.int32)
-  coords = jax.ShapeDtypeStruct((2, length), jnp.float32)
-  variables = jax.eval_shape(
-      lambda *a: model.init(jax.random.PRNGKey(0), *a, train=False),
-      images, tokens, coords)
-  assert sum(k.startswith('layers_') for k in variables['params']['decoder']) == 6
-  logits, pred = jax.eval_shape(
-      lambda v, *a: model.apply(v, *a, train=False), variables, images,
-      tokens, coords)
-  assert logits.shape == (2, length, 512 + 6) and logits.dtype == jnp.float32
-  assert pred.shape == (2, length, 2) and pred.dtype == jnp.float32
-  memory = jax.eval_shape(
-      lambda v, x: model.apply(v, x, False, method='encode'), variables, images)
-  assert memory.spatial_shapes == ((16, 16),)
-  assert memory.features.shape == (2, 256, 256)
+  assert dict(model.resnet) == dict(depth=50, norm='frozen_batch',
+                                    frozen_stages=1, conv_impl='auto',
+                                    remat=False)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), **ts.dummy_inputs(config), train=False))
+  params = variables['params']
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(params['backbone']) == 23_508_032
+  decoder = params['decoder']
+  assert sorted(k for k in decoder if k.startswith('layers_')) == [
+      f'layers_{i}' for i in range(6)]
+  layer = decoder['layers_0']
+  assert layer['linear1']['kernel'].shape == (256, 1024)
+  # Offsets: heads x levels x points x 2; weights: heads x levels x points.
+  assert layer['cross_attn']['sampling_offsets']['kernel'].shape == (256, 64)
+  assert layer['cross_attn']['attention_weights']['kernel'].shape == (256, 32)
+  assert params['coord_embed'].shape == (512, 256)
+  assert params['class_head']['kernel'].shape == (256, 512 + 6)
+  assert params['pos_embed'].shape == (4 * 68 + 1, 256)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
-  model = _tiny_model(dtype=jnp.bfloat16, feature_levels=('c5',))
+  model = _tiny_model(dtype='bfloat16', feature_levels=('c5',))
   images, tokens, coords = _inputs()
   variables = jax.eval_shape(
       lambda *a: model.init(jax.random.PRNGKey(0), *a, train=False),

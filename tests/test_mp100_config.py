@@ -1,8 +1,9 @@
-"""configs/mp100.py: paper recipe, split/setting fields, and a short real run on
+"""configs/mp100.py: the paper config per split and system, and a short real run on
 the MP-100 sample images (its one annotation file as both train and test)."""
 
 import json
 
+import numpy as np
 import pytest
 
 from configs import mp100
@@ -10,20 +11,58 @@ from data_prep import mp100_supervised
 from kpseq_jax.training import config_checks
 
 
-def test_paper_recipe_and_derived_dataset_dir():
+def _flat(c):
+  out = {}
+  for k, v in c.items():
+    if hasattr(v, 'items'):
+      out.update({f'{k}.{kk}': vv for kk, vv in _flat(v).items()})
+    else:
+      out[k] = v
+  return out
+
+
+@pytest.mark.parametrize('system', ['cape', 'supervised'])
+def test_mp100_is_the_paper_config_with_a_split(system):
+  """Apart from its split (and the data set it names), configs/mp100.py is
+  configs/default.py of the same system, and that system is the model
+  training builds."""
+  from configs import default
+  from kpseq_jax.models import cape, supervised
+  from kpseq_jax.training import train_state as ts
+  c = mp100.get_config(None if system == 'cape' else system)
+  paper = _flat(default.get_config(system))
+  ours = _flat(c)
+  differ = {k for k in set(paper) | set(ours) if paper.get(k) != ours.get(k)}
+  assert differ == {'split', 'field_choices.split', 'input.dataset_dir'}
+  model = ts.create_model(c)
+  assert type(model) is {'cape': cape.Model, 'supervised': supervised.Model}[
+      system]
+
+
+def test_dataset_dir_follows_split_and_system_and_split_is_checked():
   c = mp100.get_config()
-  assert (c.backbone_depth, c.image_size_px, c.num_layers, c.batch_size,
-          c.learning_rate, c.num_epochs, tuple(c.decay_epochs),
-          c.decay_factor) == (50, 512, 6, 2, 1e-4, 300, (200,), 0.1)
-  assert c.flip_prob > 0 and c.color_jitter > 0 and c.shift_frac > 0
-  assert c.dataset_dir == 'data/mp100_cape_split1'
+  assert c.input.dataset_dir == 'data/mp100_cape_split1'
   c.split = 4
-  c.setting = 'supervised'
-  assert c.dataset_dir == 'data/mp100_supervised_split4'
+  assert c.input.dataset_dir == 'data/mp100_cape_split4'
+  assert mp100.get_config('supervised').input.dataset_dir == (
+      'data/mp100_supervised_split1')
   c.split = 6
-  c.setting = 'fewshot'
-  with pytest.raises(ValueError, match="setting='fewshot'.*\n.*split=6 "):
+  with pytest.raises(ValueError, match='split=6 is not one of'):
     config_checks.check(c)
+  with pytest.raises(ValueError, match='cape or supervised'):
+    mp100.get_config('fewshot')
+
+
+def test_paper_schedule_drops_the_rate_at_two_thirds_of_training():
+  """300 epochs with x0.1 at epoch 200, in steps."""
+  from kpseq_jax.training import train_state as ts
+  c = mp100.get_config()
+  [drop] = c.optim.decay_steps
+  assert drop * 3 == c.optim.num_train_steps * 2
+  schedule = ts.learning_rate_schedule(c)
+  np.testing.assert_allclose(
+      [schedule(0), schedule(drop - 1), schedule(drop)], [1e-4, 1e-4, 1e-5],
+      rtol=1e-6)
 
 
 def test_supervised_split_is_by_image(shared_data):
@@ -54,27 +93,26 @@ def test_short_supervised_training_and_mp100_evaluation(
   categories with different K (the CAPE setting has its own test), with
   the category token (the plain sequence is the default of every other
   end-to-end test)."""
-  conditioning = True
   from kpseq_jax import train
-  c = mp100.get_config()
-  c.split = 1
-  c.setting = 'supervised'
-  c.category_conditioning = conditioning
+  c = mp100.get_config('supervised')
+  c.vocab.category_conditioning = True
   # The tiny override of the docs/mp100.md check command.
-  c.dataset_dir = str(mp100_sample_dataset)
-  c.num_train_steps = 2
-  c.image_size_px = 64
-  c.num_bins = 64
-  c.backbone_depth = 18
-  c.d_model = 32
-  c.num_heads = 2
-  c.num_layers = 1
-  c.ffn_dim = 64
-  c.eval_batch_size = 4
-  c.num_eval_examples = 4
+  c.input.dataset_dir = str(mp100_sample_dataset)
+  c.optim.num_train_steps = 2
+  c.input.image_size_px = 64
+  c.vocab.num_bins = 64
+  c.model.resnet.depth = 18
+  c.model.d_model = 32
+  c.model.transformer.num_heads = 2
+  c.model.transformer.num_layers = 1
+  c.model.transformer.ffn_dim = 64
+  c.evals.batch_size = 4
+  c.evals.num_examples = 4
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  report = train.train_and_evaluate(c, str(tmp_path))
+  from kpseq_jax.evaluation import report as report_lib
+  report = report_lib.EvalReport.from_dict(
+      train.train_and_evaluate(c, str(tmp_path))['test'])
   assert report.num_instances == 4
   assert report.pck_protocol.startswith('MP-100')
   assert report.num_excluded_instances == 0

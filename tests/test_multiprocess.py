@@ -25,8 +25,8 @@ def _free_port() -> int:
 
 def _single_device_trainer(dataset_dir) -> sharding_worker.Trainer:
   config = sharding_worker.tiny_config(dataset_dir)
-  info = dataset.load_info(config.dataset_dir)
-  return sharding_worker.Trainer(config, info.split_sizes[config.train_split],
+  info = dataset.load_info(config.input.dataset_dir)
+  return sharding_worker.Trainer(config, info.split_sizes[config.input.train_split],
                                  sharding_worker.mesh_for([1, 1]))
 
 

@@ -29,7 +29,7 @@ def _prepared_after_one_batch(config) -> int:
   ds = grain.MapDataset.range(100_000).map(count)
   it = iter(pipeline.shard_and_batch(config, ds))
   first = next(it)
-  assert first['x'].shape == (config.batch_size, 4)
+  assert first['x'].shape == (config.input.batch_size, 4)
   time.sleep(1.0)  # Let the prefetch threads run as far as they may.
   return count.n
 
@@ -37,20 +37,20 @@ def _prepared_after_one_batch(config) -> int:
 @pytest.mark.parametrize('prefetch_batches', [1, 4])
 def test_training_stream_runs_at_most_prefetch_batches_ahead(prefetch_batches):
   config = smoke.get_config()
-  config.batch_size, config.data_threads = 8, 2
-  config.prefetch_batches = prefetch_batches
+  config.input.batch_size, config.input.data_threads = 8, 2
+  config.input.prefetch_batches = prefetch_batches
   prepared = _prepared_after_one_batch(config)
   # The consumed batch, the buffer, and one batch per thread in the making.
-  bound = (1 + prefetch_batches + config.data_threads) * config.batch_size
-  assert config.batch_size * (1 + prefetch_batches) <= prepared <= bound
+  bound = (1 + prefetch_batches + config.input.data_threads) * config.input.batch_size
+  assert config.input.batch_size * (1 + prefetch_batches) <= prepared <= bound
 
 
 def test_evaluation_examples_are_prefetched_a_few_batches_ahead():
   config = smoke.get_config()
-  config.eval_batch_size, config.data_threads, config.prefetch_batches = 4, 2, 2
+  config.evals.batch_size, config.input.data_threads, config.input.prefetch_batches = 4, 2, 2
   count = _Count()
   ds = grain.MapDataset.range(10_000).map(count)
-  batches = pipeline.padded_batches(ds, config.eval_batch_size,
+  batches = pipeline.padded_batches(ds, config.evals.batch_size,
                                     pipeline.eval_read_options(config))
   assert next(batches)['x'].shape == (4, 4)
   time.sleep(1.0)

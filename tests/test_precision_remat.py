@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import conftest
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
@@ -12,10 +13,12 @@ KMAX = 2
 LENGTH = grammar.seq_len(KMAX)
 
 
-def _model(**kw):
-  return model_lib.KeypointSequenceModel(
-      vocab=vocab_lib.Vocab(16), backbone_depth=18, feature_levels=('c4', 'c5'), d_model=32,
-      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
+def _model(remat_backbone=False, remat_decoder=False, **kw):
+  return conftest.tiny_model(
+      vocab=vocab_lib.Vocab(16), resnet=dict(depth=18, remat=remat_backbone),
+      feature_levels=('c4', 'c5'), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
+                       remat=remat_decoder),
       max_seq_len=LENGTH, **kw)
 
 

@@ -14,7 +14,9 @@ import conftest
 from data_prep.categories import Category
 from kpseq_jax.data import dataset
 from kpseq_jax.evaluation import metrics
+from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predict
+from kpseq_jax.inference import predict_outputs
 from kpseq_jax.inference import results as results_lib
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
@@ -96,7 +98,7 @@ def test_overlays_have_the_image_size_and_keypoint_colours(predicted,
   for im in gt['images']:
     src = Image.open(shared_data / 'dlc_openfield' / 'images' /
                      im['file_name'])
-    path = predict.overlay_path(str(out), im['file_name'])
+    path = predict_outputs.overlay_path(str(out), im['file_name'])
     overlay = Image.open(path)
     assert overlay.format == 'PNG' and overlay.mode == 'RGB'
     assert overlay.size == src.size == (im['width'], im['height'])
@@ -136,8 +138,8 @@ def test_cli_whole_images_and_unreadable_files(trained, shared_data,
   run = subprocess.run(
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=predict',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
-       f'--config.dataset_dir={config.dataset_dir}', f'--workdir={workdir}',
-       f'--config.presence_token={config.presence_token}',
+       f'--config.input.dataset_dir={config.input.dataset_dir}', f'--workdir={workdir}',
+       f'--config.vocab.presence_token={config.vocab.presence_token}',
        f'--images={images}', f'--out={out}'],
       cwd=conftest.REPO, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
@@ -165,12 +167,12 @@ def _info(*ids):
 
 
 def test_category_choice():
-  assert predict.choose_category(_info(3), None) == 3
-  assert predict.choose_category(_info(3, 4), 4) == 4
+  assert image_inputs.choose_category(_info(3), None) == 3
+  assert image_inputs.choose_category(_info(3, 4), 4) == 4
   with pytest.raises(ValueError, match='several categories'):
-    predict.choose_category(_info(3, 4), None)
+    image_inputs.choose_category(_info(3, 4), None)
   with pytest.raises(ValueError, match='not in the data set'):
-    predict.choose_category(_info(3), 7)
+    image_inputs.choose_category(_info(3), 7)
 
 
 def test_boxes_from_a_detections_list(tmp_path):
@@ -182,12 +184,12 @@ def test_boxes_from_a_detections_list(tmp_path):
           {'image_id': 8, 'category_id': 1, 'bbox': [0, 0, 5, 5]}]
   f = tmp_path / 'dets.json'
   f.write_text(json.dumps(dets))
-  ids, boxes, missing = predict.read_boxes(str(f), rels)
+  ids, boxes, missing = image_inputs.read_boxes(str(f), rels)
   assert ids == {'x/000000000042.jpg': 42, 'y/cat.png': 7}
-  assert boxes['x/000000000042.jpg'] == [predict.Box(1, (1, 2, 3, 4), 0.9)]
-  assert boxes['y/cat.png'] == [predict.Box(2, (0, 0, 5, 5), 1.0)]
+  assert boxes['x/000000000042.jpg'] == [image_inputs.Box(1, (1, 2, 3, 4), 0.9)]
+  assert boxes['y/cat.png'] == [image_inputs.Box(2, (0, 0, 5, 5), 1.0)]
   assert missing == ['image 8 (?)']
   f.write_text(json.dumps([{'image_id': 1, 'category_id': 1,
                             'bbox': [0, 0, 1, 1]}]))
   with pytest.raises(ValueError, match='no file under --images is named'):
-    predict.read_boxes(str(f), ['y/cat.png'])
+    image_inputs.read_boxes(str(f), ['y/cat.png'])

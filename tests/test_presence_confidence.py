@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import special
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
@@ -72,9 +74,9 @@ def test_coordinate_mass_matches_a_direct_sum():
 
 @pytest.fixture(scope='module')
 def model():
-  return model_lib.KeypointSequenceModel(
-      vocab=VOCAB, backbone_depth=18, feature_levels=('c5',), d_model=32,
-      num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0, max_seq_len=LENGTH)
+  return conftest.tiny_model(
+      vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c5',), d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH)
 
 
 def _variables(model, absent_bias):
@@ -88,6 +90,46 @@ def _variables(model, absent_bias):
   bias = head['bias'].at[VOCAB.eos].add(-1e4)  # Decode all KMAX groups.
   head['bias'] = bias.at[VOCAB.absent].add(absent_bias)
   return dict(variables, params=dict(params, class_head=head)), images
+
+
+def _check_against_the_model(model, variables, images, out):
+  """The decoded keypoints, confidence and presence are what one
+  teacher-forced pass over the decoded sequence gives, computed here by
+  hand: at group g's x (y) target position, the keypoint is the clipped
+  regression output, the confidence at radius r the product over x and y
+  of the softmax mass over the coordinate bins within r bins of the
+  emitted bin, and the presence 1 - P(<absent>) at x (softmax over the
+  bins and <absent>)."""
+  tokens = np.asarray(out['tokens'])
+  kps = np.asarray(out['keypoints'])
+  coords = np.zeros(tokens.shape, np.float32)
+  tx = [grammar.position(g, grammar.X, 0) for g in range(KMAX)]
+  ty = [grammar.position(g, grammar.Y, 0) for g in range(KMAX)]
+  coords[:, np.add(tx, 1)], coords[:, np.add(ty, 1)] = kps[..., 0], kps[..., 1]
+  logits, xy = model.apply(variables, images, jnp.asarray(tokens),
+                           jnp.asarray(coords), train=False)
+  logits = np.asarray(logits, np.float64)
+  xy = np.clip(np.asarray(xy, np.float64), 0.0, 1.0)
+
+  def mass(step_logits, value):  # [R] by a direct sum.
+    p = np.exp(step_logits[:BINS] - step_logits[:BINS].max())
+    p /= p.sum()
+    b = int(VOCAB.quantize(np.float32(value)))
+    return np.array([p[max(b - r, 0):b + r + 1].sum()
+                     for r in decoding.CONFIDENCE_RADII_BINS])
+
+  for i in range(BATCH):
+    for g in range(KMAX):
+      lx, ly = logits[i, tx[g]], logits[i, ty[g]]
+      np.testing.assert_allclose(kps[i, g], [xy[i, tx[g], 0], xy[i, ty[g], 1]],
+                                 atol=1e-4)
+      np.testing.assert_allclose(
+          out['confidence'][i, g], mass(lx, kps[i, g, 0]) * mass(
+              ly, kps[i, g, 1]), atol=1e-4)
+      absent = special.expit(lx[VOCAB.absent] -
+                             special.logsumexp(lx[:BINS]))
+      np.testing.assert_allclose(out['presence'][i, g], 1.0 - absent,
+                                 atol=1e-4)
 
 
 @pytest.mark.parametrize('absent_bias', [-1e4, 1e4, 'mixed'])
@@ -117,10 +159,7 @@ def test_decoders_agree_on_presence_and_confidence(model, absent_bias):
     np.testing.assert_allclose(cached[key], ref[key], rtol=0, atol=1e-5)
   tokens = np.asarray(ref['tokens'])
   presence = np.asarray(ref['presence'])
-  assert np.all(np.isfinite(np.asarray(ref['keypoints'])))
-  conf = np.asarray(ref['confidence'])
-  assert np.all((conf >= 0) & (conf <= 1))
-  assert np.all(np.diff(conf, axis=-1) >= -1e-6)  # Wider radius, more mass.
+  _check_against_the_model(model, variables, images, ref)
   xs = [grammar.position(g, grammar.X, 0) + 1 for g in range(KMAX)]
   ys = [grammar.position(g, grammar.Y, 0) + 1 for g in range(KMAX)]
   is_absent = tokens[:, xs] == VOCAB.absent
@@ -175,22 +214,16 @@ def test_hidden_keypoints_reach_the_targets_and_the_presence_report(
   records that v = 0 means absent, the eval batches mark exactly those
   keypoints absent, their targets are <absent>, and presence metrics score
   an oracle perfectly and an always-present model 0 F1 on 'absent'."""
-  import conftest
   from kpseq_jax.data import dataset
   from kpseq_jax.data import pipeline
-  from kpseq_jax.evaluation import metrics
   from kpseq_jax.evaluation import uncertainty
   data_dir, hidden, names = _hidden_openfield(shared_data, tmp_path)
   info = dataset.load_info(str(data_dir))
   assert info.unlabelled_means == 'absent'
-  config = conftest.smoke_config(data_dir, presence_token=True,
-                                 max_num_keypoints=4, eval_batch_size=8)
-  source = dataset.data_source(str(data_dir), 'test')
-  order = [int(source[i]['annotation_id']) for i in range(len(source))]
+  config = conftest.smoke_config(data_dir, **{'vocab.presence_token': True},
+                                 max_num_keypoints=4, **{'evals.batch_size': 8})
   vocab = vocab_lib.from_config(config)
-  absent, ids = [], []
-  acc = uncertainty.UncertaintyAccumulator(info, 2, 0.1)
-  oracle = uncertainty.UncertaintyAccumulator(info, 2, 0.1)
+  absent, ids, parts, oracle = [], [], [], []
   for batch in pipeline.create_eval_batches(config, info):
     keep = batch['valid'] > 0
     b = {k: v[keep] for k, v in batch.items()}
@@ -201,9 +234,10 @@ def test_hidden_keypoints_reach_the_targets_and_the_presence_report(
         b['target_tokens'][:, xs] == vocab.absent, b['keypoint_absent'] > 0)
     gt_xy = b['keypoints'][..., :2]
     conf = np.ones(gt_xy.shape[:2] + (len(decoding.CONFIDENCE_RADII_BINS),))
-    size = metrics.bbox_size(b['bbox'])
-    acc.update(b, gt_xy, conf, np.ones(gt_xy.shape[:2]), size)
-    oracle.update(b, gt_xy, conf, 1.0 - b['keypoint_absent'], size)
+    parts.append(uncertainty.arrays(b, gt_xy, conf, np.ones(gt_xy.shape[:2]),
+                                    None))
+    oracle.append(uncertainty.arrays(b, gt_xy, conf,
+                                     1.0 - b['keypoint_absent'], None))
   absent = np.concatenate(absent) > 0
   import json
   ann_ids = [a['id'] for a in json.loads(
@@ -211,13 +245,14 @@ def test_hidden_keypoints_reach_the_targets_and_the_presence_report(
   want = hidden[[ann_ids.index(i) for i in ids]]
   np.testing.assert_array_equal(absent, want)
   assert want.sum() > 5
-  res, best = acc.result().presence, oracle.result().presence
+  concat = lambda ps: {k: np.concatenate([p[k] for p in ps]) for k in ps[0]}
+  res = uncertainty.presence_section(concat(parts), info)
+  best = uncertainty.presence_section(concat(oracle), info)
   assert res['overall']['absent']['f1'] == 0.0
   assert res['overall']['absent']['support'] == int(want.sum())
   assert best['overall']['absent']['f1'] == 1.0
   assert best['overall']['accuracy'] == 1.0
   assert list(best['per_keypoint']) == names
-  del order
 
 
 def test_presence_needs_a_data_set_that_knows_absence(
@@ -234,11 +269,11 @@ def test_presence_needs_a_data_set_that_knows_absence(
   assert info.unlabelled_means == 'unknown'
   with pytest.raises(ValueError, match='--unlabelled_means=absent'):
     config_checks.check_dataset(conftest.smoke_config(
-        mp100_sample_dataset, presence_token=True, max_num_keypoints=68),
+        mp100_sample_dataset, **{'vocab.presence_token': True}, max_num_keypoints=68),
         info)
   # The session's dlc_openfield data set says "absent": accepted.
   config_checks.check_dataset(
-      conftest.smoke_config(dlc_dataset, presence_token=True),
+      conftest.smoke_config(dlc_dataset, **{'vocab.presence_token': True}),
       dataset.load_info(str(dlc_dataset)))
   with pytest.raises(ValueError, match='unlabelled_means'):
     build.build_dataset({'test': ann / 'test.json'},
@@ -267,11 +302,12 @@ def test_sigma_errors_name_the_category_and_field(dlc_dataset, tmp_path):
                       oks_sigmas={'mouse_topview': [0.05] * 4})
   info = dataset.load_info(str(out))
   assert info.categories[1].oks_sigmas == (0.05,) * 4
-  evaluate.Evaluator(conftest.smoke_config(out, oks_default_sigma=0.0,
-                                           train_split='test'), info)
+  evaluate.from_config(conftest.smoke_config(
+      out, **{'evals.oks_default_sigma': 0.0, 'input.train_split': 'test'}),
+                       info)
   with pytest.raises(ValueError, match='mouse_topview'):
-    evaluate.Evaluator(
-        conftest.smoke_config(dlc_dataset, oks_default_sigma=0.0),
+    evaluate.from_config(
+        conftest.smoke_config(dlc_dataset, **{'evals.oks_default_sigma': 0.0}),
         dataset.load_info(str(dlc_dataset)))
 
 
@@ -305,7 +341,6 @@ def test_a_keypoint_not_generated_is_a_miss_with_confidence_zero():
   from kpseq_jax.evaluation import uncertainty
   cat = Category(1, 'thing', '', 2, ('a', 'b'), (), (), 'metadata')
   info = dataset.DatasetInfo(categories={1: cat}, split_sizes={})
-  acc = uncertainty.UncertaintyAccumulator(info, 2, 0.1)
   gt = np.array([[[10.0, 10.0, 2], [20.0, 20.0, 2]]])
   batch = dict(keypoints=gt, bbox=np.array([[0.0, 0.0, 40.0, 40.0]]),
                category_id=np.array([1]), image_id=np.array([1]),
@@ -313,8 +348,9 @@ def test_a_keypoint_not_generated_is_a_miss_with_confidence_zero():
   pred = np.array([[[10.0, 10.0], [np.nan, np.nan]]])  # b not generated.
   conf = np.full([1, 2, len(decoding.CONFIDENCE_RADII_BINS)], 0.9)
   conf[0, 1] = np.nan
-  acc.update(batch, pred, conf, None, None)
-  c = acc.result().calibration['alpha_0.2']
+  d = uncertainty.arrays(batch, pred, conf, None, None)
+  radius = decoding.CONFIDENCE_RADII_BINS.index(2)
+  c = uncertainty.calibration_section(d, radius)['alpha_0.2']
   assert c['num'] == 2 and c['accuracy'] == 0.5
   assert c['mean_confidence'] == pytest.approx(0.45)
   assert c['auroc'] == 1.0

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 from kpseq_jax.models import pretrained
 from kpseq_jax.training import train_state as ts
 from kpseq_jax.models.resnet import ResNet
-from tests.conftest import smoke_config
+from conftest import smoke_config
 
 
 def torchvision_resnet_shapes(depth: int) -> dict[str, tuple[int, ...]]:
@@ -151,10 +151,10 @@ def test_create_train_state_loads_the_file_and_frozen_norm_is_fixed(tmp_path):
   sd = random_state_dict(18)
   path = tmp_path / 'r18.safetensors'
   save_file(sd, str(path))
-  config = smoke_config('unused', pretrained_backbone_path=str(path),
-                        backbone_norm='frozen_batch')
+  config = smoke_config('unused', **{'model_init': str(path)},
+                        **{'model.resnet.norm': 'frozen_batch'})
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size=100)
+  tx = ts.create_optimizer(config)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),
                            ('data', 'fsdp'))
   state = ts.create_train_state(config, model, tx, mesh)
@@ -184,12 +184,13 @@ def test_a_trained_workdir_is_a_backbone_source(tmp_path):
   of the new model keeps its own initialisation."""
   from kpseq_jax.training import checkpointing
   mesh = _single_device_mesh()
-  frozen = dict(backbone_norm='frozen_batch', backbone_frozen_stages=4)
+  frozen = {'model.resnet.norm': 'frozen_batch',
+            'model.resnet.frozen_stages': 4}
   # One compiled initialisation for the three states (the seed and the
   # path are not part of it).
   source_config = smoke_config('unused', seed=3, **frozen)
   model = ts.create_model(source_config)
-  tx = ts.create_optimizer(source_config, train_size=100)
+  tx = ts.create_optimizer(source_config)
   source = ts.create_train_state(source_config, model, tx, mesh)
   stats = jax.tree.map(lambda a: a + 0.25, source.batch_stats)  # Not init.
   saved = {'params': dict(source.params, class_heads_0={'w': jnp.ones(3)}),
@@ -200,16 +201,16 @@ def test_a_trained_workdir_is_a_backbone_source(tmp_path):
   ckpt.close()
 
   config = smoke_config('unused', seed=0, **frozen,
-                        pretrained_backbone_path=str(tmp_path / 'source'))
+                        **{'model_init': str(tmp_path / 'source')})
   state = ts.create_train_state(config, ts.create_model(config),
-                                ts.create_optimizer(config, 100), mesh)
+                                ts.create_optimizer(config), mesh)
   jax.tree.map(np.testing.assert_array_equal, state.params['backbone'],
                source.params['backbone'])
   jax.tree.map(np.testing.assert_array_equal, state.batch_stats['backbone'],
                stats['backbone'])
   fresh = ts.create_train_state(
       smoke_config('unused', seed=0, **frozen),
-      ts.create_model(config), ts.create_optimizer(config, 100), mesh)
+      ts.create_model(config), ts.create_optimizer(config), mesh)
   for name in set(state.params) - {'backbone'}:
     jax.tree.map(np.testing.assert_array_equal, state.params[name],
                  fresh.params[name])

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
@@ -23,13 +24,21 @@ VOCAB = vocab_lib.Vocab(16)
 LAYERS = 3
 
 
-def _model(**kw):
-  args = dict(vocab=VOCAB, backbone_depth=18, feature_levels=('c4', 'c5'),
-              d_model=32, num_heads=2, num_layers=LAYERS, ffn_dim=64,
-              dropout=0.0, max_seq_len=LENGTH, refine_points=True,
-              intermediate_outputs=True)
+def _model(refine_points=True, reference_noise=0.0, **kw):
+  args = dict(vocab=VOCAB, resnet=dict(depth=18),
+              feature_levels=('c4', 'c5'), d_model=32, max_seq_len=LENGTH,
+              transformer=dict(num_heads=2, num_layers=LAYERS, ffn_dim=64,
+                               dropout=0.0, refine_points=refine_points,
+                               reference_noise=reference_noise))
   args.update(kw)
-  return model_lib.KeypointSequenceModel(**args)
+  return conftest.tiny_model('supervised', **args)
+
+
+def _zero_last_dense(tree):
+  """``tree`` (a head's params) with its last Dense's kernel and bias 0."""
+  tree = dict(tree)
+  tree['Dense_2'] = jax.tree.map(jnp.zeros_like, tree['Dense_2'])
+  return tree
 
 
 def _images(seed=0, size=64):
@@ -59,13 +68,23 @@ def refined():
   return model, _init(model, images), images
 
 
-def test_refined_model_has_point_heads_instead_of_the_coord_head(refined):
-  _, variables, _ = refined
-  params = variables['params']
+def test_refined_output_is_the_last_layers_step_from_the_previous_point(
+    refined):
+  """With refinement the (x, y) output is sigmoid(last point head +
+  logit(previous layer's point)): with that head's output zeroed it is the
+  previous layer's point exactly, and ``coord_head`` plays no part."""
+  model, variables, images = refined
+  seq = _sequences()
+  params = jax.tree.map(lambda x: x, variables['params'])
+  last = f'point_heads_{LAYERS - 1}'
+  params['decoder'][last] = _zero_last_dense(params['decoder'][last])
+  (_, xy), state = model.apply(
+      {**variables, 'params': params}, images, seq['input_tokens'],
+      seq['input_coords'], train=False, mutable=['intermediates'])
+  [aux_xy] = state['intermediates']['aux_coords']
+  np.testing.assert_allclose(xy, aux_xy[-1], rtol=0, atol=2e-6)
+  assert float(jnp.abs(aux_xy[-1] - aux_xy[-2]).max()) > 1e-3
   assert 'coord_head_0' not in params
-  assert {f'point_heads_{i}' for i in range(LAYERS)} <= set(params['decoder'])
-  plain = _init(_model(refine_points=False), _images())['params']
-  assert 'coord_head_0' in plain and 'point_heads_0' not in plain['decoder']
 
 
 def test_each_layer_samples_where_the_previous_one_pointed(refined):
@@ -96,19 +115,36 @@ def test_each_layer_samples_where_the_previous_one_pointed(refined):
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(last)) > 0
 
 
-def test_intermediate_outputs_are_every_earlier_layer(refined):
+def test_intermediate_outputs_are_every_earlier_layer_through_the_heads(
+    refined):
+  """'aux_logits' and 'aux_coords' hold layers 0 .. L-2 through the shared
+  class head and each layer's point: with every point head's output
+  zeroed all layers keep the first reference point, and with the class
+  head's kernel zeroed every layer's logits are its bias."""
   model, variables, images = refined
   seq = _sequences()
-  (logits, xy), state = model.apply(
-      variables, images, seq['input_tokens'], seq['input_coords'],
-      train=False, mutable=['intermediates'])
+  params = jax.tree.map(lambda x: x, variables['params'])
+  for i in range(LAYERS):
+    name = f'point_heads_{i}'
+    params['decoder'][name] = _zero_last_dense(params['decoder'][name])
+  bias = jnp.linspace(-1.0, 1.0, VOCAB.vocab_size)
+  params['class_head'] = dict(
+      kernel=jnp.zeros_like(params['class_head']['kernel']), bias=bias)
+  run = lambda p: model.apply(
+      {**variables, 'params': p}, images, seq['input_tokens'],
+      seq['input_coords'], train=False, mutable=['intermediates'])
+  (logits, xy), state = run(params)
   [aux_logits] = state['intermediates']['aux_logits']
   [aux_xy] = state['intermediates']['aux_coords']
   assert aux_logits.shape == (LAYERS - 1,) + logits.shape
-  assert aux_xy.shape == (LAYERS - 1,) + xy.shape
-  # Each layer predicts a different point; all are inside the crop.
-  assert float(jnp.abs(aux_xy[-1] - xy).max()) > 0
-  assert float(aux_xy.min()) >= 0 and float(aux_xy.max()) <= 1
+  np.testing.assert_allclose(aux_logits, np.broadcast_to(bias, aux_logits.shape),
+                             rtol=1e-6)
+  for i in range(LAYERS - 1):
+    np.testing.assert_allclose(aux_xy[i], xy, rtol=0, atol=2e-6)
+  # The trained heads move the point from layer to layer.
+  (_, xy), state = run(variables['params'])
+  [aux_xy] = state['intermediates']['aux_coords']
+  assert float(jnp.abs(aux_xy[0] - xy).max()) > 1e-3
 
 
 def test_cached_decoder_matches_teacher_forcing_with_refinement(refined):
@@ -121,7 +157,7 @@ def test_cached_decoder_matches_teacher_forcing_with_refinement(refined):
   logits, xy = model.apply(variables, memory, seq['input_tokens'],
                            seq['input_coords'], train=False,
                            method=model.decode)
-  step_model = model.clone(cache_decoding=True)
+  step_model = model.for_cached_decoding()
   projected = step_model.apply(variables, memory,
                                method=step_model.project_values)
   cache = decoding.init_cache(step_model, variables, memory, BATCH, LENGTH)
@@ -192,7 +228,7 @@ def test_train_step_adds_every_earlier_layers_loss():
   # check tells the two weights apart); `losses.intermediate_layer_loss`'s
   # own test covers CE weight 0.
   aux_ce_weight = 0.5
-  model = _model(backbone_depth=18, feature_levels=('c5',))
+  model = _model(feature_levels=('c5',))
   _, m = _train_step(model, aux_ce_weight)
   expected = (m['ce'] + 5.0 * m['l1'] + (LAYERS - 1) * (
       aux_ce_weight * m['aux_ce'] + 5.0 * m['aux_l1']))
@@ -202,7 +238,7 @@ def test_train_step_adds_every_earlier_layers_loss():
 
 def test_reference_noise_only_in_training():
   noisy = _model(reference_noise=0.05, feature_levels=('c5',))
-  clean = noisy.clone(reference_noise=0.0)
+  clean = _model(feature_levels=('c5',))
   images = _images(4)
   variables = _init(clean, images)
   seq = _sequences(4)
@@ -216,10 +252,24 @@ def test_reference_noise_only_in_training():
     assert (float(jnp.abs(a - b).max()) > 1e-4) == differ, train
 
 
-def test_stride_4_features_give_a_four_times_finer_memory():
+def test_stride_4_level_is_the_projected_c2_map():
+  """With 'c2' first the memory starts with the stride-4 map (32 x 32 cells
+  of a 128 px crop): the 1x1 projection and GroupNorm of the ResNet's c2
+  features plus the sine position encoding and level embedding 0."""
   model = _model(feature_levels=('c2', 'c5'), refine_points=False)
   images = _images(5, size=128)
   variables = _init(model, images)
   memory = model.apply(variables, images, train=False, method=model.encode)
   assert memory.spatial_shapes == ((32, 32), (4, 4))
-  assert memory.features.shape == (BATCH, 32 * 32 + 4 * 4, 32)
+  c2 = model.apply(variables, images, False,
+                   method=model.backbone_features)['c2']  # [B, 32, 32, C]
+  p = variables['params']
+  kernel = p['input_proj_c2']['kernel'][0, 0]  # [C, 32]
+  h = np.einsum('bhwc,cd->bhwd', c2, kernel) + p['input_proj_c2']['bias']
+  h = np.asarray(h, np.float64)  # GroupNorm(32) of 32 channels: per channel.
+  h = (h - h.mean((1, 2), keepdims=True)) / np.sqrt(
+      h.var((1, 2), keepdims=True) + 1e-6)
+  h = h * p['input_norm_c2']['scale'] + p['input_norm_c2']['bias']
+  h = h + model_lib.sine_position_encoding(32, 32, 32) + p['level_embed'][0]
+  np.testing.assert_allclose(memory.features[:, :32 * 32],
+                             h.reshape(BATCH, 32 * 32, 32), rtol=0, atol=2e-4)

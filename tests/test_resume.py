@@ -32,8 +32,8 @@ CKPT_EVERY = 3
 
 def _start(dataset_dir, workdir) -> subprocess.Popen:
   cmd = [sys.executable, '-m', 'kpseq_jax.main', '--config', 'configs/smoke.py',
-         f'--config.dataset_dir={dataset_dir}', '--config.presence_token=True',
-         f'--config.num_train_steps={NUM_STEPS}',
+         f'--config.input.dataset_dir={dataset_dir}', '--config.vocab.presence_token=True',
+         f'--config.optim.num_train_steps={NUM_STEPS}',
          f'--config.checkpoint_every_steps={CKPT_EVERY}',
          '--config.log_every_steps=1', '--config.max_checkpoints_to_keep=10',
          f'--workdir={workdir}']
@@ -65,8 +65,8 @@ def runs(trained, tmp_path_factory):
   # The `trained` model's compiled functions are in the cache once it is
   # built (its own run, or read back from the worker that built it).
   config, _, _ = trained
-  assert config.presence_token  # The model `_start` asks for.
-  dlc_dataset = config.dataset_dir
+  assert config.vocab.presence_token  # The model `_start` asks for.
+  dlc_dataset = config.input.dataset_dir
   root = tmp_path_factory.mktemp('resume')
   straight, interrupted = root / 'straight', root / 'interrupted'
   assert _finished(_start(dlc_dataset, straight)) == 0
@@ -118,13 +118,16 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs):
   assert 'eval_test.json' not in runs['term_files']  # No eval when preempted.
   # A restart resumes from it (what `train_and_evaluate` restores).
   from configs import smoke
-  from kpseq_jax.inference import predictor
   from kpseq_jax.runtime import sharding
+  from kpseq_jax.training import checkpointing
+  from kpseq_jax.training import train_state as ts
   config = smoke.get_config()
-  config.dataset_dir = str(runs['dataset_dir'])
-  config.presence_token = True
-  info = dataset.load_info(config.dataset_dir)
-  _, state, step = predictor.restore_state(
-      config, str(runs['interrupted']), sharding.create_mesh((-1, 1)),
-      info.split_sizes['train'])
+  config.input.dataset_dir = str(runs['dataset_dir'])
+  config.vocab.presence_token = True
+  info = dataset.load_info(config.input.dataset_dir)
+  tx = ts.create_optimizer(config)
+  ckpt = checkpointing.Checkpointer(str(runs['interrupted']))
+  state, step = ckpt.restore(ts.abstract_train_state(
+      config, ts.create_model(config), tx, sharding.create_mesh((-1, 1))))
+  ckpt.close()
   assert step == int(state.step) == stopped

@@ -57,7 +57,7 @@ def test_sharding_rules_first_full_match_wins_and_unmatched_replicate():
     ((('.*',),), 'not a \\(regex, strategy\\) pair'),
 ])
 def test_bad_sharding_rules_name_the_rule(rules, message):
-  with pytest.raises(ValueError, match=r'sharding_rules\[0\]'):
+  with pytest.raises(ValueError, match=r'sharding.rules\[0\]'):
     sharding.check_rules(rules)
   with pytest.raises(ValueError, match=message):
     sharding.check_rules(rules)

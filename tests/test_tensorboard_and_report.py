@@ -49,21 +49,29 @@ def test_training_and_eval_scalars_and_overlays_are_in_the_event_files(
     assert set(scalars[f'train/{name}']) == {1, 2}, name
     assert all(np.isfinite(v) for v in scalars[f'train/{name}'].values())
   assert scalars['train/learning_rate'][2] == pytest.approx(
-      config.learning_rate)
+      config.optim.learning_rate)
   # The TensorBoard points are the steps' logged losses (one step per log).
   steps = scalar_log.read_steps(str(workdir))
   for step in (1, 2):
     assert scalars['train/loss'][step] == pytest.approx(steps[step]['loss'])
   assert scalars['eval_test/pck'][2] == pytest.approx(report.pck)
-  # eval_every_steps = 1: a periodic evaluation after step 1 too.
+  # evals.every_steps = 1: a periodic evaluation after step 1 too.
   assert set(scalars['eval_test/pck']) == {1, 2}
   assert set(scalars['eval_test/mean_error_px']) == {1, 2}
   assert scalars['eval_test/baseline_pck'][2] == pytest.approx(
       report.baseline_pck)
   assert scalars['eval_test/mean_error_px'][2] == pytest.approx(
       report.mean_error_px)
-  assert scalars['eval_test/pck_per_category/1_mouse_topview'][2] == (
+  assert scalars['eval_test/per_category_pck/1_mouse_topview'][2] == (
       pytest.approx(report.per_category_pck['1:mouse_topview']))
+  # Each section's summary floats, at their JSON paths.
+  assert scalars['eval_test/oks/ap'][2] == pytest.approx(report.oks['ap'])
+  assert scalars['eval_test/calibration/alpha_0.2/ece'][2] == (
+      pytest.approx(report.calibration['alpha_0.2']['ece']))
+  assert scalars['eval_test/presence/overall/accuracy'][2] == (
+      pytest.approx(report.presence['overall']['accuracy']))
+  # Counts are not curves: no TensorBoard scalar.
+  assert 'eval_test/num_instances' not in scalars
   tags = sorted(t for t in images if t.startswith('eval_test/'))
   assert len(tags) == 4  # NUM_OVERLAYS crops of the first eval batch.
   for t in tags:

@@ -16,6 +16,7 @@ from data_prep.categories import Category
 from kpseq_jax.data import dataset
 from kpseq_jax.runtime import scalar_log
 from kpseq_jax.training import metrics_log
+from kpseq_jax.models import supervised
 from kpseq_jax.training import step as step_lib
 from kpseq_jax.training import train_state as ts
 
@@ -24,15 +25,11 @@ B, L, V = 2, 6, 5
 
 class _Tiny(nn.Module):
   """Stands in for the sequence model: logits and coords from two params."""
-  support_conditioning: bool = False
-  support_proposals: bool = False
-  intermediate_outputs: bool = False
-  full_image_memory: bool = False
-  coordinate_scale: bool = False
+  coordinate_loss: str = 'l1'
+  inputs = staticmethod(supervised.Model.inputs)
 
   @nn.compact
-  def __call__(self, image, input_tokens, input_coords, train=False,
-               support=None):
+  def __call__(self, images, input_tokens, input_coords, train=False):
     w = self.param('w', nn.initializers.ones, [V])
     c = self.param('c', nn.initializers.zeros, [2])
     logits = jnp.broadcast_to(w, [B, L, V]) * input_coords[..., None]
@@ -133,54 +130,68 @@ def _info(ks):
   return dataset.DatasetInfo(cats, {'train': 5, 'test': 2})
 
 
+def _set(config, path, value):
+  *groups, name = path.split('.')
+  for g in groups:
+    config = config[g]
+  config[name] = value
+
+
 @pytest.mark.parametrize('field, value, message', [
-    ('image_size_px', 100, 'image_size_px=100 must be a positive multiple of 32'),
-    ('num_bins', 1, 'num_bins=1 must be >= 2'),
-    ('mesh_shape', (3, 1), 'mesh_shape=(3, 1) has 3 devices'),
-    ('reference_point_noise_frac', 0.7,
-     'reference_point_noise_frac=0.7 must be in [0, 0.5)'),
-    ('feature_levels', ('c1',), "feature_levels=('c1',) must be"),
-    ('prefetch_batches', 0, 'prefetch_batches=0 must be >= 1'),
+    ('input.image_size_px', 100,
+     'input.image_size_px=100 must be a positive multiple of 32'),
+    ('vocab.num_bins', 1, 'vocab.num_bins=1 must be >= 2'),
+    ('sharding.mesh_shape', (3, 1), 'sharding.mesh_shape=(3, 1) has 3 devices'),
+    ('model.transformer.reference_noise', 0.7,
+     'model.transformer.reference_noise=0.7 must be in [0, 0.5)'),
+    ('model.feature_levels', ('c1',), "model.feature_levels=('c1',) must be"),
+    ('input.prefetch_batches', 0, 'input.prefetch_batches=0 must be >= 1'),
+    ('model.resnet.depth', 101, 'model.resnet.depth=101 is not one of'),
+    ('model.coordinate_loss', 'l2', "model.coordinate_loss='l2' is not one of"),
+    ('model_name', 'pose', "model_name='pose' is not one of"),
 ])
 def test_impossible_config_fails_with_a_clear_message(field, value, message):
   c = smoke.get_config()
-  c.dataset_dir = 'x'
-  c[field] = value
+  c.input.dataset_dir = 'x'
+  _set(c, field, value)
   with pytest.raises(ValueError, match=re.escape(message)):
     config_checks.check(c)
 
 
+def test_model_fields_must_be_the_systems_constructor_fields():
+  """A supervised config switched to the detector on the command line is
+  refused naming the fields the detector does not have."""
+  c = smoke.get_config()
+  c.input.dataset_dir = 'x'
+  c.model_name = 'detector'
+  with pytest.raises(ValueError, match=re.escape(
+      "model.aux_loss is not a field of models/detector.py's Model")):
+    config_checks.check(c)
+
+
 @pytest.mark.parametrize('field, value, message', [
-    ('detector_scale_range', (0.5, 1.5),
-     'detector_scale_range=(0.5, 1.5) must satisfy 0 < lo <= hi <= 1'),
-    ('detector_image_size_px', (16, 64),
-     'detector_image_size_px=(16, 64) must be (height, width)'),
-    ('max_detections', 11, 'max_detections=11 must be in 1 .. '),
-    ('setting', 'cape', 'task=detection needs setting=supervised'),
+    ('detector.scale_range', (0.5, 1.5),
+     'detector.scale_range=(0.5, 1.5) must satisfy 0 < lo <= hi <= 1'),
+    ('detector.image_size_px', (16, 64),
+     'detector.image_size_px=(16, 64) must be (height, width)'),
+    ('detector.max_detections', 11, 'detector.max_detections=11 must be in 1 .. '),
 ])
 def test_impossible_detector_config_fails_with_a_clear_message(field, value,
                                                               message):
   c = dlc_openfield_detector.get_config()  # 10 queries, 1 class.
-  c.dataset_dir = 'x'
-  c[field] = value
+  c.input.dataset_dir = 'x'
+  _set(c, field, value)
   with pytest.raises(ValueError, match=re.escape(message)):
     config_checks.check(c)
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('detector_image_size_px', (100, 128),
-     'detector_image_size_px canvas: (100, 128) must be multiples of 32'),
-    ('setting', 'cape', 'keypoint_stage=end_to_end needs setting=supervised'),
-    ('keypoint_stage', 'joint', "keypoint_stage='joint' is not one of"),
-])
-def test_impossible_end_to_end_config_fails_with_a_clear_message(
-    field, value, message):
-  c = smoke.get_config()
-  c.dataset_dir = 'x'
-  c.keypoint_stage = 'end_to_end'
-  c.detector_image_size_px = (96, 128)
-  c[field] = value
-  with pytest.raises(ValueError, match=re.escape(message)):
+def test_end_to_end_canvas_must_be_multiples_of_32():
+  c = smoke.get_config('end_to_end')
+  c.input.dataset_dir = 'x'
+  c.detector.image_size_px = (100, 128)
+  with pytest.raises(ValueError, match=re.escape(
+      'detector.image_size_px=(100, 128) must be (height, width), multiples '
+      'of 32')):
     config_checks.check(c)
 
 
@@ -198,15 +209,15 @@ def test_category_longer_than_the_sequence_is_rejected():
   with pytest.raises(ValueError, match=r'largest: 2:c2 with K=17.*'
                      r'max_num_keypoints=17'):
     config_checks.check_dataset(c, _info([4, 17, 9]))
-  c.eval_split = 'val'
-  with pytest.raises(ValueError, match="eval_split='val' is not a split"):
+  c.evals.split = 'val'
+  with pytest.raises(ValueError, match="evals.split='val' is not a split"):
     config_checks.check_dataset(c, _info([4]))
 
 
 def test_eval_mode_checks_the_config_before_restoring(tmp_path, dlc_dataset):
   from kpseq_jax.evaluation import evaluate
   c = smoke.get_config()
-  c.dataset_dir = str(dlc_dataset)
+  c.input.dataset_dir = str(dlc_dataset)
   c.max_num_keypoints = 3  # The mouse has K = 4.
   with pytest.raises(ValueError, match='K=4'):
     evaluate.evaluate(c, str(tmp_path))  # No checkpoint: would be FileNotFound.

@@ -160,10 +160,10 @@ def test_eval_batches_have_the_same_count_on_every_process(
   from configs import smoke
   from kpseq_jax.data import dataset, pipeline
   config = smoke.get_config()
-  config.dataset_dir = str(dlc_dataset)
-  config.num_eval_examples = -1  # All 23 test frames.
-  config.eval_batch_size = local_batch * num_processes
-  info = dataset.load_info(config.dataset_dir)
+  config.input.dataset_dir = str(dlc_dataset)
+  config.evals.num_examples = -1  # All 23 test frames.
+  config.evals.batch_size = local_batch * num_processes
+  info = dataset.load_info(config.input.dataset_dir)
   monkeypatch.setattr(pipeline.jax, 'process_count',
                       lambda: num_processes)
   counts, ids = [], []

@@ -41,29 +41,40 @@ class _BoxesOf:
 
 
 def _annotated_boxes(config):
-  source = dataset.data_source(config.dataset_dir, config.eval_split)
+  source = dataset.data_source(config.input.dataset_dir, config.evals.split)
   return [[(int(source[j]['category_id']), tuple(source[j]['bbox']))
            for j in g] for g in detection.image_groups(source)]
 
 
 def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
     trained, tmp_path):
+  from kpseq_jax.evaluation import common
   from kpseq_jax.inference import predictor as predictor_lib
+  from kpseq_jax.runtime import metric_writer
   from kpseq_jax.runtime import sharding
   config, workdir, _ = trained
   # The first 3 test images, not the smoke config's 8: each image is
   # decoded from both kinds of box in each of the three runs, and 8 images
   # took about a minute more here (the same code path per image).
   config = config.copy_and_resolve_references()
-  config.num_eval_examples = n = 3
+  config.evals.num_examples = n = 3
   boxes = _annotated_boxes(config)
-  mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, _ = predictor_lib.restore_state(config, str(workdir), mesh,
-                                                93)
-  predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
-  run = lambda detector: detected_boxes.evaluate_detected_boxes(
-      config, str(workdir), detector, out_dir=str(tmp_path),
-      predictor=predictor)  # One compiled decoder for the three runs.
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model, variables, _ = predictor_lib.restore_variables(
+      config, str(workdir), mesh)
+  predictor = predictor_lib.Predictor(config, model, variables, mesh)
+  # One compiled decoder for the three runs.
+  inputs = common.Inputs(predictor, predictor.variables, None)
+  info = dataset.load_info(config.input.dataset_dir)
+
+  def run(detector):
+    evaluator = detected_boxes.DetectedBoxesEvaluator(config, info, 'test',
+                                                      detector)
+    with metric_writer.MetricWriter(str(tmp_path)) as writer:
+      reports = common.run([('detected_boxes', evaluator)], inputs,
+                           str(tmp_path), writer)
+    return detected_boxes.DetectedBoxesReport(
+        **reports['test_detected_boxes'])
   # Detections equal to the annotated boxes: both figures the same.
   same = run(_BoxesOf(list(boxes)))
   # The first n images, one mouse each.
@@ -101,30 +112,33 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
 @pytest.fixture(scope='module')
 def tiny_detector(dlc_dataset, tmp_path_factory):
   """(config, workdir, report): a tiny detector trained 2 steps on the real
-  open-field frames by `train.train_and_evaluate` (``task='detection'``)."""
+  open-field frames by `train.train_and_evaluate` (``model_name='detector'``)."""
   from configs import dlc_openfield_detector
   from kpseq_jax import train
   c = dlc_openfield_detector.get_config()
-  c.dataset_dir = str(dlc_dataset)
-  c.detector_image_size_px = (96, 128)
-  c.feature_levels = ('c4', 'c5')
-  c.d_model = 32
-  c.num_heads = 2
-  c.num_layers = 2
-  c.ffn_dim = 64
-  c.detector_num_queries = 4
-  c.max_detections = 3
-  c.batch_size = 4
-  c.num_train_steps = 2
+  c.input.dataset_dir = str(dlc_dataset)
+  c.detector.image_size_px = (96, 128)
+  c.model.feature_levels = ('c4', 'c5')
+  c.model.d_model = 32
+  c.model.transformer.num_heads = 2
+  c.model.transformer.num_layers = 2
+  c.model.transformer.ffn_dim = 64
+  c.model.num_queries = 4
+  c.detector.max_detections = 3
+  c.input.batch_size = 4
+  c.optim.num_train_steps = 2
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
-  c.eval_every_steps = 0
-  c.eval_batch_size = 8
+  c.evals.every_steps = 0
+  c.evals.batch_size = 8
   workdir = tmp_path_factory.mktemp('detector')
-  return c, workdir, train.train_and_evaluate(c, str(workdir))
+  from kpseq_jax.evaluation import box_ap
+  reports = train.train_and_evaluate(c, str(workdir))
+  return c, workdir, box_ap.BoxReport(**reports['test_boxes'])
 
 
-def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
+def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector,
+                                                           shared_data):
   """Box AP of every test image by pycocotools, written to the workdir;
   `--mode eval` reads the checkpoint back to the same figures."""
   from kpseq_jax.evaluation import box_ap
@@ -132,7 +146,6 @@ def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
   c, workdir, report = tiny_detector
   assert isinstance(report, box_ap.BoxReport)
   assert report.num_images == report.num_instances == 23  # One mouse each.
-  assert -1 < report.ap <= report.ap50 <= 1
   saved = json.loads((workdir / 'eval_test_boxes.json').read_text())
   assert saved['ap'] == report.ap and saved['step'] == 2
   dets = json.loads((workdir / 'detections_test.json').read_text())
@@ -140,8 +153,52 @@ def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector):
   assert {d['category_id'] for d in dets} == {1}
   assert all(0 <= d['bbox'][0] <= 640 and 0 <= d['bbox'][1] <= 480
              for d in dets)
-  again = evaluate.evaluate(c, str(workdir))
-  assert again.ap == report.ap and again.step == 2
+  # The AP is pycocotools' of the written detections against the data
+  # set's boxes (the canvas round trip moves them by float error only).
+  images = json.loads((shared_data / 'dlc_openfield' / 'annotations' /
+                       'test.json').read_text())['images']
+  records = dataset.records_without_images(
+      dataset.data_source(c.input.dataset_dir, 'test'))
+  truth = [dict(image_id=int(r['image_id']), category_id=1,
+                bbox=[float(v) for v in r['bbox']])
+           for r in (records[i] for i in range(len(records)))]
+  assert box_ap.box_ap(images, truth, dets, [1])['ap'] == pytest.approx(
+      report.ap, abs=1e-3)
+  again = evaluate.evaluate(c, str(workdir))['test_boxes']
+  assert again['ap'] == report.ap and again['step'] == 2
+
+
+def _boxes(*xywh, score=0.9, image_id=1):
+  return [dict(image_id=image_id, category_id=1, bbox=list(b), score=score)
+          for b in xywh]
+
+
+def test_box_ap_of_hand_made_detections():
+  """pycocotools' box AP as `box_ap` reports it: 1 for the true boxes, an
+  IoU-0.6 box counts at AP50 but not at the stricter thresholds, a miss
+  scores 0, and a false positive ranked first lowers the AP."""
+  from kpseq_jax.evaluation import box_ap
+  images = [dict(id=1, width=640, height=480), dict(id=2, width=640,
+                                                    height=480)]
+  truth = (_boxes((100, 100, 100, 100)) + _boxes((300, 200, 50, 80),
+                                                 image_id=2))
+  exact = box_ap.box_ap(images, truth, truth, [1])
+  assert exact['ap'] == exact['ap50'] == exact['ar100'] == pytest.approx(1.0)
+  # Shifted by 20 px on image 1: IoU 8000 / 12000 = 0.67, a match at IoU
+  # thresholds 0.50-0.65, not at 0.70-0.95 (there recall 1/2, and precision
+  # 1 with the shifted box ranked last: AP 51/101 on COCO's 101 recalls).
+  shifted = _boxes((120, 100, 100, 100), score=0.5) + truth[1:]
+  s = box_ap.box_ap(images, truth, shifted, [1])
+  assert s['ap50'] == pytest.approx(1.0)
+  assert s['ap75'] == pytest.approx(51 / 101, abs=1e-6)
+  assert s['ap'] == pytest.approx((4 + 6 * 51 / 101) / 10, abs=1e-6)
+  missed = box_ap.box_ap(images, truth, _boxes((500, 0, 20, 20)), [1])
+  assert missed['ap'] == missed['ap50'] == 0.0
+  # A confident false positive ranked above the true boxes.
+  ranked = truth + _boxes((500, 0, 20, 20), score=0.99)
+  r = box_ap.box_ap(images, truth, ranked, [1])
+  assert r['ap50'] < 1.0 and r['ar100'] == pytest.approx(1.0)
+  assert box_ap.box_ap(images, truth, [], [1])['ap'] == 0.0
 
 
 def test_predict_crops_the_detected_boxes(tiny_detector, trained, shared_data,
@@ -193,7 +250,7 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
   from conftest import smoke_config
   from PIL import Image
   from kpseq_jax.inference import box_predictor
-  from kpseq_jax.inference import predict
+  from kpseq_jax.inference import batchers
   from kpseq_jax.inference import predictor as predictor_lib
   from kpseq_jax.runtime import sharding
   from kpseq_jax.training import train_state as ts
@@ -201,9 +258,9 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
   mesh = sharding.create_mesh((-1, 1))
   detector = box_predictor.ImageDetector(det_config, str(det_workdir), mesh)
   detector.threshold = 0.0  # Untrained scores: keep every box.
-  config = smoke_config(dlc_dataset, keypoint_stage='end_to_end',
-                        detector_image_size_px=(96, 128),
-                        backbone_norm='frozen_batch', eval_batch_size=8)
+  config = smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
+                        **{'detector.image_size_px': (96, 128)},
+                        **{'model.resnet.norm': 'frozen_batch'}, **{'evals.batch_size': 8})
   model = ts.create_model(config)
   variables = jax.jit(lambda r: model.init(
       r, **ts.dummy_inputs(config), train=False))(jax.random.PRNGKey(1))
@@ -225,16 +282,16 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
       detector, predictor_lib.Predictor(config, model, moved, mesh), config)
   assert not shared and 'conv1' in why
   shared, why = box_predictor.shares_backbone(
-      detector, kp, smoke_config(dlc_dataset, keypoint_stage='end_to_end',
-                                 detector_image_size_px=(64, 96)))
+      detector, kp, smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
+                                 **{'detector.image_size_px': (64, 96)}))
   assert not shared and 'canvases differ' in why
 
   frame = np.asarray(Image.open(sorted(
       (shared_data / 'dlc_openfield' / 'images' / 'm4s1').glob('*.png'))[0]
   ).convert('RGB'))
   frames = [frame, np.ascontiguousarray(frame[::-1, ::-1])]  # Two images.
-  once = predict.make_batcher(config, kp, {}, detector=detector)
-  twice = predict.make_batcher(config, kp, {})
+  once = batchers.make_batcher(config, kp, {}, detector=detector)
+  twice = batchers.make_batcher(config, kp, {})
   assert once.features_of is not None and twice.features_of is None
   exs_once, exs_twice, boxes = [], [], []
   for frame in frames:

@@ -8,14 +8,18 @@ import av
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from scipy import signal
 
 import conftest
 from kpseq_jax.data import visualize
 from kpseq_jax.inference import analyze
+from kpseq_jax.inference import box_policies
 from kpseq_jax.inference import captions
 from kpseq_jax.inference import dlc_output
+from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predict
+from kpseq_jax.inference import trajectory_plot
 from kpseq_jax.inference import video
 
 VIDEO = ('dlc_projects', 'openfield-Pranav-2018-10-30', 'videos', 'm3v1mp4.mp4')
@@ -136,8 +140,39 @@ def test_filtered_table_captions_labelled_video_and_plot(analysed):
         assert np.abs(got - colors[k]).max() > 100, (k, got, colors[k])
       checked += 1
   assert checked >= 8
-  with open(s.files['trajectories'], 'rb') as f:
-    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  with Image.open(s.files['trajectories']) as png:  # K = 4 columns.
+    assert png.format == 'PNG' and png.size == (4 * 320, 600)
+
+
+def test_trajectory_plot_draws_the_table(tmp_path):
+  """Each body part's path, its confident dots and its x, y curves are the
+  table's values; a keypoint below pcutoff is on the path but not dotted;
+  the colours are the overlays'."""
+  xy = np.array([[[10., 20.], [50., 60.]],
+                 [[30., 40.], [np.nan, np.nan]],
+                 [[90., 15.], [70., 80.]]])  # [N=3, K=2, 2]
+  lk = np.array([[0.9, 0.8], [0.1, np.nan], [0.7, 0.95]])
+  path = tmp_path / 'plot.png'
+  fig = trajectory_plot.plot_trajectories(xy, lk, ['a', 'b'], 100, 90, path,
+                                          pcutoff=0.6)
+  colors = visualize.keypoint_colors(2)
+  for j in range(2):
+    top, bottom = fig.axes[j], fig.axes[2 + j]  # Row-major 2 x K.
+    line, dots = top.lines
+    x, y = bottom.lines
+    np.testing.assert_array_equal(line.get_xydata(), xy[:, j])
+    dotted = xy[:, j].copy()
+    dotted[lk[:, j] < 0.6] = np.nan
+    np.testing.assert_array_equal(dots.get_xydata(), dotted)
+    np.testing.assert_array_equal(x.get_xydata(),
+                                  np.stack([np.arange(3), xy[:, j, 0]], -1))
+    np.testing.assert_array_equal(y.get_xydata(),
+                                  np.stack([np.arange(3), xy[:, j, 1]], -1))
+    assert top.get_xlim() == (0, 100) and top.get_ylim() == (90, 0)  # y down.
+    np.testing.assert_allclose(line.get_color(), np.array(colors[j]) / 255)
+  assert np.isnan(fig.axes[0].lines[1].get_xydata()[1]).all()  # 0.1 < 0.6.
+  with Image.open(path) as png:
+    assert png.size == (2 * 320, 600)
 
 
 def test_truncated_and_undecodable_videos(analysed, clips, trained):
@@ -159,7 +194,7 @@ def test_truncated_and_undecodable_videos(analysed, clips, trained):
   run = subprocess.run(
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=analyze',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
-       f'--config.dataset_dir={config.dataset_dir}', f'--workdir={workdir}',
+       f'--config.input.dataset_dir={config.input.dataset_dir}', f'--workdir={workdir}',
        f'--videos={clips / "broken.avi"}', f'--out={out / "cli"}'],
       cwd=conftest.REPO, capture_output=True, text=True)
   assert run.returncode != 0
@@ -169,47 +204,79 @@ def test_truncated_and_undecodable_videos(analysed, clips, trained):
 
 def test_predict_mode_points_videos_to_analyze(clips):
   with pytest.raises(ValueError, match='--mode analyze'):
-    predict.list_images(str(clips / 'clip.mp4'))
+    image_inputs.list_images(str(clips / 'clip.mp4'))
+
+
+def _per_frame(a):
+  """[b, K, ...] batch of one box per frame -> the `BoxPolicy.update`
+  layout: per frame, [1, K, ...]."""
+  return [x[None] for x in np.asarray(a)]
 
 
 def test_track_boxes_follow_confident_keypoints_and_fall_back():
-  t = video.Track(min_confidence=0.5, min_keypoints=2)
-  assert t.box(0, 640, 480) == (0, 0, 640, 480)
+  t = box_policies.Track(min_confidence=0.5, min_keypoints=2)
+  update = lambda kp, conf: t.update(_per_frame(kp), _per_frame(conf), 640,
+                                     480)
+  assert t.boxes(0, 640, 480) == [(0, 0, 640, 480)]
   kp = np.array([[[100., 100.], [140., 120.], [np.nan, np.nan]],
                  [[200., 200.], [240., 260.], [600., 20.]]])
   conf = np.array([[1., 1., 1.], [0.9, 0.8, 0.1]])
-  t.update(kp, conf, 640, 480)
+  update(kp, conf)
   # Last frame; the 0.1 keypoint is left out: extent 40 x 60, padded by
   # 25% + 16 px on each side.
-  np.testing.assert_allclose(t.box(5, 640, 480), (174, 169, 92, 122))
-  t.update(kp[:1], np.array([[0.9, 0.2, 0.2]]), 640, 480)  # One confident: lost.
-  assert t.box(6, 640, 480) == (0, 0, 640, 480) and t.lost == 1
-  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)  # No confidence: all count.
-  np.testing.assert_allclose(t.box(7, 640, 480), (84, 0, 556, 336))  # Clipped.
+  [box] = t.boxes(5, 640, 480)
+  np.testing.assert_allclose(box, (174, 169, 92, 122))
+  update(kp[:1], np.array([[0.9, 0.2, 0.2]]))  # One confident: lost.
+  assert t.boxes(6, 640, 480) == [(0, 0, 640, 480)]
+  update(kp[1:], np.full([1, 3], np.nan))  # No confidence: all count.
+  np.testing.assert_allclose(t.boxes(7, 640, 480)[0], (84, 0, 556, 336))
+  assert t.counts() == {'track_lost': 1, 'track_reacquired': 0}
   # A stray keypoint cannot blow the box up beyond max_size_px: cut to
   # 100 px around the keypoints' median.
-  t = video.Track(max_size_px=100, reacquire_every_batches=2)
-  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)
-  np.testing.assert_allclose(t.box(0, 640, 480), (190, 150, 100, 100))
+  t = box_policies.Track(max_size_px=100, reacquire_every_batches=2)
+  update(kp[1:], np.full([1, 3], np.nan))
+  np.testing.assert_allclose(t.boxes(0, 640, 480)[0], (190, 150, 100, 100))
   # Without confidence it restarts from the whole frame every 2 batches.
-  t.update(kp[1:], np.full([1, 3], np.nan), 640, 480)
-  assert t.box(1, 640, 480) == (0, 0, 640, 480) and t.reacquired == 1
-  t.update(kp[1:], np.full([1, 3], 0.9), 640, 480)
-  t.update(kp[1:], np.full([1, 3], 0.9), 640, 480)  # With confidence: no restart.
-  assert t.box(2, 640, 480) != (0, 0, 640, 480) and t.reacquired == 1
+  update(kp[1:], np.full([1, 3], np.nan))
+  assert t.boxes(1, 640, 480) == [(0, 0, 640, 480)] and t.reacquired == 1
+  update(kp[1:], np.full([1, 3], 0.9))
+  update(kp[1:], np.full([1, 3], 0.9))  # With confidence: no restart.
+  assert t.boxes(2, 640, 480) != [(0, 0, 640, 480)] and t.reacquired == 1
+  # Several boxes per frame: the track follows each frame's first pose.
+  t = box_policies.Track(min_confidence=0.5)
+  t.update([np.stack([kp[1], kp[0]])], [np.stack([conf[1], conf[0]])], 640,
+           480)
+  np.testing.assert_allclose(t.boxes(0, 640, 480)[0], (174, 169, 92, 122))
 
 
-def test_box_file_takes_the_best_box_per_frame(tmp_path):
+def test_box_file_takes_the_best_boxes_per_frame(tmp_path):
   f = tmp_path / 'boxes.json'
   f.write_text(json.dumps([{'image_id': 0, 'bbox': [1, 2, 30, 40], 'score': 0.5},
                            {'image_id': 0, 'bbox': [5, 6, 70, 80], 'score': 0.9},
                            {'image_id': 2, 'bbox': [0, 0, 10, 10]}]))
-  b = video.BoxFile(f)
-  assert b.box(0, 640, 480) == (5, 6, 70, 80)
-  assert b.box(1, 640, 480) == (0, 0, 640, 480) and b.frames_without_box == 1
+  b = box_policies.BoxFile(f)
+  assert b.boxes(0, 640, 480) == [(5, 6, 70, 80)]
+  assert b.boxes(1, 640, 480) == [(0, 0, 640, 480)]
+  assert b.counts() == {'frames_without_box': 1}
+  assert box_policies.BoxFile(f, max_boxes=3).boxes(0, 640, 480) == [
+      (5, 6, 70, 80), (1, 2, 30, 40)]  # Best first.
   f.write_text(json.dumps([{'image_id': 0, 'bbox': [0, 0, 0, 5]}]))
-  with pytest.raises(ValueError, match='no area'):
-    video.BoxFile(f)
+  with pytest.raises(ValueError, match='entry 0 .* no area'):
+    box_policies.BoxFile(f)
+
+
+def test_every_policy_is_a_box_policy(tmp_path):
+  f = tmp_path / 'boxes.json'
+  f.write_text('[]')
+  made = [box_policies.make_policy(None, 0.2),
+          box_policies.make_policy('track', 0.2),
+          box_policies.make_policy(str(f), 0.2),
+          box_policies.make_policy(None, 0.2, detector=_EveryOtherFrame())]
+  assert [type(p) for p in made] == [
+      box_policies.WholeFrame, box_policies.Track, box_policies.BoxFile,
+      box_policies.Detected]
+  assert all(isinstance(p, box_policies.BoxPolicy) for p in made)
+  assert made[0].boxes(3, 64, 48) == [(0, 0, 64, 48)]
 
 
 def test_median_filter_keeps_gaps_and_likelihood():
@@ -246,11 +313,15 @@ class _EveryOtherFrame:
 
 def test_detected_boxes_crop_each_frame_or_fall_back_to_it_whole(
     trained, clips, tmp_path):
-  policy = video.Detected(_EveryOtherFrame())
+  policy = box_policies.Detected(_EveryOtherFrame())
   policy.see(4, [np.zeros([480, 640, 3], np.uint8)] * 2)
-  assert policy.box(4, 640, 480) == (10.0, 20.0, 320.0, 240.0)
-  assert policy.box(5, 640, 480) == (0, 0, 640, 480)
-  assert policy.frames_without_box == 1
+  assert policy.boxes(4, 640, 480) == [(10.0, 20.0, 320.0, 240.0)]
+  assert policy.boxes(5, 640, 480) == [(0, 0, 640, 480)]
+  assert policy.counts() == {'frames_without_box': 1}
+  several = box_policies.Detected(_EveryOtherFrame(), max_boxes=2)
+  several.see(0, [np.zeros([480, 640, 3], np.uint8)])
+  assert several.boxes(0, 640, 480) == [(10.0, 20.0, 320.0, 240.0),
+                                        (0, 0, 5, 5)]
   # In a whole analysis: every frame is detected once, in order.
   config, workdir, _ = trained
   detector = _EveryOtherFrame()

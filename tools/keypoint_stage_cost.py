@@ -2,17 +2,17 @@
 
   python tools/keypoint_stage_cost.py --config configs/dlc_openfield.py \\
       --two_stage_workdir RUN_A --end_to_end_workdir RUN_B \\
-      --config.detector_image_size_px='(192, 256)' --boxes_per_image 1,2,4
+      --config.detector.image_size_px='(192, 256)' --boxes_per_image 1,2,4
 
 Restores both trained workdirs (same ``--config`` apart from
-``keypoint_stage``), takes ``--num_frames`` real frames of the data set's
+``model_name``), takes ``--num_frames`` real frames of the data set's
 test annotations and, per frame, N boxes: the annotated box and N - 1
 copies shifted by 12% of its side (as if several animals were detected).
 For each N it times the whole keypoint stage of both variants on the same
-boxes: `predict.CropBatcher` (PRTR two-stage: N crops, N encoder passes)
-and `predict.CanvasBatcher` (end-to-end: the frame on the canvas, one
+boxes: `batchers.CropBatcher` (PRTR two-stage: N crops, N encoder passes)
+and `batchers.CanvasBatcher` (end-to-end: the frame on the canvas, one
 encoder pass, N box decodes), from the frame in memory to keypoints in
-pixels, in ``eval_batch_size`` boxes per call. After one untimed pass per
+pixels, in ``evals.batch_size`` boxes per call. After one untimed pass per
 (variant, N) (compilation), the variants alternate ``--rounds`` times
 (two-stage, end-to-end, two-stage, ...) and the script prints the median
 seconds per frame of each and their ratio. Without a detector, the
@@ -24,11 +24,11 @@ stay the annotated ones, so every variant decodes the same N boxes), and a
 third variant, ``end_to_end_shared``, decodes from the detector's backbone
 feature maps (PRTR's one backbone pass, `box_predictor.shares_backbone`;
 the end-to-end run must have the detector's backbone, e.g. trained with
-``--config.pretrained_backbone_path=DETECTOR_WORKDIR
---config.backbone_norm=frozen_batch --config.backbone_frozen_stages=4``).
+``--config.model_init=DETECTOR_WORKDIR
+--config.model.resnet.norm=frozen_batch --config.model.resnet.frozen_stages=4``).
 
   python tools/keypoint_stage_cost.py --config configs/dlc_openfield.py \\
-      --config.detector_image_size_px='(192, 256)' \\
+      --config.detector.image_size_px='(192, 256)' \\
       --two_stage_workdir RUN_A --end_to_end_workdir RUN_B \\
       --detector_config configs/dlc_openfield_detector.py \\
       --detector_workdir DETECTOR_RUN --boxes_per_image 1,2
@@ -54,7 +54,7 @@ import numpy as np
 from data_prep import images as image_io
 from kpseq_jax.data import dataset
 from kpseq_jax.inference import box_predictor
-from kpseq_jax.inference import predict
+from kpseq_jax.inference import batchers
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import sharding
 from kpseq_jax.runtime import xla_flags
@@ -62,9 +62,9 @@ from kpseq_jax.runtime import xla_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Keypoint config (both runs).',
                                 lock_config=True)
-flags.DEFINE_string('two_stage_workdir', None, 'Run with keypoint_stage='
-                    'two_stage.', required=True)
-flags.DEFINE_string('end_to_end_workdir', None, 'Run with keypoint_stage='
+flags.DEFINE_string('two_stage_workdir', None, 'Run with model_name='
+                    'supervised (two-stage).', required=True)
+flags.DEFINE_string('end_to_end_workdir', None, 'Run with model_name='
                     'end_to_end.', required=True)
 flags.DEFINE_string('annotations', '../shared/data/dlc_openfield/annotations/'
                     'test.json', 'COCO annotations of the frames (boxes).')
@@ -96,11 +96,10 @@ def _frames():
 
 def _stage(config, stage, workdir, mesh, info, detector=None):
   with config.unlocked():
-    config.keypoint_stage = stage
-  model, state, _ = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
-  batcher = predict.make_batcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
+    config.model_name = 'end_to_end' if stage == 'end_to_end' else 'supervised'
+  model, variables, _ = predictor_lib.restore_variables(config, workdir, mesh)
+  batcher = batchers.make_batcher(
+      config, predictor_lib.Predictor(config, model, variables, mesh),
       info.category_index(), detector=detector)
   if detector is not None and batcher.features_of is None:
     raise SystemExit(f'{workdir}: its backbone is not the detector\'s '
@@ -128,8 +127,8 @@ def main(argv):
   del argv
   xla_flags.set_defaults()
   config = FLAGS.config
-  info = dataset.load_info(config.dataset_dir)
-  mesh = sharding.create_mesh(config.mesh_shape)
+  info = dataset.load_info(config.input.dataset_dir)
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   frames = _frames()
   stages = {'two_stage': _stage(config, 'two_stage', FLAGS.two_stage_workdir,
                                 mesh, info),
@@ -146,9 +145,9 @@ def main(argv):
         config, 'end_to_end', FLAGS.end_to_end_workdir, mesh, info,
         detectors['end_to_end_shared'])
   figures = dict(jax=jax.__version__, num_frames=len(frames),
-                 eval_batch_size=config.eval_batch_size,
-                 canvas_hw=list(config.detector_image_size_px),
-                 crop_px=config.image_size_px, per_n={})
+                 eval_batch_size=config.evals.batch_size,
+                 canvas_hw=list(config.detector.image_size_px),
+                 crop_px=config.input.image_size_px, per_n={})
   for n in map(int, FLAGS.boxes_per_image):
     times = {k: [] for k in stages}
     for k, b in stages.items():

@@ -2,8 +2,8 @@
 
   python tools/step_cost.py --config configs/dlc_openfield.py \\
       --other configs/dlc_openfield_detector.py \\
-      "--other.feature_levels=('c2', 'c3', 'c4', 'c5')" \\
-      --other.num_train_steps=1650 --rounds 3 --steps 10
+      "--other.model.feature_levels=('c2', 'c3', 'c4', 'c5')" \\
+      --other.optim.num_train_steps=1650 --rounds 3 --steps 10
 
 Builds each config's train state, optimizer and jitted train step exactly as
 `train.train_and_evaluate` does (`train_state`, `step.make_train_step`;
@@ -49,13 +49,13 @@ flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 
 def _setup(config):
   """(compiled step, state, batch, total steps, GFLOP per step)."""
-  info = dataset.load_info(config.dataset_dir)
-  detecting = config.task == 'detection'
-  train_size = (detection.num_images(config, config.train_split) if detecting
-                else info.split_sizes[config.train_split])
-  mesh = sharding.create_mesh(config.mesh_shape)
+  info = dataset.load_info(config.input.dataset_dir)
+  detecting = config.model_name == 'detector'
+  train_size = (detection.num_images(config, config.input.train_split) if detecting
+                else info.split_sizes[config.input.train_split])
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size)
+  tx = ts.create_optimizer(config)
   state = ts.create_train_state(config, model, tx, mesh)
   data = (detection.create_train_dataset(config, info) if detecting
           else pipeline.create_train_dataset(config, info))
@@ -63,13 +63,13 @@ def _setup(config):
   batch = sharding.global_batch(
       {k: local[k] for k in step_lib.train_fields(model)}, mesh)
   step_fn = step_lib.make_train_step(
-      config, model, tx, ts.learning_rate_schedule(config, train_size),
+      config, model, tx, ts.learning_rate_schedule(config),
       jax.tree.map(lambda a: a.sharding, state), mesh)
   compiled = step_fn.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   gflop = float((cost or {}).get('flops', float('nan'))) / 1e9
-  return compiled, state, batch, ts.num_train_steps(config, train_size), gflop
+  return compiled, state, batch, config.optim.num_train_steps, gflop
 
 
 def _time(compiled, state, batch, steps):

@@ -69,7 +69,7 @@ def _builder(dataset_dir: str) -> tfds.core.DatasetBuilder:
     return tfds.builder_from_directory(dataset_dir)
   except Exception as e:  # tfds raises several types for a missing dir.
     raise FileNotFoundError(
-        f'No data set at --config.dataset_dir={dataset_dir!r} ({e}). Build it '
+        f'No data set at --config.input.dataset_dir={dataset_dir!r} ({e}). Build it '
         'with `python -m data_prep.build` (see README).') from e
 
 

@@ -7,7 +7,7 @@ image holding all its instances, so `image_groups` indexes a split once by
 once) with the boxes and categories of all its records.
 
 Each image is resized with its aspect ratio kept onto a zero canvas of
-``config.detector_image_size_px`` = (H, W) (static shapes for `jax.jit`);
+``config.detector.image_size_px`` = (H, W) (static shapes for `jax.jit`);
 evaluation places it at the top-left at the fitting scale, training at a
 random scale (``detector_scale_range`` times the fitting scale) and
 offset, flipped horizontally with ``flip_prob`` (DETR's
@@ -95,6 +95,28 @@ class ImageGroups:
     }
 
 
+def _place_image(img: np.ndarray, canvas_hw: tuple[int, int], scale: float,
+                 offset: tuple[float, float], flip: bool):
+  """(canvas uint8 [H, W, 3], resized (w, h), integer offset (dx, dy)):
+  ``img`` (flipped if asked) resized by ``scale`` at ``offset`` on a black
+  canvas, clipped to it."""
+  h, w = img.shape[:2]
+  ch, cw = canvas_hw
+  if flip:
+    img = img[:, ::-1]
+  nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+  resized = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
+      (nw, nh), Image.Resampling.BILINEAR))
+  canvas = np.zeros([ch, cw, 3], np.uint8)
+  dx, dy = int(round(offset[0])), int(round(offset[1]))
+  # The part of the resized image that lands on the canvas.
+  x0, y0 = max(0, dx), max(0, dy)
+  x1, y1 = min(cw, dx + nw), min(ch, dy + nh)
+  if x1 > x0 and y1 > y0:
+    canvas[y0:y1, x0:x1] = resized[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+  return canvas, (nw, nh), (dx, dy)
+
+
 def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
               offset: tuple[float, float], flip: bool,
               class_index: dict[int, int], max_boxes: int) -> dict[str, Any]:
@@ -114,21 +136,10 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
   Returns:
     the element described in the module docstring.
   """
-  img = ex['image']
-  h, w = img.shape[:2]
+  h, w = ex['image'].shape[:2]
   ch, cw = canvas_hw
-  if flip:
-    img = img[:, ::-1]
-  nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-  resized = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
-      (nw, nh), Image.Resampling.BILINEAR))
-  canvas = np.zeros([ch, cw, 3], np.uint8)
-  dx, dy = int(round(offset[0])), int(round(offset[1]))
-  # The part of the resized image that lands on the canvas.
-  x0, y0 = max(0, dx), max(0, dy)
-  x1, y1 = min(cw, dx + nw), min(ch, dy + nh)
-  if x1 > x0 and y1 > y0:
-    canvas[y0:y1, x0:x1] = resized[y0 - dy:y1 - dy, x0 - dx:x1 - dx]
+  canvas, (nw, nh), (dx, dy) = _place_image(ex['image'], canvas_hw, scale,
+                                             offset, flip)
   # Box corners in canvas pixels (the resize's exact scale per axis).
   sx, sy = nw / w, nh / h
   b = np.asarray(ex['bboxes'], np.float64).reshape(-1, 4)
@@ -144,7 +155,7 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
   order = order[keep[order]]
   if len(order) > max_boxes:
     logging.warning('image %s: %d instances, keeping the %d largest '
-                    '(config.detector_num_queries).', ex.get('image_id'),
+                    '(config.model.num_queries).', ex.get('image_id'),
                     len(order), max_boxes)
     order = order[:max_boxes]
   boxes = np.zeros([max_boxes, 4], np.float32)
@@ -209,22 +220,22 @@ class RandomResizeToCanvas(grain.transforms.RandomMap):
 
 def _chain(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
            train: bool) -> list:
-  canvas = tuple(config.detector_image_size_px)
+  canvas = tuple(config.detector.image_size_px)
   classes = info.category_index()
   if not train:
     return [transforms.DecodeImage(),
-            ResizeToCanvas(canvas, classes, config.detector_num_queries)]
+            ResizeToCanvas(canvas, classes, config.model.num_queries)]
   chain = [transforms.DecodeImage(),
-           RandomResizeToCanvas(canvas, classes, config.detector_num_queries,
-                                tuple(config.detector_scale_range),
-                                config.flip_prob)]
-  if config.color_jitter > 0:
-    chain.append(transforms.ColorJitter(config.color_jitter))
+           RandomResizeToCanvas(canvas, classes, config.model.num_queries,
+                                tuple(config.detector.scale_range),
+                                config.input.flip_prob)]
+  if config.input.color_jitter > 0:
+    chain.append(transforms.ColorJitter(config.input.color_jitter))
   return chain
 
 
 def _groups(config: ml_collections.ConfigDict, split: str) -> ImageGroups:
-  source = dataset.data_source(config.dataset_dir, split)
+  source = dataset.data_source(config.input.dataset_dir, split)
   return ImageGroups(source, tuple(image_groups(source)))
 
 
@@ -237,7 +248,7 @@ def create_train_dataset(config: ml_collections.ConfigDict,
                          info: dataset.DatasetInfo) -> grain.IterDataset:
   """Infinite, shuffled, augmented, batched whole images (process-local),
   as `pipeline.create_train_dataset` (same seeding, sharding, batching)."""
-  ds = grain.MapDataset.source(_groups(config, config.train_split))
+  ds = grain.MapDataset.source(_groups(config, config.input.train_split))
   ds = ds.seed(config.seed).shuffle().repeat()
   ds = pipeline.apply_transforms(ds, _chain(config, info, train=True))
   return pipeline.shard_and_batch(config, ds)
@@ -248,9 +259,9 @@ def create_eval_batches(config: ml_collections.ConfigDict,
                         split: str | None = None) -> Iterator[dict]:
   """One pass over a split's images in process-local batches, padded with
   ``valid = 0`` elements (`pipeline.padded_batches`)."""
-  ds = grain.MapDataset.source(_groups(config, split or config.eval_split))
-  if config.num_eval_examples > 0:
-    ds = ds[:config.num_eval_examples]
+  ds = grain.MapDataset.source(_groups(config, split or config.evals.split))
+  if config.evals.num_examples > 0:
+    ds = ds[:config.evals.num_examples]
   ds = pipeline.apply_transforms(ds, _chain(config, info, train=False))
-  yield from pipeline.padded_batches(ds, config.eval_batch_size,
+  yield from pipeline.padded_batches(ds, config.evals.batch_size,
                                      pipeline.eval_read_options(config))

@@ -4,7 +4,7 @@ Training: ``source -> shuffle(seed) -> repeat -> decode -> random crop ->
 flip -> warp -> colour jitter -> tokenize -> shard by process -> batch``.
 Evaluation: ``source -> shard -> decode -> crop -> warp -> tokenize ->
 batch`` (one pass, last batch padded with ``valid = 0`` examples).
-Category-agnostic pose (``setting='cape'``, `episodes.py`): the elements
+Category-agnostic pose (``model_name='cape'``, `episodes.py`): the elements
 are episodes (S supports and a query of one category), drawn class-balanced
 in training and from a fixed list in evaluation; every instance of an
 episode goes through the same per-instance chain, then
@@ -20,8 +20,8 @@ Prefetching (`read_options`): Grain's default for ``to_iter_dataset`` is 16
 threads and 500 elements ahead, i.e. 500 *batches* for the batched training
 stream (393 MB of 128 px uint8 crops at batch 16, 786 MB of 512 px ones at
 batch 2), prepared at start-up beside the first compilation and steps and
-thrown away at the end. Iterators here prefetch ``config.prefetch_batches``
-batches on ``config.data_threads`` threads instead (flax's ImageNet example
+thrown away at the end. Iterators here prefetch ``config.input.prefetch_batches``
+batches on ``config.input.data_threads`` threads instead (flax's ImageNet example
 and big_vision keep 2 batches ahead); that only bounds how far ahead the
 pipeline runs, so the elements and the checkpointed iterator state are the
 same.
@@ -47,25 +47,25 @@ def _instance_chain(config: ml_collections.ConfigDict,
                     train: bool) -> list[grain.transforms.Map]:
   """Decode, top-down crop (random in training), flip, warp, jitter: the
   per-instance transforms before tokenisation. With
-  ``keypoint_stage='end_to_end'`` the warp puts the whole image on the
+  ``model_name='end_to_end'`` the warp puts the whole image on the
   canvas and the crop becomes ``memory_from_crop`` (`WarpToCanvas`)."""
-  s = config.image_size_px
-  warp = (transforms.WarpToCanvas(s, tuple(config.detector_image_size_px))
-          if config.keypoint_stage == 'end_to_end'
+  s = config.input.image_size_px
+  warp = (transforms.WarpToCanvas(s, tuple(config.detector.image_size_px))
+          if config.model_name == 'end_to_end'
           else transforms.WarpToCrop(s))
   if not train:
     return [transforms.DecodeImage(),
-            transforms.CropAffine(s, config.bbox_scale), warp]
+            transforms.CropAffine(s, config.input.bbox_scale), warp]
   chain = [
       transforms.DecodeImage(),
       transforms.RandomCropAffine(
-          s, config.bbox_scale, tuple(config.scale_range),
-          config.shift_frac, config.rotation_deg),
-      transforms.RandomFlip(s, info.flip_permutations(), config.flip_prob),
+          s, config.input.bbox_scale, tuple(config.input.scale_range),
+          config.input.shift_frac, config.input.rotation_deg),
+      transforms.RandomFlip(s, info.flip_permutations(), config.input.flip_prob),
       warp,
   ]
-  if config.color_jitter > 0:
-    chain.append(transforms.ColorJitter(config.color_jitter))
+  if config.input.color_jitter > 0:
+    chain.append(transforms.ColorJitter(config.input.color_jitter))
   return chain
 
 
@@ -82,7 +82,7 @@ def _tokenize(config: ml_collections.ConfigDict,
               info: dataset.DatasetInfo) -> transforms.Tokenize:
   return transforms.Tokenize(
       vocab_lib.from_config(config), config.max_num_keypoints,
-      info.category_index() if config.category_conditioning else None,
+      info.category_index() if config.vocab.category_conditioning else None,
       unlabelled_absent=info.unlabelled_means == 'absent')
 
 
@@ -104,12 +104,12 @@ def create_train_dataset(config: ml_collections.ConfigDict,
   """Infinite, shuffled, augmented, batched training data (process-local).
 
   Elements are dicts of numpy arrays with a leading local batch dimension:
-  instances (`transforms.Tokenize` fields) or, with ``setting='cape'``,
+  instances (`transforms.Tokenize` fields) or, with ``model_name='cape'``,
   episodes (`episodes.TokenizeEpisode` fields). Iterators of the result
   are checkpointable (``get_state``/``set_state``) for exact resume.
   """
-  source = dataset.data_source(config.dataset_dir, config.train_split)
-  if config.setting == 'cape':
+  source = dataset.data_source(config.input.dataset_dir, config.input.train_split)
+  if config.model_name == 'cape':
     ds = _train_episodes(config, info, source)
   else:
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
@@ -128,7 +128,7 @@ def read_options(config: ml_collections.ConfigDict,
     elements: how many elements (batches in training, examples in
       evaluation) to keep ready ahead of the consumer; >= 1.
   """
-  threads = config.data_threads or min(16, os.cpu_count() or 1)
+  threads = config.input.data_threads or min(16, os.cpu_count() or 1)
   return grain.ReadOptions(num_threads=threads,
                            prefetch_buffer_size=max(1, elements))
 
@@ -136,8 +136,8 @@ def read_options(config: ml_collections.ConfigDict,
 def eval_read_options(config: ml_collections.ConfigDict) -> grain.ReadOptions:
   """`read_options` of the evaluation iterators: ``prefetch_batches``
   local eval batches of examples ahead."""
-  return read_options(config, config.prefetch_batches *
-                      local_batch_size(config.eval_batch_size))
+  return read_options(config, config.input.prefetch_batches *
+                      local_batch_size(config.evals.batch_size))
 
 
 def shard_and_batch(config: ml_collections.ConfigDict,
@@ -148,11 +148,11 @@ def shard_and_batch(config: ml_collections.ConfigDict,
   # Sharded after the (lazy) maps, so an example's augmentation is seeded by
   # its global index: any process count sees the same examples.
   ds = ds[jax.process_index()::jax.process_count()]
-  ds = ds.batch(local_batch_size(config.batch_size), drop_remainder=True)
-  it_ds = ds.to_iter_dataset(read_options(config, config.prefetch_batches))
-  if config.worker_count > 0:
+  ds = ds.batch(local_batch_size(config.input.batch_size), drop_remainder=True)
+  it_ds = ds.to_iter_dataset(read_options(config, config.input.prefetch_batches))
+  if config.input.worker_count > 0:
     it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=config.worker_count))
+        grain.MultiprocessingOptions(num_workers=config.input.worker_count))
   return it_ds
 
 
@@ -161,8 +161,8 @@ def _train_episodes(config: ml_collections.ConfigDict,
   """Endless class-balanced training episodes (`episodes.TrainEpisodes`),
   shuffled per epoch, augmented per instance, tokenised."""
   eps = episodes_lib.TrainEpisodes.from_pool(
-      info.episode_pools[config.train_split],
-      dataset.annotation_index(source), config.num_shots)
+      info.episode_pools[config.input.train_split],
+      dataset.annotation_index(source), config.cape.num_shots)
   ds = grain.MapDataset.range(len(eps)).seed(config.seed).shuffle().repeat()
   return apply_transforms(ds, [
       episodes_lib.DrawEpisode(eps),
@@ -171,8 +171,8 @@ def _train_episodes(config: ml_collections.ConfigDict,
           tuple(_instance_chain(config, info, train=True))),
       episodes_lib.TokenizeEpisode(
           vocab_lib.from_config(config), config.max_num_keypoints,
-          permute=config.cape_permute_keypoints,
-          min_keep_frac=config.cape_min_keep_frac)])
+          permute=config.cape.permute_keypoints,
+          min_keep_frac=config.cape.min_keep_frac)])
 
 
 def create_eval_batches(config: ml_collections.ConfigDict,
@@ -183,13 +183,13 @@ def create_eval_batches(config: ml_collections.ConfigDict,
   Yields:
     see `padded_batches`; `transforms.Tokenize` fields.
   """
-  source = dataset.data_source(config.dataset_dir, split or config.eval_split)
+  source = dataset.data_source(config.input.dataset_dir, split or config.evals.split)
   ds = grain.MapDataset.source(source)
-  if config.num_eval_examples > 0:
-    ds = ds[:config.num_eval_examples]
+  if config.evals.num_examples > 0:
+    ds = ds[:config.evals.num_examples]
   ds = apply_transforms(ds, _instance_chain(config, info, train=False) +
               [_tokenize(config, info)])
-  yield from padded_batches(ds, config.eval_batch_size,
+  yield from padded_batches(ds, config.evals.batch_size,
                             eval_read_options(config))
 
 
@@ -209,7 +209,7 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
   """One pass over evaluation episodes in process-local batches.
 
   Args:
-    config: the run's config (crop, ``cape_eval_permuted``: the keypoints
+    config: the run's config (crop, ``cape.eval_permuted``: the keypoints
       of each episode in a random order, the same in supports and query,
       seeded by ``seed`` and the episode's position).
     info: the data set's info.
@@ -221,12 +221,12 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
   Yields:
     see `padded_batches`; `episodes.TokenizeEpisode` fields.
   """
-  query_source = dataset.data_source(config.dataset_dir, split)
+  query_source = dataset.data_source(config.input.dataset_dir, split)
   support_source = (query_source if support_split == split else
-                    dataset.data_source(config.dataset_dir, support_split))
+                    dataset.data_source(config.input.dataset_dir, support_split))
   ds = grain.MapDataset.source(list(samples)).seed(config.seed)
-  if config.num_eval_examples > 0:
-    ds = ds[:config.num_eval_examples]
+  if config.evals.num_examples > 0:
+    ds = ds[:config.evals.num_examples]
   ds = apply_transforms(ds, [
       _AsEpisode(),
       episodes_lib.LoadEpisode(query_source, support_source),
@@ -234,8 +234,8 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
           tuple(_instance_chain(config, info, train=False))),
       episodes_lib.TokenizeEpisode(
           vocab_lib.from_config(config), config.max_num_keypoints,
-          permute=config.cape_eval_permuted)])
-  yield from padded_batches(ds, config.eval_batch_size,
+          permute=config.cape.eval_permuted)])
+  yield from padded_batches(ds, config.evals.batch_size,
                             eval_read_options(config))
 
 

@@ -31,10 +31,33 @@ def marker_radius(width: int, height: int) -> int:
   return max(2, round(max(width, height) / 160))
 
 
+def _colors_of(shape: tuple[int, int], pose_colors) -> list[list[tuple]]:
+  """[N][K] RGB colours of `draw_pose`'s keypoints (its ``pose_colors``)."""
+  n, k = shape
+  if pose_colors is None:
+    return [keypoint_colors(k)] * n
+  return [[tuple(c)] * k for c in pose_colors]
+
+
+def _shown_and_hollow(kps: np.ndarray, absent: np.ndarray | None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """bool [N, K] each: drawn as a disc, drawn as a hollow circle
+  (`draw_pose`'s ``absent``)."""
+  shown = (kps[..., 2] > 0) & np.all(np.isfinite(kps[..., :2]), axis=-1)
+  hollow = np.zeros(shown.shape, bool)
+  if absent is not None:
+    hollow = np.broadcast_to(np.asarray(absent, bool).reshape(
+        shown.shape), shown.shape) & np.all(np.isfinite(kps[..., :2]), -1)
+    shown = shown & ~hollow
+  return shown, hollow
+
+
 def draw_pose(image: Image.Image, keypoints: np.ndarray,
               category: Category | None = None,
               radius: int | None = None,
-              absent: np.ndarray | None = None) -> Image.Image:
+              absent: np.ndarray | None = None,
+              pose_colors: list[tuple[int, int, int]] | None = None
+              ) -> Image.Image:
   """Draws one or more poses on a copy of ``image``.
 
   Args:
@@ -48,6 +71,8 @@ def draw_pose(image: Image.Image, keypoints: np.ndarray,
     absent: bool [N, K] or [K], keypoints predicted not visible: drawn as
       hollow circles in their colour, without name or skeleton edges (their
       coordinate is the model's best guess, not a sighting).
+    pose_colors: N RGB colours, pose n's keypoints all in colour n (one
+      per identity); default: keypoint k in `keypoint_colors` k.
 
   Returns:
     a new RGB image of the same size.
@@ -56,18 +81,13 @@ def draw_pose(image: Image.Image, keypoints: np.ndarray,
   kps = np.asarray(keypoints, np.float64)
   kps = kps[None] if kps.ndim == 2 else kps  # [N, K, 3]
   radius = radius or marker_radius(*out.size)
-  colors = keypoint_colors(kps.shape[1])
+  per_pose = _colors_of(kps.shape[:2], pose_colors)
   names = category.keypoint_names if category else ()
   skeleton = category.skeleton if category else ()
   draw = ImageDraw.Draw(out)
   font = ImageFont.load_default(size=max(10, 3 * radius))
-  shown = (kps[..., 2] > 0) & np.all(np.isfinite(kps[..., :2]), axis=-1)
-  hollow = np.zeros(shown.shape, bool)
-  if absent is not None:
-    hollow = np.broadcast_to(np.asarray(absent, bool).reshape(
-        shown.shape), shown.shape) & np.all(np.isfinite(kps[..., :2]), -1)
-    shown = shown & ~hollow
-  for pose, ok, empty in zip(kps, shown, hollow):
+  shown, hollow = _shown_and_hollow(kps, absent)
+  for pose, ok, empty, colors in zip(kps, shown, hollow, per_pose):
     for k in np.flatnonzero(empty):
       x, y = pose[k, :2]
       draw.ellipse([x - radius, y - radius, x + radius, y + radius],
@@ -83,7 +103,7 @@ def draw_pose(image: Image.Image, keypoints: np.ndarray,
         draw.text((x + radius + 1, y - radius - 1), names[k], fill=colors[k],
                   font=font, anchor='ls', stroke_width=1,
                   stroke_fill=OUTLINE_RGB)
-  for pose, ok in zip(kps, shown):
+  for pose, ok, colors in zip(kps, shown, per_pose):
     for k in np.flatnonzero(ok):
       x, y = pose[k, :2]
       draw.ellipse([x - radius, y - radius, x + radius, y + radius],

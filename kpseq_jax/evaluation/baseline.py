@@ -28,14 +28,14 @@ def mean_pose(config: ml_collections.ConfigDict) -> dict[int, np.ndarray]:
     crop centre 0.5 where a keypoint is never labelled).
   """
   source = dataset.records_without_images(
-      dataset.data_source(config.dataset_dir, config.train_split))
+      dataset.data_source(config.input.dataset_dir, config.input.train_split))
   sums: dict[int, np.ndarray] = {}
   counts: dict[int, np.ndarray] = {}
   for i in range(len(source)):
     r = source[i]
     cid = int(r['category_id'])
     kps = np.asarray(r['keypoints'], np.float64)
-    m = transforms.crop_matrix(r['bbox'], 1, config.bbox_scale)
+    m = transforms.crop_matrix(r['bbox'], 1, config.input.bbox_scale)
     xy = transforms.apply_affine(m, kps[:, :2])
     lab = (kps[:, 2] > 0)[:, None]
     sums[cid] = sums.get(cid, 0) + np.where(lab, xy, 0)

@@ -3,14 +3,16 @@
 `box_ap` builds in-memory COCO ground truth and results and returns
 pycocotools' own summary (AP averaged over IoU 0.50:0.05:0.95, AP50,
 AP75, AR with up to 100 detections; COCO detection evaluation,
-cocodataset.org/#detection-eval). `DetectionEvaluator` runs a
+cocodataset.org/#detection-eval). `BoxAPEvaluator` (`common.py`) runs a
 `box_predictor.BoxPredictor` over a split's whole images
-(`kpseq_jax/data/detection.py`) and writes, on process 0:
+(`kpseq_jax/data/detection.py`) and yields, for the report
+``<split>_boxes``:
 
-  ``eval_<split>_boxes.json``: the `BoxReport`;
+  ``eval_<split>_boxes.json``: the `BoxReport` (TensorBoard
+    ``eval_<split>_boxes/ap``, ``ap50``, ``ap75``, ``ar100``);
   ``detections_<split>.json``: COCO detection results in image pixels
     (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``),
-    the top ``max_detections`` per image.
+    the top ``detector.max_detections`` per image.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
-import os
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from absl import logging
 import jax
@@ -32,9 +32,9 @@ import tqdm
 
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
+from kpseq_jax.evaluation import common
 from kpseq_jax.inference import box_predictor as box_predictor_lib
 from kpseq_jax.models import box_ops
-from kpseq_jax.runtime import metric_writer as metric_writer_lib
 from kpseq_jax.runtime import sharding
 
 
@@ -53,7 +53,7 @@ class BoxReport:
     ap75: AP at IoU 0.75 (``stats[2]``).
     ar100: recall with up to 100 detections per image (``stats[8]``).
     num_images_without_detection: images whose best score is below
-      ``detection_score_threshold`` (their result is empty where boxes are
+      ``detector.score_threshold`` (their result is empty where boxes are
       used).
     score_threshold: that threshold.
   """
@@ -67,11 +67,6 @@ class BoxReport:
   ar100: float
   num_images_without_detection: int
   score_threshold: float
-
-  def scalars(self) -> dict[str, float]:
-    """TensorBoard scalars ``eval_<split>/box_*``."""
-    return {f'eval_{self.split}/box_{k}': float(getattr(self, k))
-            for k in ('ap', 'ap50', 'ap75', 'ar100')}
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -118,38 +113,55 @@ def box_ap(images: Sequence[dict], ground_truth: Sequence[dict],
               ar100=float(s[8]))
 
 
-class DetectionEvaluator:
-  """Evaluates detector states of one run on one split (box AP).
+class BoxAPEvaluator:
+  """Box AP of the detector's states on one split (module docstring).
 
   Args:
-    config: the run's config.
+    config: the run's config (the detection eval batches).
     info: the data set's `DatasetInfo`.
-    split: the split to evaluate (default ``config.eval_split``).
+    split: the split to evaluate.
+    score_threshold: an image whose best score is below it counts as
+      ``num_images_without_detection``.
   """
 
   def __init__(self, config: ml_collections.ConfigDict,
-               info: dataset.DatasetInfo, split: str | None = None):
-    self.config = config
-    self.info = info
-    self.split = split or config.eval_split
+               info: dataset.DatasetInfo, split: str, score_threshold: float):
+    self.config, self.info, self.split = config, info, split
+    self.score_threshold = score_threshold
+    self.report = f'{split}_boxes'
     self._category_ids = sorted(info.categories)
 
-  def evaluate(self, workdir: str,
-               predictor: box_predictor_lib.BoxPredictor, variables,
-               step: int | None,
-               writer: metric_writer_lib.MetricWriter) -> BoxReport:
-    """Detects on every image of the split and writes the report.
+  def run(self, inputs: common.Inputs) -> Iterator[tuple[str, Any]]:
+    """Detects on every image of the split; yields the `BoxReport` fields
+    and ``detections_<split>.json``."""
+    images, truth, results, without = self._detect(inputs)
+    stats = box_ap(images, truth, results, self._category_ids)
+    report = BoxReport(split=self.split, step=inputs.step,
+                       num_images=len(images), num_instances=len(truth),
+                       num_images_without_detection=without,
+                       score_threshold=self.score_threshold, **stats)
+    logging.info('Eval %s boxes (step %s, %d images, %d boxes): AP %.4f, '
+                 'AP50 %.4f, AP75 %.4f, AR@100 %.4f; %d images without a '
+                 'detection >= %.2f', self.split, inputs.step,
+                 report.num_images, report.num_instances, report.ap,
+                 report.ap50, report.ap75, report.ar100, without,
+                 self.score_threshold)
+    yield from report.to_dict().items()
+    yield f'detections_{self.split}.json', common.File(
+        lambda path: common.write_json(path, results, indent=1))
 
-    Returns:
-      the `BoxReport`, the same on every process.
-    """
-    config, split = self.config, self.split
+  def _detect(self, inputs: common.Inputs
+              ) -> tuple[list[dict], list[dict], list[dict], int]:
+    """(COCO images, ground-truth boxes, detections, images without a
+    detection above the threshold), image pixels."""
+    predictor = inputs.predictor
     images, truth, results = [], [], []
     without = 0
-    bar = tqdm.tqdm(desc=f'eval {split} boxes', unit='image',
+    bar = tqdm.tqdm(desc=f'eval {self.split} boxes', unit='image',
                     disable=jax.process_index() != 0)
-    for local in detection.create_eval_batches(config, self.info, split):
-      det = predictor.predict(local, variables)
+    for local in detection.create_eval_batches(self.config, self.info,
+                                               self.split):
+      det = predictor.predict(local, inputs.variables)
       batch = sharding.gather(sharding.global_batch(
           {k: local[k] for k in ('valid', 'image_id', 'image_size', 'boxes',
                                  'labels', 'box_valid',
@@ -162,46 +174,21 @@ class DetectionEvaluator:
         image_id = int(batch['image_id'][i])
         w, h = batch['image_size'][i]
         images.append({'id': image_id, 'width': float(w), 'height': float(h)})
-        for b, c in zip(gt_px[i][batch['box_valid'][i]],
-                        batch['labels'][i][batch['box_valid'][i]]):
-          truth.append({'image_id': image_id,
-                        'category_id': self._category_ids[int(c)],
-                        'bbox': _xywh(b)})
-        for b, c, s in zip(det.boxes_px[i], det.labels[i], det.scores[i]):
-          results.append({'image_id': image_id,
-                          'category_id': self._category_ids[int(c)],
-                          'bbox': _xywh(b), 'score': float(s)})
-        without += int(det.scores[i].max(initial=0.0)
-                       < config.detection_score_threshold)
+        valid = batch['box_valid'][i]
+        truth += [{'image_id': image_id, 'bbox': _xywh(b),
+                   'category_id': self._category_ids[int(c)]}
+                  for b, c in zip(gt_px[i][valid], batch['labels'][i][valid])]
+        results += [{'image_id': image_id,
+                     'category_id': self._category_ids[int(c)],
+                     'bbox': _xywh(b), 'score': float(s)}
+                    for b, c, s in zip(det.boxes_px[i], det.labels[i],
+                                       det.scores[i])]
+        without += int(det.scores[i].max(initial=0.0) < self.score_threshold)
         bar.update(1)
     bar.close()
-    stats = box_ap(images, truth, results, self._category_ids)
-    report = BoxReport(split=split, step=None if step is None else int(step),
-                       num_images=len(images), num_instances=len(truth),
-                       num_images_without_detection=without,
-                       score_threshold=config.detection_score_threshold,
-                       **stats)
-    logging.info('Eval %s boxes (step %s, %d images, %d boxes): AP %.4f, '
-                 'AP50 %.4f, AP75 %.4f, AR@100 %.4f; %d images without a '
-                 'detection >= %.2f', split, step, report.num_images,
-                 report.num_instances, report.ap, report.ap50, report.ap75,
-                 report.ar100, without, config.detection_score_threshold)
-    if jax.process_index() == 0:
-      _write_json(os.path.join(workdir, f'eval_{split}_boxes.json'),
-                  report.to_dict())
-      _write_json(os.path.join(workdir, f'detections_{split}.json'), results)
-    writer.write_scalars(0 if step is None else int(step), report.scalars())
-    writer.flush()
-    return report
+    return images, truth, results, without
 
 
 def _xywh(xyxy: np.ndarray) -> list[float]:
   x0, y0, x1, y1 = (float(v) for v in xyxy)
   return [x0, y0, x1 - x0, y1 - y0]
-
-
-def _write_json(path: str, value: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)

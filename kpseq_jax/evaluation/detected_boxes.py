@@ -2,28 +2,27 @@
 
 PRTR's two-stage variant (issue 18): the keypoint stage crops the boxes a
 detector found (`box_predictor.ImageDetector`) instead of the annotated
-ones. `evaluate_detected_boxes` measures what that costs on a split: every
+ones. `DetectedBoxesEvaluator` measures what that costs on a split: every
 image is detected once; detections are matched one-to-one to the ground
 truth instances by IoU (pycocotools ``maskUtils.iou`` and
 `scipy.optimize.linear_sum_assignment`, pairs with IoU >= ``iou_threshold``);
 each ground-truth instance is then decoded twice by the same compiled
-keypoint decoder (`predict.CropBatcher`): from its own box and from its
+keypoint decoder (`batchers.CropBatcher`): from its own box and from its
 matched detection. Both are scored by MP-100's PCK (normaliser: the
 ground-truth box, `metrics.PCKAccumulator`) and mean pixel error; an
 instance no detection matched counts as wrong at every keypoint (PCK 0)
 and has no pixel error.
 
-Written to the workdir (``--mode eval`` with ``--detector_config`` and
-``--detector_workdir``): ``eval_<split>_detected_boxes.json``, the
-`DetectedBoxesReport`.
+It yields (`common.py`) the `DetectedBoxesReport` of the report
+``<split>_detected_boxes``: ``eval_<split>_detected_boxes.json``
+(``--mode eval`` with ``--detector_config`` and ``--detector_workdir``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
+from typing import Any, Iterator
 
 from absl import logging
 import jax
@@ -36,11 +35,9 @@ import tqdm
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
 from kpseq_jax.data import transforms
+from kpseq_jax.evaluation import common
 from kpseq_jax.evaluation import metrics
-from kpseq_jax.inference import box_predictor
-from kpseq_jax.inference import predict as predict_lib
-from kpseq_jax.inference import predictor as predictor_lib
-from kpseq_jax.runtime import sharding
+from kpseq_jax.inference import batchers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,133 +115,151 @@ def match_by_iou(detected_xywh: np.ndarray, truth_xywh: np.ndarray,
           if iou[d, g] >= iou_threshold}
 
 
-def evaluate_detected_boxes(config: ml_collections.ConfigDict, workdir: str,
-                            detector: box_predictor.ImageDetector,
-                            split: str | None = None,
-                            iou_threshold: float = 0.5,
-                            pck_alpha: float = 0.2,
-                            out_dir: str | None = None,
-                            predictor: predictor_lib.Predictor | None = None
-                            ) -> DetectedBoxesReport:
+class DetectedBoxesEvaluator:
   """Keypoint figures from detected and from ground-truth boxes (module
-  docstring) of the latest checkpoint in ``workdir``.
+  docstring) of the state `common.Inputs` holds (its keypoint predictor).
 
   Args:
     config: the keypoint run's config.
-    workdir: the keypoint run's directory (latest checkpoint).
+    info: the data set's `DatasetInfo`.
+    split: the split; its first ``config.evals.num_examples`` images when
+      that is > 0.
     detector: the detection stage (``detect(image)`` and ``threshold`` of
       `box_predictor.ImageDetector`).
-    split: default ``config.eval_split``; its first
-      ``config.num_eval_examples`` images when that is > 0.
     iou_threshold: detection-to-instance matching threshold.
     pck_alpha: the PCK threshold (MP-100: 0.2).
-    out_dir: where the report goes (default ``workdir``).
-    predictor: the keypoint decoder of ``workdir``'s latest checkpoint, if
-      already restored (`predictor.Predictor`); else restored here.
 
   Raises:
-    NotImplementedError: on more than one process.
-    FileNotFoundError: no data set or checkpoint.
+    ValueError: no detector.
   """
-  if jax.process_count() > 1:
-    raise NotImplementedError('Evaluation from detected boxes runs on one '
-                              'process.')
-  split = split or config.eval_split
-  info = dataset.load_info(config.dataset_dir)
-  if predictor is None:
-    mesh = sharding.create_mesh(config.mesh_shape)
-    model, state, _ = predictor_lib.restore_state(
-        config, workdir, mesh, info.split_sizes[config.train_split])
-    predictor = predictor_lib.Predictor.from_state(config, model, state, mesh)
-  batcher = predict_lib.make_batcher(config, predictor, info.category_index(),
-                                     detector=detector)
-  source = dataset.data_source(config.dataset_dir, split)
-  groups = detection.image_groups(source)
-  meta = dataset.records_without_images(source)
-  if config.num_eval_examples > 0:
-    groups = groups[:config.num_eval_examples]
-  acc = {'gt': metrics.PCKAccumulator(alpha=pck_alpha),
-         'detected': metrics.PCKAccumulator(alpha=pck_alpha)}
-  counts = dict(instances=0, detections=0, matched=0)
-  seconds = {'detection': [], 'keypoints': []}
-  per_instance = []
-  for group in tqdm.tqdm(groups, desc=f'eval {split} detected boxes',
-                         unit='image'):
-    records = [source[group[0]]] + [meta[j] for j in group[1:]]
+
+  def __init__(self, config: ml_collections.ConfigDict,
+               info: dataset.DatasetInfo, split: str, detector,
+               iou_threshold: float = 0.5, pck_alpha: float = 0.2):
+    if detector is None:
+      raise ValueError('The detected_boxes evaluator needs a detector '
+                       '(--detector_config and --detector_workdir).')
+    self.config, self.info, self.split = config, info, split
+    self.detector = detector
+    self.iou_threshold, self.pck_alpha = iou_threshold, pck_alpha
+    self.report = f'{split}_detected_boxes'
+
+  def run(self, inputs: common.Inputs) -> Iterator[tuple[str, Any]]:
+    """Yields the `DetectedBoxesReport` fields.
+
+    Raises:
+      NotImplementedError: on more than one process.
+    """
+    if jax.process_count() > 1:
+      raise NotImplementedError('Evaluation from detected boxes runs on one '
+                                'process.')
+    batcher = batchers.make_batcher(
+        self.config, inputs.predictor, self.info.category_index(),
+        detector=self.detector)
+    source = dataset.data_source(self.config.input.dataset_dir, self.split)
+    groups = detection.image_groups(source)
+    meta = dataset.records_without_images(source)
+    if self.config.evals.num_examples > 0:
+      groups = groups[:self.config.evals.num_examples]
+    acc = {'gt': metrics.PCKAccumulator(alpha=self.pck_alpha),
+           'detected': metrics.PCKAccumulator(alpha=self.pck_alpha)}
+    images = []
+    for group in tqdm.tqdm(groups, desc=f'eval {self.split} detected boxes',
+                           unit='image'):
+      records = [source[group[0]]] + [meta[j] for j in group[1:]]
+      images.append(self._image(batcher, records))
+      for key in ('gt', 'detected'):
+        acc[key].update(images[-1]['category_ids'], images[-1][key],
+                        images[-1]['keypoints'], images[-1]['truth'])
+    report = self._report(images, acc['gt'].result(),
+                          acc['detected'].result())
+    _log(report)
+    yield from dataclasses.asdict(report).items()
+
+  def _image(self, batcher: batchers.CropBatcher, records: list[dict]
+             ) -> dict[str, Any]:
+    """One image: its instances' keypoints [G, Kmax, 2] pixels decoded from
+    their boxes (``gt``) and from their matched detections (``detected``,
+    NaN when missed), ``keypoints`` [G, Kmax, 3], ``truth`` boxes [G, 4],
+    ``category_ids`` [G], ``instances`` (per-instance rows), counts and
+    wall times."""
     image = transforms.DecodeImage().map(dict(records[0]))['image']
     truth = np.stack([np.asarray(r['bbox'], np.float64) for r in records])
-    cids = [int(r['category_id']) for r in records]
+    cids = np.asarray([int(r['category_id']) for r in records])
     t0 = time.perf_counter()
-    found = detector.detect(image)
+    found = self.detector.detect(image)
     t1 = time.perf_counter()
     match = match_by_iou(np.asarray([b for _, b, _ in found]).reshape(-1, 4),
-                         truth, iou_threshold)
-    gt_px = _keypoints(batcher, image, truth, cids)
+                         truth, self.iou_threshold)
+    gt_px = _keypoints(batcher, image, truth, list(cids))
     t2 = time.perf_counter()
     det_px = np.full_like(gt_px, np.nan)
     if match:
       order = sorted(match)
       det_px[order] = _keypoints(
           batcher, image, np.asarray([found[match[g][0]][1] for g in order]),
-          [cids[g] for g in order])
+          [int(cids[g]) for g in order])
     t3 = time.perf_counter()
-    seconds['detection'].append(t1 - t0)
-    seconds['keypoints'].append(t3 - t2)
     kps = np.stack([_pad(np.asarray(r['keypoints'], np.float32),
                          gt_px.shape[1]) for r in records])
-    for key, px in (('gt', gt_px), ('detected', det_px)):
-      acc[key].update(np.asarray(cids), px, kps, truth)
+    instances = []
     for g, r in enumerate(records):
       d, iou = match.get(g, (None, None))
       box = None if d is None else np.asarray(found[d][1], np.float64)
-      per_instance.append(dict(
+      instances.append(dict(
           image_id=int(r['image_id']), annotation_id=int(r['annotation_id']),
           iou=iou,
           width_ratio=None if d is None else float(box[2] / truth[g][2]),
           height_ratio=None if d is None else float(box[3] / truth[g][3]),
           error_px_gt_box=_instance_error(gt_px[g], kps[g]),
           error_px_detected_box=_instance_error(det_px[g], kps[g])))
-    counts['instances'] += len(records)
-    counts['detections'] += len(found)
-    counts['matched'] += len(match)
-  gt, det = acc['gt'].result(), acc['detected'].result()
-  after_first = lambda v: float(np.mean(v[1:] if len(v) > 1 else v))
-  report = DetectedBoxesReport(
-      split=split, num_images=len(groups), num_instances=counts['instances'],
-      num_detections=counts['detections'], num_matched=counts['matched'],
-      num_missed=counts['instances'] - counts['matched'],
-      num_unmatched_detections=counts['detections'] - counts['matched'],
-      iou_threshold=iou_threshold, score_threshold=detector.threshold,
-      pck_alpha=pck_alpha, pck_gt_boxes=gt.pck,
-      mean_error_px_gt_boxes=gt.mean_error_px,
-      pck_detected_boxes=det.pck,
-      mean_error_px_detected_boxes=det.mean_error_px,
-      seconds_per_image_detection=after_first(seconds['detection']),
-      seconds_per_image_keypoints=after_first(seconds['keypoints']),
-      median_error_px_gt_boxes=_median(per_instance, 'error_px_gt_box'),
-      median_error_px_detected_boxes=_median(per_instance,
-                                             'error_px_detected_box'),
-      instances=per_instance)
+    return dict(gt=gt_px, detected=det_px, keypoints=kps, truth=truth,
+                category_ids=cids, instances=instances,
+                detections=len(found), matched=len(match),
+                seconds_detection=t1 - t0, seconds_keypoints=t3 - t2)
+
+  def _report(self, images: list[dict], gt: metrics.PCKResult,
+              det: metrics.PCKResult) -> 'DetectedBoxesReport':
+    """The report of every image's `_image`."""
+    instances = [i for im in images for i in im['instances']]
+    detections = sum(im['detections'] for im in images)
+    matched = sum(im['matched'] for im in images)
+    after_first = lambda v: float(np.mean(v[1:] if len(v) > 1 else v))
+    seconds = lambda key: after_first([im[key] for im in images])
+    return DetectedBoxesReport(
+        split=self.split, num_images=len(images),
+        num_instances=len(instances), num_detections=detections,
+        num_matched=matched, num_missed=len(instances) - matched,
+        num_unmatched_detections=detections - matched,
+        iou_threshold=self.iou_threshold,
+        score_threshold=self.detector.threshold, pck_alpha=self.pck_alpha,
+        pck_gt_boxes=gt.pck, mean_error_px_gt_boxes=gt.mean_error_px,
+        pck_detected_boxes=det.pck,
+        mean_error_px_detected_boxes=det.mean_error_px,
+        seconds_per_image_detection=seconds('seconds_detection'),
+        seconds_per_image_keypoints=seconds('seconds_keypoints'),
+        median_error_px_gt_boxes=_median(instances, 'error_px_gt_box'),
+        median_error_px_detected_boxes=_median(instances,
+                                               'error_px_detected_box'),
+        instances=instances)
+
+
+def _log(report: 'DetectedBoxesReport') -> None:
   logging.info(
       'Eval %s from detected boxes: %d/%d instances matched (IoU >= %.2f), '
       '%d unmatched detections; PCK@%.2f %.4f vs %.4f from ground-truth '
       'boxes; mean error %.2f vs %.2f px (median per instance %s vs %s); '
-      '%.3f s detection + %.3f s keypoints per image', split,
-      report.num_matched, report.num_instances,
-      iou_threshold, report.num_unmatched_detections, pck_alpha,
+      '%.3f s detection + %.3f s keypoints per image', report.split,
+      report.num_matched, report.num_instances, report.iou_threshold,
+      report.num_unmatched_detections, report.pck_alpha,
       report.pck_detected_boxes, report.pck_gt_boxes,
       report.mean_error_px_detected_boxes, report.mean_error_px_gt_boxes,
       _px(report.median_error_px_detected_boxes),
       _px(report.median_error_px_gt_boxes),
       report.seconds_per_image_detection, report.seconds_per_image_keypoints)
-  path = os.path.join(out_dir or workdir, f'eval_{split}_detected_boxes.json')
-  with open(path + '.tmp', 'w') as f:
-    json.dump(dataclasses.asdict(report), f, indent=1)
-  os.replace(path + '.tmp', path)
-  return report
 
 
-def _keypoints(batcher: predict_lib.CropBatcher, image: np.ndarray,
+def _keypoints(batcher: batchers.CropBatcher, image: np.ndarray,
                boxes_xywh: np.ndarray, category_ids: list[int]) -> np.ndarray:
   """float64 [N, Kmax, 2] image-pixel keypoints decoded from N boxes."""
   crops = [batcher.crop(image, b, c) for b, c in zip(boxes_xywh,

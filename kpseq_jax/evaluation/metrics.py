@@ -1,43 +1,18 @@
-"""PCK (percentage of correct keypoints) exactly as the MP-100 benchmark computes it.
+"""PCK exactly as the MP-100 benchmark computes it; pixel accuracy.
 
-The protocol is the one of MP-100's authors (POMNet, Xu et al., ECCV 2022,
-github.com/luminxu/Pose-for-Everything), shared unchanged by the CAPE
-follow-ups (CapeFormer, GraphCape, PoseAnything):
-
-* ``pomnet/datasets/datasets/mp100/fewshot_base_dataset.py``,
-  ``FewShotBaseDataset._report_metric`` (CapeFormer:
-  ``capeformer/datasets/datasets/mp100/test_base_dataset.py``,
-  ``TestBaseDataset._report_metric``) calls, once per evaluated instance,
-  ``keypoint_pck_accuracy(pred[None], gt[None], mask[None], 0.2,
-  [[s, s]])`` from mmpose 0.x ``mmpose/core/evaluation/top_down_eval.py``
-  with ``s = max(w, h)`` of the instance's ``clean_bbox``, and reports
-  ``np.mean`` of these per-instance values.
-* ``keypoint_pck_accuracy``: a keypoint counts when ``mask`` is set (the
-  query's ``joints_3d_visible = min(1, v) > 0``, i.e. v > 0; in the few-shot
-  setting also the support's, which has no counterpart here); it is correct
-  when ``||(pred - gt) / s|| < 0.2`` (strict; distances held in float32); the
-  instance's value is the fraction of its counted keypoints that are correct,
-  0 if none counts.
-* ``clean_bbox`` (``fewshot_dataset.py`` / ``transformer_dataset.py``,
-  ``_load_coco_keypoint_annotation_kernel``): ``x1 = max(0, x)``,
-  ``x2 = min(W - 1, x1 + max(0, w - 1))``, width ``x2 - x1`` (same for y);
-  instances with ``x2 <= x1`` or ``y2 <= y1``, ``area <= 0``, or no
-  labelled keypoint are not loaded. For a box inside the image (data_prep
-  clips every box to the image) the clean size is ``(w - 1, h - 1)``: the
-  threshold is ``0.2 * (max(w, h) - 1)``. (A raw box sticking out to the
-  left or top is shifted, not clipped, by ``clean_bbox``; data_prep's
-  clipped box differs from it there. The CAPE episode protocol passes the
-  exact clean size, `data_prep.episodes.EpisodePool.clean_bbox`, as
-  ``size``.)
-* Aggregation: the test set is ``num_episodes x num_queries`` queries per
-  category (200 x 15 in the MP-100 configs), so every category carries equal
-  weight; the reported figure's expectation is the mean over categories of
-  each category's mean per-instance PCK. That is ``pck`` here, computed over
-  every instance instead of sampled episodes. The paper tables give it per
-  split and the mean over the five splits.
-
-Also reported, for comparison: the plain mean over instances and the
-keypoint-pooled per-category PCK (this project's earlier definition).
+MP-100's authors' protocol (POMNet, Xu et al., ECCV 2022,
+``FewShotBaseDataset._report_metric`` in Pose-for-Everything's
+``pomnet/datasets/datasets/mp100/fewshot_base_dataset.py``, shared by
+CapeFormer's ``TestBaseDataset._report_metric``): per instance, mmpose 0.x
+``keypoint_pck_accuracy`` (``mmpose/core/evaluation/top_down_eval.py``):
+the fraction of labelled (v > 0) keypoints with ``||(pred - gt) / s|| <
+0.2`` (strict, float32), 0 if none is labelled, ``s = max(w, h)`` of the
+``clean_bbox`` (``max(w, h) - 1`` for a box inside the image, as data_prep
+clips them; CAPE episodes pass the exact clean size as ``size``);
+instances with an empty clean box are not evaluated. ``pck`` is the mean
+over categories of each category's mean (MP-100 draws the same number of
+queries per category); also the plain instance mean and the
+keypoint-pooled figure. More in docs/mp100.md (the PCK protocol).
 """
 
 import collections

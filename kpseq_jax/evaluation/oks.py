@@ -1,51 +1,20 @@
 """OKS keypoint AP/AR by pycocotools' ``COCOeval(iouType='keypoints')``.
 
-The numbers are pycocotools' own: this module only builds in-memory COCO
-ground truth and result objects, picks the per-keypoint OKS sigmas of each
-category, runs one ``COCOeval`` per category and averages its summary over
-categories. Nothing here re-implements matching or AP.
+The numbers are pycocotools' own: this module builds in-memory COCO ground
+truth and results, picks each category's OKS sigmas, runs one ``COCOeval``
+per category and averages its summary over categories. OKS
+(cocodataset.org/#keypoints-eval, ``COCOeval.computeOks``) =
+``mean_i exp(-d_i^2 / (2 area (2 sigma_i)^2))`` over labelled keypoints;
+AP over OKS 0.50:0.05:0.95, at most 20 predictions per image.
 
-OKS (COCO keypoint evaluation, cocodataset.org/#keypoints-eval; pycocotools
-``cocoeval.py``, ``COCOeval.computeOks``) of a prediction d and ground truth
-g with labelled keypoints i (v > 0)::
-
-  OKS = mean_i exp(-d_i^2 / (2 * area * (2 sigma_i)^2))
-
-with d_i the pixel distance and ``area`` the ground truth's area in px^2.
-AP is the mean over OKS thresholds 0.50:0.05:0.95 of the 101-point
-interpolated precision, at most 20 predictions per image (pycocotools
-``Params.setKpParams``).
-
-Conventions (each with its source):
-
-* Sigmas: a category whose keypoints are COCO's 17 person keypoints, in
-  COCO's order (`COCO_PERSON_KEYPOINTS`; in MP-100 the ``person`` category and
-  also ``macaque``, which MacaquePose labels in COCO's layout) gets COCO's
-  person sigmas (`COCO_PERSON_SIGMAS`, pycocotools ``Params.setKpParams``;
-  Ruggero Ronchi & Perona, ICCV 2017, and the COCO keypoint evaluation
-  page). Any other category gets a uniform `DEFAULT_SIGMA` = 0.1, DeepLabCut's
-  default for its OKS mAP (``deeplabcut/core/metrics/distance_metrics.py``,
-  ``compute_oks(..., oks_sigma=0.1)``, and ``deeplabcut/core/metrics/api.py``;
-  DeepLabCut uses the same ``(2 sigma)^2`` convention as pycocotools, in
-  ``calc_object_keypoint_similarity``). A mapping ``{category_id: sigmas}``
-  overrides either.
-* Area: the ground truth's ``area`` when given, else ``0.53 * w * h`` of its
-  box (xtcocotools ``cocoeval.py``, ``COCOeval.computeOks`` and
-  ``evaluateImg`` with ``use_area=False`` or no ``area``: ``gt['bbox'][3] *
-  gt['bbox'][2] * 0.53``; mmpose's ``CocoMetric`` evaluates with xtcocotools
-  and exposes the switch as its ``use_area`` argument).
-* A predicted keypoint that is NaN (not generated) is placed at +inf, so its
-  OKS term is exp(-inf) = 0: it counts as a miss (DeepLabCut does the same,
-  ``pred[np.isnan(pred)] = np.inf``). The prediction's area (used by
-  pycocotools only to ignore unmatched predictions outside an area range)
-  is that of its finite keypoints' extent, as ``COCO.loadRes`` computes it
-  from all keypoints.
-* Instance score: the caller's; `kpseq_jax.inference.results.bbox_keypoint_score` gives mmpose's
-  ``score_mode='bbox_keypoint'`` rescoring.
-* A category whose ground truth has no labelled keypoint at all (every
-  instance is then ignored by ``COCOeval``, whose AP is -1), or that has
-  predictions but no ground truth, is skipped and reported; -1 is never
-  averaged in.
+Conventions: COCO's 17 person keypoints in COCO's order get COCO's sigmas
+(`COCO_PERSON_SIGMAS`, ``Params.setKpParams``); other categories a uniform
+`DEFAULT_SIGMA` = 0.1 (DeepLabCut's ``compute_oks``, same ``(2 sigma)^2``);
+a ``{category_id: sigmas}`` mapping overrides either. Area: the ground
+truth's ``area``, else ``0.53 w h`` of its box (xtcocotools
+``computeOks``). A NaN (not generated) keypoint is put at +inf: a miss, as
+in DeepLabCut. A category with no labelled ground truth, or predictions
+but no ground truth, is skipped and reported; -1 is never averaged in.
 """
 
 import collections
@@ -342,6 +311,37 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
   """
   categories = categories or {}
   sigmas = sigmas or {}
+  gts, dts, num_kp = _checked(ground_truth, predictions)
+  gt_coco, dt_coco = _coco_objects(gts, dts, num_kp)
+  gt_by_cat = collections.defaultdict(list)
+  for g in gts:
+    gt_by_cat[g.category_id].append(g)
+  dt_by_cat = collections.defaultdict(list)
+  for p in dts:
+    dt_by_cat[p.category_id].append(p)
+  per_category = {}
+  for cid in sorted(num_kp):
+    cat = categories.get(cid)
+    name = str(getattr(cat, 'name', '') or '')
+    s, source = resolve_sigmas(
+        cid, num_kp[cid], tuple(getattr(cat, 'keypoint_names', ()) or ()),
+        name, sigmas.get(cid), default_sigma)
+    per_category[cid] = _category_oks(
+        cid, name, num_kp[cid], gt_by_cat[cid], dt_by_cat[cid], gt_coco,
+        dt_coco, s, source)
+  evaluated = [c for c in per_category.values() if c.skipped is None]
+  means = {k: (float(np.mean([getattr(c, k) for c in evaluated]))
+               if evaluated else None) for k in _STATS}
+  return OKSResult(num_categories=len(evaluated), per_category=per_category,
+                   skipped={c: v.skipped for c, v in per_category.items()
+                            if v.skipped is not None}, **means)
+
+
+def _checked(ground_truth: Sequence[GroundTruth],
+             predictions: Sequence[Prediction]
+             ) -> tuple[list[GroundTruth], list[Prediction], dict[int, int]]:
+  """Checked copies of both lists and each category's K (`evaluate_oks`
+  names the errors)."""
   gts = [_check_ground_truth(g, i) for i, g in enumerate(ground_truth)]
   dts = [_check_prediction(p, i) for i, p in enumerate(predictions)]
   images = {g.image_id for g in gts}
@@ -349,7 +349,6 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
     if p.image_id not in images:
       raise ValueError(f'predictions[{i}]: field "image_id" {p.image_id} has '
                        'no ground truth (not an evaluated image)')
-
   num_kp: dict[int, int] = {}
   for field, items in (('ground_truth', gts), ('predictions', dts)):
     for i, x in enumerate(items):
@@ -358,50 +357,34 @@ def evaluate_oks(ground_truth: Sequence[GroundTruth],
         raise ValueError(
             f'{field}[{i}]: field "keypoints" has {len(x.keypoints)} '
             f'keypoints, but category {x.category_id} has {k}')
+  return gts, dts, num_kp
 
-  gt_coco, dt_coco = _coco_objects(gts, dts, num_kp)
-  gt_by_cat = collections.defaultdict(list)
-  for g in gts:
-    gt_by_cat[g.category_id].append(g)
-  dt_by_cat = collections.defaultdict(list)
-  for p in dts:
-    dt_by_cat[p.category_id].append(p)
 
-  per_category, skipped = {}, {}
-  for cid in sorted(num_kp):
-    cat = categories.get(cid)
-    name = str(getattr(cat, 'name', '') or '')
-    s, source = resolve_sigmas(
-        cid, num_kp[cid], tuple(getattr(cat, 'keypoint_names', ()) or ()),
-        name, sigmas.get(cid), default_sigma)
-    g_cat, d_cat = gt_by_cat[cid], dt_by_cat[cid]
-    labelled = sum(int(np.any(g.keypoints[:, 2] > 0)) for g in g_cat)
-    reason = None
-    if not g_cat:
-      reason = 'no ground truth instance'
-    elif not labelled:
-      reason = 'no labelled keypoint in its ground truth'
+def _category_oks(cid: int, name: str, num_keypoints: int,
+                  g_cat: list[GroundTruth], d_cat: list[Prediction],
+                  gt_coco: coco_lib.COCO, dt_coco: coco_lib.COCO | None,
+                  s: np.ndarray, source: str) -> CategoryOKS:
+  """One category's `CategoryOKS` (``skipped`` says why it has none)."""
+  labelled = sum(int(np.any(g.keypoints[:, 2] > 0)) for g in g_cat)
+  reason = None
+  if not g_cat:
+    reason = 'no ground truth instance'
+  elif not labelled:
+    reason = 'no labelled keypoint in its ground truth'
+  stats = dict.fromkeys(_STATS)
+  if reason is None:
+    img_ids = sorted({x.image_id for x in g_cat + d_cat})
+    stats = _coco_eval(gt_coco, dt_coco, cid, img_ids, s)
+    if any(v is None for v in stats.values()):
+      reason = 'COCOeval returned -1 (undefined)'
+  if reason is not None:
     stats = dict.fromkeys(_STATS)
-    if reason is None:
-      img_ids = sorted({x.image_id for x in g_cat + d_cat})
-      stats = _coco_eval(gt_coco, dt_coco, cid, img_ids, s)
-      if any(v is None for v in stats.values()):
-        reason = 'COCOeval returned -1 (undefined)'
-    if reason is not None:
-      skipped[cid] = reason
-      stats = dict.fromkeys(_STATS)
-    per_category[cid] = CategoryOKS(
-        category_id=cid, name=name, num_keypoints=num_kp[cid],
-        num_instances=len(g_cat), num_labelled_instances=labelled,
-        num_area_from_bbox=sum(g.area is None for g in g_cat),
-        num_predictions=len(d_cat), sigma_source=source,
-        sigmas=tuple(float(v) for v in s), skipped=reason, **stats)
-
-  evaluated = [c for c in per_category.values() if c.skipped is None]
-  means = {k: (float(np.mean([getattr(c, k) for c in evaluated]))
-               if evaluated else None) for k in _STATS}
-  return OKSResult(num_categories=len(evaluated), per_category=per_category,
-                   skipped=skipped, **means)
+  return CategoryOKS(
+      category_id=cid, name=name, num_keypoints=num_keypoints,
+      num_instances=len(g_cat), num_labelled_instances=labelled,
+      num_area_from_bbox=sum(g.area is None for g in g_cat),
+      num_predictions=len(d_cat), sigma_source=source,
+      sigmas=tuple(float(v) for v in s), skipped=reason, **stats)
 
 
 def _check_ground_truth(g: GroundTruth, i: int) -> GroundTruth:

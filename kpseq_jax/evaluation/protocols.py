@@ -1,13 +1,13 @@
 """What is evaluated and against what: instances or CAPE episodes.
 
-`evaluate.Evaluator` runs one loop (decode a batch, map to pixels,
-accumulate PCK) for two protocols:
+The keypoint evaluators (`evaluate.py`) score one decoding
+(`common.decode`: decode a batch, map to pixels) of one of two protocols:
 
-* `Instances` (``setting='supervised'``): every instance of the split,
+* `Instances` (``model_name`` not 'cape'): every instance of the split,
   PCK@0.2 by MP-100's protocol with data_prep's in-image box
   (`metrics.py`), the mean over categories of each category's mean; the
   baseline is the mean pose of the training crops (`baseline.py`).
-* `Episodes` (``setting='cape'``): query samples of CAPE episodes
+* `Episodes` (``model_name='cape'``): query samples of CAPE episodes
   (`data_prep.episodes`), as CapeFormer's ``TestBaseDataset._report_metric``
   (``capeformer/datasets/datasets/mp100/test_base_dataset.py``): a keypoint
   counts only if labelled in the query and in every support; the
@@ -38,7 +38,7 @@ SUPPORT_POSE = 'support pose (the supports\' keypoints, at their crop places)'
 
 
 class Instances:
-  """Every instance of a split (``setting='supervised'``).
+  """Every instance of a split (``model_name`` not 'cape').
 
   Args:
     config: the run's config.
@@ -54,8 +54,8 @@ class Instances:
     self.config, self.info, self.split = config, info, split
     self.mean_pose = baseline_lib.mean_pose(config)  # Once per run.
     n = info.split_sizes[split]
-    self.num_samples = (n if config.num_eval_examples <= 0 else
-                        min(config.num_eval_examples, n))
+    self.num_samples = (n if config.evals.num_examples <= 0 else
+                        min(config.evals.num_examples, n))
     self.notes: list[str] = []
 
   def batches(self) -> Iterator[dict]:
@@ -75,16 +75,16 @@ class Instances:
 
 
 class Episodes:
-  """Query samples of CAPE episodes (``setting='cape'``; module docstring).
+  """Query samples of CAPE episodes (``model_name='cape'``; module docstring).
 
   The episode list is drawn here, once per run, and checked against the
   records before anything is trained: a category with too few instances
   raises `data_prep.episodes.InsufficientInstancesError` naming it (or,
-  with ``cape_skip_small_categories``, is skipped and reported), and an
+  with ``cape.skip_small_categories``, is skipped and reported), and an
   episode naming an annotation that has no record is skipped and reported.
 
   Args:
-    config: the run's config (``num_shots``, ``cape_*``).
+    config: the run's config (``cape.*``).
     info: the data set's info (its episode pools).
     split: the evaluated (query) split.
 
@@ -99,29 +99,29 @@ class Episodes:
   def __init__(self, config: ml_collections.ConfigDict,
                info: dataset.DatasetInfo, split: str):
     self.config, self.info, self.split = config, info, split
-    self.support_split = config.cape_support_split or split
+    self.support_split = config.cape.support_split or split
     pool = info.episode_pools[split]
     if self.support_split == split:
       drawn = episodes_lib.make_paired_samples(
-          pool, config.num_shots, config.cape_num_episodes,
-          config.cape_num_queries, config.cape_skip_small_categories)
+          pool, config.cape.num_shots, config.cape.num_episodes,
+          config.cape.num_queries, config.cape.skip_small_categories)
       how = (f'MP-100 protocol (CapeFormer make_paired_samples): '
-             f'{config.cape_num_episodes} episodes x '
-             f'{config.cape_num_queries} queries per category')
+             f'{config.cape.num_episodes} episodes x '
+             f'{config.cape.num_queries} queries per category')
     else:
       drawn = episodes_lib.supports_for_each_query(
-          pool, info.episode_pools[self.support_split], config.num_shots,
-          config.seed, config.cape_skip_small_categories)
+          pool, info.episode_pools[self.support_split], config.cape.num_shots,
+          config.seed, config.cape.skip_small_categories)
       how = (f'every {split} instance a query once, supports from '
              f'{self.support_split}')
     self.samples = drawn.samples  # Annotation ids, for episodes_<split>.jsonl.
     self.notes = [f'category {c} skipped: {n} instances, an episode needs '
                   f'more' for c, n in drawn.skipped.items()]
     query_index = dataset.annotation_index(
-        dataset.data_source(config.dataset_dir, split))
+        dataset.data_source(config.input.dataset_dir, split))
     support_index = query_index if self.support_split == split else (
         dataset.annotation_index(dataset.data_source(
-            config.dataset_dir, self.support_split)))
+            config.input.dataset_dir, self.support_split)))
     self.records, missing = data_episodes.check_samples(
         self.samples, query_index, support_index)
     self.notes += missing
@@ -130,12 +130,12 @@ class Episodes:
     self.clean_size = {a: max(box[2], box[3])
                        for a, box in pool.clean_bbox.items()}
     n = len(self.records)
-    self.num_samples = (n if config.num_eval_examples <= 0 else
-                        min(config.num_eval_examples, n))
+    self.num_samples = (n if config.evals.num_examples <= 0 else
+                        min(config.evals.num_examples, n))
     shuffle = ', keypoints in a random order per episode' if (
-        config.cape_eval_permuted) else ''
+        config.cape.eval_permuted) else ''
     self.description = (
-        f'MP-100 CAPE, {config.num_shots}-shot episodes ({how}{shuffle}); '
+        f'MP-100 CAPE, {config.cape.num_shots}-shot episodes ({how}{shuffle}); '
         'CapeFormer TestBaseDataset._report_metric: per query sample, the '
         'keypoints labelled in the query and every support, PCK@0.2 against '
         '0.2 x max(clean bbox w, h) of the query, 0 for a sample without '
@@ -165,6 +165,6 @@ class Episodes:
 
 def create(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
            split: str) -> Instances | Episodes:
-  """The protocol of ``config.setting`` for ``split``."""
-  return (Episodes if config.setting == 'cape' else Instances)(
+  """The protocol of ``config.model_name`` for ``split``."""
+  return (Episodes if config.model_name == 'cape' else Instances)(
       config, info, split)

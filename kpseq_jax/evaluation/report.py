@@ -1,13 +1,13 @@
-"""The evaluation report (`EvalReport`) and the files written from it.
+"""The keypoint evaluation report: its typed view and its formatting.
 
-`kpseq_jax.evaluation.evaluate` fills an `EvalReport`; `write` saves to the
-workdir, ``<name>`` being the report's name (the split, e.g. ``test``, or
-``test_permuted`` for CAPE episodes asked in a random keypoint order):
-  ``eval_<name>.json``: the report (`EvalReport.to_dict`);
+`EvalReport` is ``eval_<name>.json`` as a dataclass (`from_dict`); the
+evaluators (`pck.py`, `uncertainty.py`) format their parts of
+``eval_<name>.md`` / ``.csv`` and ``pck_curve_<name>.png`` with the
+functions here, and `common.write_report` writes them:
   ``eval_<name>.md`` and ``eval_<name>.csv``: one row per category (PCK@0.2,
     mean pixel error, instances, labelled keypoints, the baseline), then the
-    mean over categories; the Markdown also has the OKS AP, confidence
-    calibration and presence sections (`uncertainty_markdown`);
+    mean over categories; the Markdown then has the OKS AP, confidence
+    calibration and presence sections;
   ``pck_curve_<name>.png``: PCK against the threshold alpha for the model
     and the baseline (mean over categories, and each category when there
     are few).
@@ -16,8 +16,6 @@ workdir, ``<name>`` being the report's name (the split, e.g. ``test``, or
 import csv
 import dataclasses
 import io
-import json
-import os
 from typing import Any
 
 from matplotlib import figure
@@ -132,136 +130,113 @@ class EvalReport:
     """Inverse of `to_dict` (e.g. of a loaded ``eval_<split>.json``)."""
     return cls(**{**d, 'pck_curve': PCKCurve(**d['pck_curve'])})
 
-  def scalars(self) -> dict[str, float]:
-    """TensorBoard scalars under ``eval_<name>/``."""
-    p = f'eval_{self.name}'
-    out = {f'{p}/pck': self.pck, f'{p}/mean_error_px': self.mean_error_px,
-           f'{p}/baseline_pck': self.baseline_pck}
-    for name, v in self.per_category_pck.items():
-      out[f'{p}/pck_per_category/{name}'] = v
-    if self.oks:
-      for key in ('ap', 'ap50', 'ap75', 'ar'):
-        if self.oks.get(key) is not None:
-          out[f'{p}/oks_{key}'] = self.oks[key]
-    if self.calibration:
-      c = self.calibration['alpha_0.2']
-      for key in ('ece', 'auroc'):
-        if c.get(key) is not None:
-          out[f'{p}/confidence_{key}'] = c[key]
-    if self.presence:
-      o = self.presence['overall']
-      for cls in ('present', 'absent'):
-        if o[cls]['f1'] is not None:
-          out[f'{p}/presence_f1_{cls}'] = o[cls]['f1']
-      if o['accuracy'] is not None:
-        out[f'{p}/presence_accuracy'] = o['accuracy']
-    return out
 
-
-def category_rows(report: EvalReport) -> list[dict]:
-  """Table rows: one per category, then ``mean`` (PCK averaged over them)."""
+def category_rows(r: dict[str, Any]) -> list[dict]:
+  """Table rows of a report's values (`EvalReport` fields as a dict): one
+  per category, then ``mean`` (PCK averaged over them)."""
   rows = []
-  for name, pck in report.per_category_pck.items():
+  for name, pck in r['per_category_pck'].items():
     rows.append({
         'category': name,
-        'instances': report.per_category_instances[name],
-        'labelled_keypoints': report.per_category_labelled_keypoints[name],
+        'instances': r['per_category_instances'][name],
+        'labelled_keypoints': r['per_category_labelled_keypoints'][name],
         'pck@0.2': pck,
-        'mean_error_px': report.per_category_error_px[name],
-        'baseline_pck@0.2': report.baseline_per_category_pck.get(name),
+        'mean_error_px': r['per_category_error_px'][name],
+        'baseline_pck@0.2': r['baseline_per_category_pck'].get(name),
         'baseline_mean_error_px':
-            report.baseline_per_category_error_px.get(name)})
+            r['baseline_per_category_error_px'].get(name)})
   rows.append({
-      'category': 'mean', 'instances': report.num_instances,
-      'labelled_keypoints': report.num_labelled_keypoints,
-      'pck@0.2': report.pck, 'mean_error_px': report.mean_error_px,
-      'baseline_pck@0.2': report.baseline_pck,
-      'baseline_mean_error_px': report.baseline_error_px})
+      'category': 'mean', 'instances': r['num_instances'],
+      'labelled_keypoints': r['num_labelled_keypoints'],
+      'pck@0.2': r['pck'], 'mean_error_px': r['mean_error_px'],
+      'baseline_pck@0.2': r['baseline_pck'],
+      'baseline_mean_error_px': r['baseline_error_px']})
   return rows
 
 
-def uncertainty_lines(report: EvalReport) -> list[str]:
-  """One-line summaries of the OKS, calibration and presence sections
-  ('n/a' for an undefined figure, e.g. AUROC with no miss)."""
+def oks_line(o: dict[str, Any]) -> str:
+  """One-line summary of the ``oks`` section ('n/a': undefined)."""
+  return 'OKS ' + ', '.join(
+      f'{k.upper()} {_na(o.get(k))}' for k in ('ap', 'ap50', 'ap75', 'ar')
+  ) + f' ({o.get("num_categories")} categories)'
+
+
+def calibration_lines(c: dict[str, Any]) -> list[str]:
+  """One line per hit threshold of the ``calibration`` section."""
   lines = []
-  if report.oks:
-    o = report.oks
-    lines.append('OKS ' + ', '.join(
-        f'{k.upper()} {_na(o.get(k))}' for k in
-        ('ap', 'ap50', 'ap75', 'ar')) + f' ({o.get("num_categories")} '
-        'categories)')
-  if report.calibration:
-    c = report.calibration
-    for alpha in c['hit_alphas']:
-      a = c[f'alpha_{alpha}']
-      lines.append(
-          f'confidence (radius {c["radius_bins"]} bins) vs hit within '
-          f'{alpha} x size: ECE {_na(a["ece"])}, AUROC {_na(a["auroc"])} '
-          f'({a["num"]} keypoints, accuracy {_na(a["accuracy"])}, mean '
-          f'confidence {_na(a["mean_confidence"])})')
-  if report.presence:
-    o = report.presence['overall']
+  for alpha in c['hit_alphas']:
+    a = c[f'alpha_{alpha}']
     lines.append(
-        f'presence ({o["num"]} keypoints with known truth): accuracy '
-        f'{_na(o["accuracy"])}; F1 present {_na(o["present"]["f1"])}, '
-        f'absent {_na(o["absent"]["f1"])} (support '
-        f'{o["present"]["support"]} / {o["absent"]["support"]})')
+        f'confidence (radius {c["radius_bins"]} bins) vs hit within '
+        f'{alpha} x size: ECE {_na(a["ece"])}, AUROC {_na(a["auroc"])} '
+        f'({a["num"]} keypoints, accuracy {_na(a["accuracy"])}, mean '
+        f'confidence {_na(a["mean_confidence"])})')
   return lines
 
 
-def uncertainty_markdown(report: EvalReport) -> str:
-  """Markdown sections for OKS AP, calibration and presence ('' if none)."""
-  parts = []
-  if report.oks:
-    rows = [('all', report.oks)] + [
-        (f'{cid}', v) for cid, v in report.oks['per_category'].items()]
-    lines = ['## OKS (pycocotools COCOeval, keypoints)', '',
-             '| category | AP | AP50 | AP75 | AR | sigmas |',
-             '|---|---:|---:|---:|---:|---|']
-    for name, v in rows:
-      lines.append(f'| {name} | {_fmt(v.get("ap"))} | {_fmt(v.get("ap50"))} '
-                   f'| {_fmt(v.get("ap75"))} | {_fmt(v.get("ar"))} | '
-                   f'{v.get("sigma_source", "")} |')
-    parts.append('\n'.join(lines))
-  if report.calibration:
-    c = report.calibration
-    lines = ['## Confidence calibration', '',
-             f'Confidence = probability mass within {c["radius_bins"]} bins '
-             'of the decoded x and y bins (product). Hit = within alpha x '
-             'the PCK normaliser.', '',
-             '| hit alpha | radius (bins) | ECE | AUROC |',
-             '|---:|---:|---:|---:|']
-    for alpha in c['hit_alphas']:
-      for r, v in c[f'alpha_{alpha}']['by_radius'].items():
-        lines.append(f'| {alpha} | {r} | {_na(v["ece"])} | '
-                     f'{_na(v["auroc"])} |')
-    for alpha in c['hit_alphas']:
-      t = c[f'alpha_{alpha}']['table']
-      lines += ['', f'Reliability at radius {c["radius_bins"]} (hit alpha '
-                f'{alpha}):', '',
-                '| confidence bin | keypoints | mean confidence | accuracy |',
-                '|---|---:|---:|---:|']
-      for m, n in enumerate(t['count']):
-        if n:
-          lines.append(f'| ({t["edges"][m]:.1f}, {t["edges"][m + 1]:.1f}] '
-                       f'| {n} | {_fmt(t["mean_confidence"][m])} | '
-                       f'{_fmt(t["accuracy"][m])} |')
-    parts.append('\n'.join(lines))
-  if report.presence:
-    p = report.presence
-    lines = ['## Presence', '', p.get('truth', ''), '',
-             '| keypoint | known | accuracy | present P | present R | '
-             'present F1 | absent P | absent R | absent F1 |',
-             '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
-    for name, v in list(p['per_keypoint'].items()) + [('all', p['overall'])]:
-      pr, ab = v['present'], v['absent']
-      lines.append(
-          f'| {name} | {v["num"]} | {_fmt(v["accuracy"])} | '
-          f'{_fmt(pr["precision"])} | {_fmt(pr["recall"])} | '
-          f'{_fmt(pr["f1"])} | {_fmt(ab["precision"])} | '
-          f'{_fmt(ab["recall"])} | {_fmt(ab["f1"])} |')
-    parts.append('\n'.join(lines))
-  return '\n\n'.join(parts) + ('\n' if parts else '')
+def presence_line(p: dict[str, Any]) -> str:
+  """One-line summary of the ``presence`` section."""
+  o = p['overall']
+  return (f'presence ({o["num"]} keypoints with known truth): accuracy '
+          f'{_na(o["accuracy"])}; F1 present {_na(o["present"]["f1"])}, '
+          f'absent {_na(o["absent"]["f1"])} (support '
+          f'{o["present"]["support"]} / {o["absent"]["support"]})')
+
+
+def oks_markdown(oks: dict[str, Any]) -> str:
+  """The Markdown section of OKS AP (all, then per category)."""
+  rows = [('all', oks)] + [(f'{cid}', v)
+                           for cid, v in oks['per_category'].items()]
+  lines = ['## OKS (pycocotools COCOeval, keypoints)', '',
+           '| category | AP | AP50 | AP75 | AR | sigmas |',
+           '|---|---:|---:|---:|---:|---|']
+  for name, v in rows:
+    lines.append(f'| {name} | {_fmt(v.get("ap"))} | {_fmt(v.get("ap50"))} '
+                 f'| {_fmt(v.get("ap75"))} | {_fmt(v.get("ar"))} | '
+                 f'{v.get("sigma_source", "")} |')
+  return '\n'.join(lines)
+
+
+def calibration_markdown(c: dict[str, Any]) -> str:
+  """The Markdown section of the confidence's calibration."""
+  lines = ['## Confidence calibration', '',
+           f'Confidence = probability mass within {c["radius_bins"]} bins '
+           'of the decoded x and y bins (product). Hit = within alpha x '
+           'the PCK normaliser.', '',
+           '| hit alpha | radius (bins) | ECE | AUROC |',
+           '|---:|---:|---:|---:|']
+  for alpha in c['hit_alphas']:
+    for r, v in c[f'alpha_{alpha}']['by_radius'].items():
+      lines.append(f'| {alpha} | {r} | {_na(v["ece"])} | '
+                   f'{_na(v["auroc"])} |')
+  for alpha in c['hit_alphas']:
+    t = c[f'alpha_{alpha}']['table']
+    lines += ['', f'Reliability at radius {c["radius_bins"]} (hit alpha '
+              f'{alpha}):', '',
+              '| confidence bin | keypoints | mean confidence | accuracy |',
+              '|---|---:|---:|---:|']
+    for m, n in enumerate(t['count']):
+      if n:
+        lines.append(f'| ({t["edges"][m]:.1f}, {t["edges"][m + 1]:.1f}] '
+                     f'| {n} | {_fmt(t["mean_confidence"][m])} | '
+                     f'{_fmt(t["accuracy"][m])} |')
+  return '\n'.join(lines)
+
+
+def presence_markdown(p: dict[str, Any]) -> str:
+  """The Markdown section of presence precision/recall per keypoint."""
+  lines = ['## Presence', '', p.get('truth', ''), '',
+           '| keypoint | known | accuracy | present P | present R | '
+           'present F1 | absent P | absent R | absent F1 |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for name, v in list(p['per_keypoint'].items()) + [('all', p['overall'])]:
+    pr, ab = v['present'], v['absent']
+    lines.append(
+        f'| {name} | {v["num"]} | {_fmt(v["accuracy"])} | '
+        f'{_fmt(pr["precision"])} | {_fmt(pr["recall"])} | '
+        f'{_fmt(pr["f1"])} | {_fmt(ab["precision"])} | '
+        f'{_fmt(ab["recall"])} | {_fmt(ab["f1"])} |')
+  return '\n'.join(lines)
 
 
 def _na(v) -> str:
@@ -295,49 +270,28 @@ def to_csv(rows: list[dict]) -> str:
   return buf.getvalue()
 
 
-def plot_pck_curve(report: EvalReport, path: str) -> None:
-  """PNG of PCK against alpha from ``report.pck_curve``."""
-  curve = report.pck_curve
-  alphas = curve.alphas
+def plot_pck_curve(r: dict[str, Any], path: str) -> None:
+  """PNG of PCK against alpha from a report's values (``pck_curve``,
+  ``pck``, ``baseline``, ``baseline_pck``, ``split``, ``checkpoint_step``,
+  ``num_instances``)."""
+  curve = r['pck_curve']
+  alphas = curve['alphas']
   fig = figure.Figure(figsize=(6, 4.2), dpi=100)  # No pyplot: no global state.
   ax = fig.add_subplot()
-  ax.plot(alphas, curve.pck, 'o-', color='tab:blue', lw=2,
-          label=f'model (mean over categories), PCK@0.2 {report.pck:.3f}')
-  ax.plot(alphas, curve.baseline_pck, 's--', color='tab:gray', lw=1.5,
-          label=f'{report.baseline}, PCK@0.2 {report.baseline_pck:.3f}')
-  per_cat = curve.per_category_pck
+  ax.plot(alphas, curve['pck'], 'o-', color='tab:blue', lw=2,
+          label=f'model (mean over categories), PCK@0.2 {r["pck"]:.3f}')
+  ax.plot(alphas, curve['baseline_pck'], 's--', color='tab:gray', lw=1.5,
+          label=f'{r["baseline"]}, PCK@0.2 {r["baseline_pck"]:.3f}')
+  per_cat = curve['per_category_pck']
   if 1 < len(per_cat) <= MAX_CURVES:
     for name, values in per_cat.items():
       ax.plot(alphas, values, lw=0.8, alpha=0.7, label=name)
   ax.axvline(0.2, color='k', lw=0.5, ls=':')
   ax.set(xlim=(0, max(alphas) + 0.02), ylim=(0, 1.02),
          xlabel='threshold alpha (fraction of max(bbox w, h))', ylabel='PCK',
-         title=f'PCK vs threshold: {report.split} split, step '
-         f'{report.checkpoint_step}, {report.num_instances} instances')
+         title=f'PCK vs threshold: {r["split"]} split, step '
+         f'{r["checkpoint_step"]}, {r["num_instances"]} instances')
   ax.grid(alpha=0.3)
   ax.legend(loc='best', fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
-
-
-def write(workdir: str, report: EvalReport) -> dict[str, str]:
-  """Writes ``eval_<name>.json``, the table (Markdown, CSV) and the curve
-  PNG into ``workdir``; returns their paths by kind."""
-  split = report.name
-  rows = category_rows(report)
-  paths = {'json': os.path.join(workdir, f'eval_{split}.json'),
-           'markdown': os.path.join(workdir, f'eval_{split}.md'),
-           'csv': os.path.join(workdir, f'eval_{split}.csv'),
-           'curve': os.path.join(workdir, f'pck_curve_{split}.png')}
-  os.makedirs(workdir, exist_ok=True)
-  with open(paths['json'], 'w') as f:
-    json.dump(report.to_dict(), f, indent=2)
-  with open(paths['markdown'], 'w') as f:
-    f.write(to_markdown(rows))
-    extra = uncertainty_markdown(report)
-    if extra:
-      f.write('\n' + extra)
-  with open(paths['csv'], 'w') as f:
-    f.write(to_csv(rows))
-  plot_pck_curve(report, paths['curve'])
-  return paths

@@ -4,42 +4,29 @@ r"""Videos -> DeepLabCut-format pose tables, labelled videos, plots (``--mode an
       --workdir DIR --videos VIDEO_OR_FOLDER --out OUT \
       [--boxes track|BOXES.json | --detector_config C --detector_workdir D] \
       [--video_batch_size B] [--filter_window 5] [--nolabeled_video] \
-      [--category ID]
+      [--category ID] [--max_animals N]
 
-``--videos``: a video file (.mp4, .avi, ...; see `video.VIDEO_SUFFIXES`) or
-a folder of them (not searched recursively). Every frame is decoded with
-PyAV, cropped by its box, and decoded by the model in batches through the
-one inference path (`predict.CropBatcher` -> `predictor.Predictor`), while
-a background thread decodes and crops the next batches
-(`video.FramePipeline`). Boxes (``--boxes``): none = the whole frame; a
-COCO detections list with ``image_id`` = 0-based frame index
-(`video.BoxFile`); ``track`` = around the previous batch's confident
-keypoints (confidence >= `TRACK_MIN_CONFIDENCE`; `video.Track`), a side at
-most twice the median training box side; none with ``--detector_config``
-and ``--detector_workdir`` = each frame's best box from the trained
-detector (`video.Detected`, PRTR's two-stage variant).
-
-Writes to ``OUT``, per video (``<stem>`` the video's file stem, ``<scorer>``
+``--videos``: a video file or a folder of them (not searched recursively).
+Frames are decoded and cropped in a background thread
+(`video.FramePipeline`) by the boxes of ``--boxes`` (`box_policies`) and
+decoded by `batchers.CropBatcher` -> `predictor.Predictor`. Per video,
+``OUT/<stem><scorer>`` + ``.h5`` / ``.csv`` (DeepLabCut's table,
+`dlc_output`), ``_filtered.h5`` / ``.csv`` (``--filter_window``),
+``_labeled.mp4``, ``_trajectories.png`` (`trajectory_plot`),
+``_captions.txt`` and ``_meta.json`` (`VideoSummary`); ``<scorer>`` is
 ``KPSEQ_resnet<depth>_<category>_step<checkpoint step>``, as DeepLabCut
-names its files ``<stem>DLC_resnet50_...``):
-  ``<stem><scorer>.h5`` / ``.csv``: DeepLabCut's table, one row per decoded
-    frame (`dlc_output`);
-  ``<stem><scorer>_filtered.h5`` / ``.csv``: with ``--filter_window W``, the
-    median-filtered table (DeepLabCut's ``filterpredictions``);
-  ``<stem><scorer>_labeled.mp4``: the video with the poses drawn as the
-    image overlays draw them (`visualize.draw_pose`), from the filtered
-    table when there is one; a keypoint whose likelihood is below the
-    data set's ``pcutoff`` (DeepLabCut's config; 0.6 otherwise) is a
-    hollow circle without its name;
-  ``<stem><scorer>_trajectories.png``: `trajectory_plot`;
-  ``<stem><scorer>_captions.txt``: one `captions.caption` line per frame
-    (filtered table when there is one);
-  ``<stem><scorer>_meta.json``: the `VideoSummary` (frames in the header vs
-    decoded, where decoding stopped and why, frames/s, boxes used).
-A video that cannot be opened is reported (error naming the file) and the
-others are analysed; if none can be, `video.VideoDecodeError` is raised. A
-video that breaks off mid-stream (truncated file) keeps the rows of the
-frames decoded before, and its summary names the frame where it stopped.
+names its files. A video that cannot be opened is reported and the others
+analysed (`video.VideoDecodeError` if none can be); a video that breaks
+off keeps the rows of the frames before, and its summary says where.
+
+``--max_animals N`` (several animals, SLEAP's and DeepLabCut's option; with
+a detector or a box file): each frame's N best boxes are posed (one model
+batch across boxes and frames), `tracked_poses.TrackedPoses` links the
+poses into at most N identities ``track_0`` ..., and per video
+``OUT/<stem><scorer>`` + ``.slp`` (SLEAP), ``.h5`` / ``.csv`` (DeepLabCut's
+multi-animal table, `multi_animal_output`), ``_labeled.mp4`` (one colour
+per identity) and ``_meta.json`` are written (no filtered table, plot or
+captions: those are single-animal).
 """
 
 from __future__ import annotations
@@ -61,22 +48,23 @@ import tqdm
 
 from kpseq_jax.data import dataset
 from kpseq_jax.data import visualize
+from kpseq_jax.inference import batchers
+from kpseq_jax.inference import box_policies
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import dlc_output
-from kpseq_jax.inference import predict as predict_lib
+from kpseq_jax.inference import image_inputs
+from kpseq_jax.inference import multi_animal_output
 from kpseq_jax.inference import predictor as predictor_lib
+from kpseq_jax.inference import tracked_poses
 from kpseq_jax.inference import trajectory_plot
 from kpseq_jax.inference import video as video_lib
 from kpseq_jax.runtime import sharding
 
 DEFAULT_PCUTOFF = 0.6  # DeepLabCut's default config.yaml pcutoff.
-# `video.Track` follows keypoints with at least this confidence. Measured on
-# the open-field video with the 1,500-step dlc_openfield model (2026-11-29):
-# on tracked crops the four body parts have median confidences 0.45-0.57
-# (quartiles 0.33-0.62); with the track's threshold at DeepLabCut's pcutoff
-# of 0.6 it fell back to the (much worse) whole frame most of the time, where
-# the head scores 0.3-0.5 and the tail base ~0.01.
+# `box_policies.Track` follows keypoints with at least this confidence, its
+# own threshold rather than pcutoff (DeepLabCut's likelihood scale); why
+# 0.2: docs/lab_workflow.md (video analysis).
 TRACK_MIN_CONFIDENCE = 0.2
 
 
@@ -95,14 +83,13 @@ class VideoSummary:
       truncated file often just ends). It stopped at frame
       ``frames_decoded`` (0-based), the first one without a row.
     error: FFmpeg's message then.
-    boxes: 'whole frame', 'box file', 'track' or 'detector'.
+    boxes: the box policy's name (`box_policies.BoxPolicy.name`).
     frames_without_box: box file, detector: frames cropped whole for want
       of a box.
     track_lost: track: batches after which the track fell back to the whole
       frame.
     track_reacquired: track without confidence: batches cropped whole to
-      find the animal again (`video.Track`).
-    likelihood: 'confidence' (the model's) or 'nan' (none available).
+      find the animal again (`box_policies.Track`).
     seconds: wall time of decode + model (first batch included).
     frames_per_s: frames_decoded / seconds.
     frames_per_s_after_first_batch: the same without the first batch
@@ -111,6 +98,10 @@ class VideoSummary:
       when decoding keeps up).
     labeled_video_s: time to re-decode, draw and encode the labelled video.
     files: output kind -> path.
+    max_animals: ``--max_animals`` (0: single-animal; the fields below are
+      then not in ``_meta.json``).
+    animals_per_frame: number of animals tracked in a frame -> frames.
+    tracks: the identities' names.
   """
 
   video: str
@@ -126,13 +117,25 @@ class VideoSummary:
   frames_without_box: int = 0
   track_lost: int = 0
   track_reacquired: int = 0
-  likelihood: str = 'nan'
   seconds: float = 0.0
   frames_per_s: float = 0.0
   frames_per_s_after_first_batch: float = 0.0
   model_wait_s: float = 0.0
   labeled_video_s: float = 0.0
   files: dict[str, str] = dataclasses.field(default_factory=dict)
+  max_animals: int = 0
+  animals_per_frame: dict[str, int] = dataclasses.field(default_factory=dict)
+  tracks: list[str] = dataclasses.field(default_factory=list)
+
+  def write_meta(self, path: Path) -> None:
+    """``_meta.json``: the fields, without the multi-animal ones for a
+    single-animal run (its file as before ``--max_animals``)."""
+    self.files['meta'] = str(path)
+    meta = dataclasses.asdict(self)
+    if not self.max_animals:
+      for name in ('max_animals', 'animals_per_frame', 'tracks'):
+        del meta[name]
+    path.write_text(json.dumps(meta, indent=1) + '\n')
 
 
 def list_videos(videos: str) -> list[Path]:
@@ -158,20 +161,7 @@ def scorer_name(config: ml_collections.ConfigDict, category_name: str,
                 step: int) -> str:
   """``KPSEQ_resnet<depth>_<category>_step<step>`` (file-name safe)."""
   cat = re.sub(r'[^A-Za-z0-9]+', '', category_name) or 'pose'
-  return f'KPSEQ_resnet{config.backbone_depth}_{cat}_step{int(step)}'
-
-
-def make_boxes(boxes: str | None, min_confidence: float,
-               max_size_px: float | None = None, detector=None):
-  """``--boxes`` -> a box policy of `video` (None, 'track' or a file;
-  None with a ``detector``: `video.Detected`)."""
-  if not boxes:
-    return (video_lib.WholeFrame() if detector is None
-            else video_lib.Detected(detector))
-  if boxes == 'track':
-    return video_lib.Track(min_confidence=min_confidence,
-                           max_size_px=max_size_px)
-  return video_lib.BoxFile(boxes)
+  return f'KPSEQ_resnet{config.model.resnet.depth}_{cat}_step{int(step)}'
 
 
 def typical_box_px(dataset_dir: str, split: str,
@@ -186,18 +176,13 @@ def typical_box_px(dataset_dir: str, split: str,
 
 
 def likelihood_of(pred: predictor_lib.Prediction, k: int) -> np.ndarray:
-  """float [b, k] in [0, 1]: ``pred.confidence`` (the probability mass
-  around the decoded coordinates), times ``pred.presence`` (the probability
-  that the body part is visible) when the model has an ``<absent>`` token;
-  NaN when the model gives no confidence (see `dlc_output`)."""
-  conf = getattr(pred, 'confidence', None)
-  b = len(pred.num_keypoints)
-  if conf is None:
-    return np.full([b, k], np.nan)
-  out = np.asarray(conf, np.float64)[:, :k]
-  presence = getattr(pred, 'presence', None)
-  if presence is not None:
-    out = out * np.asarray(presence, np.float64)[:, :k]
+  """float [b, k] in [0, 1] (NaN where not generated): ``pred.confidence``
+  (the probability mass around the decoded coordinates), times
+  ``pred.presence`` (the probability that the body part is visible) when
+  the model has an ``<absent>`` token."""
+  out = np.asarray(pred.confidence, np.float64)[:, :k]
+  if pred.presence is not None:
+    out = out * np.asarray(pred.presence, np.float64)[:, :k]
   return out
 
 
@@ -211,8 +196,8 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
             out_dir: str, boxes: str | None = None,
             category_id: int | None = None, batch_size: int | None = None,
             filter_window: int = 0, labeled_video: bool = True,
-            detector: box_predictor.ImageDetector | None = None
-            ) -> list[VideoSummary]:
+            detector: box_predictor.ImageDetector | None = None,
+            max_animals: int | None = None) -> list[VideoSummary]:
   """Analyses every video; see the module docstring.
 
   Args:
@@ -220,13 +205,16 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     workdir: the trained run (latest checkpoint).
     videos: a video file or folder.
     out_dir: output folder (created).
-    boxes: None (whole frame), 'track' or a detections file.
+    boxes: None (whole frame), 'track' or a detections file
+      (`box_policies.make_policy`).
     category_id: the category of the animal (default: the only one).
-    batch_size: frames per model call (default ``config.eval_batch_size``).
+    batch_size: frames per model call (default ``config.evals.batch_size``).
     filter_window: odd median filter window in frames; 0 = none.
     labeled_video: write ``_labeled.mp4``.
     detector: with ``boxes`` None, each frame's box is this detector's
-      best (`video.Detected`).
+      best (`box_policies.Detected`).
+    max_animals: several animals (module docstring): each frame's best
+      boxes of ``detector`` or ``boxes`` file, tracked into identities.
 
   Returns:
     The summaries of the videos analysed.
@@ -234,8 +222,90 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   Raises:
     FileNotFoundError: no checkpoint, data set or video.
     video.VideoDecodeError: no video could be opened.
-    ValueError: bad --boxes file, category or filter window.
+    ValueError: bad --boxes file, category, filter window or
+      --max_animals (`_check_max_animals`).
     NotImplementedError: on more than one process.
+  """
+  _check_max_animals(max_animals, boxes, detector, filter_window)
+  probed, failed = _videos_to_analyze(videos, boxes, filter_window)
+  info = dataset.load_info(config.input.dataset_dir)
+  category = info.categories[image_inputs.choose_category(info, category_id)]
+  batcher, step = _restore_batcher(config, workdir, info, batch_size,
+                                   None if boxes else detector)
+  outputs = _Outputs(category, scorer_name(config, category.name, step),
+                     out_dir, filter_window, labeled_video,
+                     _pcutoff(config.input.dataset_dir), max_animals or 0)
+  os.makedirs(out_dir, exist_ok=True)
+  # Track: a box side is at most twice the training boxes' typical side.
+  typical = (typical_box_px(config.input.dataset_dir, config.input.train_split)
+             if boxes == 'track' else None)
+  summaries = []
+  for vinfo in probed:
+    policy = box_policies.make_policy(boxes, TRACK_MIN_CONFIDENCE,
+                                      typical and 2 * typical, detector,
+                                      max_boxes=max_animals or 1)
+    try:
+      summaries.append(analyze_video(vinfo, batcher, policy, outputs))
+    except video_lib.VideoDecodeError as e:  # Opens, but no frame decodes.
+      logging.error('%s', e)
+      failed.append(e)
+  return _analysed(summaries, failed)
+
+
+def _analysed(summaries: list[VideoSummary],
+              failed: list[video_lib.VideoDecodeError]) -> list[VideoSummary]:
+  """``summaries`` after logging the videos not analysed; the first error
+  is raised when none was."""
+  if not summaries:
+    raise failed[0]
+  for e in failed:
+    logging.error('Not analysed: %s', e)
+  return summaries
+
+
+def _check_max_animals(max_animals: int | None, boxes: str | None,
+                       detector, filter_window: int) -> None:
+  """Raises ValueError unless ``--max_animals`` is unset, or >= 1 with a
+  detector or a box file and without ``--filter_window``."""
+  if max_animals is None:
+    return
+  if max_animals < 1:
+    raise ValueError(f'--max_animals {max_animals}: must be >= 1.')
+  if boxes == 'track' or (not boxes and detector is None):
+    raise ValueError(
+        '--max_animals needs several boxes per frame: pass '
+        '--detector_config/--detector_workdir (or a --boxes detections '
+        f'file), not {"--boxes track" if boxes else "the whole frame"}.')
+  if filter_window:
+    raise ValueError('--filter_window filters the single-animal table; it '
+                     'does not combine with --max_animals.')
+
+
+def _restore_batcher(config: ml_collections.ConfigDict, workdir: str,
+                     info: dataset.DatasetInfo, batch_size: int | None,
+                     detector: box_predictor.ImageDetector | None
+                     ) -> tuple[batchers.CropBatcher, int]:
+  """(batcher of the workdir's latest weights, checkpoint step)."""
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model, variables, step = predictor_lib.restore_variables(config, workdir,
+                                                          mesh)
+  batcher = batchers.make_batcher(
+      config, predictor_lib.Predictor(config, model, variables, mesh),
+      info.category_index(), batch_size, detector=detector)
+  return batcher, step
+
+
+def _videos_to_analyze(videos: str, boxes: str | None, filter_window: int
+                       ) -> tuple[list[video_lib.VideoInfo],
+                                  list[video_lib.VideoDecodeError]]:
+  """(headers of the videos that open, errors of the others), before the
+  model is restored (fail fast).
+
+  Raises:
+    NotImplementedError: on more than one process.
+    ValueError: bad filter window; a box file with several videos.
+    FileNotFoundError: no video (`list_videos`).
+    video.VideoDecodeError: none opens (the first one's error).
   """
   if jax.process_count() > 1:
     raise NotImplementedError('--mode analyze runs on one process.')
@@ -246,7 +316,7 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
     raise ValueError('--boxes FILE names frames of one video; pass one video '
                      'with it (or --boxes track).')
   probed, failed = [], []
-  for path in paths:  # Before the model is restored: fail fast.
+  for path in paths:
     try:
       probed.append(video_lib.probe(path))
     except video_lib.VideoDecodeError as e:
@@ -254,86 +324,124 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
       failed.append(e)
   if not probed:
     raise failed[0]
-  info = dataset.load_info(config.dataset_dir)
-  cid = predict_lib.choose_category(info, category_id)
-  category = info.categories[cid]
-  pcutoff = _pcutoff(config.dataset_dir)
-  mesh = sharding.create_mesh(config.mesh_shape)
-  model, state, step = predictor_lib.restore_state(
-      config, workdir, mesh, info.split_sizes[config.train_split])
-  batcher = predict_lib.make_batcher(
-      config, predictor_lib.Predictor.from_state(config, model, state, mesh),
-      info.category_index(), batch_size,
-      detector=None if boxes else detector)
-  scorer = scorer_name(config, category.name, step)
-  os.makedirs(out_dir, exist_ok=True)
-  # Track: a box side is at most twice the training boxes' typical side.
-  # Its confidence threshold is its own (`TRACK_MIN_CONFIDENCE`), not the
-  # project's pcutoff, which is on DeepLabCut's likelihood scale.
-  typical = (typical_box_px(config.dataset_dir, config.train_split)
-             if boxes == 'track' else None)
-  summaries = []
-  for vinfo in probed:
-    try:
-      summaries.append(analyze_video(
-          vinfo, batcher,
-          make_boxes(boxes, TRACK_MIN_CONFIDENCE, typical and 2 * typical,
-                     detector),
-          category, scorer, out_dir, filter_window, labeled_video, pcutoff))
-    except video_lib.VideoDecodeError as e:  # Opens, but no frame decodes.
-      logging.error('%s', e)
-      failed.append(e)
-  if not summaries:
-    raise failed[0]
-  for e in failed:
-    logging.error('Not analysed: %s', e)
-  return summaries
+  return probed, failed
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outputs:
+  """What every video's files share (`write_outputs`)."""
+
+  category: object  # dataset.Category: names, skeleton, K.
+  scorer: str
+  out_dir: str
+  filter_window: int
+  labeled_video: bool
+  pcutoff: float
+  max_animals: int = 0  # 0: single-animal outputs.
+
+
+def _predict_all(batcher: batchers.CropBatcher, crops: list[dict]
+                 ) -> predictor_lib.Prediction:
+  """`batchers.CropBatcher.predict_crops` of any number of crops (in calls
+  of at most ``batcher.batch_size``), rows in the order of ``crops``."""
+  parts = [batcher.predict_crops(crops[i:i + batcher.batch_size])
+           for i in range(0, len(crops), batcher.batch_size)]
+  if len(parts) == 1:
+    return parts[0]
+  return dataclasses.replace(parts[0], **{
+      f.name: (None if getattr(parts[0], f.name) is None else
+               np.concatenate([getattr(p, f.name) for p in parts]))
+      for f in dataclasses.fields(parts[0])})
+
+
+def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
+                  policy: box_policies.BoxPolicy, category_id: int, k: int,
+                  width: int, height: int
+                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Boxes (if the pipeline left them to us), crops and decodes a batch:
+  all boxes of all its frames in one `_predict_all`.
+
+  Returns:
+    Per frame of the batch, (float [N_f, K, 2] pixels, float [N_f, K]
+    likelihood): the pose of each of its boxes, best box first (also given
+    to ``policy.update``).
+  """
+  if batch.crops is None:  # Boxes from the previous batch's poses
+    policy.see(batch.start, batch.frames)  # or from the frames.
+    batch.boxes = [policy.boxes(batch.start + j, width, height)
+                   for j in range(len(batch.frames))]
+    batch.crops = [[batcher.crop(f, b, category_id) for b in bs]
+                   for f, bs in zip(batch.frames, batch.boxes)]
+  pred = _predict_all(batcher, [c for cs in batch.crops for c in cs])
+  kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [sum N_f, K, 2]
+  lk = likelihood_of(pred, k)  # [sum N_f, K]
+  split = np.cumsum([len(cs) for cs in batch.crops])[:-1]
+  kp_frames, lk_frames = np.split(kp, split), np.split(lk, split)
+  policy.update(kp_frames, lk_frames, width, height)
+  return kp_frames, lk_frames
+
+
+class _FirstPoses:
+  """Single-animal rows: each frame's first (best) box's pose."""
+
+  def __init__(self):
+    self.keypoints, self.likelihood = [], []
+
+  def add(self, frame: int, kp: np.ndarray, lk: np.ndarray, box_scores):
+    del frame, box_scores
+    self.keypoints.append(kp[0])
+    self.likelihood.append(lk[0])
 
 
 def analyze_video(vinfo: video_lib.VideoInfo,
-                  batcher: predict_lib.CropBatcher, policy,
-                  category, scorer: str, out_dir: str, filter_window: int,
-                  labeled_video: bool, pcutoff: float) -> VideoSummary:
-  """One video: decode + model, then tables, labelled video, plot, captions.
+                  batcher: batchers.CropBatcher,
+                  policy: box_policies.BoxPolicy,
+                  outputs: _Outputs) -> VideoSummary:
+  """One video: decode + model (+ tracking with ``outputs.max_animals``),
+  then its files (`write_outputs` or `write_tracked_outputs`).
 
   Raises:
     video.VideoDecodeError: not one frame decodes.
   """
-  k = category.num_keypoints
+  category = outputs.category
   w, h = vinfo.width, vinfo.height
-  stem = Path(vinfo.path).stem
-  summary = VideoSummary(video=vinfo.path, scorer=scorer, width=w, height=h,
-                         fps=vinfo.fps, frames_in_header=vinfo.num_frames,
-                         boxes=policy.name)
+  summary = VideoSummary(video=vinfo.path, scorer=outputs.scorer, width=w,
+                         height=h, fps=vinfo.fps,
+                         frames_in_header=vinfo.num_frames, boxes=policy.name,
+                         max_animals=outputs.max_animals)
   pipeline = video_lib.FramePipeline(
       vinfo.path, batcher.batch_size, policy,
       lambda frame, box: batcher.crop(frame, box, category.id), w, h)
-  keypoints, likelihood = [], []
-  bar = tqdm.tqdm(total=vinfo.num_frames or None, desc=stem, unit='frame')
-  t0 = time.perf_counter()
-  t_first = None
-  try:
+  rows = (tracked_poses.TrackedPoses(outputs.max_animals,
+                                     category.num_keypoints)
+          if outputs.max_animals else _FirstPoses())
+  t0, t_first, first = time.perf_counter(), None, 0
+  with tqdm.tqdm(total=vinfo.num_frames or None, desc=Path(vinfo.path).stem,
+                 unit='frame') as bar:
     for batch in pipeline:
-      if batch.crops is None:  # Boxes from the previous batch's poses
-        if isinstance(policy, video_lib.Detected):  # or from the frames.
-          policy.see(batch.start, batch.frames)
-        batch.boxes = [policy.box(batch.start + j, w, h)
-                       for j in range(len(batch.frames))]
-        batch.crops = [batcher.crop(f, b, category.id)
-                       for f, b in zip(batch.frames, batch.boxes)]
-      pred = batcher.predict_crops(batch.crops)
-      kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [b, K, 2]
-      lk = likelihood_of(pred, k)  # [b, K]
-      policy.update(kp, lk, w, h)
-      keypoints.append(kp)
-      likelihood.append(lk)
-      if t_first is None:
-        t_first = time.perf_counter()
-        summary.likelihood = ('nan' if getattr(pred, 'confidence', None) is None
-                              else 'confidence')
+      kp, lk = _decode_batch(batch, batcher, policy, category.id,
+                             category.num_keypoints, w, h)
+      for j, (kp_f, lk_f) in enumerate(zip(kp, lk)):
+        rows.add(batch.start + j, kp_f, lk_f,
+                 policy.box_scores(batch.start + j))
+      t_first, first = t_first or time.perf_counter(), first or len(kp)
       bar.update(len(batch.frames))
-  finally:
-    bar.close()
+  _fill_timing(summary, vinfo, pipeline, t0, t_first, first)
+  for name, value in policy.counts().items():
+    setattr(summary, name, value)
+  if outputs.max_animals:
+    write_tracked_outputs(vinfo, rows, summary, outputs)
+  else:
+    write_outputs(vinfo, np.stack(rows.keypoints), np.stack(rows.likelihood),
+                  summary, outputs)
+  return summary
+
+
+def _fill_timing(summary: VideoSummary, vinfo: video_lib.VideoInfo,
+                 pipeline: video_lib.FramePipeline, t0: float,
+                 t_first: float, first: int) -> None:
+  """Frames decoded, where decoding stopped, and rates (frames/s) of the
+  whole run and after the first batch (``first`` frames, compilation)."""
   t1 = time.perf_counter()
   status = pipeline.status
   n = status.frames_decoded
@@ -342,13 +450,9 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   summary.error = status.error
   summary.seconds = t1 - t0
   summary.frames_per_s = n / max(summary.seconds, 1e-9)
-  first = len(keypoints[0])
   summary.frames_per_s_after_first_batch = (
       (n - first) / max(t1 - t_first, 1e-9) if n > first else 0.0)
   summary.model_wait_s = pipeline.wait_s
-  summary.frames_without_box = getattr(policy, 'frames_without_box', 0)
-  summary.track_lost = getattr(policy, 'lost', 0)
-  summary.track_reacquired = getattr(policy, 'reacquired', 0)
   logging.info('%s: %d frames in %.1f s, %.1f frames/s (%.1f after the first '
                'batch; model waited %.1f s for frames)', vinfo.path, n,
                summary.seconds, summary.frames_per_s,
@@ -359,56 +463,86 @@ def analyze_video(vinfo: video_lib.VideoInfo,
                     vinfo.path, n, vinfo.num_frames,
                     f' ({status.error})' if status.error else '', n)
 
-  write_outputs(vinfo, np.concatenate(keypoints), np.concatenate(likelihood),
-                category, summary, out_dir, filter_window, labeled_video,
-                pcutoff)
-  return summary
-
 
 def write_outputs(vinfo: video_lib.VideoInfo, xy: np.ndarray,
-                  lk: np.ndarray, category, summary: VideoSummary,
-                  out_dir: str, filter_window: int, labeled_video: bool,
-                  pcutoff: float) -> None:
+                  lk: np.ndarray, summary: VideoSummary,
+                  outputs: _Outputs) -> None:
   """Writes a video's files (module docstring) and lists them in
   ``summary.files``; the summary itself last, as ``_meta.json``.
 
   Args:
     xy: float [N, K, 2] pixels per decoded frame; lk: float [N, K]
-      likelihood (confidence or NaN).
+      likelihood (`likelihood_of`).
   """
+  category, pcutoff = outputs.category, outputs.pcutoff
   names = captions_lib.keypoint_names(category.keypoint_names,
                                       category.num_keypoints)
-  scorer, w, h = summary.scorer, vinfo.width, vinfo.height
-  stem = Path(vinfo.path).stem
-  base = Path(out_dir) / f'{stem}{scorer}'
-  table = dlc_output.pose_table(xy, lk, names, scorer)
+  base = Path(outputs.out_dir) / f'{Path(vinfo.path).stem}{summary.scorer}'
+  with_suffix = lambda tail: base.with_name(base.name + tail)
+  table = dlc_output.pose_table(xy, lk, names, summary.scorer)
   h5, csv = dlc_output.write_table(table, base.with_suffix('.h5'))
   summary.files.update(h5=str(h5), csv=str(csv))
-  if filter_window:
-    table = dlc_output.median_filter(table, filter_window)
-    fh5, fcsv = dlc_output.write_table(
-        table, base.with_name(base.name + '_filtered.h5'))
+  if outputs.filter_window:
+    table = dlc_output.median_filter(table, outputs.filter_window)
+    fh5, fcsv = dlc_output.write_table(table, with_suffix('_filtered.h5'))
     summary.files.update(filtered_h5=str(fh5), filtered_csv=str(fcsv))
     xy, lk = dlc_output.table_arrays(table)
-  captions_path = base.with_name(base.name + '_captions.txt')
+  captions_path = with_suffix('_captions.txt')
   captions_path.write_text(''.join(captions_lib.caption(p, names) + '\n'
                                    for p in xy))
   summary.files['captions'] = str(captions_path)
-  plot = base.with_name(base.name + '_trajectories.png')
-  trajectory_plot.plot_trajectories(xy, lk, names, w, h, plot, pcutoff,
-                                    title=f'{Path(vinfo.path).name} ({scorer})')
+  plot = with_suffix('_trajectories.png')
+  trajectory_plot.plot_trajectories(
+      xy, lk, names, vinfo.width, vinfo.height, plot, pcutoff,
+      title=f'{Path(vinfo.path).name} ({summary.scorer})')
   summary.files['trajectories'] = str(plot)
-  if labeled_video:
-    out = base.with_name(base.name + '_labeled.mp4')
+  if outputs.labeled_video:
+    out = with_suffix('_labeled.mp4')
     t = time.perf_counter()
     write_labeled_video(vinfo, xy, lk, category, out, pcutoff)
     summary.labeled_video_s = time.perf_counter() - t
     logging.info('%s: labelled video in %.1f s -> %s', vinfo.path,
                  summary.labeled_video_s, out)
     summary.files['labeled_video'] = str(out)
-  meta = base.with_name(base.name + '_meta.json')
-  summary.files['meta'] = str(meta)
-  meta.write_text(json.dumps(dataclasses.asdict(summary), indent=1) + '\n')
+  summary.write_meta(with_suffix('_meta.json'))
+
+
+def write_tracked_outputs(vinfo: video_lib.VideoInfo,
+                          tracked: tracked_poses.TrackedPoses,
+                          summary: VideoSummary, outputs: _Outputs) -> None:
+  """A multi-animal video's files (module docstring): ``.slp``, the
+  DeepLabCut multi-animal ``.h5``/``.csv``, ``_labeled.mp4`` (colour by
+  identity), ``_meta.json`` last; each listed in ``summary.files``."""
+  category = outputs.category
+  names = captions_lib.keypoint_names(category.keypoint_names,
+                                      category.num_keypoints)
+  base = Path(outputs.out_dir) / f'{Path(vinfo.path).stem}{summary.scorer}'
+  with_suffix = lambda tail: base.with_name(base.name + tail)
+  xy, point_scores, instance_scores, ids = tracked.arrays()
+  tracks = tracked.track_names()
+  summary.tracks = tracks
+  summary.animals_per_frame = {
+      str(n): c for n, c in sorted(tracked.animals_per_frame.items())}
+  slp = multi_animal_output.write_slp(
+      base.with_suffix('.slp'), vinfo.path, xy, point_scores,
+      instance_scores, ids, tracks, names, category.skeleton,
+      tracked.frame_indices)
+  table = multi_animal_output.dlc_tracks_table(
+      xy, point_scores, ids, tracks, names, summary.scorer,
+      num_frames=len(xy), frame_indices=tracked.frame_indices)
+  h5, csv = multi_animal_output.write_dlc_tracks(table,
+                                                 base.with_suffix('.h5'))
+  summary.files.update(slp=str(slp), h5=str(h5), csv=str(csv))
+  logging.info('%s: animals per frame %s, tracks %s -> %s', vinfo.path,
+               summary.animals_per_frame, tracks, slp)
+  if outputs.labeled_video:
+    out = with_suffix('_labeled.mp4')
+    t = time.perf_counter()
+    write_labeled_video(vinfo, xy, point_scores, category, out,
+                        outputs.pcutoff, track_ids=ids)
+    summary.labeled_video_s = time.perf_counter() - t
+    summary.files['labeled_video'] = str(out)
+  summary.write_meta(with_suffix('_meta.json'))
 
 
 def drawable(xy: np.ndarray, likelihood: np.ndarray,
@@ -430,27 +564,43 @@ def drawable(xy: np.ndarray, likelihood: np.ndarray,
 
 def write_labeled_video(vinfo: video_lib.VideoInfo, xy: np.ndarray,
                         likelihood: np.ndarray, category, out: str | Path,
-                        pcutoff: float) -> int:
+                        pcutoff: float, track_ids: np.ndarray | None = None
+                        ) -> int:
   """Re-decodes the video and draws row i of the table on frame i.
 
   Args:
     vinfo: the video (`video.probe`).
-    xy: float [N, K, 2] pixels; likelihood: float [N, K].
+    xy: float [N, K, 2] pixels; likelihood: float [N, K]. With
+      ``track_ids``: [N, A, K, 2] and [N, A, K], A animals per frame.
     category: skeleton and names (`visualize.draw_pose`).
     out: the .mp4 to write.
     pcutoff: see `drawable`.
+    track_ids: int [N, A] identity of each animal (-1: none): every
+      keypoint of identity t in `identity_colors` t; without it keypoint k
+      in colour k.
 
   Returns:
     Frames written (min(N, frames decodable)).
   """
   poses, hollow = drawable(xy, likelihood, pcutoff)
+  palette = identity_colors(
+      0 if track_ids is None else int(np.max(track_ids, initial=-1)) + 1)
+  colors = lambda i: (None if track_ids is None else
+                      [palette[t] if t >= 0 else (0, 0, 0)
+                       for t in track_ids[i]])
   status = video_lib.DecodeStatus()
   written = 0
   with video_lib.VideoWriter(out, vinfo.width, vinfo.height, vinfo.fps) as w:
     for i, frame in enumerate(video_lib.decode_frames(vinfo.path, status)):
       if i >= len(poses):
         break
-      w.write(np.asarray(visualize.draw_pose(Image.fromarray(frame), poses[i],
-                                             category, absent=hollow[i])))
+      w.write(np.asarray(visualize.draw_pose(
+          Image.fromarray(frame), poses[i], category, absent=hollow[i],
+          pose_colors=colors(i))))
       written += 1
   return written
+
+
+def identity_colors(num_tracks: int) -> list[tuple[int, int, int]]:
+  """RGB colour of identity t: hues evenly spaced (`keypoint_colors`)."""
+  return visualize.keypoint_colors(num_tracks)

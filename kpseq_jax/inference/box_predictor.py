@@ -1,13 +1,13 @@
 """Boxes for batches of whole images from a trained detector (issue 18).
 
-`BoxPredictor` holds a `detector.BoxDetector`, its variables and the
+`BoxPredictor` holds a `detector.Model`, its variables and the
 compiled forward pass + `detector.top_detections` (sharded like the
 keypoint `predictor.Predictor`), and maps the boxes from the canvas of
 `kpseq_jax/data/detection.py` back to image pixels (`canvas_to_image`).
 `ImageDetector` restores a detector workdir and finds the boxes of one
 image (the two-stage path of ``--mode predict``). When the keypoint model
 is PRTR's end-to-end variant and its backbone equals the detector's
-(`shares_backbone`: trained with ``pretrained_backbone_path`` = the
+(`shares_backbone`: trained with ``model_init`` = the
 detector's workdir and the whole backbone frozen), the detector keeps its
 backbone feature maps of the last images (`ImageDetector.keep_features`)
 and the keypoint stage decodes from them: one backbone pass per image for
@@ -80,8 +80,8 @@ class BoxPredictor:
   """A detector's compiled forward pass with its variables on a mesh.
 
   Args:
-    config: ``max_detections`` (k), ``detector_image_size_px``.
-    model: the `detector.BoxDetector`.
+    config: ``detector.max_detections`` (k), ``detector.image_size_px``.
+    model: the `detector.Model`.
     variables: {'params', 'batch_stats'} on ``mesh``.
     mesh: the device mesh; batches are split over it.
     feature_levels: backbone levels (e.g. ('c3', 'c4', 'c5')) that
@@ -96,9 +96,9 @@ class BoxPredictor:
     self.model = model
     self.variables = variables
     self.mesh = mesh
-    self.canvas_hw = tuple(config.detector_image_size_px)
+    self.canvas_hw = tuple(config.detector.image_size_px)
     self.feature_levels = tuple(feature_levels)
-    k = config.max_detections
+    k = config.detector.max_detections
 
     def detect(variables, images):
       logits, boxes, maps = model.apply(
@@ -155,7 +155,7 @@ class ImageDetector:
   variant: its boxes are cropped for the keypoint stage).
 
   Args:
-    config: the detector run's config (``task='detection'``).
+    config: the detector run's config (``model_name='detector'``).
     workdir: the detector run's directory (latest checkpoint).
     mesh: the device mesh.
 
@@ -167,19 +167,19 @@ class ImageDetector:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                mesh: jax.sharding.Mesh):
-    if config.task != 'detection':
-      raise ValueError(f'--detector_config has task={config.task!r}; it '
-                       'must be a detection config (task=detection, e.g. '
+    if config.model_name != 'detector':
+      raise ValueError(f'--detector_config has model_name='
+                       f'{config.model_name!r}; it must be a detection config '
+                       '(model_name=detector, e.g. '
                        'configs/dlc_openfield_detector.py).')
-    info = dataset.load_info(config.dataset_dir)
-    model, state, self.step = predictor_lib.restore_state(
-        config, workdir, mesh, detection.num_images(config,
-                                                    config.train_split))
-    self.predictor = BoxPredictor.from_state(config, model, state, mesh)
+    info = dataset.load_info(config.input.dataset_dir)
+    model, variables, self.step = predictor_lib.restore_variables(
+        config, workdir, mesh)
+    self.predictor = BoxPredictor(config, model, variables, mesh)
     self.category_ids = sorted(info.categories)
     self.class_index = info.category_index()
-    self.threshold = config.detection_score_threshold
-    self.max_boxes = config.detector_num_queries
+    self.threshold = config.detector.score_threshold
+    self.max_boxes = config.model.num_queries
     self.batch_size = jax.device_count()
     self._lock = threading.Lock()
     # id(image) -> (image, features) of the latest images; the image is
@@ -206,7 +206,7 @@ class ImageDetector:
     return hit[1] if hit is not None and hit[0] is image else None
 
   def detect(self, image: np.ndarray) -> list[tuple[int, tuple, float]]:
-    """Boxes of one image scoring at least ``detection_score_threshold``.
+    """Boxes of one image scoring at least ``detector.score_threshold``.
 
     Args:
       image: uint8 [H, W, 3] RGB.
@@ -259,12 +259,12 @@ def shares_backbone(detector: ImageDetector, keypoint_predictor,
 
   True when the keypoint model is the end-to-end variant
   (``full_image_memory``, no support set), both put the image on the same
-  canvas (``detector_image_size_px``) in the same compute dtype, and their
+  canvas (``detector.image_size_px``) in the same compute dtype, and their
   backbones hold equal arrays leaf for leaf (``params`` and
   ``batch_stats`` under 'backbone'; 'batch' and 'frozen_batch'
   normalisation compute the same at inference). A keypoint model trained
-  with ``pretrained_backbone_path`` = the detector's workdir and
-  ``backbone_frozen_stages=4`` has that backbone.
+  with ``model_init`` = the detector's workdir and
+  ``model.resnet.frozen_stages=4`` has that backbone.
 
   Args:
     detector: the detection stage.
@@ -277,12 +277,12 @@ def shares_backbone(detector: ImageDetector, keypoint_predictor,
   model = keypoint_predictor.model
   det = detector.predictor
   if not model.full_image_memory or model.support_conditioning:
-    return False, ('the keypoint stage reads crops (keypoint_stage='
-                   f'{keypoint_config.keypoint_stage})')
-  canvas = tuple(keypoint_config.detector_image_size_px)
+    return False, ('the keypoint stage reads crops (model_name='
+                   f'{keypoint_config.model_name})')
+  canvas = tuple(keypoint_config.detector.image_size_px)
   if canvas != det.canvas_hw:
     return False, (f'canvases differ: keypoint model {canvas}, detector '
-                   f'{det.canvas_hw} (detector_image_size_px)')
+                   f'{det.canvas_hw} (detector.image_size_px)')
   if model.dtype != det.model.dtype:
     return False, (f'compute dtypes differ: keypoint model {model.dtype}, '
                    f'detector {det.model.dtype}')

@@ -1,49 +1,24 @@
-"""Greedy autoregressive decoding of the keypoint sequence.
+"""Greedy, grammar-constrained decoding of the keypoint sequence.
 
-The image is encoded once; a compiled `lax.while_loop` then runs the decoder
-position by position, stopping when every sequence has emitted ``<eos>`` (or
-at the maximum length). Two implementations share the grammar step
-(`_grammar_step`):
+The image is encoded once; a compiled `lax.while_loop` then emits one
+position at a time (``<coord> x y <sep> ... <eos>``, `_grammar_step`) until
+every sequence has emitted ``<eos>``. `cached_greedy_decode` (what
+`predictor` compiles) carries a key/value cache ([B, Lc, heads, head_dim]
+per layer) and runs ``model.decode_step`` on the new position only;
+`greedy_decode` re-runs the decoder over the whole sequence each step and
+is the reference the cached one reproduces token for token
+(tests/test_decoding_cache.py).
 
-* `cached_greedy_decode` (what `kpseq_jax.inference.predictor` compiles):
-  every decoder layer's deformable values are projected once per image
-  (``model.project_values``), a support prefix is written to the
-  self-attention key/value cache once (``model.prefill``), and each step
-  runs ``model.decode_step`` on the one new position, with the preallocated
-  cache ([B, Lc, heads, head_dim] per layer) carried through the loop. Cost
-  per token: O(1) decoder positions, O(Lc) attention.
-* `greedy_decode`: re-runs the decoder over the whole prefix and sequence
-  at each position (no cache, O(L) positions per token). It is the
-  reference that the cached decoder reproduces token for token
-  (tests/test_decoding_cache.py, tests/test_cape.py).
-
-The sequence grammar ``<coord> x y <sep> ... <eos>`` is enforced: at a group
-start only ``<coord>`` or ``<eos>`` may be chosen (``<eos>`` is forced after
-``max_num_keypoints`` groups, and with a support set after exactly K
-groups, K from the support), x and y positions take a coordinate, the
-fourth position is ``<sep>`` (`grammar.target_role` says which position is
-which). With category conditioning (``vocab.num_categories > 0``) the step
-after ``<bos>`` emits the given category token (``<bos> <cat_k> <coord>
-...``) and the groups follow one position later. The coordinate of an x (y)
-step is the regression head's x (y) output at that step, normalised [0, 1]
-and clipped; it is fed back through the bilinear coordinate embedding with
-the token ``vocab.quantize(value)``.
-
-Inputs are a dict of batched arrays (`input_fields` names them): ``image``
-uint8 [B, S, S, 3] top-down crops; ``category_token`` int32 [B]
-(``vocab.category(i)``) when the model is category conditioned; with
-support conditioning ``model.SUPPORT_FIELDS``: ``support_image`` uint8
-[B, shots, S, S, 3], ``support_keypoints`` float32 [B, shots, Kmax, 2]
-normalised crop (x, y), ``support_visible`` [B, shots, Kmax] and
-``num_keypoints`` int32 [B] (K, from the support). A ``full_image_memory``
-model (PRTR's end-to-end variant) reads whole images instead of crops and
-``memory_from_crop`` float32 [B, 2, 3] (`model.Memory.from_crop`), or, to
-encode each image once for all its boxes, ``image`` [M, H, W, 3] with
-``memory_from_crop`` [M, N, 2, 3] (and ``category_token`` [M, N]): the
-decoders then return B = M x N rows, image-major. Such a model may take
-``backbone_features`` ({level: [M, H_l, W_l, C_l]}, its backbone's
-feature maps of the images, e.g. the detector's when the two backbones are
-equal: PRTR's one backbone pass) in place of ``image``.
+Inputs (`input_fields`): ``image`` uint8 [B, S, S, 3] top-down crops;
+``category_token`` int32 [B] for a category-conditioned model; for a CAPE
+model ``model.SUPPORT_FIELDS`` (``support_image`` uint8 [B, shots, S, S,
+3], ``support_keypoints`` float32 [B, shots, Kmax, 2] normalised,
+``support_visible`` [B, shots, Kmax], ``num_keypoints`` int32 [B]). A
+``full_image_memory`` model (PRTR end-to-end) reads whole images and
+``memory_from_crop`` float32 [B, 2, 3], or ``image`` [M, H, W, 3] with
+``memory_from_crop`` [M, N, 2, 3] (N boxes per image; B = M x N output
+rows, image-major), and may take ``backbone_features`` ({level: [M, H_l,
+W_l, C_l]}, e.g. the detector's) in place of ``image``.
 """
 
 from typing import NamedTuple
@@ -148,15 +123,41 @@ def input_fields(model) -> tuple[str, ...]:
   return fields
 
 
+def _stops(vocab: vocab_lib.Vocab, max_num_keypoints: int, group: jax.Array,
+           logits: jax.Array, num_groups: jax.Array | None) -> jax.Array:
+  """bool [B]: a group start at group index ``group`` emits ``<eos>``: the
+  model prefers it to ``<coord>`` or Kmax groups are done; exactly after
+  ``num_groups`` groups when given."""
+  if num_groups is None:
+    return (logits[:, vocab.eos] > logits[:, vocab.coord]) | (
+        group >= max_num_keypoints)
+  return group >= num_groups
+
+
+def _write_axis(state: KeypointState, write: jax.Array, g: jax.Array,
+                axis: jax.Array, value: jax.Array, mass: jax.Array,
+                p_absent: jax.Array) -> KeypointState:
+  """``state`` with keypoint ``g``'s coordinate on ``axis`` (0 x, 1 y) set
+  to ``value`` [B] (normalised), its mass [B, R] and absent probability
+  [B], in the rows where ``write`` [B]."""
+  rows = jnp.arange(write.shape[0])
+  return KeypointState(
+      xy=state.xy.at[rows, g, axis].set(
+          jnp.where(write, value, state.xy[rows, g, axis])),
+      mass=state.mass.at[rows, g, axis].set(
+          jnp.where(write[:, None], mass, state.mass[rows, g, axis])),
+      absent=state.absent.at[rows, g].set(
+          jnp.where(write, p_absent, state.absent[rows, g])))
+
+
 def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
                   t: jax.Array, logits: jax.Array, xy: jax.Array,
                   done: jax.Array, num: jax.Array,
                   state: KeypointState,
                   category_tokens: jax.Array | None = None,
                   num_groups: jax.Array | None = None) -> _Choice:
-  """Greedy, grammar-constrained choice of the target at position ``t``.
-
-  What the position may hold comes from `grammar.target_role`: the prefix
+  """Greedy, grammar-constrained choice of the target at position ``t``:
+  what it may hold comes from `grammar.target_role`. The prefix
   emits ``category_tokens``; a group start emits ``<coord>`` or ``<eos>``
   (``<eos>`` forced after ``max_num_keypoints`` groups, or exactly after
   ``num_groups`` when given); x and y emit the regression output on their
@@ -183,11 +184,7 @@ def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
   b = logits.shape[0]
   role = grammar.target_role(t, vocab.num_prefix_tokens)
   is_start = role.phase == grammar.COORD
-  if num_groups is None:
-    stop = (logits[:, vocab.eos] > logits[:, vocab.coord]) | (
-        role.group >= max_num_keypoints)
-  else:
-    stop = role.group >= num_groups
+  stop = _stops(vocab, max_num_keypoints, role.group, logits, num_groups)
   start_tok = jnp.where(stop, vocab.eos, vocab.coord)
   is_xy = (role.phase == grammar.X) | (role.phase == grammar.Y)
   axis = jnp.where(role.phase == grammar.X, 0, 1)
@@ -210,13 +207,7 @@ def _grammar_step(vocab: vocab_lib.Vocab, max_num_keypoints: int,
   num = num + (is_start & ~new_done).astype(jnp.int32)
   write = is_xy & ~done
   mass = coordinate_mass(logits, bins, vocab.num_bins)  # [B, R]
-  state = KeypointState(
-      xy=state.xy.at[rows, g, axis].set(
-          jnp.where(write, value, state.xy[rows, g, axis])),
-      mass=state.mass.at[rows, g, axis].set(
-          jnp.where(write[:, None], mass, state.mass[rows, g, axis])),
-      absent=state.absent.at[rows, g].set(
-          jnp.where(write, p_absent, state.absent[rows, g])))
+  state = _write_axis(state, write, g, axis, value, mass, p_absent)
   return _Choice(token=tok, value=value, is_xy=is_xy, done=new_done, num=num,
                  state=state)
 
@@ -311,15 +302,23 @@ def _encode(model, variables, inputs: dict[str, jax.Array]) -> _Encoded:
                   boxes_per_image=boxes_per_image)
 
 
+def _write_next(seq: jax.Array, t: jax.Array, value: jax.Array,
+                where: jax.Array | bool = True) -> jax.Array:
+  """``seq`` [B, L] with column t + 1 set to ``value`` [B] in the rows
+  ``where``; unchanged when t + 1 = L (the last target feeds nothing)."""
+  length = seq.shape[1]
+  nxt = jnp.minimum(t + 1, length - 1)
+  return seq.at[:, nxt].set(
+      jnp.where((t + 1 < length) & where, value, seq[:, nxt]))
+
+
 def greedy_decode(model, variables, inputs: dict[str, jax.Array],
                   max_num_keypoints: int) -> dict[str, jax.Array]:
-  """Generates keypoint sequences for a batch of crops (full recompute).
-
-  The reference implementation: each step re-runs ``model.decode`` over all
-  positions (support prefix included) and reads position t.
+  """Generates keypoint sequences for a batch of crops (full recompute, the
+  reference: each step re-runs ``model.decode`` over all positions).
 
   Args:
-    model: a `KeypointSequenceModel` (static).
+    model: a keypoint `Model` (`supervised`, `cape`, `end_to_end`; static).
     variables: its variables ({'params', 'batch_stats'}).
     inputs: the `input_fields` of a batch (module docstring).
     max_num_keypoints: Kmax; at most Kmax groups are generated.
@@ -362,11 +361,8 @@ def greedy_decode(model, variables, inputs: dict[str, jax.Array],
     logits, xy = logits_at(tokens, coords, t)  # [B, V], [B, 2]
     c = _grammar_step(vocab, max_num_keypoints, t, logits, xy, done, num, kps,
                       enc.category_tokens, enc.num_groups)
-    nxt = jnp.minimum(t + 1, length - 1)
-    feed = t + 1 < length
-    tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
-    coords = coords.at[:, nxt].set(
-        jnp.where(feed & c.is_xy, c.value, coords[:, nxt]))
+    tokens = _write_next(tokens, t, c.token)
+    coords = _write_next(coords, t, c.value, c.is_xy)
     return t + 1, tokens, coords, c.state, c.done, c.num
 
   tokens = jnp.full([b, length], vocab.pad, jnp.int32).at[:, 0].set(vocab.bos)
@@ -387,7 +383,7 @@ def init_cache(step_model, variables, memory, batch_size: int, length: int,
   the zeros is computed.
 
   Args:
-    step_model: a `KeypointSequenceModel` with ``cache_decoding=True``.
+    step_model: a keypoint `Model` with ``cache_decoding=True``.
     variables: its {'params', ...} (only shapes are read).
     memory: ``model.encode`` output (only shapes are read).
     batch_size: B.
@@ -424,8 +420,7 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
   """
   vocab = model.vocab
   length = grammar.seq_len(max_num_keypoints, vocab.num_prefix_tokens)
-  step_model = model.clone(cache_decoding=True, remat_backbone=False,
-                           remat_decoder=False)
+  step_model = model.for_cached_decoding()
   enc = _encode(step_model, variables, inputs)
   b, prefix = enc.batch_size, enc.prefix
   # Values projected once per image, then repeated per box.
@@ -454,9 +449,7 @@ def cached_greedy_decode(model, variables, inputs: dict[str, jax.Array],
         mutable=['cache'])  # [B, V], [B, 2]
     c = _grammar_step(vocab, max_num_keypoints, t, logits, xy, done, num, kps,
                       enc.category_tokens, enc.num_groups)
-    nxt = jnp.minimum(t + 1, length - 1)
-    feed = t + 1 < length
-    tokens = tokens.at[:, nxt].set(jnp.where(feed, c.token, tokens[:, nxt]))
+    tokens = _write_next(tokens, t, c.token)
     coord_in = jnp.where(c.is_xy, c.value, 0.0)
     return (t + 1, mutated['cache'], c.token, coord_in, tokens, c.state,
             c.done, c.num)

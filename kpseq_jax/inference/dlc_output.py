@@ -10,10 +10,9 @@ Tools built on DeepLabCut (its own plotting, SimBA, ...) read exactly that.
 
 ``likelihood``: the model's per-keypoint confidence in [0, 1]
 (`Prediction.confidence`, times `Prediction.presence` for a model with an
-``<absent>`` token; `analyze.likelihood_of`); NaN when a model gives no
-confidence: a constant 1.0 would claim a certainty nobody measured. (DeepLabCut's tools treat a likelihood below ``pcutoff`` as not
-detected; NaN compares as below.) A keypoint the model did not generate
-has x = y = NaN.
+``<absent>`` token; `analyze.likelihood_of`). DeepLabCut's tools treat a
+likelihood below ``pcutoff`` as not detected. A keypoint the model did not
+generate has x = y = likelihood = NaN.
 
 `median_filter` is DeepLabCut's ``filterpredictions(filtertype='median')``:
 ``scipy.signal.medfilt`` with an odd window over each x and y column
@@ -72,14 +71,6 @@ def write_table(df: pd.DataFrame, path_h5: str | Path) -> tuple[Path, Path]:
   path_csv = path_h5.with_suffix('.csv')
   df.to_csv(path_csv)
   return path_h5, path_csv
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-  """Reads a table written by `write_table` (or by DeepLabCut)."""
-  path = Path(path)
-  if path.suffix == '.csv':
-    return pd.read_csv(path, header=[0, 1, 2], index_col=0)
-  return pd.read_hdf(path, key=H5_KEY)
 
 
 def median_filter(df: pd.DataFrame, window: int) -> pd.DataFrame:

@@ -3,7 +3,8 @@
 The one inference path that evaluation, ``--mode predict`` and the coming
 video and CAPE paths share:
 
-* `restore_state`: the latest checkpoint of a workdir onto a mesh;
+* `restore_variables`: the weights of a workdir's latest checkpoint onto a
+  mesh (nothing of the optimizer);
 * `make_decode_fn`: the compiled greedy decoder (`decoding.py`) with the
   variables' shardings and the batch split over the mesh;
 * `Predictor`: holds model, variables and the compiled decoder; turns a
@@ -28,33 +29,41 @@ from kpseq_jax.training import checkpointing
 from kpseq_jax.training import train_state as ts
 
 
-def restore_state(config: ml_collections.ConfigDict, workdir: str,
-                  mesh: jax.sharding.Mesh, train_size: int):
-  """Restores the latest checkpoint of ``workdir`` onto ``mesh``.
+def abstract_variables(config: ml_collections.ConfigDict, model) -> dict:
+  """{'params', 'batch_stats'} of `jax.ShapeDtypeStruct`: the model's
+  variables as `train_state` initialises them (no optimizer, no memory);
+  batch_stats is {} without BatchNorm."""
+  def init(rng):
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init({'params': params_rng, 'dropout': dropout_rng},
+                           **ts.dummy_inputs(config), train=False)
+    return {'params': variables['params'],
+            'batch_stats': variables.get('batch_stats', {})}
+  return jax.eval_shape(init, jax.random.PRNGKey(config.seed))
 
-  Args:
-    config: the run's config (fixes the model and the state's tree).
-    workdir: the run's directory.
-    mesh: the device mesh the state is placed on (its shardings follow
-      ``config.sharding_rules``).
-    train_size: training instances (shapes the optimizer's schedule, which
-      is part of the restored tree).
+
+def restore_variables(config: ml_collections.ConfigDict, workdir: str,
+                      mesh: jax.sharding.Mesh):
+  """The weights to predict with from the latest checkpoint of ``workdir``:
+  the moving average when the run kept one, else params and batch_stats
+  (`TrainState.inference_variables`), placed on ``mesh`` as training
+  placed them (``config.sharding.rules``). Reads nothing else (no
+  optimizer state, so no train split size).
 
   Returns:
-    (model, state, step).
+    (model, {'params', 'batch_stats'} of jax.Array, checkpoint step).
 
   Raises:
-    FileNotFoundError: if ``workdir`` has no checkpoint.
+    FileNotFoundError: if ``workdir`` has no restorable checkpoint.
     checkpointing.CheckpointMismatchError: if the checkpoint was written
-      with another config.
+      with another model config.
   """
   model = ts.create_model(config)
-  tx = ts.create_optimizer(config, train_size)
-  abstract = ts.abstract_train_state(config, model, tx, mesh)
-  ckpt = checkpointing.Checkpointer(workdir)
-  state, step = ckpt.restore(abstract)
-  ckpt.close()
-  return model, state, step
+  shardings_of = lambda tree: sharding.state_shardings(
+      tree, mesh, config.sharding.fsdp_min_param_elements, config.sharding.rules)
+  variables, step = checkpointing.restore_variables(
+      workdir, abstract_variables(config, model), shardings_of)
+  return model, variables, step
 
 
 # Fields `Predictor.predict` adds to the decoder's inputs under flip test.
@@ -112,7 +121,7 @@ def make_decode_fn(model, max_num_keypoints: int, variables_sharding,
   """Jitted ``fn(variables, inputs) -> decode dict`` with shardings.
 
   Args:
-    model: a `KeypointSequenceModel`.
+    model: a keypoint `Model` (`kpseq_jax/models/`).
     max_num_keypoints: Kmax.
     variables_sharding: pytree of shardings of {'params', 'batch_stats'}
       (the train state's layout, e.g. fsdp-split).
@@ -177,7 +186,7 @@ class Prediction:
     keypoints_px: float64 [B, Kmax, 2] image pixels (NaN likewise), or None
       when the batch had no ``crop_from_image``.
     confidence: float32 [B, Kmax] in [0, 1], per keypoint: the
-      classifier's probability mass within ``config.confidence_radius_bins``
+      classifier's probability mass within ``config.decode.confidence_radius_bins``
       bins of the decoded x bin times that of y
       (`decoding.coordinate_mass`); NaN after ``num_keypoints``.
     confidence_by_radius: float32 [B, Kmax, R] the same at every radius of
@@ -212,16 +221,16 @@ class Predictor:
   Args:
     config: ``max_num_keypoints``, ``image_size_px`` and
       ``confidence_radius_bins``.
-    model: the `KeypointSequenceModel`.
+    model: the keypoint `Model`.
     variables: {'params', 'batch_stats'}, already on ``mesh`` (their
       shardings are kept).
     mesh: the device mesh; batches are split over it.
     cached: use the KV-cached decoder (default) or the reference.
     flip_permutations: category id -> int [K] flip permutation
-      (`dataset.DatasetInfo.flip_permutations`) for ``config.flip_test``;
-      default: read from ``config.dataset_dir``.
+      (`dataset.DatasetInfo.flip_permutations`) for ``config.decode.flip_test``;
+      default: read from ``config.input.dataset_dir``.
 
-  ``config.flip_test`` applies to top-down crop models; a model that
+  ``config.decode.flip_test`` applies to top-down crop models; a model that
   decodes from the full image or from support images decodes once (with a
   warning in the log).
   """
@@ -232,27 +241,27 @@ class Predictor:
     self.model = model
     self.variables = variables
     self.mesh = mesh
-    self.image_size_px = config.image_size_px
-    if config.confidence_radius_bins not in decoding.CONFIDENCE_RADII_BINS:
+    self.image_size_px = config.input.image_size_px
+    if config.decode.confidence_radius_bins not in decoding.CONFIDENCE_RADII_BINS:
       raise ValueError(
-          f'confidence_radius_bins={config.confidence_radius_bins} is not '
+          f'confidence_radius_bins={config.decode.confidence_radius_bins} is not '
           f'one of {decoding.CONFIDENCE_RADII_BINS}.')
     self._radius = decoding.CONFIDENCE_RADII_BINS.index(
-        config.confidence_radius_bins)
+        config.decode.confidence_radius_bins)
     self.input_fields = decoding.input_fields(model)
     self.max_num_keypoints = config.max_num_keypoints
-    self.flip_test = bool(config.flip_test)
+    self.flip_test = bool(config.decode.flip_test)
     if self.flip_test and (model.full_image_memory
                            or model.support_conditioning):
       logging.warning(
-          'config.flip_test is not applied: it mirrors top-down crops, and '
-          'this model decodes from the full image (keypoint_stage='
+          'config.decode.flip_test is not applied: it mirrors top-down crops, and '
+          'this model decodes from the full image (model_name='
           'end_to_end) or from support images (CAPE).')
       self.flip_test = False
     if self.flip_test:
       if flip_permutations is None:
         flip_permutations = dataset.load_info(
-            config.dataset_dir).flip_permutations()
+            config.input.dataset_dir).flip_permutations()
       self._inverse_permutations = {
           int(c): np.argsort(p).astype(np.int32)
           for c, p in flip_permutations.items()}
@@ -309,7 +318,7 @@ class Predictor:
       variables: decode with these instead of the predictor's own (same
         tree and shardings, e.g. a later state of the same run).
 
-    With ``config.flip_test`` the batch also needs ``category_id`` [b]:
+    With ``config.decode.flip_test`` the batch also needs ``category_id`` [b]:
     rows of categories with flip pairs are averaged with their mirrored
     crop's prediction (`flip_test_average`; two decodes per batch).
 
@@ -324,7 +333,7 @@ class Predictor:
              if not (k == 'image' and features is not None)}
     if self.flip_test:
       if 'category_id' not in local_batch:
-        raise KeyError('config.flip_test: the batch needs category_id (the '
+        raise KeyError('config.decode.flip_test: the batch needs category_id (the '
                        'flip permutation of each row).')
       local.update(self._flip_inputs(local_batch['category_id']))
     inputs = sharding.global_batch(local, self.mesh)

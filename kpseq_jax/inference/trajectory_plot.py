@@ -5,8 +5,7 @@ down as in the frame, the frame's extent), below x and y against the frame
 number. Colours are the overlays' (`visualize.keypoint_colors`), so a body
 part has the same colour here and in the labelled video. The line joins
 every generated keypoint; dots mark those with a likelihood of at least
-``pcutoff`` (the points DeepLabCut's ``plot_trajectories`` keeps) or NaN
-(no confidence).
+``pcutoff`` (the points DeepLabCut's ``plot_trajectories`` keeps).
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ from kpseq_jax.data import visualize
 def plot_trajectories(keypoints_px: np.ndarray, likelihood: np.ndarray,
                       names: Sequence[str], width: int, height: int,
                       path: str | Path, pcutoff: float = 0.6,
-                      title: str = '') -> None:
-  """Saves the figure as a PNG.
+                      title: str = '') -> figure.Figure:
+  """Draws the figure and saves it as a PNG (100 dpi, 320 K x 600 pixels).
 
   Args:
     keypoints_px: float [N, K, 2] pixels per frame (NaN = not generated).
@@ -34,6 +33,10 @@ def plot_trajectories(keypoints_px: np.ndarray, likelihood: np.ndarray,
     path: the PNG to write.
     pcutoff: likelihood threshold (see module docstring).
     title: figure title, e.g. the video's name.
+
+  Returns:
+    The figure; ``fig.axes[j]`` holds body part j's path and dots,
+    ``fig.axes[K + j]`` its x and y against the frame number.
   """
   n, k = likelihood.shape
   xy = np.array(keypoints_px, np.float64)
@@ -64,3 +67,4 @@ def plot_trajectories(keypoints_px: np.ndarray, likelihood: np.ndarray,
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)  # Agg: Figure.savefig needs no pyplot.
+  return fig

@@ -1,17 +1,12 @@
-"""Video frames in and out (PyAV), and the box each frame is cropped by.
+"""Video frames in and out (PyAV).
 
 * `probe` / `decode_frames`: a video file -> its frames, uint8 [H, W, 3] RGB,
-  in display order, with PyAV (FFmpeg inside the wheel). A file that cannot
-  be opened raises `VideoDecodeError` naming it; a stream that breaks off
-  (truncated file, corrupt packet) ends the frames there and the
-  `DecodeStatus` says at which frame and why, so the frames before it keep
-  their rows.
-* Boxes per frame (``--boxes``): `WholeFrame` (default), `BoxFile` (a
-  COCO detections list whose ``image_id`` is the 0-based frame index) and
-  `Track` (the box around the previous batch's confident keypoints).
-* `FramePipeline`: a background thread that decodes, boxes and crops
-  frames into batches on a bounded queue, so the compiled model is not
-  idle while the next batch is prepared.
+  in display order. A file that cannot be opened raises `VideoDecodeError`
+  naming it; a stream that breaks off (truncated file, corrupt packet) ends
+  the frames there and `DecodeStatus` says at which frame and why.
+* `FramePipeline`: a background thread that decodes, boxes (a
+  `box_policies.BoxPolicy`) and crops frames into batches on a bounded
+  queue, so the compiled model is not idle while the next batch is prepared.
 * `VideoWriter`: encodes RGB frames (the labelled video) with libx264.
 """
 
@@ -19,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import fractions
-import json
 import queue
 import threading
 import time
@@ -143,193 +137,6 @@ def decode_frames(path: str | Path, status: DecodeStatus
                            + (f' ({status.error})' if status.error else ''))
 
 
-# -- Boxes --------------------------------------------------------------------
-
-
-class WholeFrame:
-  """Every frame is one box: (0, 0, W, H)."""
-
-  name = 'whole frame'
-  depends_on_predictions = False
-
-  def box(self, frame_index: int, width: int, height: int
-          ) -> tuple[float, float, float, float]:
-    del frame_index
-    return (0.0, 0.0, float(width), float(height))
-
-  def update(self, keypoints_px: np.ndarray, confidence: np.ndarray,
-             width: int, height: int) -> None:
-    del keypoints_px, confidence, width, height
-
-
-class BoxFile:
-  """Boxes from a COCO detections list, ``image_id`` = 0-based frame index.
-
-  Entries: ``{"image_id": frame, "bbox": [x, y, w, h], "score": s}``
-  (pixels; score optional). A frame with several boxes uses the one with
-  the highest score (single-animal output); a frame with none uses the
-  whole frame and is counted in `frames_without_box`.
-
-  Raises:
-    ValueError: the file is not such a list, or an entry lacks
-      ``image_id`` or a 4-number ``bbox`` with positive size.
-  """
-
-  name = 'box file'
-  depends_on_predictions = False
-
-  def __init__(self, path: str | Path):
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, list):
-      raise ValueError(f'--boxes {path}: a video needs a COCO detections '
-                       'list [{"image_id": frame, "bbox": [x, y, w, h]}]')
-    self.boxes: dict[int, tuple[float, tuple]] = {}
-    for i, e in enumerate(data):
-      try:
-        frame, box = int(e['image_id']), tuple(float(v) for v in e['bbox'])
-        score = float(e.get('score', 1.0))
-      except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f'--boxes {path}: entry {i} needs image_id (frame '
-                         f'index) and bbox [x, y, w, h] ({err!r})') from err
-      if len(box) != 4 or not (box[2] > 0 and box[3] > 0):
-        raise ValueError(f'--boxes {path}: entry {i} bbox {list(box)} has '
-                         'no area')
-      if frame not in self.boxes or score > self.boxes[frame][0]:
-        self.boxes[frame] = (score, box)
-    self.frames_without_box = 0
-
-  def box(self, frame_index, width, height):
-    if frame_index in self.boxes:
-      return self.boxes[frame_index][1]
-    self.frames_without_box += 1
-    return (0.0, 0.0, float(width), float(height))
-
-  def update(self, keypoints_px, confidence, width, height):
-    del keypoints_px, confidence, width, height
-
-
-class Detected:
-  """Boxes from a trained detector (PRTR's two-stage variant), per frame.
-
-  `see` runs ``detector.detect`` (`box_predictor.ImageDetector`) on every
-  frame of a batch before it is cropped; a frame uses its best-scoring box
-  at or above the detector's threshold (single-animal output), or the
-  whole frame when there is none (counted in `frames_without_box`). The
-  boxes need the frames, so the crops are made in the main loop
-  (``depends_on_predictions``).
-  """
-
-  name = 'detector'
-  depends_on_predictions = True
-
-  def __init__(self, detector):
-    self.detector = detector
-    self.boxes: dict[int, tuple | None] = {}
-    self.frames_without_box = 0
-
-  def see(self, start: int, frames: list[np.ndarray]) -> None:
-    """Detects on frames ``start``, ``start + 1``, ... (uint8 [H, W, 3])."""
-    for j, frame in enumerate(frames):
-      found = self.detector.detect(frame)
-      self.boxes[start + j] = found[0][1] if found else None
-
-  def box(self, frame_index, width, height):
-    b = self.boxes.pop(frame_index, None)
-    if b is None:
-      self.frames_without_box += 1
-      return (0.0, 0.0, float(width), float(height))
-    return b
-
-  def update(self, keypoints_px, confidence, width, height):
-    del keypoints_px, confidence, width, height
-
-
-class Track:
-  """The box around the last confident pose seen, else the whole frame.
-
-  After each batch, `update` takes the batch's last frame with at least
-  ``min_keypoints`` confident keypoints (confidence >= ``min_confidence``;
-  with no confidence from the model, NaN, every generated keypoint inside
-  the frame counts) and boxes them by data_prep's rule for DeepLabCut
-  labels (extent padded by ``pad_fraction`` + ``pad_px`` on each side). A
-  side longer than ``max_size_px`` (e.g. twice the training boxes' typical
-  size, so that one stray keypoint cannot blow the crop up) is cut to it,
-  centred on the keypoints' median. The box is clipped to the frame; the
-  next batch's frames are all cropped by it, so it lags by up to one batch:
-  a smaller ``--video_batch_size`` follows fast motion more closely. A
-  batch with no such frame switches back to the whole frame (counted in
-  `lost`). Without a confidence (all NaN) the track cannot tell that it
-  lost the animal (it then follows the background, e.g. a corner the animal
-  left); so it then starts again from the whole frame every
-  ``reacquire_every_batches`` batches (counted in `reacquired`), which
-  costs those frames the whole-frame accuracy.
-  """
-
-  name = 'track'
-  depends_on_predictions = True
-
-  def __init__(self, min_confidence: float = 0.4, min_keypoints: int = 2,
-               pad_fraction: float = 0.25, pad_px: float = 16.0,
-               max_size_px: float | None = None,
-               reacquire_every_batches: int = 30):
-    self.min_confidence = min_confidence
-    self.reacquire_every_batches = reacquire_every_batches
-    self.batches = 0
-    self.reacquired = 0  # Batches cropped whole for want of a confidence.
-    self.min_keypoints = min_keypoints
-    self.pad_fraction = pad_fraction
-    self.pad_px = pad_px
-    self.max_size_px = max_size_px
-    self.current: tuple[float, float, float, float] | None = None
-    self.lost = 0  # Batches after which the track fell back to whole frame.
-
-  def box(self, frame_index, width, height):
-    del frame_index
-    return self.current or (0.0, 0.0, float(width), float(height))
-
-  def confident(self, keypoints_px: np.ndarray, confidence: np.ndarray,
-                width: int, height: int) -> np.ndarray:
-    """bool [..., K]: keypoints the track may follow (see class doc)."""
-    xy = keypoints_px
-    ok = (np.all(np.isfinite(xy), axis=-1) & (xy[..., 0] >= 0)
-          & (xy[..., 0] <= width) & (xy[..., 1] >= 0) & (xy[..., 1] <= height))
-    with np.errstate(invalid='ignore'):
-      sure = np.isnan(confidence) | (confidence >= self.min_confidence)
-    return ok & sure
-
-  def update(self, keypoints_px, confidence, width, height):
-    """Args: keypoints_px float [b, K, 2] pixels, confidence float [b, K]
-    in [0, 1] or NaN, of the batch just decoded (frames in order)."""
-    self.batches += 1
-    if (self.reacquire_every_batches and np.all(np.isnan(confidence))
-        and self.batches % self.reacquire_every_batches == 0):
-      self.current = None
-      self.reacquired += 1
-      return
-    ok = self.confident(keypoints_px, confidence, width, height)
-    for xy, good in zip(keypoints_px[::-1], ok[::-1]):
-      if good.sum() >= self.min_keypoints:
-        pts = xy[good]
-        lo, hi = pts.min(axis=0), pts.max(axis=0)
-        pad = self.pad_fraction * (hi - lo) + self.pad_px
-        lo, hi = lo - pad, hi + pad
-        if self.max_size_px:
-          centre = np.median(pts, axis=0)
-          half = self.max_size_px / 2
-          big = hi - lo > self.max_size_px
-          lo = np.where(big, centre - half, lo)
-          hi = np.where(big, centre + half, hi)
-        x0, y0 = np.maximum(lo, 0.0)
-        x1, y1 = np.minimum(hi, [width, height])
-        if x1 > x0 and y1 > y0:
-          self.current = (float(x0), float(y0), float(x1 - x0),
-                          float(y1 - y0))
-          return
-    if self.current is not None:
-      self.lost += 1
-    self.current = None
-
-
 # -- Background decoding ------------------------------------------------------
 
 
@@ -341,15 +148,16 @@ class FrameBatch:
   Attributes:
     start: index of the first frame.
     frames: uint8 [H, W, 3] RGB frames.
-    boxes: (x, y, w, h) pixels per frame (None: to be chosen by the
-      consumer, as for `Track`).
-    crops: crop examples (`predict.CropBatcher.crop`) or None.
+    boxes: per frame, its (x, y, w, h) pixel boxes (`BoxPolicy.boxes`);
+      None: to be chosen by the consumer (``depends_on_predictions``).
+    crops: per frame, the crop examples of its boxes
+      (`batchers.CropBatcher.crop`), or None likewise.
   """
 
   start: int
   frames: list[np.ndarray]
-  boxes: list[tuple] | None = None
-  crops: list[dict] | None = None
+  boxes: list[list[tuple]] | None = None
+  crops: list[list[dict]] | None = None
 
 
 class FramePipeline:
@@ -358,14 +166,15 @@ class FramePipeline:
   Batches of ``batch_size`` frames go through a queue of ``queue_size``
   batches (bounded, so memory stays at a few batches); iterate over the
   pipeline to get `FrameBatch` es. For a box policy that does not depend
-  on predictions, the thread also crops; otherwise (`Track`) the consumer
-  crops, after the previous batch's keypoints are known. Exceptions in the
+  on predictions, the thread also crops; otherwise (`box_policies.Track`,
+  `box_policies.Detected`) the consumer crops, after the previous batch's
+  keypoints are known. Exceptions in the
   thread are re-raised by the iterator.
 
   Args:
     path: the video.
     batch_size: frames per batch.
-    boxes: `WholeFrame`, `BoxFile` or `Track`.
+    boxes: a `box_policies.BoxPolicy`.
     crop: ``crop(frame, bbox) -> example`` (thread-safe).
     width, height: the frame size (from `probe`).
     queue_size: batches decoded ahead.
@@ -414,10 +223,10 @@ class FramePipeline:
 
   def _prepare(self, batch: FrameBatch) -> FrameBatch:
     if not self.boxes.depends_on_predictions:
-      batch.boxes = [self.boxes.box(batch.start + j, *self.size)
+      batch.boxes = [self.boxes.boxes(batch.start + j, *self.size)
                      for j in range(len(batch.frames))]
-      batch.crops = [self.crop(f, b) for f, b in zip(batch.frames,
-                                                     batch.boxes)]
+      batch.crops = [[self.crop(f, b) for b in bs]
+                     for f, bs in zip(batch.frames, batch.boxes)]
     return batch
 
   def __iter__(self) -> Iterator[FrameBatch]:

@@ -50,9 +50,8 @@ class SelfAttention(nn.Module):
 
     Args:
       x: [B, T, D] inputs.
-      mask: boolean, broadcastable to [B, heads, T, Lk] (True = may
-        attend); Lk = T without a cache, the cache length Lc with one.
-        None: no mask.
+      mask: bool, broadcastable to [B, heads, T, Lk] (True = may attend;
+        Lk = T, or the cache length Lc with a cache); None: no mask.
       deterministic: no dropout.
       pos: [B, T, D] position embedding added to the query and key inputs
         only, not to the values (DETR's ``q = k = with_pos_embed(tgt,
@@ -63,9 +62,7 @@ class SelfAttention(nn.Module):
       [B, T, D] in ``dtype``.
 
     Raises:
-      ValueError: in cache mode, if T positions from ``cache_index`` do not
-        fit in the cache (checked when shapes are known: a T larger than
-        the cache).
+      ValueError: in cache mode, T larger than the cache.
     """
     features = x.shape[-1]
     if features % self.num_heads:
@@ -97,9 +94,8 @@ class SelfAttention(nn.Module):
                                              start)
         cached_key.value, cached_value.value = key, value
         index.value = index.value + x.shape[1]
-    dropout_rng = None
-    if self.dropout_rate > 0.0 and not deterministic:
-      dropout_rng = self.make_rng('dropout')
+    dropout_rng = (self.make_rng('dropout')
+                   if self.dropout_rate > 0.0 and not deterministic else None)
     y = nn.dot_product_attention(
         query, key, value, mask=mask, dropout_rng=dropout_rng,
         dropout_rate=self.dropout_rate, broadcast_dropout=True,

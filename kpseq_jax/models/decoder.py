@@ -184,7 +184,7 @@ class DecoderLayer(nn.Module):
       query_pos: [B, L, D] query position embedding added to the
         self-attention queries and keys and to the cross-attention query
         (Deformable DETR's decoder layer ``with_pos_embed(tgt,
-        query_pos)``; the object queries of `detector.BoxDetector`); None
+        query_pos)``; the object queries of `detector.Model`); None
         (the keypoint decoder, whose inputs carry their position): none.
       sampling_transform: float [B, 2, 3] affine from the reference points'
         frame to the memory's (`MultiScaleDeformableAttention.attend`);

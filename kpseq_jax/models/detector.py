@@ -8,8 +8,8 @@ boxes, built as the single-stage Deformable DETR (Zhu et al., ICLR 2021;
 * Memory: the keypoint model's encoder (`model.normalize_images`, `ResNet`,
   `model.input_projection`, `model.image_memory`): per-level 1x1 conv +
   GroupNorm(32), DETR sine position encoding and a learned level embedding
-  added to the features. As in `model.KeypointSequenceModel` there is no
-  encoder layer; position is folded into the memory.
+  added to the features (`model.ImageEncoder`, as the keypoint models).
+  There is no encoder layer; position is folded into the memory.
 * Queries (``models/deformable_transformer.py``
   ``DeformableTransformer.forward``, single stage): a learned table
   ``query_embed`` [Q, 2 D] split into the query position (first half) and
@@ -43,7 +43,7 @@ Outputs: every layer's logits and boxes (the last is the prediction, the
 others feed the auxiliary losses of `training.detection_losses.set_loss`);
 `top_detections` is Deformable DETR's ``PostProcess``.
 
-Variables: ``params``; ``batch_stats`` when ``backbone_norm`` is 'batch' or
+Variables: ``params``; ``batch_stats`` when ``resnet.norm`` is 'batch' or
 'frozen_batch' (apply with ``mutable=['batch_stats']`` in training with
 'batch'); rng ``dropout`` when ``train=True`` and ``dropout > 0``.
 """
@@ -51,17 +51,15 @@ Variables: ``params``; ``batch_stats`` when ``backbone_norm`` is 'batch' or
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple
+from typing import Any, Mapping, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models.decoder import DecoderLayer
 from kpseq_jax.models.decoder import inverse_sigmoid
-from kpseq_jax.models.resnet import ResNet
 from kpseq_jax.runtime import sharding
 from kpseq_jax.models import box_ops
 
@@ -102,68 +100,54 @@ class BoxHead(nn.Module):
                     bias_init=bias_init)(x).astype(jnp.float32)
 
 
-class BoxDetector(nn.Module):
+class Model(model_lib.ImageEncoder):
   """Images -> per-layer class logits and boxes (module docstring).
 
   Attributes:
     num_classes: C, object classes (sigmoid outputs, no background).
     num_queries: Q, boxes predicted per image (Deformable DETR: 300).
-    d_model: transformer width (256).
-    num_heads: attention heads (8).
-    num_layers: decoder layers (6).
-    ffn_dim: FFN hidden width (1024).
-    dropout: dropout rate (0.1).
-    num_points: deformable sampling points per head and level (4).
-    feature_levels: subset of ('c2', 'c3', 'c4', 'c5') (strides 4, 8, 16,
-      32); Deformable DETR uses C3-C5 (plus a strided C6 not built here).
-    backbone_depth: ResNet depth, 18 / 34 / 50.
-    backbone_norm: 'batch', 'group' or 'frozen_batch' (``resnet.py``).
-    backbone_frozen_stages: -1, 0 or n (``resnet.py``; Deformable DETR: 1
-      with frozen BatchNorm).
-    backbone_conv_impl: 'auto', 'xla' or 'gemm' (``conv.py``), for the
-      backbone and the input projections.
-    dtype: compute dtype (float32 or bfloat16); parameters, logits and
-      boxes are float32.
     box_refine: iterative box refinement with per-layer heads (module
       docstring); False shares the heads and keeps the first references.
+    resnet: `ResNet`'s arguments but dtype (``configs/default.py``).
+    transformer: the decoder layers': num_layers, num_heads, ffn_dim,
+      dropout, num_points (`decoder.DecoderLayer`).
+    feature_levels: subset of ('c2', 'c3', 'c4', 'c5') (strides 4, 8, 16,
+      32); Deformable DETR uses C3-C5 (plus a strided C6 not built here).
+    d_model: transformer width (256).
+    dtype: compute dtype; parameters, logits and boxes are float32.
   """
   num_classes: int
+  resnet: Mapping[str, Any]
+  transformer: Mapping[str, Any]
   num_queries: int = 20
-  d_model: int = 256
-  num_heads: int = 8
-  num_layers: int = 6
-  ffn_dim: int = 1024
-  dropout: float = 0.1
-  num_points: int = 4
-  feature_levels: tuple = ('c3', 'c4', 'c5')
-  backbone_depth: int = 50
-  backbone_norm: str = 'frozen_batch'
-  backbone_frozen_stages: int = 1
-  backbone_conv_impl: str = 'auto'
-  dtype: Any = jnp.float32
   box_refine: bool = True
+  feature_levels: Tuple[str, ...] = ('c3', 'c4', 'c5')
+  d_model: int = 256
+  dtype: Any = 'float32'
+
+  # Batch fields of the train step (`kpseq_jax/data/detection.py`).
+  train_fields = ('image', 'boxes', 'labels', 'box_valid')
+
+  @staticmethod
+  def inputs(batch: dict) -> dict:
+    """``__call__``'s array arguments from a batch."""
+    return dict(images=batch['image'])
 
   def setup(self):
-    self.backbone = ResNet(self.backbone_depth, self.backbone_norm, self.dtype,
-                           conv_impl=self.backbone_conv_impl,
-                           frozen_stages=self.backbone_frozen_stages)
-    self.input_proj, self.input_norm = model_lib.input_projection(
-        self.feature_levels, self.d_model, self.backbone_conv_impl, self.dtype)
-    self.level_embed = self.param(
-        'level_embed', model_lib.LEVEL_EMBED_INIT,
-        (len(self.feature_levels), self.d_model))
+    self.setup_encoder()
     # nn.Embedding(num_queries, 2 * d_model): torch's default N(0, 1).
     self.query_embed = self.param(
         'query_embed', nn.initializers.normal(stddev=1.0),
         (self.num_queries, 2 * self.d_model))
     self.reference_points = nn.Dense(
         2, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())
+    t = self.transformer
     self.layers = [
-        DecoderLayer(self.d_model, self.num_heads, self.ffn_dim, self.dropout,
-                     len(self.feature_levels), self.num_points,
+        DecoderLayer(self.d_model, t['num_heads'], t['ffn_dim'], t['dropout'],
+                     len(self.feature_levels), t['num_points'],
                      dtype=self.dtype, name=f'layers_{i}')
-        for i in range(self.num_layers)]
-    num_heads = self.num_layers if self.box_refine else 1
+        for i in range(t['num_layers'])]
+    num_heads = t['num_layers'] if self.box_refine else 1
     self.class_heads = [
         nn.Dense(self.num_classes, dtype=self.dtype,
                  bias_init=nn.initializers.constant(_CLASS_BIAS),
@@ -171,31 +155,6 @@ class BoxDetector(nn.Module):
     self.box_heads = [
         BoxHead(self.d_model, _FIRST_WH_BIAS if i == 0 else 0.0, self.dtype,
                 name=f'box_heads_{i}') for i in range(num_heads)]
-
-  def encode(self, images: jax.Array, train: bool) -> model_lib.Memory:
-    """Images -> `model.Memory` [B, S, D] (``dtype``), as
-    `KeypointSequenceModel.encode`.
-
-    Args:
-      images: uint8 or float [B, H, W, 3] RGB in 0..255; H, W pixels,
-        multiples of 32.
-      train: BatchNorm batch statistics (``backbone_norm='batch'``).
-    """
-    return self.encode_features(self.backbone_features(images, train))
-
-  def backbone_features(self, images: jax.Array, train: bool
-                        ) -> dict[str, jax.Array]:
-    """The ResNet's feature maps {'c2': [B, H/4, W/4, C2], ..., 'c5'} of
-    ``images`` (``dtype``), as `KeypointSequenceModel.backbone_features`."""
-    return self.backbone(model_lib.normalize_images(images), train)
-
-  def encode_features(self, feature_maps: dict[str, jax.Array]
-                      ) -> model_lib.Memory:
-    """Backbone feature maps -> `model.Memory` (`model.image_memory` of
-    ``feature_levels``)."""
-    return model_lib.image_memory(feature_maps, self.feature_levels,
-                                  self.input_proj, self.input_norm,
-                                  self.level_embed)
 
   def decode(self, memory: model_lib.Memory, train: bool
              ) -> Tuple[jax.Array, jax.Array]:
@@ -271,17 +230,6 @@ class BoxDetector(nn.Module):
         features=sharding.constrain_batch(memory.features))
     logits, boxes = self.decode(memory, train)
     return logits, boxes, maps
-
-
-def create_detector(config: ml_collections.ConfigDict,
-                    num_classes: int) -> BoxDetector:
-  """The `BoxDetector` described by ``config`` (configs/default.py: the
-  ``detector_*`` fields and the model fields it shares with the keypoint
-  model)."""
-  return BoxDetector(num_classes=num_classes,
-                     num_queries=config.detector_num_queries,
-                     box_refine=config.detector_box_refine,
-                     **model_lib.shared_model_fields(config))
 
 
 def top_detections(logits: jax.Array, boxes: jax.Array, k: int

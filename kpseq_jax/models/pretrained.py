@@ -1,6 +1,6 @@
 """ImageNet-pretrained ResNet weights from a torchvision/timm state dict.
 
-Nothing is downloaded: the user gives a file (``config.pretrained_backbone_path``),
+Nothing is downloaded: the user gives a file (``config.model_init``),
 e.g. torchvision's ``resnet50-0676ba61.pth`` or timm's ``model.safetensors``.
 
 * ``.safetensors`` is read with the ``safetensors`` package's numpy API (no

@@ -1,8 +1,8 @@
 """Device mesh and shardings (``jax.jit`` with explicit shardings, no pmap).
 
-The mesh has axes ``('data', 'fsdp')`` (``config.mesh_shape``). Batches are
+The mesh has axes ``('data', 'fsdp')`` (``config.sharding.mesh_shape``). Batches are
 split over both axes, so every device sees a distinct slice of the global
-batch. Parameters and optimizer state follow ``config.sharding_rules``,
+batch. Parameters and optimizer state follow ``config.sharding.rules``,
 rules kept as config data as big_vision's ``sharding_strategy``
 (``big_vision/sharding.py``): ``(regex, strategy)`` pairs, the first regex
 that matches a leaf's whole path (`leaf_path`, e.g.
@@ -11,7 +11,7 @@ that matches a leaf's whole path (`leaf_path`, e.g.
 ``.*`` to catch a parameter and its Adam moments) chooses the strategy:
 
 * ``'fsdp'``: big_vision's ``fsdp`` and MaxText's ZeRO-3 layout: an array of
-  at least ``config.fsdp_min_param_elements`` elements is split along 'fsdp'
+  at least ``config.sharding.fsdp_min_param_elements`` elements is split along 'fsdp'
   on its largest dimension that the 'fsdp' size divides (ties: the later
   dimension), a smaller one is replicated (`fsdp_spec`);
 * ``'replicate'``: replicated.
@@ -124,7 +124,7 @@ def check_rules(rules: Any) -> tuple[tuple[str, str], ...]:
   """``rules`` validated, as a tuple of ``(regex, strategy)`` string pairs.
 
   Args:
-    rules: sequence of ``(regex, strategy)`` pairs (``config.sharding_rules``;
+    rules: sequence of ``(regex, strategy)`` pairs (``config.sharding.rules``;
       a config override gives tuples, a JSON config lists).
 
   Raises:
@@ -136,16 +136,16 @@ def check_rules(rules: Any) -> tuple[tuple[str, str], ...]:
   for i, rule in enumerate(rules):
     if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and
             all(isinstance(r, str) for r in rule)):
-      raise ValueError(f'sharding_rules[{i}] = {rule!r} is not a '
+      raise ValueError(f'sharding.rules[{i}] = {rule!r} is not a '
                        '(regex, strategy) pair of strings.')
     pattern, strategy = rule
     try:
       re.compile(pattern)
     except re.error as e:
-      raise ValueError(f'sharding_rules[{i}]: bad regex {pattern!r}: {e}'
+      raise ValueError(f'sharding.rules[{i}]: bad regex {pattern!r}: {e}'
                        ) from None
     if strategy not in STRATEGIES:
-      raise ValueError(f'sharding_rules[{i}]: strategy {strategy!r} not in '
+      raise ValueError(f'sharding.rules[{i}]: strategy {strategy!r} not in '
                        f'{STRATEGIES}.')
     out.append((pattern, strategy))
   return tuple(out)
@@ -160,8 +160,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh,
     abstract_state: pytree of arrays or `jax.ShapeDtypeStruct`.
     mesh: the ('data', 'fsdp') mesh.
     min_elements: under 'fsdp', arrays smaller than this are replicated
-      (``config.fsdp_min_param_elements``).
-    rules: ``(regex, strategy)`` pairs (``config.sharding_rules``; see the
+      (``config.sharding.fsdp_min_param_elements``).
+    rules: ``(regex, strategy)`` pairs (``config.sharding.rules``; see the
       module docstring): the first regex that fully matches the leaf's
       `leaf_path` decides; no match: replicated.
 

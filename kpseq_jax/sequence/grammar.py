@@ -108,6 +108,49 @@ def position(group, phase: int, num_prefix: int):
   return num_prefix + GROUP_SIZE * group + phase
 
 
+def _checked_instance(keypoints: np.ndarray, num_keypoints: int,
+                      vocab: vocab_lib.Vocab, max_num_keypoints: int,
+                      category_token: int | None, absent: np.ndarray | None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(keypoints float32 [K, 3], labelled bool [K], absent bool [K]) of
+  `build_sequence`'s arguments, or the ValueError it documents."""
+  if num_keypoints > max_num_keypoints:
+    raise ValueError(f'num_keypoints={num_keypoints} exceeds '
+                     f'max_num_keypoints={max_num_keypoints}.')
+  if (category_token is None) != (vocab.num_prefix_tokens == 0):
+    raise ValueError(f'category_token={category_token} does not fit the '
+                     f'vocabulary ({vocab.num_categories} category tokens).')
+  kps = np.asarray(keypoints, np.float32)[:num_keypoints]
+  labelled = kps[:, 2] > 0  # [K]
+  if absent is None:
+    absent = np.zeros([num_keypoints], bool)
+  absent = np.asarray(absent, bool)[:num_keypoints] & ~labelled  # [K]
+  if absent.any() and not vocab.presence:
+    raise ValueError('absent keypoints given to a vocabulary without '
+                     '<absent> (config.vocab.presence_token=False).')
+  return kps, labelled, absent
+
+
+def _layout(vocab: vocab_lib.Vocab, num_keypoints: int, length: int,
+            category_token: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """(target_tokens int32 [L], token_weights float32 [L]) of the sequence's
+  structure: the category token (an input only: weight 0), ``<coord>`` and
+  ``<sep>`` of each group and ``<eos>``, weight 1 from the first group to
+  ``<eos>``; x/y targets are left ``<pad>`` for `build_sequence`."""
+  p = vocab.num_prefix_tokens
+  groups = np.arange(num_keypoints)
+  end = position(num_keypoints, COORD, p)  # The <eos> position.
+  target = np.full([length], vocab.pad, np.int32)
+  token_w = np.zeros([length], np.float32)
+  if p:
+    target[0] = category_token
+  target[position(groups, COORD, p)] = vocab.coord
+  target[position(groups, SEP, p)] = vocab.sep
+  target[end] = vocab.eos
+  token_w[p:end + 1] = 1.0
+  return target, token_w
+
+
 def build_sequence(keypoints: np.ndarray, num_keypoints: int,
                    vocab: vocab_lib.Vocab, max_num_keypoints: int,
                    category_token: int | None = None,
@@ -121,8 +164,7 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
     vocab: token layout; with ``vocab.num_prefix_tokens`` = 1 (category
       conditioning) ``category_token`` is required.
     max_num_keypoints: Kmax; fixes the padded length L = `seq_len`.
-    category_token: the ``vocab.category(i)`` token input after ``<bos>``
-      (category conditioning only).
+    category_token: the ``vocab.category(i)`` input after ``<bos>``.
     absent: bool [>= num_keypoints] keypoints known not to be visible (need
       ``vocab.presence``; a labelled keypoint is never absent); None = none.
 
@@ -130,56 +172,31 @@ def build_sequence(keypoints: np.ndarray, num_keypoints: int,
     dict of numpy arrays, L = seq_len(max_num_keypoints, P):
       input_tokens int32 [L]: ``<bos>`` then the targets shifted right,
         with ``<nocoord>`` at the x/y of unlabelled keypoints.
-      input_coords float32 [L]: the normalised value fed to the coordinate
-        embedding at x/y inputs (0 elsewhere).
+      input_coords float32 [L]: coordinate-embedding input at x/y, else 0.
       target_tokens int32 [L]: target token ids, ``<pad>`` after ``<eos>``.
-      target_coords float32 [L, 2]: normalised (x, y) of the keypoint that
-        the position's target belongs to (0 elsewhere).
+      target_coords float32 [L, 2]: (x, y) of the position's keypoint, else 0.
       token_weights float32 [L]: 1 where cross-entropy applies.
-      coord_weights float32 [L]: 1 where the L1 loss applies (x and y
-        targets of labelled keypoints).
+      coord_weights float32 [L]: 1 at x/y targets of labelled keypoints (L1).
 
   Raises:
-    ValueError: if num_keypoints > max_num_keypoints, the category token
-      is missing (or given) against ``vocab.num_prefix_tokens``, or
-      ``absent`` marks a keypoint with a vocabulary without ``<absent>``.
+    ValueError: num_keypoints > Kmax, a category token missing (or given)
+      against ``vocab.num_prefix_tokens``, or ``absent`` without <absent>.
   """
-  if num_keypoints > max_num_keypoints:
-    raise ValueError(f'num_keypoints={num_keypoints} exceeds '
-                     f'max_num_keypoints={max_num_keypoints}.')
+  kps, labelled, absent = _checked_instance(
+      keypoints, num_keypoints, vocab, max_num_keypoints, category_token,
+      absent)
   p = vocab.num_prefix_tokens
-  if (category_token is None) != (p == 0):
-    raise ValueError(f'category_token={category_token} does not fit the '
-                     f'vocabulary ({vocab.num_categories} category tokens).')
   length = seq_len(max_num_keypoints, p)
-  kps = np.asarray(keypoints, np.float32)[:num_keypoints]
-  labelled = kps[:, 2] > 0  # [K]
-  if absent is None:
-    absent = np.zeros([num_keypoints], bool)
-  absent = np.asarray(absent, bool)[:num_keypoints] & ~labelled  # [K]
-  if absent.any() and not vocab.presence:
-    raise ValueError('absent keypoints given to a vocabulary without '
-                     '<absent> (config.presence_token=False).')
   absent_tok = vocab.absent if vocab.presence else vocab.pad
   xy = np.clip(kps[:, :2], 0.0, 1.0)  # [K, 2]
   xy_tokens = vocab.quantize(xy)  # [K, 2]
-  groups = np.arange(num_keypoints)
-  end = position(num_keypoints, COORD, p)  # The <eos> position.
-
-  target = np.full([length], vocab.pad, np.int32)
-  token_w = np.zeros([length], np.float32)
+  target, token_w = _layout(vocab, num_keypoints, length, category_token)
   coord_w = np.zeros([length], np.float32)
   target_coords = np.zeros([length, 2], np.float32)
-  if p:
-    target[0] = category_token  # An input only: weight 0.
-  target[position(groups, COORD, p)] = vocab.coord
-  target[position(groups, SEP, p)] = vocab.sep
-  target[end] = vocab.eos
-  token_w[p:end + 1] = 1.0
   input_tokens = np.concatenate([[vocab.bos], target[:-1]]).astype(np.int32)
   input_coords = np.zeros([length], np.float32)
   for phase, axis in ((X, 0), (Y, 1)):
-    pos = position(groups, phase, p)
+    pos = position(np.arange(num_keypoints), phase, p)
     target[pos] = np.where(labelled, xy_tokens[:, axis],
                            np.where(absent, absent_tok, vocab.pad))
     token_w[pos] = labelled | absent

@@ -18,7 +18,7 @@ absent       num_bins + 6        optional (``presence=True``): the keypoint is
                                  <absent> <sep>``)
 category i   num_bins + S + i    optional (``num_categories > 0``): the
                                  category, input right after ``<bos>``
-                                 (``config.category_conditioning``); i is the
+                                 (``config.vocab.category_conditioning``); i is the
                                  category's index among the data set's ids
                                  in increasing order; never a target.
                                  S = `num_special_tokens` (6, or 7 with
@@ -54,7 +54,7 @@ NUM_SPECIAL_TOKENS = 6  # Without the optional <absent>.
 # Radii (coordinate bins) at which the decoders measure a keypoint's
 # confidence, the classifier's probability mass within r bins of the decoded
 # bin (`kpseq_jax.inference.decoding.coordinate_mass`);
-# ``config.confidence_radius_bins`` picks the reported one, the others feed
+# ``config.decode.confidence_radius_bins`` picks the reported one, the others feed
 # the calibration comparison.
 CONFIDENCE_RADII_BINS = (0, 1, 2, 4, 8)
 
@@ -69,7 +69,7 @@ class Vocab:
     num_categories: category tokens after the special tokens (0: no
       category conditioning).
     presence: the vocabulary has the ``<absent>`` token (keypoint presence,
-      ``config.presence_token``).
+      ``config.vocab.presence_token``).
 
   Raises:
     ValueError: if ``num_bins < 2`` or ``num_categories < 0``.
@@ -119,7 +119,7 @@ class Vocab:
     """
     if not self.presence:
       raise ValueError('this vocabulary has no <absent> token (presence is '
-                       'off: config.presence_token=False).')
+                       'off: config.vocab.presence_token=False).')
     return self.num_bins + NUM_SPECIAL_TOKENS
 
   @property
@@ -206,6 +206,6 @@ def from_config(config: ml_collections.ConfigDict) -> Vocab:
   """The vocabulary of a run: ``num_bins`` bins, ``max_num_categories``
   category tokens when ``category_conditioning`` is on, ``<absent>`` when
   ``presence_token`` is on."""
-  return Vocab(config.num_bins, config.max_num_categories
-               if config.category_conditioning else 0,
-               presence=config.presence_token)
+  return Vocab(config.vocab.num_bins, config.max_num_categories
+               if config.vocab.category_conditioning else 0,
+               presence=config.vocab.presence_token)

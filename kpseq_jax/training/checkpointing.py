@@ -14,12 +14,13 @@ size, or a frozen backbone that changes the optimizer state) is not damaged:
 restoring raises `CheckpointMismatchError` and leaves it in place. A
 checkpoint written before a train-state field existed restores when that
 field is empty in the config's state (`TrainState.ema` without
-``ema_decay``).
+``optim.ema_decay``). Inference reads only the weights it uses
+(`restore_variables`: params and batch_stats, or their moving average).
 """
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import grain
@@ -40,8 +41,8 @@ def read_backbone(workdir: str, backbone_key: str = 'backbone'
   Reads only ``params[backbone_key]`` and ``batch_stats[backbone_key]``
   (partial restore; from ``ema`` when the run kept a moving average of its
   weights, which it evaluates with), whatever model wrote the checkpoint:
-  a detector (`detector.BoxDetector`) or a keypoint model, any config.
-  Used by ``config.pretrained_backbone_path`` when it names a workdir
+  a detector (`detector.Model`) or a keypoint model, any config.
+  Used by ``config.model_init`` when it names a workdir
   (`train_state.create_train_state`), e.g. to put a keypoint model on the
   backbone of the detector trained on the same frames.
 
@@ -58,8 +59,7 @@ def read_backbone(workdir: str, backbone_key: str = 'backbone'
     ValueError: the checkpoint has no ``params[backbone_key]``.
   """
   root = os.path.join(workdir, 'checkpoints')
-  steps = sorted((int(d) for d in (os.listdir(root) if os.path.isdir(root)
-                                   else []) if d.isdigit()), reverse=True)
+  steps = _steps_newest_first(workdir)
   if not steps:
     raise FileNotFoundError(
         f'{workdir}: no checkpoint to take a backbone from (expected '
@@ -134,6 +134,103 @@ def _describe_mismatch(saved: dict, wanted: dict, limit: int = 5) -> str:
     parts.append(f'{len(shape)} arrays differ in shape, e.g. {p}: '
                  f'{saved[p]} in the checkpoint, {wanted[p]} in this config')
   return '; '.join(parts)
+
+
+def _steps_newest_first(workdir: str) -> list[int]:
+  """The step directories under ``workdir/checkpoints``, newest first."""
+  root = os.path.join(workdir, 'checkpoints')
+  names = os.listdir(root) if os.path.isdir(root) else []
+  return sorted((int(d) for d in names if d.isdigit()), reverse=True)
+
+
+def _read_metadata(path: str) -> Any:
+  """The saved tree of a ``state`` item (dicts of array metadata); None if
+  it cannot be read."""
+  try:
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(path)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  saved = getattr(saved, 'item_metadata', saved)
+  return getattr(saved, 'tree', saved)
+
+
+def restore_variables(workdir: str, abstract_variables: dict,
+                      shardings_of: Callable[[Any], Any]
+                      ) -> tuple[dict, int]:
+  """The weights a run evaluates with, and nothing else, from its latest
+  restorable checkpoint (Orbax partial restore: the optimizer state, step
+  and rng are not read).
+
+  The weights are those of `TrainState.inference_variables`: the moving
+  average (``ema``) when the checkpoint holds one, else ``params`` and
+  ``batch_stats``. A step that cannot be read is skipped with a warning
+  (left in place: inference does not change the workdir).
+
+  Args:
+    workdir: a ``--workdir`` with ``checkpoints/<step>/state``.
+    abstract_variables: {'params', 'batch_stats'} of `jax.ShapeDtypeStruct`
+      (the model's, e.g. by `jax.eval_shape` of its init).
+    shardings_of: maps a pytree of `jax.ShapeDtypeStruct` laid out as the
+      saved state (``{'params', 'batch_stats'}`` or ``{'ema': {...}}``) to
+      its shardings (`sharding.state_shardings`), so that each array is
+      placed as training placed it.
+
+  Returns:
+    ({'params', 'batch_stats'} of jax.Array on their shardings, step).
+
+  Raises:
+    FileNotFoundError: no (restorable) checkpoint step.
+    CheckpointMismatchError: the saved weights have other arrays (paths or
+      shapes) than ``abstract_variables``: written with another config.
+  """
+  steps = _steps_newest_first(workdir)
+  for step in steps:
+    path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+    try:
+      restored = _restore_weights(path, abstract_variables, shardings_of)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # Orbax/TensorStore raise many types here.
+      logging.warning('Checkpoint step %d in %s cannot be read (%s: %s); '
+                      'trying an older one.', step, workdir,
+                      type(e).__name__, str(e)[:500])
+      continue
+    return restored, step
+  raise FileNotFoundError(
+      f'No restorable checkpoint in {os.path.join(workdir, "checkpoints")} '
+      f'(steps {steps}); train first (--mode train) with this --workdir.')
+
+
+def _restore_weights(path: str, abstract_variables: dict,
+                     shardings_of: Callable[[Any], Any]) -> dict:
+  """`restore_variables` of one step's ``state`` item at ``path``."""
+  saved = _read_metadata(path)
+  if saved is None or not hasattr(saved, 'keys'):
+    raise FileNotFoundError(f'{path}: no readable state')
+  averaged = bool(jax.tree.leaves(saved.get('ema', {})))
+  source = saved['ema'] if averaged else saved
+  # Empty collections (batch_stats without BatchNorm) hold nothing to read.
+  wanted = {k: v for k, v in abstract_variables.items() if jax.tree.leaves(v)}
+  have = {k: source.get(k, {}) for k in wanted}
+  if mismatch := _describe_mismatch(_leaf_shapes(have), _leaf_shapes(wanted)):
+    raise CheckpointMismatchError(
+        f'{path} was written with another config: {mismatch}. Run with the '
+        'config it was trained with (model size and model.resnet.norm '
+        'change the arrays), or use another --workdir.')
+  item = {'ema': wanted} if averaged else wanted
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      item, shardings_of(item))
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  restored = restored['ema'] if averaged else restored
+  logging.info('Restored the %s of %s (no optimizer state).',
+               'moving average of the weights' if averaged else 'weights',
+               path)
+  return {k: restored.get(k, v) for k, v in abstract_variables.items()}
 
 
 class Checkpointer:
@@ -255,8 +352,8 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f'Checkpoint step {step} in {self.directory} was written with '
           f'another config: {mismatch}. Run with the config it was trained '
-          'with (model size, backbone_norm, backbone_frozen_stages and '
-          'ema_decay change the arrays; a frozen backbone also changes the '
+          'with (model size, model.resnet.norm, model.resnet.frozen_stages and '
+          'optim.ema_decay change the arrays; a frozen backbone also changes the '
           'optimizer state), '
           'or use another --workdir.')
 

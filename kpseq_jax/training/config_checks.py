@@ -1,145 +1,189 @@
 """Checks that reject an impossible config before anything compiles."""
 
+import dataclasses
+import importlib
+
 import jax
 import ml_collections
 import numpy as np
 
 from kpseq_jax.data import dataset
-from kpseq_jax.models import conv as conv_lib
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.runtime import sharding
-from kpseq_jax.sequence import vocab as vocab_lib
+
+# Model fields that come from the data, not from ``config.model``
+# (`train_state.create_model`), and flax's own.
+_DATA_FIELDS = ('vocab', 'max_seq_len', 'num_classes', 'cache_decoding',
+                'parent', 'name')
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the field if ``config`` cannot work.
+  """Raises ValueError naming every field of ``config`` that cannot work.
 
-  Checked: ``dataset_dir`` set; ``image_size_px`` a positive multiple of 32
-  (the backbone's stride); ``num_bins >= 2``; ``feature_levels`` a
-  non-empty subset of c2/c3/c4/c5; ``d_model`` divisible by ``num_heads``;
-  batch sizes divisible by the device count; ``mesh_shape`` matching the
-  devices; ``backbone_depth`` in 18/34/50; ``backbone_conv_impl`` known;
-  ``backbone_norm`` known; ``backbone_frozen_stages`` in -1..4;
-  ``prefetch_batches >= 1``, ``data_threads >= 0``;
-  ``sharding_rules`` well formed; every field named in
-  ``config.field_choices`` (a config's own enumerations, e.g.
-  ``configs/mp100.py``'s ``split``) set to one of its choices; with
-  ``setting='cape'``: ``num_shots >= 1``, no category conditioning,
-  ``cape_min_keep_frac`` in (0, 1], episode counts >= 1.
+  Checked: each field in ``config.field_choices`` (nested as the config)
+  set to one of its choices; ``config.model`` holding the arguments of
+  ``models/<model_name>.py``'s ``Model`` (`model_field_errors`); the
+  input, decoding, CAPE, detector and device constraints of the helpers
+  below.
   """
+  errors = choice_errors(config, config.field_choices)
+  if not errors:  # The model's module and fields exist.
+    errors += model_field_errors(config)
+  model_ok = not errors  # The checks below that read config.model.
+  errors += input_errors(config) + device_errors(config)
+  if config.model_name == 'cape':
+    errors += cape_errors(config)
+  if model_ok and config.model_name in ('detector', 'end_to_end'):
+    errors += canvas_errors(config)
+  if model_ok and config.model_name != 'detector':
+    errors += decoder_errors(config)
+  if errors:
+    raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
+
+
+def choice_errors(config, choices, path: str = '') -> list[str]:
+  """Fields of ``config`` not among their ``choices`` (a nested
+  ``field_choices``), named by dotted path."""
   errors = []
-  if not config.dataset_dir:
-    errors.append('dataset_dir is empty: pass --config.dataset_dir=DIR '
-                  '(a data set from `python -m data_prep.build`).')
-  if config.image_size_px <= 0 or config.image_size_px % 32:
-    errors.append(f'image_size_px={config.image_size_px} must be a positive '
-                  'multiple of 32 (the ResNet stride).')
-  if config.num_bins < 2:
-    errors.append(f'num_bins={config.num_bins} must be >= 2.')
-  levels = tuple(config.feature_levels)
+  for name, allowed in choices.items():
+    where = f'{path}{name}'
+    if name not in config:
+      errors.append(f'field_choices names {where}, which is not a field.')
+    elif isinstance(allowed, ml_collections.ConfigDict):
+      errors += choice_errors(config[name], allowed, where + '.')
+    elif config[name] not in allowed:
+      errors.append(f'{where}={config[name]!r} is not one of '
+                    f'{tuple(allowed)}.')
+  return errors
+
+
+def model_field_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """``config.model``'s keys against ``Model``'s constructor fields (those
+  not derived from the data: vocab, max_seq_len, num_classes)."""
+  module = importlib.import_module(f'kpseq_jax.models.{config.model_name}')
+  fields = {f.name: f for f in dataclasses.fields(module.Model)
+            if f.name not in _DATA_FIELDS}
+  given = set(config.model.keys())
+  errors = [f'model.{k} is not a field of models/{config.model_name}.py\'s '
+            f'Model (fields: {sorted(fields)}).' for k in sorted(given - set(fields))]
+  errors += [f'model.{k} is missing (models/{config.model_name}.py\'s Model '
+             'has no default for it).' for k, f in sorted(fields.items())
+             if k not in given and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  levels = tuple(config.model.feature_levels)
   if not levels or any(l not in model_lib.FEATURE_LEVELS for l in levels):
-    errors.append(f'feature_levels={levels} must be a non-empty subset of '
-                  f'{model_lib.FEATURE_LEVELS}.')
-  if config.d_model % config.num_heads:
-    errors.append(f'd_model={config.d_model} is not divisible by '
-                  f'num_heads={config.num_heads}.')
-  if config.backbone_conv_impl not in conv_lib.IMPLS:
-    errors.append(f'backbone_conv_impl={config.backbone_conv_impl!r} not in '
-                  f'{conv_lib.IMPLS}.')
-  if config.backbone_depth not in (18, 34, 50):
-    errors.append(f'backbone_depth={config.backbone_depth} not in 18/34/50.')
-  try:
-    sharding.check_rules(config.sharding_rules)
-  except ValueError as e:
-    errors.append(str(e))
-  if config.backbone_norm not in ('batch', 'group', 'frozen_batch'):
-    errors.append(f'backbone_norm={config.backbone_norm!r} not in batch, '
-                  'group, frozen_batch.')
-  if config.prefetch_batches < 1 or config.data_threads < 0:
-    errors.append(f'prefetch_batches={config.prefetch_batches} must be >= 1 '
-                  f'and data_threads={config.data_threads} >= 0 (0: the CPU '
+    errors.append(f'model.feature_levels={levels} must be a non-empty subset '
+                  f'of {model_lib.FEATURE_LEVELS}.')
+  if config.model.d_model % config.model.transformer.num_heads:
+    errors.append(f'model.d_model={config.model.d_model} is not divisible by '
+                  f'model.transformer.num_heads='
+                  f'{config.model.transformer.num_heads}.')
+  return errors
+
+
+def input_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """Data set, crop size, bins, Grain, OKS sigma, moving average, sharding
+  rules."""
+  i, errors = config.input, []
+  if not i.dataset_dir:
+    errors.append('input.dataset_dir is empty: pass --config.input.'
+                  'dataset_dir=DIR (a data set from `python -m data_prep.build`).')
+  if i.image_size_px <= 0 or i.image_size_px % 32:
+    errors.append(f'input.image_size_px={i.image_size_px} must be a positive '
+                  'multiple of 32 (the ResNet stride).')
+  if config.vocab.num_bins < 2:
+    errors.append(f'vocab.num_bins={config.vocab.num_bins} must be >= 2.')
+  if i.prefetch_batches < 1 or i.data_threads < 0:
+    errors.append(f'input.prefetch_batches={i.prefetch_batches} must be >= 1 '
+                  f'and input.data_threads={i.data_threads} >= 0 (0: the CPU '
                   'count).')
-  if not -1 <= config.backbone_frozen_stages <= 4:
-    errors.append(f'backbone_frozen_stages={config.backbone_frozen_stages} '
-                  'not in -1 (none), 0 (stem), 1..4 (stem + layer1..n).')
-  for name, choices in config.field_choices.items():
-    if config[name] not in choices:
-      errors.append(f'{name}={config[name]!r} is not one of {tuple(choices)}.')
-  if config.setting == 'cape':
-    if config.num_shots < 1:
-      errors.append(f'num_shots={config.num_shots} must be >= 1 (CAPE).')
-    if config.category_conditioning:
-      errors.append('category_conditioning=True with setting=cape: a CAPE '
-                    'model is told what to find by its supports, never by a '
-                    'category token.')
-    if not 0 < config.cape_min_keep_frac <= 1:
-      errors.append(f'cape_min_keep_frac={config.cape_min_keep_frac} must '
-                    'be in (0, 1].')
-    for name in ('cape_num_episodes', 'cape_num_queries'):
-      if config[name] < 1:
-        errors.append(f'{name}={config[name]} must be >= 1.')
-  if config.presence_token and config.setting == 'cape':
-    errors.append('presence_token=True with setting=cape: keypoint presence '
-                  'is not implemented for support-conditioned episodes yet.')
-  if config.confidence_radius_bins not in vocab_lib.CONFIDENCE_RADII_BINS:
-    errors.append(f'confidence_radius_bins={config.confidence_radius_bins} '
-                  f'is not one of {vocab_lib.CONFIDENCE_RADII_BINS}.')
-  if not config.oks_default_sigma >= 0:
-    errors.append(f'oks_default_sigma={config.oks_default_sigma} must be >= '
-                  '0 (0: every category needs its own sigmas).')
-  if not 0 <= config.reference_point_noise_frac < 0.5:
-    errors.append(f'reference_point_noise_frac='
-                  f'{config.reference_point_noise_frac} must be in [0, 0.5) '
-                  '(a fraction of the crop).')
-  if not 0 <= config.ema_decay < 1:
-    errors.append(f'ema_decay={config.ema_decay} must be in [0, 1) (0: no '
-                  'moving average of the weights).')
-  if (config.decoder_aux_loss or config.decoder_refine_points) and (
-      config.num_layers < 2):
-    errors.append('decoder_aux_loss / decoder_refine_points need '
-                  f'num_layers >= 2 (got {config.num_layers}): they work on '
-                  'the layers before the last.')
-  if config.task == 'detection' or config.keypoint_stage == 'end_to_end':
-    hw = tuple(config.detector_image_size_px)
-    if len(hw) != 2 or min(hw) < 32:
-      errors.append(f'detector_image_size_px={hw} must be (height, width) '
-                    'of at least 32 px each.')
-  if config.task == 'detection':
-    lo, hi = config.detector_scale_range
-    if not 0 < lo <= hi <= 1:
-      errors.append(f'detector_scale_range={(lo, hi)} must satisfy 0 < lo '
-                    '<= hi <= 1 (a fraction of the scale that fits the '
-                    'canvas).')
-    if not 1 <= config.max_detections <= (config.detector_num_queries *
-                                          config.max_num_categories):
-      errors.append(f'max_detections={config.max_detections} must be in 1 '
-                    '.. detector_num_queries x max_num_categories.')
-    if config.setting != 'supervised':
-      errors.append('task=detection needs setting=supervised (the detector '
-                    'has no support images).')
-  elif config.keypoint_stage == 'end_to_end':
-    if any(v % 32 for v in tuple(config.detector_image_size_px)):
-      errors.append('keypoint_stage=end_to_end encodes the '
-                    'detector_image_size_px canvas: '
-                    f'{tuple(config.detector_image_size_px)} must be '
-                    'multiples of 32 (the ResNet stride).')
-    if config.setting != 'supervised':
-      errors.append('keypoint_stage=end_to_end needs setting=supervised '
-                    '(support crops of whole images are not built).')
   if config.max_num_keypoints < 1:
     errors.append(f'max_num_keypoints={config.max_num_keypoints} must be '
                   '>= 1.')
-  n = jax.device_count()
-  for name in ('batch_size', 'eval_batch_size'):
-    if config[name] % n:
-      errors.append(f'{name}={config[name]} is not divisible by the {n} '
-                    'devices.')
-  shape = tuple(config.mesh_shape)
+  if config.optim.num_train_steps < 1:
+    errors.append(f'optim.num_train_steps={config.optim.num_train_steps} '
+                  'must be >= 1.')
+  if not config.evals.oks_default_sigma >= 0:
+    errors.append(f'evals.oks_default_sigma={config.evals.oks_default_sigma} '
+                  'must be >= 0 (0: every category needs its own sigmas).')
+  if not 0 <= config.optim.ema_decay < 1:
+    errors.append(f'optim.ema_decay={config.optim.ema_decay} must be in '
+                  '[0, 1) (0: no moving average of the weights).')
+  try:
+    sharding.check_rules(config.sharding.rules)
+  except ValueError as e:
+    errors.append(str(e))
+  return errors
+
+
+def decoder_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """Reference noise range; aux losses and refinement need >= 2 layers."""
+  t, errors = config.model.transformer, []
+  if not 0 <= t.reference_noise < 0.5:
+    errors.append(f'model.transformer.reference_noise={t.reference_noise} '
+                  'must be in [0, 0.5) (a fraction of the crop).')
+  if (config.model.aux_loss or t.refine_points) and t.num_layers < 2:
+    errors.append('model.aux_loss / model.transformer.refine_points need '
+                  f'model.transformer.num_layers >= 2 (got {t.num_layers}): '
+                  'they work on the layers before the last.')
+  return errors
+
+
+def cape_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """Shots, kept fraction and episode counts; no category token, no
+  presence."""
+  c, errors = config.cape, []
+  if c.num_shots < 1:
+    errors.append(f'cape.num_shots={c.num_shots} must be >= 1.')
+  if config.vocab.category_conditioning:
+    errors.append('vocab.category_conditioning=True with model_name=cape: a '
+                  'CAPE model is told what to find by its supports, never by '
+                  'a category token.')
+  if not 0 < c.min_keep_frac <= 1:
+    errors.append(f'cape.min_keep_frac={c.min_keep_frac} must be in (0, 1].')
+  for name in ('num_episodes', 'num_queries'):
+    if c[name] < 1:
+      errors.append(f'cape.{name}={c[name]} must be >= 1.')
+  if config.vocab.presence_token:
+    errors.append('vocab.presence_token=True with model_name=cape: keypoint '
+                  'presence is not implemented for support-conditioned '
+                  'episodes yet.')
+  return errors
+
+
+def canvas_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """The whole-image canvas (detector, end_to_end) and the detector's
+  augmentation and detections."""
+  d, errors = config.detector, []
+  hw = tuple(d.image_size_px)
+  if len(hw) != 2 or min(hw) < 32 or any(v % 32 for v in hw):
+    errors.append(f'detector.image_size_px={hw} must be (height, width), '
+                  'multiples of 32 px (the ResNet stride).')
+  if config.model_name == 'detector':
+    lo, hi = d.scale_range
+    if not 0 < lo <= hi <= 1:
+      errors.append(f'detector.scale_range={(lo, hi)} must satisfy 0 < lo '
+                    '<= hi <= 1 (a fraction of the scale that fits the '
+                    'canvas).')
+    most = config.model.num_queries * config.max_num_categories
+    if not 1 <= d.max_detections <= most:
+      errors.append(f'detector.max_detections={d.max_detections} must be in '
+                    '1 .. model.num_queries x max_num_categories.')
+  return errors
+
+
+def device_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """Batch sizes divisible by the devices; the mesh matching them."""
+  n, errors = jax.device_count(), []
+  for name, size in (('input.batch_size', config.input.batch_size),
+                     ('evals.batch_size', config.evals.batch_size)):
+    if size % n:
+      errors.append(f'{name}={size} is not divisible by the {n} devices.')
+  shape = tuple(config.sharding.mesh_shape)
   if -1 not in shape and int(np.prod(shape)) != n:
-    errors.append(f'mesh_shape={shape} has {int(np.prod(shape))} devices, '
-                  f'but {n} are available.')
-  if errors:
-    raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
+    errors.append(f'sharding.mesh_shape={shape} has {int(np.prod(shape))} '
+                  f'devices, but {n} are available.')
+  return errors
 
 
 def frozen_without_weights(config: ml_collections.ConfigDict) -> str:
@@ -152,21 +196,46 @@ def frozen_without_weights(config: ml_collections.ConfigDict) -> str:
   Returns:
     The message, or '' when nothing is frozen or weights are loaded.
   """
-  if config.pretrained_backbone_path:
+  if config.model_init:
     return ''
   frozen = []
-  if config.backbone_norm == 'frozen_batch':
-    frozen.append('backbone_norm=frozen_batch')
-  if config.backbone_frozen_stages >= 0:
-    frozen.append(f'backbone_frozen_stages={config.backbone_frozen_stages}')
+  if config.model.resnet.norm == 'frozen_batch':
+    frozen.append('model.resnet.norm=frozen_batch')
+  if config.model.resnet.frozen_stages >= 0:
+    frozen.append(
+        f'model.resnet.frozen_stages={config.model.resnet.frozen_stages}')
   if not frozen:
     return ''
-  return (f'{" and ".join(frozen)} with no pretrained_backbone_path: the '
+  return (f'{" and ".join(frozen)} with no model_init: the '
           'frozen parts keep their random initialisation (frozen BatchNorm '
-          'is then the identity). Pass --config.pretrained_backbone_path='
+          'is then the identity). Pass --config.model_init='
           'resnet50.safetensors (ImageNet weights, as the paper), or train '
-          'from scratch with --config.backbone_norm=batch '
-          '--config.backbone_frozen_stages=-1.')
+          'from scratch with --config.model.resnet.norm=batch '
+          '--config.model.resnet.frozen_stages=-1.')
+
+
+def episode_pool_errors(config: ml_collections.ConfigDict,
+                        info: dataset.DatasetInfo,
+                        splits: dict[str, str]) -> list[str]:
+  """CAPE: the train, eval and support splits need episode pools
+  (`data_prep.episodes`); the support split must exist."""
+  errors = []
+  splits = dict(splits, **{'cape.support_split': config.cape.support_split})
+  for name, split in splits.items():
+    if not split or split not in info.split_sizes:
+      continue  # '' = the eval split; a missing split is reported apart.
+    if split not in info.episode_pools:
+      why = info.episode_pool_errors.get(
+          split, 'the data set was built without episode pools; rebuild '
+          'it with `python -m data_prep.build`')
+      errors.append(f'{name}={split!r} has no CAPE episode pool in '
+                    f'{config.input.dataset_dir}: {why}')
+  support = config.cape.support_split
+  if support and support not in info.split_sizes:
+    errors.append(f'cape.support_split={support!r} is not a split of '
+                  f'{config.input.dataset_dir} (it has '
+                  f'{sorted(info.split_sizes)}).')
+  return errors
 
 
 def check_dataset(config: ml_collections.ConfigDict,
@@ -178,12 +247,12 @@ def check_dataset(config: ml_collections.ConfigDict,
   sequence holds `grammar.seq_len` = ``4 * max_num_keypoints + 1`` targets,
   plus the category token with category conditioning), the configured
   train/eval splits exist, with category conditioning the vocabulary
-  has a token for every category, and with ``setting='cape'`` the train,
+  has a token for every category, and with ``model_name='cape'`` the train,
   eval and support splits have episode pools (`data_prep.episodes`).
 
   Args:
     config: the run's config.
-    info: `dataset.DatasetInfo` of ``config.dataset_dir``.
+    info: `dataset.DatasetInfo` of ``config.input.dataset_dir``.
   """
   errors = []
   too_long = sorted((c.num_keypoints, c.id, c.name)
@@ -194,42 +263,31 @@ def check_dataset(config: ml_collections.ConfigDict,
     errors.append(
         f'max_num_keypoints={config.max_num_keypoints} is smaller than K of '
         f'{len(too_long)} categor{"y" if len(too_long) == 1 else "ies"} in '
-        f'{config.dataset_dir} (largest: {cid}:{name} with K={k}); set '
+        f'{config.input.dataset_dir} (largest: {cid}:{name} with K={k}); set '
         f'--config.max_num_keypoints={k} or more.')
-  for name in ('train_split', 'eval_split'):
-    if config[name] not in info.split_sizes:
-      errors.append(f'{name}={config[name]!r} is not a split of '
-                    f'{config.dataset_dir} (it has {sorted(info.split_sizes)}).')
-  if config.setting == 'cape':
-    for name in ('train_split', 'eval_split', 'cape_support_split'):
-      split = config[name]
-      if not split or split not in info.split_sizes:
-        continue  # '' = the eval split; a missing split is reported above.
-      if split not in info.episode_pools:
-        why = info.episode_pool_errors.get(
-            split, 'the data set was built without episode pools; rebuild '
-            'it with `python -m data_prep.build`')
-        errors.append(f'{name}={split!r} has no CAPE episode pool in '
-                      f'{config.dataset_dir}: {why}')
-    if (config.cape_support_split and
-        config.cape_support_split not in info.split_sizes):
-      errors.append(f'cape_support_split={config.cape_support_split!r} is '
-                    f'not a split of {config.dataset_dir} (it has '
+  splits = {'input.train_split': config.input.train_split,
+            'evals.split': config.evals.split}
+  for name, split in splits.items():
+    if split not in info.split_sizes:
+      errors.append(f'{name}={split!r} is not a split of '
+                    f'{config.input.dataset_dir} (it has '
                     f'{sorted(info.split_sizes)}).')
-  if config.presence_token and info.unlabelled_means != 'absent':
+  if config.model_name == 'cape':
+    errors += episode_pool_errors(config, info, splits)
+  if config.vocab.presence_token and info.unlabelled_means != 'absent':
     errors.append(
-        f'presence_token=True, but {config.dataset_dir} records '
+        f'vocab.presence_token=True, but {config.input.dataset_dir} records '
         f'unlabelled_means={info.unlabelled_means!r}: no keypoint is known '
         'to be absent, so <absent> would never be a target. If a missing '
         'label means "not visible" in this data (DeepLabCut), rebuild it '
         'with `python -m data_prep.build --unlabelled_means=absent`; '
-        'otherwise set --config.presence_token=False.')
+        'otherwise set --config.vocab.presence_token=False.')
   n = len(info.categories)
-  if config.task == 'detection' and n > config.max_num_categories:
+  if config.model_name == 'detector' and n > config.max_num_categories:
     errors.append(f'max_num_categories={config.max_num_categories} is smaller '
                   f'than the data set\'s {n} categories (the detector\'s '
                   f'classes): pass --config.max_num_categories={n}.')
-  if config.category_conditioning and n > config.max_num_categories:
+  if config.vocab.category_conditioning and n > config.max_num_categories:
     errors.append(f'max_num_categories={config.max_num_categories} is smaller '
                   f'than the data set\'s {n} categories (category '
                   f'conditioning): pass --config.max_num_categories={n}.')

@@ -27,7 +27,7 @@ def sequence_loss(logits: jax.Array, coords: jax.Array, batch: dict,
       [B, L, 2], ``token_weights`` and ``coord_weights`` float32 [B, L].
     ce_weight, l1_weight: loss weights.
     log_scale: float32 [B, L, 2], log of a predicted Laplace scale b of
-      each coordinate (normalised units; ``model.coordinate_scale``).
+      each coordinate (normalised units; ``coordinate_loss=laplace``).
       Given, the coordinate term is `laplace_nll` instead of the L1 (the
       same weight and positions), and 'l1' is still reported.
 

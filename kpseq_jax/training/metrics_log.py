@@ -67,14 +67,14 @@ class MetricsLog:
             f'{step} had a non-finite loss or gradient and were skipped '
             f'(loss={m["loss"]}, grad_norm={m["grad_norm"]}); training is '
             'not progressing, stopping. The last checkpoint is intact; see '
-            'config.max_consecutive_skipped_updates.')
+            'config.optim.max_consecutive_skipped_updates.')
       if not self.skip_nonfinite and not (np.isfinite(m['loss']) and
                                           np.isfinite(m['grad_norm'])):
         raise NonFiniteLossError(
             f'Non-finite loss or gradient at step {step} (loss={m["loss"]}, '
             f'{_parts(m, "{}={}")}, grad_norm={m["grad_norm"]}); '
             'stopping. The last checkpoint before it is intact; '
-            '--config.skip_nonfinite_updates=True skips such updates.')
+            '--config.optim.skip_nonfinite_updates=True skips such updates.')
     if not (log and fetched):
       return
     step, m = fetched[-1]

@@ -14,31 +14,18 @@ import ml_collections
 import optax
 
 from kpseq_jax.models import detector as detector_lib
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.runtime import sharding
 from kpseq_jax.training import detection_losses
 from kpseq_jax.training import losses
 from kpseq_jax.training import train_state as ts
 
-# Batch fields the train step reads (the pipeline also yields eval fields);
-# a support-conditioned model also reads `model.SUPPORT_FIELDS`, and the
-# targets of its support proposals, `PROPOSAL_FIELDS`.
-TRAIN_FIELDS = ('image', 'input_tokens', 'input_coords', 'target_tokens',
-                'target_coords', 'token_weights', 'coord_weights')
-PROPOSAL_FIELDS = ('query_keypoints', 'query_keypoint_weights')
-# Batch fields of the detector's train step (`kpseq_jax/data/detection.py`).
-DETECTION_FIELDS = ('image', 'boxes', 'labels', 'box_valid')
-
 
 def train_fields(model) -> tuple[str, ...]:
-  """The batch fields the train step of ``model`` reads."""
-  if isinstance(model, detector_lib.BoxDetector):
-    return DETECTION_FIELDS
-  return TRAIN_FIELDS + (
-      model_lib.SUPPORT_FIELDS if model.support_conditioning else ()) + (
-          PROPOSAL_FIELDS if model.support_proposals else ()) + (
-              (model_lib.FROM_CROP_FIELD,) if model.full_image_memory
-              else ())
+  """The batch fields the train step of ``model`` reads (its system's
+  ``train_fields``: `supervised.TRAIN_FIELDS`, plus the support set and
+  proposal targets of `cape.Model`, the box of `end_to_end.Model`; the
+  detector's boxes and labels)."""
+  return tuple(model.train_fields)
 
 
 def train_step(state: ts.TrainState, batch: dict, *, model,
@@ -49,21 +36,17 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
                skip_nonfinite: bool = False,
                ema_decay: float = 0.0
                ) -> tuple[ts.TrainState, dict]:
-  """One AdamW update on a global batch (see `train_fields`).
-
-  With ``skip_nonfinite``, an update whose loss or gradient norm is not
-  finite is not applied: params, batch_stats, opt_state and ema stay as
-  they were (``jnp.where`` on the finite flag); only ``step`` advances.
-  A state with a moving average of the weights updates it with
-  ``ema_decay`` (`update_ema`).
+  """One AdamW update of a keypoint model on a global batch
+  (`train_fields`); skipping and the moving average as `apply_gradients`.
 
   The loss is `losses.sequence_loss`, plus ``proposal_l1_weight`` x
-  `losses.proposal_loss` for a model with support proposals, plus, for a
-  model with ``intermediate_outputs``, `losses.intermediate_layer_loss` of
-  the earlier decoder layers with ``aux_ce_weight`` and ``l1_weight``
-  (``aux_ce_weight`` = 0: only the refined points are supervised). A
-  model with ``coordinate_scale`` has the last layer's coordinates trained
-  by the Laplace likelihood (`losses.laplace_nll`) instead of the L1.
+  `losses.proposal_loss` when the model sows support proposals
+  (`cape.Model`), plus, when it sows intermediate outputs (aux_loss or
+  refinement), `losses.intermediate_layer_loss` of the earlier decoder
+  layers with ``aux_ce_weight`` and ``l1_weight`` (``aux_ce_weight`` = 0:
+  only the refined points are supervised). With ``coordinate_loss=
+  'laplace'`` the last layer's coordinates are trained by the Laplace
+  likelihood (`losses.laplace_nll`) instead of the L1.
 
   Returns:
     (new state, metrics): scalars ``loss``, ``ce``, ``l1`` (and
@@ -76,28 +59,23 @@ def train_step(state: ts.TrainState, batch: dict, *, model,
 
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
-    support = (model_lib.SupportSet.from_batch(batch)
-               if model.support_conditioning else None)
-    whole_image = ({'memory_from_crop': batch[model_lib.FROM_CROP_FIELD]}
-                   if model.full_image_memory else {})
     (logits, coords), updates = model.apply(
-        variables, batch['image'], batch['input_tokens'],
-        batch['input_coords'], train=True, support=support,
-        **whole_image, rngs={'dropout': rng},
+        variables, **model.inputs(batch), train=True, rngs={'dropout': rng},
         mutable=['batch_stats', 'intermediates'])
-    log_scale = (updates['intermediates']['coord_log_scale'][0]
-                 if model.coordinate_scale else None)
+    inter = updates.get('intermediates', {})
+    log_scale = (inter['coord_log_scale'][0]
+                 if model.coordinate_loss == 'laplace' else None)
     loss, parts = losses.sequence_loss(logits, coords, batch, ce_weight,
                                        l1_weight, log_scale)
-    if model.support_proposals:
-      [proposals] = updates['intermediates']['support_proposals']
+    if 'support_proposals' in inter:  # `cape.Model` with proposals.
+      [proposals] = inter['support_proposals']
       parts['proposal_l1'] = losses.proposal_loss(
           proposals, batch['query_keypoints'],
           batch['query_keypoint_weights'])
       loss = loss + proposal_l1_weight * parts['proposal_l1']
-    if model.intermediate_outputs and model.num_layers > 1:
-      [aux_logits] = updates['intermediates']['aux_logits']
-      [aux_coords] = updates['intermediates']['aux_coords']
+    if 'aux_logits' in inter:  # Intermediate outputs of >= 2 layers.
+      [aux_logits] = inter['aux_logits']
+      [aux_coords] = inter['aux_coords']
       aux, aux_parts = losses.intermediate_layer_loss(
           aux_logits, aux_coords, batch, aux_ce_weight, l1_weight)
       loss = loss + aux
@@ -122,7 +100,7 @@ def update_ema(ema: dict, params, batch_stats, step: jax.Array,
       is returned as it is.
     params, batch_stats: the weights after this step's update.
     step: int32 scalar, the number of updates before this one.
-    decay: ``config.ema_decay`` in (0, 1).
+    decay: ``config.optim.ema_decay`` in (0, 1).
 
   Returns:
     the new average, same tree, shapes and dtypes as ``ema``.
@@ -188,11 +166,11 @@ def detection_train_step(state: ts.TrainState, batch: dict, *, model,
                          skip_nonfinite: bool = False,
                          ema_decay: float = 0.0
                          ) -> tuple[ts.TrainState, dict]:
-  """One AdamW update of a `detector.BoxDetector` on whole images.
+  """One AdamW update of a `detector.Model` on whole images.
 
   The loss is `detection_losses.set_loss` (Deformable DETR: Hungarian
   matching, focal class loss, L1 and GIoU on every decoder layer) of
-  ``batch`` = `DETECTION_FIELDS` (`kpseq_jax/data/detection.py`).
+  ``batch`` = ``model.train_fields`` (`kpseq_jax/data/detection.py`).
 
   Returns:
     (new state, metrics): as `apply_gradients`, with the set loss's parts
@@ -203,7 +181,7 @@ def detection_train_step(state: ts.TrainState, batch: dict, *, model,
   def loss_fn(params):
     variables = {'params': params, 'batch_stats': state.batch_stats}
     (logits, boxes), updates = model.apply(
-        variables, batch['image'], train=True, rngs={'dropout': rng},
+        variables, **model.inputs(batch), train=True, rngs={'dropout': rng},
         mutable=['batch_stats'])
     loss, parts = detection_losses.set_loss(
         logits, boxes, batch['boxes'], batch['labels'], batch['box_valid'],
@@ -219,14 +197,15 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
                     schedule: optax.Schedule, state_shardings,
                     mesh: jax.sharding.Mesh, donate: bool = True):
   """The train step of ``model`` compiled with shardings: `train_step` for
-  a `KeypointSequenceModel`, `detection_train_step` for a `BoxDetector`.
+  a keypoint model, `detection_train_step` for `detector.Model`.
 
   Args:
-    config: ``ce_weight``, ``l1_weight``, ``cape_proposal_l1_weight``,
-      ``decoder_aux_loss`` (the earlier layers' CE weighs ``ce_weight``,
-      else 0), ``skip_nonfinite_updates``, ``ema_decay``; for a detector
-      ``detector_{class,l1,giou}_weight``.
-    model: the `KeypointSequenceModel` or `detector.BoxDetector`.
+    config: ``config.loss`` is passed to the step as keyword arguments
+      (``ce_weight``, ``l1_weight``, CAPE's ``proposal_l1_weight``; the
+      detector's ``class_weight``, ``l1_weight``, ``giou_weight``); with
+      ``model.aux_loss`` the earlier layers' CE weighs ``ce_weight`` (else
+      0); ``optim.skip_nonfinite_updates``, ``optim.ema_decay``.
+    model: a ``Model`` of ``kpseq_jax/models/`` (`train_state.create_model`).
     tx: the optimizer (`train_state.create_optimizer`).
     schedule: its learning-rate schedule (for the logged rate).
     state_shardings: pytree of the state's shardings (in and out).
@@ -238,22 +217,19 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
     ``step(state, batch) -> (state, metrics)`` with ``batch`` a dict of
     global arrays holding `train_fields`.
   """
-  if isinstance(model, detector_lib.BoxDetector):
+  if isinstance(model, detector_lib.Model):
     step = functools.partial(
         detection_train_step, model=model, tx=tx, schedule=schedule,
-        class_weight=config.detector_class_weight,
-        l1_weight=config.detector_l1_weight,
-        giou_weight=config.detector_giou_weight,
-        skip_nonfinite=config.skip_nonfinite_updates,
-        ema_decay=config.ema_decay)
+        **config.loss.to_dict(),
+        skip_nonfinite=config.optim.skip_nonfinite_updates,
+        ema_decay=config.optim.ema_decay)
   else:
     step = functools.partial(
         train_step, model=model, tx=tx, schedule=schedule,
-        ce_weight=config.ce_weight, l1_weight=config.l1_weight,
-        proposal_l1_weight=config.cape_proposal_l1_weight,
-        aux_ce_weight=config.ce_weight if config.decoder_aux_loss else 0.0,
-        skip_nonfinite=config.skip_nonfinite_updates,
-        ema_decay=config.ema_decay)
+        **config.loss.to_dict(),
+        aux_ce_weight=config.loss.ce_weight if config.model.aux_loss else 0.0,
+        skip_nonfinite=config.optim.skip_nonfinite_updates,
+        ema_decay=config.optim.ema_decay)
   return jax.jit(
       step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),

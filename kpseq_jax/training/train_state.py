@@ -7,6 +7,7 @@ does not need (MaxText's pattern).
 """
 
 import functools
+import importlib
 import os
 from typing import Any
 
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from kpseq_jax.models import detector as detector_lib
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models import pretrained
 from kpseq_jax.models import resnet
@@ -37,7 +37,7 @@ class TrainState:
     batch_stats: BatchNorm running statistics ({} without BatchNorm).
     opt_state: optax state of `create_optimizer`.
     rng: uint32 [2] PRNG key for dropout, folded with `step` each step.
-    ema: with ``config.ema_decay`` > 0, the exponential moving average of
+    ema: with ``config.optim.ema_decay`` > 0, the exponential moving average of
       the weights, ``{'params': ..., 'batch_stats': ...}`` shaped as those
       fields (`step.update_ema`); ``{}`` without one.
   """
@@ -59,25 +59,20 @@ class TrainState:
 
 
 def create_model(config: ml_collections.ConfigDict):
-  """The Flax model described by ``config`` (see configs/default.py): the
-  `KeypointSequenceModel`, or with ``task='detection'`` the
-  `detector.BoxDetector` over ``max_num_categories`` classes."""
-  if config.task == 'detection':
-    return detector_lib.create_detector(config, config.max_num_categories)
-  return model_lib.KeypointSequenceModel(
-      vocab=vocab_lib.from_config(config),
-      remat_backbone=config.remat_backbone,
-      remat_decoder=config.remat_decoder,
-      max_seq_len=sequence_length(config),
-      support_conditioning=config.setting == 'cape',
-      support_proposals=config.setting == 'cape' and config.cape_proposals,
-      refine_points=config.decoder_refine_points,
-      reference_noise=config.reference_point_noise_frac,
-      intermediate_outputs=(config.decoder_aux_loss
-                            or config.decoder_refine_points),
-      full_image_memory=config.keypoint_stage == 'end_to_end',
-      coordinate_scale=config.coordinate_loss == 'laplace',
-      **model_lib.shared_model_fields(config))
+  """``kpseq_jax/models/<config.model_name>.py``'s ``Model(**config.model)``
+  with the arguments that come from the data: the vocabulary and sequence
+  length of a keypoint model, the classes (``max_num_categories``) of the
+  detector (big_vision's ``importlib`` by name).
+
+  Raises:
+    ModuleNotFoundError: no module of that name under ``kpseq_jax/models``.
+  """
+  module = importlib.import_module(f'kpseq_jax.models.{config.model_name}')
+  fields = flax.core.freeze(config.model.to_dict())  # Hashable modules.
+  if config.model_name == 'detector':
+    return module.Model(num_classes=config.max_num_categories, **fields)
+  return module.Model(vocab=vocab_lib.from_config(config),
+                      max_seq_len=sequence_length(config), **fields)
 
 
 def sequence_length(config: ml_collections.ConfigDict) -> int:
@@ -89,31 +84,24 @@ def sequence_length(config: ml_collections.ConfigDict) -> int:
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, train_size: int) -> int:
-  """Optimizer steps in one pass over ``train_size`` examples (>= 1)."""
-  return max(1, train_size // config.batch_size)
+  """Optimizer steps in one pass over ``train_size`` examples (>= 1); for
+  the log only (the schedule is in steps)."""
+  return max(1, train_size // config.input.batch_size)
 
 
-def num_train_steps(config: ml_collections.ConfigDict, train_size: int) -> int:
-  """``config.num_train_steps`` if > 0, else ``num_epochs`` in steps."""
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return config.num_epochs * steps_per_epoch(config, train_size)
+def learning_rate_schedule(config: ml_collections.ConfigDict
+                           ) -> optax.Schedule:
+  """Constant ``optim.learning_rate``, x ``optim.decay_factor`` at each of
+  ``optim.decay_steps`` (the paper's step decay, x0.1 at epoch 200 of
+  300, in optimizer steps)."""
+  boundaries = {int(s): config.optim.decay_factor
+                for s in config.optim.decay_steps}
+  return optax.piecewise_constant_schedule(config.optim.learning_rate,
+                                           boundaries)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           train_size: int) -> optax.Schedule:
-  """Constant ``learning_rate``, x ``decay_factor`` at each decay epoch.
-
-  The paper's step decay (x0.1 at epoch 200 of 300); epochs become steps via
-  `steps_per_epoch`.
-  """
-  spe = steps_per_epoch(config, train_size)
-  boundaries = {int(e * spe): config.decay_factor for e in config.decay_epochs}
-  return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
-
-
-def create_optimizer(config: ml_collections.ConfigDict,
-                     train_size: int) -> optax.GradientTransformation:
+def create_optimizer(config: ml_collections.ConfigDict
+                     ) -> optax.GradientTransformation:
   """AdamW (Loshchilov & Hutter) with optional global-norm clipping.
 
   Frozen parameters (`frozen_labels`: the backbone's BatchNorm ``scale`` and
@@ -123,16 +111,16 @@ def create_optimizer(config: ml_collections.ConfigDict,
   ``models/backbone.py``. Their gradients are zero (``stop_gradient`` in
   ``resnet.py``), so they add nothing to the clipped global norm.
   """
-  adamw = optax.adamw(learning_rate_schedule(config, train_size),
-                      weight_decay=config.weight_decay)
-  if (config.backbone_norm == 'frozen_batch' or
-      config.backbone_frozen_stages >= 0):
+  adamw = optax.adamw(learning_rate_schedule(config),
+                      weight_decay=config.optim.weight_decay)
+  if (config.model.resnet.norm == 'frozen_batch' or
+      config.model.resnet.frozen_stages >= 0):
     adamw = optax.multi_transform(
         {'train': adamw, 'frozen': optax.set_to_zero()},
-        functools.partial(frozen_labels, norm=config.backbone_norm,
-                          frozen_stages=config.backbone_frozen_stages))
-  if config.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+        functools.partial(frozen_labels, norm=config.model.resnet.norm,
+                          frozen_stages=config.model.resnet.frozen_stages))
+  if config.optim.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), adamw)
   return adamw
 
 
@@ -162,25 +150,25 @@ def dummy_inputs(config: ml_collections.ConfigDict,
   Returns:
     keyword arguments of the model's ``__call__``: images uint8
     [B, S, S, 3], input_tokens int32 [B, L], input_coords float32 [B, L],
-    and with ``setting='cape'`` a `model.SupportSet` of ``num_shots``
-    shots; with ``task='detection'`` only images uint8 [B, H, W, 3] of
-    ``detector_image_size_px``; with ``keypoint_stage='end_to_end'`` images
-    of that canvas and an identity ``memory_from_crop`` [B, 2, 3].
+    and for ``model_name='cape'`` a `model.SupportSet` of
+    ``cape.num_shots`` shots; for 'detector' only images uint8
+    [B, H, W, 3] of ``detector.image_size_px``; for 'end_to_end' images of
+    that canvas and an identity ``memory_from_crop`` [B, 2, 3].
   """
-  if config.task == 'detection':
-    h, w = config.detector_image_size_px
+  if config.model_name == 'detector':
+    h, w = config.detector.image_size_px
     return dict(images=jnp.zeros([batch_size, h, w, 3], jnp.uint8))
-  s, kmax = config.image_size_px, config.max_num_keypoints
+  s, kmax = config.input.image_size_px, config.max_num_keypoints
   length = sequence_length(config)
   out = dict(images=jnp.zeros([batch_size, s, s, 3], jnp.uint8),
              input_tokens=jnp.zeros([batch_size, length], jnp.int32),
              input_coords=jnp.zeros([batch_size, length], jnp.float32))
-  if config.keypoint_stage == 'end_to_end':
-    h, w = config.detector_image_size_px
+  if config.model_name == 'end_to_end':
+    h, w = config.detector.image_size_px
     out['images'] = jnp.zeros([batch_size, h, w, 3], jnp.uint8)
     out['memory_from_crop'] = jnp.tile(jnp.eye(2, 3)[None], (batch_size, 1, 1))
-  if config.setting == 'cape':
-    shots = config.num_shots
+  if config.model_name == 'cape':
+    shots = config.cape.num_shots
     out['support'] = model_lib.SupportSet(
         images=jnp.zeros([batch_size, shots, s, s, 3], jnp.uint8),
         keypoints=jnp.zeros([batch_size, shots, kmax, 2], jnp.float32),
@@ -211,8 +199,8 @@ def _init_fn(config: ml_collections.ConfigDict,
 def initial_ema(config: ml_collections.ConfigDict, params: Any,
                 batch_stats: Any) -> dict:
   """`TrainState.ema` at step 0: a copy of the weights with
-  ``config.ema_decay`` > 0, else ``{}``."""
-  if config.ema_decay <= 0:
+  ``config.optim.ema_decay`` > 0, else ``{}``."""
+  if config.optim.ema_decay <= 0:
     return {}
   copy = lambda tree: jax.tree.map(jnp.copy, tree)
   return {'params': copy(params), 'batch_stats': copy(batch_stats)}
@@ -231,8 +219,8 @@ def abstract_train_state(config: ml_collections.ConfigDict,
   abstract = jax.eval_shape(_init_fn(config, model, tx),
                             jax.random.PRNGKey(config.seed))
   shardings = sharding.state_shardings(abstract, mesh,
-                                       config.fsdp_min_param_elements,
-                                       config.sharding_rules)
+                                       config.sharding.fsdp_min_param_elements,
+                                       config.sharding.rules)
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, shardings)
@@ -248,7 +236,7 @@ def create_train_state(config: ml_collections.ConfigDict,
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(
       jax.random.PRNGKey(config.seed))
-  if path := config.pretrained_backbone_path:
+  if path := config.model_init:
     # AdamW's initial moments are zeros whatever the parameters, so only
     # params and batch_stats change; each array keeps its sharding.
     if os.path.isdir(path):  # A trained workdir (e.g. the detector's).
