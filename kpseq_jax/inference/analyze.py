@@ -59,7 +59,6 @@ from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import tracked_poses
 from kpseq_jax.inference import trajectory_plot
 from kpseq_jax.inference import video as video_lib
-from kpseq_jax.runtime import sharding
 
 DEFAULT_PCUTOFF = 0.6  # DeepLabCut's default config.yaml pcutoff.
 # `box_policies.Track` follows keypoints with at least this confidence, its
@@ -230,8 +229,9 @@ def analyze(config: ml_collections.ConfigDict, workdir: str, videos: str,
   probed, failed = _videos_to_analyze(videos, boxes, filter_window)
   info = dataset.load_info(config.input.dataset_dir)
   category = info.categories[image_inputs.choose_category(info, category_id)]
-  batcher, step = _restore_batcher(config, workdir, info, batch_size,
-                                   None if boxes else detector)
+  batcher, step = batchers.restore_batcher(
+      config, workdir, info.category_index(), batch_size,
+      None if boxes else detector)
   outputs = _Outputs(category, scorer_name(config, category.name, step),
                      out_dir, filter_window, labeled_video,
                      _pcutoff(config.input.dataset_dir), max_animals or 0)
@@ -280,19 +280,6 @@ def _check_max_animals(max_animals: int | None, boxes: str | None,
     raise ValueError('--filter_window filters the single-animal table; it '
                      'does not combine with --max_animals.')
 
-
-def _restore_batcher(config: ml_collections.ConfigDict, workdir: str,
-                     info: dataset.DatasetInfo, batch_size: int | None,
-                     detector: box_predictor.ImageDetector | None
-                     ) -> tuple[batchers.CropBatcher, int]:
-  """(batcher of the workdir's latest weights, checkpoint step)."""
-  mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  model, variables, step = predictor_lib.restore_variables(config, workdir,
-                                                          mesh)
-  batcher = batchers.make_batcher(
-      config, predictor_lib.Predictor(config, model, variables, mesh),
-      info.category_index(), batch_size, detector=detector)
-  return batcher, step
 
 
 def _videos_to_analyze(videos: str, boxes: str | None, filter_window: int

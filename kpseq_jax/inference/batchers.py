@@ -255,3 +255,24 @@ def make_batcher(config: ml_collections.ConfigDict,
       logging.info('Two backbone passes per image (detector, then keypoint '
                    'model): %s.', why)
   return batcher
+
+
+def restore_batcher(config: ml_collections.ConfigDict, workdir: str,
+                    category_index: dict[int, int],
+                    batch_size: int | None = None,
+                    detector: box_predictor.ImageDetector | None = None
+                    ) -> tuple[CropBatcher, int]:
+  """(`make_batcher` over ``workdir``'s latest weights, checkpoint step).
+
+  Raises:
+    FileNotFoundError / checkpointing.CheckpointMismatchError: as
+    `predictor.restore_variables`.
+  """
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model, variables, step = predictor_lib.restore_variables(config, workdir,
+                                                          mesh)
+  batcher = make_batcher(
+      config, predictor_lib.Predictor(config, model, variables, mesh),
+      category_index, batch_size, detector=detector)
+  return batcher, step
+

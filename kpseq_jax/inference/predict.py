@@ -34,8 +34,6 @@ from kpseq_jax.inference import batchers
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predict_outputs
-from kpseq_jax.inference import predictor as predictor_lib
-from kpseq_jax.runtime import sharding
 
 
 @dataclasses.dataclass
@@ -83,7 +81,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
     logging.info('%d boxes on %d of %d images under %s; %d boxes skipped.',
                  sum(len(e.boxes) for e in plan.entries), len(plan.entries),
                  len(rels), images, len(plan.skipped_boxes))
-  batcher, step = _restore_batcher(config, workdir, info, detector)
+  batcher, step = batchers.restore_batcher(
+      config, workdir, info.category_index(), detector=detector)
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=plan.boxes_without_image,
                     skipped_boxes=plan.skipped_boxes)
@@ -95,19 +94,6 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   _log_summary(summary)
   return summary
 
-
-def _restore_batcher(config: ml_collections.ConfigDict, workdir: str,
-                     info: dataset.DatasetInfo,
-                     detector: box_predictor.ImageDetector | None
-                     ) -> tuple[batchers.CropBatcher, int]:
-  """(batcher of the workdir's latest weights, checkpoint step)."""
-  mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  model, variables, step = predictor_lib.restore_variables(config, workdir,
-                                                          mesh)
-  batcher = batchers.make_batcher(
-      config, predictor_lib.Predictor(config, model, variables, mesh),
-      info.category_index(), detector=detector)
-  return batcher, step
 
 
 @dataclasses.dataclass

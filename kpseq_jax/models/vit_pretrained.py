@@ -42,6 +42,7 @@ import os
 import re
 from typing import Any, Mapping
 
+from flax import traverse_util
 import numpy as np
 
 from kpseq_jax.models import vit as vit_lib
@@ -175,15 +176,6 @@ def vit_fields(state_dict: Mapping[str, np.ndarray]) -> dict[str, Any]:
       layer_scale='blocks_0/ls1/gamma' in flat)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f'{prefix}{k}/'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
 
 def place_vit(target: Mapping[str, Any], flat: Mapping[str, np.ndarray],
               source: str, fields: Mapping[str, Any] | None = None
@@ -195,7 +187,7 @@ def place_vit(target: Mapping[str, Any], flat: Mapping[str, np.ndarray],
     ValueError: listing the model's parameters the file lacks, the file's
       the model lacks, and shape mismatches, with the file's `vit_fields`.
   """
-  t = {k: v for k, v in _flatten(target).items()
+  t = {k: v for k, v in traverse_util.flatten_dict(target, sep='/').items()
        if not k.startswith('pyramid/')}
   missing = sorted(set(t) - set(flat))
   unexpected = sorted(set(flat) - set(t))
@@ -208,7 +200,7 @@ def place_vit(target: Mapping[str, Any], flat: Mapping[str, np.ndarray],
         f'unexpected {unexpected}, shape mismatches {bad}; the file implies '
         f'ViT fields {fields}')
   out: dict[str, Any] = {}
-  for k, v in _flatten(target).items():
+  for k, v in traverse_util.flatten_dict(target, sep='/').items():
     node = out
     *path, leaf = k.split('/')
     for part in path:
