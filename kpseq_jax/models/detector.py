@@ -109,6 +109,8 @@ class Model(model_lib.ImageEncoder):
     box_refine: iterative box refinement with per-layer heads (module
       docstring); False shares the heads and keeps the first references.
     resnet: `ResNet`'s arguments but dtype (``configs/default.py``).
+    encoder: the backbone, 'resnet' or 'vit' (`model.ImageEncoder`).
+    vit: `vit.ViT`'s arguments but dtype, read with ``encoder='vit'``.
     transformer: the decoder layers': num_layers, num_heads, ffn_dim,
       dropout, num_points (`decoder.DecoderLayer`).
     feature_levels: subset of ('c2', 'c3', 'c4', 'c5') (strides 4, 8, 16,
@@ -123,6 +125,8 @@ class Model(model_lib.ImageEncoder):
   box_refine: bool = True
   feature_levels: Tuple[str, ...] = ('c3', 'c4', 'c5')
   d_model: int = 256
+  encoder: str = 'resnet'
+  vit: Mapping[str, Any] | None = None
   dtype: Any = 'float32'
 
   # Batch fields of the train step (`kpseq_jax/data/detection.py`).

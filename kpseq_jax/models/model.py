@@ -1,7 +1,8 @@
 """Shared layers and data types of the models (`supervised`, `cape`,
 `end_to_end`, `detector`).
 
-`ImageEncoder`: a ResNet (``resnet.py``) and the Deformable DETR input
+`ImageEncoder`: a backbone (a ResNet, ``resnet.py``, or a plain ViT with
+ViTDet's simple feature pyramid, ``vit.py``) and the Deformable DETR input
 stage (``fundamentalvision/Deformable-DETR`` ``models/deformable_detr.py``:
 per-level 1x1 conv + GroupNorm(32) ``input_proj``; learned ``level_embed``
 from ``models/deformable_transformer.py``) with DETR's 2-D sine position
@@ -12,7 +13,7 @@ continuous embedding of a normalised coordinate. `SupportSet` /
 
 Variables of an encoder: ``params``; ``batch_stats`` when the ResNet's norm
 is 'batch' or 'frozen_batch' (apply with ``mutable=['batch_stats']`` in
-training with 'batch').
+training with 'batch'); the ViT has none.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ import numpy as np
 
 from kpseq_jax.models.conv import Conv
 from kpseq_jax.models.resnet import ResNet
+from kpseq_jax.models.vit import ViT
 
 # ImageNet statistics in 0..255 pixel units (torchvision normalisation).
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 FEATURE_LEVELS = ('c2', 'c3', 'c4', 'c5')  # ResNet strides 4, 8, 16, 32.
+# The backbones (``config.model.encoder``) and the levels each returns: the
+# ViT's pyramid has strides 8/16/32 px (patch 16) or 7/14/28 (patch 14).
+ENCODERS = ('resnet', 'vit')
+ENCODER_LEVELS = {'resnet': FEATURE_LEVELS, 'vit': ('c3', 'c4', 'c5')}
 # Deformable DETR ``level_embed``: ``normal_`` (std 1).
 LEVEL_EMBED_INIT = nn.initializers.normal(stddev=1.0)
 
@@ -280,22 +286,45 @@ def logit(p: jax.Array) -> jax.Array:
 
 
 class ImageEncoder(nn.Module):
-  """Base of the models: images -> `Memory` through the ResNet and the
+  """Base of the models: images -> `Memory` through the backbone and the
   Deformable DETR input stage (module docstring).
 
-  A subclass declares the fields ``resnet`` (`ResNet`'s arguments but
-  ``dtype``: depth, norm, frozen_stages, conv_impl, remat),
-  ``feature_levels`` (subset of `FEATURE_LEVELS`), ``d_model`` and
-  ``dtype`` (compute dtype name or dtype), and calls `setup_encoder` in
-  its ``setup``; the submodules are ``backbone``, ``input_proj_<level>``,
+  A subclass declares the fields ``encoder`` ('resnet' | 'vit', `ENCODERS`),
+  ``resnet`` (`ResNet`'s arguments but ``dtype``: depth, norm,
+  frozen_stages, conv_impl, remat), ``vit`` (`vit.ViT`'s arguments but
+  ``dtype``, or None; read only with ``encoder='vit'``), ``feature_levels``
+  (subset of `ENCODER_LEVELS[encoder]`), ``d_model`` and ``dtype`` (compute
+  dtype name or dtype), and calls `setup_encoder` in its ``setup``; the
+  submodules are ``backbone`` (the ResNet or the ViT), ``input_proj_<level>``,
   ``input_norm_<level>`` and the parameter ``level_embed``.
   """
 
   def setup_encoder(self):
-    self.backbone = ResNet(**self.resnet, dtype=self.dtype)
+    """Builds ``backbone`` and the input stage.
+
+    Raises:
+      ValueError: an unknown ``encoder``, ``encoder='vit'`` without ``vit``
+        fields, or a level the backbone does not return (the ViT has no
+        'c2').
+    """
+    if self.encoder not in ENCODERS:
+      raise ValueError(f'encoder must be one of {ENCODERS}, got '
+                       f'{self.encoder!r}')
+    if self.encoder == 'vit':
+      if not self.vit:
+        raise ValueError("encoder='vit' needs the ViT's fields (model.vit)")
+      self.backbone = ViT(**self.vit, dtype=self.dtype)
+      conv_impl = self.vit.get('conv_impl', 'auto')
+    else:
+      self.backbone = ResNet(**self.resnet, dtype=self.dtype)
+      conv_impl = self.resnet['conv_impl']
+    missing = set(self.feature_levels) - set(ENCODER_LEVELS[self.encoder])
+    if missing:
+      raise ValueError(f'feature_levels {tuple(self.feature_levels)}: the '
+                       f'{self.encoder} returns only '
+                       f'{ENCODER_LEVELS[self.encoder]}')
     self.input_proj, self.input_norm = input_projection(
-        self.feature_levels, self.d_model, self.resnet['conv_impl'],
-        self.dtype)
+        self.feature_levels, self.d_model, conv_impl, self.dtype)
     self.level_embed = self.param(
         'level_embed', LEVEL_EMBED_INIT,
         (len(self.feature_levels), self.d_model))
@@ -305,8 +334,9 @@ class ImageEncoder(nn.Module):
 
     Args:
       images: uint8 or float [B, H, W, 3] RGB in 0..255; H, W pixels,
-        multiples of 32.
-      train: BatchNorm batch statistics (``resnet.norm='batch'``).
+        multiples of 32 (ResNet) or of the ViT's patch size.
+      train: BatchNorm batch statistics (``resnet.norm='batch'``); the
+        ViT's drop path (rng 'dropout').
 
     Returns:
       ``Memory`` with features [B, S, d_model] (``dtype``), S = sum over
@@ -316,8 +346,10 @@ class ImageEncoder(nn.Module):
 
   def backbone_features(self, images: jax.Array,
                         train: bool) -> Dict[str, jax.Array]:
-    """The ResNet's feature maps {'c2': [B, H/4, W/4, C2], ..., 'c5':
-    [B, H/32, W/32, C5]} (``dtype``) of ``images`` (as `encode`)."""
+    """The backbone's feature maps (``dtype``) of ``images`` (as `encode`):
+    the ResNet's {'c2': [B, H/4, W/4, C2], ..., 'c5': [B, H/32, W/32, C5]}
+    or the ViT's pyramid {'c3': [B, 2H/p, 2W/p, C], 'c4': [B, H/p, W/p, C],
+    'c5': [B, H/2p, W/2p, C]} (p the patch, C ``vit.pyramid_dim``)."""
     return self.backbone(normalize_images(images), train)
 
   def encode_features(self, feature_maps: Dict[str, jax.Array]) -> Memory:

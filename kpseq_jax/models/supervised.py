@@ -45,6 +45,8 @@ class Model(model_lib.ImageEncoder):
     vocab: the token layout (`vocab.Vocab`).
     max_seq_len: rows of the learned position table (>= input length L).
     resnet: `ResNet`'s arguments but dtype (``configs/default.py``).
+    encoder: the backbone, 'resnet' or 'vit' (`model.ImageEncoder`).
+    vit: `vit.ViT`'s arguments but dtype, read with ``encoder='vit'``.
     transformer: `decoder.Decoder`'s arguments but d_model, num_levels,
       decode and dtype: num_layers, num_heads, ffn_dim, dropout,
       num_points, remat, refine_points (Deformable DETR's with_box_refine:
@@ -71,6 +73,8 @@ class Model(model_lib.ImageEncoder):
   d_model: int = 256
   aux_loss: bool = False
   coordinate_loss: str = 'l1'
+  encoder: str = 'resnet'
+  vit: Mapping[str, Any] | None = None
   dtype: Any = 'float32'
   cache_decoding: bool = False
 
@@ -112,9 +116,10 @@ class Model(model_lib.ImageEncoder):
   def for_cached_decoding(self) -> 'Model':
     """This model with the key/value cache and without rematerialisation
     (same parameters)."""
+    vit = self.vit and flax.core.freeze({**self.vit, 'remat': False})
     return self.clone(
         cache_decoding=True,
-        resnet=flax.core.freeze({**self.resnet, 'remat': False}),
+        resnet=flax.core.freeze({**self.resnet, 'remat': False}), vit=vit,
         transformer=flax.core.freeze({**self.transformer, 'remat': False}))
 
   @staticmethod
