@@ -6,9 +6,16 @@ horizontal flip, random crop (scale/shift) and colour jitter; loss 1.0 * CE +
 5.0 * L1 (Raster2Seq paper, training details). Epochs are stated in steps
 here (docs/mp100.md: steps from a data set's size).
 
+The argument is ``<model_name>`` or ``<model_name>,<backbone>``
+(`parse_arg`): ``configs/default.py:cape``; ``configs/default.py:supervised,mae``
+swaps the ResNet-50 for ViTPose-B's plain ViT-B/16 (MAE weights),
+``...,dinov2`` for a DINOv2 ViT-S/14 at 504 px (`VIT_BACKBONES`), both with
+the ViT fine-tuning recipe (`vit_recipe`; docs/vit.md).
+
 The groups hold the arguments of what they build, by those arguments' names:
 ``config.model`` is ``models/<model_name>.py``'s ``Model(**config.model,
 vocab=..., max_seq_len=...)``, ``config.model.resnet`` the `ResNet`'s,
+``config.model.vit`` the `vit.ViT`'s (used with ``model.encoder='vit'``),
 ``config.model.transformer`` the decoder's. Any field can be overridden on
 the command line (``--config.optim.num_train_steps=10``); the dict is locked,
 so a misspelt field is an error. Enumerated fields are listed in
@@ -21,6 +28,108 @@ import ml_collections
 # 10,175 instances at batch 2 = 5,087 steps per epoch.
 MP100_STEPS_PER_EPOCH = 5087
 
+MODEL_NAMES = ('supervised', 'cape', 'end_to_end', 'detector')
+
+# ViT backbones a config argument names: `vit.ViT` fields matching the
+# weights file ``--config.model_init`` loads (docs/vit.md's table;
+# `vit_pretrained.vit_fields` reads them from a file), the crop size (a
+# multiple of the patch) and the recipe's per-size values (`vit_recipe`).
+VIT_BACKBONES = {
+    # ViTPose-B (Xu et al. 2022): MAE's ImageNet ViT-B/16
+    # (mae_pretrain_vit_base: 224 px, grid 14, class token with a position
+    # embedding, no LayerScale). ViTPose's
+    # configs/body/2d_kpt_sview_rgb_img/topdown_heatmap/coco/
+    # ViTPose_base_coco_256x192.py: layer_decay_rate 0.75, drop_path_rate 0.3.
+    'mae': dict(
+        vit=dict(variant='B', patch_size=16, pos_embed_grid=14,
+                 layer_scale_init=0.0, pos_interpolation='mae',
+                 drop_path_rate=0.3),
+        image_size_px=512, layer_decay=0.75),
+    # DINOv2 ViT-S/14 (dinov2_vits14: 518 px, grid 37, LayerScale; EdgeCape's
+    # default CAPE backbone); --config.model.vit.variant=B for dinov2_vitb14.
+    # 504 px = 36 patches, the multiple of 14 nearest the paper's 512.
+    # ViTPose-S (ViTPose_small_coco_256x192.py, commit 9295846):
+    # layer_decay_rate 0.9, drop_path_rate 0.3.
+    'dinov2': dict(
+        vit=dict(variant='S', patch_size=14, pos_embed_grid=37,
+                 layer_scale_init=1.0, pos_interpolation='dinov2',
+                 drop_path_rate=0.3),
+        image_size_px=504, layer_decay=0.9),
+}
+
+
+def parse_arg(arg: str | None, default_model: str = 'supervised'
+              ) -> tuple[str, str]:
+  """``'<model_name>[,<backbone>]'`` -> (model_name, backbone).
+
+  Args:
+    arg: the config argument (``configs/x.py:ARG``); None or '' for
+      ``default_model`` with the ResNet.
+    default_model: the system when ``arg`` names only a backbone or nothing.
+
+  Returns:
+    (model_name, backbone): backbone 'resnet' or a key of `VIT_BACKBONES`.
+
+  Raises:
+    ValueError: an unknown token or more than one system or backbone.
+  """
+  names, backbones = [], []
+  for token in filter(None, (arg or '').split(',')):
+    if token in MODEL_NAMES:
+      names.append(token)
+    elif token in VIT_BACKBONES or token == 'resnet':
+      backbones.append(token)
+    else:
+      raise ValueError(f'config argument {arg!r}: {token!r} is neither a '
+                       f'system {MODEL_NAMES} nor a backbone '
+                       f'{("resnet",) + tuple(VIT_BACKBONES)}')
+  if len(names) > 1 or len(backbones) > 1:
+    raise ValueError(f'config argument {arg!r}: at most one system and one '
+                     'backbone')
+  return (names or [default_model])[0], (backbones or ['resnet'])[0]
+
+
+def vit_config() -> ml_collections.ConfigDict:
+  """``config.model.vit``: `vit.ViT`'s arguments but dtype (models/vit.py
+  documents each), ViTPose-B's backbone (``VIT_BACKBONES['mae']``) unless a
+  config sets them."""
+  return ml_collections.ConfigDict(dict(
+      variant='B', patch_size=16,
+      width=0, depth=0, num_heads=0,  # > 0 overrides the variant's.
+      mlp_ratio=4.0, class_token=True, num_registers=0,
+      # Stored position grid (cells per side) and its prefix entries; the
+      # grid is resampled to the input's by pos_interpolation.
+      pos_embed_grid=14, pos_embed_prefix_tokens=1, pos_interpolation='mae',
+      layer_scale_init=0.0,  # 0: no LayerScale (DINOv2: 1.0).
+      drop_path_rate=0.3,  # The last block's; 0 for the first.
+      window_size=0, global_blocks=(),  # ViTDet windowed attention, 0: off.
+      pyramid_dim=256,  # Channels of the c3/c4/c5 maps (ViTDet's 256).
+      conv_impl='auto', remat=False))
+
+
+def vit_recipe(c: ml_collections.ConfigDict, backbone: str) -> None:
+  """Puts the ViT ``backbone`` (`VIT_BACKBONES`) and its fine-tuning
+  recipe into the paper config ``c`` in place.
+
+  Model: ``encoder='vit'`` with the backbone's fields, the c4 map only
+  (stride 16 / 14 px: the ViT's own output, which ViTPose's head reads; the
+  paper reads the ResNet's stride-32 c5), the backbone's crop size.
+  Optimizer (ViTPose's ``optimizer``/``lr_config``, MAE's
+  ``util/lr_decay.py``; training/layer_decay.py): layer-wise rate decay,
+  weight decay 0.1 on matrices only, linear warm-up over 500 steps from
+  0.001 x the rate. Kept from the paper: its rate 1e-4 at batch 2 for the
+  decoder, which trains from scratch as in Raster2Seq (ViTPose's 5e-4 is at
+  batch 512 for a heatmap head; the last ViT block gets layer_decay x 1e-4,
+  the patch embedding layer_decay^13 x 1e-4), its clipping and schedule.
+  """
+  spec = VIT_BACKBONES[backbone]
+  c.model.encoder = 'vit'
+  c.model.vit.update(spec['vit'])
+  c.model.feature_levels = ('c4',)
+  c.input.image_size_px = spec['image_size_px']
+  c.optim.update(layer_decay=spec['layer_decay'], weight_decay=0.1,
+                 warmup_steps=500)
+
 
 def model_config(model_name: str) -> ml_collections.ConfigDict:
   """``models/<model_name>.py``'s ``Model`` fields (paper sizes)."""
@@ -32,6 +141,10 @@ def model_config(model_name: str) -> ml_collections.ConfigDict:
       # matmuls) or 'auto' ('gemm' on CPU); same values (models/conv.py).
       resnet=dict(depth=50, norm='frozen_batch', frozen_stages=1,
                   conv_impl='auto', remat=False),
+      # The backbone: 'resnet' (model.resnet) or 'vit' (model.vit,
+      # `vit_config`: a plain ViT and ViTDet's c3/c4/c5 pyramid, no c2).
+      encoder='resnet',
+      vit=vit_config(),
       feature_levels=('c5',),  # Paper: one 16 x 16 level at stride 32.
       d_model=256,
       # Decoder layers (models/decoder.py).
@@ -71,8 +184,10 @@ def loss_config(model_name: str) -> ml_collections.ConfigDict:
   return loss
 
 
-def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
-  """Returns the locked paper configuration of ``model_name``."""
+def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
+  """Returns the locked paper configuration of ``arg`` (`parse_arg`:
+  ``'<model_name>[,<backbone>]'``; a ViT backbone applies `vit_recipe`)."""
+  model_name, backbone = parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.seed = 0
   # kpseq_jax/models/<model_name>.py: 'supervised' (one crop in, its
@@ -82,8 +197,10 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
   # inside each box) or 'detector' (boxes).
   c.model_name = model_name
   c.model = model_config(model_name)
-  # ImageNet ResNet weights (.safetensors / .pth, models/pretrained.py) or a
-  # trained workdir with the same ResNet depth; '' = random init.
+  # Backbone weights at initialisation: with the ResNet an ImageNet state
+  # dict (.safetensors / .pth, models/pretrained.py), with the ViT a timm,
+  # DINOv2 or MAE .safetensors (models/vit_pretrained.py; model.vit must
+  # match it); or a trained workdir with the same backbone; '' = random.
   c.model_init = ''
   c.max_num_keypoints = 68  # Longest MP-100 category: 4 * 68 + 2 tokens.
   c.max_num_categories = 100  # Category tokens / detector classes.
@@ -107,6 +224,13 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
 
   c.optim = dict(
       learning_rate=1e-4, weight_decay=1e-4,  # AdamW.
+      # > 0: the ViT's layer-wise rate decay (rate x layer_decay ** (depth
+      # + 1 - layer id), training/layer_decay.py; weight decay then skips
+      # vectors, position embeddings and tokens); 0: plain AdamW.
+      layer_decay=0.0,
+      # Linear warm-up from 0.001 x the rate over this many steps (mmcv's,
+      # ViTPose's); 0: none.
+      warmup_steps=0,
       grad_clip_norm=0.1,  # Deformable DETR's; <= 0 disables.
       num_train_steps=300 * MP100_STEPS_PER_EPOCH,
       decay_steps=(200 * MP100_STEPS_PER_EPOCH,),  # Rate x decay_factor at each.
@@ -155,6 +279,8 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
   c.max_checkpoints_to_keep = 3
 
   c.field_choices = field_choices(model_name)
+  if backbone != 'resnet':
+    vit_recipe(c, backbone)
   c.lock()
   return c
 
@@ -162,11 +288,15 @@ def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
 def field_choices(model_name: str) -> ml_collections.ConfigDict:
   """Allowed values of the enumerated fields, nested as the config."""
   choices = ml_collections.ConfigDict(dict(
-      model_name=('supervised', 'cape', 'end_to_end', 'detector'),
+      model_name=MODEL_NAMES,
       model=dict(resnet=dict(depth=(18, 34, 50),
                              norm=('batch', 'group', 'frozen_batch'),
                              frozen_stages=(-1, 0, 1, 2, 3, 4),
                              conv_impl=('auto', 'xla', 'gemm')),
+                 encoder=('resnet', 'vit'),
+                 vit=dict(variant=('S', 'B', 'L'),
+                          pos_interpolation=('dinov2', 'timm', 'mae'),
+                          conv_impl=('auto', 'xla', 'gemm')),
                  coordinate_loss=('l1', 'laplace'),
                  dtype=('float32', 'bfloat16')),
       decode=dict(confidence_radius_bins=(0, 1, 2, 4, 8))))

@@ -13,6 +13,12 @@ size, docs/mp100.md). The argument chooses the system:
   supervised  one model over every category, split by image
               (`data_prep/mp100_supervised.py`); ``data/mp100_supervised_split{N}``.
 
+A second token swaps the ResNet-50 for a ViT with its fine-tuning recipe
+(`default.vit_recipe`): ``cape,dinov2`` a DINOv2 ViT-S/14 at 504 px (the
+backbone of EdgeCape's code), ``cape,mae`` ViTPose-B's ViT-B/16; pass the
+weights with ``--config.model_init=dinov2_vits14.safetensors``
+(docs/mp100.md, docs/vit.md).
+
 ``split`` (1..5, MP-100's category split) sets ``input.dataset_dir`` unless
 that is overridden:
 
@@ -20,6 +26,9 @@ that is overridden:
     --workdir runs/mp100_cape_split1
   python -m kpseq_jax.main --config configs/mp100.py:supervised \
     --config.split=3 --workdir runs/mp100_supervised_split3
+  python -m kpseq_jax.main --config configs/mp100.py:cape,dinov2 \
+    --config.cape.num_shots=5 --config.model_init=dinov2_vits14.safetensors \
+    --workdir runs/mp100_cape_dinov2_split1_5shot
 
 Building the data sets: docs/mp100.md. The test set is evaluated by MP-100's
 protocol (`kpseq_jax/evaluation/metrics.py`); the paper figure is the mean
@@ -32,12 +41,17 @@ from configs import default
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """``arg``: 'cape' (default) or 'supervised'."""
-  model_name = arg or 'cape'
+  """``arg``: 'cape' (default) or 'supervised', optionally ',dinov2' or
+  ',mae' (`default.parse_arg`).
+
+  Raises:
+    ValueError: another system, or an argument `default.parse_arg` refuses.
+  """
+  model_name, backbone = default.parse_arg(arg, default_model='cape')
   if model_name not in ('cape', 'supervised'):
     raise ValueError(f'configs/mp100.py:{arg}: the argument must be cape or '
-                     'supervised.')
-  c = default.get_config(model_name)
+                     'supervised (optionally with ,dinov2 or ,mae).')
+  c = default.get_config(f'{model_name},{backbone}')
   with c.unlocked():
     c.split = 1
     c.field_choices.split = (1, 2, 3, 4, 5)

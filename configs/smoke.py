@@ -4,7 +4,10 @@
 and a 2-layer, 32-wide decoder on 64 px crops of a 4-keypoint data set
 (tests/conftest.py sets ``input.dataset_dir``); no reference-point
 refinement and no flip test (the tests that are about them turn them on).
-The argument is the system (``configs/smoke.py:cape``).
+The argument is the system and optionally the backbone, as
+configs/default.py's (``configs/smoke.py:cape``, ``configs/smoke.py:supervised,mae``);
+a ViT keeps its variant's size (shrink it with ``--config.model.vit.depth``
+etc.).
 """
 
 import ml_collections
@@ -12,10 +15,10 @@ import ml_collections
 from configs import default
 
 
-def get_config(model_name: str = 'supervised') -> ml_collections.ConfigDict:
-  """``model_name``: the system (configs/default.py), 'supervised' by
-  default."""
-  c = default.get_config(model_name)
+def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
+  """``arg``: the system and backbone (`default.parse_arg`), 'supervised'
+  with the ResNet by default."""
+  c = default.get_config(arg)
   c.max_num_keypoints = 4
   c.input.dataset_dir = 'data/dlc_openfield'
   c.input.batch_size = 4
