@@ -9,6 +9,7 @@ import numpy as np
 
 from kpseq_jax.data import dataset
 from kpseq_jax.models import model as model_lib
+from kpseq_jax.models import vit as vit_lib
 from kpseq_jax.runtime import sharding
 
 # Model fields that come from the data, not from ``config.model``
@@ -31,6 +32,8 @@ def check(config: ml_collections.ConfigDict) -> None:
     errors += model_field_errors(config)
   model_ok = not errors  # The checks below that read config.model.
   errors += input_errors(config) + device_errors(config)
+  if model_ok:
+    errors += encoder_errors(config)
   if config.model_name == 'cape':
     errors += cape_errors(config)
   if model_ok and config.model_name in ('detector', 'end_to_end'):
@@ -71,9 +74,12 @@ def model_field_errors(config: ml_collections.ConfigDict) -> list[str]:
              if k not in given and f.default is dataclasses.MISSING
              and f.default_factory is dataclasses.MISSING]
   levels = tuple(config.model.feature_levels)
-  if not levels or any(l not in model_lib.FEATURE_LEVELS for l in levels):
+  allowed = model_lib.ENCODER_LEVELS.get(config.model.get('encoder', 'resnet'),
+                                         model_lib.FEATURE_LEVELS)
+  if not levels or any(l not in allowed for l in levels):
     errors.append(f'model.feature_levels={levels} must be a non-empty subset '
-                  f'of {model_lib.FEATURE_LEVELS}.')
+                  f'of {allowed} (model.encoder='
+                  f'{config.model.get("encoder", "resnet")!r}).')
   if config.model.d_model % config.model.transformer.num_heads:
     errors.append(f'model.d_model={config.model.d_model} is not divisible by '
                   f'model.transformer.num_heads='
@@ -88,7 +94,8 @@ def input_errors(config: ml_collections.ConfigDict) -> list[str]:
   if not i.dataset_dir:
     errors.append('input.dataset_dir is empty: pass --config.input.'
                   'dataset_dir=DIR (a data set from `python -m data_prep.build`).')
-  if i.image_size_px <= 0 or i.image_size_px % 32:
+  if i.image_size_px <= 0 or (config.model.get('encoder', 'resnet') ==
+                              'resnet' and i.image_size_px % 32):
     errors.append(f'input.image_size_px={i.image_size_px} must be a positive '
                   'multiple of 32 (the ResNet stride).')
   if config.vocab.num_bins < 2:
@@ -113,6 +120,57 @@ def input_errors(config: ml_collections.ConfigDict) -> list[str]:
     sharding.check_rules(config.sharding.rules)
   except ValueError as e:
     errors.append(str(e))
+  return errors
+
+
+def _image_sizes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """The (height, width) pixel sizes the backbone sees, by field name: the
+  crop, and the whole-image canvas of the detector and end_to_end."""
+  sizes = {}
+  if config.model_name != 'detector':
+    sizes['input.image_size_px'] = (config.input.image_size_px,) * 2
+  if config.model_name in ('detector', 'end_to_end'):
+    sizes['detector.image_size_px'] = tuple(config.detector.image_size_px)
+  return sizes
+
+
+def encoder_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """The ViT (``model.encoder='vit'``): its fields (`vit.ViT.dims`), image
+  sizes that are whole patches and that its position-embedding resampling
+  reaches; layer decay only with it, in (0, 1]; warm-up steps >= 0."""
+  errors, o = [], config.optim
+  if o.warmup_steps < 0:
+    errors.append(f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
+  if config.model.get('encoder', 'resnet') != 'vit':
+    if o.layer_decay > 0:
+      errors.append(f'optim.layer_decay={o.layer_decay} needs '
+                    "model.encoder='vit' (it decays the rate over a ViT's "
+                    'blocks); 0 for plain AdamW.')
+    return errors
+  if not 0 <= o.layer_decay <= 1:
+    errors.append(f'optim.layer_decay={o.layer_decay} must be in [0, 1] (0: '
+                  'plain AdamW).')
+  v = config.model.vit
+  try:
+    vit_lib.ViT(**v).dims()
+  except ValueError as e:
+    return errors + [f'model.vit: {e}']
+  p = v.patch_size
+  for name, hw in _image_sizes(config).items():
+    bad = [s for s in hw if s <= 0 or s % p]
+    if bad:
+      s = bad[0]
+      errors.append(f'{name}: {s} px is not a multiple of the ViT patch {p} '
+                    f'px (model.vit.patch_size): use e.g. '
+                    f'{max(p, s // p * p)} or {(s // p + 1) * p}.')
+      continue
+    for s in set(hw):
+      try:
+        vit_lib.resample_weights(v.pos_embed_grid, s // p, v.pos_interpolation)
+      except ValueError as e:
+        errors.append(f'{name}: model.vit.pos_interpolation='
+                      f'{v.pos_interpolation!r} from grid '
+                      f'{v.pos_embed_grid}: {e}.')
   return errors
 
 
@@ -156,9 +214,11 @@ def canvas_errors(config: ml_collections.ConfigDict) -> list[str]:
   augmentation and detections."""
   d, errors = config.detector, []
   hw = tuple(d.image_size_px)
-  if len(hw) != 2 or min(hw) < 32 or any(v % 32 for v in hw):
+  stride = 32 if config.model.get('encoder', 'resnet') == 'resnet' else 1
+  if len(hw) != 2 or min(hw) < 32 or any(v % stride for v in hw):
     errors.append(f'detector.image_size_px={hw} must be (height, width), '
-                  'multiples of 32 px (the ResNet stride).')
+                  '>= 32 px and with the ResNet multiples of 32 (its '
+                  'stride).')
   if config.model_name == 'detector':
     lo, hi = d.scale_range
     if not 0 < lo <= hi <= 1:
@@ -196,7 +256,7 @@ def frozen_without_weights(config: ml_collections.ConfigDict) -> str:
   Returns:
     The message, or '' when nothing is frozen or weights are loaded.
   """
-  if config.model_init:
+  if config.model_init or config.model.get('encoder', 'resnet') != 'resnet':
     return ''
   frozen = []
   if config.model.resnet.norm == 'frozen_batch':

@@ -21,10 +21,13 @@ import optax
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models import pretrained
 from kpseq_jax.models import resnet
+from kpseq_jax.models import vit as vit_lib
+from kpseq_jax.models import vit_pretrained
 from kpseq_jax.sequence import grammar
 from kpseq_jax.runtime import sharding
 from kpseq_jax.sequence import vocab as vocab_lib
 from kpseq_jax.training import checkpointing
+from kpseq_jax.training import layer_decay
 
 
 @flax.struct.dataclass
@@ -93,34 +96,68 @@ def learning_rate_schedule(config: ml_collections.ConfigDict
                            ) -> optax.Schedule:
   """Constant ``optim.learning_rate``, x ``optim.decay_factor`` at each of
   ``optim.decay_steps`` (the paper's step decay, x0.1 at epoch 200 of
-  300, in optimizer steps)."""
-  boundaries = {int(s): config.optim.decay_factor
-                for s in config.optim.decay_steps}
-  return optax.piecewise_constant_schedule(config.optim.learning_rate,
-                                           boundaries)
+  300, in optimizer steps); with ``optim.warmup_steps`` > 0 times mmcv's
+  linear warm-up from 0.001 x (ViTPose's ``lr_config``,
+  `layer_decay.warmup_step_schedule`)."""
+  o = config.optim
+  if o.warmup_steps > 0:
+    return layer_decay.warmup_step_schedule(
+        o.learning_rate, o.warmup_steps, WARMUP_RATIO, o.decay_steps,
+        o.decay_factor)
+  boundaries = {int(s): o.decay_factor for s in o.decay_steps}
+  return optax.piecewise_constant_schedule(o.learning_rate, boundaries)
+
+
+# mmcv's ``warmup_ratio`` in ViTPose's configs: the warm-up starts at
+# 0.001 x the rate.
+WARMUP_RATIO = 0.001
+
+
+def vit_depth(config: ml_collections.ConfigDict) -> int:
+  """Blocks of ``config.model.vit`` (its variant's unless overridden)."""
+  return vit_lib.ViT(**config.model.vit).dims()[1]
 
 
 def create_optimizer(config: ml_collections.ConfigDict
                      ) -> optax.GradientTransformation:
   """AdamW (Loshchilov & Hutter) with optional global-norm clipping.
 
-  Frozen parameters (`frozen_labels`: the backbone's BatchNorm ``scale`` and
-  ``bias`` with ``backbone_norm='frozen_batch'``, every parameter of a stage
-  frozen by ``backbone_frozen_stages``) get no update, weight decay
-  included, as parameters with ``requires_grad=False`` in DETR's
-  ``models/backbone.py``. Their gradients are zero (``stop_gradient`` in
-  ``resnet.py``), so they add nothing to the clipped global norm.
+  With ``optim.layer_decay`` > 0 (the ViT only): MAE / ViTPose's layer-wise
+  rate decay (`layer_decay.layer_decay_adamw` over ``params['backbone']``:
+  the ViT's block i at ``layer_decay ** (depth - i)`` x the rate, its
+  embeddings at ``layer_decay ** (depth + 1)``, the rest at the rate;
+  weight decay on matrices only).
+
+  ResNet only: frozen parameters (`frozen_labels`: the backbone's BatchNorm
+  ``scale`` and ``bias`` with ``resnet.norm='frozen_batch'``, every
+  parameter of a stage frozen by ``resnet.frozen_stages``) get no update,
+  weight decay included, as parameters with ``requires_grad=False`` in
+  DETR's ``models/backbone.py``. Their gradients are zero
+  (``stop_gradient`` in ``resnet.py``), so they add nothing to the clipped
+  global norm. The ViT has no frozen parts; ``model.resnet`` is not read.
+
+  Raises:
+    ValueError: ``optim.layer_decay`` > 0 with ``model.encoder='resnet'``.
   """
-  adamw = optax.adamw(learning_rate_schedule(config),
-                      weight_decay=config.optim.weight_decay)
-  if (config.model.resnet.norm == 'frozen_batch' or
-      config.model.resnet.frozen_stages >= 0):
+  o, schedule = config.optim, learning_rate_schedule(config)
+  if o.layer_decay > 0:
+    if config.model.encoder != 'vit':
+      raise ValueError(f'optim.layer_decay={o.layer_decay} decays the rate '
+                       "over a ViT's blocks: set model.encoder='vit' or "
+                       'optim.layer_decay=0.')
+    adamw = layer_decay.layer_decay_adamw(
+        schedule, vit_depth(config), o.layer_decay, o.weight_decay)
+  else:
+    adamw = optax.adamw(schedule, weight_decay=o.weight_decay)
+  r = config.model.resnet
+  if config.model.encoder == 'resnet' and (r.norm == 'frozen_batch' or
+                                           r.frozen_stages >= 0):
     adamw = optax.multi_transform(
         {'train': adamw, 'frozen': optax.set_to_zero()},
-        functools.partial(frozen_labels, norm=config.model.resnet.norm,
-                          frozen_stages=config.model.resnet.frozen_stages))
-  if config.optim.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), adamw)
+        functools.partial(frozen_labels, norm=r.norm,
+                          frozen_stages=r.frozen_stages))
+  if o.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adamw)
   return adamw
 
 
@@ -231,7 +268,17 @@ def create_train_state(config: ml_collections.ConfigDict,
                        tx: optax.GradientTransformation,
                        mesh: jax.sharding.Mesh) -> TrainState:
   """Initialises the state directly into its shardings (`jax.jit` with
-  ``out_shardings`` from `abstract_train_state`)."""
+  ``out_shardings`` from `abstract_train_state`), then puts the backbone
+  weights of ``config.model_init`` in: a trained workdir's backbone
+  (`checkpointing.read_backbone`, either encoder), a ResNet state dict
+  (`pretrained.load_backbone`) or, with ``model.encoder='vit'``, a timm /
+  DINOv2 / MAE ``.safetensors`` (`vit_pretrained.load_vit`; the ViT's
+  pyramid keeps its initialisation).
+
+  Raises:
+    FileNotFoundError, ValueError: from those loaders (a file that does
+      not match the configured backbone names every mismatch).
+  """
   abstract = abstract_train_state(config, model, tx, mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   state = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(
@@ -243,6 +290,9 @@ def create_train_state(config: ml_collections.ConfigDict,
       params, batch_stats = pretrained.place_backbone(
           *checkpointing.read_backbone(path), state.params,
           state.batch_stats, path)
+    elif config.model.encoder == 'vit':  # No BatchNorm statistics.
+      params = vit_pretrained.load_vit(path, state.params)
+      batch_stats = state.batch_stats
     else:
       params, batch_stats = pretrained.load_backbone(
           path, state.params, state.batch_stats)
