@@ -3,20 +3,28 @@
   python -m kpseq_jax.benchmark --config configs/dlc_openfield.py
   python -m kpseq_jax.benchmark --config configs/smoke.py --skip_paper \
       --num_steps=2 --decode_ks=2 --decode_batch=2 --matmul_size=256
+  # The paper config's ViT-B/16 step next to its ResNet-50 step:
+  python -m kpseq_jax.benchmark --config configs/dlc_openfield.py \
+      --variants=f32 --paper_backbones=resnet,mae --paper_variants=f32,bf16 \
+      --skip_decode --pipeline_examples=0
 
 Prints one JSON object, everything measured in the same run:
 
 * ``matmul_peak``: float32 [n, n] @ [n, n] FLOP/s (median of ``--matmul_reps``
   timed calls); the machine's practical peak that MFU is measured against.
-* ``train_step``: per config ('paper' = configs/default.py, 'config' = the
-  ``--config``) and variant ('f32' = the config as it is, 'remat' =
-  ``model.resnet.remat`` and ``model.transformer.remat``, 'bf16' =
-  ``model.dtype='bfloat16'``, 'xla_conv' = ``model.resnet.conv_impl='xla'``,
+* ``train_step``: per config ('paper' = configs/default.py, 'paper_mae' /
+  'paper_dinov2' = its ViT variants ``configs/default.py:supervised,mae``
+  (ViT-B/16, 512 px) / ``...,dinov2`` (ViT-S/14, 504 px), chosen by
+  ``--paper_backbones``; 'config' = the ``--config``) and variant ('f32' =
+  the config as it is, 'remat' = the backbone's (``model.resnet`` or
+  ``model.vit``) and ``model.transformer``'s ``remat``, 'bf16' =
+  ``model.dtype='bfloat16'``, 'xla_conv' = the backbone's
+  ``conv_impl='xla'`` (the ViT's pyramid and the input projections),
   plain ``lax.conv`` gradients instead of the CPU default 'gemm', see
-  kpseq_jax/models/conv.py; 'trainable_backbone' = ``model.resnet.norm=
-  'batch'``, ``model.resnet.frozen_stages=-1``: the whole ResNet trained with batch
-  statistics, where the paper config, as Raster2Seq, freezes BatchNorm, the
-  stem and layer1): median seconds
+  kpseq_jax/models/conv.py; 'trainable_backbone' (ResNet only) =
+  ``model.resnet.norm='batch'``, ``model.resnet.frozen_stages=-1``: the
+  whole ResNet trained with batch statistics, where the paper config, as
+  Raster2Seq, freezes BatchNorm, the stem and layer1): median seconds
   per step over ``--num_steps`` (after one untimed step), FLOPs per step from
   XLA's cost analysis of the compiled step (with ``lax.conv`` convolutions,
   see `model_flops`), MFU = FLOPs / seconds / peak,
@@ -84,7 +92,12 @@ flags.DEFINE_list('variants', ['f32', 'remat', 'bf16', 'xla_conv'],
                   'xla_conv, trainable_backbone (see the module docstring).')
 flags.DEFINE_list('paper_variants',
                   ['f32', 'remat', 'bf16', 'xla_conv', 'trainable_backbone'],
-                  'Train-step variants of the paper config.')
+                  'Train-step variants of the paper config(s) '
+                  '(trainable_backbone is skipped for a ViT).')
+flags.DEFINE_list('paper_backbones', ['resnet'],
+                  'Paper configs to time: resnet (configs/default.py, '
+                  'reported as "paper"), mae (its ViT-B/16 variant, '
+                  '"paper_mae"), dinov2 (ViT-S/14, "paper_dinov2").')
 flags.DEFINE_integer('num_steps', 5, 'Timed train steps per variant.')
 flags.DEFINE_integer('matmul_size', 2048, 'n of the n x n float32 matmul.')
 flags.DEFINE_integer('matmul_reps', 10, 'Timed matmuls.')
@@ -149,22 +162,53 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int,
   return batch
 
 
+def _backbone(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The fields of ``config``'s backbone: ``model.resnet`` or ``model.vit``."""
+  return config.model[config.model.encoder]
+
+
 def _variant(config: ml_collections.ConfigDict,
              name: str) -> ml_collections.ConfigDict:
-  """``config`` with the named variant's fields set."""
+  """``config`` with the named variant's fields set.
+
+  Raises:
+    ValueError: an unknown variant, or 'trainable_backbone' with a ViT
+      (nothing of it is frozen).
+  """
   c = ml_collections.ConfigDict(config.to_dict())
   if name == 'remat':
-    c.model.resnet.remat = c.model.transformer.remat = True
+    _backbone(c).remat = c.model.transformer.remat = True
   elif name == 'bf16':
     c.model.dtype = 'bfloat16'
   elif name == 'xla_conv':
-    c.model.resnet.conv_impl = 'xla'
+    _backbone(c).conv_impl = 'xla'
   elif name == 'trainable_backbone':
+    if c.model.encoder != 'resnet':
+      raise ValueError('variant trainable_backbone is for the ResNet; the '
+                       'ViT trains whole already')
     c.model.resnet.norm = 'batch'
     c.model.resnet.frozen_stages = -1
   elif name != 'f32':
     raise ValueError(f'unknown variant {name!r}')
   return c
+
+
+def paper_configs(backbones: list[str], dataset_dir: str
+                  ) -> dict[str, ml_collections.ConfigDict]:
+  """The paper configs to time, by report name: 'paper' for 'resnet'
+  (configs/default.py), 'paper_<b>' for a ViT backbone b
+  (``configs/default.py:supervised,<b>``, `default.VIT_BACKBONES`); the
+  pipeline reads ``dataset_dir`` at their crop size.
+
+  Raises:
+    ValueError: an unknown backbone (`default.parse_arg`).
+  """
+  out = {}
+  for b in backbones:
+    c = default_config.get_config(f'supervised,{b}')
+    c.input.dataset_dir = dataset_dir
+    out['paper' if b == 'resnet' else f'paper_{b}'] = c
+  return out
 
 
 def _cost(compiled) -> float:
@@ -211,13 +255,13 @@ def model_flops(config: ml_collections.ConfigDict) -> float:
   """FLOPs per train step of ``config`` with ``lax.conv`` convolutions.
 
   XLA counts a convolution's taps into its zero padding out, but counts the
-  im2col matmul of ``model.resnet.conv_impl='gemm'`` in full (0.5% more at the
+  im2col matmul of the backbone's ``conv_impl='gemm'`` in full (0.5% more at the
   paper config, 10% at 64 px). MFU divides this count, the same for every
   conv implementation, so a faster implementation cannot gain by counting
   more.
   """
   c = ml_collections.ConfigDict(config.to_dict())
-  c.model.resnet.conv_impl = 'xla'
+  _backbone(c).conv_impl = 'xla'
   key = c.to_json_best_effort(sort_keys=True)
   if key not in _MODEL_FLOPS:  # The xla_conv variant compiles the same step.
     _MODEL_FLOPS[key] = _cost(_compile_step(c)[0])
@@ -256,7 +300,7 @@ def train_step_figures(config: ml_collections.ConfigDict, num_steps: int,
   memory = _memory(compiled)
   rss = peak_rss_bytes()
   del compiled, state, batch, metrics
-  if conv_lib.resolve_impl(config.model.resnet.conv_impl) == 'xla':
+  if conv_lib.resolve_impl(_backbone(config).conv_impl) == 'xla':
     flops = _MODEL_FLOPS.setdefault(
         ml_collections.ConfigDict(config.to_dict()).to_json_best_effort(
             sort_keys=True), compiled_flops)
@@ -383,9 +427,16 @@ def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
 
 
 def _describe(config: ml_collections.ConfigDict) -> dict:
-  return dict(backbone_depth=config.model.resnet.depth,
-              backbone_norm=config.model.resnet.norm,
-              backbone_frozen_stages=config.model.resnet.frozen_stages,
+  if config.model.encoder == 'vit':
+    v = config.model.vit
+    backbone = dict(backbone='vit', vit_variant=v.variant,
+                    vit_patch_size=v.patch_size, vit_depth=v.depth,
+                    vit_width=v.width)  # 0: the variant's.
+  else:
+    backbone = dict(backbone_depth=config.model.resnet.depth,
+                    backbone_norm=config.model.resnet.norm,
+                    backbone_frozen_stages=config.model.resnet.frozen_stages)
+  return dict(**backbone,
               image_size_px=config.input.image_size_px,
               feature_levels=list(config.model.feature_levels),
               num_layers=config.model.transformer.num_layers, d_model=config.model.d_model,
@@ -453,16 +504,17 @@ def run(config: ml_collections.ConfigDict,
   report['matmul_peak'] = peak
   on_section(report)
   configs = {'config': config}
-  if not FLAGS.skip_paper:
-    paper = default_config.get_config()
-    paper.input.dataset_dir = config.input.dataset_dir  # Pipeline at 512 px.
-    configs['paper'] = paper
+  if not FLAGS.skip_paper:  # The pipeline reads the --config's data set.
+    configs.update(paper_configs(FLAGS.paper_backbones,
+                                 config.input.dataset_dir))
   report['configs'] = {n: _describe(c) for n, c in configs.items()}
   steps, pipes = {}, {}
   report['train_step'] = steps
   report['pipeline'] = pipes
   for name, c in configs.items():
-    variants = FLAGS.variants if name == 'config' else FLAGS.paper_variants
+    variants = FLAGS.variants if name == 'config' else [
+        v for v in FLAGS.paper_variants
+        if not (v == 'trainable_backbone' and c.model.encoder == 'vit')]
     steps[name] = {v: None for v in variants}  # Report in the asked order.
     # xla_conv first: its compiled step's FLOPs are every variant's
     # `model_flops`, which then needs no compilation of its own.
@@ -480,9 +532,10 @@ def run(config: ml_collections.ConfigDict,
                                       figures['f32']['seconds_per_step'])
   on_section(report)
   if not FLAGS.skip_decode:
-    dc = configs['paper'] if FLAGS.decode_model == 'paper' else config
-    if FLAGS.decode_model == 'paper' and FLAGS.skip_paper:
-      dc = default_config.get_config()
+    dc = config
+    if FLAGS.decode_model == 'paper':
+      dc = (configs['paper'] if 'paper' in configs
+            else default_config.get_config())
     _decoding_sections(report, dc, on_section)
   report['load_average_at_end'] = list(os.getloadavg())
   report['peak_rss_bytes'] = peak_rss_bytes()

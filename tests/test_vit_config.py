@@ -195,3 +195,21 @@ def test_dlc_openfield_vit_changes_only_the_backbone():
           [resnet.optim[k] for k in same_budget])
   assert vit.model.transformer.to_dict() == resnet.model.transformer.to_dict()
   assert vit.model.feature_levels == resnet.model.feature_levels
+
+
+def test_benchmark_times_the_paper_vit_b16_next_to_the_resnet50():
+  configs = benchmark.paper_configs(['resnet', 'mae'], 'data/x')
+  assert sorted(configs) == ['paper', 'paper_mae']
+  vit = configs['paper_mae']
+  assert (vit.model.encoder, vit.model.vit.variant, vit.model.vit.patch_size,
+          vit.input.image_size_px) == ('vit', 'B', 16, 512)
+  assert configs['paper'].model.encoder == 'resnet'
+  assert benchmark._describe(vit)['backbone'] == 'vit'
+  # Variants act on the ViT's fields, not the unused ResNet group.
+  remat = benchmark._variant(vit, 'remat')
+  assert remat.model.vit.remat and not remat.model.resnet.remat
+  xla = benchmark._variant(vit, 'xla_conv')
+  assert xla.model.vit.conv_impl == 'xla'
+  assert xla.model.resnet.conv_impl == 'auto'
+  with pytest.raises(ValueError, match='for the ResNet'):
+    benchmark._variant(vit, 'trainable_backbone')

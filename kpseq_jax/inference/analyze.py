@@ -14,8 +14,8 @@ decoded by `batchers.CropBatcher` -> `predictor.Predictor`. Per video,
 `dlc_output`), ``_filtered.h5`` / ``.csv`` (``--filter_window``),
 ``_labeled.mp4``, ``_trajectories.png`` (`trajectory_plot`),
 ``_captions.txt`` and ``_meta.json`` (`VideoSummary`); ``<scorer>`` is
-``KPSEQ_resnet<depth>_<category>_step<checkpoint step>``, as DeepLabCut
-names its files. A video that cannot be opened is reported and the others
+``KPSEQ_<backbone>_<category>_step<checkpoint step>`` (backbone e.g.
+``resnet18`` or ``vitS16``), as DeepLabCut names its files. A video that cannot be opened is reported and the others
 analysed (`video.VideoDecodeError` if none can be); a video that breaks
 off keeps the rows of the frames before, and its summary says where.
 
@@ -158,9 +158,14 @@ def list_videos(videos: str) -> list[Path]:
 
 def scorer_name(config: ml_collections.ConfigDict, category_name: str,
                 step: int) -> str:
-  """``KPSEQ_resnet<depth>_<category>_step<step>`` (file-name safe)."""
+  """``KPSEQ_<backbone>_<category>_step<step>`` (file-name safe): backbone
+  ``resnet<depth>`` or ``vit<variant><patch>``."""
   cat = re.sub(r'[^A-Za-z0-9]+', '', category_name) or 'pose'
-  return f'KPSEQ_resnet{config.model.resnet.depth}_{cat}_step{int(step)}'
+  m = config.model
+  backbone = (f'vit{m.vit.variant}{m.vit.patch_size}'
+              if m.get('encoder', 'resnet') == 'vit'
+              else f'resnet{m.resnet.depth}')
+  return f'KPSEQ_{backbone}_{cat}_step{int(step)}'
 
 
 def typical_box_px(dataset_dir: str, split: str,
