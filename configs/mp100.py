@@ -47,10 +47,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   Raises:
     ValueError: another system, or an argument `default.parse_arg` refuses.
   """
-  model_name, backbone = default.parse_arg(arg, default_model='cape')
+  usage = (f'configs/mp100.py:{arg}: the argument must be cape or '
+           'supervised (optionally with ,dinov2 or ,mae)')
+  try:
+    model_name, backbone = default.parse_arg(arg, default_model='cape')
+  except ValueError as e:
+    raise ValueError(f'{usage}: {e}') from None
   if model_name not in ('cape', 'supervised'):
-    raise ValueError(f'configs/mp100.py:{arg}: the argument must be cape or '
-                     'supervised (optionally with ,dinov2 or ,mae).')
+    raise ValueError(usage)
   c = default.get_config(f'{model_name},{backbone}')
   with c.unlocked():
     c.split = 1
