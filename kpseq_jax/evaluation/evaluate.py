@@ -12,7 +12,8 @@ brackets):
   ``pck``: `pck.PCKEvaluator`; ``oks``: `uncertainty.OKSEvaluator`
     (``default_sigma`` [evals.oks_default_sigma], ``radius_bins``
     [decode.confidence_radius_bins]); ``calibration``:
-    `uncertainty.CalibrationEvaluator` (``radius_bins``);
+    `uncertainty.CalibrationEvaluator` (``radius_bins``, ``hit_alpha``
+    [calibration.hit_alpha]);
     ``pixel_accuracy``: `pck.PixelAccuracyEvaluator`; ``predictions``:
     `predictions.PredictionsEvaluator` (``image_size_px``
     [input.image_size_px]) -- all over the
@@ -85,7 +86,8 @@ def _builders(config, info, split, detector) -> dict[str, Callable]:
                     default_sigma=config.evals.oks_default_sigma,
                     radius_bins=radius),
       calibration=keypoints(uncertainty.CalibrationEvaluator,
-                            radius_bins=radius),
+                            radius_bins=radius,
+                            hit_alpha=config.calibration.hit_alpha),
       pixel_accuracy=keypoints(pck.PixelAccuracyEvaluator),
       predictions=keypoints(predictions.PredictionsEvaluator,
                             image_size_px=config.input.image_size_px),
