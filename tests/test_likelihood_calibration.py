@@ -2,6 +2,7 @@
 (issue 36): the isotonic map, its file, where the calibrated value is
 written, and the best-validation checkpoint."""
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -177,3 +178,18 @@ def test_the_chosen_checkpoint_is_the_best_validation_one(tmp_path):
   # A resumed run that re-evaluates step 4 better replaces its entry.
   checkpointing.record_validation(str(tmp_path), 'val', 4, 0.5)
   assert checkpointing.read_best(str(tmp_path))['step'] == 4
+
+
+def test_a_data_set_without_val_falls_back_to_test_with_a_warning():
+  from configs import smoke
+  from kpseq_jax.data import dataset
+  from kpseq_jax.training import config_checks
+  config = smoke.get_config()
+  old = dataset.DatasetInfo(categories={}, split_sizes={'train': 93,
+                                                        'test': 23})
+  selection, report, warning = config_checks.evaluation_splits(config, old)
+  assert (selection, report) == (None, 'test')
+  assert "no 'val' split" in warning and 'last checkpoint' in warning
+  new = dataclasses.replace(old, split_sizes={'train': 84, 'val': 9,
+                                              'test': 23})
+  assert config_checks.evaluation_splits(config, new) == ('val', 'test', None)

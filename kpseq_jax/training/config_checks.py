@@ -266,11 +266,14 @@ def check_dataset(config: ml_collections.ConfigDict,
         f'{config.input.dataset_dir} (largest: {cid}:{name} with K={k}); set '
         f'--config.max_num_keypoints={k} or more.')
   splits = {'input.train_split': config.input.train_split}
+  # A missing evals.split falls back to evals.report_split (logged by
+  # training); only neither is an error.
   selection, report, _ = evaluation_splits(config, info)
-  if selection or report:
-    splits['evals.split' if selection else 'evals.report_split'] = (
-        selection or report)
-  else:
+  if selection:
+    splits['evals.split'] = selection
+  if report:
+    splits['evals.report_split'] = report
+  if not (selection or report):
     splits['evals.split'] = config.evals.split
   for name, split in splits.items():
     if split not in info.split_sizes:
