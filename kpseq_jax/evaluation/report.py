@@ -85,6 +85,9 @@ class EvalReport:
       a report written before it existed).
     calibration: the per-keypoint confidence against hits
       (`uncertainty.py`), or None.
+    likelihood: ECE, AUROC and reliability of the raw and the calibrated
+      likelihood (`uncertainty.likelihood_section`), or None (older
+      reports).
     presence: presence precision/recall/F1 per keypoint
       (`calibration.PresenceMetrics.to_dict`), or None without a presence
       model.
@@ -118,6 +121,7 @@ class EvalReport:
   notes: list[str]
   oks: dict[str, Any] | None = None
   calibration: dict[str, Any] | None = None
+  likelihood: dict[str, Any] | None = None
   presence: dict[str, Any] | None = None
   pixel_accuracy: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -304,7 +308,8 @@ def plot_reliability(section: dict[str, Any], path: str) -> None:
   the diagonal of perfect calibration; ECE and AUROC in the legend."""
   fig = figure.Figure(figsize=(5.2, 5), dpi=100)
   ax = fig.add_subplot()
-  ax.plot([0, 1], [0, 1], color='k', lw=0.6, ls=':', label='perfectly calibrated')
+  ax.plot([0, 1], [0, 1], color='k', lw=0.6, ls=':',
+          label='perfectly calibrated')
   for name, style in (('raw', 'o--'), ('calibrated', 's-')):
     c = section.get(name)
     if not c:
@@ -329,7 +334,8 @@ def likelihood_markdown(section: dict[str, Any]) -> str:
   """Markdown of a ``likelihood`` section: ECE, AUROC, accuracy and mean
   likelihood, raw and calibrated."""
   fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'
-  lines = [f'## Likelihood calibration ({section["split"]}): P({section["event"]})',
+  lines = [f'## Likelihood calibration ({section["split"]}): '
+           f'P({section["event"]})',
            '', section['note'], '',
            '| likelihood | ECE | AUROC | hit rate | mean likelihood |',
            '|---|---|---|---|---|']
