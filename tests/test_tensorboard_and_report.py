@@ -121,10 +121,15 @@ def test_eval_report_table_and_pck_curve(trained):
       report.baseline_pck, abs=1e-4)
   md = (workdir / 'eval_test.md').read_text().splitlines()
   assert md[0].startswith('| category | instances |') and md[4] == ''
-  # Then OKS AP, the confidence's calibration and presence.
+  # Then OKS AP, the confidence's calibration, the likelihood raw and
+  # calibrated (the map fitted on val) and presence.
   sections = [line for line in md if line.startswith('## ')]
   assert sections == ['## OKS (pycocotools COCOeval, keypoints)',
-                      '## Confidence calibration', '## Presence']
+                      '## Confidence calibration',
+                      '## Likelihood calibration (test): P(visible and '
+                      'within 0.05 x max(box w, h) of the truth)',
+                      '## Presence']
+  assert (workdir / 'reliability_test.png').exists()
   # dlc_openfield's test frames label every keypoint: 32 known present.
   assert report.presence['overall']['present']['support'] == 32
   assert report.presence['overall']['absent']['support'] == 0
