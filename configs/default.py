@@ -261,13 +261,21 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
   # confidence's +- radius in coordinate bins.
   c.decode = dict(flip_test=False, confidence_radius_bins=2)
 
-  # Evaluation of `split` every `every_steps` (0: after the last step only);
-  # num_examples -1: the whole split. OKS sigma for categories without
-  # their own (DeepLabCut's 0.1). `evaluators`: name -> {'type': ...,
-  # constructor arguments} (kpseq_jax/evaluation/evaluate.py); empty: the
-  # system's defaults (`evaluate.default_evals`).
-  c.evals = dict(split='test', batch_size=8, every_steps=0, num_examples=-1,
-                 oks_default_sigma=0.1, evaluators={})
+  # Evaluation of `split` every `every_steps` and after the last step (0:
+  # last only); the checkpoint and the likelihood calibration are chosen
+  # on it. `report_split` is evaluated once with the chosen checkpoint and
+  # by --mode eval; it chooses nothing. num_examples -1: the whole split.
+  # OKS sigma for categories without their own (DeepLabCut's 0.1).
+  # `evaluators`: name -> {'type': ..., constructor arguments}
+  # (kpseq_jax/evaluation/evaluate.py); empty: the system's defaults.
+  c.evals = dict(split='val', report_split='test', batch_size=8,
+                 every_steps=0, num_examples=-1, oks_default_sigma=0.1,
+                 evaluators={})
+
+  # Likelihood calibration on evals.split (evaluation/calibration_fit.py):
+  # P(keypoint within hit_alpha x max(box w, h)); why 0.05 and not PCK's
+  # 0.2: there. Fewer known keypoints than min_keypoints: none fitted.
+  c.calibration = dict(hit_alpha=0.05, min_keypoints=20)
 
   # Mesh ('data', 'fsdp') sizes (-1: the rest); (regex, 'fsdp'|'replicate')
   # rules on a leaf's path, first match wins; smaller arrays replicated.

@@ -44,7 +44,13 @@ OUT/images-<split>.array_record (`image_store`). Record features:
                  individual); '' when it has none (and absent from data
                  sets built before version 2.1.0)
 
-and `info.metadata` keys: categories (list of dicts sorted by id: id, name,
+A seeded share of the train split's frames (--val_fraction, default 0.1,
+--val_seed) becomes a ``val`` split, unless a val split is given or train is
+too small (`validation.carve`); checkpoints and the likelihood calibration
+are chosen on it, test is only reported.
+
+and `info.metadata` keys: validation (`validation.Carve`: what was held
+out, or why nothing), categories (list of dicts sorted by id: id, name,
 supercategory, num_keypoints, keypoint_names, skeleton, flip_pairs,
 oks_sigmas; indices 0-based), unlabelled_means (what v = 0 means in this
 data set, `UNLABELLED_MEANS`), max_num_keypoints, source_files (split -> file), split_sizes (split ->
@@ -83,6 +89,7 @@ from data_prep import records
 from data_prep import report as report_lib
 from data_prep import sleap_import
 from data_prep import tfds_builder
+from data_prep import validation
 
 AnnotationError = coco.AnnotationError
 
@@ -123,6 +130,8 @@ def build_dataset(
     unlabelled_means: str = 'unknown',
     oks_sigmas: Mapping[str, Any] | None = None,
     oks_sigmas_source: str = 'oks_sigmas',
+    val_fraction: float = validation.DEFAULT_FRACTION,
+    val_seed: int = 0,
 ) -> report_lib.BuildReport:
   """Builds the ArrayRecord data set at `out_dir` and writes `out_dir/prep_report.json`.
 
@@ -137,6 +146,9 @@ def build_dataset(
     oks_sigmas: category id or name -> K OKS sigmas
       (`categories.with_oks_sigmas`); others use evaluation's default.
     oks_sigmas_source: where ``oks_sigmas`` came from, for messages.
+    val_fraction, val_seed: a ``val`` split of that share of ``train``'s
+      frames (`validation.carve`; none when a ``val`` file is given or
+      ``train`` is too small). The record is the metadata's ``validation``.
 
   Returns:
     The report (also written to out_dir/prep_report.json).
@@ -155,11 +167,22 @@ def build_dataset(
     raise FileExistsError(f'{out_dir} exists; pass --overwrite to replace it')
   for split in annotation_paths:
     coco.parse_split_argument(f'{split}=x')  # Validates the split name.
+  if (val_fraction > 0 and validation.SOURCE_SPLIT in annotation_paths
+      and validation.SPLIT not in annotation_paths):
+    # Carved from the parsed files: the COCO-data path builds the splits.
+    data = {s: (coco.read_json(Path(p)), p) for s, p in annotation_paths.items()}
+    return build_from_coco_data(data, image_root, out_dir, overwrite, unlabelled_means,
+                                oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source,
+                                val_fraction=val_fraction, val_seed=val_seed)
   files = load_files(annotation_paths)
+  carved = validation.carve({s: {'images': [{'id': i} for i in f.images]} for s, f in files.items()},
+                            val_fraction, val_seed)[1]
+  logging.info('%s', carved.message)
   pools, pool_errors = episodes.split_pools(annotation_paths)
   return build_from_files(files, image_root, out_dir, overwrite, pools, pool_errors,
                           unlabelled_means=unlabelled_means, oks_sigmas=oks_sigmas,
-                          oks_sigmas_source=oks_sigmas_source)
+                          oks_sigmas_source=oks_sigmas_source,
+                          extra_metadata={'validation': carved.to_json()})
 
 
 def build_from_coco_data(
@@ -173,6 +196,8 @@ def build_from_coco_data(
     oks_sigmas: Mapping[str, Any] | None = None,
     oks_sigmas_source: str = 'oks_sigmas',
     image_loader: Callable[[], records.ImageLoader] | None = None,
+    val_fraction: float = validation.DEFAULT_FRACTION,
+    val_seed: int = 0,
 ) -> report_lib.BuildReport:
   """`build_dataset` from COCO keypoint data in memory (same checks, same records).
 
@@ -191,6 +216,7 @@ def build_from_coco_data(
     image_loader: makes the loader of a split's images (image entry ->
       (`images.EncodedImage`, None) or (None, `validate.Problem`)); None
       reads files under ``image_root`` (`records.FileImageLoader`).
+    val_fraction, val_seed: as `build_dataset` (`validation.carve`).
 
   Returns / Raises:
     As `build_dataset`.
@@ -200,6 +226,15 @@ def build_from_coco_data(
     raise FileExistsError(f'{out_dir} exists; pass --overwrite to replace it')
   for split in coco_data:
     coco.parse_split_argument(f'{split}=x')  # Validates the split name.
+  carved_data, carved = validation.carve({s: d for s, (d, _) in coco_data.items()},
+                                         val_fraction, val_seed)
+  logging.info('%s', carved.message)
+  if carved.status == 'carved':
+    source = coco_data[validation.SOURCE_SPLIT][1]
+    coco_data = {s: (d, coco_data[s][1] if s in coco_data else
+                     f'{source} (held out: {carved.num_frames} frames, seed {val_seed})')
+                 for s, d in carved_data.items()}
+  extra_metadata = dict(extra_metadata or {}, validation=carved.to_json())
   files = {split: coco.parse_annotation_data(data, path) for split, (data, path) in coco_data.items()}
   pools, pool_errors = {}, {}
   for split, (data, path) in coco_data.items():
@@ -216,12 +251,16 @@ def build_from_coco_data(
 def build_from_dlc_project(project_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
                            train_fraction: float | None = None, seed: int = 0,
                            oks_sigmas: Mapping[str, Any] | None = None,
-                           oks_sigmas_source: str = 'oks_sigmas') -> report_lib.BuildReport:
+                           oks_sigmas_source: str = 'oks_sigmas',
+                           val_fraction: float = validation.DEFAULT_FRACTION,
+                           val_seed: int = 0) -> report_lib.BuildReport:
   """Imports a single-animal DeepLabCut project (`dlc_project.to_coco`) and builds it.
 
   Splits 'train' and 'test' by the project's TrainingFraction (or
   ``train_fraction``) and ``seed``; images are read from
-  ``<project>/labeled-data``. In DeepLabCut an empty cell means the body part
+  ``<project>/labeled-data``. A ``val`` split of ``val_fraction`` of the
+  train frames is then held out (`validation.carve`; the test frames stay
+  DeepLabCut's). In DeepLabCut an empty cell means the body part
   is not visible: the data set's ``unlabelled_means`` is 'absent'. The
   metadata also gets `dlc_project.dataset_metadata` (``source``);
   prep_report.json gets the `dlc_project.ImportReport` under ``source``.
@@ -239,14 +278,17 @@ def build_from_dlc_project(project_dir: str | Path, out_dir: str | Path, overwri
       config.project_dir / dlc_project.LABELED_DATA, out_dir, overwrite,
       unlabelled_means=dlc_project.UNLABELLED_MEANS,
       extra_metadata=dlc_project.dataset_metadata(config, report), source_report=report.to_json(),
-      oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source)
+      oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source, val_fraction=val_fraction,
+      val_seed=val_seed)
 
 
 def build_from_slp(slp_files: Sequence[tuple[str | None, str | Path]], out_dir: str | Path,
                    overwrite: bool = False, time_split: Mapping[str, tuple[float, float]] | None = None,
                    every_nth_frame: Mapping[str, int] | int = 1, user_instances_only: bool = False,
                    oks_sigmas: Mapping[str, Any] | None = None,
-                   oks_sigmas_source: str = 'oks_sigmas') -> report_lib.BuildReport:
+                   oks_sigmas_source: str = 'oks_sigmas',
+                   val_fraction: float = validation.DEFAULT_FRACTION,
+                   val_seed: int = 0) -> report_lib.BuildReport:
   """Imports SLEAP files (`sleap_import.to_coco`) and builds them.
 
   Frames are decoded from the videos beside the files while the data set is
@@ -259,6 +301,8 @@ def build_from_slp(slp_files: Sequence[tuple[str | None, str | Path]], out_dir: 
     slp_files: (split, or None = cut by ``time_split``; .slp path).
     time_split, every_nth_frame, user_instances_only: see
       `sleap_import.to_coco`.
+    val_fraction, val_seed: as `build_dataset`; a ``val`` split from
+      ``time_split`` is kept as it is.
 
   Raises:
     sleap_import.SleapImportError: see `sleap_import.to_coco`.
@@ -272,7 +316,8 @@ def build_from_slp(slp_files: Sequence[tuple[str | None, str | Path]], out_dir: 
       {split: (coco_dict, _slp_source(split, slp_files)) for split, coco_dict in data.items()},
       '.', out_dir, overwrite, unlabelled_means=sleap_import.UNLABELLED_MEANS,
       extra_metadata=sleap_import.dataset_metadata(report), source_report=report.to_json(),
-      oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source, image_loader=lambda: loader)
+      oks_sigmas=oks_sigmas, oks_sigmas_source=oks_sigmas_source, image_loader=lambda: loader,
+      val_fraction=val_fraction, val_seed=val_seed)
 
 
 def _slp_source(split: str, slp_files: Sequence[tuple[str | None, str | Path]]) -> str:
@@ -473,6 +518,12 @@ _SLP_USER_ONLY = flags.DEFINE_bool(
 _DLC_TRAIN_FRACTION = flags.DEFINE_float(
     'dlc_train_fraction', None, 'With --dlc_project: fraction of labelled frames for train '
     '(default: config.yaml TrainingFraction[0]); the rest is the test split.')
+_VAL_FRACTION = flags.DEFINE_float(
+    'val_fraction', validation.DEFAULT_FRACTION, 'Share of the train split\'s frames held out as a val '
+    'split (at least 5 frames; none when train has fewer than 20 frames or a val split is given, e.g. by '
+    '--slp_split or --annotations val=FILE). Checkpoints and the likelihood calibration are chosen on it; '
+    'test is only reported. 0 = no val split.')
+_VAL_SEED = flags.DEFINE_integer('val_seed', 0, 'Seed of the val split\'s frames (data_prep/validation.py).')
 _DLC_SPLIT_SEED = flags.DEFINE_integer(
     'dlc_split_seed', 0, 'With --dlc_project: seed of the train/test shuffle (DeepLabCut\'s SplitTrials rule).')
 
@@ -513,7 +564,8 @@ def main(argv: list[str]) -> None:
       sigmas = _read_sigma_file(_OKS_SIGMAS.value)
     report = build_dataset(paths, _IMAGE_ROOT.value, _OUT.value, overwrite=_OVERWRITE.value,
                            unlabelled_means=_UNLABELLED_MEANS.value, oks_sigmas=sigmas,
-                           oks_sigmas_source=_OKS_SIGMAS.value or 'oks_sigmas')
+                           oks_sigmas_source=_OKS_SIGMAS.value or 'oks_sigmas',
+                           val_fraction=_VAL_FRACTION.value, val_seed=_VAL_SEED.value)
   except (ValueError, FileExistsError) as e:  # AnnotationError is a ValueError.
     sys.exit(f'data_prep.build: error: {e}')
   print(f'wrote {report.num_written} records ({report.num_skipped} skipped) to {report.out_dir}; '
@@ -532,7 +584,7 @@ def _main_dlc_project() -> None:
     sigmas = _read_sigma_file(_OKS_SIGMAS.value) if _OKS_SIGMAS.value else None
     report = build_from_dlc_project(_DLC_PROJECT.value, _OUT.value, _OVERWRITE.value,
                                     _DLC_TRAIN_FRACTION.value, _DLC_SPLIT_SEED.value, sigmas,
-                                    _OKS_SIGMAS.value or 'oks_sigmas')
+                                    _OKS_SIGMAS.value or 'oks_sigmas', _VAL_FRACTION.value, _VAL_SEED.value)
   except (ValueError, FileExistsError) as e:  # DlcProjectError is a ValueError.
     sys.exit(f'data_prep.build: error: {e}')
   source = report.source or {}
@@ -553,7 +605,7 @@ def _main_slp() -> None:
     sigmas = _read_sigma_file(_OKS_SIGMAS.value) if _OKS_SIGMAS.value else None
     report = build_from_slp(files, _OUT.value, _OVERWRITE.value, sleap_import.parse_time_split(_SLP_SPLIT.value),
                             sleap_import.parse_every_nth(_EVERY_NTH_FRAME.value), _SLP_USER_ONLY.value, sigmas,
-                            _OKS_SIGMAS.value or 'oks_sigmas')
+                            _OKS_SIGMAS.value or 'oks_sigmas', _VAL_FRACTION.value, _VAL_SEED.value)
   except (ValueError, FileExistsError) as e:  # SleapImportError is a ValueError.
     sys.exit(f'data_prep.build: error: {e}')
   source = report.source or {}

@@ -124,7 +124,7 @@ def load_annotation_file(path: str | Path) -> CocoKeypointFile:
       missing or not a list; a category entry is malformed.
   """
   path = Path(path)
-  return parse_annotation_data(_read_json(path), path)
+  return parse_annotation_data(read_json(path), path)
 
 
 def parse_annotation_data(data: Any, path: str | Path) -> CocoKeypointFile:
@@ -170,7 +170,7 @@ def parse_annotation_data(data: Any, path: str | Path) -> CocoKeypointFile:
   )
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
   try:
     text = path.read_text(encoding='utf-8')
   except FileNotFoundError as e:

@@ -5,6 +5,8 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
       --mode eval [--detector_config configs/dlc_openfield_detector.py \
                    --detector_workdir DETECTOR_DIR]
   python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
+      --mode calibrate
+  python -m kpseq_jax.main --config configs/dlc_openfield.py --workdir DIR \
       --mode predict --images IMAGES [--boxes BOXES.json] [--category ID] \
       [--detector_config configs/dlc_openfield_detector.py \
        --detector_workdir DETECTOR_DIR] --out OUT
@@ -53,12 +55,17 @@ config_flags.DEFINE_config_file(
     'be overridden with --config.FIELD=VALUE.', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and '
                     'predictions; training resumes from it.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'analyze'],
-                  'train: train (resuming) then evaluate; eval: restore the '
-                  'latest checkpoint and evaluate; predict: run the latest '
-                  'checkpoint on --images, write to --out; analyze: run it '
-                  'on every frame of --videos, write DeepLabCut-format '
-                  'tables, labelled videos and plots to --out.')
+flags.DEFINE_enum('mode', 'train',
+                  ['train', 'eval', 'calibrate', 'predict', 'analyze'],
+                  'train: train (resuming), evaluate on the val split, fit '
+                  'the likelihood calibration of the checkpoint chosen on '
+                  'val, report the test split; eval: evaluate the chosen '
+                  'checkpoint on the test split; calibrate: fit its '
+                  'likelihood calibration on the val split again (e.g. an '
+                  'older workdir); predict: run it on --images, write to '
+                  '--out; analyze: run it on every frame of --videos, write '
+                  'DeepLabCut-format tables, labelled videos and plots to '
+                  '--out.')
 flags.DEFINE_string('images', None, 'predict: an image file or a folder '
                     '(searched recursively).')
 flags.DEFINE_string('videos', None, 'analyze: a video file (mp4, avi, ...) '
@@ -152,6 +159,8 @@ def main(argv):
   elif FLAGS.mode == 'eval':
     evaluate.evaluate(FLAGS.config, FLAGS.workdir,
                       _detector() if FLAGS.detector_workdir else None)
+  elif FLAGS.mode == 'calibrate':
+    evaluate.calibrate(FLAGS.config, FLAGS.workdir)
   elif FLAGS.mode == 'analyze':
     analyze.analyze(FLAGS.config, FLAGS.workdir, FLAGS.videos, FLAGS.out,
                     FLAGS.boxes, FLAGS.category, FLAGS.video_batch_size,

@@ -1,9 +1,11 @@
 """Training loop: the jitted, sharded train step, logging, checkpoints, eval.
 
 `train_and_evaluate` trains ``config`` in ``workdir``, resuming from the
-latest checkpoint there, evaluating every ``evals.every_steps`` and after
-the last step (the evaluators of
-`kpseq_jax.evaluation.evaluate.from_config`).
+latest checkpoint there, evaluating on the validation split every
+``evals.every_steps`` and after the last step (the evaluators of
+`kpseq_jax.evaluation.evaluate.from_config`); then it fits the likelihood
+calibration of the checkpoint chosen on validation and reports the test
+split once (docs/uncertainty.md).
 
 Reliability: every step's scalars go to ``WORKDIR/metrics.jsonl``
 (`training.metrics_log`); a resumed run repeats the batches, dropout keys
@@ -18,6 +20,7 @@ unchanged for that step and counts it (``update_skipped``).
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
@@ -44,13 +47,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
   Data and predictor of the system from `system_parts`, evaluators from
-  `evaluate.from_config` (``config.evals.evaluators``).
+  `evaluate.from_config` (``config.evals.evaluators``). Evaluation during
+  training and after the last step runs on the selection split
+  (``config.evals.split``, 'val'); each is saved with its checkpoint and
+  recorded in ``best_checkpoint.json`` (`checkpointing.record_validation`).
+  Then the chosen checkpoint (`checkpointing.chosen_step`) gets its
+  likelihood calibration, fitted on the same split
+  (`evaluate.calibrate_and_save`, ``calibration.json``), and is evaluated
+  once on the report split (``config.evals.report_split``, 'test'), which
+  chooses nothing. Without a selection split in the data set the run
+  falls back (`config_checks.evaluation_splits`, logged): the report split
+  is evaluated, the last checkpoint used, no calibration fitted.
 
   Returns:
-    the final evaluation, report name -> its JSON (`eval_common.run`:
-    ``{'test': eval_test.json}``, ``{'test_boxes': ...}`` for the
-    detector), or None if training was preempted (SIGTERM): then the
-    current step was saved and nothing evaluated; running again resumes.
+    report name -> its JSON (`eval_common.run`: ``{'val': eval_val.json,
+    'test': eval_test.json}``, ``{'val_boxes': ...}`` for the detector),
+    or None if training was preempted (SIGTERM): then the current step was
+    saved and nothing evaluated; running again resumes.
 
   Raises:
     metrics_log.NonFiniteLossError: on a NaN/inf loss or gradient, naming
@@ -63,12 +76,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.warning('%s', warning)
   info = dataset.load_info(config.input.dataset_dir)
   config_checks.check_dataset(config, info)
+  selection, report_split, fallback = config_checks.evaluation_splits(
+      config, info)
+  if fallback:
+    logging.warning('%s', fallback)
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
   tx = ts.create_optimizer(config)
   # The baseline or the CAPE episodes, before anything compiles: a problem
   # with them (a category too small for an episode) stops the run here.
-  evaluators = evaluate.from_config(config, info)
+  evaluators = evaluate.from_config(config, info, selection or report_split)
+  final_evaluators = (evaluate.from_config(config, info, report_split)
+                      if selection and report_split else [])
   train_data, predictor_cls = system_parts(config, info, mesh)
   state = ts.create_train_state(config, model, tx, mesh)
   train_iter = iter(train_data())
@@ -82,9 +101,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       jax.tree.map(lambda a: a.sharding, state), mesh)
   writer = metric_writer.MetricWriter(workdir)
   predictor = predictor_cls.from_state(config, model, state, mesh)
-  evaluate_state = lambda s, step: eval_common.run(  # The average, if any.
-      evaluators, eval_common.Inputs(predictor, s.inference_variables(), step),
-      workdir, writer)
+  reports = {}
+
+  def evaluate_state(s, step):
+    """Evaluates on the selection split; its checkpoint metrics or None."""
+    reports.update(eval_common.run(  # The moving average, if any.
+        evaluators,
+        eval_common.Inputs(predictor, s.inference_variables(), step),
+        workdir, writer))
+    return _record_selection(workdir, selection, reports, step)
+
   state, preempted = train_loop(
       config, workdir, state, start, train_iter, step_fn, model, mesh, ckpt,
       writer, evaluate_state)
@@ -95,9 +121,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if start >= total_steps:
     logging.info('Already trained %d/%d steps in %s.', start, total_steps,
                  workdir)
-  reports = evaluate_state(state, max(start, total_steps))
+    evaluate_state(state, start)
+  final_step = max(start, total_steps)
+  chosen, why = checkpointing.chosen_step(workdir)
+  logging.info('Checkpoint for calibration, the report and inference: %s.',
+               why)
+  variables, step = state.inference_variables(), final_step
+  if chosen is not None and chosen != final_step:
+    _, variables, step = predictor_lib.restore_variables(config, workdir,
+                                                         mesh)
+  calibration = None
+  if selection and config.model_name != 'detector':
+    calibration = evaluate.calibrate_and_save(
+        config, info, selection, predictor, variables, step, workdir)
+  if final_evaluators:
+    reports.update(eval_common.run(
+        final_evaluators, eval_common.Inputs(predictor, variables, step,
+                                             calibration=calibration),
+        workdir, writer))
   writer.close()
   return reports
+
+
+def _record_selection(workdir: str, selection: str | None,
+                      reports: dict[str, dict], step: int
+                      ) -> dict[str, float] | None:
+  """Records the selection split's `checkpointing.SELECTION_METRIC` of
+  ``step`` (``best_checkpoint.json``, logged) and returns it as the
+  checkpoint's Orbax metrics; None without a selection split or figure."""
+  if not selection:
+    return None
+  figures = [r.get(checkpointing.SELECTION_METRIC)
+             for name, r in reports.items()
+             if name in (selection, f'{selection}_permuted')]
+  value = next((float(v) for v in figures
+                if isinstance(v, (int, float)) and np.isfinite(v)), None)
+  if value is None:
+    return None
+  best = checkpointing.record_validation(workdir, selection, step, value)
+  logging.info('Validation (%r) at step %d: %.2f px mean error; best step '
+               '%d (%.2f px) by %s.', selection, step, value, best['step'],
+               best['value'], checkpointing.SELECTION_RULE)
+  return {checkpointing.SELECTION_METRIC: value}
 
 
 def system_parts(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
@@ -127,8 +192,10 @@ def system_parts(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
 
 def train_loop(config, workdir, state, start, train_iter, step_fn, model,
                mesh, ckpt, writer, evaluate_state):
-  """Steps ``start + 1 .. optim.num_train_steps``: log, checkpoint, the
-  periodic evaluation (``evaluate_state(state, step)``) and preemption.
+  """Steps ``start + 1 .. optim.num_train_steps``: log, the periodic and
+  last evaluation (``evaluate_state(state, step)``, returning the
+  checkpoint's metrics or None), checkpoint (a step evaluated is saved,
+  with its metrics) and preemption.
 
   Returns:
     (state, preempted).
@@ -160,18 +227,23 @@ def train_loop(config, workdir, state, start, train_iter, step_fn, model,
       preempted = preemption.reached(step) and not is_last
       if step % config.log_every_steps == 0 or is_last or preempted:
         log.flush(log=True)
-      if step % config.checkpoint_every_steps == 0 or is_last or preempted:
+      checkpoint_metrics = None
+      if not preempted and (is_last or (
+          config.evals.every_steps > 0
+          and step % config.evals.every_steps == 0)):
+        log.flush(log=False)  # Never evaluate a state that follows a NaN.
+        # Before the save, which keeps the step with the best validation
+        # figure (checkpointing.Checkpointer).
+        checkpoint_metrics = evaluate_state(state, step)
+        host_memory.release_free_memory()  # What evaluation freed.
+      if (step % config.checkpoint_every_steps == 0 or is_last or preempted
+          or checkpoint_metrics is not None):
         log.flush(log=False)  # Never save a state that follows a NaN.
-        ckpt.save(step, state, train_iter)
+        ckpt.save(step, state, train_iter, checkpoint_metrics)
       if preempted:
         logging.warning('Preempted: saved step %d/%d in %s; run again to '
                         'resume.', step, total_steps, workdir)
         break
-      if (config.evals.every_steps > 0 and step % config.evals.every_steps == 0
-          and not is_last):  # The last step is evaluated below.
-        log.flush(log=False)  # Never evaluate a state that follows a NaN.
-        evaluate_state(state, step)
-        host_memory.release_free_memory()  # What evaluation freed.
     ckpt.wait()
   ckpt.close()
   log.jsonl.close()

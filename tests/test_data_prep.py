@@ -373,15 +373,17 @@ def test_build_dlc_openfield(tmp_path):
   report = build.build_dataset(
       {'train': root / 'annotations' / 'train.json', 'test': root / 'annotations' / 'test.json'},
       root / 'images', out)
+  # 9 of the 93 training frames (10%, seed 0) are held out as 'val'.
   assert {s: (r.read, r.written, len(r.skipped)) for s, r in report.splits.items()} == {
-      'train': (93, 93, 0), 'test': (23, 23, 0)}
+      'train': (84, 84, 0), 'val': (9, 9, 0), 'test': (23, 23, 0)}
   builder = tfds.builder_from_directory(out)
   assert builder.info.metadata['categories'] == [{
       'id': 1, 'name': 'mouse_topview', 'supercategory': 'animal', 'num_keypoints': 4,
       'keypoint_names': ['snout', 'leftear', 'rightear', 'tailbase'], 'skeleton': [], 'flip_pairs': [[1, 2]],
       'oks_sigmas': []}]
   assert builder.info.metadata['unlabelled_means'] == 'unknown'  # COCO's default.
-  assert builder.info.metadata['split_sizes'] == {'train': 93, 'test': 23}
+  assert builder.info.metadata['split_sizes'] == {'train': 84, 'val': 9, 'test': 23}
+  assert builder.info.metadata['validation']['status'] == 'carved'
   test = read_split(out, 'test')
   assert len(test) == 23
   rec = test[0]
@@ -501,3 +503,45 @@ def test_load_rgb_image_conversions(tmp_path):
   truncated.write_bytes(jpeg.read_bytes()[:200])
   with pytest.raises(images_lib.ImageDecodeError):
     images_lib.load_rgb_image(truncated)
+
+
+# ----------------------------------------------------------------------------- validation split
+
+
+def _frames(out, split: str) -> set[str]:
+  return {r['file_name'].decode() if isinstance(r['file_name'], bytes) else r['file_name']
+          for r in read_split(out, split)}
+
+
+@needs_shared_data
+def test_val_split_is_seeded_disjoint_and_test_frames_unchanged(tmp_path):
+  """The val frames come out of train only: train + val = the train file's
+  frames, disjoint; test is the test file; same seed, same frames; another
+  seed, other frames."""
+  from data_prep import validation
+  root = SHARED_DATA / 'dlc_openfield'
+  files = {'train': root / 'annotations' / 'train.json', 'test': root / 'annotations' / 'test.json'}
+  build.build_dataset(files, root / 'images', tmp_path / 'a', val_fraction=0.1, val_seed=0)
+  train, val, test = (_frames(tmp_path / 'a', s) for s in ('train', 'val', 'test'))
+  raw = {s: {im['file_name'] for im in json.loads(p.read_text())['images']} for s, p in files.items()}
+  assert len(val) == 9 and not val & train and not val & test and not train & test
+  assert train | val == raw['train'] and test == raw['test']
+  data = {s: json.loads(p.read_text()) for s, p in files.items()}
+  again = validation.carve(data, 0.1, 0)[0]['val']
+  assert {im['file_name'] for im in again['images']} == val
+  assert {im['file_name'] for im in validation.carve(data, 0.1, 1)[0]['val']['images']} != val
+
+
+def test_val_split_falls_back_when_train_is_small_or_val_is_given():
+  from data_prep import validation
+  images = lambda n: {'images': [{'id': i} for i in range(n)],
+                      'annotations': [{'id': i, 'image_id': i} for i in range(n)]}
+  out, c = validation.carve({'train': images(19), 'test': images(3)}, 0.1, 0)
+  assert c.status == 'too_few' and set(out) == {'train', 'test'} and len(out['train']['images']) == 19
+  out, c = validation.carve({'train': images(30), 'val': images(4)}, 0.1, 0)
+  assert c.status == 'given' and len(out['train']['images']) == 30 and c.num_frames == 4
+  out, c = validation.carve({'train': images(30)}, 0.1, 0)  # 10% of 30 is 3: at least 5.
+  assert c.status == 'carved' and len(out['val']['images']) == 5 and len(out['train']['images']) == 25
+  assert {a['image_id'] for a in out['val']['annotations']} == set(c.image_ids)
+  with pytest.raises(ValueError, match='--val_fraction'):
+    validation.carve({'train': images(30)}, 0.9, 0)

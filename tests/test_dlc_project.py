@@ -64,6 +64,21 @@ def test_imported_openfield_equals_the_shared_coco_data_set(shared_data, dlc_dat
   assert json.loads((tmp_path / 'ds' / 'prep_report.json').read_text())['source']['format'] == 'deeplabcut'
 
 
+def test_dlc_val_split_comes_from_the_training_fraction(shared_data, tmp_path):
+  """The val frames are taken from DeepLabCut's training frames; its test
+  frames are exactly those of a build without a val split."""
+  project = shared_data / 'dlc_projects' / OPENFIELD
+  build.build_from_dlc_project(project, tmp_path / 'with', val_fraction=0.1)
+  build.build_from_dlc_project(project, tmp_path / 'without', val_fraction=0.0)
+  frames = lambda d, s: {r['file_name'] for r in (dataset.data_source(str(d), s)[i]
+                                                   for i in range(len(dataset.data_source(str(d), s))))}
+  assert dataset.load_info(str(tmp_path / 'with')).split_sizes == {'train': 99, 'val': 11, 'test': 6}
+  assert frames(tmp_path / 'with', 'test') == frames(tmp_path / 'without', 'test')
+  assert (frames(tmp_path / 'with', 'train') | frames(tmp_path / 'with', 'val')
+          == frames(tmp_path / 'without', 'train'))
+  assert not frames(tmp_path / 'with', 'train') & frames(tmp_path / 'with', 'val')
+
+
 @pytest.mark.parametrize('project, coco_dir', [(OPENFIELD, 'dlc_openfield'), (REACHING, 'dlc_reaching')])
 def test_boxes_and_missing_labels_follow_the_shared_files(shared_data, project, coco_dir):
   """The box rule (extent + 25% + 16 px, clipped) and NaN -> v = 0 give the

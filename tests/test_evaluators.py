@@ -98,7 +98,7 @@ def test_evaluators_from_config(dlc_dataset):
   config = conftest.smoke_config(dlc_dataset)
   default = evaluate.from_config(config, info)
   assert [n for n, _ in default] == list(evaluate.KEYPOINT_EVALS)
-  assert {e.report for _, e in default} == {'test'}
+  assert {e.report for _, e in default} == {'val'}  # evals.split.
   # One protocol (baseline computed once) shared by the keypoint evaluators.
   assert len({id(e.protocol) for _, e in default}) == 1
   config.evals.evaluators = {
@@ -118,4 +118,4 @@ def test_evaluators_from_config(dlc_dataset):
   config.evals.evaluators = {}
   with_detector = evaluate.from_config(config, info, detector=object())
   assert with_detector[-1][0] == 'detected_boxes'
-  assert with_detector[-1][1].report == 'test_detected_boxes'
+  assert with_detector[-1][1].report == 'val_detected_boxes'

@@ -17,6 +17,7 @@ from kpseq_jax.evaluation import metrics
 from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predict
 from kpseq_jax.inference import predict_outputs
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import results as results_lib
 from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
@@ -31,11 +32,47 @@ def predicted(trained, shared_data, tmp_path_factory):
   summary = predict.predict(config, str(workdir),
                             str(shared_data / 'dlc_openfield' / 'images'),
                             str(out), boxes_file=str(boxes))
-  return out, summary, json.loads(boxes.read_text())
+  return out, summary, json.loads(boxes.read_text()), workdir
+
+
+def summary_workdir(predicted):
+  return predicted[3]
+
+
+def test_without_calibration_the_raw_values_are_written(trained, shared_data,
+                                                        tmp_path):
+  """A workdir without calibration.json (trained before it) writes raw
+  confidences and v = presence >= 0.5, as before; the same workdir with its
+  map writes the map of the same raw values."""
+  config, workdir, _ = trained
+  old = tmp_path / 'old'
+  shutil.copytree(workdir, old, ignore=shutil.ignore_patterns(
+      likelihood.FILE, 'tensorboard'))
+  images = tmp_path / 'images'
+  images.mkdir()
+  for name in ('img0001.png', 'img0050.png'):
+    shutil.copy(shared_data / 'dlc_openfield' / 'images' / 'm4s1' / name,
+                images / name)
+  runs = {}
+  for name, w in (('raw', old), ('calibrated', workdir)):
+    predict.predict(config, str(w), str(images), str(tmp_path / name))
+    runs[name] = json.loads((tmp_path / name / 'predictions.json').read_text())
+  cmap = likelihood.load(str(workdir), json.loads(
+      (workdir / 'best_checkpoint.json').read_text())['step'])
+  for r, c in zip(runs['raw'], runs['calibrated']):
+    assert 'keypoint_confidence_raw' not in r
+    kp = np.reshape(r['keypoints'], [4, 3])
+    np.testing.assert_array_equal(kp[:, 2],
+                                  np.array(r['keypoint_presence']) >= 0.5)
+    np.testing.assert_allclose(c['keypoint_confidence_raw'],
+                               r['keypoint_scores'], atol=1e-4)
+    np.testing.assert_allclose(c['keypoint_scores'], cmap(
+        likelihood.raw_likelihood(r['keypoint_scores'],
+                                  r['keypoint_presence'])), atol=1e-2)
 
 
 def test_one_result_per_box_inside_its_crop(predicted):
-  out, summary, gt = predicted
+  out, summary, gt, _ = predicted
   results = json.loads((out / 'predictions.json').read_text())
   anns = {a['image_id']: a for a in gt['annotations']}
   assert summary.num_boxes == len(results) == len(gt['annotations']) == 23
@@ -49,10 +86,16 @@ def test_one_result_per_box_inside_its_crop(predicted):
     assert r['score'] == pytest.approx(
         results_lib.bbox_keypoint_score(1.0, r['keypoint_scores']), abs=1e-3)
     kp = np.reshape(r['keypoints'], [4, 3])  # K * 3 numbers.
-    # The smoke model has <absent>: v = 0 exactly where it says absent.
     presence = np.array(r['keypoint_presence'])
     assert presence.shape == (4,) and np.all((presence >= 0) & (presence <= 1))
-    np.testing.assert_array_equal(kp[:, 2], presence >= 0.5)
+    # The run fitted a likelihood map on its val split: the third values
+    # and keypoint_scores are the calibrated confidence x presence.
+    cmap = likelihood.load(str(summary_workdir(predicted)),
+                           summary.checkpoint_step)
+    calibrated = cmap(likelihood.raw_likelihood(r['keypoint_confidence_raw'],
+                                                presence))
+    np.testing.assert_allclose(r['keypoint_scores'], calibrated, atol=1e-2)
+    np.testing.assert_allclose(kp[:, 2], calibrated, atol=1e-2)
     # Decoded crop coordinates are in [0, 1]: back in the image they lie in
     # the top-down crop square of the box.
     m = transforms.crop_matrix(anns[r['image_id']]['bbox'], 1, 1.25)
@@ -66,7 +109,7 @@ def test_one_result_per_box_inside_its_crop(predicted):
 def test_results_load_in_pycocotools_and_match_eval(predicted, trained,
                                                     shared_data):
   """Same crops as evaluation: same keypoints and the same PCK figure."""
-  out, _, _ = predicted
+  out, _, _, _ = predicted
   _, workdir, report = trained
   gt = coco_lib.COCO(str(shared_data / 'dlc_openfield' / 'annotations' /
                          'test.json'))
@@ -89,7 +132,7 @@ def test_results_load_in_pycocotools_and_match_eval(predicted, trained,
 
 def test_overlays_have_the_image_size_and_keypoint_colours(predicted,
                                                            shared_data):
-  out, _, gt = predicted
+  out, _, gt, _ = predicted
   results = {r['image_id']: r for r in
              json.loads((out / 'predictions.json').read_text())}
   colors = visualize.keypoint_colors(4)

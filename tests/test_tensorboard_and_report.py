@@ -54,28 +54,34 @@ def test_training_and_eval_scalars_and_overlays_are_in_the_event_files(
   steps = scalar_log.read_steps(str(workdir))
   for step in (1, 2):
     assert scalars['train/loss'][step] == pytest.approx(steps[step]['loss'])
-  assert scalars['eval_test/pck'][2] == pytest.approx(report.pck)
-  # evals.every_steps = 1: a periodic evaluation after step 1 too.
-  assert set(scalars['eval_test/pck']) == {1, 2}
-  assert set(scalars['eval_test/mean_error_px']) == {1, 2}
-  assert scalars['eval_test/baseline_pck'][2] == pytest.approx(
+  # evals.every_steps = 1: val (the selection split) after steps 1 and 2;
+  # test once, with the checkpoint chosen on val.
+  assert set(scalars['eval_val/pck']) == {1, 2}
+  chosen = report.checkpoint_step
+  assert set(scalars['eval_test/pck']) == {chosen}
+  assert scalars['eval_test/pck'][chosen] == pytest.approx(report.pck)
+  assert report.likelihood['calibrated'] is not None  # Fitted on val.
+  assert scalars['eval_test/likelihood/calibrated/ece'][chosen] == (
+      pytest.approx(report.likelihood['calibrated']['ece']))
+  assert scalars['eval_test/baseline_pck'][chosen] == pytest.approx(
       report.baseline_pck)
-  assert scalars['eval_test/mean_error_px'][2] == pytest.approx(
+  assert scalars['eval_test/mean_error_px'][chosen] == pytest.approx(
       report.mean_error_px)
-  assert scalars['eval_test/per_category_pck/1_mouse_topview'][2] == (
+  assert scalars['eval_test/per_category_pck/1_mouse_topview'][chosen] == (
       pytest.approx(report.per_category_pck['1:mouse_topview']))
   # Each section's summary floats, at their JSON paths.
-  assert scalars['eval_test/oks/ap'][2] == pytest.approx(report.oks['ap'])
-  assert scalars['eval_test/calibration/alpha_0.2/ece'][2] == (
+  assert scalars['eval_test/oks/ap'][chosen] == pytest.approx(
+      report.oks['ap'])
+  assert scalars['eval_test/calibration/alpha_0.2/ece'][chosen] == (
       pytest.approx(report.calibration['alpha_0.2']['ece']))
-  assert scalars['eval_test/presence/overall/accuracy'][2] == (
+  assert scalars['eval_test/presence/overall/accuracy'][chosen] == (
       pytest.approx(report.presence['overall']['accuracy']))
   # Counts are not curves: no TensorBoard scalar.
   assert 'eval_test/num_instances' not in scalars
   tags = sorted(t for t in images if t.startswith('eval_test/'))
   assert len(tags) == 4  # NUM_OVERLAYS crops of the first eval batch.
   for t in tags:
-    img = Image.open(io.BytesIO(images[t][2]))
+    img = Image.open(io.BytesIO(images[t][chosen]))
     assert img.size == (2 * 192, 192) and img.mode == 'RGB'  # truth | pred
     assert np.asarray(img).std() > 5  # A picture, not a blank.
 
@@ -115,10 +121,15 @@ def test_eval_report_table_and_pck_curve(trained):
       report.baseline_pck, abs=1e-4)
   md = (workdir / 'eval_test.md').read_text().splitlines()
   assert md[0].startswith('| category | instances |') and md[4] == ''
-  # Then OKS AP, the confidence's calibration and presence.
+  # Then OKS AP, the confidence's calibration, the likelihood raw and
+  # calibrated (the map fitted on val) and presence.
   sections = [line for line in md if line.startswith('## ')]
   assert sections == ['## OKS (pycocotools COCOeval, keypoints)',
-                      '## Confidence calibration', '## Presence']
+                      '## Confidence calibration',
+                      '## Likelihood calibration (test): P(visible and '
+                      'within 0.05 x max(box w, h) of the truth)',
+                      '## Presence']
+  assert (workdir / 'reliability_test.png').exists()
   # dlc_openfield's test frames label every keypoint: 32 known present.
   assert report.presence['overall']['present']['support'] == 32
   assert report.presence['overall']['absent']['support'] == 0

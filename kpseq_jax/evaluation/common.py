@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import tqdm
 
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import metric_writer as metric_writer_lib
 from kpseq_jax.runtime import sharding
@@ -103,11 +104,16 @@ class Inputs:
       detector's `box_predictor.BoxPredictor`).
     variables: {'params', 'batch_stats'} on the predictor's mesh.
     step: the state's train step (None if unknown).
+    calibration: the likelihood map of this state
+      (`likelihood.CalibrationMap`), None when it has none: evaluators
+      then report and write raw likelihoods.
   """
 
-  def __init__(self, predictor, variables, step: int | None):
+  def __init__(self, predictor, variables, step: int | None,
+               calibration: likelihood.CalibrationMap | None = None):
     self.predictor, self.variables = predictor, variables
     self.step = None if step is None else int(step)
+    self.calibration = calibration
     self._decoded: dict[int, Decoded] = {}
 
   def decoded(self, protocol) -> Decoded:

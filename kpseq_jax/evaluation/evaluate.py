@@ -12,7 +12,8 @@ brackets):
   ``pck``: `pck.PCKEvaluator`; ``oks``: `uncertainty.OKSEvaluator`
     (``default_sigma`` [evals.oks_default_sigma], ``radius_bins``
     [decode.confidence_radius_bins]); ``calibration``:
-    `uncertainty.CalibrationEvaluator` (``radius_bins``);
+    `uncertainty.CalibrationEvaluator` (``radius_bins``, ``hit_alpha``
+    [calibration.hit_alpha]);
     ``pixel_accuracy``: `pck.PixelAccuracyEvaluator`; ``predictions``:
     `predictions.PredictionsEvaluator` (``image_size_px``
     [input.image_size_px]) -- all over the
@@ -31,10 +32,13 @@ Evaluators run in the order of the types above (the keys of
 
 from typing import Any, Callable
 
+from absl import logging
+import jax
 import ml_collections
 
 from kpseq_jax.data import dataset
 from kpseq_jax.evaluation import box_ap
+from kpseq_jax.evaluation import calibration_fit
 from kpseq_jax.evaluation import common
 from kpseq_jax.evaluation import detected_boxes
 from kpseq_jax.evaluation import pck
@@ -42,6 +46,7 @@ from kpseq_jax.evaluation import predictions
 from kpseq_jax.evaluation import protocols
 from kpseq_jax.evaluation import uncertainty
 from kpseq_jax.inference import box_predictor
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import metric_writer as metric_writer_lib
 from kpseq_jax.runtime import sharding
@@ -81,7 +86,8 @@ def _builders(config, info, split, detector) -> dict[str, Callable]:
                     default_sigma=config.evals.oks_default_sigma,
                     radius_bins=radius),
       calibration=keypoints(uncertainty.CalibrationEvaluator,
-                            radius_bins=radius),
+                            radius_bins=radius,
+                            hit_alpha=config.calibration.hit_alpha),
       pixel_accuracy=keypoints(pck.PixelAccuracyEvaluator),
       predictions=keypoints(predictions.PredictionsEvaluator,
                             image_size_px=config.input.image_size_px),
@@ -130,27 +136,90 @@ def from_config(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              detector: box_predictor.ImageDetector | None = None
              ) -> dict[str, dict[str, Any]]:
-  """``--mode eval``: restores the latest checkpoint and runs every
-  evaluator on it (and ``detected_boxes`` with ``detector``).
+  """``--mode eval``: restores the chosen checkpoint
+  (`checkpointing.chosen_step`: best on validation, else the latest) and
+  runs every evaluator on the report split (``config.evals.report_split``,
+  'test'; the selection split when there is none), with the workdir's
+  likelihood calibration when it has one for that step (and
+  ``detected_boxes`` with ``detector``).
 
   Returns:
     report name -> its JSON (`common.run`).
 
   Raises:
     FileNotFoundError: missing data set or checkpoint.
-    ValueError: for an impossible config (see `config_checks`).
+    ValueError: for an impossible config (see `config_checks`), or a
+      damaged ``calibration.json``.
   """
   config_checks.check(config)
   info = dataset.load_info(config.input.dataset_dir)
   config_checks.check_dataset(config, info)
+  selection, report, _ = config_checks.evaluation_splits(config, info)
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
-  evaluators = from_config(config, info, detector=detector)
+  evaluators = from_config(config, info, report or selection,
+                           detector=detector)
   model, variables, step = predictor_lib.restore_variables(config, workdir,
                                                            mesh)
-  predictor_cls = (box_predictor.BoxPredictor
-                   if config.model_name == 'detector'
-                   else predictor_lib.Predictor)
+  keypoints = config.model_name != 'detector'
+  predictor_cls = (predictor_lib.Predictor if keypoints
+                   else box_predictor.BoxPredictor)
   predictor = predictor_cls(config, model, variables, mesh)
-  inputs = common.Inputs(predictor, predictor.variables, step)
+  calibration = likelihood.load(workdir, step) if keypoints else None
+  inputs = common.Inputs(predictor, predictor.variables, step, calibration)
   with metric_writer_lib.MetricWriter(workdir) as writer:
     return common.run(evaluators, inputs, workdir, writer)
+
+
+def calibrate_and_save(config: ml_collections.ConfigDict,
+                       info: dataset.DatasetInfo, split: str, predictor,
+                       variables, step: int, workdir: str
+                       ) -> likelihood.CalibrationMap | None:
+  """Decodes ``split`` with ``variables`` (checkpoint ``step``), fits the
+  likelihood map on it (`calibration_fit.fit_decoded` with
+  ``config.calibration``) and writes ``WORKDIR/calibration.json``
+  (process 0). Returns the map, or None when the split is too small for
+  one (a stale ``calibration.json`` of another step then stays unused:
+  `likelihood.load` checks the step)."""
+  protocol = protocols.create(config, info, split)
+  decoded = common.decode(protocol, predictor, variables)
+  cmap = calibration_fit.fit_decoded(
+      decoded, config.calibration.hit_alpha, config.calibration.min_keypoints,
+      step, split)
+  if cmap is not None and jax.process_index() == 0:
+    logging.info('Likelihood calibration -> %s',
+                 likelihood.save(cmap, workdir))
+  return cmap
+
+
+def calibrate(config: ml_collections.ConfigDict, workdir: str
+              ) -> likelihood.CalibrationMap | None:
+  """``--mode calibrate``: fits the likelihood calibration of a trained
+  workdir's chosen checkpoint on the selection split (``evals.split``,
+  'val') and writes ``calibration.json`` (what training does after its
+  last step; for workdirs trained before it, or after a new choice).
+
+  Raises:
+    ValueError: a detector config, or a data set without the selection
+      split (names it and the fix).
+    FileNotFoundError: missing data set or checkpoint.
+  """
+  config_checks.check(config)
+  if config.model_name == 'detector':
+    raise ValueError('--mode calibrate calibrates keypoint likelihoods; '
+                     'model_name=detector has none.')
+  info = dataset.load_info(config.input.dataset_dir)
+  config_checks.check_dataset(config, info)
+  selection, _, _ = config_checks.evaluation_splits(config, info)
+  if selection is None:
+    raise ValueError(
+        f'--mode calibrate fits on the {config.evals.split!r} split '
+        f'(evals.split), which {config.input.dataset_dir} does not have '
+        f'({sorted(info.split_sizes)}); rebuild it with `python -m '
+        'data_prep.build --val_fraction 0.1` (the frames held out must not '
+        'be trained on: retrain on the rebuilt data set).')
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  model, variables, step = predictor_lib.restore_variables(config, workdir,
+                                                           mesh)
+  predictor = predictor_lib.Predictor(config, model, variables, mesh)
+  return calibrate_and_save(config, info, selection, predictor,
+                            predictor.variables, step, workdir)

@@ -22,6 +22,7 @@ from kpseq_jax.data import transforms
 from kpseq_jax.data import visualize
 from kpseq_jax.evaluation import common
 from kpseq_jax.evaluation import protocols
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import results as results_lib
 
 # Eval crops drawn to TensorBoard (ground truth | prediction), from batch 1.
@@ -46,8 +47,12 @@ class PredictionsEvaluator:
 
   def run(self, inputs: common.Inputs) -> Iterator[tuple[str, Any]]:
     d = inputs.decoded(self.protocol)
+    calibrated = None  # With a map: the likelihood written (`results`).
+    if inputs.calibration is not None and d.num_samples:
+      calibrated = inputs.calibration(
+          likelihood.raw_likelihood(d.confidence, d.presence))
     results = [] if not d.num_samples else _coco_results(
-        d.pred_px, d.batch, self.info, d.confidence, d.presence)
+        d.pred_px, d.batch, self.info, d.confidence, d.presence, calibrated)
 
     def write(path):
       with open(path, 'w') as f:
@@ -65,7 +70,8 @@ class PredictionsEvaluator:
 
 def _coco_results(pred_px: np.ndarray, batch: dict,
                   info: dataset.DatasetInfo, confidence: np.ndarray,
-                  presence: np.ndarray | None) -> list[dict]:
+                  presence: np.ndarray | None,
+                  calibrated: np.ndarray | None = None) -> list[dict]:
   """COCO results of a batch in each category's keypoint order.
 
   Args:
@@ -75,6 +81,8 @@ def _coco_results(pred_px: np.ndarray, batch: dict,
     info: the category table.
     confidence: float [N, Kmax] per-keypoint confidence.
     presence: float [N, Kmax] or None.
+    calibrated: float [N, Kmax] calibrated likelihood or None
+      (`results.coco_results`' ``likelihood``).
 
   An episode's groups are in its ``keypoint_order`` (a permuted or
   subsampled episode asks for the category's keypoints in another order);
@@ -92,12 +100,13 @@ def _coco_results(pred_px: np.ndarray, batch: dict,
         n = int(batch['num_keypoints'][i])
         out[i, order[:n]] = a[i, :n]
       return out
-    pred_px, confidence, presence = (reorder(pred_px), reorder(confidence),
-                                     reorder(presence))
+    pred_px, confidence, presence, calibrated = (
+        reorder(pred_px), reorder(confidence), reorder(presence),
+        reorder(calibrated))
   return results_lib.coco_results(pred_px, ks, batch['image_id'],
                                   batch['category_id'],
                                   keypoint_scores=confidence,
-                                  presence=presence)
+                                  presence=presence, likelihood=calibrated)
 
 
 def _overlays(local: dict, keypoints_norm: np.ndarray,

@@ -85,6 +85,9 @@ class EvalReport:
       a report written before it existed).
     calibration: the per-keypoint confidence against hits
       (`uncertainty.py`), or None.
+    likelihood: ECE, AUROC and reliability of the raw and the calibrated
+      likelihood (`uncertainty.likelihood_section`), or None (older
+      reports).
     presence: presence precision/recall/F1 per keypoint
       (`calibration.PresenceMetrics.to_dict`), or None without a presence
       model.
@@ -118,6 +121,7 @@ class EvalReport:
   notes: list[str]
   oks: dict[str, Any] | None = None
   calibration: dict[str, Any] | None = None
+  likelihood: dict[str, Any] | None = None
   presence: dict[str, Any] | None = None
   pixel_accuracy: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -295,3 +299,49 @@ def plot_pck_curve(r: dict[str, Any], path: str) -> None:
   ax.legend(loc='best', fontsize=8)
   fig.tight_layout()
   fig.savefig(path)
+
+
+def plot_reliability(section: dict[str, Any], path: str) -> None:
+  """PNG reliability diagram of a ``likelihood`` section
+  (`uncertainty.likelihood_section`): per equal-width bin, the fraction of
+  hits against the mean likelihood, raw and (when fitted) calibrated, with
+  the diagonal of perfect calibration; ECE and AUROC in the legend."""
+  fig = figure.Figure(figsize=(5.2, 5), dpi=100)
+  ax = fig.add_subplot()
+  ax.plot([0, 1], [0, 1], color='k', lw=0.6, ls=':',
+          label='perfectly calibrated')
+  for name, style in (('raw', 'o--'), ('calibrated', 's-')):
+    c = section.get(name)
+    if not c:
+      continue
+    t = c['table']
+    pts = [(m, a) for m, a, n in zip(t['mean_confidence'], t['accuracy'],
+                                     t['count']) if n]
+    fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, lw=1.5,
+            label=f'{name}: ECE {fmt(c["ece"])}, AUROC {fmt(c["auroc"])}')
+  ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel='likelihood (bin mean)',
+         ylabel=f'fraction within {section["hit_alpha"]:g} x max(box w, h)',
+         title=f'Reliability, {section["split"]} split, '
+         f'{section["num_keypoints"]} keypoints')
+  ax.grid(alpha=0.3)
+  ax.legend(loc='upper left', fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def likelihood_markdown(section: dict[str, Any]) -> str:
+  """Markdown of a ``likelihood`` section: ECE, AUROC, accuracy and mean
+  likelihood, raw and calibrated."""
+  fmt = lambda v: 'n/a' if v is None else f'{v:.3f}'
+  lines = [f'## Likelihood calibration ({section["split"]}): '
+           f'P({section["event"]})',
+           '', section['note'], '',
+           '| likelihood | ECE | AUROC | hit rate | mean likelihood |',
+           '|---|---|---|---|---|']
+  for name in ('raw', 'calibrated'):
+    c = section.get(name)
+    if c:
+      lines.append(f'| {name} | {fmt(c["ece"])} | {fmt(c["auroc"])} | '
+                   f'{fmt(c["accuracy"])} | {fmt(c["mean_confidence"])} |')
+  return '\n'.join(lines)

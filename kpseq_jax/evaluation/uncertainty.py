@@ -19,7 +19,11 @@ Two evaluators (`common.py`) over one evaluation's decoded predictions
   ``<absent>`` token): precision, recall, F1 and accuracy of "present" and
   "absent" per keypoint name and overall, over the keypoints whose truth is
   known: labelled (v > 0) = present; v = 0 in a data set whose v = 0 means
-  absent = absent; others are unknown.
+  absent = absent; others are unknown. And ``likelihood`` (issue 36): ECE,
+  AUROC and reliability table of the raw likelihood and, with the
+  checkpoint's calibration map (`common.Inputs.calibration`), of the
+  calibrated one, against the map's hit event; the diagram of both is
+  ``reliability_<split>.png``.
 """
 
 from typing import Any, Iterator
@@ -29,11 +33,13 @@ import numpy as np
 
 from kpseq_jax.data import dataset
 from kpseq_jax.evaluation import calibration
+from kpseq_jax.evaluation import calibration_fit
 from kpseq_jax.evaluation import common
 from kpseq_jax.evaluation import metrics
 from kpseq_jax.evaluation import oks
 from kpseq_jax.evaluation import protocols
 from kpseq_jax.evaluation import report as report_lib
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import results
 from kpseq_jax.sequence import vocab as vocab_lib
 
@@ -122,17 +128,21 @@ class OKSEvaluator:
 
 
 class CalibrationEvaluator:
-  """Confidence calibration and presence (module docstring).
+  """Confidence calibration, the likelihood before and after its map,
+  and presence (module docstring).
 
   Args:
     protocol, info, name: as `OKSEvaluator`.
     radius_bins: the reported confidence's radius.
+    hit_alpha: the hit radius of the ``likelihood`` section without a map
+      (with one: the map's).
   """
 
   def __init__(self, protocol, info: dataset.DatasetInfo, name: str,
-               radius_bins: int):
+               radius_bins: int, hit_alpha: float = 0.05):
     self.protocol, self.info, self.report = protocol, info, name
     self.radius = _radius_index(radius_bins)
+    self.hit_alpha = hit_alpha
 
   def run(self, inputs: common.Inputs) -> Iterator[tuple[str, Any]]:
     """Yields ``calibration`` and ``presence`` (None when not computed),
@@ -149,6 +159,16 @@ class CalibrationEvaluator:
     yield from ((f'calibration/alpha_0.2/{k}', c['alpha_0.2'][k])
                 for k in ('ece', 'auroc'))
     yield 'calibration', common.Markdown(report_lib.calibration_markdown(c))
+    lk = likelihood_section(decoded, inputs.calibration, self.hit_alpha,
+                            self.protocol.split)
+    logging.info('Eval %s: %s', self.report, lk['note'])
+    yield 'likelihood', lk
+    yield from ((f'likelihood/{name}/{k}', lk[name][k])
+                for name in ('raw', 'calibrated') if lk[name]
+                for k in ('ece', 'auroc'))
+    yield 'likelihood', common.Markdown(report_lib.likelihood_markdown(lk))
+    yield f'reliability_{self.report}.png', common.File(
+        lambda path: report_lib.plot_reliability(lk, path))
     p = presence_section(d, self.info) if 'presence' in d else None
     yield 'presence', p
     if p is not None:
@@ -214,6 +234,47 @@ def calibration_section(d: dict[str, np.ndarray], radius: int
                                mean_confidence=c.mean_confidence)
     out[f'alpha_{alpha}'] = dict(chosen.to_dict(), by_radius=by_radius)
   return out
+
+
+def likelihood_section(decoded: common.Decoded,
+                       cmap: likelihood.CalibrationMap | None,
+                       hit_alpha: float, split: str) -> dict[str, Any]:
+  """The ``likelihood`` section: ECE, AUROC and reliability table of the
+  raw likelihood (`likelihood.raw_likelihood`) and of its calibration map
+  ``cmap`` (None: raw only), against hits within the map's ``hit_alpha``
+  (or ``hit_alpha`` without a map) over the keypoints whose truth is known
+  (`calibration_fit.hits`: known absent = miss)."""
+  alpha = cmap.hit_alpha if cmap is not None else hit_alpha
+  hit, known = calibration_fit.hits(decoded.batch, decoded.pred_px,
+                                    decoded.size, alpha)
+  raw = calibration_fit.raw_of(decoded)
+  out = dict(split=split, hit_alpha=alpha, num_keypoints=int(known.sum()),
+             event=(cmap.event if cmap is not None else
+                    f'within {alpha:g} x max(box w, h) of the truth'),
+             raw=calibration.calibration(raw, hit, known).to_dict(),
+             calibrated=None, map=None)
+  if cmap is None:
+    out['note'] = ('likelihood: raw (no calibration.json for this '
+                   'checkpoint); ECE {} AUROC {}'.format(
+                       *(_fmt(out['raw'][k]) for k in ('ece', 'auroc'))))
+    return out
+  out['calibrated'] = calibration.calibration(cmap(raw), hit,
+                                              known).to_dict()
+  out['map'] = dict(checkpoint_step=cmap.checkpoint_step, split=cmap.split,
+                    num_keypoints=cmap.num_keypoints, num_hits=cmap.num_hits,
+                    knots=len(cmap.raw_knots))
+  out['note'] = (
+      f'likelihood on {out["num_keypoints"]} keypoints, hit within {alpha:g}'
+      f' x box: raw ECE {_fmt(out["raw"]["ece"])} AUROC '
+      f'{_fmt(out["raw"]["auroc"])} -> calibrated (fitted on '
+      f'{cmap.num_keypoints} {cmap.split!r} keypoints) ECE '
+      f'{_fmt(out["calibrated"]["ece"])} AUROC '
+      f'{_fmt(out["calibrated"]["auroc"])}')
+  return out
+
+
+def _fmt(v: float | None) -> str:
+  return 'n/a' if v is None else f'{v:.3f}'
 
 
 def presence_section(d: dict[str, np.ndarray], info: dataset.DatasetInfo

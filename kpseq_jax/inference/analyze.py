@@ -13,9 +13,13 @@ decoded by `batchers.CropBatcher` -> `predictor.Predictor`. Per video,
 ``OUT/<stem><scorer>`` + ``.h5`` / ``.csv`` (DeepLabCut's table,
 `dlc_output`), ``_filtered.h5`` / ``.csv`` (``--filter_window``),
 ``_labeled.mp4``, ``_trajectories.png`` (`trajectory_plot`),
-``_captions.txt`` and ``_meta.json`` (`VideoSummary`); ``<scorer>`` is
+``_captions.txt``, ``_likelihood_raw.csv`` (the raw likelihood, when the
+table's is calibrated by the workdir's ``calibration.json``) and
+``_meta.json`` (`VideoSummary`, with the share of frames under the
+project's ``pcutoff`` per body part, also logged); ``<scorer>`` is
 ``KPSEQ_<backbone>_<category>_step<checkpoint step>`` (backbone e.g.
-``resnet18`` or ``vitS16``), as DeepLabCut names its files. A video that cannot be opened is reported and the others
+``resnet18`` or ``vitS16``), as DeepLabCut names its files. A video that
+cannot be opened is reported and the others
 analysed (`video.VideoDecodeError` if none can be); a video that breaks
 off keeps the rows of the frames before, and its summary says where.
 
@@ -42,6 +46,7 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
+import pandas as pd
 from PIL import Image
 import tensorflow_datasets as tfds
 import tqdm
@@ -97,6 +102,10 @@ class VideoSummary:
       when decoding keeps up).
     labeled_video_s: time to re-decode, draw and encode the labelled video.
     files: output kind -> path.
+    below_pcutoff: body part -> share of frames whose table likelihood is
+      below the project's pcutoff (hidden by DeepLabCut's tools).
+    below_pcutoff_raw: the same for the raw likelihood, when the table's
+      is calibrated ({} otherwise).
     max_animals: ``--max_animals`` (0: single-animal; the fields below are
       then not in ``_meta.json``).
     animals_per_frame: number of animals tracked in a frame -> frames.
@@ -122,6 +131,9 @@ class VideoSummary:
   model_wait_s: float = 0.0
   labeled_video_s: float = 0.0
   files: dict[str, str] = dataclasses.field(default_factory=dict)
+  below_pcutoff: dict[str, float] = dataclasses.field(default_factory=dict)
+  below_pcutoff_raw: dict[str, float] = dataclasses.field(
+      default_factory=dict)
   max_animals: int = 0
   animals_per_frame: dict[str, int] = dataclasses.field(default_factory=dict)
   tracks: list[str] = dataclasses.field(default_factory=list)
@@ -355,8 +367,9 @@ def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
 
   Returns:
     Per frame of the batch, (float [N_f, K, 2] pixels, float [N_f, K]
-    likelihood): the pose of each of its boxes, best box first (also given
-    to ``policy.update``).
+    likelihood (calibrated when ``batcher.calibration``), float [N_f, K]
+    raw likelihood): the pose of each of its boxes, best box first (pose
+    and raw likelihood also given to ``policy.update``).
   """
   if batch.crops is None:  # Boxes from the previous batch's poses
     policy.see(batch.start, batch.frames)  # or from the frames.
@@ -366,23 +379,28 @@ def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
                    for f, bs in zip(batch.frames, batch.boxes)]
   pred = _predict_all(batcher, [c for cs in batch.crops for c in cs])
   kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [sum N_f, K, 2]
-  lk = likelihood_of(pred, k)  # [sum N_f, K]
+  raw = likelihood_of(pred, k)  # [sum N_f, K]
   split = np.cumsum([len(cs) for cs in batch.crops])[:-1]
-  kp_frames, lk_frames = np.split(kp, split), np.split(lk, split)
-  policy.update(kp_frames, lk_frames, width, height)
-  return kp_frames, lk_frames
+  kp_frames, raw_frames = np.split(kp, split), np.split(raw, split)
+  # The box policy's thresholds are on the raw scale (TRACK_MIN_CONFIDENCE).
+  policy.update(kp_frames, raw_frames, width, height)
+  if batcher.calibration is None:
+    return kp_frames, raw_frames, raw_frames
+  return kp_frames, np.split(batcher.calibration(raw), split), raw_frames
 
 
 class _FirstPoses:
   """Single-animal rows: each frame's first (best) box's pose."""
 
   def __init__(self):
-    self.keypoints, self.likelihood = [], []
+    self.keypoints, self.likelihood, self.raw = [], [], []
 
-  def add(self, frame: int, kp: np.ndarray, lk: np.ndarray, box_scores):
+  def add(self, frame: int, kp: np.ndarray, lk: np.ndarray, box_scores,
+          raw: np.ndarray | None = None):
     del frame, box_scores
     self.keypoints.append(kp[0])
     self.likelihood.append(lk[0])
+    self.raw.append(lk[0] if raw is None else raw[0])
 
 
 def analyze_video(vinfo: video_lib.VideoInfo,
@@ -411,11 +429,14 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   with tqdm.tqdm(total=vinfo.num_frames or None, desc=Path(vinfo.path).stem,
                  unit='frame') as bar:
     for batch in pipeline:
-      kp, lk = _decode_batch(batch, batcher, policy, category.id,
-                             category.num_keypoints, w, h)
+      kp, lk, raw = _decode_batch(batch, batcher, policy, category.id,
+                                  category.num_keypoints, w, h)
       for j, (kp_f, lk_f) in enumerate(zip(kp, lk)):
-        rows.add(batch.start + j, kp_f, lk_f,
-                 policy.box_scores(batch.start + j))
+        if outputs.max_animals:
+          rows.add(batch.start + j, kp_f, lk_f,
+                   policy.box_scores(batch.start + j))
+        else:
+          rows.add(batch.start + j, kp_f, lk_f, None, raw[j])
       t_first, first = t_first or time.perf_counter(), first or len(kp)
       bar.update(len(batch.frames))
   _fill_timing(summary, vinfo, pipeline, t0, t_first, first)
@@ -425,7 +446,7 @@ def analyze_video(vinfo: video_lib.VideoInfo,
     write_tracked_outputs(vinfo, rows, summary, outputs)
   else:
     write_outputs(vinfo, np.stack(rows.keypoints), np.stack(rows.likelihood),
-                  summary, outputs)
+                  summary, outputs, raw=np.stack(rows.raw))
   return summary
 
 
@@ -458,13 +479,16 @@ def _fill_timing(summary: VideoSummary, vinfo: video_lib.VideoInfo,
 
 def write_outputs(vinfo: video_lib.VideoInfo, xy: np.ndarray,
                   lk: np.ndarray, summary: VideoSummary,
-                  outputs: _Outputs) -> None:
+                  outputs: _Outputs, raw: np.ndarray | None = None) -> None:
   """Writes a video's files (module docstring) and lists them in
   ``summary.files``; the summary itself last, as ``_meta.json``.
 
   Args:
     xy: float [N, K, 2] pixels per decoded frame; lk: float [N, K]
-      likelihood (`likelihood_of`).
+      likelihood (calibrated when the workdir has a map, else
+      `likelihood_of`).
+    raw: float [N, K] the raw likelihood (`likelihood_of`), written as
+      ``_likelihood_raw.csv`` when it differs from ``lk``.
   """
   category, pcutoff = outputs.category, outputs.pcutoff
   names = captions_lib.keypoint_names(category.keypoint_names,
@@ -474,6 +498,20 @@ def write_outputs(vinfo: video_lib.VideoInfo, xy: np.ndarray,
   table = dlc_output.pose_table(xy, lk, names, summary.scorer)
   h5, csv = dlc_output.write_table(table, base.with_suffix('.h5'))
   summary.files.update(h5=str(h5), csv=str(csv))
+  summary.below_pcutoff = below_pcutoff(lk, names, pcutoff)
+  calibrated = raw is not None and not np.array_equal(raw, lk, equal_nan=True)
+  if calibrated:
+    summary.below_pcutoff_raw = below_pcutoff(raw, names, pcutoff)
+    raw_path = with_suffix('_likelihood_raw.csv')
+    pd.DataFrame(raw, columns=list(names)).to_csv(raw_path,
+                                                  index_label='frame')
+    summary.files['likelihood_raw'] = str(raw_path)
+  logging.info('%s: share of frames with likelihood%s below pcutoff %.2f per '
+               'body part: %s%s', vinfo.path,
+               ' (calibrated)' if calibrated else ' (raw, uncalibrated)',
+               pcutoff, _shares(summary.below_pcutoff),
+               f'; raw: {_shares(summary.below_pcutoff_raw)}' if calibrated
+               else '')
   if outputs.filter_window:
     table = dlc_output.median_filter(table, outputs.filter_window)
     fh5, fcsv = dlc_output.write_table(table, with_suffix('_filtered.h5'))
@@ -535,6 +573,23 @@ def write_tracked_outputs(vinfo: video_lib.VideoInfo,
     summary.labeled_video_s = time.perf_counter() - t
     summary.files['labeled_video'] = str(out)
   summary.write_meta(with_suffix('_meta.json'))
+
+
+def below_pcutoff(likelihood: np.ndarray, names, pcutoff: float
+                  ) -> dict[str, float]:
+  """Per body part, the share of frames whose likelihood (float [N, K],
+  NaN = not generated, counted as below) is under ``pcutoff``: the points
+  DeepLabCut's tools hide. {} without frames."""
+  lk = np.asarray(likelihood, np.float64)
+  if not len(lk):
+    return {}
+  with np.errstate(invalid='ignore'):
+    hidden = ~(lk >= pcutoff)
+  return {str(n): float(hidden[:, j].mean()) for j, n in enumerate(names)}
+
+
+def _shares(shares: dict[str, float]) -> str:
+  return ', '.join(f'{n} {100 * v:.1f}%' for n, v in shares.items())
 
 
 def drawable(xy: np.ndarray, likelihood: np.ndarray,

@@ -20,6 +20,7 @@ import numpy as np
 from kpseq_jax.data import transforms
 from kpseq_jax.inference import box_predictor
 from kpseq_jax.inference import decoding
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import sharding
 
@@ -44,6 +45,8 @@ class CropBatcher:
                                              config.input.bbox_scale)
     self.warp = transforms.WarpToCrop(config.input.image_size_px)
     self.pending: list[tuple[object, dict]] = []
+    # The restored checkpoint's likelihood map (`restore_batcher`), if any.
+    self.calibration: likelihood.CalibrationMap | None = None
 
   def crop(self, image: np.ndarray, bbox, category_id: int) -> dict:
     """One top-down crop example as in evaluation.
@@ -262,11 +265,14 @@ def restore_batcher(config: ml_collections.ConfigDict, workdir: str,
                     batch_size: int | None = None,
                     detector: box_predictor.ImageDetector | None = None
                     ) -> tuple[CropBatcher, int]:
-  """(`make_batcher` over ``workdir``'s latest weights, checkpoint step).
+  """(`make_batcher` over ``workdir``'s chosen weights, checkpoint step);
+  the batcher's ``calibration`` is the workdir's likelihood map of that
+  step (`likelihood.load`; None, logged, when there is none).
 
   Raises:
     FileNotFoundError / checkpointing.CheckpointMismatchError: as
     `predictor.restore_variables`.
+    ValueError: a damaged ``calibration.json``.
   """
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model, variables, step = predictor_lib.restore_variables(config, workdir,
@@ -274,5 +280,6 @@ def restore_batcher(config: ml_collections.ConfigDict, workdir: str,
   batcher = make_batcher(
       config, predictor_lib.Predictor(config, model, variables, mesh),
       category_index, batch_size, detector=detector)
+  batcher.calibration = likelihood.load(workdir, step)
   return batcher, step
 

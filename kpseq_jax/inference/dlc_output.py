@@ -8,9 +8,12 @@ MultiIndex with levels ``scorer / bodyparts / coords`` and coords
 (deeplabcut/pose_estimation_tensorflow/predict_videos.py, ``save_data``).
 Tools built on DeepLabCut (its own plotting, SimBA, ...) read exactly that.
 
-``likelihood``: the model's per-keypoint confidence in [0, 1]
-(`Prediction.confidence`, times `Prediction.presence` for a model with an
-``<absent>`` token; `analyze.likelihood_of`). DeepLabCut's tools treat a
+``likelihood``: with the workdir's ``calibration.json``, the calibrated
+probability that the body part is (visible and) within the map's radius of
+the truth (`likelihood.CalibrationMap`); without one, the raw per-keypoint
+confidence in [0, 1] (`Prediction.confidence`, times `Prediction.presence`
+for a model with an ``<absent>`` token; `analyze.likelihood_of`), as
+before. DeepLabCut's tools treat a
 likelihood below ``pcutoff`` as not detected. A keypoint the model did not
 generate has x = y = likelihood = NaN.
 

@@ -11,7 +11,8 @@ or annotations file (`image_inputs.read_boxes`); ``--detector_config`` and
 ``--detector_workdir`` = a trained detector's boxes above its threshold
 (PRTR's two-stage variant). Boxes are decoded by `batchers` and written by
 `predict_outputs` to ``OUT``: ``predictions.json`` (COCO keypoint results,
-pixels), ``images.json``, ``captions.txt``, ``overlays/<file>.png`` and
+pixels; with the workdir's ``calibration.json`` each keypoint's score is its
+calibrated likelihood, `likelihood`), ``images.json``, ``captions.txt``, ``overlays/<file>.png`` and
 ``predict_report.json`` (`Summary`). Unreadable images are reported and
 skipped; the rest are processed.
 
@@ -86,7 +87,8 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=plan.boxes_without_image,
                     skipped_boxes=plan.skipped_boxes)
-  writer = predict_outputs.PredictionWriter(out_dir, info)
+  writer = predict_outputs.PredictionWriter(out_dir, info,
+                                            batcher.calibration)
   _decode_images(plan.entries, batcher, writer, summary,
                  _BoxSource(detector, info, category_id))
   summary.num_boxes = len(writer.results)

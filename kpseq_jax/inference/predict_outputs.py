@@ -14,6 +14,7 @@ from kpseq_jax.data import dataset
 from kpseq_jax.data import visualize
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import image_inputs
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import results as results_lib
 
 
@@ -28,11 +29,16 @@ class PredictionWriter:
   Args:
     out_dir: OUT (created).
     info: the model's data set (category names, skeletons, K).
+    calibration: the checkpoint's likelihood map: the results' likelihood
+      is then the calibrated probability (`results.coco_results`); None:
+      raw confidences.
   """
 
-  def __init__(self, out_dir: str, info: dataset.DatasetInfo):
+  def __init__(self, out_dir: str, info: dataset.DatasetInfo,
+               calibration: likelihood.CalibrationMap | None = None):
     self.out_dir = out_dir
     self.info = info
+    self.calibration = calibration
     self.results: list[dict] = []  # COCO keypoint results.
     self.images: list[dict] = []  # COCO images table.
     self.captions: list[str] = []  # '<file>\t<caption>' lines.
@@ -63,11 +69,15 @@ class PredictionWriter:
     if poses[order[0]]['presence'] is not None:
       presence = np.stack([poses[j]['presence'] for j in order])  # [N, Kmax]
     categories = [self.info.categories[b.category_id] for b in boxes]
+    calibrated = None
+    if self.calibration is not None:
+      calibrated = self.calibration(
+          likelihood.raw_likelihood(confidence, presence))
     entries = results_lib.coco_results(
         pred, [c.num_keypoints for c in categories],
         [entry.image_id] * len(boxes), [b.category_id for b in boxes],
         [b.score for b in boxes], keypoint_scores=confidence,
-        presence=presence)
+        presence=presence, likelihood=calibrated)
     self.results.extend(entries)
     for cat, p in zip(categories, pred):
       self.captions.append(f'{entry.rel_path}\t' + captions_lib.caption(
@@ -75,10 +85,10 @@ class PredictionWriter:
     canvas = Image.fromarray(image)
     for i, (cat, r) in enumerate(zip(categories, entries)):
       kps = np.reshape(r['keypoints'], [-1, 3])
+      kps[:, 2] = np.isfinite(pred[i, :len(kps), 0])  # Drawn if generated.
       absent = None
       if presence is not None:
-        absent = presence[i, :len(kps)] < 0.5
-        kps[:, 2] = np.isfinite(pred[i, :len(kps), 0])  # Absent: hollow.
+        absent = presence[i, :len(kps)] < 0.5  # Hollow.
       canvas = visualize.draw_pose(canvas, kps, cat, absent=absent)
     path = overlay_path(self.out_dir, entry.rel_path)
     path.parent.mkdir(parents=True, exist_ok=True)

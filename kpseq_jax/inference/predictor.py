@@ -44,11 +44,12 @@ def abstract_variables(config: ml_collections.ConfigDict, model) -> dict:
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str,
                       mesh: jax.sharding.Mesh):
-  """The weights to predict with from the latest checkpoint of ``workdir``:
-  the moving average when the run kept one, else params and batch_stats
-  (`TrainState.inference_variables`), placed on ``mesh`` as training
-  placed them (``config.sharding.rules``). Reads nothing else (no
-  optimizer state, so no train split size).
+  """The weights to predict with from ``workdir``'s chosen checkpoint
+  (`checkpointing.chosen_step`: the best on the validation split, else the
+  latest; the log says which and why): the moving average when the run
+  kept one, else params and batch_stats (`TrainState.inference_variables`),
+  placed on ``mesh`` as training placed them (``config.sharding.rules``).
+  Reads nothing else (no optimizer state, so no train split size).
 
   Returns:
     (model, {'params', 'batch_stats'} of jax.Array, checkpoint step).
@@ -61,8 +62,13 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
   model = ts.create_model(config)
   shardings_of = lambda tree: sharding.state_shardings(
       tree, mesh, config.sharding.fsdp_min_param_elements, config.sharding.rules)
+  chosen, why = checkpointing.chosen_step(workdir)
   variables, step = checkpointing.restore_variables(
-      workdir, abstract_variables(config, model), shardings_of)
+      workdir, abstract_variables(config, model), shardings_of, chosen)
+  logging.info('Checkpoint of %s: %s.', workdir,
+               why if step == chosen else
+               f'step {step} ({why}; step {chosen} could not be read)'
+               if chosen is not None else f'step {step} ({why})')
   return model, variables, step
 
 

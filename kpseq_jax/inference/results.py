@@ -6,7 +6,10 @@ pixels, as pycocotools' ``COCO.loadRes`` reads it
 ``keypoint_scores`` (K per-keypoint confidences in [0, 1]) and
 ``keypoint_presence`` (K probabilities of being visible). v is 1 for a
 keypoint predicted visible and 0 for one predicted absent (its x, y stay the
-model's best guess) or not generated.
+model's best guess) or not generated. With a calibrated ``likelihood``
+(`likelihood.CalibrationMap`), the third value of each generated keypoint and
+``keypoint_scores`` are that probability instead (where mmpose writes its
+score), and the raw confidence is kept as ``keypoint_confidence_raw``.
 """
 
 import numpy as np
@@ -41,7 +44,8 @@ def coco_results(pred_px: np.ndarray, num_keypoints: np.ndarray,
                  image_ids: np.ndarray, category_ids: np.ndarray,
                  scores: np.ndarray | None = None,
                  keypoint_scores: np.ndarray | None = None,
-                 presence: np.ndarray | None = None) -> list[dict]:
+                 presence: np.ndarray | None = None,
+                 likelihood: np.ndarray | None = None) -> list[dict]:
   """COCO keypoint results entries for N predicted instances.
 
   Args:
@@ -53,6 +57,10 @@ def coco_results(pred_px: np.ndarray, num_keypoints: np.ndarray,
     keypoint_scores: float [N, Kmax] per-keypoint confidence in [0, 1].
     presence: float [N, Kmax] probability that the keypoint is visible; a
       keypoint with presence < 0.5 gets v = 0.
+    likelihood: float [N, Kmax] calibrated probability in [0, 1]: becomes
+      each generated keypoint's third value and ``keypoint_scores``
+      (``keypoint_scores`` given is then written as
+      ``keypoint_confidence_raw``).
 
   Returns:
     N dicts ``image_id, category_id, keypoints`` ([x, y, v] * K, rounded
@@ -69,13 +77,21 @@ def coco_results(pred_px: np.ndarray, num_keypoints: np.ndarray,
     visible = ok.copy()
     if presence is not None:
       visible &= presence[i, :k] >= 0.5
-    kp = np.concatenate([np.where(ok[:, None], xy, 0.0),
-                         visible[:, None].astype(np.float64)], axis=1)
+    third = visible.astype(np.float64)
+    lk = None
+    if likelihood is not None:
+      lk = np.nan_to_num(np.asarray(likelihood[i, :k], np.float64), nan=0.0)
+      third = np.where(ok, lk, 0.0)
+    kp = np.concatenate([np.where(ok[:, None], xy, 0.0), third[:, None]],
+                        axis=1)
     score = 1.0 if scores is None else float(scores[i])
     entry = dict(image_id=int(image_ids[i]), category_id=int(category_ids[i]),
                  keypoints=[round(float(v), 3) for v in kp.reshape(-1)])
     if keypoint_scores is not None:
       ks = np.nan_to_num(keypoint_scores[i, :k].astype(np.float64), nan=0.0)
+      if lk is not None:
+        entry['keypoint_confidence_raw'] = [round(float(v), 4) for v in ks]
+        ks = lk
       entry['keypoint_scores'] = [round(float(v), 4) for v in ks]
       score = bbox_keypoint_score(score, ks[visible])
     if presence is not None:

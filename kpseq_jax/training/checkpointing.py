@@ -16,9 +16,18 @@ checkpoint written before a train-state field existed restores when that
 field is empty in the config's state (`TrainState.ema` without
 ``optim.ema_decay``). Inference reads only the weights it uses
 (`restore_variables`: params and batch_stats, or their moving average).
+
+The checkpoint that evaluation, prediction and video analysis use is chosen
+on the validation split by `SELECTION_RULE`: each in-training evaluation on
+it is saved with its checkpoint as Orbax metrics and recorded in
+``WORKDIR/best_checkpoint.json`` (`record_validation`); Orbax keeps that
+step beside the ``max_to_keep`` latest ones (a `BestN` preservation
+policy), and `chosen_step` names it. A workdir without the file (trained
+before it, or without a validation split) uses its latest step.
 """
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -32,6 +41,84 @@ import orbax.checkpoint as ocp
 from kpseq_jax.runtime import sharding
 
 UNRESTORABLE_SUFFIX = '.unrestorable'
+BEST_FILE = 'best_checkpoint.json'
+# The metric a checkpoint is chosen by (`pck.PCKEvaluator`'s, pixels).
+SELECTION_METRIC = 'mean_error_px'
+SELECTION_RULE = ('lowest mean pixel error on the validation split '
+                  '(eval_<split>.json mean_error_px; ties: the later step)')
+
+
+def record_validation(workdir: str, split: str, step: int,
+                      value: float) -> dict[str, Any]:
+  """Adds one validation figure to ``WORKDIR/best_checkpoint.json``.
+
+  The file: ``rule``, ``split``, ``metric``, ``history`` ([{step, value}]
+  by step; a resumed run's re-evaluated step replaces its entry) and the
+  chosen ``step`` / ``value`` (`SELECTION_RULE`). Process 0 writes it.
+
+  Args:
+    workdir: the run.
+    split: the evaluated split ('val').
+    step: the checkpoint step evaluated.
+    value: its `SELECTION_METRIC` (pixels).
+
+  Returns:
+    The file's content.
+  """
+  path = os.path.join(workdir, BEST_FILE)
+  old = read_best(workdir) or {}
+  history = {int(h['step']): float(h['value'])
+             for h in old.get('history', []) if old.get('split') == split}
+  history[int(step)] = float(value)
+  best = min(history, key=lambda s: (history[s], -s))  # As Orbax's BestN.
+  out = dict(rule=SELECTION_RULE, split=split, metric=SELECTION_METRIC,
+             step=best, value=history[best],
+             history=[dict(step=s, value=history[s]) for s in sorted(history)])
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(out, f, indent=1)
+    os.replace(path + '.tmp', path)
+  return out
+
+
+def read_best(workdir: str) -> dict[str, Any] | None:
+  """``WORKDIR/best_checkpoint.json`` (`record_validation`), None if absent.
+
+  Raises:
+    ValueError: the file is not JSON with an integer ``step`` (names it).
+  """
+  path = os.path.join(workdir, BEST_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      out = json.load(f)
+    int(out['step'])
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{path}: not a checkpoint choice ({e}); delete it to '
+                     'use the latest checkpoint.') from e
+  return out
+
+
+def chosen_step(workdir: str) -> tuple[int | None, str]:
+  """(the step inference uses, why), from ``best_checkpoint.json``.
+
+  Returns:
+    (the chosen step, a sentence for the log), or (None, why) when the
+    workdir has no choice or its step is no longer on disk: then the
+    latest step is used.
+  """
+  best = read_best(workdir)
+  if best is None:
+    return None, (f'no {BEST_FILE} (no validation split, or trained before '
+                  'it): the latest checkpoint')
+  step = int(best['step'])
+  if step not in _steps_newest_first(workdir):
+    return None, (f'{BEST_FILE} chose step {step}, which is not on disk: the '
+                  'latest checkpoint')
+  return step, (f'step {step}, chosen by {best["rule"]}: {best["value"]:.2f} '
+                f'px on {best["split"]!r} ({BEST_FILE})')
 
 
 def read_backbone(workdir: str, backbone_key: str = 'backbone'
@@ -156,11 +243,11 @@ def _read_metadata(path: str) -> Any:
 
 
 def restore_variables(workdir: str, abstract_variables: dict,
-                      shardings_of: Callable[[Any], Any]
-                      ) -> tuple[dict, int]:
-  """The weights a run evaluates with, and nothing else, from its latest
-  restorable checkpoint (Orbax partial restore: the optimizer state, step
-  and rng are not read).
+                      shardings_of: Callable[[Any], Any],
+                      step: int | None = None) -> tuple[dict, int]:
+  """The weights a run evaluates with, and nothing else, from ``step``
+  or else its latest restorable checkpoint (Orbax partial restore: the
+  optimizer state, step and rng are not read).
 
   The weights are those of `TrainState.inference_variables`: the moving
   average (``ema``) when the checkpoint holds one, else ``params`` and
@@ -175,6 +262,7 @@ def restore_variables(workdir: str, abstract_variables: dict,
       saved state (``{'params', 'batch_stats'}`` or ``{'ema': {...}}``) to
       its shardings (`sharding.state_shardings`), so that each array is
       placed as training placed it.
+    step: this step (e.g. `chosen_step`) first, then the latest ones.
 
   Returns:
     ({'params', 'batch_stats'} of jax.Array on their shardings, step).
@@ -185,6 +273,8 @@ def restore_variables(workdir: str, abstract_variables: dict,
       shapes) than ``abstract_variables``: written with another config.
   """
   steps = _steps_newest_first(workdir)
+  if step is not None and step in steps:
+    steps = [step] + [s for s in steps if s != step]
   for step in steps:
     path = os.path.join(workdir, 'checkpoints', str(step), 'state')
     try:
@@ -238,14 +328,22 @@ class Checkpointer:
 
   Args:
     workdir: run directory; checkpoints go to ``workdir/checkpoints``.
-    max_to_keep: number of most recent checkpoints kept.
+    max_to_keep: number of most recent checkpoints kept; the step saved
+      with the lowest `SELECTION_METRIC` (`save`'s ``metrics``) is kept
+      too (Orbax ``LatestN`` or ``BestN(n=1)``).
   """
 
   def __init__(self, workdir: str, max_to_keep: int = 3):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    policies = ocp.checkpoint_managers
+    keep = policies.AnyPreservationPolicy([
+        policies.LatestN(n=max_to_keep),
+        policies.BestN(get_metric_fn=lambda m: m[SELECTION_METRIC],
+                       reverse=True, n=1,  # Lowest last: the kept one.
+                       keep_checkpoints_without_metrics=False)])
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+        options=ocp.CheckpointManagerOptions(preservation_policy=keep,
                                              create=True),
         item_names=('state', 'data_iter'))
 
@@ -258,12 +356,18 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any,
-           data_iter: grain.DatasetIterator | None = None) -> None:
-    """Saves asynchronously; call `wait` before reading the files."""
+           data_iter: grain.DatasetIterator | None = None,
+           metrics: dict[str, float] | None = None) -> None:
+    """Saves asynchronously; call `wait` before reading the files.
+
+    ``metrics``: {`SELECTION_METRIC`: value} of a validation evaluation of
+    this state, which decides which step is kept as the best.
+    """
     items = {'state': ocp.args.StandardSave(state)}
     if data_iter is not None:
       items['data_iter'] = grain.checkpoint.CheckpointSave(data_iter)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True,
+                       metrics=metrics)
 
   def restore(self, abstract_state: Any,
               data_iter: grain.DatasetIterator | None = None,

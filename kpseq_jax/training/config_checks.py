@@ -325,8 +325,16 @@ def check_dataset(config: ml_collections.ConfigDict,
         f'{len(too_long)} categor{"y" if len(too_long) == 1 else "ies"} in '
         f'{config.input.dataset_dir} (largest: {cid}:{name} with K={k}); set '
         f'--config.max_num_keypoints={k} or more.')
-  splits = {'input.train_split': config.input.train_split,
-            'evals.split': config.evals.split}
+  splits = {'input.train_split': config.input.train_split}
+  # A missing evals.split falls back to evals.report_split (logged by
+  # training); only neither is an error.
+  selection, report, _ = evaluation_splits(config, info)
+  if selection:
+    splits['evals.split'] = selection
+  if report:
+    splits['evals.report_split'] = report
+  if not (selection or report):
+    splits['evals.split'] = config.evals.split
   for name, split in splits.items():
     if split not in info.split_sizes:
       errors.append(f'{name}={split!r} is not a split of '
@@ -354,3 +362,37 @@ def check_dataset(config: ml_collections.ConfigDict,
   if errors:
     raise ValueError('Invalid config for the data set:\n  ' +
                      '\n  '.join(errors))
+
+
+def evaluation_splits(config: ml_collections.ConfigDict,
+                      info: dataset.DatasetInfo
+                      ) -> tuple[str | None, str | None, str | None]:
+  """(selection split, report split, fallback warning) of a run.
+
+  The selection split, ``config.evals.split`` ('val' by default), is
+  evaluated during training; the checkpoint and the likelihood calibration
+  are chosen on it. The report split, ``config.evals.report_split``
+  ('test'), is evaluated once with the chosen checkpoint (and by ``--mode
+  eval``) and chooses nothing. A data set without the selection split
+  (built before ``data_prep.build --val_fraction``, or too small for one)
+  falls back: the warning says so; training then evaluates the report
+  split, uses the last checkpoint and fits no calibration.
+
+  Returns:
+    (selection split or None, report split or None (none, or the same as
+    the selection split), the fallback's warning or None).
+  """
+  have = info.split_sizes
+  selection = config.evals.split if config.evals.split in have else None
+  report = config.evals.get('report_split', '')
+  report = report if report in have and report != selection else None
+  warning = None
+  if selection is None and report is not None:
+    warning = (
+        f'{config.input.dataset_dir} has no {config.evals.split!r} split '
+        f'(evals.split; it has {sorted(have)}): training evaluates '
+        f'{report!r}, reported only, uses the last checkpoint and fits no '
+        'likelihood calibration (likelihoods stay raw). Rebuild the data '
+        'set with `python -m data_prep.build --val_fraction 0.1` for a '
+        'validation split (docs/uncertainty.md).')
+  return selection, report, warning
