@@ -6,7 +6,6 @@ import numpy as np
 
 import conftest
 from kpseq_jax.inference import decoding
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 

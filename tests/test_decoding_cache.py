@@ -8,7 +8,6 @@ import pytest
 import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.inference import predictor
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 

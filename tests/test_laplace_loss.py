@@ -9,7 +9,6 @@ import numpy as np
 import optax
 
 import conftest
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 from kpseq_jax.training import losses

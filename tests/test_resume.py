@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from kpseq_jax.data import dataset
 from kpseq_jax.training import checkpointing
 from kpseq_jax.runtime import scalar_log
 
@@ -124,7 +123,6 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs):
   config = smoke.get_config()
   config.input.dataset_dir = str(runs['dataset_dir'])
   config.vocab.presence_token = True
-  info = dataset.load_info(config.input.dataset_dir)
   tx = ts.create_optimizer(config)
   ckpt = checkpointing.Checkpointer(str(runs['interrupted']))
   state, step = ckpt.restore(ts.abstract_train_state(
