@@ -11,7 +11,8 @@ size, docs/mp100.md). The argument chooses the system:
               episodes (``--config.cape.num_shots=1|5``, 200 episodes x 15
               queries per test category); data set ``data/mp100_cape_split{N}``.
   supervised  one model over every category, split by image
-              (`data_prep/mp100_supervised.py`); ``data/mp100_supervised_split{N}``.
+              (`data_prep/mp100_supervised.py`); data set
+              ``data/mp100_supervised_split{N}``.
 
 ``split`` (1..5, MP-100's category split) sets ``input.dataset_dir`` unless
 that is overridden:

@@ -52,9 +52,10 @@ def tiny_config(dataset_dir):
   comparison (BatchNorm stays: jit computes its statistics over the global
   batch on any mesh).
   """
-  return conftest.smoke_config(dataset_dir, **{'input.batch_size': 8}, **{'model.transformer.dropout': 0.0},
-                               **{'model.transformer.num_layers': 1}, **{'model.feature_levels': ('c5',)},
-                               **{'sharding.fsdp_min_param_elements': 1024})
+  return conftest.smoke_config(dataset_dir, **{
+      'input.batch_size': 8, 'model.transformer.dropout': 0.0,
+      'model.transformer.num_layers': 1, 'model.feature_levels': ('c5',),
+      'sharding.fsdp_min_param_elements': 1024})
 
 
 def mesh_for(shape):
@@ -86,7 +87,8 @@ class Trainer:
 
   def step(self, state, local_batch):
     batch = sharding.global_batch(
-        {k: local_batch[k] for k in step_lib.train_fields(self.model)}, self.mesh)
+        {k: local_batch[k] for k in step_lib.train_fields(self.model)},
+        self.mesh)
     with jax.set_mesh(self.mesh):
       state, metrics = self.step_fn(state, batch)
     return state, float(metrics['loss'])
@@ -150,7 +152,8 @@ def run_process(args):
   config.sharding.mesh_shape = tuple(args.get('mesh', (-1, 1)))
   info = dataset.load_info(config.input.dataset_dir)
   train_size = info.split_sizes[config.input.train_split]
-  trainer = Trainer(config, train_size, sharding.create_mesh(config.sharding.mesh_shape))
+  trainer = Trainer(config, train_size,
+                    sharding.create_mesh(config.sharding.mesh_shape))
   it = iter(pipeline.create_train_dataset(config, info))
   state, losses = trainer.init(), []
   for _ in range(args['steps']):

@@ -1,4 +1,5 @@
-"""Flip test: predictions averaged with the mirrored crop's (config.decode.flip_test)."""
+"""Flip test: predictions averaged with the mirrored crop's
+(config.decode.flip_test)."""
 
 import jax.numpy as jnp
 import numpy as np

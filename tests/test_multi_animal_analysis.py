@@ -194,7 +194,8 @@ def test_max_animals_needs_several_boxes(tmp_path):
   run = subprocess.run(
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=analyze',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
-       f'--config.input.dataset_dir={config.input.dataset_dir}', f'--workdir={workdir}',
+       f'--config.input.dataset_dir={config.input.dataset_dir}',
+       f'--workdir={workdir}',
        '--videos=nothing.mp4', '--out=/tmp/x', '--max_animals=2'],
       cwd=conftest.REPO, capture_output=True, text=True)
   assert run.returncode != 0

@@ -75,7 +75,8 @@ def test_coordinate_mass_matches_a_direct_sum():
 def model():
   return conftest.tiny_model(
       vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c5',), d_model=32,
-      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH)
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=LENGTH)
 
 
 def _variables(model, absent_bias):
@@ -268,8 +269,8 @@ def test_presence_needs_a_data_set_that_knows_absence(
   assert info.unlabelled_means == 'unknown'
   with pytest.raises(ValueError, match='--unlabelled_means=absent'):
     config_checks.check_dataset(conftest.smoke_config(
-        mp100_sample_dataset, **{'vocab.presence_token': True}, max_num_keypoints=68),
-        info)
+        mp100_sample_dataset, **{'vocab.presence_token': True},
+        max_num_keypoints=68), info)
   # The session's dlc_openfield data set says "absent": accepted.
   config_checks.check_dataset(
       conftest.smoke_config(dlc_dataset, **{'vocab.presence_token': True}),

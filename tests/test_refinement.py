@@ -137,7 +137,8 @@ def test_intermediate_outputs_are_every_earlier_layer_through_the_heads(
   [aux_logits] = state['intermediates']['aux_logits']
   [aux_xy] = state['intermediates']['aux_coords']
   assert aux_logits.shape == (LAYERS - 1,) + logits.shape
-  np.testing.assert_allclose(aux_logits, np.broadcast_to(bias, aux_logits.shape),
+  np.testing.assert_allclose(aux_logits,
+                             np.broadcast_to(bias, aux_logits.shape),
                              rtol=1e-6)
   for i in range(LAYERS - 1):
     np.testing.assert_allclose(aux_xy[i], xy, rtol=0, atol=2e-6)

@@ -31,7 +31,8 @@ CKPT_EVERY = 3
 
 def _start(dataset_dir, workdir) -> subprocess.Popen:
   cmd = [sys.executable, '-m', 'kpseq_jax.main', '--config', 'configs/smoke.py',
-         f'--config.input.dataset_dir={dataset_dir}', '--config.vocab.presence_token=True',
+         f'--config.input.dataset_dir={dataset_dir}',
+         '--config.vocab.presence_token=True',
          f'--config.optim.num_train_steps={NUM_STEPS}',
          f'--config.checkpoint_every_steps={CKPT_EVERY}',
          '--config.log_every_steps=1', '--config.max_checkpoints_to_keep=10',

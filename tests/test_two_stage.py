@@ -260,7 +260,8 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
   detector.threshold = 0.0  # Untrained scores: keep every box.
   config = smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
                         **{'detector.image_size_px': (96, 128)},
-                        **{'model.resnet.norm': 'frozen_batch'}, **{'evals.batch_size': 8})
+                        **{'model.resnet.norm': 'frozen_batch'},
+                        **{'evals.batch_size': 8})
   model = ts.create_model(config)
   variables = jax.jit(lambda r: model.init(
       r, **ts.dummy_inputs(config), train=False))(jax.random.PRNGKey(1))

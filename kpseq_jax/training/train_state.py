@@ -120,7 +120,8 @@ def create_optimizer(config: ml_collections.ConfigDict
         functools.partial(frozen_labels, norm=config.model.resnet.norm,
                           frozen_stages=config.model.resnet.frozen_stages))
   if config.optim.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.optim.grad_clip_norm), adamw)
+    return optax.chain(
+        optax.clip_by_global_norm(config.optim.grad_clip_norm), adamw)
   return adamw
 
 
