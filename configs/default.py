@@ -233,7 +233,8 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
       warmup_steps=0,
       grad_clip_norm=0.1,  # Deformable DETR's; <= 0 disables.
       num_train_steps=300 * MP100_STEPS_PER_EPOCH,
-      decay_steps=(200 * MP100_STEPS_PER_EPOCH,),  # Rate x decay_factor at each.
+      # The rate is multiplied by decay_factor at each.
+      decay_steps=(200 * MP100_STEPS_PER_EPOCH,),
       decay_factor=0.1,
       # True: a NaN/inf update is skipped and counted (False: stop); this
       # many in a row stop training (<= 0: never).

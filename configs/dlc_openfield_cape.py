@@ -1,4 +1,5 @@
-"""Category-agnostic pose (CAPE) on the DeepLabCut open-field mouse, 2 CPU cores.
+"""Category-agnostic pose (CAPE) on the DeepLabCut open-field mouse, 2 CPU
+cores.
 
 `configs/dlc_openfield.py`'s sizes as a support-conditioned model: every
 training episode is one support frame and one query frame of the 93

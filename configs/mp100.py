@@ -11,7 +11,8 @@ size, docs/mp100.md). The argument chooses the system:
               episodes (``--config.cape.num_shots=1|5``, 200 episodes x 15
               queries per test category); data set ``data/mp100_cape_split{N}``.
   supervised  one model over every category, split by image
-              (`data_prep/mp100_supervised.py`); ``data/mp100_supervised_split{N}``.
+              (`data_prep/mp100_supervised.py`); data set
+              ``data/mp100_supervised_split{N}``.
 
 A second token swaps the ResNet-50 for a ViT with its fine-tuning recipe
 (`default.vit_recipe`): ``cape,dinov2`` a DINOv2 ViT-S/14 at 504 px (the

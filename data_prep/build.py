@@ -493,7 +493,8 @@ _UNLABELLED_MEANS = flags.DEFINE_enum(
     'visible (DeepLabCut: an empty cell). Stored in the data set; presence training needs "absent".')
 _OKS_SIGMAS = flags.DEFINE_string(
     'oks_sigmas', None, 'JSON file {category id or name: [K sigmas]} for OKS AP; categories not in it use '
-    'COCO\'s 17 sigmas (COCO person layout) or --config.evals.oks_default_sigma at evaluation.')
+    'COCO\'s 17 sigmas (COCO person layout) or '
+    '--config.evals.oks_default_sigma at evaluation.')
 _CHECK = flags.DEFINE_bool('check', False, 'Only parse and validate the annotation files; print the category table.')
 _DLC_PROJECT = flags.DEFINE_string(
     'dlc_project', None, 'A DeepLabCut project folder (config.yaml, labeled-data/*/'

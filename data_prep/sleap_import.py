@@ -274,10 +274,20 @@ def load_labels(path: Path):
   import sleap_io  # pylint: disable=g-import-not-at-top  (a heavy import, only for --slp)
   if not path.is_file():
     raise SleapImportError(f'{path}: no such SLEAP labels file')
+  # The videos open with `VIDEO_PLUGIN` from the start: opened with
+  # sleap-io's imageio-ffmpeg default, the first `video.open(plugin=...)`
+  # closes that backend, and closing asks it for the frame count, which it
+  # finds by decoding the whole video in an ffmpeg process (clip.slp's 1500
+  # frames: 5 to 9 s per file, against 0.6 s for PyAV's count from the
+  # container).
+  default = sleap_io.get_default_video_plugin()
+  sleap_io.set_default_video_plugin(VIDEO_PLUGIN)
   try:
     return sleap_io.load_slp(str(path))
   except Exception as e:  # pylint: disable=broad-except  (h5py/sleap-io raise many kinds)
     raise SleapImportError(f'{path}: cannot read it as a SLEAP labels file: {type(e).__name__}: {e}') from e
+  finally:
+    sleap_io.set_default_video_plugin(default)
 
 
 def select_frames(labels, labels_file: str, split: str | None, time_split: Mapping[str, tuple[float, float]],

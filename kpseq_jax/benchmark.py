@@ -409,8 +409,8 @@ def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
   if num_examples <= 0:
     return dict(skipped='--pipeline_examples=0')
   if not os.path.isdir(config.input.dataset_dir):
-    return dict(skipped=f'no data set at {config.input.dataset_dir!r}; build it '
-                'with `python -m data_prep.build` (see README).')
+    return dict(skipped=f'no data set at {config.input.dataset_dir!r}; build '
+                'it with `python -m data_prep.build` (see README).')
   info = dataset.load_info(config.input.dataset_dir)
   num_batches = -(-num_examples // config.input.batch_size)
   t0 = time.perf_counter()
@@ -420,7 +420,8 @@ def pipeline_figures(config: ml_collections.ConfigDict, num_examples: int,
   seconds = time.perf_counter() - t0
   eps = num_batches * config.input.batch_size / seconds
   out = dict(examples_per_s=eps, image_size_px=config.input.image_size_px,
-             batch_size=config.input.batch_size, worker_count=config.input.worker_count)
+             batch_size=config.input.batch_size,
+             worker_count=config.input.worker_count)
   if step_examples_per_s:
     out['ratio_to_train_step'] = eps / step_examples_per_s
   return out
@@ -439,7 +440,8 @@ def _describe(config: ml_collections.ConfigDict) -> dict:
   return dict(**backbone,
               image_size_px=config.input.image_size_px,
               feature_levels=list(config.model.feature_levels),
-              num_layers=config.model.transformer.num_layers, d_model=config.model.d_model,
+              num_layers=config.model.transformer.num_layers,
+              d_model=config.model.d_model,
               batch_size=config.input.batch_size,
               max_num_keypoints=config.max_num_keypoints)
 

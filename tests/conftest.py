@@ -168,6 +168,32 @@ def trained(dlc_dataset, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def tiny_detector(dlc_dataset, tmp_path_factory):
+  """(config, workdir, box report): a tiny detector trained 2 steps on the
+  real open-field frames by `train.train_and_evaluate`
+  (``model_name='detector'``), evaluated after step 2 (once per run;
+  tests/test_two_stage.py and tests/test_multi_animal_analysis.py; tests
+  must not modify the workdir)."""
+  from configs import dlc_openfield_detector
+  from kpseq_jax import train
+  from kpseq_jax.evaluation import box_ap
+
+  def make(workdir):
+    c = dlc_openfield_detector.get_config()
+    c.input.dataset_dir = str(dlc_dataset)
+    c.detector.image_size_px = (96, 128)
+    c.model.feature_levels = ('c4', 'c5')
+    c.model.d_model = 32
+    c.model.transformer.update(num_heads=2, num_layers=2, ffn_dim=64)
+    c.model.num_queries, c.detector.max_detections = 4, 3
+    c.input.batch_size, c.optim.num_train_steps, c.log_every_steps = 4, 2, 1
+    c.checkpoint_every_steps, c.evals.every_steps, c.evals.batch_size = 2, 0, 8
+    reports = train.train_and_evaluate(c, str(workdir))
+    return c, workdir, box_ap.BoxReport(**reports['test_boxes'])
+  return once_per_run(tmp_path_factory, 'tiny_detector', make)
+
+
+@pytest.fixture(scope='session')
 def mesh_run(dlc_dataset, tmp_path_factory):
   """`sharding_worker.run_meshes` on 8 simulated CPU devices (a subprocess,
   once per session): 3 steps of its tiny config on each mesh of

@@ -292,7 +292,7 @@ def test_cape_training_and_episode_evaluation(cape_run, shared_data):
 def test_no_category_information_reaches_the_cape_model(cape_run):
   """The decoder reads no category field: the same episodes with other
   category ids decode to the same keypoints."""
-  from kpseq_jax.data import dataset, pipeline
+  from kpseq_jax.data import dataset
   from kpseq_jax.evaluation import protocols
   from kpseq_jax.inference import predictor
   from kpseq_jax.runtime import sharding

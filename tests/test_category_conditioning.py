@@ -6,7 +6,6 @@ import numpy as np
 
 import conftest
 from kpseq_jax.inference import decoding
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 
@@ -44,7 +43,8 @@ def _model(num_categories, length):
   return conftest.tiny_model(
       vocab=vocab_lib.Vocab(16, num_categories), resnet=dict(depth=18),
       feature_levels=('c5',), d_model=32,
-      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=length)
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=length)
 
 
 def test_embedding_axes_follow_the_shifted_grammar():

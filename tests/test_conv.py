@@ -7,6 +7,7 @@ import flax.linen as nn
 import pytest
 
 from kpseq_jax.models import conv
+from kpseq_jax.models import resnet
 from kpseq_jax.models.resnet import ResNet
 
 
@@ -95,17 +96,38 @@ def _random_variables(shapes, seed):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-@pytest.mark.parametrize('depth', [18, 50])
-def test_resnet_gemm_and_xla_share_parameters_and_outputs(depth):
+class _Bottlenecks(nn.Module):
+  """ResNet-50's block kind as its first stages use it: a stride-1
+  bottleneck whose shortcut projects 3 -> 64 channels, then a stride-2 one
+  (the stride on the 3x3 conv and the shortcut); two blocks check what the
+  16 of a ResNet-50 would."""
+  conv_impl: str
+
+  @nn.compact
+  def __call__(self, x, train):
+    x = resnet.Bottleneck(16, 1, 'batch', conv_impl=self.conv_impl,
+                          name='layer1_0')(x, train)
+    return {'c3': resnet.Bottleneck(16, 2, 'batch', conv_impl=self.conv_impl,
+                                    name='layer2_0')(x, train)}
+
+
+# Values and gradients through both block kinds; ResNet-50 whole (53 convs,
+# 47 s of compiling) adds no computation the bottlenecks do not have, and
+# its wiring is checked by tracing below.
+@pytest.mark.parametrize('make', [lambda impl: ResNet(depth=18,
+                                                      conv_impl=impl),
+                                  lambda impl: _Bottlenecks(impl)],
+                         ids=['resnet18', 'bottleneck'])
+def test_resnet_gemm_and_xla_share_parameters_and_outputs(make):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 64, 64, 3))
-  xla_model = ResNet(depth=depth, conv_impl='xla')
-  gemm_model = ResNet(depth=depth, conv_impl='gemm')
+  xla_model = make('xla')
+  gemm_model = make('gemm')
   shapes = [jax.eval_shape(lambda m=m: m.init(jax.random.PRNGKey(1), x,
                                               train=False))
             for m in (xla_model, gemm_model)]
   assert (jax.tree.map(lambda a: (a.shape, a.dtype), shapes[0]) ==
           jax.tree.map(lambda a: (a.shape, a.dtype), shapes[1]))
-  variables = _random_variables(shapes[0], depth)
+  variables = _random_variables(shapes[0], 18)
 
   def loss(model, params):
     out, _ = model.apply({**variables, 'params': params}, x, train=True,
@@ -122,6 +144,27 @@ def test_resnet_gemm_and_xla_share_parameters_and_outputs(depth):
     np.testing.assert_allclose(
         g, w, rtol=2e-3, atol=2e-3 * float(jnp.max(jnp.abs(w))) + 1e-7,
         err_msg=jax.tree_util.keystr(path))
+
+
+def test_resnet50_gemm_has_the_xla_parameters_and_every_conv_is_gemm():
+  """Traced, not compiled: the same variables, and each of ResNet-50's 53
+  convs is the matmul-gradient conv (its custom VJP) with 'gemm', none with
+  'xla'."""
+  x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+  models = [ResNet(depth=50, conv_impl=impl) for impl in ('xla', 'gemm')]
+  shapes = [jax.eval_shape(lambda m=m: m.init(jax.random.PRNGKey(1),
+                                              jnp.zeros(x.shape),
+                                              train=False))
+            for m in models]
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), shapes[0]) ==
+          jax.tree.map(lambda a: (a.shape, a.dtype), shapes[1]))
+  num_convs = sum(1 for p, _ in jax.tree_util.tree_leaves_with_path(
+      shapes[0]['params']) if p[-1].key == 'kernel')
+  assert num_convs == 53
+  for model, want in zip(models, (0, num_convs)):
+    jaxpr = jax.make_jaxpr(lambda v, a, m=model: m.apply(
+        v, a, train=True, mutable=['batch_stats']))(shapes[0], x)
+    assert str(jaxpr).count('custom_vjp_call') == want, model.conv_impl
 
 
 def test_conv_module_bias_has_nn_conv_names():

@@ -8,7 +8,6 @@ import pytest
 import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.inference import predictor
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 
@@ -22,7 +21,8 @@ def model():
   return conftest.tiny_model(
       vocab=vocab_lib.Vocab(16), resnet=dict(depth=18),
       feature_levels=('c4', 'c5'), d_model=32,
-      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH)
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=LENGTH)
 
 
 @pytest.fixture(scope='module')

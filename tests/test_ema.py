@@ -1,6 +1,7 @@
-"""Moving average of the weights (``config.optim.ema_decay``, `step.update_ema`):
-its formula, the skipped update, and that evaluation, prediction and
-checkpoints carry the average rather than the live weights."""
+"""Moving average of the weights (``config.optim.ema_decay``,
+`step.update_ema`): its formula, the skipped update, and that evaluation,
+prediction and checkpoints carry the average rather than the live
+weights."""
 
 import jax
 import jax.numpy as jnp

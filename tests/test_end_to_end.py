@@ -52,7 +52,8 @@ def test_training_saves_a_checkpoint_and_writes_the_eval(trained,
 def test_eval_mode_restores_and_reproduces_the_figures(trained):
   config, workdir, report = trained
   again = evaluate.evaluate(config, str(workdir))
-  assert report_lib.EvalReport.from_dict(again['test']) == report  # Same checkpoint, same decoding: same figures.
+  # Same checkpoint, same decoding: same figures.
+  assert report_lib.EvalReport.from_dict(again['test']) == report
 
 
 def test_restored_state_equals_the_trained_one(trained):
@@ -93,8 +94,9 @@ def test_running_again_resumes_from_the_checkpoint(trained, tmp_path):
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
   before = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
-  more = conftest.smoke_config(config.input.dataset_dir, **{'optim.num_train_steps': 3},
-                               **{'vocab.presence_token': config.vocab.presence_token})
+  more = conftest.smoke_config(
+      config.input.dataset_dir, **{'optim.num_train_steps': 3},
+      **{'vocab.presence_token': config.vocab.presence_token})
   train.train_and_evaluate(more, str(resumed_dir))
   after = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
   assert after[:len(before)] == before

@@ -1,6 +1,6 @@
-"""Flip test: predictions averaged with the mirrored crop's (config.decode.flip_test)."""
+"""Flip test: predictions averaged with the mirrored crop's
+(config.decode.flip_test)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -116,9 +116,11 @@ def test_in_frozen_stage_and_bad_values():
     resnet.in_frozen_stage('fc', 1)
   with pytest.raises(ValueError, match='frozen_stages'):
     _backbone_grads(frozen_stages=5)
-  with pytest.raises(ValueError, match='model.resnet.frozen_stages=5 is not one of'):
+  with pytest.raises(ValueError,
+                     match='model.resnet.frozen_stages=5 is not one of'):
     config_checks.check(smoke_config('d', **{'model.resnet.frozen_stages': 5}))
-  with pytest.raises(ValueError, match="model.resnet.norm='frozen' is not one of"):
+  with pytest.raises(ValueError,
+                     match="model.resnet.norm='frozen' is not one of"):
     config_checks.check(smoke_config('d', **{'model.resnet.norm': 'frozen'}))
 
 

@@ -27,7 +27,8 @@ def _model(full_image_memory=True):
   return conftest.tiny_model(
       'end_to_end' if full_image_memory else 'supervised',
       vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c4', 'c5'),
-      d_model=32, transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      d_model=32,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
       max_seq_len=LENGTH)
 
 

@@ -9,7 +9,6 @@ import numpy as np
 import optax
 
 import conftest
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 from kpseq_jax.training import losses
@@ -63,7 +62,8 @@ def test_sequence_loss_swaps_the_l1_for_the_likelihood_on_the_same_positions():
 def _model(coordinate_scale):
   return conftest.tiny_model(
       vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c5',), d_model=32,
-      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH,
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=LENGTH,
       coordinate_loss='laplace' if coordinate_scale else 'l1')
 
 

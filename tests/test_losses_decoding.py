@@ -8,7 +8,6 @@ import pytest
 import conftest
 from kpseq_jax.inference import decoding
 from kpseq_jax.training import losses
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 
@@ -32,7 +31,8 @@ def tiny():
   model = conftest.tiny_model(
       vocab=vocab_lib.Vocab(16), resnet=dict(depth=18),
       feature_levels=('c4', 'c5'), d_model=32,
-      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=grammar.seq_len(3))
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=grammar.seq_len(3))
   images = jax.random.randint(jax.random.PRNGKey(0), [2, 64, 64, 3], 0, 255
                               ).astype(jnp.uint8)
   length = grammar.seq_len(3)

@@ -1,5 +1,6 @@
-"""configs/mp100.py: the paper config per split and system, and a short real run on
-the MP-100 sample images (its one annotation file as both train and test)."""
+"""configs/mp100.py: the paper config per split and system, and a short real
+run on the MP-100 sample images (its one annotation file as both train and
+test)."""
 
 import json
 

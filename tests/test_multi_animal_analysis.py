@@ -194,7 +194,8 @@ def test_max_animals_needs_several_boxes(tmp_path):
   run = subprocess.run(
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=analyze',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
-       f'--config.input.dataset_dir={config.input.dataset_dir}', f'--workdir={workdir}',
+       f'--config.input.dataset_dir={config.input.dataset_dir}',
+       f'--workdir={workdir}',
        '--videos=nothing.mp4', '--out=/tmp/x', '--max_animals=2'],
       cwd=conftest.REPO, capture_output=True, text=True)
   assert run.returncode != 0
@@ -204,31 +205,13 @@ def test_max_animals_needs_several_boxes(tmp_path):
   assert '--max_animals' in helps.stdout
 
 
-def _tiny_detector_config(dataset_dir):
-  """tests/test_two_stage.py's tiny detector, every box kept (threshold 0:
-  2 training steps score nothing high)."""
-  from configs import dlc_openfield_detector
-  c = dlc_openfield_detector.get_config()
-  c.input.dataset_dir = str(dataset_dir)
-  c.detector.image_size_px = (96, 128)
-  c.model.feature_levels = ('c4', 'c5')
-  c.model.d_model = 32
-  c.model.transformer.update(num_heads=2, num_layers=2, ffn_dim=64)
-  c.model.num_queries, c.detector.max_detections = 4, 3
-  c.input.batch_size, c.optim.num_train_steps, c.log_every_steps = 4, 2, 1
-  c.checkpoint_every_steps, c.evals.every_steps, c.evals.batch_size = 2, 0, 8
-  c.detector.score_threshold = 0.0
-  return c
-
-
-def test_two_flies_with_a_trained_detector(trained, dlc_dataset, shared_data,
-                                           tmp_path):
+def test_two_flies_with_a_trained_detector(trained, tiny_detector,
+                                           shared_data, tmp_path):
   """The first 8 frames of two_flies.mp4, a detector and the smoke keypoint
   model (2 training steps each): a .slp sleap-io reads with 2 tracks, at
   most 2 instances per frame on the video's frame indices (the labelled
   file's), DeepLabCut's table with 2 individuals, an 8-frame labelled
   video."""
-  from kpseq_jax import train
   from kpseq_jax.inference import box_predictor
   from kpseq_jax.runtime import sharding
   with av.open(str(shared_data.joinpath(*TWO_FLIES))) as c:
@@ -239,10 +222,13 @@ def test_two_flies_with_a_trained_detector(trained, dlc_dataset, shared_data,
         break
   clip = tmp_path / 'two_flies_8.mp4'
   _write_video(clip, frames)
-  det_config = _tiny_detector_config(dlc_dataset)
-  train.train_and_evaluate(det_config, str(tmp_path / 'detector'))
+  # The session's tiny detector (conftest.py), every box kept (threshold 0:
+  # 2 training steps score nothing high).
+  det_config, det_workdir, _ = tiny_detector
+  det_config = det_config.copy_and_resolve_references()
+  det_config.detector.score_threshold = 0.0
   detector = box_predictor.ImageDetector(
-      det_config, str(tmp_path / 'detector'),
+      det_config, str(det_workdir),
       sharding.create_mesh(det_config.sharding.mesh_shape))
   config, workdir, _ = trained
   [s] = analyze.analyze(config, str(workdir), str(clip), str(tmp_path / 'out'),

@@ -26,8 +26,9 @@ def _free_port() -> int:
 def _single_device_trainer(dataset_dir) -> sharding_worker.Trainer:
   config = sharding_worker.tiny_config(dataset_dir)
   info = dataset.load_info(config.input.dataset_dir)
-  return sharding_worker.Trainer(config, info.split_sizes[config.input.train_split],
-                                 sharding_worker.mesh_for([1, 1]))
+  return sharding_worker.Trainer(
+      config, info.split_sizes[config.input.train_split],
+      sharding_worker.mesh_for([1, 1]))
 
 
 def test_multiprocess_environment_detection():

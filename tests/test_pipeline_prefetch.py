@@ -41,13 +41,15 @@ def test_training_stream_runs_at_most_prefetch_batches_ahead(prefetch_batches):
   config.input.prefetch_batches = prefetch_batches
   prepared = _prepared_after_one_batch(config)
   # The consumed batch, the buffer, and one batch per thread in the making.
-  bound = (1 + prefetch_batches + config.input.data_threads) * config.input.batch_size
+  bound = ((1 + prefetch_batches + config.input.data_threads)
+           * config.input.batch_size)
   assert config.input.batch_size * (1 + prefetch_batches) <= prepared <= bound
 
 
 def test_evaluation_examples_are_prefetched_a_few_batches_ahead():
   config = smoke.get_config()
-  config.evals.batch_size, config.input.data_threads, config.input.prefetch_batches = 4, 2, 2
+  config.evals.batch_size = 4
+  config.input.data_threads = config.input.prefetch_batches = 2
   count = _Count()
   ds = grain.MapDataset.range(10_000).map(count)
   batches = pipeline.padded_batches(ds, config.evals.batch_size,

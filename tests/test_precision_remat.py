@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import conftest
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 

@@ -181,7 +181,8 @@ def test_cli_whole_images_and_unreadable_files(trained, shared_data,
   run = subprocess.run(
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=predict',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
-       f'--config.input.dataset_dir={config.input.dataset_dir}', f'--workdir={workdir}',
+       f'--config.input.dataset_dir={config.input.dataset_dir}',
+       f'--workdir={workdir}',
        f'--config.vocab.presence_token={config.vocab.presence_token}',
        f'--images={images}', f'--out={out}'],
       cwd=conftest.REPO, capture_output=True, text=True)

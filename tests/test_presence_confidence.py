@@ -13,7 +13,6 @@ from scipy import special
 
 import conftest
 from kpseq_jax.inference import decoding
-from kpseq_jax.models import model as model_lib
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 
@@ -76,7 +75,8 @@ def test_coordinate_mass_matches_a_direct_sum():
 def model():
   return conftest.tiny_model(
       vocab=VOCAB, resnet=dict(depth=18), feature_levels=('c5',), d_model=32,
-      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0), max_seq_len=LENGTH)
+      transformer=dict(num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0),
+      max_seq_len=LENGTH)
 
 
 def _variables(model, absent_bias):
@@ -269,8 +269,8 @@ def test_presence_needs_a_data_set_that_knows_absence(
   assert info.unlabelled_means == 'unknown'
   with pytest.raises(ValueError, match='--unlabelled_means=absent'):
     config_checks.check_dataset(conftest.smoke_config(
-        mp100_sample_dataset, **{'vocab.presence_token': True}, max_num_keypoints=68),
-        info)
+        mp100_sample_dataset, **{'vocab.presence_token': True},
+        max_num_keypoints=68), info)
   # The session's dlc_openfield data set says "absent": accepted.
   config_checks.check_dataset(
       conftest.smoke_config(dlc_dataset, **{'vocab.presence_token': True}),
@@ -336,11 +336,7 @@ def test_absent_keypoints_are_v0_in_results_and_hollow_in_overlays():
 def test_a_keypoint_not_generated_is_a_miss_with_confidence_zero():
   """<eos> before the category's K: the labelled keypoints left out count
   in the calibration as misses with confidence 0 (not NaN, not skipped)."""
-  from data_prep.categories import Category
-  from kpseq_jax.data import dataset
   from kpseq_jax.evaluation import uncertainty
-  cat = Category(1, 'thing', '', 2, ('a', 'b'), (), (), 'metadata')
-  info = dataset.DatasetInfo(categories={1: cat}, split_sizes={})
   gt = np.array([[[10.0, 10.0, 2], [20.0, 20.0, 2]]])
   batch = dict(keypoints=gt, bbox=np.array([[0.0, 0.0, 40.0, 40.0]]),
                category_id=np.array([1]), image_id=np.array([1]),

@@ -137,7 +137,8 @@ def test_intermediate_outputs_are_every_earlier_layer_through_the_heads(
   [aux_logits] = state['intermediates']['aux_logits']
   [aux_xy] = state['intermediates']['aux_coords']
   assert aux_logits.shape == (LAYERS - 1,) + logits.shape
-  np.testing.assert_allclose(aux_logits, np.broadcast_to(bias, aux_logits.shape),
+  np.testing.assert_allclose(aux_logits,
+                             np.broadcast_to(bias, aux_logits.shape),
                              rtol=1e-6)
   for i in range(LAYERS - 1):
     np.testing.assert_allclose(aux_xy[i], xy, rtol=0, atol=2e-6)
@@ -226,9 +227,11 @@ def _train_step(model, aux_ce_weight):
 def test_train_step_adds_every_earlier_layers_loss():
   # One compiled step (refined points, auxiliary CE at half weight so the
   # check tells the two weights apart); `losses.intermediate_layer_loss`'s
-  # own test covers CE weight 0.
+  # own test covers CE weight 0. The ResNet is frozen (its backward pass
+  # doubled the compilation; the losses are the decoder's).
   aux_ce_weight = 0.5
-  model = _model(feature_levels=('c5',))
+  model = _model(feature_levels=('c5',),
+                 resnet=dict(depth=18, frozen_stages=4))
   _, m = _train_step(model, aux_ce_weight)
   expected = (m['ce'] + 5.0 * m['l1'] + (LAYERS - 1) * (
       aux_ce_weight * m['aux_ce'] + 5.0 * m['aux_l1']))

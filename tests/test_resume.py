@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from kpseq_jax.data import dataset
 from kpseq_jax.training import checkpointing
 from kpseq_jax.runtime import scalar_log
 
@@ -32,7 +31,8 @@ CKPT_EVERY = 3
 
 def _start(dataset_dir, workdir) -> subprocess.Popen:
   cmd = [sys.executable, '-m', 'kpseq_jax.main', '--config', 'configs/smoke.py',
-         f'--config.input.dataset_dir={dataset_dir}', '--config.vocab.presence_token=True',
+         f'--config.input.dataset_dir={dataset_dir}',
+         '--config.vocab.presence_token=True',
          f'--config.optim.num_train_steps={NUM_STEPS}',
          f'--config.checkpoint_every_steps={CKPT_EVERY}',
          '--config.log_every_steps=1', '--config.max_checkpoints_to_keep=10',
@@ -124,7 +124,6 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_0(runs):
   config = smoke.get_config()
   config.input.dataset_dir = str(runs['dataset_dir'])
   config.vocab.presence_token = True
-  info = dataset.load_info(config.input.dataset_dir)
   tx = ts.create_optimizer(config)
   ckpt = checkpointing.Checkpointer(str(runs['interrupted']))
   state, step = ckpt.restore(ts.abstract_train_state(

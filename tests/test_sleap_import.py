@@ -146,8 +146,12 @@ def test_frames_read_on_equal_frames_sought(flies):
 
 
 def _frames_slp(tmp_path, flies, frame_inds, edit=None):
-  """A .slp of some clip.slp frames (the real video), optionally edited."""
-  labels = sio.load_slp(str(flies / 'clip.slp'))
+  """A .slp of some clip.slp frames (the real video), optionally edited.
+
+  Read as the import reads (PyAV videos): saving asks the video for its
+  frame count, which sleap-io's imageio-ffmpeg default finds by decoding
+  all 1500 frames."""
+  labels = sleap_import.load_labels(flies / 'clip.slp')
   lfs = [lf for lf in labels if lf.frame_idx in frame_inds]
   if edit:
     edit(labels, lfs)

@@ -1,7 +1,6 @@
 """Identity tracking (kpseq_jax/inference/tracking.py) on real fly tracks
 made harder, and on constructed crossings and disappearances."""
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -174,7 +174,8 @@ def test_model_fields_must_be_the_systems_constructor_fields():
      'detector.scale_range=(0.5, 1.5) must satisfy 0 < lo <= hi <= 1'),
     ('detector.image_size_px', (16, 64),
      'detector.image_size_px=(16, 64) must be (height, width)'),
-    ('detector.max_detections', 11, 'detector.max_detections=11 must be in 1 .. '),
+    ('detector.max_detections', 11,
+     'detector.max_detections=11 must be in 1 .. '),
 ])
 def test_impossible_detector_config_fails_with_a_clear_message(field, value,
                                                               message):

@@ -109,32 +109,8 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
   assert moved.mean_error_px_detected_boxes != same.mean_error_px_gt_boxes
 
 
-@pytest.fixture(scope='module')
-def tiny_detector(dlc_dataset, tmp_path_factory):
-  """(config, workdir, report): a tiny detector trained 2 steps on the real
-  open-field frames by `train.train_and_evaluate` (``model_name='detector'``)."""
-  from configs import dlc_openfield_detector
-  from kpseq_jax import train
-  c = dlc_openfield_detector.get_config()
-  c.input.dataset_dir = str(dlc_dataset)
-  c.detector.image_size_px = (96, 128)
-  c.model.feature_levels = ('c4', 'c5')
-  c.model.d_model = 32
-  c.model.transformer.num_heads = 2
-  c.model.transformer.num_layers = 2
-  c.model.transformer.ffn_dim = 64
-  c.model.num_queries = 4
-  c.detector.max_detections = 3
-  c.input.batch_size = 4
-  c.optim.num_train_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
-  c.evals.every_steps = 0
-  c.evals.batch_size = 8
-  workdir = tmp_path_factory.mktemp('detector')
-  from kpseq_jax.evaluation import box_ap
-  reports = train.train_and_evaluate(c, str(workdir))
-  return c, workdir, box_ap.BoxReport(**reports['test_boxes'])
+# `tiny_detector` (conftest.py): trained once per run, shared with
+# tests/test_multi_animal_analysis.py.
 
 
 def test_detector_trains_and_reports_box_ap_on_real_frames(tiny_detector,
@@ -260,7 +236,8 @@ def test_end_to_end_keypoints_reuse_the_detectors_backbone_pass(
   detector.threshold = 0.0  # Untrained scores: keep every box.
   config = smoke_config(dlc_dataset, **{'model_name': 'end_to_end'},
                         **{'detector.image_size_px': (96, 128)},
-                        **{'model.resnet.norm': 'frozen_batch'}, **{'evals.batch_size': 8})
+                        **{'model.resnet.norm': 'frozen_batch'},
+                        **{'evals.batch_size': 8})
   model = ts.create_model(config)
   variables = jax.jit(lambda r: model.init(
       r, **ts.dummy_inputs(config), train=False))(jax.random.PRNGKey(1))

@@ -194,7 +194,8 @@ def test_truncated_and_undecodable_videos(analysed, clips, trained):
   run = subprocess.run(
       [sys.executable, '-m', 'kpseq_jax.main', '--mode=analyze',
        f'--config={conftest.REPO / "configs" / "smoke.py"}',
-       f'--config.input.dataset_dir={config.input.dataset_dir}', f'--workdir={workdir}',
+       f'--config.input.dataset_dir={config.input.dataset_dir}',
+       f'--workdir={workdir}',
        f'--videos={clips / "broken.avi"}', f'--out={out / "cli"}'],
       cwd=conftest.REPO, capture_output=True, text=True)
   assert run.returncode != 0

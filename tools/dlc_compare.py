@@ -49,7 +49,6 @@ from fractions import Fraction
 import json
 import os
 from pathlib import Path
-import resource
 import shutil
 import signal
 import subprocess

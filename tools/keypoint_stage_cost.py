@@ -24,8 +24,8 @@ stay the annotated ones, so every variant decodes the same N boxes), and a
 third variant, ``end_to_end_shared``, decodes from the detector's backbone
 feature maps (PRTR's one backbone pass, `box_predictor.shares_backbone`;
 the end-to-end run must have the detector's backbone, e.g. trained with
-``--config.model_init=DETECTOR_WORKDIR
---config.model.resnet.norm=frozen_batch --config.model.resnet.frozen_stages=4``).
+``--config.model_init=DETECTOR_WORKDIR --config.model.resnet.norm=frozen_batch
+--config.model.resnet.frozen_stages=4``).
 
   python tools/keypoint_stage_cost.py --config configs/dlc_openfield.py \\
       --config.detector.image_size_px='(192, 256)' \\

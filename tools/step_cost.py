@@ -51,8 +51,6 @@ def _setup(config):
   """(compiled step, state, batch, total steps, GFLOP per step)."""
   info = dataset.load_info(config.input.dataset_dir)
   detecting = config.model_name == 'detector'
-  train_size = (detection.num_images(config, config.input.train_split) if detecting
-                else info.split_sizes[config.input.train_split])
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
   tx = ts.create_optimizer(config)

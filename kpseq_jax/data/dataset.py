@@ -69,8 +69,8 @@ def _builder(dataset_dir: str) -> tfds.core.DatasetBuilder:
     return tfds.builder_from_directory(dataset_dir)
   except Exception as e:  # tfds raises several types for a missing dir.
     raise FileNotFoundError(
-        f'No data set at --config.input.dataset_dir={dataset_dir!r} ({e}). Build it '
-        'with `python -m data_prep.build` (see README).') from e
+        f'No data set at --config.input.dataset_dir={dataset_dir!r} ({e}). '
+        'Build it with `python -m data_prep.build` (see README).') from e
 
 
 def load_info(dataset_dir: str) -> DatasetInfo:

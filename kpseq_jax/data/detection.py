@@ -36,7 +36,6 @@ from typing import Any, Iterator
 
 from absl import logging
 import grain
-import jax
 import ml_collections
 import numpy as np
 from PIL import Image

@@ -31,7 +31,6 @@ import grain
 import numpy as np
 
 from data_prep.episodes import EpisodePool
-from kpseq_jax.data import transforms
 from kpseq_jax.sequence import grammar
 from kpseq_jax.sequence import vocab as vocab_lib
 

@@ -20,9 +20,10 @@ Prefetching (`read_options`): Grain's default for ``to_iter_dataset`` is 16
 threads and 500 elements ahead, i.e. 500 *batches* for the batched training
 stream (393 MB of 128 px uint8 crops at batch 16, 786 MB of 512 px ones at
 batch 2), prepared at start-up beside the first compilation and steps and
-thrown away at the end. Iterators here prefetch ``config.input.prefetch_batches``
-batches on ``config.input.data_threads`` threads instead (flax's ImageNet example
-and big_vision keep 2 batches ahead); that only bounds how far ahead the
+thrown away at the end. Iterators here prefetch
+``config.input.prefetch_batches`` batches on ``config.input.data_threads``
+threads instead (flax's ImageNet example and big_vision keep 2 batches
+ahead); that only bounds how far ahead the
 pipeline runs, so the elements and the checkpointed iterator state are the
 same.
 """
@@ -61,7 +62,8 @@ def _instance_chain(config: ml_collections.ConfigDict,
       transforms.RandomCropAffine(
           s, config.input.bbox_scale, tuple(config.input.scale_range),
           config.input.shift_frac, config.input.rotation_deg),
-      transforms.RandomFlip(s, info.flip_permutations(), config.input.flip_prob),
+      transforms.RandomFlip(s, info.flip_permutations(),
+                            config.input.flip_prob),
       warp,
   ]
   if config.input.color_jitter > 0:
@@ -108,7 +110,8 @@ def create_train_dataset(config: ml_collections.ConfigDict,
   episodes (`episodes.TokenizeEpisode` fields). Iterators of the result
   are checkpointable (``get_state``/``set_state``) for exact resume.
   """
-  source = dataset.data_source(config.input.dataset_dir, config.input.train_split)
+  source = dataset.data_source(config.input.dataset_dir,
+                               config.input.train_split)
   if config.model_name == 'cape':
     ds = _train_episodes(config, info, source)
   else:
@@ -149,7 +152,8 @@ def shard_and_batch(config: ml_collections.ConfigDict,
   # its global index: any process count sees the same examples.
   ds = ds[jax.process_index()::jax.process_count()]
   ds = ds.batch(local_batch_size(config.input.batch_size), drop_remainder=True)
-  it_ds = ds.to_iter_dataset(read_options(config, config.input.prefetch_batches))
+  it_ds = ds.to_iter_dataset(
+      read_options(config, config.input.prefetch_batches))
   if config.input.worker_count > 0:
     it_ds = it_ds.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=config.input.worker_count))
@@ -183,7 +187,8 @@ def create_eval_batches(config: ml_collections.ConfigDict,
   Yields:
     see `padded_batches`; `transforms.Tokenize` fields.
   """
-  source = dataset.data_source(config.input.dataset_dir, split or config.evals.split)
+  source = dataset.data_source(config.input.dataset_dir,
+                               split or config.evals.split)
   ds = grain.MapDataset.source(source)
   if config.evals.num_examples > 0:
     ds = ds[:config.evals.num_examples]
@@ -222,8 +227,9 @@ def create_episode_eval_batches(config: ml_collections.ConfigDict,
     see `padded_batches`; `episodes.TokenizeEpisode` fields.
   """
   query_source = dataset.data_source(config.input.dataset_dir, split)
-  support_source = (query_source if support_split == split else
-                    dataset.data_source(config.input.dataset_dir, support_split))
+  support_source = (
+      query_source if support_split == split else
+      dataset.data_source(config.input.dataset_dir, support_split))
   ds = grain.MapDataset.source(list(samples)).seed(config.seed)
   if config.evals.num_examples > 0:
     ds = ds[:config.evals.num_examples]

@@ -61,7 +61,8 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
   """
   model = ts.create_model(config)
   shardings_of = lambda tree: sharding.state_shardings(
-      tree, mesh, config.sharding.fsdp_min_param_elements, config.sharding.rules)
+      tree, mesh, config.sharding.fsdp_min_param_elements,
+      config.sharding.rules)
   chosen, why = checkpointing.chosen_step(workdir)
   variables, step = checkpointing.restore_variables(
       workdir, abstract_variables(config, model), shardings_of, chosen)
@@ -192,8 +193,9 @@ class Prediction:
     keypoints_px: float64 [B, Kmax, 2] image pixels (NaN likewise), or None
       when the batch had no ``crop_from_image``.
     confidence: float32 [B, Kmax] in [0, 1], per keypoint: the
-      classifier's probability mass within ``config.decode.confidence_radius_bins``
-      bins of the decoded x bin times that of y
+      classifier's probability mass within
+      ``config.decode.confidence_radius_bins`` bins of the decoded x bin
+      times that of y
       (`decoding.coordinate_mass`); NaN after ``num_keypoints``.
     confidence_by_radius: float32 [B, Kmax, R] the same at every radius of
       `decoding.CONFIDENCE_RADII_BINS` (for calibration comparisons).
@@ -248,20 +250,19 @@ class Predictor:
     self.variables = variables
     self.mesh = mesh
     self.image_size_px = config.input.image_size_px
-    if config.decode.confidence_radius_bins not in decoding.CONFIDENCE_RADII_BINS:
-      raise ValueError(
-          f'confidence_radius_bins={config.decode.confidence_radius_bins} is not '
-          f'one of {decoding.CONFIDENCE_RADII_BINS}.')
-    self._radius = decoding.CONFIDENCE_RADII_BINS.index(
-        config.decode.confidence_radius_bins)
+    radius = config.decode.confidence_radius_bins
+    if radius not in decoding.CONFIDENCE_RADII_BINS:
+      raise ValueError(f'confidence_radius_bins={radius} is not one of '
+                       f'{decoding.CONFIDENCE_RADII_BINS}.')
+    self._radius = decoding.CONFIDENCE_RADII_BINS.index(radius)
     self.input_fields = decoding.input_fields(model)
     self.max_num_keypoints = config.max_num_keypoints
     self.flip_test = bool(config.decode.flip_test)
     if self.flip_test and (model.full_image_memory
                            or model.support_conditioning):
       logging.warning(
-          'config.decode.flip_test is not applied: it mirrors top-down crops, and '
-          'this model decodes from the full image (model_name='
+          'config.decode.flip_test is not applied: it mirrors top-down crops, '
+          'and this model decodes from the full image (model_name='
           'end_to_end) or from support images (CAPE).')
       self.flip_test = False
     if self.flip_test:
@@ -339,8 +340,8 @@ class Predictor:
              if not (k == 'image' and features is not None)}
     if self.flip_test:
       if 'category_id' not in local_batch:
-        raise KeyError('config.decode.flip_test: the batch needs category_id (the '
-                       'flip permutation of each row).')
+        raise KeyError('config.decode.flip_test: the batch needs category_id '
+                       '(the flip permutation of each row).')
       local.update(self._flip_inputs(local_batch['category_id']))
     inputs = sharding.global_batch(local, self.mesh)
     if features is not None:  # Already device arrays: no host round trip.

@@ -132,7 +132,8 @@ class Model(supervised.Model):
     k = self.proposal_key(memory.features).astype(jnp.float32)  # [B, S, D]
     logits = jnp.einsum('bkd,bsd->bks', q, k) / np.sqrt(self.d_model)
     centres = np.concatenate([
-        np.stack(np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h),
+        np.stack(np.meshgrid((np.arange(w) + 0.5) / w,
+                             (np.arange(h) + 0.5) / h),
                  axis=-1).reshape(h * w, 2)
         for h, w in memory.spatial_shapes]).astype(np.float32)  # [S, 2]
     proposals = jax.nn.softmax(logits, axis=-1) @ centres  # [B, K, 2]

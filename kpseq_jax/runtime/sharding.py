@@ -1,19 +1,19 @@
 """Device mesh and shardings (``jax.jit`` with explicit shardings, no pmap).
 
-The mesh has axes ``('data', 'fsdp')`` (``config.sharding.mesh_shape``). Batches are
-split over both axes, so every device sees a distinct slice of the global
-batch. Parameters and optimizer state follow ``config.sharding.rules``,
-rules kept as config data as big_vision's ``sharding_strategy``
-(``big_vision/sharding.py``): ``(regex, strategy)`` pairs, the first regex
-that matches a leaf's whole path (`leaf_path`, e.g.
+The mesh has axes ``('data', 'fsdp')`` (``config.sharding.mesh_shape``).
+Batches are split over both axes, so every device sees a distinct slice of
+the global batch. Parameters and optimizer state follow
+``config.sharding.rules``, rules kept as config data as big_vision's
+``sharding_strategy`` (``big_vision/sharding.py``): ``(regex, strategy)``
+pairs, the first regex that matches a leaf's whole path (`leaf_path`, e.g.
 ``params/decoder/layer_0/ffn_1/kernel`` or
 ``opt_state/1/0/mu/decoder/layer_0/ffn_1/kernel``; start a pattern with
 ``.*`` to catch a parameter and its Adam moments) chooses the strategy:
 
 * ``'fsdp'``: big_vision's ``fsdp`` and MaxText's ZeRO-3 layout: an array of
-  at least ``config.sharding.fsdp_min_param_elements`` elements is split along 'fsdp'
-  on its largest dimension that the 'fsdp' size divides (ties: the later
-  dimension), a smaller one is replicated (`fsdp_spec`);
+  at least ``config.sharding.fsdp_min_param_elements`` elements is split
+  along 'fsdp' on its largest dimension that the 'fsdp' size divides (ties:
+  the later dimension), a smaller one is replicated (`fsdp_spec`);
 * ``'replicate'``: replicated.
 
 A leaf no rule matches is replicated. Everything is replicated over 'data'.

@@ -18,8 +18,9 @@ absent       num_bins + 6        optional (``presence=True``): the keypoint is
                                  <absent> <sep>``)
 category i   num_bins + S + i    optional (``num_categories > 0``): the
                                  category, input right after ``<bos>``
-                                 (``config.vocab.category_conditioning``); i is the
-                                 category's index among the data set's ids
+                                 (``config.vocab.category_conditioning``);
+                                 i is the category's index among the data
+                                 set's ids
                                  in increasing order; never a target.
                                  S = `num_special_tokens` (6, or 7 with
                                  ``<absent>``)
@@ -54,8 +55,8 @@ NUM_SPECIAL_TOKENS = 6  # Without the optional <absent>.
 # Radii (coordinate bins) at which the decoders measure a keypoint's
 # confidence, the classifier's probability mass within r bins of the decoded
 # bin (`kpseq_jax.inference.decoding.coordinate_mass`);
-# ``config.decode.confidence_radius_bins`` picks the reported one, the others feed
-# the calibration comparison.
+# ``config.decode.confidence_radius_bins`` picks the reported one, the others
+# feed the calibration comparison.
 CONFIDENCE_RADII_BINS = (0, 1, 2, 4, 8)
 
 

@@ -68,7 +68,8 @@ def model_field_errors(config: ml_collections.ConfigDict) -> list[str]:
             if f.name not in _DATA_FIELDS}
   given = set(config.model.keys())
   errors = [f'model.{k} is not a field of models/{config.model_name}.py\'s '
-            f'Model (fields: {sorted(fields)}).' for k in sorted(given - set(fields))]
+            f'Model (fields: {sorted(fields)}).'
+            for k in sorted(given - set(fields))]
   errors += [f'model.{k} is missing (models/{config.model_name}.py\'s Model '
              'has no default for it).' for k, f in sorted(fields.items())
              if k not in given and f.default is dataclasses.MISSING
@@ -93,7 +94,8 @@ def input_errors(config: ml_collections.ConfigDict) -> list[str]:
   i, errors = config.input, []
   if not i.dataset_dir:
     errors.append('input.dataset_dir is empty: pass --config.input.'
-                  'dataset_dir=DIR (a data set from `python -m data_prep.build`).')
+                  'dataset_dir=DIR (a data set from '
+                  '`python -m data_prep.build`).')
   if i.image_size_px <= 0 or (config.model.get('encoder', 'resnet') ==
                               'resnet' and i.image_size_px % 32):
     errors.append(f'input.image_size_px={i.image_size_px} must be a positive '
