@@ -65,6 +65,7 @@ class _BoxPoser:
   def __init__(self, batch_size: int):
     self.batch_size = batch_size
     self.calls = []
+    self.calibration = None  # Raw likelihoods, as a workdir without one.
 
   def crop(self, frame, bbox, category_id):
     del frame, category_id

@@ -221,7 +221,8 @@ def test_hidden_keypoints_reach_the_targets_and_the_presence_report(
   info = dataset.load_info(str(data_dir))
   assert info.unlabelled_means == 'absent'
   config = conftest.smoke_config(data_dir, **{'vocab.presence_token': True},
-                                 max_num_keypoints=4, **{'evals.batch_size': 8})
+                                 max_num_keypoints=4, **{'evals.batch_size': 8,
+                                                     'evals.split': 'test'})
   vocab = vocab_lib.from_config(config)
   absent, ids, parts, oracle = [], [], [], []
   for batch in pipeline.create_eval_batches(config, info):
@@ -303,7 +304,8 @@ def test_sigma_errors_name_the_category_and_field(dlc_dataset, tmp_path):
   info = dataset.load_info(str(out))
   assert info.categories[1].oks_sigmas == (0.05,) * 4
   evaluate.from_config(conftest.smoke_config(
-      out, **{'evals.oks_default_sigma': 0.0, 'input.train_split': 'test'}),
+      out, **{'evals.oks_default_sigma': 0.0, 'input.train_split': 'test',
+              'evals.split': 'test'}),
                        info)
   with pytest.raises(ValueError, match='mouse_topview'):
     evaluate.from_config(

@@ -79,7 +79,10 @@ def test_every_mesh_gives_the_single_device_losses(mesh_run):
   assert ref.shape == (3,) and np.all(np.isfinite(ref))
   for shape in MESHES[1:]:
     got = np.asarray(mesh_run['losses'][f'{shape[0]}x{shape[1]}'])
-    np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=str(shape))
+    # The first loss exactly as one device; after two Adam steps, float32
+    # sums in another order drift by ~1e-5 (a sharding bug moves it ~1e-1).
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, err_msg=str(shape))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, err_msg=str(shape))
   assert ref[2] < ref[0]  # The steps do train.
 
 
