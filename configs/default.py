@@ -276,7 +276,11 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
   # Likelihood calibration on evals.split (evaluation/calibration_fit.py):
   # P(keypoint within hit_alpha x max(box w, h)); why 0.05 and not PCK's
   # 0.2: there. Fewer known keypoints than min_keypoints: none fitted.
-  c.calibration = dict(hit_alpha=0.05, min_keypoints=20)
+  # A box whose max(w, h) is under 1/box_range_factor x the smallest or
+  # over box_range_factor x the largest training box gets calibrated
+  # likelihood 0 and a warning (inference/box_range.py says why 2).
+  c.calibration = dict(hit_alpha=0.05, min_keypoints=20,
+                       box_range_factor=2.0)
 
   # Mesh ('data', 'fsdp') sizes (-1: the rest); (regex, 'fsdp'|'replicate')
   # rules on a leaf's path, first match wins; smaller arrays replicated.

@@ -28,6 +28,7 @@ from kpseq_jax.data import pipeline
 from kpseq_jax.evaluation import common as eval_common
 from kpseq_jax.evaluation import evaluate
 from kpseq_jax.inference import box_predictor
+from kpseq_jax.inference import box_range
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import host_memory
 from kpseq_jax.runtime import in_flight as in_flight_lib
@@ -136,8 +137,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
         config, info, selection, predictor, variables, step, workdir)
   if final_evaluators:
     reports.update(eval_common.run(
-        final_evaluators, eval_common.Inputs(predictor, variables, step,
-                                             calibration=calibration),
+        final_evaluators, eval_common.Inputs(
+            predictor, variables, step, calibration=calibration,
+            box_range=(box_range.from_config(config)
+                       if config.model_name != 'detector' else None)),
         workdir, writer))
   writer.close()
   return reports

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import tqdm
 
+from kpseq_jax.inference import box_range as box_range_lib
 from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import metric_writer as metric_writer_lib
@@ -107,13 +108,18 @@ class Inputs:
     calibration: the likelihood map of this state
       (`likelihood.CalibrationMap`), None when it has none: evaluators
       then report and write raw likelihoods.
+    box_range: the training boxes' range (`box_range.from_config`): the
+      evaluated boxes out of it are counted and their calibrated
+      likelihood is 0 (`likelihood.calibrate`); None: not checked.
   """
 
   def __init__(self, predictor, variables, step: int | None,
-               calibration: likelihood.CalibrationMap | None = None):
+               calibration: likelihood.CalibrationMap | None = None,
+               box_range: box_range_lib.BoxRange | None = None):
     self.predictor, self.variables = predictor, variables
     self.step = None if step is None else int(step)
     self.calibration = calibration
+    self.box_range = box_range
     self._decoded: dict[int, Decoded] = {}
 
   def decoded(self, protocol) -> Decoded:

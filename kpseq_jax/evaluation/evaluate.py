@@ -46,6 +46,7 @@ from kpseq_jax.evaluation import predictions
 from kpseq_jax.evaluation import protocols
 from kpseq_jax.evaluation import uncertainty
 from kpseq_jax.inference import box_predictor
+from kpseq_jax.inference import box_range
 from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.runtime import metric_writer as metric_writer_lib
@@ -140,8 +141,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
   (`checkpointing.chosen_step`: best on validation, else the latest) and
   runs every evaluator on the report split (``config.evals.report_split``,
   'test'; the selection split when there is none), with the workdir's
-  likelihood calibration when it has one for that step (and
-  ``detected_boxes`` with ``detector``).
+  likelihood calibration when it has one for that step, applied with the
+  training boxes' range (`box_range`: boxes out of it counted in the
+  ``likelihood`` section, their calibrated likelihood 0), and
+  ``detected_boxes`` with ``detector``.
 
   Returns:
     report name -> its JSON (`common.run`).
@@ -165,7 +168,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                    else box_predictor.BoxPredictor)
   predictor = predictor_cls(config, model, variables, mesh)
   calibration = likelihood.load(workdir, step) if keypoints else None
-  inputs = common.Inputs(predictor, predictor.variables, step, calibration)
+  boxes = box_range.from_config(config) if keypoints else None
+  inputs = common.Inputs(predictor, predictor.variables, step, calibration,
+                         boxes)
   with metric_writer_lib.MetricWriter(workdir) as writer:
     return common.run(evaluators, inputs, workdir, writer)
 

@@ -49,8 +49,11 @@ class PredictionsEvaluator:
     d = inputs.decoded(self.protocol)
     calibrated = None  # With a map: the likelihood written (`results`).
     if inputs.calibration is not None and d.num_samples:
-      calibrated = inputs.calibration(
-          likelihood.raw_likelihood(d.confidence, d.presence))
+      far = (None if inputs.box_range is None else
+             inputs.box_range.out_of_range(d.batch['bbox']))  # [N]
+      calibrated = likelihood.calibrate(
+          inputs.calibration,
+          likelihood.raw_likelihood(d.confidence, d.presence), far)
     results = [] if not d.num_samples else _coco_results(
         d.pred_px, d.batch, self.info, d.confidence, d.presence, calibrated)
 

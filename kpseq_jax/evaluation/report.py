@@ -344,4 +344,9 @@ def likelihood_markdown(section: dict[str, Any]) -> str:
     if c:
       lines.append(f'| {name} | {fmt(c["ece"])} | {fmt(c["auroc"])} | '
                    f'{fmt(c["accuracy"])} | {fmt(c["mean_confidence"])} |')
+  if (r := section.get('box_range')) is not None:
+    lines += ['', f'Boxes outside the training scale (max(w, h) < '
+              f'{r["low_px"]:.0f} or > {r["high_px"]:.0f} px; training '
+              f'{r["min_side_px"]:.0f}-{r["max_side_px"]:.0f} px): '
+              f'{section["boxes_out_of_range"]} (calibrated likelihood 0).']
   return '\n'.join(lines)

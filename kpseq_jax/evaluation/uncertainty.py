@@ -23,7 +23,10 @@ Two evaluators (`common.py`) over one evaluation's decoded predictions
   AUROC and reliability table of the raw likelihood and, with the
   checkpoint's calibration map (`common.Inputs.calibration`), of the
   calibrated one, against the map's hit event; the diagram of both is
-  ``reliability_<split>.png``.
+  ``reliability_<split>.png``. Its ``boxes_out_of_range`` counts the
+  samples whose box is outside the training boxes' range
+  (`common.Inputs.box_range`, `box_range`; warned about once per
+  evaluation): their calibrated likelihood is 0 (`likelihood.calibrate`).
 """
 
 from typing import Any, Iterator
@@ -39,6 +42,7 @@ from kpseq_jax.evaluation import metrics
 from kpseq_jax.evaluation import oks
 from kpseq_jax.evaluation import protocols
 from kpseq_jax.evaluation import report as report_lib
+from kpseq_jax.inference import box_range as box_range_lib
 from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import results
 from kpseq_jax.sequence import vocab as vocab_lib
@@ -160,8 +164,13 @@ class CalibrationEvaluator:
                 for k in ('ece', 'auroc'))
     yield 'calibration', common.Markdown(report_lib.calibration_markdown(c))
     lk = likelihood_section(decoded, inputs.calibration, self.hit_alpha,
-                            self.protocol.split)
+                            self.protocol.split, inputs.box_range)
     logging.info('Eval %s: %s', self.report, lk['note'])
+    if inputs.box_range is not None:
+      if warning := box_range_lib.warning(
+          inputs.box_range, lk['boxes_out_of_range'], decoded.num_samples,
+          f'Eval {self.report}', inputs.calibration is not None):
+        logging.warning('%s', warning)
     yield 'likelihood', lk
     yield from ((f'likelihood/{name}/{k}', lk[name][k])
                 for name in ('raw', 'calibrated') if lk[name]
@@ -238,28 +247,37 @@ def calibration_section(d: dict[str, np.ndarray], radius: int
 
 def likelihood_section(decoded: common.Decoded,
                        cmap: likelihood.CalibrationMap | None,
-                       hit_alpha: float, split: str) -> dict[str, Any]:
+                       hit_alpha: float, split: str,
+                       box_range: box_range_lib.BoxRange | None = None
+                       ) -> dict[str, Any]:
   """The ``likelihood`` section: ECE, AUROC and reliability table of the
   raw likelihood (`likelihood.raw_likelihood`) and of its calibration map
-  ``cmap`` (None: raw only), against hits within the map's ``hit_alpha``
-  (or ``hit_alpha`` without a map) over the keypoints whose truth is known
-  (`calibration_fit.hits`: known absent = miss)."""
+  ``cmap`` (None: raw only; 0 for the samples whose box is out of
+  ``box_range``, `likelihood.calibrate`), against hits within the map's
+  ``hit_alpha`` (or ``hit_alpha`` without a map) over the keypoints whose
+  truth is known (`calibration_fit.hits`: known absent = miss); with
+  ``box_range``, ``boxes_out_of_range`` (int) and ``box_range`` (its
+  JSON), else None."""
   alpha = cmap.hit_alpha if cmap is not None else hit_alpha
   hit, known = calibration_fit.hits(decoded.batch, decoded.pred_px,
                                     decoded.size, alpha)
   raw = calibration_fit.raw_of(decoded)
+  far = (None if box_range is None else
+         box_range.out_of_range(decoded.batch['bbox']))  # [N]
   out = dict(split=split, hit_alpha=alpha, num_keypoints=int(known.sum()),
              event=(cmap.event if cmap is not None else
                     f'within {alpha:g} x max(box w, h) of the truth'),
              raw=calibration.calibration(raw, hit, known).to_dict(),
-             calibrated=None, map=None)
+             calibrated=None, map=None,
+             boxes_out_of_range=None if far is None else int(far.sum()),
+             box_range=None if box_range is None else box_range.to_json())
   if cmap is None:
     out['note'] = ('likelihood: raw (no calibration.json for this '
                    'checkpoint); ECE {} AUROC {}'.format(
                        *(_fmt(out['raw'][k]) for k in ('ece', 'auroc'))))
     return out
-  out['calibrated'] = calibration.calibration(cmap(raw), hit,
-                                              known).to_dict()
+  out['calibrated'] = calibration.calibration(
+      likelihood.calibrate(cmap, raw, far), hit, known).to_dict()
   out['map'] = dict(checkpoint_step=cmap.checkpoint_step, split=cmap.split,
                     num_keypoints=cmap.num_keypoints, num_hits=cmap.num_hits,
                     knots=len(cmap.raw_knots))

@@ -16,7 +16,9 @@ decoded by `batchers.CropBatcher` -> `predictor.Predictor`. Per video,
 ``_captions.txt``, ``_likelihood_raw.csv`` (the raw likelihood, when the
 table's is calibrated by the workdir's ``calibration.json``) and
 ``_meta.json`` (`VideoSummary`, with the share of frames under the
-project's ``pcutoff`` per body part, also logged); ``<scorer>`` is
+project's ``pcutoff`` per body part, also logged, and the boxes outside
+the training boxes' scale, `box_range`, whose calibrated likelihood is 0
+and which are warned about per video); ``<scorer>`` is
 ``KPSEQ_<backbone>_<category>_step<checkpoint step>`` (backbone e.g.
 ``resnet18`` or ``vitS16``), as DeepLabCut names its files. A video that
 cannot be opened is reported and the others
@@ -56,9 +58,11 @@ from kpseq_jax.data import visualize
 from kpseq_jax.inference import batchers
 from kpseq_jax.inference import box_policies
 from kpseq_jax.inference import box_predictor
+from kpseq_jax.inference import box_range
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import dlc_output
 from kpseq_jax.inference import image_inputs
+from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import multi_animal_output
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import tracked_poses
@@ -106,6 +110,9 @@ class VideoSummary:
       below the project's pcutoff (hidden by DeepLabCut's tools).
     below_pcutoff_raw: the same for the raw likelihood, when the table's
       is calibrated ({} otherwise).
+    boxes_out_of_range: boxes posed whose side is outside the training
+      boxes' range (`box_range`; single-animal: frames); their calibrated
+      likelihood is 0.
     max_animals: ``--max_animals`` (0: single-animal; the fields below are
       then not in ``_meta.json``).
     animals_per_frame: number of animals tracked in a frame -> frames.
@@ -134,6 +141,7 @@ class VideoSummary:
   below_pcutoff: dict[str, float] = dataclasses.field(default_factory=dict)
   below_pcutoff_raw: dict[str, float] = dataclasses.field(
       default_factory=dict)
+  boxes_out_of_range: int = 0
   max_animals: int = 0
   animals_per_frame: dict[str, int] = dataclasses.field(default_factory=dict)
   tracks: list[str] = dataclasses.field(default_factory=list)
@@ -180,14 +188,11 @@ def scorer_name(config: ml_collections.ConfigDict, category_name: str,
   return f'KPSEQ_{backbone}_{cat}_step{int(step)}'
 
 
-def typical_box_px(dataset_dir: str, split: str,
-                   max_records: int = 1000) -> float | None:
-  """Median of max(w, h) over the split's boxes (pixels; the first
-  ``max_records``), None when the split is empty."""
-  src = dataset.records_without_images(
-      dataset.data_source(dataset_dir, split))
-  sides = [float(np.max(src[i]['bbox'][2:4]))
-           for i in range(min(len(src), max_records))]
+def typical_box_px(dataset_dir: str, split: str) -> float | None:
+  """Median of max(w, h) over the split's boxes (pixels; at most
+  `box_range.MAX_RECORDS` of them, read once with the box range), None
+  when the split is empty."""
+  sides = box_range.training_sides_px(dataset_dir, split)
   return float(np.median(sides)) if sides else None
 
 
@@ -361,15 +366,18 @@ def _predict_all(batcher: batchers.CropBatcher, crops: list[dict]
 def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
                   policy: box_policies.BoxPolicy, category_id: int, k: int,
                   width: int, height: int
-                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                  ) -> tuple[list[np.ndarray], list[np.ndarray],
+                             list[np.ndarray], list[np.ndarray]]:
   """Boxes (if the pipeline left them to us), crops and decodes a batch:
   all boxes of all its frames in one `_predict_all`.
 
   Returns:
     Per frame of the batch, (float [N_f, K, 2] pixels, float [N_f, K]
-    likelihood (calibrated when ``batcher.calibration``), float [N_f, K]
-    raw likelihood): the pose of each of its boxes, best box first (pose
-    and raw likelihood also given to ``policy.update``).
+    likelihood (calibrated when ``batcher.calibration``, 0 for a box out
+    of ``batcher.box_range``: `likelihood.calibrate`), float [N_f, K]
+    raw likelihood, bool [N_f] box out of range (all False unchecked)):
+    the pose of each of its boxes, best box first (pose and raw
+    likelihood also given to ``policy.update``).
   """
   if batch.crops is None:  # Boxes from the previous batch's poses
     policy.see(batch.start, batch.frames)  # or from the frames.
@@ -384,9 +392,15 @@ def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
   kp_frames, raw_frames = np.split(kp, split), np.split(raw, split)
   # The box policy's thresholds are on the raw scale (TRACK_MIN_CONFIDENCE).
   policy.update(kp_frames, raw_frames, width, height)
+  far = np.zeros(len(raw), bool)  # [sum N_f]
+  if batcher.box_range is not None and batch.boxes is not None:
+    far = batcher.box_range.out_of_range(
+        [b for bs in batch.boxes for b in bs])
+  far_frames = np.split(far, split)
   if batcher.calibration is None:
-    return kp_frames, raw_frames, raw_frames
-  return kp_frames, np.split(batcher.calibration(raw), split), raw_frames
+    return kp_frames, raw_frames, raw_frames, far_frames
+  calibrated = likelihood.calibrate(batcher.calibration, raw, far)
+  return kp_frames, np.split(calibrated, split), raw_frames, far_frames
 
 
 class _FirstPoses:
@@ -426,11 +440,14 @@ def analyze_video(vinfo: video_lib.VideoInfo,
                                      category.num_keypoints)
           if outputs.max_animals else _FirstPoses())
   t0, t_first, first = time.perf_counter(), None, 0
+  num_boxes = 0  # Boxes posed.
   with tqdm.tqdm(total=vinfo.num_frames or None, desc=Path(vinfo.path).stem,
                  unit='frame') as bar:
     for batch in pipeline:
-      kp, lk, raw = _decode_batch(batch, batcher, policy, category.id,
-                                  category.num_keypoints, w, h)
+      kp, lk, raw, far = _decode_batch(batch, batcher, policy, category.id,
+                                       category.num_keypoints, w, h)
+      summary.boxes_out_of_range += int(sum(f.sum() for f in far))
+      num_boxes += sum(len(f) for f in far)
       for j, (kp_f, lk_f) in enumerate(zip(kp, lk)):
         if outputs.max_animals:
           rows.add(batch.start + j, kp_f, lk_f,
@@ -442,6 +459,12 @@ def analyze_video(vinfo: video_lib.VideoInfo,
   _fill_timing(summary, vinfo, pipeline, t0, t_first, first)
   for name, value in policy.counts().items():
     setattr(summary, name, value)
+  if batcher.box_range is not None:
+    if warning := box_range.warning(
+        batcher.box_range, summary.boxes_out_of_range, num_boxes,
+        vinfo.path, batcher.calibration is not None,
+        whole_frame=policy.name in ('whole frame', 'track')):
+      logging.warning('%s', warning)
   if outputs.max_animals:
     write_tracked_outputs(vinfo, rows, summary, outputs)
   else:

@@ -19,6 +19,7 @@ import numpy as np
 
 from kpseq_jax.data import transforms
 from kpseq_jax.inference import box_predictor
+from kpseq_jax.inference import box_range as box_range_lib
 from kpseq_jax.inference import decoding
 from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import predictor as predictor_lib
@@ -45,8 +46,10 @@ class CropBatcher:
                                              config.input.bbox_scale)
     self.warp = transforms.WarpToCrop(config.input.image_size_px)
     self.pending: list[tuple[object, dict]] = []
-    # The restored checkpoint's likelihood map (`restore_batcher`), if any.
+    # The restored checkpoint's likelihood map (`restore_batcher`), if any,
+    # and the training boxes' range it holds for (`box_range`).
     self.calibration: likelihood.CalibrationMap | None = None
+    self.box_range: box_range_lib.BoxRange | None = None
 
   def crop(self, image: np.ndarray, bbox, category_id: int) -> dict:
     """One top-down crop example as in evaluation.
@@ -267,7 +270,8 @@ def restore_batcher(config: ml_collections.ConfigDict, workdir: str,
                     ) -> tuple[CropBatcher, int]:
   """(`make_batcher` over ``workdir``'s chosen weights, checkpoint step);
   the batcher's ``calibration`` is the workdir's likelihood map of that
-  step (`likelihood.load`; None, logged, when there is none).
+  step (`likelihood.load`; None, logged, when there is none) and its
+  ``box_range`` the training boxes' (`box_range.from_config`).
 
   Raises:
     FileNotFoundError / checkpointing.CheckpointMismatchError: as
@@ -281,5 +285,6 @@ def restore_batcher(config: ml_collections.ConfigDict, workdir: str,
       config, predictor_lib.Predictor(config, model, variables, mesh),
       category_index, batch_size, detector=detector)
   batcher.calibration = likelihood.load(workdir, step)
+  batcher.box_range = box_range_lib.from_config(config)
   return batcher, step
 

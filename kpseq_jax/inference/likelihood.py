@@ -16,6 +16,13 @@ with the checkpoint step it was fitted for; `load` returns it only for
 that step. ``--mode eval``, ``predict`` and ``analyze`` write the
 calibrated value as the likelihood and keep the raw one under its own
 name; without a map (old workdirs) they say so once and write raw values.
+
+A box far outside the training boxes' scale (`box_range`) gets calibrated
+likelihood 0 for all its keypoints (`calibrate`): the map was fitted on
+boxes of the training scale and says nothing of another, and there the
+raw confidence is as high for wrong keypoints as for right ones (issue 36:
+a whole 640 px frame of the open-field video, training boxes 143-239 px,
+gave raw likelihoods 0.59-0.66 to keypoints 60-337 px off).
 """
 
 from __future__ import annotations
@@ -41,6 +48,21 @@ def raw_likelihood(confidence: np.ndarray,
   if presence is not None:
     out = out * np.asarray(presence, np.float64)
   return out
+
+
+def calibrate(cmap: 'CalibrationMap', raw: np.ndarray,
+              box_out_of_range: np.ndarray | None = None) -> np.ndarray:
+  """float64 [N, ...] calibrated likelihood of the float [N, ...] raw
+  likelihoods of N boxes: ``cmap(raw)``, but 0 for every keypoint of a box
+  whose ``box_out_of_range`` (bool [N], `box_range.BoxRange.out_of_range`;
+  None: no box checked) is True (module docstring). NaN (not generated)
+  stays NaN."""
+  out = cmap(raw)
+  if box_out_of_range is None:
+    return out
+  far = np.asarray(box_out_of_range, bool).reshape(
+      (-1,) + (1,) * (out.ndim - 1))  # [N, 1, ...]
+  return np.where(far & ~np.isnan(out), 0.0, out)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,13 @@ or annotations file (`image_inputs.read_boxes`); ``--detector_config`` and
 (PRTR's two-stage variant). Boxes are decoded by `batchers` and written by
 `predict_outputs` to ``OUT``: ``predictions.json`` (COCO keypoint results,
 pixels; with the workdir's ``calibration.json`` each keypoint's score is its
-calibrated likelihood, `likelihood`), ``images.json``, ``captions.txt``, ``overlays/<file>.png`` and
+calibrated likelihood, `likelihood`; ``box_out_of_range`` per result),
+``images.json``, ``captions.txt``, ``overlays/<file>.png`` and
 ``predict_report.json`` (`Summary`). Unreadable images are reported and
-skipped; the rest are processed.
+skipped; the rest are processed. Boxes far outside the training boxes'
+scale (`box_range`; e.g. a whole frame when the animal was trained on
+tight boxes) are counted, warned about once, and get calibrated likelihood
+0 (`likelihood.calibrate`).
 
 Pipeline: `image_inputs.plan_boxes` -> `predictor.restore_variables` ->
 `_decode_images` (read, box, queue in the batcher, write when an image's
@@ -33,6 +37,7 @@ from data_prep import images as image_io
 from kpseq_jax.data import dataset
 from kpseq_jax.inference import batchers
 from kpseq_jax.inference import box_predictor
+from kpseq_jax.inference import box_range
 from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import predict_outputs
 
@@ -52,6 +57,10 @@ class Summary:
   # (read, no prediction, no overlay).
   images_without_detection: list[str] = dataclasses.field(
       default_factory=list)
+  # Predictions whose box is out of the training boxes' range, and that
+  # range (`box_range.BoxRange.to_json`; None: not checked).
+  boxes_out_of_range: int = 0
+  box_range: dict | None = None
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
@@ -87,13 +96,22 @@ def predict(config: ml_collections.ConfigDict, workdir: str, images: str,
   summary = Summary(out_dir=out_dir, checkpoint_step=int(step),
                     boxes_without_image=plan.boxes_without_image,
                     skipped_boxes=plan.skipped_boxes)
-  writer = predict_outputs.PredictionWriter(out_dir, info,
-                                            batcher.calibration)
+  writer = predict_outputs.PredictionWriter(
+      out_dir, info, batcher.calibration, batcher.box_range)
   _decode_images(plan.entries, batcher, writer, summary,
                  _BoxSource(detector, info, category_id))
   summary.num_boxes = len(writer.results)
+  summary.boxes_out_of_range = writer.num_out_of_range
+  if batcher.box_range is not None:
+    summary.box_range = batcher.box_range.to_json()
   writer.write(summary)
   _log_summary(summary)
+  if batcher.box_range is not None:
+    if warning := box_range.warning(
+        batcher.box_range, summary.boxes_out_of_range, summary.num_boxes,
+        '--mode predict', batcher.calibration is not None,
+        whole_frame=not boxes_file and detector is None):
+      logging.warning('%s', warning)
   return summary
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 
 from kpseq_jax.data import dataset
 from kpseq_jax.data import visualize
+from kpseq_jax.inference import box_range as box_range_lib
 from kpseq_jax.inference import captions as captions_lib
 from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import likelihood
@@ -32,13 +33,19 @@ class PredictionWriter:
     calibration: the checkpoint's likelihood map: the results' likelihood
       is then the calibrated probability (`results.coco_results`); None:
       raw confidences.
+    box_range: the training boxes' range: each result says whether its
+      box is out of it (``box_out_of_range``), and such a box's calibrated
+      likelihood is 0 (`likelihood.calibrate`); None: not checked.
   """
 
   def __init__(self, out_dir: str, info: dataset.DatasetInfo,
-               calibration: likelihood.CalibrationMap | None = None):
+               calibration: likelihood.CalibrationMap | None = None,
+               box_range: box_range_lib.BoxRange | None = None):
     self.out_dir = out_dir
     self.info = info
     self.calibration = calibration
+    self.box_range = box_range
+    self.num_out_of_range = 0  # Boxes written out of ``box_range``.
     self.results: list[dict] = []  # COCO keypoint results.
     self.images: list[dict] = []  # COCO images table.
     self.captions: list[str] = []  # '<file>\t<caption>' lines.
@@ -69,15 +76,25 @@ class PredictionWriter:
     if poses[order[0]]['presence'] is not None:
       presence = np.stack([poses[j]['presence'] for j in order])  # [N, Kmax]
     categories = [self.info.categories[b.category_id] for b in boxes]
+    h, w = image.shape[:2]
+    far = None  # bool [N]: box out of the training range.
+    if self.box_range is not None:
+      far = self.box_range.out_of_range(
+          [b.bbox if b.bbox is not None else (0.0, 0.0, w, h) for b in boxes])
+      self.num_out_of_range += int(far.sum())
     calibrated = None
     if self.calibration is not None:
-      calibrated = self.calibration(
-          likelihood.raw_likelihood(confidence, presence))
+      calibrated = likelihood.calibrate(
+          self.calibration, likelihood.raw_likelihood(confidence, presence),
+          far)
     entries = results_lib.coco_results(
         pred, [c.num_keypoints for c in categories],
         [entry.image_id] * len(boxes), [b.category_id for b in boxes],
         [b.score for b in boxes], keypoint_scores=confidence,
         presence=presence, likelihood=calibrated)
+    if far is not None:
+      for r, f in zip(entries, far):
+        r['box_out_of_range'] = bool(f)
     self.results.extend(entries)
     for cat, p in zip(categories, pred):
       self.captions.append(f'{entry.rel_path}\t' + captions_lib.caption(

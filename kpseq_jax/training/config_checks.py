@@ -89,8 +89,8 @@ def model_field_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def input_errors(config: ml_collections.ConfigDict) -> list[str]:
-  """Data set, crop size, bins, Grain, OKS sigma, moving average, sharding
-  rules."""
+  """Data set, crop size, bins, Grain, OKS sigma, box range factor,
+  moving average, sharding rules."""
   i, errors = config.input, []
   if not i.dataset_dir:
     errors.append('input.dataset_dir is empty: pass --config.input.'
@@ -115,6 +115,11 @@ def input_errors(config: ml_collections.ConfigDict) -> list[str]:
   if not config.evals.oks_default_sigma >= 0:
     errors.append(f'evals.oks_default_sigma={config.evals.oks_default_sigma} '
                   'must be >= 0 (0: every category needs its own sigmas).')
+  if not config.calibration.box_range_factor >= 1:
+    errors.append('calibration.box_range_factor='
+                  f'{config.calibration.box_range_factor} must be >= 1 (a '
+                  'box is out of the training range beyond this factor of '
+                  'its extremes).')
   if not 0 <= config.optim.ema_decay < 1:
     errors.append(f'optim.ema_decay={config.optim.ema_decay} must be in '
                   '[0, 1) (0: no moving average of the weights).')
