@@ -12,7 +12,9 @@ import pytest
 
 from kpseq_jax.evaluation import calibration
 from kpseq_jax.evaluation import calibration_fit
+import conftest
 from kpseq_jax.inference import analyze
+from kpseq_jax.inference import box_range
 from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import results
@@ -107,8 +109,9 @@ class _Batcher:
   """What `analyze._decode_batch` reads of a `CropBatcher`."""
   batch_size = 4
 
-  def __init__(self, pred, calibration_map):
+  def __init__(self, pred, calibration_map, boxes=None):
     self.pred, self.calibration = pred, calibration_map
+    self.box_range = boxes
 
   def predict_crops(self, crops):
     del crops
@@ -133,8 +136,9 @@ def test_dlc_table_likelihood_is_calibrated_and_pcutoff_share_logged(
   batch = analyze.video_lib.FrameBatch(start=0, frames=[None, None])
   batch.crops = [[{}], [{}]]
   policy = _Policy()
-  kp, lk, raw = analyze._decode_batch(batch, _Batcher(pred, cmap), policy, 1,
-                                      k, 640, 480)
+  kp, lk, raw, far = analyze._decode_batch(batch, _Batcher(pred, cmap),
+                                           policy, 1, k, 640, 480)
+  assert not np.concatenate(far).any()  # No box range: nothing checked.
   np.testing.assert_allclose(np.concatenate(policy.seen), conf)  # Raw.
   np.testing.assert_allclose(np.concatenate(lk), cmap(conf))
   category = analyze.dataset.Category(
@@ -193,3 +197,60 @@ def test_a_data_set_without_val_falls_back_to_test_with_a_warning():
   new = dataclasses.replace(old, split_sizes={'train': 84, 'val': 9,
                                               'test': 23})
   assert config_checks.evaluation_splits(config, new) == ('val', 'test', None)
+
+
+def test_whole_frame_boxes_are_outside_the_training_range_of_real_frames(
+    dlc_dataset, shared_data):
+  """dlc_openfield's training boxes are 143-239 px (max(w, h)): the test
+  frames' own boxes are in range, a whole 640 x 480 frame (640 > 2 x 239)
+  is not, nor is a 60 px box (< 143 / 2); calibrated likelihoods of the
+  keypoints of out-of-range boxes are 0, the others the map's."""
+  config = conftest.smoke_config(dlc_dataset)
+  r = box_range.from_config(config)
+  assert r.factor == 2.0 and r.split == 'train'
+  assert 130 < r.min_side_px < 160 and 220 < r.max_side_px < 250
+  test = json.loads((shared_data / 'dlc_openfield' / 'annotations' /
+                     'test.json').read_text())
+  assert not r.out_of_range([a['bbox'] for a in test['annotations']]).any()
+  whole = [(0, 0, im['width'], im['height']) for im in test['images']]
+  assert {im['width'] for im in test['images']} == {640}
+  assert r.out_of_range(whole).all()
+  np.testing.assert_array_equal(
+      r.out_of_range([(5, 5, 60, 40), (0, 0, 2 * r.max_side_px, 10),
+                      (0, 0, 2 * r.max_side_px + 1, 10)]),
+      [True, False, True])
+  cmap = likelihood.CalibrationMap((0.0, 1.0), (0.2, 0.9), 0.05, 'e', 1,
+                                   'val', 10, 5)
+  raw = np.array([[0.9, 0.6, np.nan], [0.9, 0.6, 0.1]])  # [N=2 boxes, K=3]
+  boxes = [test['annotations'][0]['bbox'], whole[0]]
+  out = likelihood.calibrate(cmap, raw, r.out_of_range(boxes))
+  np.testing.assert_allclose(out[0], cmap(raw[0]))  # NaN stays NaN.
+  np.testing.assert_array_equal(out[1], [0.0, 0.0, 0.0])
+  assert r.out_of_range(boxes).tolist() == [False, True]
+  warning = box_range.warning(r, 1, 2, 'predict', True, whole_frame=True)
+  assert '1 of 2 boxes' in warning and '--detector_workdir' in warning
+  assert '--boxes' in warning
+  assert box_range.warning(r, 0, 2, 'predict', True) is None
+
+
+def test_video_frames_cropped_whole_get_likelihood_0(dlc_dataset):
+  """`analyze._decode_batch` with the real training range: a frame cropped
+  whole is out of range (likelihood 0, raw kept), a tight box is not."""
+  k = 2
+  conf = np.array([[0.9, 0.5], [0.3, 0.95]], np.float32)
+  pred = predictor_lib.Prediction(
+      keypoints=np.zeros((2, k, 2), np.float32), num_keypoints=np.full(2, k),
+      keypoints_px=np.zeros((2, k, 2)), confidence=conf,
+      confidence_by_radius=conf[..., None])
+  cmap = likelihood.CalibrationMap((0.0, 1.0), (0.3, 0.9), 0.05, 'e', 1,
+                                   'val', 10, 5)
+  r = box_range.from_config(conftest.smoke_config(dlc_dataset))
+  batch = analyze.video_lib.FrameBatch(start=0, frames=[None, None])
+  batch.boxes = [[(0, 0, 640, 480)], [(100, 100, 180, 120)]]
+  batch.crops = [[{}], [{}]]
+  _, lk, raw, far = analyze._decode_batch(
+      batch, _Batcher(pred, cmap, r), _Policy(), 1, k, 640, 480)
+  assert [f.tolist() for f in far] == [[True], [False]]
+  np.testing.assert_array_equal(lk[0], [[0.0, 0.0]])
+  np.testing.assert_allclose(lk[1], cmap(conf[1:]))
+  np.testing.assert_allclose(np.concatenate(raw), conf)

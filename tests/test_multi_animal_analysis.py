@@ -66,6 +66,7 @@ class _BoxPoser:
     self.batch_size = batch_size
     self.calls = []
     self.calibration = None  # Raw likelihoods, as a workdir without one.
+    self.box_range = None  # Boxes not checked against a training range.
 
   def crop(self, frame, bbox, category_id):
     del frame, category_id

@@ -40,10 +40,12 @@ def summary_workdir(predicted):
 
 
 def test_without_calibration_the_raw_values_are_written(trained, shared_data,
-                                                        tmp_path):
+                                                        tmp_path, caplog):
   """A workdir without calibration.json (trained before it) writes raw
   confidences and v = presence >= 0.5, as before; the same workdir with its
-  map writes the map of the same raw values."""
+  map writes the map of the same raw values for boxes of the training scale,
+  and 0 for these whole 640 x 480 frames (training boxes 143-239 px: out
+  of range), with a warning naming --detector_workdir and --boxes."""
   config, workdir, _ = trained
   old = tmp_path / 'old'
   shutil.copytree(workdir, old, ignore=shutil.ignore_patterns(
@@ -53,22 +55,32 @@ def test_without_calibration_the_raw_values_are_written(trained, shared_data,
   for name in ('img0001.png', 'img0050.png'):
     shutil.copy(shared_data / 'dlc_openfield' / 'images' / 'm4s1' / name,
                 images / name)
-  runs = {}
+  runs, summaries = {}, {}
   for name, w in (('raw', old), ('calibrated', workdir)):
-    predict.predict(config, str(w), str(images), str(tmp_path / name))
+    caplog.clear()
+    summaries[name] = predict.predict(config, str(w), str(images),
+                                      str(tmp_path / name))
     runs[name] = json.loads((tmp_path / name / 'predictions.json').read_text())
+    [warning] = [m for m in caplog.messages if 'outside the training' in m]
+    assert '2 of 2 boxes' in warning and '--detector_workdir' in warning
   cmap = likelihood.load(str(workdir), json.loads(
       (workdir / 'best_checkpoint.json').read_text())['step'])
   for r, c in zip(runs['raw'], runs['calibrated']):
     assert 'keypoint_confidence_raw' not in r
+    assert r['box_out_of_range'] and c['box_out_of_range']  # 640 px boxes.
     kp = np.reshape(r['keypoints'], [4, 3])
     np.testing.assert_array_equal(kp[:, 2],
                                   np.array(r['keypoint_presence']) >= 0.5)
     np.testing.assert_allclose(c['keypoint_confidence_raw'],
                                r['keypoint_scores'], atol=1e-4)
-    np.testing.assert_allclose(c['keypoint_scores'], cmap(
-        likelihood.raw_likelihood(r['keypoint_scores'],
-                                  r['keypoint_presence'])), atol=1e-2)
+    assert min(cmap(likelihood.raw_likelihood(
+        r['keypoint_scores'], r['keypoint_presence']))) > 0  # The map's.
+    # Out of the training range: calibrated likelihood 0, raw kept.
+    assert c['keypoint_scores'] == [0.0] * 4
+    assert np.reshape(c['keypoints'], [4, 3])[:, 2].tolist() == [0.0] * 4
+  for summary in summaries.values():
+    assert summary.boxes_out_of_range == summary.num_boxes == 2
+    assert summary.box_range['high_px'] < 640
 
 
 def test_one_result_per_box_inside_its_crop(predicted):
@@ -76,6 +88,9 @@ def test_one_result_per_box_inside_its_crop(predicted):
   results = json.loads((out / 'predictions.json').read_text())
   anns = {a['image_id']: a for a in gt['annotations']}
   assert summary.num_boxes == len(results) == len(gt['annotations']) == 23
+  # The test frames' own boxes are of the training scale.
+  assert summary.boxes_out_of_range == 0
+  assert not any(r['box_out_of_range'] for r in results)
   assert summary.num_images == 23 and not summary.unreadable
   assert sorted(r['image_id'] for r in results) == sorted(anns)
   for r in results:

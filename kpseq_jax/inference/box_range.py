@@ -10,8 +10,9 @@ ratio, which the crop does not see.
 set from the train split (at most `MAX_RECORDS` records, evenly spaced).
 A box is out of range when its side is below min / ``factor`` or above
 max x ``factor`` (``config.calibration.box_range_factor``, 2 by default:
-training rescales crops by ``input.scale_range`` 0.75-1.25 only, so a
-side beyond twice the extremes is a scale the model never saw). The
+training rescales crops by ``input.scale_range`` 0.75-1.25 only, so twice
+the extremes is well beyond any scale trained on, with a margin for
+detector boxes a little looser or tighter than the labelled ones). The
 likelihood map has no data there: `likelihood.calibrate` sets the
 calibrated likelihood of such a box's keypoints to 0 and keeps the raw one
 under its raw name. ``--mode predict``, ``analyze`` and ``eval`` count such
@@ -24,6 +25,7 @@ import dataclasses
 import functools
 
 from absl import logging
+import ml_collections
 import numpy as np
 
 from kpseq_jax.data import dataset
@@ -82,7 +84,8 @@ class BoxRange:
 def training_sides_px(dataset_dir: str, split: str,
                       max_records: int = MAX_RECORDS) -> tuple[float, ...]:
   """max(w, h) in pixels of at most ``max_records`` boxes of ``split``,
-  evenly spaced over it (cached per data set and split).
+  evenly spaced over it (cached per process, data set and split: a run
+  reads them once).
 
   Raises:
     FileNotFoundError / KeyError: no data set / no such split
@@ -95,7 +98,7 @@ def training_sides_px(dataset_dir: str, split: str,
   return tuple(float(np.max(src[int(i)]['bbox'][2:4])) for i in index)
 
 
-def from_config(config) -> BoxRange | None:
+def from_config(config: ml_collections.ConfigDict) -> BoxRange | None:
   """The range of ``config.input.dataset_dir``'s train split
   (``input.train_split``) with ``config.calibration.box_range_factor``;
   None, logged, when that split is missing or empty."""
