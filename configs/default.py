@@ -253,10 +253,12 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
                 skip_small_categories=False, eval_permuted=False)
 
   # Whole-image boxes (the detector and the end-to-end keypoint stage):
-  # canvas (height, width), training resize range, boxes kept per image,
-  # score below which predict/analyze drop a box.
+  # canvas (height, width), training resize range (x the fitting scale;
+  # above 1 a random crop), vertical flips in training, boxes kept per
+  # image, score below which predict/analyze drop a box.
   c.detector = dict(image_size_px=(480, 640), scale_range=(0.75, 1.0),
-                    max_detections=10, score_threshold=0.3)
+                    vertical_flip_prob=0.0, max_detections=10,
+                    score_threshold=0.3)
 
   # Decoding: flip test (MMPose's; two decodes per crop) and the
   # confidence's +- radius in coordinate bins.

@@ -17,6 +17,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_num_keypoints = 13
   c.input.dataset_dir = 'data/sleap_flies'
   c.detector.image_size_px = (256, 256)
+  # The training frames' flies stay in one band of the arena (box centres
+  # 426-500 px of 1024 high): crops (scale above 1) and vertical flips
+  # move them over the whole canvas, so that another recording's flies
+  # are found wherever they walk (docs/multi_animal.md).
+  c.detector.scale_range = (0.75, 1.5)
+  c.detector.vertical_flip_prob = 0.5
   c.optim.num_train_steps = 1200
   c.optim.decay_steps = (1000,)
   c.evals.split = 'val'

@@ -53,21 +53,44 @@ def test_canvas_boxes_map_back_to_the_image_boxes():
   np.testing.assert_allclose(back[:2], want, atol=0.01)
 
 
-@pytest.mark.parametrize('seed', range(4))
+@pytest.mark.parametrize('seed', range(8))
 def test_augmented_boxes_frame_the_object_on_the_canvas(seed):
-  # A bright rectangle on black: after random scale, offset and flip, the
-  # target box is exactly where the bright pixels are.
+  # A bright rectangle on black: after random scale (crops above 1), offset
+  # and both flips, the target box is exactly where the bright pixels are
+  # (clipped to the canvas; no box when none are left).
   image = np.zeros([300, 400, 3], np.uint8)
   image[50:150, 40:200] = 255
   t = detection.RandomResizeToCanvas((240, 320), {1: 0}, 2,
-                                     scale_range=(0.5, 1.0), flip_prob=0.5)
+                                     scale_range=(0.5, 2.0), flip_prob=0.5,
+                                     vertical_flip_prob=0.5)
   ex = t.random_map(_element(image, [[40, 50, 160, 100]]),
                     np.random.default_rng(seed))
   ys, xs = np.nonzero(ex['image'][..., 0] > 127)
+  if not ex['box_valid'][0]:
+    assert len(xs) == 0
+    return
   x0, y0, x1, y1 = _xyxy(ex['boxes'][0]) * [320, 240, 320, 240]
   np.testing.assert_allclose([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
                              [x0, y0, x1, y1], atol=1.5)
   assert ex['box_valid'].tolist() == [True, False]
+
+
+def test_crops_and_vertical_flips_move_an_object_over_the_canvas():
+  # An object that sits in one band of every frame (as the flies of
+  # sleap_flies' training frames, whose centres span 426-500 px of 1024)
+  # reaches the whole canvas height only with crops and vertical flips.
+  image = np.zeros([400, 400, 3], np.uint8)
+  element = _element(image, [[180, 170, 40, 30]])
+  def centres_y(**kw):
+    t = detection.RandomResizeToCanvas((256, 256), {1: 0}, 2, flip_prob=0.5,
+                                       **kw)
+    rng = np.random.default_rng(0)
+    exs = [t.random_map(element, rng) for _ in range(300)]
+    return np.array([e['boxes'][0, 1] for e in exs if e['box_valid'][0]])
+  fitting = centres_y(scale_range=(0.75, 1.0))
+  assert fitting.min() > 0.3 and fitting.max() < 0.65
+  cropped = centres_y(scale_range=(0.75, 2.0), vertical_flip_prob=0.5)
+  assert cropped.min() < 0.15 and cropped.max() > 0.85
 
 
 def test_only_the_largest_instances_fit_the_queries():

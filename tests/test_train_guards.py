@@ -170,8 +170,10 @@ def test_model_fields_must_be_the_systems_constructor_fields():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('detector.scale_range', (0.5, 1.5),
-     'detector.scale_range=(0.5, 1.5) must satisfy 0 < lo <= hi <= 1'),
+    ('detector.scale_range', (1.5, 0.5),
+     'detector.scale_range=(1.5, 0.5) must satisfy 0 < lo <= hi'),
+    ('detector.vertical_flip_prob', 2.0,
+     'detector.vertical_flip_prob=2.0 must be in [0, 1]'),
     ('detector.image_size_px', (16, 64),
      'detector.image_size_px=(16, 64) must be (height, width)'),
     ('detector.max_detections', 11,

@@ -9,9 +9,12 @@ once) with the boxes and categories of all its records.
 Each image is resized with its aspect ratio kept onto a zero canvas of
 ``config.detector.image_size_px`` = (H, W) (static shapes for `jax.jit`);
 evaluation places it at the top-left at the fitting scale, training at a
-random scale (``detector_scale_range`` times the fitting scale) and
-offset, flipped horizontally with ``flip_prob`` (DETR's
-``RandomResize`` / ``RandomHorizontalFlip``, ``datasets/coco.py``). Boxes
+random scale (``detector.scale_range`` times the fitting scale; above 1
+the canvas shows a random crop, DETR's ``RandomSizeCrop``) and offset,
+flipped horizontally with ``input.flip_prob`` (DETR's ``RandomResize`` /
+``RandomHorizontalFlip``, ``datasets/coco.py``) and vertically with
+``detector.vertical_flip_prob`` (top-down videos, where up and down are
+arbitrary). Boxes
 become normalised [0, 1] (cx, cy, w, h) of the canvas, DETR's target
 format; an instance whose box leaves the canvas is clipped, and one left
 with no area is dropped.
@@ -95,7 +98,8 @@ class ImageGroups:
 
 
 def _place_image(img: np.ndarray, canvas_hw: tuple[int, int], scale: float,
-                 offset: tuple[float, float], flip: bool):
+                 offset: tuple[float, float], flip: bool,
+                 vertical_flip: bool = False):
   """(canvas uint8 [H, W, 3], resized (w, h), integer offset (dx, dy)):
   ``img`` (flipped if asked) resized by ``scale`` at ``offset`` on a black
   canvas, clipped to it."""
@@ -103,6 +107,8 @@ def _place_image(img: np.ndarray, canvas_hw: tuple[int, int], scale: float,
   ch, cw = canvas_hw
   if flip:
     img = img[:, ::-1]
+  if vertical_flip:
+    img = img[::-1]
   nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
   resized = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
       (nw, nh), Image.Resampling.BILINEAR))
@@ -118,7 +124,8 @@ def _place_image(img: np.ndarray, canvas_hw: tuple[int, int], scale: float,
 
 def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
               offset: tuple[float, float], flip: bool,
-              class_index: dict[int, int], max_boxes: int) -> dict[str, Any]:
+              class_index: dict[int, int], max_boxes: int,
+              vertical_flip: bool = False) -> dict[str, Any]:
   """Resizes a decoded image onto the canvas and converts its boxes.
 
   Args:
@@ -128,6 +135,7 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
     scale: canvas pixels per image pixel.
     offset: (dx, dy) canvas pixels of the image's top-left corner.
     flip: mirror the image (and boxes) left-right before placing it.
+    vertical_flip: mirror them top-bottom (training only, as ``flip``).
     class_index: category id -> class index.
     max_boxes: N, rows of the padded box arrays; instances beyond N (the
       smallest boxes first) are dropped with a warning.
@@ -138,17 +146,20 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
   h, w = ex['image'].shape[:2]
   ch, cw = canvas_hw
   canvas, (nw, nh), (dx, dy) = _place_image(ex['image'], canvas_hw, scale,
-                                             offset, flip)
+                                             offset, flip, vertical_flip)
   # Box corners in canvas pixels (the resize's exact scale per axis).
   sx, sy = nw / w, nh / h
   b = np.asarray(ex['bboxes'], np.float64).reshape(-1, 4)
   left, right = b[:, 0], b[:, 0] + b[:, 2]
+  top, bottom = b[:, 1], b[:, 1] + b[:, 3]
   if flip:
     left, right = w - right, w - left
+  if vertical_flip:
+    top, bottom = h - bottom, h - top
   xa = np.clip(left * sx + dx, 0, cw)
   xb = np.clip(right * sx + dx, 0, cw)
-  ya = np.clip(b[:, 1] * sy + dy, 0, ch)
-  yb = np.clip((b[:, 1] + b[:, 3]) * sy + dy, 0, ch)
+  ya = np.clip(top * sy + dy, 0, ch)
+  yb = np.clip(bottom * sy + dy, 0, ch)
   keep = (xb - xa > 1e-3) & (yb - ya > 1e-3)
   order = np.argsort(-((xb - xa) * (yb - ya)) * keep, kind='stable')
   order = order[keep[order]]
@@ -198,23 +209,26 @@ class ResizeToCanvas(grain.transforms.Map):
 @dataclasses.dataclass(frozen=True)
 class RandomResizeToCanvas(grain.transforms.RandomMap):
   """Training: random scale in ``scale_range`` x the fitting scale, random
-  offset that keeps the image on the canvas, random flip (`to_canvas`)."""
+  offset (the image stays on the canvas; above the canvas's size, the
+  canvas stays on the image: a random crop), random flips (`to_canvas`)."""
 
   canvas_hw: tuple[int, int]
   class_index: dict[int, int]
   max_boxes: int
   scale_range: tuple[float, float] = (0.75, 1.0)
   flip_prob: float = 0.5
+  vertical_flip_prob: float = 0.0
 
   def random_map(self, ex, rng: np.random.Generator):
     h, w = ex['image'].shape[:2]
     scale = fit_scale((w, h), self.canvas_hw) * rng.uniform(*self.scale_range)
     ch, cw = self.canvas_hw
-    dx = rng.uniform(0, max(0.0, cw - w * scale))
-    dy = rng.uniform(0, max(0.0, ch - h * scale))
+    dx = rng.uniform(*sorted((0.0, cw - w * scale)))
+    dy = rng.uniform(*sorted((0.0, ch - h * scale)))
     return to_canvas(ex, self.canvas_hw, scale, (dx, dy),
                      bool(rng.uniform() < self.flip_prob), self.class_index,
-                     self.max_boxes)
+                     self.max_boxes,
+                     bool(rng.uniform() < self.vertical_flip_prob))
 
 
 def _chain(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
@@ -227,7 +241,8 @@ def _chain(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
   chain = [transforms.DecodeImage(),
            RandomResizeToCanvas(canvas, classes, config.model.num_queries,
                                 tuple(config.detector.scale_range),
-                                config.input.flip_prob)]
+                                config.input.flip_prob,
+                                config.detector.vertical_flip_prob)]
   if config.input.color_jitter > 0:
     chain.append(transforms.ColorJitter(config.input.color_jitter))
   return chain

@@ -228,10 +228,13 @@ def canvas_errors(config: ml_collections.ConfigDict) -> list[str]:
                   'stride).')
   if config.model_name == 'detector':
     lo, hi = d.scale_range
-    if not 0 < lo <= hi <= 1:
+    if not 0 < lo <= hi:
       errors.append(f'detector.scale_range={(lo, hi)} must satisfy 0 < lo '
-                    '<= hi <= 1 (a fraction of the scale that fits the '
-                    'canvas).')
+                    '<= hi (times the scale that fits the canvas; above 1, '
+                    'a random crop).')
+    if not 0 <= d.vertical_flip_prob <= 1:
+      errors.append(f'detector.vertical_flip_prob={d.vertical_flip_prob} '
+                    'must be in [0, 1].')
     most = config.model.num_queries * config.max_num_categories
     if not 1 <= d.max_detections <= most:
       errors.append(f'detector.max_detections={d.max_detections} must be in '
