@@ -193,8 +193,8 @@ def test_end_to_end_canvas_must_be_multiples_of_32():
   c.input.dataset_dir = 'x'
   c.detector.image_size_px = (100, 128)
   with pytest.raises(ValueError, match=re.escape(
-      'detector.image_size_px=(100, 128) must be (height, width), multiples '
-      'of 32')):
+      'detector.image_size_px=(100, 128) must be (height, width), >= 32 px '
+      'and with the ResNet multiples of 32')):
     config_checks.check(c)
 
 
@@ -212,7 +212,11 @@ def test_category_longer_than_the_sequence_is_rejected():
   with pytest.raises(ValueError, match=r'largest: 2:c2 with K=17.*'
                      r'max_num_keypoints=17'):
     config_checks.check_dataset(c, _info([4, 17, 9]))
+  # No 'val' split: the report split ('test') is evaluated instead (logged
+  # by training); neither split is an error naming the selection split.
   c.evals.split = 'val'
+  config_checks.check_dataset(c, _info([4]))
+  c.evals.report_split = 'heldout'
   with pytest.raises(ValueError, match="evals.split='val' is not a split"):
     config_checks.check_dataset(c, _info([4]))
 

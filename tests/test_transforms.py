@@ -169,7 +169,7 @@ def test_eval_batches_have_the_same_count_on_every_process(
   counts, ids = [], []
   for p in range(num_processes):
     monkeypatch.setattr(pipeline.jax, 'process_index', lambda p=p: p)
-    batches = list(pipeline.create_eval_batches(config, info))
+    batches = list(pipeline.create_eval_batches(config, info, 'test'))
     counts.append(len(batches))
     for batch in batches:
       assert batch['image'].shape[0] == local_batch
