@@ -11,7 +11,10 @@ keypoint decoder (`batchers.CropBatcher`): from its own box and from its
 matched detection. Both are scored by MP-100's PCK (normaliser: the
 ground-truth box, `metrics.PCKAccumulator`) and mean pixel error; an
 instance no detection matched counts as wrong at every keypoint (PCK 0)
-and has no pixel error.
+and has no pixel error. Multi-instance OKS AP (pycocotools, `oks.py`) is
+computed from every detection's pose (not only the matched ones; score:
+box score x mean keypoint confidence, mmpose's ``bbox_keypoint``) against
+every labelled instance, next to the same from the ground-truth boxes.
 
 It yields (`common.py`) the `DetectedBoxesReport` of the report
 ``<split>_detected_boxes``: ``eval_<split>_detected_boxes.json``
@@ -37,7 +40,9 @@ from kpseq_jax.data import detection
 from kpseq_jax.data import transforms
 from kpseq_jax.evaluation import common
 from kpseq_jax.evaluation import metrics
+from kpseq_jax.evaluation import oks
 from kpseq_jax.inference import batchers
+from kpseq_jax.inference import results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,10 @@ class DetectedBoxesReport:
     median_error_px_gt_boxes / median_error_px_detected_boxes: median over
       instances of each instance's mean error (pixels; matched instances
       with a labelled keypoint), robust to the one frame that fails.
+    oks_gt_boxes / oks_detected_boxes: pycocotools' OKS AP/AR summary
+      (`oks.OKSResult.to_dict`) of the poses from the ground-truth boxes
+      and from every detection (the figure a user without labelled boxes
+      gets).
     instances: per ground-truth instance, in evaluation order:
       ``image_id``, ``annotation_id``, ``iou`` of its matched detection
       (None when missed), ``width_ratio`` / ``height_ratio`` (detected /
@@ -87,6 +96,8 @@ class DetectedBoxesReport:
   seconds_per_image_keypoints: float
   median_error_px_gt_boxes: float | None = None
   median_error_px_detected_boxes: float | None = None
+  oks_gt_boxes: dict | None = None
+  oks_detected_boxes: dict | None = None
   instances: list[dict] = dataclasses.field(default_factory=list)
 
 
@@ -191,17 +202,31 @@ class DetectedBoxesEvaluator:
     t1 = time.perf_counter()
     match = match_by_iou(np.asarray([b for _, b, _ in found]).reshape(-1, 4),
                          truth, self.iou_threshold)
-    gt_px = _keypoints(batcher, image, truth, list(cids))
+    gt_px, gt_conf = _keypoints(batcher, image, truth, list(cids))
     t2 = time.perf_counter()
     det_px = np.full_like(gt_px, np.nan)
-    if match:
-      order = sorted(match)
-      det_px[order] = _keypoints(
-          batcher, image, np.asarray([found[match[g][0]][1] for g in order]),
-          [int(cids[g]) for g in order])
+    poses = []  # Every detection's pose, for OKS AP.
+    if found:
+      all_px, all_conf = _keypoints(
+          batcher, image, np.asarray([b for _, b, _ in found]),
+          [c for c, _, _ in found])
+      for g, (d, _) in match.items():
+        det_px[g] = all_px[d]
+      poses = [(c, all_px[d], s, all_conf[d])
+               for d, (c, _, s) in enumerate(found)]
     t3 = time.perf_counter()
     kps = np.stack([_pad(np.asarray(r['keypoints'], np.float32),
                          gt_px.shape[1]) for r in records])
+    image_id = int(records[0]['image_id'])
+    k_of = lambda c: self.info.categories[int(c)].num_keypoints
+    ground_truth = [oks.GroundTruth(image_id, int(c), kp[:k_of(c)], box)
+                    for c, kp, box in zip(cids, kps, truth)]
+    from_gt = [oks.Prediction(image_id, int(c), px[:k_of(c)],
+                              results.bbox_keypoint_score(1.0, cf[:k_of(c)]))
+               for c, px, cf in zip(cids, gt_px, gt_conf)]
+    from_det = [oks.Prediction(image_id, int(c), px[:k_of(c)],
+                               results.bbox_keypoint_score(s, cf[:k_of(c)]))
+                for c, px, s, cf in poses]
     instances = []
     for g, r in enumerate(records):
       d, iou = match.get(g, (None, None))
@@ -215,6 +240,8 @@ class DetectedBoxesEvaluator:
           error_px_detected_box=_instance_error(det_px[g], kps[g])))
     return dict(gt=gt_px, detected=det_px, keypoints=kps, truth=truth,
                 category_ids=cids, instances=instances,
+                ground_truth=ground_truth, from_gt=from_gt,
+                from_detected=from_det,
                 detections=len(found), matched=len(match),
                 seconds_detection=t1 - t0, seconds_keypoints=t3 - t2)
 
@@ -241,7 +268,18 @@ class DetectedBoxesEvaluator:
         median_error_px_gt_boxes=_median(instances, 'error_px_gt_box'),
         median_error_px_detected_boxes=_median(instances,
                                                'error_px_detected_box'),
+        oks_gt_boxes=self._oks(images, 'from_gt'),
+        oks_detected_boxes=self._oks(images, 'from_detected'),
         instances=instances)
+
+  def _oks(self, images: list[dict], key: str) -> dict:
+    """pycocotools' OKS summary of every image's ``key`` predictions."""
+    sigmas = {c.id: c.oks_sigmas for c in self.info.categories.values()
+              if c.oks_sigmas}
+    return oks.evaluate_oks(
+        [g for im in images for g in im['ground_truth']],
+        [p for im in images for p in im[key]], self.info.categories, sigmas,
+        self.config.evals.oks_default_sigma or None).to_dict()
 
 
 def _log(report: 'DetectedBoxesReport') -> None:
@@ -260,15 +298,18 @@ def _log(report: 'DetectedBoxesReport') -> None:
 
 
 def _keypoints(batcher: batchers.CropBatcher, image: np.ndarray,
-               boxes_xywh: np.ndarray, category_ids: list[int]) -> np.ndarray:
-  """float64 [N, Kmax, 2] image-pixel keypoints decoded from N boxes."""
+               boxes_xywh: np.ndarray, category_ids: list[int]
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """(float64 [N, Kmax, 2] image-pixel keypoints, float32 [N, Kmax] raw
+  confidence) decoded from N boxes."""
   crops = [batcher.crop(image, b, c) for b, c in zip(boxes_xywh,
                                                       category_ids)]
-  out = []
+  px, conf = [], []
   for i in range(0, len(crops), batcher.batch_size):
-    out.append(batcher.predict_crops(crops[i:i + batcher.batch_size])
-               .keypoints_px)
-  return np.concatenate(out)
+    pred = batcher.predict_crops(crops[i:i + batcher.batch_size])
+    px.append(pred.keypoints_px)
+    conf.append(pred.confidence)
+  return np.concatenate(px), np.concatenate(conf)
 
 
 def _instance_error(px: np.ndarray, keypoints: np.ndarray) -> float | None:
