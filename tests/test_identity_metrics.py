@@ -69,3 +69,22 @@ def test_frames_select_video_frames_and_the_gate_is_in_pixels():
   assert identity.score(labels, preds, slice(1, 3))['labelled_instances'] == 2
   assert identity.score(labels, preds, max_dist_px=29)['misses'] == 4
   assert identity.score(labels, preds, max_dist_px=30)['misses'] == 0
+
+
+def test_a_keypoint_on_the_neighbour_counts_as_a_jump():
+  # Flies 100 px apart; in frame 1 the female's predicted thorax sits on
+  # the male's thorax (her head stays hers, so she is still paired).
+  nodes = ('head', 'thorax')
+  def rows(thorax_of_female):
+    return {0: [(np.array([[0, 0], [10, 0]], np.float32), 0),
+                (np.array([[100, 0], [110, 0]], np.float32), 1)],
+            1: [(np.array([[0, 0], thorax_of_female], np.float32), 0),
+                (np.array([[100, 0], [110, 0]], np.float32), 1)]}
+  labels = identity.from_rows(rows([10, 0]), ('f', 'm'), nodes)
+  preds = identity.from_rows(rows([108, 0]), ('f', 'm'), nodes)
+  r = identity.score(labels, preds, max_dist_px=60)
+  assert r['neighbour_jumps'] == {'jumped_keypoints': 1,
+                                  'jumped_instances': 1,
+                                  'checked_keypoints': 8}
+  assert 'Keypoints on the neighbouring animal: 1 of 8' in identity.markdown(
+      r, 't')

@@ -239,6 +239,41 @@ def identity_counts(labels: Tracks, preds: Tracks, pairs: dict,
           'false_positives': false_pos}
 
 
+def neighbour_jumps(labels: Tracks, preds: Tracks, pairs: dict
+                    ) -> dict[str, int]:
+  """Keypoints of a paired prediction that sit on another animal.
+
+  A node of a predicted instance paired with labelled animal A jumped when
+  it is nearer the same node of another labelled animal of the frame than
+  A's own (both labelled): the top-down crop of A posed its neighbour.
+
+  Returns:
+    ``jumped_keypoints`` (nodes), ``jumped_instances`` (paired instances
+    with at least one jumped node), ``checked_keypoints`` (nodes labelled
+    on A and on a neighbour and predicted), over frames with >= 2 animals.
+  """
+  jumped = instances = checked = 0
+  for f, frame in enumerate(labels.frame_idx):
+    lab = labels.points[f][labels.ids[f] >= 0]  # [N, K, 2]
+    g = _row_of(preds, frame)
+    if g is None or len(lab) < 2:
+      continue
+    pred = preds.points[g][preds.ids[g] >= 0]
+    for i, j in pairs[f]:
+      own = np.linalg.norm(pred[j] - lab[i], axis=-1)  # [K]
+      others = np.delete(lab, i, axis=0)
+      near = np.nanmin(np.where(
+          np.isfinite(others).all(-1),
+          np.linalg.norm(pred[j][None] - others, axis=-1), np.inf), axis=0)
+      ok = np.isfinite(own) & np.isfinite(near)
+      hit = ok & (near < own)
+      jumped += int(hit.sum())
+      instances += bool(hit.any())
+      checked += int(ok.sum())
+  return {'jumped_keypoints': jumped, 'jumped_instances': instances,
+          'checked_keypoints': checked}
+
+
 def mot_summary(labels: Tracks, preds: Tracks, dists: dict,
                 max_dist_px: float) -> dict[str, float]:
   """motmetrics' figures (`MOT_METRICS`) from `frame_pairs`' distances."""
@@ -279,6 +314,7 @@ def score(labels: Tracks, preds: Tracks, frames: slice | None = None,
   mapping = identity_map(labels, preds, pairs)
   out = identity_counts(labels, preds, pairs, mapping)
   out['motmetrics'] = mot_summary(labels, preds, dists, max_dist_px)
+  out['neighbour_jumps'] = neighbour_jumps(labels, preds, pairs)
   out['frames'] = len(labels.frame_idx)
   out['identity_mapping'] = {preds.names[k]: labels.names[v]
                              for k, v in mapping.items()}
@@ -289,7 +325,7 @@ def score(labels: Tracks, preds: Tracks, frames: slice | None = None,
 
 def markdown(result: dict, title: str) -> str:
   """A Markdown table of `score`'s result."""
-  m = result['motmetrics']
+  m, jumps = result['motmetrics'], result['neighbour_jumps']
   return '\n'.join([
       f'# Identity: {title}', '',
       f'{result["frames"]} labelled frames, nodes {", ".join(result["nodes"])},'
@@ -301,7 +337,10 @@ def markdown(result: dict, title: str) -> str:
       f'| {result["labelled_instances"]} | {result["wrong_identity"]} | '
       f'{result["identity_changes"]} | {result["misses"]} | '
       f'{result["false_positives"]} | {m["idf1"]:.4f} | '
-      f'{int(m["num_switches"])} | {m["mota"]:.4f} |', ''])
+      f'{int(m["num_switches"])} | {m["mota"]:.4f} |', '',
+      f'Keypoints on the neighbouring animal: {jumps["jumped_keypoints"]} '
+      f'of {jumps["checked_keypoints"]} (in {jumps["jumped_instances"]} '
+      'instances).', ''])
 
 
 def parse_frames(text: str | None) -> slice | None:
