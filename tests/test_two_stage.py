@@ -89,6 +89,9 @@ def test_keypoints_from_detected_boxes_next_to_ground_truth_boxes(
   saved = json.loads(
       (tmp_path / 'eval_test_detected_boxes.json').read_text())
   assert saved['pck_gt_boxes'] == same.pck_gt_boxes
+  table = (tmp_path / 'eval_test_detected_boxes.md').read_text()
+  assert f'{n} of {n} instances matched' in table
+  assert '| detected | ' in table and '| ground truth | ' in table
   # Per instance: the detection is the annotated box (IoU 1, ratios 1) and
   # both errors are the instance's own.
   assert len(saved['instances']) == n

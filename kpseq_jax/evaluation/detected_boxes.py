@@ -186,6 +186,7 @@ class DetectedBoxesEvaluator:
                           acc['detected'].result())
     _log(report)
     yield from dataclasses.asdict(report).items()
+    yield 'table', common.Markdown(markdown(report))
 
   def _image(self, batcher: batchers.CropBatcher, records: list[dict]
              ) -> dict[str, Any]:
@@ -280,6 +281,27 @@ class DetectedBoxesEvaluator:
         [g for im in images for g in im['ground_truth']],
         [p for im in images for p in im[key]], self.info.categories, sigmas,
         self.config.evals.oks_default_sigma or None).to_dict()
+
+
+def markdown(report: 'DetectedBoxesReport') -> str:
+  """``eval_<split>_detected_boxes.md``: the figures from detected boxes
+  next to those from the ground-truth boxes."""
+  r, f = report, lambda v: 'n/a' if v is None else f'{v:.4f}'
+  o_gt, o_det = r.oks_gt_boxes or {}, r.oks_detected_boxes or {}
+  return '\n'.join([
+      f'## Keypoints from detected boxes ({r.split})', '',
+      f'{r.num_matched} of {r.num_instances} instances matched by a '
+      f'detection (IoU >= {r.iou_threshold:g}), {r.num_detections} '
+      f'detections (score >= {r.score_threshold:g}) on {r.num_images} '
+      'images.', '',
+      '| boxes | OKS AP | AP50 | AP75 | AR | PCK@' f'{r.pck_alpha:g} '
+      '| mean error (px) |', '|---|---:|---:|---:|---:|---:|---:|',
+      f'| detected | {f(o_det.get("ap"))} | {f(o_det.get("ap50"))} | '
+      f'{f(o_det.get("ap75"))} | {f(o_det.get("ar"))} | '
+      f'{f(r.pck_detected_boxes)} | {f(r.mean_error_px_detected_boxes)} |',
+      f'| ground truth | {f(o_gt.get("ap"))} | {f(o_gt.get("ap50"))} | '
+      f'{f(o_gt.get("ap75"))} | {f(o_gt.get("ar"))} | '
+      f'{f(r.pck_gt_boxes)} | {f(r.mean_error_px_gt_boxes)} |'])
 
 
 def _log(report: 'DetectedBoxesReport') -> None:
