@@ -366,13 +366,23 @@ def test_skeleton_base_detection_and_conflicting_image_entries(tmp_path):
 # ----------------------------------------------------------------------------- real data
 
 
+DLC_OPENFIELD_FILES = {s: SHARED_DATA / 'dlc_openfield' / 'annotations' / f'{s}.json'
+                       for s in ('train', 'test')}
+
+
+@pytest.fixture(scope='module')
+def dlc_openfield_built(tmp_path_factory):
+  """(report, directory): dlc_openfield built with `build.build_dataset`'s
+  defaults (COCO's unlabelled meaning, a 10% val split, seed 0), once for
+  the tests that read it."""
+  out = tmp_path_factory.mktemp('dlc_openfield_built') / 'dlc'
+  report = build.build_dataset(DLC_OPENFIELD_FILES, SHARED_DATA / 'dlc_openfield' / 'images', out)
+  return report, out
+
+
 @needs_shared_data
-def test_build_dlc_openfield(tmp_path):
-  root = SHARED_DATA / 'dlc_openfield'
-  out = tmp_path / 'dlc'
-  report = build.build_dataset(
-      {'train': root / 'annotations' / 'train.json', 'test': root / 'annotations' / 'test.json'},
-      root / 'images', out)
+def test_build_dlc_openfield(dlc_openfield_built):
+  report, out = dlc_openfield_built
   # 9 of the 93 training frames (10%, seed 0) are held out as 'val'.
   assert {s: (r.read, r.written, len(r.skipped)) for s, r in report.splits.items()} == {
       'train': (84, 84, 0), 'val': (9, 9, 0), 'test': (23, 23, 0)}
@@ -514,15 +524,14 @@ def _frames(out, split: str) -> set[str]:
 
 
 @needs_shared_data
-def test_val_split_is_seeded_disjoint_and_test_frames_unchanged(tmp_path):
+def test_val_split_is_seeded_disjoint_and_test_frames_unchanged(dlc_openfield_built):
   """The val frames come out of train only: train + val = the train file's
   frames, disjoint; test is the test file; same seed, same frames; another
   seed, other frames."""
   from data_prep import validation
-  root = SHARED_DATA / 'dlc_openfield'
-  files = {'train': root / 'annotations' / 'train.json', 'test': root / 'annotations' / 'test.json'}
-  build.build_dataset(files, root / 'images', tmp_path / 'a', val_fraction=0.1, val_seed=0)
-  train, val, test = (_frames(tmp_path / 'a', s) for s in ('train', 'val', 'test'))
+  files = DLC_OPENFIELD_FILES
+  _, out = dlc_openfield_built  # val_fraction 0.1, val_seed 0 (the defaults).
+  train, val, test = (_frames(out, s) for s in ('train', 'val', 'test'))
   raw = {s: {im['file_name'] for im in json.loads(p.read_text())['images']} for s, p in files.items()}
   assert len(val) == 9 and not val & train and not val & test and not train & test
   assert train | val == raw['train'] and test == raw['test']

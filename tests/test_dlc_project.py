@@ -42,41 +42,53 @@ def _coco_by_file(splits) -> dict[str, tuple[dict, dict]]:
   return out
 
 
-def test_imported_openfield_equals_the_shared_coco_data_set(shared_data, dlc_dataset, tmp_path):
+@pytest.fixture(scope='module')
+def openfield_import(shared_data, tmp_path_factory):
+  """(report, data set directory): the open-field project built by
+  `build.build_from_dlc_project` with its defaults (a val split of
+  `validation.DEFAULT_FRACTION`), once for the tests that read it."""
+  out = tmp_path_factory.mktemp('openfield_import') / 'ds'
+  return build.build_from_dlc_project(shared_data / 'dlc_projects' / OPENFIELD, out), out
+
+
+def test_imported_openfield_equals_the_shared_coco_data_set(openfield_import, dlc_dataset):
   """Same frames, keypoints, visibilities and boxes as dlc_openfield (whose
   COCO files were made from this project); only the split differs."""
-  report = build.build_from_dlc_project(shared_data / 'dlc_projects' / OPENFIELD, tmp_path / 'ds')
+  report, ds = openfield_import
   assert report.num_written == 116 and report.num_skipped == 0
   assert report.source['train_frames'] == 110  # int(116 * 0.95)
   assert report.source['test_frames'] == 6
-  mine, ref = _records(tmp_path / 'ds'), _records(dlc_dataset)
+  mine, ref = _records(ds), _records(dlc_dataset)
   assert len(ref) == 116 and set(mine) == set(ref)
   for name, r in ref.items():
     np.testing.assert_array_equal(mine[name]['keypoints'], r['keypoints'], err_msg=name)
     np.testing.assert_array_equal(mine[name]['bbox'], r['bbox'], err_msg=name)
-  info = dataset.load_info(str(tmp_path / 'ds'))
+  info = dataset.load_info(str(ds))
   [cat] = info.categories.values()
   assert cat.keypoint_names == ('snout', 'leftear', 'rightear', 'tailbase')
   assert cat.flip_pairs == dataset.load_info(str(dlc_dataset)).categories[1].flip_pairs
-  meta = tfds.builder_from_directory(str(tmp_path / 'ds')).info.metadata
+  meta = tfds.builder_from_directory(str(ds)).info.metadata
   assert meta['unlabelled_means'] == 'absent'  # DeepLabCut: empty cell = not visible.
   assert meta['source']['scorer'] == 'Pranav' and meta['source']['train_fraction'] == 0.95
-  assert json.loads((tmp_path / 'ds' / 'prep_report.json').read_text())['source']['format'] == 'deeplabcut'
+  assert json.loads((ds / 'prep_report.json').read_text())['source']['format'] == 'deeplabcut'
 
 
-def test_dlc_val_split_comes_from_the_training_fraction(shared_data, tmp_path):
+def test_dlc_val_split_comes_from_the_training_fraction(shared_data, openfield_import):
   """The val frames are taken from DeepLabCut's training frames; its test
-  frames are exactly those of a build without a val split."""
-  project = shared_data / 'dlc_projects' / OPENFIELD
-  build.build_from_dlc_project(project, tmp_path / 'with', val_fraction=0.1)
-  build.build_from_dlc_project(project, tmp_path / 'without', val_fraction=0.0)
-  frames = lambda d, s: {r['file_name'] for r in (dataset.data_source(str(d), s)[i]
-                                                   for i in range(len(dataset.data_source(str(d), s))))}
-  assert dataset.load_info(str(tmp_path / 'with')).split_sizes == {'train': 99, 'val': 11, 'test': 6}
-  assert frames(tmp_path / 'with', 'test') == frames(tmp_path / 'without', 'test')
-  assert (frames(tmp_path / 'with', 'train') | frames(tmp_path / 'with', 'val')
-          == frames(tmp_path / 'without', 'train'))
-  assert not frames(tmp_path / 'with', 'train') & frames(tmp_path / 'with', 'val')
+  frames are exactly DeepLabCut's (those of `dlc_project.to_coco`, which
+  the build reads)."""
+  _, ds = openfield_import  # The default val_fraction, 0.1.
+  data, _, _ = dlc_project.to_coco(shared_data / 'dlc_projects' / OPENFIELD)
+  dlc = {s: {im['file_name'] for im in data[s]['images']} for s in ('train', 'test')}
+  built = {}
+  for split in ('train', 'val', 'test'):
+    src = dataset.data_source(str(ds), split)
+    names = (src[i]['file_name'] for i in range(len(src)))
+    built[split] = {n.decode() if isinstance(n, bytes) else n for n in names}
+  assert dataset.load_info(str(ds)).split_sizes == {'train': 99, 'val': 11, 'test': 6}
+  assert built['test'] == dlc['test']
+  assert built['train'] | built['val'] == dlc['train']
+  assert not built['train'] & built['val']
 
 
 @pytest.mark.parametrize('project, coco_dir', [(OPENFIELD, 'dlc_openfield'), (REACHING, 'dlc_reaching')])

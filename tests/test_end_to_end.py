@@ -94,9 +94,11 @@ def test_running_again_resumes_from_the_checkpoint(trained, tmp_path):
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(workdir, resumed_dir)
   before = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
+  # No 'none' split: one final evaluation (test), not three; same training.
   more = conftest.smoke_config(
       config.input.dataset_dir, **{'optim.num_train_steps': 3},
-      **{'vocab.presence_token': config.vocab.presence_token})
+      **{'vocab.presence_token': config.vocab.presence_token},
+      **{'evals.split': 'none'})
   train.train_and_evaluate(more, str(resumed_dir))
   after = (resumed_dir / scalar_log.FILE_NAME).read_text().splitlines()
   assert after[:len(before)] == before

@@ -36,6 +36,8 @@ def _start(dataset_dir, workdir) -> subprocess.Popen:
          f'--config.optim.num_train_steps={NUM_STEPS}',
          f'--config.checkpoint_every_steps={CKPT_EVERY}',
          '--config.log_every_steps=1', '--config.max_checkpoints_to_keep=10',
+         # No such split: one final evaluation (test), not three.
+         '--config.evals.split=none',
          f'--workdir={workdir}']
   log = open(Path(workdir).with_suffix('.log'), 'ab')
   return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
