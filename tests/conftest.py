@@ -42,6 +42,22 @@ if 'xla_backend_optimization_level' not in _TEST_XLA_FLAGS:
 os.environ['XLA_FLAGS'] = xla_flags.with_defaults(_TEST_XLA_FLAGS)
 
 
+# The longest files (minutes each: training subprocesses), run first so
+# that `-n 2 --dist loadfile` ends with short files on both workers rather
+# than one worker idle while the other runs test_resume.py (collection is
+# alphabetical; the two workers were 3 minutes apart at the end).
+LONG_FILES = ('test_resume.py', 'test_multiprocess.py',
+              'test_full_image_memory.py', 'test_benchmark.py',
+              'test_cape.py', 'test_two_stage.py', 'test_sharding.py',
+              'test_video_analysis.py', 'test_end_to_end.py')
+
+
+def pytest_collection_modifyitems(items):
+  """Long files first (`LONG_FILES` order), the others as collected."""
+  rank = {name: i for i, name in enumerate(LONG_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def once_per_run(tmp_path_factory, name: str, make):
   """``make(directory)`` once per test run, its (picklable) value for all.
 
