@@ -86,6 +86,23 @@ def test_restored_state_equals_the_trained_one(trained):
                  jax.device_get(getattr(state, name)))
 
 
+def test_inference_restores_from_a_relative_workdir(trained, monkeypatch):
+  """`--workdir runs/x` as README writes it: the weights are restored
+  (Orbax reads no metadata through a relative path) and equal the
+  absolute path's."""
+  from kpseq_jax.inference import predictor as predictor_lib
+  config, workdir, _ = trained
+  mesh = sharding.create_mesh(config.sharding.mesh_shape)
+  _, absolute, step = predictor_lib.restore_variables(config, str(workdir),
+                                                      mesh)
+  monkeypatch.chdir(workdir.parent)
+  _, relative, rstep = predictor_lib.restore_variables(config, workdir.name,
+                                                       mesh)
+  assert rstep == step == 2
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(relative),
+               jax.device_get(absolute))
+
+
 def test_running_again_resumes_from_the_checkpoint(trained, tmp_path):
   """A longer run in the same workdir trains only the new step: one new
   line in metrics.jsonl (step 3), and a checkpoint at 3 beside 1 and 2."""

@@ -272,6 +272,8 @@ def restore_variables(workdir: str, abstract_variables: dict,
     CheckpointMismatchError: the saved weights have other arrays (paths or
       shapes) than ``abstract_variables``: written with another config.
   """
+  # Orbax 0.12.8 reads no item metadata through a relative path.
+  workdir = os.path.abspath(workdir)
   steps = _steps_newest_first(workdir)
   if step is not None and step in steps:
     steps = [step] + [s for s in steps if s != step]
