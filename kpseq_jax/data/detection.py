@@ -147,19 +147,8 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
   ch, cw = canvas_hw
   canvas, (nw, nh), (dx, dy) = _place_image(ex['image'], canvas_hw, scale,
                                              offset, flip, vertical_flip)
-  # Box corners in canvas pixels (the resize's exact scale per axis).
-  sx, sy = nw / w, nh / h
-  b = np.asarray(ex['bboxes'], np.float64).reshape(-1, 4)
-  left, right = b[:, 0], b[:, 0] + b[:, 2]
-  top, bottom = b[:, 1], b[:, 1] + b[:, 3]
-  if flip:
-    left, right = w - right, w - left
-  if vertical_flip:
-    top, bottom = h - bottom, h - top
-  xa = np.clip(left * sx + dx, 0, cw)
-  xb = np.clip(right * sx + dx, 0, cw)
-  ya = np.clip(top * sy + dy, 0, ch)
-  yb = np.clip(bottom * sy + dy, 0, ch)
+  xa, ya, xb, yb = _canvas_corners(ex['bboxes'], (w, h), (nw / w, nh / h),
+                                   (dx, dy), canvas_hw, flip, vertical_flip)
   keep = (xb - xa > 1e-3) & (yb - ya > 1e-3)
   order = np.argsort(-((xb - xa) * (yb - ya)) * keep, kind='stable')
   order = order[keep[order]]
@@ -185,6 +174,26 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
           'canvas_from_image': np.asarray([scale, dx, dy], np.float32),
           'image_id': np.int64(ex['image_id']),
           'image_size': np.asarray([w, h], np.float32)}
+
+
+def _canvas_corners(bboxes, image_wh: tuple[int, int],
+                    scale_xy: tuple[float, float], offset: tuple[int, int],
+                    canvas_hw: tuple[int, int], flip: bool,
+                    vertical_flip: bool) -> tuple[np.ndarray, ...]:
+  """(x0, y0, x1, y1), each float64 [M] canvas pixels clipped to the
+  canvas, of (x, y, w, h) image-pixel ``bboxes`` [M, 4] mirrored as asked,
+  scaled by the resize's exact per-axis ``scale_xy`` and shifted."""
+  (w, h), (sx, sy), (dx, dy), (ch, cw) = (image_wh, scale_xy, offset,
+                                          canvas_hw)
+  b = np.asarray(bboxes, np.float64).reshape(-1, 4)
+  left, right = b[:, 0], b[:, 0] + b[:, 2]
+  top, bottom = b[:, 1], b[:, 1] + b[:, 3]
+  if flip:
+    left, right = w - right, w - left
+  if vertical_flip:
+    top, bottom = h - bottom, h - top
+  return (np.clip(left * sx + dx, 0, cw), np.clip(top * sy + dy, 0, ch),
+          np.clip(right * sx + dx, 0, cw), np.clip(bottom * sy + dy, 0, ch))
 
 
 def fit_scale(image_wh: tuple[int, int], canvas_hw: tuple[int, int]) -> float:
