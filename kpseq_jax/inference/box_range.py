@@ -70,12 +70,14 @@ class BoxRange:
     return (side < self.low_px) | (side > self.high_px)
 
   def describe(self) -> str:
+    """One line for logs and warnings: the range and the rule."""
     return (f'training boxes {self.min_side_px:.0f}-{self.max_side_px:.0f} '
             f'px (max(w, h) of {self.num_boxes} {self.split!r} boxes); '
             f'out of range: < {self.low_px:.0f} or > {self.high_px:.0f} px '
             f'(factor {self.factor:g})')
 
   def to_json(self) -> dict:
+    """The fields and ``low_px`` / ``high_px`` (pixels), for reports."""
     return dict(dataclasses.asdict(self), low_px=self.low_px,
                 high_px=self.high_px)
 
