@@ -47,56 +47,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> dict[str, dict] | None:
   """Trains (resuming from ``workdir``), saves checkpoints, evaluates.
 
-  Data and predictor of the system from `system_parts`, evaluators from
-  `evaluate.from_config` (``config.evals.evaluators``). Evaluation during
-  training and after the last step runs on the selection split
-  (``config.evals.split``, 'val'); each is saved with its checkpoint and
-  recorded in ``best_checkpoint.json`` (`checkpointing.record_validation`).
-  Then the chosen checkpoint (`checkpointing.chosen_step`) gets its
-  likelihood calibration, fitted on the same split
-  (`evaluate.calibrate_and_save`, ``calibration.json``), and is evaluated
-  once on the report split (``config.evals.report_split``, 'test'), which
-  chooses nothing. Without a selection split in the data set the run
-  falls back (`config_checks.evaluation_splits`, logged): the report split
-  is evaluated, the last checkpoint used, no calibration fitted.
+  Evaluation during training and after the last step runs on the
+  selection split (``config.evals.split``, 'val'; recorded in
+  ``best_checkpoint.json``). The checkpoint chosen on it
+  (`checkpointing.chosen_step`) gets its likelihood calibration
+  (``calibration.json``) and one evaluation on the report split
+  (``config.evals.report_split``, 'test'), which chooses nothing. Without a
+  selection split the run falls back, logged: the report split is
+  evaluated, the last checkpoint used, nothing calibrated.
 
   Returns:
-    report name -> its JSON (`eval_common.run`: ``{'val': eval_val.json,
-    'test': eval_test.json}``, ``{'val_boxes': ...}`` for the detector),
-    or None if training was preempted (SIGTERM): then the current step was
-    saved and nothing evaluated; running again resumes.
+    report name -> its JSON (``{'val': eval_val.json, 'test': ...}``), or
+    None if preempted (SIGTERM: the step saved, nothing evaluated).
 
   Raises:
-    metrics_log.NonFiniteLossError: on a NaN/inf loss or gradient, naming
-      the step (unless ``config.optim.skip_nonfinite_updates``; then after
-      ``optim.max_consecutive_skipped_updates`` skipped updates in a row).
+    metrics_log.NonFiniteLossError: on a NaN/inf loss or gradient (see
+      ``config.optim.skip_nonfinite_updates``), naming the step.
     ValueError: for an impossible config (see `config_checks`).
   """
-  config_checks.check(config)
-  if warning := config_checks.frozen_without_weights(config):
-    logging.warning('%s', warning)
-  info = dataset.load_info(config.input.dataset_dir)
-  config_checks.check_dataset(config, info)
-  selection, report_split, fallback = config_checks.evaluation_splits(
-      config, info)
-  if fallback:
-    logging.warning('%s', fallback)
+  info, selection, report_split = _checked_inputs(config)
   mesh = sharding.create_mesh(config.sharding.mesh_shape)
   model = ts.create_model(config)
   tx = ts.create_optimizer(config)
-  # The baseline or the CAPE episodes, before anything compiles: a problem
-  # with them (a category too small for an episode) stops the run here.
+  # Before anything compiles: a bad CAPE episode or baseline stops here.
   evaluators = evaluate.from_config(config, info, selection or report_split)
   final_evaluators = (evaluate.from_config(config, info, report_split)
                       if selection and report_split else [])
   train_data, predictor_cls = system_parts(config, info, mesh)
-  state = ts.create_train_state(config, model, tx, mesh)
   train_iter = iter(train_data())
   ckpt = checkpointing.Checkpointer(workdir, config.max_checkpoints_to_keep)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, start = ckpt.restore(
-        ts.abstract_train_state(config, model, tx, mesh), train_iter)
+  state, start = _initial_state(config, model, tx, mesh, ckpt, train_iter)
   step_fn = step_lib.make_train_step(
       config, model, tx, ts.learning_rate_schedule(config),
       jax.tree.map(lambda a: a.sharding, state), mesh)
@@ -115,15 +95,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   state, preempted = train_loop(
       config, workdir, state, start, train_iter, step_fn, model, mesh, ckpt,
       writer, evaluate_state)
-  if preempted:
-    writer.close()
-    return None
-  total_steps = config.optim.num_train_steps
-  if start >= total_steps:
-    logging.info('Already trained %d/%d steps in %s.', start, total_steps,
-                 workdir)
-    evaluate_state(state, start)
-  final_step = max(start, total_steps)
+  if not preempted:
+    if start >= config.optim.num_train_steps:  # Nothing left to train.
+      evaluate_state(state, start)
+    reports.update(_calibrate_and_report(
+        config, info, workdir, mesh, predictor, state, start, selection,
+        final_evaluators, writer))
+  writer.close()
+  return None if preempted else reports
+
+
+def _initial_state(config, model, tx, mesh, ckpt, train_iter):
+  """(train state, its step): the latest checkpoint's (``train_iter``
+  moved to its position), else a fresh initialisation at step 0."""
+  if ckpt.latest_step() is None:
+    return ts.create_train_state(config, model, tx, mesh), 0
+  return ckpt.restore(ts.abstract_train_state(config, model, tx, mesh),
+                      train_iter)
+
+
+def _checked_inputs(config: ml_collections.ConfigDict
+                    ) -> tuple[dataset.DatasetInfo, str | None, str | None]:
+  """(data set info, selection split, report split) of ``config``, checked
+  (`config_checks`); a fallback without a selection split is logged.
+
+  Raises:
+    ValueError: for an impossible config or data set (`config_checks`).
+  """
+  config_checks.check(config)
+  if warning := config_checks.frozen_without_weights(config):
+    logging.warning('%s', warning)
+  info = dataset.load_info(config.input.dataset_dir)
+  config_checks.check_dataset(config, info)
+  selection, report_split, fallback = config_checks.evaluation_splits(
+      config, info)
+  if fallback:
+    logging.warning('%s', fallback)
+  return info, selection, report_split
+
+
+def _calibrate_and_report(config, info, workdir, mesh, predictor, state,
+                          start, selection, final_evaluators, writer
+                          ) -> dict[str, dict]:
+  """After training: the checkpoint chosen on ``selection``
+  (`checkpointing.chosen_step`, logged) gets its likelihood calibration
+  (keypoint systems only) and is evaluated once by ``final_evaluators``
+  (the report split). Returns their reports (name -> JSON)."""
+  final_step = max(start, config.optim.num_train_steps)
   chosen, why = checkpointing.chosen_step(workdir)
   logging.info('Checkpoint for calibration, the report and inference: %s.',
                why)
@@ -131,19 +149,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if chosen is not None and chosen != final_step:
     _, variables, step = predictor_lib.restore_variables(config, workdir,
                                                          mesh)
+  keypoints = config.model_name != 'detector'
   calibration = None
-  if selection and config.model_name != 'detector':
+  if selection and keypoints:
     calibration = evaluate.calibrate_and_save(
         config, info, selection, predictor, variables, step, workdir)
-  if final_evaluators:
-    reports.update(eval_common.run(
-        final_evaluators, eval_common.Inputs(
-            predictor, variables, step, calibration=calibration,
-            box_range=(box_range.from_config(config)
-                       if config.model_name != 'detector' else None)),
-        workdir, writer))
-  writer.close()
-  return reports
+  if not final_evaluators:
+    return {}
+  return eval_common.run(
+      final_evaluators, eval_common.Inputs(
+          predictor, variables, step, calibration=calibration,
+          box_range=box_range.from_config(config) if keypoints else None),
+      workdir, writer)
 
 
 def _record_selection(workdir: str, selection: str | None,
@@ -204,13 +221,15 @@ def train_loop(config, workdir, state, start, train_iter, step_fn, model,
     (state, preempted).
   """
   total_steps = config.optim.num_train_steps
+  if start >= total_steps:
+    logging.info('Already trained %d/%d steps in %s.', start, total_steps,
+                 workdir)
   log = metrics_log.MetricsLog(
       total_steps, scalar_log.JsonlWriter(workdir),
       config.optim.skip_nonfinite_updates, writer,
       config.optim.max_consecutive_skipped_updates)
   preempted, compiled_step = False, None
-  # At most two steps in flight (runtime/in_flight.py): a SIGTERM's save
-  # waits for one step, not for every step the host dispatched ahead.
+  # At most two steps in flight: a SIGTERM's save waits for one step only.
   in_flight = in_flight_lib.InFlight(max_in_flight=2)
   with preemption_lib.Preemption() as preemption, jax.set_mesh(mesh):
     for step in range(start + 1, total_steps + 1):

@@ -142,13 +142,19 @@ def _image_sizes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
 
 
 def encoder_errors(config: ml_collections.ConfigDict) -> list[str]:
-  """The ViT (``model.encoder='vit'``): its fields (`vit.ViT.dims`), image
+  """The ResNet's width (>= 1, whole groups of GroupNorm's 32). The ViT
+  (``model.encoder='vit'``): its fields (`vit.ViT.dims`), image
   sizes that are whole patches and that its position-embedding resampling
   reaches; layer decay only with it, in (0, 1]; warm-up steps >= 0."""
   errors, o = [], config.optim
   if o.warmup_steps < 0:
     errors.append(f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
   if config.model.get('encoder', 'resnet') != 'vit':
+    r = config.model.get('resnet', {})
+    width = r.get('width', 64)
+    if width < 1 or (r.get('norm') == 'group' and width % 32):
+      errors.append(f'model.resnet.width={width} must be >= 1, and a '
+                    "multiple of 32 with norm='group' (32 groups).")
     if o.layer_decay > 0:
       errors.append(f'optim.layer_decay={o.layer_decay} needs '
                     "model.encoder='vit' (it decays the rate over a ViT's "
@@ -308,6 +314,22 @@ def episode_pool_errors(config: ml_collections.ConfigDict,
   return errors
 
 
+def _configured_splits(config: ml_collections.ConfigDict,
+                       info: dataset.DatasetInfo) -> dict[str, str]:
+  """Config field -> split name, of the splits the run reads. A missing
+  evals.split falls back to evals.report_split (logged by training); only
+  neither is an error, reported under evals.split."""
+  splits = {'input.train_split': config.input.train_split}
+  selection, report, _ = evaluation_splits(config, info)
+  if selection:
+    splits['evals.split'] = selection
+  if report:
+    splits['evals.report_split'] = report
+  if not (selection or report):
+    splits['evals.split'] = config.evals.split
+  return splits
+
+
 def check_dataset(config: ml_collections.ConfigDict,
                   info: dataset.DatasetInfo) -> None:
   """Raises ValueError if the data set does not fit ``config``.
@@ -335,21 +357,11 @@ def check_dataset(config: ml_collections.ConfigDict,
         f'{len(too_long)} categor{"y" if len(too_long) == 1 else "ies"} in '
         f'{config.input.dataset_dir} (largest: {cid}:{name} with K={k}); set '
         f'--config.max_num_keypoints={k} or more.')
-  splits = {'input.train_split': config.input.train_split}
-  # A missing evals.split falls back to evals.report_split (logged by
-  # training); only neither is an error.
-  selection, report, _ = evaluation_splits(config, info)
-  if selection:
-    splits['evals.split'] = selection
-  if report:
-    splits['evals.report_split'] = report
-  if not (selection or report):
-    splits['evals.split'] = config.evals.split
-  for name, split in splits.items():
-    if split not in info.split_sizes:
-      errors.append(f'{name}={split!r} is not a split of '
-                    f'{config.input.dataset_dir} (it has '
-                    f'{sorted(info.split_sizes)}).')
+  splits = _configured_splits(config, info)
+  errors += [f'{name}={split!r} is not a split of {config.input.dataset_dir} '
+             f'(it has {sorted(info.split_sizes)}).'
+             for name, split in splits.items()
+             if split not in info.split_sizes]
   if config.model_name == 'cape':
     errors += episode_pool_errors(config, info, splits)
   if config.vocab.presence_token and info.unlabelled_means != 'absent':
