@@ -139,8 +139,9 @@ def model_config(model_name: str) -> ml_collections.ConfigDict:
       # expect model_init; from scratch: norm='batch', frozen_stages=-1.
       # conv_impl: 'xla', 'gemm' (1x1 convs and weight gradients as
       # matmuls) or 'auto' ('gemm' on CPU); same values (models/conv.py).
+      # width: stem and layer1 channels (torchvision's 64, pretrained files).
       resnet=dict(depth=50, norm='frozen_batch', frozen_stages=1,
-                  conv_impl='auto', remat=False),
+                  conv_impl='auto', remat=False, width=64),
       # The backbone: 'resnet' (model.resnet) or 'vit' (model.vit,
       # `vit_config`: a plain ViT and ViTDet's c3/c4/c5 pyramid, no c2).
       encoder='resnet',
@@ -255,10 +256,11 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
   # Whole-image boxes (the detector and the end-to-end keypoint stage):
   # canvas (height, width), training resize range (x the fitting scale;
   # above 1 a random crop), vertical flips in training, boxes kept per
-  # image, score below which predict/analyze drop a box.
+  # image, score below which predict/analyze drop a box, IoU above which
+  # they drop a box overlapping a better one (NMS; 1: none, DETR's way).
   c.detector = dict(image_size_px=(480, 640), scale_range=(0.75, 1.0),
                     vertical_flip_prob=0.0, max_detections=10,
-                    score_threshold=0.3)
+                    score_threshold=0.3, nms_iou=1.0)
 
   # Decoding: flip test (MMPose's; two decodes per crop) and the
   # confidence's +- radius in coordinate bins.

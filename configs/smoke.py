@@ -1,8 +1,9 @@
 """Seconds-long configuration for tests: tiny model, 64 px, 2 steps.
 
 `configs/default.py` with one level of overrides: a from-scratch ResNet-18
-and a 2-layer, 32-wide decoder on 64 px crops of a 4-keypoint data set
-(tests/conftest.py sets ``input.dataset_dir``); no reference-point
+a quarter as wide (width 16) and a 2-layer, 32-wide decoder on 64 px crops
+of a 4-keypoint data set (tests/conftest.py sets ``input.dataset_dir``);
+no reference-point
 refinement and no flip test (the tests that are about them turn them on).
 The argument is the system and optionally the backbone, as
 configs/default.py's (``configs/smoke.py:cape``, ``configs/smoke.py:supervised,mae``);
@@ -25,7 +26,7 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
   c.input.image_size_px = 64
   c.input.rotation_deg = 180.0
   c.vocab.num_bins = 64
-  c.model.resnet.update(depth=18, norm='batch', frozen_stages=-1)
+  c.model.resnet.update(depth=18, norm='batch', frozen_stages=-1, width=16)
   c.model.feature_levels = ('c4', 'c5')
   c.model.d_model = 32
   c.model.transformer.update(num_layers=2, num_heads=2, ffn_dim=64)

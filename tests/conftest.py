@@ -46,10 +46,11 @@ os.environ['XLA_FLAGS'] = xla_flags.with_defaults(_TEST_XLA_FLAGS)
 # that `-n 2 --dist loadfile` ends with short files on both workers rather
 # than one worker idle while the other runs test_resume.py (collection is
 # alphabetical; the two workers were 3 minutes apart at the end).
-LONG_FILES = ('test_resume.py', 'test_multiprocess.py',
-              'test_full_image_memory.py', 'test_benchmark.py',
-              'test_cape.py', 'test_two_stage.py', 'test_sharding.py',
-              'test_video_analysis.py', 'test_end_to_end.py')
+LONG_FILES = ('test_resume.py', 'test_multiprocess.py', 'test_cape.py',
+              'test_full_image_memory.py', 'test_two_stage.py',
+              'test_sleap_import.py', 'test_benchmark.py',
+              'test_video_analysis.py', 'test_refinement.py',
+              'test_sharding.py', 'test_end_to_end.py')
 
 
 def pytest_collection_modifyitems(items):
@@ -142,9 +143,10 @@ def smoke_config(dataset_dir, model_name='supervised', **overrides):
 
 
 # Defaults of the test models' sub-dicts (the models' own defaults before
-# the configs were grouped: Deformable DETR's sizes, batch statistics).
+# the configs were grouped: Deformable DETR's sizes, batch statistics; the
+# ResNet a quarter as wide, as configs/smoke.py's: a quarter of the time).
 RESNET = dict(depth=50, norm='batch', frozen_stages=-1, conv_impl='auto',
-              remat=False)
+              remat=False, width=16)
 TRANSFORMER = dict(num_layers=6, num_heads=8, ffn_dim=1024, dropout=0.1,
                    num_points=4)
 SEQUENCE_DECODER = dict(remat=False, refine_points=False, reference_noise=0.0)
@@ -199,6 +201,7 @@ def tiny_detector(dlc_dataset, tmp_path_factory):
     c.input.dataset_dir = str(dlc_dataset)
     c.detector.image_size_px = (96, 128)
     c.model.feature_levels = ('c4', 'c5')
+    c.model.resnet.width = 16  # configs/smoke.py's.
     c.model.d_model = 32
     c.model.transformer.update(num_heads=2, num_layers=2, ffn_dim=64)
     c.model.num_queries, c.detector.max_detections = 4, 3

@@ -192,15 +192,13 @@ def launch(args: dict, num_devices: int) -> subprocess.Popen:
   Output goes to temporary files, not pipes: a process blocked on a full
   pipe would stall the collectives of the others.
 
-  XLA:CPU's generated code is optimised here (-O2, not the -O0 of the rest
-  of the suite, conftest.py): these processes run their train steps many
-  times, and an -O0 step of the tiny config took 9 to 12 s against 1.5 s
-  (the `mesh_run` worker: 158 s -> 131 s CPU, 2026-11-30); compiling is
-  about as fast.
+  XLA:CPU's generated code at -O0, as in the rest of the suite
+  (conftest.py): with the quarter-width ResNet the few steps are cheap and
+  the compilations dominate (two processes: 73 -> 50 s, 2026-12-07).
   """
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}'
-             ' --xla_backend_optimization_level=2')
+             ' --xla_backend_optimization_level=0')
   out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
   proc = subprocess.Popen(
       [sys.executable, os.path.abspath(__file__), json.dumps(args)], env=env,

@@ -161,7 +161,7 @@ def test_paper_config_builds_the_paper_model():
   assert (model.vocab.num_bins, model.max_seq_len) == (512, 4 * 68 + 1)
   assert dict(model.resnet) == dict(depth=50, norm='frozen_batch',
                                     frozen_stages=1, conv_impl='auto',
-                                    remat=False)
+                                    remat=False, width=64)
   variables = jax.eval_shape(lambda: model.init(
       jax.random.PRNGKey(0), **ts.dummy_inputs(config), train=False))
   params = variables['params']

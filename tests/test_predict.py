@@ -168,6 +168,8 @@ def test_overlays_have_the_image_size_and_keypoint_colours(predicted,
       if np.any(later < 2 * radius + 2):
         continue
       x, y = np.round(kp[k, :2]).astype(int)
+      if not (0 <= x < overlay.size[0] and 0 <= y < overlay.size[1]):
+        continue  # Off the image: no centre to look at.
       assert tuple(pixels[y, x]) == colors[k], (im['file_name'], k)
       checked += 1
     # Away from the drawing the overlay is the (grey) input image.

@@ -152,7 +152,8 @@ def test_create_train_state_loads_the_file_and_frozen_norm_is_fixed(tmp_path):
   path = tmp_path / 'r18.safetensors'
   save_file(sd, str(path))
   config = smoke_config('unused', **{'model_init': str(path)},
-                        **{'model.resnet.norm': 'frozen_batch'})
+                        **{'model.resnet.norm': 'frozen_batch',
+                           'model.resnet.width': 64})  # torchvision's.
   model = ts.create_model(config)
   tx = ts.create_optimizer(config)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1),

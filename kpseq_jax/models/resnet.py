@@ -194,6 +194,10 @@ class ResNet(nn.Module):
       pass (``nn.remat``); forward values and parameter names unchanged.
     frozen_stages: -1 (train all), 0 (freeze the stem) or n in 1..4 (the
       stem and layer1..layer n); see the module docstring.
+    width: channels of the stem and the first stage (torchvision's 64; the
+      later stages double it). Smaller widths make a small, fast model
+      (tests, tiny data sets) with no pretrained weights; 'group' norm
+      needs a multiple of 32.
     conv_impl: how convolutions are computed, 'xla', 'gemm' or 'auto' (see
       ``conv.py``); the same parameters and, up to float32 summation order,
       the same values.
@@ -211,6 +215,7 @@ class ResNet(nn.Module):
   remat: bool = False
   conv_impl: str = 'auto'
   frozen_stages: int = -1
+  width: int = 64
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> Dict[str, jax.Array]:
@@ -225,7 +230,8 @@ class ResNet(nn.Module):
       {'c2': [B, H/4, W/4, C2], 'c3': [B, H/8, W/8, C3],
        'c4': [B, H/16, W/16, C4], 'c5': [B, H/32, W/32, C5]} in ``dtype``
       (sizes rounded up), with (C2, C3, C4, C5) = (64, 128, 256, 512) for
-      depth 18/34 and (256, 512, 1024, 2048) for depth 50.
+      depth 18/34 and (256, 512, 1024, 2048) for depth 50 at ``width`` 64
+      (scaled by ``width / 64``).
     """
     if self.depth not in _STAGES:
       raise ValueError(f'depth must be one of {sorted(_STAGES)}, got {self.depth}')
@@ -239,16 +245,16 @@ class ResNet(nn.Module):
                        f', got {self.frozen_stages}')
     x = x.astype(self.dtype)
     stem_train = train and self.frozen_stages < 0
-    x = _conv(64, 7, 2, self.dtype, self.conv_impl,
-              'conv1')(x)  # [B, H/2, W/2, 64]
+    x = _conv(self.width, 7, 2, self.dtype, self.conv_impl,
+              'conv1')(x)  # [B, H/2, W/2, width]
     x = nn.relu(_norm(self.norm, stem_train, self.dtype, 'bn1')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2),
-                    padding=((1, 1), (1, 1)))  # [B, H/4, W/4, 64]
+                    padding=((1, 1), (1, 1)))  # [B, H/4, W/4, width]
     if self.frozen_stages >= 0:
       x = jax.lax.stop_gradient(x)
     outputs = {}
     for stage, num_blocks in enumerate(blocks_per_stage):
-      features = 64 * 2**stage
+      features = self.width * 2**stage
       frozen = stage + 1 <= self.frozen_stages
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
