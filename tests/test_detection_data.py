@@ -116,3 +116,15 @@ def test_box_ap_is_pycocotools_figure():
   assert 0.5 < got['ap'] < 1.0
   assert box_ap.box_ap(images, gt, [], [3])['ap'] == 0.0
 
+
+
+def test_nms_drops_a_repeated_box_on_one_animal_and_keeps_the_other():
+  # Two boxes on fly A (IoU 0.68), one on fly B, one of another class on A.
+  a, a_again = (100, 100, 50, 50), (105, 105, 50, 50)
+  b = (400, 100, 50, 50)
+  found = [(1, a, 0.9), (1, a_again, 0.8), (2, a_again, 0.7), (1, b, 0.6)]
+  kept = box_predictor.non_maximum_suppression(found, 0.5)
+  assert kept == [found[0], found[2], found[3]]  # Order kept; class apart.
+  # A threshold above their IoU keeps both; 1 (the default) keeps all.
+  assert box_predictor.non_maximum_suppression(found, 0.7) == found
+  assert box_predictor.non_maximum_suppression(found, 1.0) == found

@@ -21,6 +21,7 @@ import threading
 import jax
 import ml_collections
 import numpy as np
+from pycocotools import mask as coco_mask
 
 from kpseq_jax.data import dataset
 from kpseq_jax.data import detection
@@ -179,6 +180,7 @@ class ImageDetector:
     self.category_ids = sorted(info.categories)
     self.class_index = info.category_index()
     self.threshold = config.detector.score_threshold
+    self.nms_iou = config.detector.nms_iou
     self.max_boxes = config.model.num_queries
     self.batch_size = jax.device_count()
     self._lock = threading.Lock()
@@ -206,7 +208,9 @@ class ImageDetector:
     return hit[1] if hit is not None and hit[0] is image else None
 
   def detect(self, image: np.ndarray) -> list[tuple[int, tuple, float]]:
-    """Boxes of one image scoring at least ``detector.score_threshold``.
+    """Boxes of one image scoring at least ``detector.score_threshold``,
+    without those of a class that overlap a better box of it by more than
+    ``detector.nms_iou`` (`non_maximum_suppression`).
 
     Args:
       image: uint8 [H, W, 3] RGB.
@@ -238,7 +242,35 @@ class ImageDetector:
         out.append((self.category_ids[int(c)],
                     (float(x0), float(y0), float(x1 - x0), float(y1 - y0)),
                     float(s)))
-    return out
+    return non_maximum_suppression(out, self.nms_iou)
+
+
+def non_maximum_suppression(detections: list[tuple[int, tuple, float]],
+                            max_iou: float) -> list[tuple[int, tuple, float]]:
+  """Greedy non-maximum suppression per class (torchvision's ``nms`` rule):
+  from the best down, a box is dropped if its IoU (pycocotools'
+  ``mask.iou`` on pixel boxes) with a kept box of its class is above
+  ``max_iou``. ``max_iou >= 1`` keeps everything (a set-prediction
+  detector such as DETR needs no NMS once trained; a young one repeats
+  boxes on one animal).
+
+  Args:
+    detections: [(category_id, (x, y, w, h) pixels, score)], best first.
+    max_iou: the IoU above which the lower-scoring box goes, in [0, 1].
+
+  Returns:
+    The kept detections, in their order.
+  """
+  if max_iou >= 1 or len(detections) < 2:
+    return detections
+  boxes = np.asarray([d[1] for d in detections], np.float64)
+  iou = coco_mask.iou(boxes, boxes, np.zeros(len(boxes), np.uint8))
+  kept = []
+  for i, (category, _, _) in enumerate(detections):
+    if all(iou[i, j] <= max_iou for j in kept
+           if detections[j][0] == category):
+      kept.append(i)
+  return [detections[i] for i in kept]
 
 
 def _backbone_arrays(variables) -> dict[str, np.ndarray]:
