@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   # are found wherever they walk (docs/multi_animal.md).
   c.detector.scale_range = (0.75, 1.5)
   c.detector.vertical_flip_prob = 0.5
+  # A detector trained on one recording repeats a box on one fly in
+  # another (docs/multi_animal.md section 5): NMS at the usual 0.5 IoU.
+  c.detector.nms_iou = 0.5
   c.optim.num_train_steps = 1200
   c.optim.decay_steps = (1000,)
   c.evals.split = 'val'
