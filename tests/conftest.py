@@ -144,7 +144,7 @@ def smoke_config(dataset_dir, model_name='supervised', **overrides):
 
 # Defaults of the test models' sub-dicts (the models' own defaults before
 # the configs were grouped: Deformable DETR's sizes, batch statistics; the
-# ResNet a quarter as wide, as configs/smoke.py's: a quarter of the time).
+# ResNet a quarter as wide, as configs/smoke.py's, to keep the suite fast).
 RESNET = dict(depth=50, norm='batch', frozen_stages=-1, conv_impl='auto',
               remat=False, width=16)
 TRANSFORMER = dict(num_layers=6, num_heads=8, ffn_dim=1024, dropout=0.1,
