@@ -147,6 +147,10 @@ def _set(config, path, value):
     ('model.feature_levels', ('c1',), "model.feature_levels=('c1',) must be"),
     ('input.prefetch_batches', 0, 'input.prefetch_batches=0 must be >= 1'),
     ('model.resnet.depth', 101, 'model.resnet.depth=101 is not one of'),
+    ('model.resnet.width', 0, 'model.resnet.width=0 must be >= 1'),
+    # The smoke config's width 16 cannot be split into GroupNorm's 32 groups.
+    ('model.resnet.norm', 'group', 'model.resnet.width=16 must be >= 1, '
+     "and a multiple of 32 with norm='group'"),
     ('model.coordinate_loss', 'l2', "model.coordinate_loss='l2' is not one of"),
     ('model_name', 'pose', "model_name='pose' is not one of"),
 ])
@@ -178,6 +182,7 @@ def test_model_fields_must_be_the_systems_constructor_fields():
      'detector.image_size_px=(16, 64) must be (height, width)'),
     ('detector.max_detections', 11,
      'detector.max_detections=11 must be in 1 .. '),
+    ('detector.nms_iou', 1.5, 'detector.nms_iou=1.5 must be in [0, 1]'),
 ])
 def test_impossible_detector_config_fails_with_a_clear_message(field, value,
                                                               message):

@@ -241,6 +241,9 @@ def canvas_errors(config: ml_collections.ConfigDict) -> list[str]:
     if not 0 <= d.vertical_flip_prob <= 1:
       errors.append(f'detector.vertical_flip_prob={d.vertical_flip_prob} '
                     'must be in [0, 1].')
+    if not 0 <= d.nms_iou <= 1:
+      errors.append(f'detector.nms_iou={d.nms_iou} must be in [0, 1] (1: '
+                    'no suppression).')
     most = config.model.num_queries * config.max_num_categories
     if not 1 <= d.max_detections <= most:
       errors.append(f'detector.max_detections={d.max_detections} must be in '
