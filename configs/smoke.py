@@ -3,8 +3,8 @@
 `configs/default.py` with one level of overrides: a from-scratch ResNet-18
 a quarter as wide (width 16) and a 2-layer, 32-wide decoder on 64 px crops
 of a 4-keypoint data set (tests/conftest.py sets ``input.dataset_dir``);
-no reference-point
-refinement and no flip test (the tests that are about them turn them on).
+no reference-point refinement and no flip test (the tests that are about
+them turn them on).
 The argument is the system and optionally the backbone, as
 configs/default.py's (``configs/smoke.py:cape``, ``configs/smoke.py:supervised,mae``);
 a ViT keeps its variant's size (shrink it with ``--config.model.vit.depth``
