@@ -31,7 +31,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
 
 # Guo et al. 2017 use M = 15 bins; 10 is the common choice for reliability
 # diagrams (e.g. Niculescu-Mizil & Caruana 2005) and gives fuller bins on
@@ -221,6 +220,7 @@ def auroc(score: np.ndarray, label: np.ndarray,
   n_neg = y.size - n_pos
   if n_pos == 0 or n_neg == 0:
     return None
+  from scipy import stats  # Here: scipy.stats costs 1-2 s to import.
   ranks = stats.rankdata(s)  # Average ranks, 1-based.
   u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
   return float(u / (n_pos * n_neg))

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from absl import logging
 import numpy as np
-from sklearn import isotonic
 
 from kpseq_jax.evaluation import common
 from kpseq_jax.evaluation import metrics
@@ -89,6 +88,7 @@ def fit(raw: np.ndarray, hit: np.ndarray, hit_alpha: float, step: int,
   if np.any(~np.isfinite(raw)) or raw.min() < 0 or raw.max() > 1:
     raise ValueError('raw likelihoods must be finite and in [0, 1]')
   n = raw.size
+  from sklearn import isotonic  # Here: 1-3 s of import every CLI start skips.
   model = isotonic.IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True,
                                       out_of_bounds='clip')
   model.fit(raw, hit.astype(np.float64))

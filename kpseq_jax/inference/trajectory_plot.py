@@ -11,12 +11,14 @@ every generated keypoint; dots mark those with a likelihood of at least
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TYPE_CHECKING
 
-from matplotlib import figure
 import numpy as np
 
 from kpseq_jax.data import visualize
+
+if TYPE_CHECKING:
+  from matplotlib import figure
 
 
 def plot_trajectories(keypoints_px: np.ndarray, likelihood: np.ndarray,
@@ -46,6 +48,7 @@ def plot_trajectories(keypoints_px: np.ndarray, likelihood: np.ndarray,
   sure[hide] = np.nan
   colors = [tuple(c / 255 for c in rgb) for rgb in visualize.keypoint_colors(k)]
   frames = np.arange(n)
+  from matplotlib import figure  # Here: matplotlib costs ~1 s to import.
   fig = figure.Figure(figsize=(3.2 * k, 6.0))
   axes = fig.subplots(2, k, squeeze=False,
                       gridspec_kw=dict(height_ratios=[1.3, 1]))
