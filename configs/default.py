@@ -28,7 +28,7 @@ import ml_collections
 # 10,175 instances at batch 2 = 5,087 steps per epoch.
 MP100_STEPS_PER_EPOCH = 5087
 
-MODEL_NAMES = ('supervised', 'cape', 'end_to_end', 'detector')
+MODEL_NAMES = ('supervised', 'cape', 'end_to_end', 'detector', 'centroid')
 
 # ViT backbones a config argument names: `vit.ViT` fields matching the
 # weights file ``--config.model_init`` loads (docs/vit.md's table;
@@ -157,6 +157,13 @@ def model_config(model_name: str) -> ml_collections.ConfigDict:
     # Deformable DETR: boxes per image; with_box_refine.
     m.update(num_queries=20, box_refine=True)
     return m
+  if model_name == 'centroid':
+    # CenterNet: no decoder; the neck's width, its heads' head_conv (64),
+    # boxes kept per training image (its max_objs).
+    del m['transformer']
+    m.update(feature_levels=('c3', 'c4', 'c5'), d_model=64, head_width=64,
+             max_objects=20)
+    return m
   # refine_points: each layer predicts its (x, y) and the next samples
   # there (Deformable DETR's with_box_refine). reference_noise: std of
   # Poseur's training noise on the first reference points, normalised
@@ -179,6 +186,9 @@ def loss_config(model_name: str) -> ml_collections.ConfigDict:
   if model_name == 'detector':
     return ml_collections.ConfigDict(
         dict(class_weight=2.0, l1_weight=5.0, giou_weight=2.0))
+  if model_name == 'centroid':  # CenterNet's hm, off and wh weights.
+    return ml_collections.ConfigDict(
+        dict(heatmap_weight=1.0, offset_weight=1.0, size_weight=0.1))
   loss = ml_collections.ConfigDict(dict(ce_weight=1.0, l1_weight=5.0))
   if model_name == 'cape':
     loss.proposal_l1_weight = 5.0
@@ -195,7 +205,8 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
   # category's keypoints out), 'cape' (support-conditioned: episodes of
   # support crops with keypoints and a query), 'end_to_end' (PRTR's: the
   # whole image on the detector.image_size_px canvas, its memory sampled
-  # inside each box) or 'detector' (boxes).
+  # inside each box), 'detector' (boxes: Deformable DETR) or 'centroid'
+  # (boxes: CenterNet's centre heatmaps).
   c.model_name = model_name
   c.model = model_config(model_name)
   # Backbone weights at initialisation: with the ResNet an ImageNet state
@@ -317,6 +328,6 @@ def field_choices(model_name: str) -> ml_collections.ConfigDict:
                  coordinate_loss=('l1', 'laplace'),
                  dtype=('float32', 'bfloat16')),
       decode=dict(confidence_radius_bins=(0, 1, 2, 4, 8))))
-  if model_name == 'detector':
+  if model_name in ('detector', 'centroid'):
     del choices.model['coordinate_loss']
   return choices

@@ -149,7 +149,7 @@ def _calibrate_and_report(config, info, workdir, mesh, predictor, state,
   if chosen is not None and chosen != final_step:
     _, variables, step = predictor_lib.restore_variables(config, workdir,
                                                          mesh)
-  keypoints = config.model_name != 'detector'
+  keypoints = config.model_name not in detection.BOX_MODELS
   calibration = None
   if selection and keypoints:
     calibration = evaluate.calibrate_and_save(
@@ -191,7 +191,7 @@ def system_parts(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
   the detector's whole images and boxes, or the keypoint pipeline (crops,
   whole images or episodes) and keypoints. Logs the train split's size and
   what a crop pixel covers."""
-  if config.model_name == 'detector':
+  if config.model_name in detection.BOX_MODELS:
     parts = (lambda: detection.create_train_dataset(config, info),
              box_predictor.BoxPredictor)
     size = detection.num_images(config, config.input.train_split)

@@ -47,6 +47,19 @@ from kpseq_jax.data import dataset
 from kpseq_jax.data import pipeline
 from kpseq_jax.data import transforms
 
+# The systems whose output is boxes (whole images in, this module's data):
+# Deformable DETR (models/detector.py) and CenterNet (models/centroid.py).
+BOX_MODELS = ('detector', 'centroid')
+
+
+def boxes_per_image(config: ml_collections.ConfigDict) -> int:
+  """Boxes per image a box model's data keeps (the rest are dropped,
+  counted): the detector's ``model.num_queries``, the centroid model's
+  ``model.max_objects``."""
+  if config.model_name == 'centroid':
+    return config.model.max_objects
+  return config.model.num_queries
+
 
 def image_groups(source) -> list[tuple[int, ...]]:
   """Record indices of each image of a `dataset.data_source`, by image id.
@@ -154,7 +167,7 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
   order = order[keep[order]]
   if len(order) > max_boxes:
     logging.warning('image %s: %d instances, keeping the %d largest '
-                    '(config.model.num_queries).', ex.get('image_id'),
+                    '(config.model.num_queries or max_objects).', ex.get('image_id'),
                     len(order), max_boxes)
     order = order[:max_boxes]
   boxes = np.zeros([max_boxes, 4], np.float32)
@@ -246,9 +259,9 @@ def _chain(config: ml_collections.ConfigDict, info: dataset.DatasetInfo,
   classes = info.category_index()
   if not train:
     return [transforms.DecodeImage(),
-            ResizeToCanvas(canvas, classes, config.model.num_queries)]
+            ResizeToCanvas(canvas, classes, boxes_per_image(config))]
   chain = [transforms.DecodeImage(),
-           RandomResizeToCanvas(canvas, classes, config.model.num_queries,
+           RandomResizeToCanvas(canvas, classes, boxes_per_image(config),
                                 tuple(config.detector.scale_range),
                                 config.input.flip_prob,
                                 config.detector.vertical_flip_prob)]

@@ -37,6 +37,7 @@ import jax
 import ml_collections
 
 from kpseq_jax.data import dataset
+from kpseq_jax.data import detection
 from kpseq_jax.evaluation import box_ap
 from kpseq_jax.evaluation import calibration_fit
 from kpseq_jax.evaluation import common
@@ -61,7 +62,7 @@ def default_evals(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """The evaluators of a config with empty ``evals.evaluators``: box AP
   for ``model_name='detector'``, else `KEYPOINT_EVALS` (in the order of the
   keys of ``eval_<split>.json``)."""
-  if config.model_name == 'detector':
+  if config.model_name in detection.BOX_MODELS:
     return {'box_ap': {'type': 'box_ap'}}
   return {name: {'type': name} for name in KEYPOINT_EVALS}
 
@@ -163,7 +164,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                            detector=detector)
   model, variables, step = predictor_lib.restore_variables(config, workdir,
                                                            mesh)
-  keypoints = config.model_name != 'detector'
+  keypoints = config.model_name not in detection.BOX_MODELS
   predictor_cls = (predictor_lib.Predictor if keypoints
                    else box_predictor.BoxPredictor)
   predictor = predictor_cls(config, model, variables, mesh)
@@ -209,9 +210,9 @@ def calibrate(config: ml_collections.ConfigDict, workdir: str
     FileNotFoundError: missing data set or checkpoint.
   """
   config_checks.check(config)
-  if config.model_name == 'detector':
+  if config.model_name in detection.BOX_MODELS:
     raise ValueError('--mode calibrate calibrates keypoint likelihoods; '
-                     'model_name=detector has none.')
+                     f'model_name={config.model_name} has none.')
   info = dataset.load_info(config.input.dataset_dir)
   config_checks.check_dataset(config, info)
   selection, _, _ = config_checks.evaluation_splits(config, info)

@@ -168,10 +168,10 @@ class ImageDetector:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str,
                mesh: jax.sharding.Mesh):
-    if config.model_name != 'detector':
+    if config.model_name not in detection.BOX_MODELS:
       raise ValueError(f'--detector_config has model_name='
                        f'{config.model_name!r}; it must be a detection config '
-                       '(model_name=detector, e.g. '
+                       f'(model_name one of {detection.BOX_MODELS}, e.g. '
                        'configs/dlc_openfield_detector.py).')
     info = dataset.load_info(config.input.dataset_dir)
     model, variables, self.step = predictor_lib.restore_variables(
@@ -181,7 +181,7 @@ class ImageDetector:
     self.class_index = info.category_index()
     self.threshold = config.detector.score_threshold
     self.nms_iou = config.detector.nms_iou
-    self.max_boxes = config.model.num_queries
+    self.max_boxes = detection.boxes_per_image(config)
     self.batch_size = jax.device_count()
     self._lock = threading.Lock()
     # id(image) -> (image, features) of the latest images; the image is

@@ -1,5 +1,5 @@
 """Shared layers and data types of the models (`supervised`, `cape`,
-`end_to_end`, `detector`).
+`end_to_end`, `detector`, `centroid`).
 
 `ImageEncoder`: a backbone (a ResNet, ``resnet.py``, or a plain ViT with
 ViTDet's simple feature pyramid, ``vit.py``) and the Deformable DETR input
@@ -307,27 +307,38 @@ class ImageEncoder(nn.Module):
         fields, or a level the backbone does not return (the ViT has no
         'c2').
     """
-    if self.encoder not in ENCODERS:
-      raise ValueError(f'encoder must be one of {ENCODERS}, got '
-                       f'{self.encoder!r}')
-    if self.encoder == 'vit':
-      if not self.vit:
-        raise ValueError("encoder='vit' needs the ViT's fields (model.vit)")
-      self.backbone = ViT(**self.vit, dtype=self.dtype)
-      conv_impl = self.vit.get('conv_impl', 'auto')
-    else:
-      self.backbone = ResNet(**self.resnet, dtype=self.dtype)
-      conv_impl = self.resnet['conv_impl']
-    missing = set(self.feature_levels) - set(ENCODER_LEVELS[self.encoder])
-    if missing:
-      raise ValueError(f'feature_levels {tuple(self.feature_levels)}: the '
-                       f'{self.encoder} returns only '
-                       f'{ENCODER_LEVELS[self.encoder]}')
+    conv_impl = self.setup_backbone()
     self.input_proj, self.input_norm = input_projection(
         self.feature_levels, self.d_model, conv_impl, self.dtype)
     self.level_embed = self.param(
         'level_embed', LEVEL_EMBED_INIT,
         (len(self.feature_levels), self.d_model))
+
+  def setup_backbone(self) -> str:
+    """Builds ``backbone`` only (`setup_encoder`'s first part; the
+    centroid model's own neck reads its maps).
+
+    Returns:
+      the backbone's conv implementation ('auto', 'xla' or 'gemm').
+
+    Raises:
+      ValueError: as `setup_encoder`.
+    """
+    if self.encoder not in ENCODERS:
+      raise ValueError(f'encoder must be one of {ENCODERS}, got '
+                       f'{self.encoder!r}')
+    missing = set(self.feature_levels) - set(ENCODER_LEVELS[self.encoder])
+    if missing:
+      raise ValueError(f'feature_levels {tuple(self.feature_levels)}: the '
+                       f'{self.encoder} returns only '
+                       f'{ENCODER_LEVELS[self.encoder]}')
+    if self.encoder == 'vit':
+      if not self.vit:
+        raise ValueError("encoder='vit' needs the ViT's fields (model.vit)")
+      self.backbone = ViT(**self.vit, dtype=self.dtype)
+      return self.vit.get('conv_impl', 'auto')
+    self.backbone = ResNet(**self.resnet, dtype=self.dtype)
+    return self.resnet['conv_impl']
 
   def encode(self, images: jax.Array, train: bool) -> Memory:
     """Images -> `Memory`.

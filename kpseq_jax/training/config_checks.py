@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 
 from kpseq_jax.data import dataset
+from kpseq_jax.data import detection
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models import vit as vit_lib
 from kpseq_jax.runtime import sharding
@@ -36,9 +37,9 @@ def check(config: ml_collections.ConfigDict) -> None:
     errors += encoder_errors(config)
   if config.model_name == 'cape':
     errors += cape_errors(config)
-  if model_ok and config.model_name in ('detector', 'end_to_end'):
+  if model_ok and config.model_name in (*detection.BOX_MODELS, 'end_to_end'):
     errors += canvas_errors(config)
-  if model_ok and config.model_name != 'detector':
+  if model_ok and config.model_name not in detection.BOX_MODELS:
     errors += decoder_errors(config)
   if errors:
     raise ValueError('Invalid config:\n  ' + '\n  '.join(errors))
@@ -81,10 +82,20 @@ def model_field_errors(config: ml_collections.ConfigDict) -> list[str]:
     errors.append(f'model.feature_levels={levels} must be a non-empty subset '
                   f'of {allowed} (model.encoder='
                   f'{config.model.get("encoder", "resnet")!r}).')
-  if config.model.d_model % config.model.transformer.num_heads:
+  if 'transformer' in config.model and (
+      config.model.d_model % config.model.transformer.num_heads):
     errors.append(f'model.d_model={config.model.d_model} is not divisible by '
                   f'model.transformer.num_heads='
                   f'{config.model.transformer.num_heads}.')
+  order = model_lib.FEATURE_LEVELS
+  if config.model_name == 'centroid' and not errors and tuple(levels) != (
+      order[order.index(levels[0]):order.index(levels[0]) + len(levels)]):
+    errors.append(f'model.feature_levels={levels} must be consecutive levels '
+                  'in stride order (the centroid neck sums each onto the '
+                  'next finer one, 2x apart), e.g. (\'c3\', \'c4\', \'c5\').')
+  if config.model.d_model % 32:
+    errors.append(f'model.d_model={config.model.d_model} must be a multiple '
+                  'of 32 (GroupNorm(32) after each level\'s projection).')
   return errors
 
 
@@ -134,9 +145,9 @@ def _image_sizes(config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """The (height, width) pixel sizes the backbone sees, by field name: the
   crop, and the whole-image canvas of the detector and end_to_end."""
   sizes = {}
-  if config.model_name != 'detector':
+  if config.model_name not in detection.BOX_MODELS:
     sizes['input.image_size_px'] = (config.input.image_size_px,) * 2
-  if config.model_name in ('detector', 'end_to_end'):
+  if config.model_name in (*detection.BOX_MODELS, 'end_to_end'):
     sizes['detector.image_size_px'] = tuple(config.detector.image_size_px)
   return sizes
 
@@ -232,7 +243,7 @@ def canvas_errors(config: ml_collections.ConfigDict) -> list[str]:
     errors.append(f'detector.image_size_px={hw} must be (height, width), '
                   '>= 32 px and with the ResNet multiples of 32 (its '
                   'stride).')
-  if config.model_name == 'detector':
+  if config.model_name in detection.BOX_MODELS:
     lo, hi = d.scale_range
     if not 0 < lo <= hi:
       errors.append(f'detector.scale_range={(lo, hi)} must satisfy 0 < lo '
@@ -244,10 +255,14 @@ def canvas_errors(config: ml_collections.ConfigDict) -> list[str]:
     if not 0 <= d.nms_iou <= 1:
       errors.append(f'detector.nms_iou={d.nms_iou} must be in [0, 1] (1: '
                     'no suppression).')
-    most = config.model.num_queries * config.max_num_categories
-    if not 1 <= d.max_detections <= most:
-      errors.append(f'detector.max_detections={d.max_detections} must be in '
-                    '1 .. model.num_queries x max_num_categories.')
+    if config.model_name == 'detector':
+      most = config.model.num_queries * config.max_num_categories
+      if not 1 <= d.max_detections <= most:
+        errors.append(f'detector.max_detections={d.max_detections} must be '
+                      'in 1 .. model.num_queries x max_num_categories.')
+    elif d.max_detections < 1:  # The centroid's queries: its grid cells.
+      errors.append(f'detector.max_detections={d.max_detections} must be '
+                    '>= 1.')
   return errors
 
 
@@ -376,7 +391,7 @@ def check_dataset(config: ml_collections.ConfigDict,
         'with `python -m data_prep.build --unlabelled_means=absent`; '
         'otherwise set --config.vocab.presence_token=False.')
   n = len(info.categories)
-  if config.model_name == 'detector' and n > config.max_num_categories:
+  if config.model_name in detection.BOX_MODELS and n > config.max_num_categories:
     errors.append(f'max_num_categories={config.max_num_categories} is smaller '
                   f'than the data set\'s {n} categories (the detector\'s '
                   f'classes): pass --config.max_num_categories={n}.')

@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from kpseq_jax.models import centroid as centroid_lib
 from kpseq_jax.models import detector as detector_lib
 from kpseq_jax.runtime import sharding
+from kpseq_jax.training import centroid_losses
 from kpseq_jax.training import detection_losses
 from kpseq_jax.training import losses
 from kpseq_jax.training import train_state as ts
@@ -193,11 +195,42 @@ def detection_train_step(state: ts.TrainState, batch: dict, *, model,
                          skip_nonfinite=skip_nonfinite, ema_decay=ema_decay)
 
 
+def centroid_train_step(state: ts.TrainState, batch: dict, *, model,
+                        tx: optax.GradientTransformation,
+                        schedule: optax.Schedule, heatmap_weight: float,
+                        offset_weight: float, size_weight: float,
+                        skip_nonfinite: bool = False,
+                        ema_decay: float = 0.0
+                        ) -> tuple[ts.TrainState, dict]:
+  """One AdamW update of a `centroid.Model` on whole images: CenterNet's
+  loss (`centroid_losses.centroid_loss`) of ``batch`` =
+  ``model.train_fields``.
+
+  Returns:
+    (new state, metrics): as `apply_gradients`, with the loss's parts
+    (``heatmap``, ``offset``, ``size``).
+  """
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    (heatmap, offset, size), updates = model.apply(
+        variables, **model.inputs(batch), train=True, mutable=['batch_stats'])
+    loss, parts = centroid_losses.centroid_loss(
+        heatmap, offset, size, batch['boxes'], batch['labels'],
+        batch['box_valid'], heatmap_weight=heatmap_weight,
+        offset_weight=offset_weight, size_weight=size_weight)
+    return loss, (parts, updates.get('batch_stats', state.batch_stats))
+
+  return apply_gradients(state, loss_fn, tx=tx, schedule=schedule,
+                         skip_nonfinite=skip_nonfinite, ema_decay=ema_decay)
+
+
 def make_train_step(config: ml_collections.ConfigDict, model, tx,
                     schedule: optax.Schedule, state_shardings,
                     mesh: jax.sharding.Mesh, donate: bool = True):
   """The train step of ``model`` compiled with shardings: `train_step` for
-  a keypoint model, `detection_train_step` for `detector.Model`.
+  a keypoint model, `detection_train_step` for `detector.Model`,
+  `centroid_train_step` for `centroid.Model`.
 
   Args:
     config: ``config.loss`` is passed to the step as keyword arguments
@@ -217,9 +250,11 @@ def make_train_step(config: ml_collections.ConfigDict, model, tx,
     ``step(state, batch) -> (state, metrics)`` with ``batch`` a dict of
     global arrays holding `train_fields`.
   """
-  if isinstance(model, detector_lib.Model):
+  box_steps = {detector_lib.Model: detection_train_step,
+               centroid_lib.Model: centroid_train_step}
+  if type(model) in box_steps:
     step = functools.partial(
-        detection_train_step, model=model, tx=tx, schedule=schedule,
+        box_steps[type(model)], model=model, tx=tx, schedule=schedule,
         **config.loss.to_dict(),
         skip_nonfinite=config.optim.skip_nonfinite_updates,
         ema_decay=config.optim.ema_decay)

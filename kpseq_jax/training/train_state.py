@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from kpseq_jax.data import detection
 from kpseq_jax.models import model as model_lib
 from kpseq_jax.models import pretrained
 from kpseq_jax.models import resnet
@@ -72,7 +73,7 @@ def create_model(config: ml_collections.ConfigDict):
   """
   module = importlib.import_module(f'kpseq_jax.models.{config.model_name}')
   fields = flax.core.freeze(config.model.to_dict())  # Hashable modules.
-  if config.model_name == 'detector':
+  if config.model_name in detection.BOX_MODELS:
     return module.Model(num_classes=config.max_num_categories, **fields)
   return module.Model(vocab=vocab_lib.from_config(config),
                       max_seq_len=sequence_length(config), **fields)
@@ -192,7 +193,7 @@ def dummy_inputs(config: ml_collections.ConfigDict,
     [B, H, W, 3] of ``detector.image_size_px``; for 'end_to_end' images of
     that canvas and an identity ``memory_from_crop`` [B, 2, 3].
   """
-  if config.model_name == 'detector':
+  if config.model_name in detection.BOX_MODELS:
     h, w = config.detector.image_size_px
     return dict(images=jnp.zeros([batch_size, h, w, 3], jnp.uint8))
   s, kmax = config.input.image_size_px, config.max_num_keypoints
