@@ -48,6 +48,7 @@ os.environ['XLA_FLAGS'] = xla_flags.with_defaults(_TEST_XLA_FLAGS)
 # alphabetical; the two workers were 3 minutes apart at the end).
 LONG_FILES = ('test_resume.py', 'test_multiprocess.py', 'test_cape.py',
               'test_full_image_memory.py', 'test_two_stage.py',
+              'test_centroid.py',
               'test_sleap_import.py', 'test_benchmark.py',
               'test_video_analysis.py', 'test_refinement.py',
               'test_sharding.py', 'test_end_to_end.py')
