@@ -156,7 +156,8 @@ class ImageDetector:
   variant: its boxes are cropped for the keypoint stage).
 
   Args:
-    config: the detector run's config (``model_name='detector'``).
+    config: the detector run's config (``model_name`` in
+      `detection.BOX_MODELS`).
     workdir: the detector run's directory (latest checkpoint).
     mesh: the device mesh.
 
