@@ -231,3 +231,17 @@ def test_the_config_trains_evaluates_and_detects_like_the_detector(
   x0, y0, x1, y1 = np.moveaxis(det.boxes_px[0], -1, 0)
   np.testing.assert_allclose(np.stack([x0, y0, x1 - x0, y1 - y0], -1),
                              [d['bbox'] for d in written], atol=1e-2)
+
+
+def test_the_config_check_names_levels_the_neck_cannot_sum():
+  from configs import sleap_flies_centroid
+  from kpseq_jax.training import config_checks
+  c = sleap_flies_centroid.get_config()
+  config_checks.check(c)
+  c.model.feature_levels = ('c3', 'c5')
+  with pytest.raises(ValueError, match=r"feature_levels=\('c3', 'c5'\) must "
+                     'be consecutive levels'):
+    config_checks.check(c)
+  c.model.feature_levels, c.model.d_model = ('c4', 'c5'), 48
+  with pytest.raises(ValueError, match='d_model=48 must be a multiple of 32'):
+    config_checks.check(c)
