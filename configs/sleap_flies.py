@@ -7,7 +7,9 @@ docs/multi_animal.md builds it: `clip` frames 0-1196 for training and
 open-field model (configs/dlc_openfield.py) with 13 keypoints, keypoint
 presence (a leg hidden under the body is unlabelled: ``<absent>``), a
 moving average of the weights, and any rotation (seen from above).
-Boxes at test time come from configs/sleap_flies_detector.py.
+Boxes at test time come from configs/sleap_flies_centroid.py (chosen over
+configs/sleap_flies_detector.py on validation box AP, docs/multi_animal.md
+section 6).
 
 Build the data set first (docs/multi_animal.md): every training frame
 (chosen over every 4th on the validation frames' OKS AP, docs/multi_animal.md

@@ -2,8 +2,10 @@
 
 configs/dlc_openfield_detector.py's Deformable DETR on the 1024x1024 fly
 frames resized to 256x256 (scale 0.25: a fly's box is about 45 px), every
-labelled fly of a frame a target. Its boxes feed configs/sleap_flies.py in
-`--mode analyze --max_animals 2` and in the detected-box evaluation.
+labelled fly of a frame a target. configs/sleap_flies_centroid.py
+(centre heatmaps) replaced it for configs/sleap_flies.py's boxes: higher
+validation box AP, and it finds both flies on another recording, which this
+one does not (docs/multi_animal.md sections 5 and 6).
 Data set: as configs/sleap_flies.py.
 """
 

@@ -15,7 +15,7 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
       [--filter_window 5] --out OUT
   python -m kpseq_jax.main --config configs/sleap_flies.py --workdir DIR \
       --mode analyze --videos VIDEOS --max_animals 2 \
-      --detector_config configs/sleap_flies_detector.py \
+      --detector_config configs/sleap_flies_centroid.py \
       --detector_workdir DETECTOR_DIR --out OUT
 
 A detection config (``model_name='detector'``, Deformable DETR, e.g.
