@@ -60,8 +60,8 @@ KEYPOINT_EVALS = ('pck', 'oks', 'calibration', 'pixel_accuracy',
 
 def default_evals(config: ml_collections.ConfigDict) -> dict[str, dict]:
   """The evaluators of a config with empty ``evals.evaluators``: box AP
-  for the box models (`detection.BOX_MODELS`), else `KEYPOINT_EVALS` (in the order of the
-  keys of ``eval_<split>.json``)."""
+  for the box models (`detection.BOX_MODELS`), else `KEYPOINT_EVALS` (in
+  the order of the keys of ``eval_<split>.json``)."""
   if config.model_name in detection.BOX_MODELS:
     return {'box_ap': {'type': 'box_ap'}}
   return {name: {'type': name} for name in KEYPOINT_EVALS}
