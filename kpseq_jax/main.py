@@ -21,8 +21,8 @@ r"""Command line: train, evaluate a trained workdir, predict on images, analyse 
 A detection config (``model_name='detector'``, Deformable DETR, e.g.
 configs/dlc_openfield_detector.py, or ``'centroid'``, CenterNet's centre
 heatmaps, e.g. configs/sleap_flies_centroid.py) trains and evaluates (box
-AP) the whole-image detector with the same modes; ``--mode predict`` then takes its
-boxes with ``--detector_config/--detector_workdir`` (so do ``analyze``,
+AP) the whole-image detector with the same modes; ``--mode predict`` then
+takes its boxes with ``--detector_config/--detector_workdir`` (so do ``analyze``,
 and ``eval``, which then also scores keypoints from detected boxes).
 
 Installed with ``pip install -e .``, ``kpseq`` is the same command.
@@ -73,7 +73,8 @@ flags.DEFINE_string('videos', None, 'analyze: a video file (mp4, avi, ...) '
                     'or a folder of them.')
 config_flags.DEFINE_config_file(
     'detector_config', None, 'A detection config (model_name=detector or '
-    'centroid, e.g. configs/dlc_openfield_detector.py) whose trained --detector_workdir '
+    'centroid, e.g. configs/sleap_flies_centroid.py) whose trained '
+    '--detector_workdir '
     'finds the boxes. predict, analyze: when --boxes is not given; eval: '
     'also evaluates the keypoints from its boxes next to the ground-truth '
     'boxes (eval_<split>_detected_boxes.json).',

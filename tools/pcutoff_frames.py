@@ -1,4 +1,4 @@
-"""Which video frames a likelihood cut-off hides, as a contact sheet to check by eye.
+"""The video frames a likelihood cut-off hides, as a sheet to check by eye.
 
 Reads the DeepLabCut table that `--mode analyze` writes (``.h5`` or
 ``.csv``), finds the frames where any body part's likelihood is under

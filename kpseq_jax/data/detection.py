@@ -167,8 +167,8 @@ def to_canvas(ex: dict[str, Any], canvas_hw: tuple[int, int], scale: float,
   order = order[keep[order]]
   if len(order) > max_boxes:
     logging.warning('image %s: %d instances, keeping the %d largest '
-                    '(config.model.num_queries or max_objects).', ex.get('image_id'),
-                    len(order), max_boxes)
+                    '(config.model.num_queries or max_objects).',
+                    ex.get('image_id'), len(order), max_boxes)
     order = order[:max_boxes]
   boxes = np.zeros([max_boxes, 4], np.float32)
   labels = np.zeros([max_boxes], np.int32)

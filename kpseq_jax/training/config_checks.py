@@ -391,7 +391,8 @@ def check_dataset(config: ml_collections.ConfigDict,
         'with `python -m data_prep.build --unlabelled_means=absent`; '
         'otherwise set --config.vocab.presence_token=False.')
   n = len(info.categories)
-  if config.model_name in detection.BOX_MODELS and n > config.max_num_categories:
+  if (config.model_name in detection.BOX_MODELS
+      and n > config.max_num_categories):
     errors.append(f'max_num_categories={config.max_num_categories} is smaller '
                   f'than the data set\'s {n} categories (the detector\'s '
                   f'classes): pass --config.max_num_categories={n}.')
