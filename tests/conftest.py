@@ -169,6 +169,41 @@ def tiny_model(model_name='supervised', resnet=None, transformer=None,
                       transformer=flax.core.freeze(t), **fields)
 
 
+def rectangle_problem(rects_px, size=64):
+  """Dark ``size`` x ``size`` images, one bright rectangle each, as a box
+  training batch (tests/test_detector.py, tests/test_centroid.py).
+
+  Args:
+    rects_px: float [B, 4] pixels (x0, y0, x1, y1), one per image.
+
+  Returns:
+    {'images': uint8 [B, size, size, 3], 'gt_xyxy': float32 [B, 4]
+    normalised, 'gt_boxes': [B, 1, 4] normalised (cx, cy, w, h),
+    'labels': int32 [B, 1] zeros, 'valid': bool [B, 1] true}.
+  """
+  import numpy as np
+  from kpseq_jax.models import box_ops
+  rects_px = np.asarray(rects_px, np.float32)
+  images = np.full((len(rects_px), size, size, 3), 20, np.uint8)
+  for image, (x0, y0, x1, y1) in zip(images, rects_px.astype(int)):
+    image[y0:y1, x0:x1] = 230
+  gt_xyxy = rects_px / size
+  return dict(images=images, gt_xyxy=gt_xyxy,
+              gt_boxes=np.asarray(box_ops.xyxy_to_cxcywh(gt_xyxy))[:, None],
+              labels=np.zeros((len(rects_px), 1), np.int32),
+              valid=np.ones((len(rects_px), 1), bool))
+
+
+def box_iou(a, b) -> float:
+  """IoU of two (x0, y0, x1, y1) boxes in the same units."""
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  lo, hi = np.maximum(a[:2], b[:2]), np.minimum(a[2:], b[2:])
+  inter = np.prod(np.maximum(hi - lo, 0))
+  return float(inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2])
+                        - inter))
+
+
 @pytest.fixture(scope='session')
 def trained(dlc_dataset, tmp_path_factory):
   """(config, workdir, eval report) of the smoke config with keypoint

@@ -12,7 +12,6 @@ import optax
 import pytest
 
 import conftest
-from kpseq_jax.models import box_ops
 from kpseq_jax.models import centroid
 from kpseq_jax.models import detector
 from kpseq_jax.training import centroid_losses
@@ -125,13 +124,9 @@ def test_a_tiny_centroid_model_learns_to_box_two_rectangles():
   model = centroid.Model(
       num_classes=1, resnet=conftest.RESNET | dict(depth=18, frozen_stages=4),
       feature_levels=('c3', 'c4', 'c5'), d_model=32, head_width=32)
-  images = np.full((len(_RECTS), 64, 64, 3), 20, np.uint8)
-  for image, (x0, y0, x1, y1) in zip(images, _RECTS.astype(int)):
-    image[y0:y1, x0:x1] = 230
-  gt_xyxy = _RECTS / 64.0
-  gt_boxes = np.asarray(box_ops.xyxy_to_cxcywh(gt_xyxy))[:, None]
-  labels = np.zeros((len(_RECTS), 1), np.int32)
-  valid = np.ones((len(_RECTS), 1), bool)
+  problem = conftest.rectangle_problem(_RECTS)
+  images, gt_boxes = problem['images'], problem['gt_boxes']
+  labels, valid = problem['labels'], problem['valid']
   variables = jax.jit(model.init, static_argnums=2)(
       jax.random.key(0, impl='rbg'), images, False)
   params = dict(variables['params'])
@@ -160,13 +155,9 @@ def test_a_tiny_centroid_model_learns_to_box_two_rectangles():
                                method=model.detect_with_features))(v, images)
   _, _, xyxy = detector.top_detections(logits[-1], boxes[-1], 1)
   assert losses[-1] < 0.25 * losses[0]
-  for i, gt in enumerate(gt_xyxy):
+  for i, gt in enumerate(problem['gt_xyxy']):
     top = np.asarray(xyxy[i, 0])
-    lo, hi = np.maximum(top[:2], gt[:2]), np.minimum(top[2:], gt[2:])
-    inter = np.prod(np.maximum(hi - lo, 0))
-    iou = inter / (np.prod(top[2:] - top[:2]) + np.prod(gt[2:] - gt[:2])
-                   - inter)
-    assert iou > 0.5, (i, top, gt)
+    assert conftest.box_iou(top, gt) > 0.5, (i, top, gt)
 
 
 @pytest.fixture(scope='module')

@@ -341,13 +341,10 @@ def trained():
   ResNet-18: the backbone's backward pass would double the step's time) and
   its outputs on the two images after the last step."""
   model = _detector(1, frozen_stages=4)
-  images = np.full((len(_RECTS), 64, 64, 3), 20, np.uint8)
-  for image, (x0, y0, x1, y1) in zip(images, _RECTS.astype(int)):
-    image[y0:y1, x0:x1] = 230
-  gt_xyxy = _RECTS / 64.0
-  gt_boxes = np.asarray(box_ops.xyxy_to_cxcywh(gt_xyxy))[:, None]  # [B, 1, 4]
-  labels = np.zeros((len(_RECTS), 1), np.int32)
-  valid = np.ones((len(_RECTS), 1), bool)
+  problem = conftest.rectangle_problem(_RECTS)
+  images, gt_boxes, gt_xyxy = (problem['images'], problem['gt_boxes'],
+                               problem['gt_xyxy'])
+  labels, valid = problem['labels'], problem['valid']
   # rbg keys: the initialisers compile twice as fast as with threefry.
   variables = jax.jit(model.init, static_argnums=2)(
       jax.random.key(0, impl='rbg'), images, False)
@@ -389,11 +386,7 @@ def test_tiny_detector_learns_to_box_a_rectangle(trained):
       trained['logits'][-1], trained['boxes'][-1], 1)
   for i, gt in enumerate(trained['gt_xyxy']):
     top = np.asarray(xyxy[i, 0])
-    lo, hi = np.maximum(top[:2], gt[:2]), np.minimum(top[2:], gt[2:])
-    inter = np.prod(np.maximum(hi - lo, 0))
-    iou = inter / (np.prod(top[2:] - top[:2]) + np.prod(gt[2:] - gt[:2])
-                   - inter)
-    assert iou > 0.5, (i, top, gt)
+    assert conftest.box_iou(top, gt) > 0.5, (i, top, gt)
   assert (np.asarray(labels) == 0).all()
 
 
