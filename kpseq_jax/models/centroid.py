@@ -149,7 +149,8 @@ class Model(model_lib.ImageEncoder):
     return heatmap, offset, size
 
   def dense(self, images: jax.Array, train: bool):
-    """`__call__` and the backbone's maps."""
+    """`__call__`'s (heatmap, offset, size), float32 [B, h, w, C / 2 / 2],
+    and the backbone's maps {'c2': [B, H/4, W/4, C2], ...} (``dtype``)."""
     maps = self.backbone_features(images, train)
     x = self.neck(maps)
     return (self.heatmap_head(x), self.offset_head(x), self.size_head(x),
