@@ -294,8 +294,9 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
   # A box whose max(w, h) is under 1/box_range_factor x the smallest or
   # over box_range_factor x the largest training box gets calibrated
   # likelihood 0 and a warning (inference/box_range.py says why 2).
+  # method: 'auto' picks isotonic or Platt by cross-validated Brier score.
   c.calibration = dict(hit_alpha=0.05, min_keypoints=20,
-                       box_range_factor=2.0)
+                       box_range_factor=2.0, method='auto')
 
   # Mesh ('data', 'fsdp') sizes (-1: the rest); (regex, 'fsdp'|'replicate')
   # rules on a leaf's path, first match wins; smaller arrays replicated.
@@ -327,7 +328,8 @@ def field_choices(model_name: str) -> ml_collections.ConfigDict:
                           conv_impl=('auto', 'xla', 'gemm')),
                  coordinate_loss=('l1', 'laplace'),
                  dtype=('float32', 'bfloat16')),
-      decode=dict(confidence_radius_bins=(0, 1, 2, 4, 8))))
+      decode=dict(confidence_radius_bins=(0, 1, 2, 4, 8)),
+      calibration=dict(method=('auto', 'isotonic', 'platt'))))
   if model_name in ('detector', 'centroid'):
     del choices.model['coordinate_loss']
   return choices

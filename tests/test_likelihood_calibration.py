@@ -51,6 +51,59 @@ def test_all_hits_give_a_laplace_clipped_constant():
   np.testing.assert_allclose(cmap(np.array([0.0, 0.5, 1.0])), 31 / 32)
 
 
+def _logistic(n, seed, a=2.0, b=-1.0):
+  """Raw scores whose true hit rate is sigmoid(a logit(raw) + b)."""
+  rng = np.random.default_rng(seed)
+  raw = rng.uniform(0, 1, n)
+  z = a * np.log(raw / (1 - raw)) + b
+  return raw, rng.uniform(0, 1, n) < 1 / (1 + np.exp(-z))
+
+
+def test_platt_recovers_a_logistic_truth():
+  raw, hit = _logistic(4000, 0)
+  a, b = calibration_fit._platt(raw, hit)
+  assert abs(a - 2) < 0.2 and abs(b + 1) < 0.2
+  cmap = calibration_fit.fit(raw, hit, 0.05, 1, 'val', False, 'platt')
+  grid = np.linspace(0.02, 0.98, 49)
+  truth = 1 / (1 + np.exp(-(2 * np.log(grid / (1 - grid)) - 1)))
+  np.testing.assert_allclose(cmap(grid), truth, atol=0.03)
+  assert cmap.method == 'platt'
+
+
+@pytest.mark.parametrize('method', ['isotonic', 'platt'])
+def test_small_validation_sets_keep_the_raw_ranking(method):
+  # 25 keypoints (dlc_reaching's 5 validation frames): isotonic regression
+  # alone is a few steps that tie keypoints the raw value ranked.
+  raw, hit = _miscalibrated(25, 3)
+  cmap = calibration_fit.fit(raw, hit, 0.05, 1, 'val', False, method)
+  inside = np.linspace(raw.min(), raw.max(), 200)
+  assert np.all(np.diff(cmap(inside)) > 0)
+  test_raw, test_hit = _miscalibrated(2000, 4)
+  keep = (test_raw >= raw.min()) & (test_raw <= raw.max())
+  test_raw, test_hit = test_raw[keep], test_hit[keep]
+  assert (calibration.calibration(cmap(test_raw), test_hit).auroc
+          == pytest.approx(calibration.calibration(test_raw, test_hit).auroc))
+
+
+def test_auto_chooses_by_cross_validated_brier_score():
+  # A step truth on many keypoints: isotonic; a logistic one: Platt.
+  rng = np.random.default_rng(5)
+  raw = rng.uniform(0, 1, 2000)
+  hit = rng.uniform(0, 1, 2000) < np.where(raw < 0.5, 0.1, 0.9)
+  assert calibration_fit.fit(raw, hit, 0.05, 1, 'val', False).method == (
+      'isotonic')
+  for seed in range(4):  # Close on a logistic truth: the lower one wins.
+    raw, hit = _logistic(300, seed)
+    brier = {m: calibration_fit.cross_validated_brier(raw, hit, m)
+             for m in ('isotonic', 'platt')}
+    assert calibration_fit.fit(raw, hit, 0.05, 1, 'val', False).method == (
+        min(brier, key=brier.get))
+  assert calibration_fit.fit(*_logistic(300, 0), 0.05, 1, 'val',
+                             False).method == 'platt'  # Both are reached.
+  with pytest.raises(ValueError, match='temperature.*not one of'):
+    calibration_fit.fit(raw, hit, 0.05, 1, 'val', False, 'temperature')
+
+
 def test_map_file_round_trip_step_check_and_bad_files(tmp_path):
   raw, hit = _miscalibrated(500, 2)
   cmap = calibration_fit.fit(raw, hit, 0.05, 12, 'val', True)

@@ -6,13 +6,30 @@ PCK's rule and normaliser); a keypoint known to be absent (v = 0 in a data
 set whose v = 0 means absent) is a miss, since there is nothing to be near.
 Keypoints whose truth is unknown are left out. The raw likelihood
 (`likelihood.raw_likelihood`, 0 where the model generated nothing) is
-mapped to P(hit) by isotonic regression (scikit-learn's
-``IsotonicRegression``: the monotone least-squares fit, Zadrozny & Elkan,
-KDD 2002), whose knots become a `likelihood.CalibrationMap`.
+mapped to P(hit) by one of two monotone fits, whose knots become a
+`likelihood.CalibrationMap`:
 
-The probabilities are clipped to [1 / (n + 2), (n + 1) / (n + 2)] for n
-fitted keypoints (Laplace's rule of succession): a frequency seen on n
-keypoints is never a certainty. When every validation keypoint is a hit
+- ``isotonic``: centred isotonic regression (Oron & Flournoy, 2017):
+  scikit-learn's ``IsotonicRegression`` (the monotone least-squares step
+  function, Zadrozny & Elkan, KDD 2002), then a line through each step's
+  mean raw value and level, and to (0, 0) and (1, 1) at the ends (a step
+  at level 0 or 1 moves its knot there; a constant when every keypoint is
+  a hit, or every one a miss). The
+  steps alone would tie every keypoint on one step, and on a few dozen
+  keypoints (a handful of steps) lose much of the raw ranking (AUROC); the
+  centred map is strictly increasing, so it keeps it.
+- ``platt``: Platt scaling on logit(raw), P = sigmoid(a logit(raw) + b),
+  fitted by scipy's BFGS on the log loss with Platt's smoothed targets
+  ((N+ + 1) / (N+ + 2) and 1 / (N- + 2); Platt, 1999). Two parameters,
+  strictly increasing for a > 0, so it keeps the raw ranking exactly.
+- ``auto`` (default): the one of the two with the lower 5-fold
+  cross-validated Brier score on the same validation keypoints (folds
+  seeded), so the choice, like the fit, uses validation frames only.
+
+Neither map gives a certainty from n keypoints: the isotonic levels are
+squeezed linearly into [1 / (n + 2), (n + 1) / (n + 2)], (1 + n p) / (n + 2)
+(Laplace's rule of succession; unlike clipping, the squeeze ties no two raw
+values), and Platt's smoothed targets do the same for his fit. When every validation keypoint is a hit
 (or every one a miss) the map is that constant and a warning says that the
 likelihood then carries no ranking (a smaller ``hit_alpha`` has misses).
 
@@ -66,9 +83,97 @@ def raw_of(decoded: common.Decoded) -> np.ndarray:
                                                  decoded.presence), nan=0.0)
 
 
+METHODS = ('auto', 'isotonic', 'platt')
+# Raw values are clipped to [_EPS, 1 - _EPS] before the logit.
+_EPS = 1e-6
+# Knots of a Platt map: its curve sampled at these raw values.
+_PLATT_GRID = np.concatenate([[0.0], np.logspace(-6, -1, 26)[:-1],
+                              np.linspace(0.1, 0.9, 81),
+                              1 - np.logspace(-1, -6, 26)[1:], [1.0]])
+
+
+def _logit(raw: np.ndarray) -> np.ndarray:
+  raw = np.clip(np.asarray(raw, np.float64), _EPS, 1 - _EPS)
+  return np.log(raw) - np.log1p(-raw)
+
+
+def _platt(raw: np.ndarray, hit: np.ndarray) -> tuple[float, float]:
+  """(a, b) of P = sigmoid(a logit(raw) + b), Platt's smoothed-target log
+  loss minimised by scipy's BFGS from (1, 0); a < 0 (anti-ranking) is
+  refitted with a = 0 (the base rate)."""
+  from scipy import optimize, special  # Lazy, as sklearn below.
+  x = _logit(raw)
+  n_pos, n_neg = hit.sum(), (~hit).sum()
+  t = np.where(hit, (n_pos + 1.0) / (n_pos + 2), 1.0 / (n_neg + 2))
+
+  def loss(ab):
+    z = ab[0] * x + ab[1]
+    return np.sum(np.logaddexp(0, z) - t * z)
+
+  a, b = optimize.minimize(loss, np.array([1.0, 0.0]), method='BFGS').x
+  if a < 0:
+    a, b = 0.0, float(special.logit(t.mean()))
+  return float(a), float(b)
+
+
+def _knots(raw: np.ndarray, hit: np.ndarray, method: str
+           ) -> tuple[np.ndarray, np.ndarray]:
+  """(x, y) knots of ``method``'s fit, y not yet clipped."""
+  if method == 'platt':
+    from scipy import special
+    a, b = _platt(raw, hit)
+    return _PLATT_GRID, special.expit(a * _logit(_PLATT_GRID) + b)
+  from sklearn import isotonic  # Here: 1-3 s of import every CLI start skips.
+  fitted = isotonic.IsotonicRegression(y_min=0.0, y_max=1.0).fit_transform(
+      raw, hit.astype(np.float64))
+  levels = np.unique(fitted)  # One per step, increasing.
+  centres = np.array([raw[fitted == y].mean() for y in levels])
+  if levels.size == 1:  # All hits or all misses: the constant.
+    return centres, (1.0 + raw.size * levels) / (raw.size + 2)
+  # A step at level 0 (1) moves its knot to raw 0 (1): flat otherwise.
+  centres[0] = 0.0 if levels[0] == 0 else centres[0]
+  centres[-1] = 1.0 if levels[-1] == 1 else centres[-1]
+  head = [0.0] if centres[0] > 0 else []  # No end knot on a centre.
+  tail = [1.0] if centres[-1] < 1 else []
+  n = raw.size
+  return (np.concatenate([head, centres, tail]),
+          (1.0 + n * np.concatenate([head, levels, tail])) / (n + 2))
+
+
+def cross_validated_brier(raw: np.ndarray, hit: np.ndarray, method: str,
+                          folds: int = 5, seed: int = 0) -> float:
+  """Mean squared error of ``method``'s held-out P(hit) over ``folds``
+  stratified folds (scikit-learn's ``StratifiedKFold``, shuffled with
+  ``seed``); NaN when a class has fewer than ``folds`` keypoints."""
+  from sklearn import model_selection
+  if min(hit.sum(), (~hit).sum()) < folds:
+    return float('nan')
+  held_out = np.empty(raw.shape)
+  splits = model_selection.StratifiedKFold(folds, shuffle=True,
+                                           random_state=seed)
+  for fit_idx, out_idx in splits.split(raw, hit):
+    x, y = _knots(raw[fit_idx], hit[fit_idx], method)
+    held_out[out_idx] = np.interp(raw[out_idx], x, y)
+  return float(np.mean((held_out - hit) ** 2))
+
+
+def choose_method(raw: np.ndarray, hit: np.ndarray) -> str:
+  """'isotonic' or 'platt', whichever has the lower `cross_validated_brier`
+  (isotonic on a tie; isotonic when the folds cannot be made: then every
+  keypoint is, or nearly every one is, a hit or a miss, and both fits are
+  about the base rate)."""
+  scores = {m: cross_validated_brier(raw, hit, m) for m in ('isotonic',
+                                                            'platt')}
+  logging.info('Calibration method by 5-fold Brier score on %d keypoints: '
+               'isotonic %.4f, platt %.4f.', raw.size, scores['isotonic'],
+               scores['platt'])
+  return 'platt' if scores['platt'] < scores['isotonic'] else 'isotonic'
+
+
 def fit(raw: np.ndarray, hit: np.ndarray, hit_alpha: float, step: int,
-        split: str, presence: bool) -> likelihood.CalibrationMap:
-  """Isotonic map of raw likelihoods to P(hit) (module docstring).
+        split: str, presence: bool, method: str = 'auto'
+        ) -> likelihood.CalibrationMap:
+  """Monotone map of raw likelihoods to P(hit) (module docstring).
 
   Args:
     raw: float [n] raw likelihoods in [0, 1].
@@ -76,9 +181,11 @@ def fit(raw: np.ndarray, hit: np.ndarray, hit_alpha: float, step: int,
     hit_alpha: the radius of the hits.
     step, split: what it was fitted on (recorded in the map).
     presence: the raw value includes presence (an ``<absent>`` model).
+    method: one of `METHODS` (module docstring).
 
   Raises:
-    ValueError: no keypoint, shapes differ, or raw values outside [0, 1].
+    ValueError: no keypoint, shapes differ, raw values outside [0, 1], or
+      an unknown method.
   """
   raw = np.asarray(raw, np.float64).reshape(-1)
   hit = np.asarray(hit, bool).reshape(-1)
@@ -87,12 +194,12 @@ def fit(raw: np.ndarray, hit: np.ndarray, hit_alpha: float, step: int,
                      f'{raw.shape} and {hit.shape}')
   if np.any(~np.isfinite(raw)) or raw.min() < 0 or raw.max() > 1:
     raise ValueError('raw likelihoods must be finite and in [0, 1]')
+  if method not in METHODS:
+    raise ValueError(f'calibration method {method!r} is not one of {METHODS}')
   n = raw.size
-  from sklearn import isotonic  # Here: 1-3 s of import every CLI start skips.
-  model = isotonic.IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True,
-                                      out_of_bounds='clip')
-  model.fit(raw, hit.astype(np.float64))
-  y = np.clip(model.y_thresholds_, 1.0 / (n + 2), (n + 1.0) / (n + 2))
+  if method == 'auto':
+    method = choose_method(raw, hit)
+  x, y = _knots(raw, hit, method)
   if hit.all() or not hit.any():
     logging.warning(
         'Calibration on %d %r keypoints: all %s at hit_alpha %.3f, so the '
@@ -102,15 +209,15 @@ def fit(raw: np.ndarray, hit: np.ndarray, hit_alpha: float, step: int,
   event = (f'{"visible and " if presence else ""}within {hit_alpha:g} x '
            'max(box w, h) of the truth')
   return likelihood.CalibrationMap(
-      raw_knots=tuple(float(v) for v in model.X_thresholds_),
+      raw_knots=tuple(float(v) for v in x),
       probability_knots=tuple(float(v) for v in y), hit_alpha=float(hit_alpha),
       event=event, checkpoint_step=int(step), split=split,
-      num_keypoints=int(n), num_hits=int(hit.sum()))
+      num_keypoints=int(n), num_hits=int(hit.sum()), method=method)
 
 
 def fit_decoded(decoded: common.Decoded, hit_alpha: float,
-                min_keypoints: int, step: int, split: str
-                ) -> likelihood.CalibrationMap | None:
+                min_keypoints: int, step: int, split: str,
+                method: str = 'auto') -> likelihood.CalibrationMap | None:
   """`fit` on a decoded split's known keypoints; None (with a warning) when
   it has fewer than ``min_keypoints`` of them."""
   hit, known = hits(decoded.batch, decoded.pred_px, decoded.size, hit_alpha)
@@ -121,8 +228,8 @@ def fit_decoded(decoded: common.Decoded, hit_alpha: float,
                     n, split, min_keypoints)
     return None
   cmap = fit(raw_of(decoded)[known], hit[known], hit_alpha, step, split,
-             decoded.presence is not None)
-  logging.info('Likelihood calibration on %d %r keypoints (%d hits within '
-               '%g x box), step %d: %d knots.', n, split, cmap.num_hits,
-               hit_alpha, step, len(cmap.raw_knots))
+             decoded.presence is not None, method)
+  logging.info('Likelihood calibration (%s) on %d %r keypoints (%d hits '
+               'within %g x box), step %d: %d knots.', cmap.method, n, split,
+               cmap.num_hits, hit_alpha, step, len(cmap.raw_knots))
   return cmap

@@ -190,7 +190,7 @@ def calibrate_and_save(config: ml_collections.ConfigDict,
   decoded = common.decode(protocol, predictor, variables)
   cmap = calibration_fit.fit_decoded(
       decoded, config.calibration.hit_alpha, config.calibration.min_keypoints,
-      step, split)
+      step, split, config.calibration.method)
   if cmap is not None and jax.process_index() == 0:
     logging.info('Likelihood calibration -> %s',
                  likelihood.save(cmap, workdir))

@@ -9,8 +9,8 @@ name (docs/uncertainty.md).
 A `CalibrationMap`, fitted on the validation frames
 (`kpseq_jax.evaluation.calibration_fit`), maps it to the probability that
 the keypoint is visible and within ``hit_alpha`` x max(box w, h) of the
-truth: a monotone piecewise-linear function through the isotonic
-regression's knots, applied with ``np.interp`` (constant beyond the end
+truth: a monotone piecewise-linear function through the knots of the
+isotonic or Platt fit, applied with ``np.interp`` (constant beyond the end
 knots). It is saved as JSON (no pickle) in ``WORKDIR/calibration.json``
 with the checkpoint step it was fitted for; `load` returns it only for
 that step. ``--mode eval``, ``predict`` and ``analyze`` write the
@@ -79,7 +79,8 @@ class CalibrationMap:
     split: the data set split it was fitted on ('val').
     num_keypoints: keypoints it was fitted on.
     num_hits: of them, hits.
-    method: 'isotonic' (scikit-learn's ``IsotonicRegression``).
+    method: the fit whose knots these are, 'isotonic' or 'platt'
+      (`calibration_fit`).
   """
   raw_knots: tuple[float, ...]
   probability_knots: tuple[float, ...]
