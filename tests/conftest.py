@@ -30,15 +30,18 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 # The XLA flags `python -m kpseq_jax.main` sets (before JAX starts), and
 # LLVM's -O0 for XLA:CPU's generated code unless XLA_FLAGS names the level:
 # the suite is compile-bound, and -O0 compiles the same HLO faster (the
-# whole suite takes about a quarter less CPU time: two compile-bound
-# refinement tests 120 -> 83 s, the benchmark and video tests 379 -> 281 s,
-# 2026-11-30). Matmuls and convolutions are precompiled library kernels
-# (YNNPACK, Eigen) either way; only the fused elementwise loops are compiled
-# without optimisation. Tests compare computations run with the same flags.
+# whole suite takes about a quarter less CPU time, docs/benchmark.md), and
+# XLA:CPU's older loop emitters for fusions, which compile the same fusions
+# in less time than its MLIR fusion emitters (docs/benchmark.md). Matmuls
+# and convolutions are precompiled library kernels (YNNPACK, Eigen) either
+# way; only the fused elementwise loops are compiled differently. Tests
+# compare computations run with the same flags.
 from kpseq_jax.runtime import xla_flags  # pylint: disable=g-import-not-at-top
 _TEST_XLA_FLAGS = os.environ.get('XLA_FLAGS', '')
 if 'xla_backend_optimization_level' not in _TEST_XLA_FLAGS:
   _TEST_XLA_FLAGS += ' --xla_backend_optimization_level=0'
+if 'xla_cpu_use_fusion_emitters' not in _TEST_XLA_FLAGS:
+  _TEST_XLA_FLAGS += ' --xla_cpu_use_fusion_emitters=false'
 os.environ['XLA_FLAGS'] = xla_flags.with_defaults(_TEST_XLA_FLAGS)
 
 
