@@ -14,10 +14,9 @@ mapped to P(hit) by one of two monotone fits, whose knots become a
   function, Zadrozny & Elkan, KDD 2002), then a line through each step's
   mean raw value and level, and to (0, 0) and (1, 1) at the ends (a step
   at level 0 or 1 moves its knot there; a constant when every keypoint is
-  a hit, or every one a miss). The
-  steps alone would tie every keypoint on one step, and on a few dozen
-  keypoints (a handful of steps) lose much of the raw ranking (AUROC); the
-  centred map is strictly increasing, so it keeps it.
+  a hit, or every one a miss). The steps alone would tie every keypoint
+  on one step, and on a few dozen keypoints (a handful of steps) lose much
+  of the raw ranking (AUROC); the centred map is strictly increasing.
 - ``platt``: Platt scaling on logit(raw), P = sigmoid(a logit(raw) + b),
   fitted by scipy's BFGS on the log loss with Platt's smoothed targets
   ((N+ + 1) / (N+ + 2) and 1 / (N- + 2); Platt, 1999). Two parameters,
@@ -29,9 +28,10 @@ mapped to P(hit) by one of two monotone fits, whose knots become a
 Neither map gives a certainty from n keypoints: the isotonic levels are
 squeezed linearly into [1 / (n + 2), (n + 1) / (n + 2)], (1 + n p) / (n + 2)
 (Laplace's rule of succession; unlike clipping, the squeeze ties no two raw
-values), and Platt's smoothed targets do the same for his fit. When every validation keypoint is a hit
-(or every one a miss) the map is that constant and a warning says that the
-likelihood then carries no ranking (a smaller ``hit_alpha`` has misses).
+values), and Platt's smoothed targets do the same for his fit. When every
+validation keypoint is a hit (or every one a miss) the map is that constant
+and a warning says that the likelihood then carries no ranking (a smaller
+``hit_alpha`` has misses).
 
 Default radius: ``calibration.hit_alpha = 0.05`` (configs/default.py),
 not PCK@0.2's 0.2: on the lab data sets every test keypoint is within 0.2
@@ -118,7 +118,8 @@ def _platt(raw: np.ndarray, hit: np.ndarray) -> tuple[float, float]:
 
 def _knots(raw: np.ndarray, hit: np.ndarray, method: str
            ) -> tuple[np.ndarray, np.ndarray]:
-  """(x, y) knots of ``method``'s fit, y not yet clipped."""
+  """(x, y) knots of ``method``'s fit: increasing x in [0, 1], y in
+  [0, 1] (isotonic levels squeezed, Platt's curve on `_PLATT_GRID`)."""
   if method == 'platt':
     from scipy import special
     a, b = _platt(raw, hit)
