@@ -165,6 +165,10 @@ def choose_method(raw: np.ndarray, hit: np.ndarray) -> str:
   about the base rate)."""
   scores = {m: cross_validated_brier(raw, hit, m) for m in ('isotonic',
                                                             'platt')}
+  if np.isnan(scores['isotonic']):
+    logging.info('Calibration method: isotonic (%d hits and %d misses: too '
+                 'few of one for 5 folds).', hit.sum(), (~hit).sum())
+    return 'isotonic'
   logging.info('Calibration method by 5-fold Brier score on %d keypoints: '
                'isotonic %.4f, platt %.4f.', raw.size, scores['isotonic'],
                scores['platt'])
