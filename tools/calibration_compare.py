@@ -50,6 +50,7 @@ def main(argv=None) -> dict:
     hit, known = calibration_fit.hits(decoded.batch, decoded.pred_px,
                                       decoded.size, alpha)
     keypoints[split] = (calibration_fit.raw_of(decoded)[known], hit[known])
+  presence = decoded.presence is not None  # The model's, either split.
   (val_raw, val_hit), (test_raw, test_hit) = keypoints['val'], keypoints['test']
 
   def score(likelihood):
@@ -62,7 +63,7 @@ def main(argv=None) -> dict:
              raw=score(test_raw))
   for method in calibration_fit.METHODS:
     cmap = calibration_fit.fit(val_raw, val_hit, alpha, step, 'val',
-                               decoded.presence is not None, method)
+                               presence, method)
     out[method] = dict(score(cmap(test_raw)), fitted=cmap.method)
   out['val_brier_5fold'] = {m: calibration_fit.cross_validated_brier(
       val_raw, val_hit, m) for m in ('isotonic', 'platt')}

@@ -145,7 +145,13 @@ def cross_validated_brier(raw: np.ndarray, hit: np.ndarray, method: str,
                           folds: int = 5, seed: int = 0) -> float:
   """Mean squared error of ``method``'s held-out P(hit) over ``folds``
   stratified folds (scikit-learn's ``StratifiedKFold``, shuffled with
-  ``seed``); NaN when a class has fewer than ``folds`` keypoints."""
+  ``seed``); NaN when a class has fewer than ``folds`` keypoints.
+
+  Args:
+    raw: float [n] raw likelihoods in [0, 1].
+    hit: bool [n].
+    method: 'isotonic' or 'platt'.
+  """
   from sklearn import model_selection
   if min(hit.sum(), (~hit).sum()) < folds:
     return float('nan')
@@ -159,7 +165,8 @@ def cross_validated_brier(raw: np.ndarray, hit: np.ndarray, method: str,
 
 
 def choose_method(raw: np.ndarray, hit: np.ndarray) -> str:
-  """'isotonic' or 'platt', whichever has the lower `cross_validated_brier`
+  """For float [n] raw likelihoods in [0, 1] and bool [n] hits: 'isotonic'
+  or 'platt', whichever has the lower `cross_validated_brier`
   (isotonic on a tie; isotonic when the folds cannot be made: then every
   keypoint is, or nearly every one is, a hit or a miss, and both fits are
   about the base rate)."""
