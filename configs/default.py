@@ -273,9 +273,12 @@ def get_config(arg: str = 'supervised') -> ml_collections.ConfigDict:
                     vertical_flip_prob=0.0, max_detections=10,
                     score_threshold=0.3, nms_iou=1.0)
 
-  # Decoding: flip test (MMPose's; two decodes per crop) and the
-  # confidence's +- radius in coordinate bins.
-  c.decode = dict(flip_test=False, confidence_radius_bins=2)
+  # Decoding: flip test (MMPose's; two decodes per crop), the
+  # confidence's +- radius in coordinate bins, and how many times analyze
+  # and detected-box evaluation cut each box again from its pose by the
+  # SLEAP/DeepLabCut import's box rule (inference/pose_boxes.py).
+  c.decode = dict(flip_test=False, confidence_radius_bins=2,
+                  pose_box_passes=0)
 
   # Evaluation of `split` every `every_steps` and after the last step (0:
   # last only); the checkpoint and the likelihood calibration are chosen

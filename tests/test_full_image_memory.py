@@ -121,7 +121,8 @@ def test_canvas_batcher_groups_boxes_by_image_and_keeps_their_order(setup):
   config = ml_collections.ConfigDict(dict(
       max_num_keypoints=KMAX, model_name='end_to_end',
       input=dict(image_size_px=64, bbox_scale=1.25),
-      decode=dict(confidence_radius_bins=2, flip_test=False),
+      decode=dict(confidence_radius_bins=2, flip_test=False,
+                  pose_box_passes=0),
       evals=dict(batch_size=2), detector=dict(image_size_px=(64, 96))))
   mesh = sharding.create_mesh((1, 1))
   batcher = batchers.make_batcher(config, predictor_lib.Predictor(

@@ -67,6 +67,7 @@ class _BoxPoser:
     self.calls = []
     self.calibration = None  # Raw likelihoods, as a workdir without one.
     self.box_range = None  # Boxes not checked against a training range.
+    self.pose_box_passes = 0  # The detector's boxes, not cut again.
 
   def crop(self, frame, bbox, category_id):
     del frame, category_id

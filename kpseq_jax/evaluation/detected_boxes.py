@@ -15,6 +15,9 @@ and has no pixel error. Multi-instance OKS AP (pycocotools, `oks.py`) is
 computed from every detection's pose (not only the matched ones; score:
 box score x mean keypoint confidence, mmpose's ``bbox_keypoint``) against
 every labelled instance, next to the same from the ground-truth boxes.
+With ``config.decode.pose_box_passes`` the detections' poses are decoded
+from boxes cut again from their first pose (`pose_boxes`); matching uses
+the detector's boxes.
 
 It yields (`common.py`) the `DetectedBoxesReport` of the report
 ``<split>_detected_boxes``: ``eval_<split>_detected_boxes.json``
@@ -42,6 +45,7 @@ from kpseq_jax.evaluation import common
 from kpseq_jax.evaluation import metrics
 from kpseq_jax.evaluation import oks
 from kpseq_jax.inference import batchers
+from kpseq_jax.inference import pose_boxes
 from kpseq_jax.inference import results
 
 
@@ -207,10 +211,12 @@ class DetectedBoxesEvaluator:
     t2 = time.perf_counter()
     det_px = np.full_like(gt_px, np.nan)
     poses = []  # Every detection's pose, for OKS AP.
-    if found:
-      all_px, all_conf = _keypoints(
-          batcher, image, np.asarray([b for _, b, _ in found]),
-          [c for c, _, _ in found])
+    if found:  # Cut again from the pose (`pose_boxes`) when configured.
+      pred, _ = pose_boxes.predict(
+          batcher, [image] * len(found),
+          np.asarray([b for _, b, _ in found]), [c for c, _, _ in found],
+          batcher.pose_box_passes)
+      all_px, all_conf = pred.keypoints_px, pred.confidence
       for g, (d, _) in match.items():
         det_px[g] = all_px[d]
       poses = [(c, all_px[d], s, all_conf[d])
@@ -324,14 +330,9 @@ def _keypoints(batcher: batchers.CropBatcher, image: np.ndarray,
                ) -> tuple[np.ndarray, np.ndarray]:
   """(float64 [N, Kmax, 2] image-pixel keypoints, float32 [N, Kmax] raw
   confidence) decoded from N boxes."""
-  crops = [batcher.crop(image, b, c) for b, c in zip(boxes_xywh,
-                                                      category_ids)]
-  px, conf = [], []
-  for i in range(0, len(crops), batcher.batch_size):
-    pred = batcher.predict_crops(crops[i:i + batcher.batch_size])
-    px.append(pred.keypoints_px)
-    conf.append(pred.confidence)
-  return np.concatenate(px), np.concatenate(conf)
+  pred = batchers.predict_all(batcher, [batcher.crop(image, b, c) for b, c in
+                              zip(boxes_xywh, category_ids)])
+  return pred.keypoints_px, pred.confidence
 
 
 def _instance_error(px: np.ndarray, keypoints: np.ndarray) -> float | None:

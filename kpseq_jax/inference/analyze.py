@@ -64,6 +64,7 @@ from kpseq_jax.inference import dlc_output
 from kpseq_jax.inference import image_inputs
 from kpseq_jax.inference import likelihood
 from kpseq_jax.inference import multi_animal_output
+from kpseq_jax.inference import pose_boxes
 from kpseq_jax.inference import predictor as predictor_lib
 from kpseq_jax.inference import tracked_poses
 from kpseq_jax.inference import trajectory_plot
@@ -349,27 +350,15 @@ class _Outputs:
   max_animals: int = 0  # 0: single-animal outputs.
 
 
-def _predict_all(batcher: batchers.CropBatcher, crops: list[dict]
-                 ) -> predictor_lib.Prediction:
-  """`batchers.CropBatcher.predict_crops` of any number of crops (in calls
-  of at most ``batcher.batch_size``), rows in the order of ``crops``."""
-  parts = [batcher.predict_crops(crops[i:i + batcher.batch_size])
-           for i in range(0, len(crops), batcher.batch_size)]
-  if len(parts) == 1:
-    return parts[0]
-  return dataclasses.replace(parts[0], **{
-      f.name: (None if getattr(parts[0], f.name) is None else
-               np.concatenate([getattr(p, f.name) for p in parts]))
-      for f in dataclasses.fields(parts[0])})
-
-
 def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
                   policy: box_policies.BoxPolicy, category_id: int, k: int,
                   width: int, height: int
                   ) -> tuple[list[np.ndarray], list[np.ndarray],
                              list[np.ndarray], list[np.ndarray]]:
   """Boxes (if the pipeline left them to us), crops and decodes a batch:
-  all boxes of all its frames in one `_predict_all`.
+  all boxes of all its frames in one `batchers.predict_all`,
+  cut again from their poses ``batcher.pose_box_passes`` times
+  (`pose_boxes`).
 
   Returns:
     Per frame of the batch, (float [N_f, K, 2] pixels, float [N_f, K]
@@ -385,7 +374,16 @@ def _decode_batch(batch: video_lib.FrameBatch, batcher: batchers.CropBatcher,
                    for j in range(len(batch.frames))]
     batch.crops = [[batcher.crop(f, b, category_id) for b in bs]
                    for f, bs in zip(batch.frames, batch.boxes)]
-  pred = _predict_all(batcher, [c for cs in batch.crops for c in cs])
+  crops = [c for cs in batch.crops for c in cs]
+  if batcher.pose_box_passes and batch.boxes is not None:
+    images = [f for f, bs in zip(batch.frames, batch.boxes) for _ in bs]
+    pred, boxes = pose_boxes.predict(
+        batcher, images, np.concatenate(batch.boxes),
+        [category_id] * len(images), batcher.pose_box_passes, crops)
+    batch.boxes = np.split(boxes, np.cumsum([len(b) for b in batch.boxes]
+                                            )[:-1])
+  else:
+    pred = batchers.predict_all(batcher, crops)
   kp = np.asarray(pred.keypoints_px, np.float64)[:, :k]  # [sum N_f, K, 2]
   raw = likelihood_of(pred, k)  # [sum N_f, K]
   split = np.cumsum([len(cs) for cs in batch.crops])[:-1]

@@ -46,6 +46,9 @@ class CropBatcher:
                                              config.input.bbox_scale)
     self.warp = transforms.WarpToCrop(config.input.image_size_px)
     self.pending: list[tuple[object, dict]] = []
+    # Re-cuts of each box from its pose in analyze and detected-box
+    # evaluation (`pose_boxes`).
+    self.pose_box_passes = int(config.decode.pose_box_passes)
     # The restored checkpoint's likelihood map (`restore_batcher`), if any,
     # and the training boxes' range it holds for (`box_range`).
     self.calibration: likelihood.CalibrationMap | None = None
@@ -229,6 +232,20 @@ class CanvasBatcher(CropBatcher):
         f.name: (None if getattr(preds[0], f.name) is None else np.stack(
             [getattr(preds[c], f.name)[j] for c, j in order]))
         for f in dataclasses.fields(preds[0])})
+
+
+def predict_all(batcher: CropBatcher, exs: list[dict]
+                ) -> predictor_lib.Prediction:
+  """``batcher.predict_crops`` of any number of crops (calls of at most
+  ``batcher.batch_size``); rows in the order of ``exs``."""
+  parts = [batcher.predict_crops(exs[i:i + batcher.batch_size])
+           for i in range(0, len(exs), batcher.batch_size)]
+  if len(parts) == 1:
+    return parts[0]
+  return dataclasses.replace(parts[0], **{
+      f.name: (None if getattr(parts[0], f.name) is None else
+               np.concatenate([getattr(p, f.name) for p in parts]))
+      for f in dataclasses.fields(parts[0])})
 
 
 def make_batcher(config: ml_collections.ConfigDict,

@@ -199,8 +199,12 @@ def encoder_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def decoder_errors(config: ml_collections.ConfigDict) -> list[str]:
-  """Reference noise range; aux losses and refinement need >= 2 layers."""
+  """Reference noise range; aux losses and refinement need >= 2 layers;
+  pose-box passes >= 0."""
   t, errors = config.model.transformer, []
+  if config.decode.pose_box_passes < 0:
+    errors.append(f'decode.pose_box_passes={config.decode.pose_box_passes} '
+                  'must be >= 0.')
   if not 0 <= t.reference_noise < 0.5:
     errors.append(f'model.transformer.reference_noise={t.reference_noise} '
                   'must be in [0, 0.5) (a fraction of the crop).')
