@@ -315,24 +315,27 @@ def select_frames(labels, labels_file: str, split: str | None, time_split: Mappi
   return out
 
 
-def _video_problem(video, cache: dict) -> tuple[str, str] | None:
-  """(reason, detail) when the video cannot be read, else None; opened once."""
+def _video_check(video, cache: dict) -> tuple[tuple[str, str] | None, tuple | None]:
+  """((reason, detail) when the video cannot be read, else None; its shape
+  (frames, H, W, C)), found once per video: sleap-io's ``Video.shape`` opens
+  and closes the file on every call (imageio's PyAV plugin then runs
+  ``gc.collect``, 0.1-1 s)."""
   key = id(video)
   if key not in cache:
-    cache[key] = None
     if not video.exists():
-      cache[key] = ('video_missing', f'video {video.filename} does not exist (sleap-io looks for it at the '
-                    'path stored in the file and beside the file)')
+      cache[key] = (('video_missing', f'video {video.filename} does not exist (sleap-io looks for it at the '
+                     'path stored in the file and beside the file)'), None)
+      return cache[key]
+    try:
+      video.open(plugin=VIDEO_PLUGIN)
+      shape = video.shape  # (frames, H, W, C); None when the backend cannot read it.
+    except Exception as e:  # pylint: disable=broad-except
+      shape, why = None, f'{type(e).__name__}: {e}'
     else:
-      try:
-        video.open(plugin=VIDEO_PLUGIN)
-        shape = video.shape  # (frames, H, W, C); None when the backend cannot read it.
-      except Exception as e:  # pylint: disable=broad-except
-        shape, why = None, f'{type(e).__name__}: {e}'
-      else:
-        why = 'no frame could be read'
-      if shape is None or shape[0] < 1:
-        cache[key] = ('video_unreadable', f'video {video.filename} cannot be read ({why})')
+      why = 'no frame could be read'
+    cache[key] = (None, shape)
+    if shape is None or shape[0] < 1:
+      cache[key] = (('video_unreadable', f'video {video.filename} cannot be read ({why})'), None)
   return cache[key]
 
 
@@ -361,9 +364,9 @@ def check_frame(cand: _Candidate, names: Sequence[str], user_only: bool, report:
   nothing of it is kept (each problem recorded on ``report``)."""
   lf, file = cand.labeled_frame, cand.labels_file
   video, idx = lf.video, int(lf.frame_idx)
-  problem = _video_problem(video, video_cache)
-  if problem is None and idx >= video.shape[0]:
-    problem = ('frame_past_video_end', f'past the end of {video.filename} ({video.shape[0]} frames)')
+  problem, shape = _video_check(video, video_cache)
+  if problem is None and idx >= shape[0]:
+    problem = ('frame_past_video_end', f'past the end of {video.filename} ({shape[0]} frames)')
   if problem is not None:
     report.skip(file, video.filename, idx, problem[0], f'{file} frame {idx}: {problem[1]}')
     return None
@@ -386,7 +389,7 @@ def check_frame(cand: _Candidate, names: Sequence[str], user_only: bool, report:
       animals.append(multi_animal.AnimalInstance(xy=xy, track=track, predicted=predicted))
   if not animals:
     return None
-  _, height, width, _ = video.shape
+  _, height, width, _ = shape
   return multi_animal.Frame(file_name=f'{Path(video.filename).name}#{idx}', width=int(width),
                             height=int(height), instances=tuple(animals), source=file)
 
