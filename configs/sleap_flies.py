@@ -36,4 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.evals.split = 'val'  # Settings are chosen here; test is reported once.
   c.evals.batch_size = 25
   c.evals.every_steps = 500
+  # Poses from detected boxes: each box cut again from its pose twice
+  # (chosen on the validation frames, docs/multi_animal.md section 7).
+  c.decode.pose_box_passes = 2
   return c
