@@ -47,7 +47,8 @@ def pose_box(keypoints_px: np.ndarray, absent: np.ndarray, width: int,
 
 def predict(batcher: batchers.CropBatcher, images: list[np.ndarray],
             boxes: np.ndarray, category_ids: list[int], passes: int,
-            crops: list[dict] | None = None) -> tuple[predictor_lib.Prediction, np.ndarray]:
+            crops: list[dict] | None = None
+            ) -> tuple[predictor_lib.Prediction, np.ndarray]:
   """Decodes N boxes, then cuts each again from its pose ``passes`` times.
 
   Args:
@@ -67,7 +68,8 @@ def predict(batcher: batchers.CropBatcher, images: list[np.ndarray],
   boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
   crop = lambda bs: [batcher.crop(im, b, c)
                      for im, b, c in zip(images, bs, category_ids)]
-  pred = batchers.predict_all(batcher, crop(boxes) if crops is None else crops)
+  pred = batchers.predict_all(batcher,
+                              crop(boxes) if crops is None else crops)
   for _ in range(passes):
     new = [pose_box(kp, a, im.shape[1], im.shape[0]) for kp, a, im in
            zip(pred.keypoints_px, pred.absent, images)]
