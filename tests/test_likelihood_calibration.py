@@ -165,6 +165,7 @@ class _Batcher:
   def __init__(self, pred, calibration_map, boxes=None):
     self.pred, self.calibration = pred, calibration_map
     self.box_range = boxes
+    self.pose_box_passes = 0  # The boxes as given.
 
   def predict_crops(self, crops):
     del crops
