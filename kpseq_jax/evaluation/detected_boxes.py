@@ -207,7 +207,9 @@ class DetectedBoxesEvaluator:
     t1 = time.perf_counter()
     match = match_by_iou(np.asarray([b for _, b, _ in found]).reshape(-1, 4),
                          truth, self.iou_threshold)
-    gt_px, gt_conf = _keypoints(batcher, image, truth, list(cids))
+    gt, _ = pose_boxes.predict(batcher, [image] * len(truth), truth,
+                               list(cids), 0)  # The labelled boxes as given.
+    gt_px, gt_conf = gt.keypoints_px, gt.confidence
     t2 = time.perf_counter()
     det_px = np.full_like(gt_px, np.nan)
     poses = []  # Every detection's pose, for OKS AP.
@@ -323,16 +325,6 @@ def _log(report: 'DetectedBoxesReport') -> None:
       _px(report.median_error_px_detected_boxes),
       _px(report.median_error_px_gt_boxes),
       report.seconds_per_image_detection, report.seconds_per_image_keypoints)
-
-
-def _keypoints(batcher: batchers.CropBatcher, image: np.ndarray,
-               boxes_xywh: np.ndarray, category_ids: list[int]
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """(float64 [N, Kmax, 2] image-pixel keypoints, float32 [N, Kmax] raw
-  confidence) decoded from N boxes."""
-  pred = batchers.predict_all(batcher, [batcher.crop(image, b, c) for b, c in
-                              zip(boxes_xywh, category_ids)])
-  return pred.keypoints_px, pred.confidence
 
 
 def _instance_error(px: np.ndarray, keypoints: np.ndarray) -> float | None:
